@@ -1,0 +1,3 @@
+"""Session Border Controller."""
+
+__version__ = "0.1.0"
