@@ -1,0 +1,240 @@
+"""Bytes to SIP messages: datagram parsing, stream framing by Content-Length, size limits.
+
+RFC 3261 7 (message format), 7.3.1 (folding), 7.5 (leading CRLF), 18.3 (framing:
+Content-Length on streams, datagram truncation), RFC 5626 3.5.1 (CRLF keep-alive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sbc.sip import grammar
+from sbc.sip.headers import header_key
+from sbc.sip.message import HeaderField, Message, ParseError, Request, Response
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "ParseError", "StreamFramer", "parse_message"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Size limits; a message beyond them is answered 413 or 400 and not processed."""
+
+    max_message_size: int = 65535
+    max_headers: int = 128
+    max_header_line: int = 8192
+
+
+DEFAULT_LIMITS = Limits()
+
+_KNOWN_KEYS: dict[str, str] = {}
+
+
+def _key_for(name: str) -> str | None:
+    """Header key for a field name as written, or None if the name is not a token."""
+    key = _KNOWN_KEYS.get(name)
+    if key is not None:
+        return key
+    stripped = name.rstrip(" \t")
+    if not grammar.TOKEN_RE.fullmatch(stripped):
+        return None
+    key = header_key(stripped)
+    if len(_KNOWN_KEYS) < 4096:
+        _KNOWN_KEYS[name] = key
+    return key
+
+
+def _parse_head(head: str, limits: Limits) -> Message:
+    """Start line and header fields of a header section (no trailing CRLFCRLF)."""
+    lines = head.split("\r\n")
+    start = lines[0]
+    if start.startswith("SIP/") or start[:4].upper() == "SIP/":
+        m = grammar.STATUS_LINE_RE.fullmatch(start)
+        if m is None:
+            raise ParseError(0, "Malformed Status-Line")
+        version, code, reason = m.groups()
+        msg: Message = Response(int(code), reason, version=version, start=start)
+        if not 100 <= int(code) <= 699:
+            raise ParseError(0, "Status-Code out of range", message=msg)
+    else:
+        m = grammar.REQUEST_LINE_RE.fullmatch(start)
+        if m is None:
+            raise ParseError(400, "Malformed Request-Line")
+        method, uri, version = m.groups()
+        msg = Request(method, uri, version=version, start=start)
+    if len(lines) - 1 > limits.max_headers:
+        raise ParseError(400, "Too Many Header Fields", message=msg)
+    fields = msg.fields
+    max_line = limits.max_header_line
+    prev: HeaderField | None = None
+    for line in lines[1:]:
+        if len(line) > max_line:
+            raise ParseError(400, "Header Line Too Long", message=msg)
+        if line[:1] in (" ", "\t"):
+            # RFC 3261 7.3.1: a continuation line; the CRLF plus whitespace is one LWS.
+            if prev is None:
+                raise ParseError(400, "Continuation Line Without Header", message=msg)
+            prev.value = f"{prev.value} {line.strip()}".strip()
+            prev.raw = f"{prev.raw}\r\n{line}"
+            if len(prev.raw) > max_line:
+                raise ParseError(400, "Header Line Too Long", message=msg)
+            continue
+        colon = line.find(":")
+        key = _key_for(line[:colon]) if colon > 0 else None
+        if key is None:
+            raise ParseError(400, "Malformed Header Line", message=msg)
+        prev = HeaderField(key, line[:colon].rstrip(" \t"), line[colon + 1 :].strip(), line)
+        fields.append(prev)
+    return msg
+
+
+def _content_length(msg: Message) -> int | None:
+    """The Content-Length value; a framing error if repeated, negative or not a number."""
+    value: str | None = None
+    for f in msg.fields:
+        if f.key == "content-length":
+            if value is not None:
+                raise ParseError(400, "Multiple Content-Length Values", message=msg, fatal=True)
+            value = f.value
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 10:
+        raise ParseError(400, "Bad Content-Length", message=msg, fatal=True)
+    return int(value)
+
+
+def parse_message(
+    data: bytes, *, limits: Limits = DEFAULT_LIMITS, datagram: bool = True
+) -> Message:
+    """Parse one whole message, as it arrives in a UDP datagram (RFC 3261 18.3).
+
+    Leading CRLFs are skipped (RFC 3261 7.5). Without Content-Length the body is the
+    rest of the datagram; with it, extra octets are ignored (RFC 4475 3.1.1.8) and a
+    shorter body is an error (RFC 4475 3.1.2.2). Raises ParseError.
+    """
+    if len(data) > limits.max_message_size:
+        msg = _try_head(data, limits)
+        raise ParseError(413, "Message Too Large", message=msg)
+    if data[:2] == b"\r\n":
+        data = data.lstrip(b"\r\n")
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        if not data.endswith(b"\r\n"):
+            raise ParseError(400, "Header Section Not Terminated", message=_try_head(data, limits))
+        # A datagram ends the message: accept a header section without the empty line.
+        head_bytes, rest = data[:-2], b""
+    else:
+        head_bytes, rest = data[:end], data[end + 4 :]
+    msg = _parse_head(head_bytes.decode("utf-8", "surrogateescape"), limits)
+    length = _content_length(msg)
+    if length is None:
+        if not datagram:
+            raise ParseError(400, "Missing Content-Length", message=msg, fatal=True)
+        msg.body = rest
+    elif length > len(rest):
+        raise ParseError(400, "Content-Length Larger Than Message", message=msg)
+    else:
+        msg.body = rest[:length]
+    if end >= 0 and length is not None and length == len(rest):
+        msg._raw = data  # exact octets: re-serialising an untouched message is free
+    return msg
+
+
+def _try_head(data: bytes, limits: Limits) -> Message | None:
+    """Best-effort header parse of an oversized or broken message, to answer it."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end if end >= 0 else min(len(data), limits.max_message_size)]
+    head = head[: head.rfind(b"\r\n")] if end < 0 else head
+    try:
+        return _parse_head(
+            head.decode("utf-8", "surrogateescape"),
+            Limits(max_message_size=1 << 30, max_headers=1 << 16, max_header_line=1 << 30),
+        )
+    except ParseError as exc:
+        return exc.message
+
+
+class StreamFramer:
+    """Frames messages on a TCP/TLS byte stream by Content-Length (RFC 3261 18.3).
+
+    ``feed`` returns complete messages, ParseErrors, and ``KEEPALIVE`` for a CRLFCRLF
+    ping (RFC 5626 3.5.1: answer it with CRLF). After a fatal error the stream cannot be
+    resynchronised and the caller must close the connection.
+    """
+
+    KEEPALIVE = b"\r\n\r\n"
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._buf = bytearray()
+        self._skip = 0  # body octets of an oversized message still to discard
+        self.broken = False
+
+    def feed(self, data: bytes) -> list[Message | ParseError | bytes]:
+        if self.broken:
+            return []
+        self._buf += data
+        out: list[Message | ParseError | bytes] = []
+        buf = self._buf
+        while buf:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                continue
+            if buf[:2] == b"\r\n":
+                # RFC 3261 7.5 / RFC 5626 3.5.1: CRLF before a start line; CRLFCRLF is a ping.
+                if buf[:4] == b"\r\n\r\n":
+                    del buf[:4]
+                    out.append(self.KEEPALIVE)
+                    continue
+                if len(buf) < 4 and b"\r\n\r\n".startswith(buf):
+                    break  # maybe the start of a ping: wait for more
+                del buf[:2]
+                continue
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.limits.max_message_size:
+                    self.broken = True
+                    out.append(ParseError(413, "Header Section Too Large", fatal=True))
+                break
+            try:
+                msg = _parse_head(bytes(buf[:end]).decode("utf-8", "surrogateescape"), self.limits)
+                length = _content_length(msg)
+                if length is None:
+                    raise ParseError(400, "Missing Content-Length", message=msg, fatal=True)
+            except ParseError as exc:
+                if exc.fatal or exc.message is None:
+                    # Without the header fields there is no Content-Length: framing is lost.
+                    self.broken = True
+                    exc.fatal = True
+                    out.append(exc)
+                    break
+                # The header section is bad but framing survives: skip this message's body.
+                length = _content_length_or_zero(exc.message)
+                del buf[: end + 4]
+                self._skip = length
+                out.append(exc)
+                continue
+            total = end + 4 + length
+            if total > self.limits.max_message_size:
+                del buf[: end + 4]
+                self._skip = length
+                out.append(ParseError(413, "Message Too Large", message=msg))
+                continue
+            if len(buf) < total:
+                break
+            raw = bytes(buf[:total])
+            del buf[:total]
+            msg.body = raw[end + 4 :]
+            msg._raw = raw
+            out.append(msg)
+        return out
+
+
+def _content_length_or_zero(msg: Message | None) -> int:
+    if msg is None:
+        return 0
+    try:
+        return _content_length(msg) or 0
+    except ParseError:
+        return 0

@@ -1,0 +1,190 @@
+"""SIP, SIPS and TEL URIs (RFC 3261 19.1, RFC 3966) and other absolute URIs.
+
+URIs are immutable values. ``parse_uri`` raises ``ValueError`` naming the fault; ``str()``
+gives the URI back in its written form (parameter order and case are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from urllib.parse import unquote
+
+from sbc.sip import grammar
+
+Params = tuple[tuple[str, str | None], ...]
+
+
+def _param(params: Params, name: str) -> str | None:
+    name = name.lower()
+    for key, value in params:
+        if key.lower() == name:
+            return value if value is not None else ""
+    return None
+
+
+def _has_param(params: Params, name: str) -> bool:
+    name = name.lower()
+    return any(key.lower() == name for key, _ in params)
+
+
+def _params_str(params: Params) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+def _with_param(params: Params, name: str, value: str | None) -> Params:
+    low = name.lower()
+    kept = tuple(p for p in params if p[0].lower() != low)
+    return (*kept, (name, value))
+
+
+def _without_param(params: Params, name: str) -> Params:
+    low = name.lower()
+    return tuple(p for p in params if p[0].lower() != low)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SipUri:
+    """sip: / sips: URI. ``host`` keeps IPv6 brackets; ``user`` stays %-escaped as written."""
+
+    scheme: str = "sip"
+    user: str | None = None
+    password: str | None = None
+    host: str
+    port: int | None = None
+    params: Params = ()
+    headers: str | None = None  # the "?h=v&..." part without '?', as written
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out += (":", self.password)
+            out.append("@")
+        out.append(self.host)
+        if self.port is not None:
+            out += (":", str(self.port))
+        out.append(_params_str(self.params))
+        if self.headers is not None:
+            out += ("?", self.headers)
+        return "".join(out)
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme.lower() == "sips"
+
+    @property
+    def host_bare(self) -> str:
+        """Host without IPv6 brackets, lower-cased (RFC 3261 19.1.4: hosts compare case-insensitively)."""
+        h = self.host[1:-1] if self.host.startswith("[") else self.host
+        return h.lower()
+
+    @property
+    def user_unescaped(self) -> str | None:
+        return None if self.user is None else unquote(self.user, errors="surrogateescape")
+
+    def param(self, name: str) -> str | None:
+        """Value of a URI parameter; "" for a parameter without a value; None if absent."""
+        return _param(self.params, name)
+
+    def has_param(self, name: str) -> bool:
+        return _has_param(self.params, name)
+
+    @property
+    def transport(self) -> str | None:
+        t = self.param("transport")
+        return t.lower() if t else None
+
+    @property
+    def lr(self) -> bool:
+        return self.has_param("lr")
+
+    def with_param(self, name: str, value: str | None = None) -> SipUri:
+        return replace(self, params=_with_param(self.params, name, value))
+
+    def without_param(self, name: str) -> SipUri:
+        return replace(self, params=_without_param(self.params, name))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelUri:
+    """tel: URI (RFC 3966)."""
+
+    number: str
+    params: Params = ()
+    scheme: str = "tel"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.number}{_params_str(self.params)}"
+
+    @property
+    def is_global(self) -> bool:
+        return self.number.startswith("+")
+
+    def param(self, name: str) -> str | None:
+        return _param(self.params, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbsoluteUri:
+    """Any other scheme, kept opaque (RFC 3261 19: absoluteURI). Proxies route on it only to 416."""
+
+    scheme: str
+    rest: str = field(default="")
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.rest}"
+
+
+Uri = SipUri | TelUri | AbsoluteUri
+
+
+def _split_params(text: str) -> Params:
+    params: list[tuple[str, str | None]] = []
+    for m in grammar.URI_PARAM_RE.finditer(text):
+        params.append((m.group(1), m.group(2)))
+    return tuple(params)
+
+
+@lru_cache(maxsize=4096)
+def parse_uri(text: str) -> Uri:
+    """Parse a URI. Raises ValueError with the reason if it is malformed."""
+    colon = text.find(":")
+    if colon <= 0:
+        raise ValueError(f"URI without scheme: {text!r}")
+    scheme = text[:colon]
+    rest = text[colon + 1 :]
+    if not grammar.SCHEME_RE.fullmatch(scheme):
+        raise ValueError(f"bad URI scheme: {scheme!r}")
+    low = scheme.lower()
+    if low in ("sip", "sips"):
+        m = grammar.SIP_URI_RE.fullmatch(rest)
+        if m is None:
+            raise ValueError(f"malformed {low} URI: {text!r}")
+        user, password, host, port, params, headers = m.groups()
+        port_n = int(port) if port is not None else None
+        if port_n is not None and port_n > 65535:
+            raise ValueError(f"port out of range in URI: {text!r}")
+        return SipUri(
+            scheme=scheme,
+            user=user,
+            password=password,
+            host=host,
+            port=port_n,
+            params=_split_params(params) if params else (),
+            headers=headers[1:] if headers else None,
+        )
+    if low == "tel":
+        t = grammar.TEL_RE.fullmatch(rest)
+        if t is None:
+            raise ValueError(f"malformed tel URI: {text!r}")
+        number, params = t.groups()
+        tel_params = tuple(
+            (p.partition("=")[0], p.partition("=")[2] if "=" in p else None)
+            for p in params.split(";")[1:]
+        )
+        return TelUri(scheme=scheme, number=number, params=tel_params)
+    if not grammar.ABSOLUTE_REST_RE.fullmatch(rest):
+        raise ValueError(f"malformed URI: {text!r}")
+    return AbsoluteUri(scheme=scheme, rest=rest)
