@@ -141,7 +141,7 @@ def generate_dev_certs(
     paths = {key: out_dir / name for key, name in CERT_FILES.items()}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exist (use force to overwrite)")
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     curve = ec.SECP256R1()

@@ -42,9 +42,15 @@ __all__ = [
     "SipConfig",
     "TlsConfig",
     "Transport",
+    "file_path",
+    "integer",
     "load_config",
+    "number",
     "parse_config",
+    "port_range",
     "rule",
+    "sip_uri",
+    "text",
 ]
 
 Transport = Literal["udp", "tcp", "tls"]

@@ -24,7 +24,8 @@ ESCAPED = r"%[0-9A-Fa-f]{2}"
 # The IPv6 part is deliberately loose: RFC 5118 4.10 asks parsers to tolerate the
 # "2001:db8:::192.0.2.1" form that the RFC 3261 ABNF itself allows by mistake.
 IPV6_REFERENCE = r"\[[0-9A-Fa-f:.]+\]"
-HOSTNAME = r"[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?)*\.?"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?"
+HOSTNAME = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 HOST = rf"(?:{IPV6_REFERENCE}|{HOSTNAME})"
 PORT = r"[0-9]{1,5}"
 # Method = INVITEm / ACKm / OPTIONSm / BYEm / CANCELm / REGISTERm / extension-method
@@ -49,7 +50,8 @@ VIA_PARM_RE = re.compile(
 )
 # RFC 5118 4.5: received=2001:db8::9:255 (IPv6address, no brackets) is valid in Via.
 IPV6_BARE = r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+"
-# generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string ; SEMI = SWS ";" SWS
+# generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string
+# SEMI = SWS ";" SWS
 GENERIC_PARAM_RE = re.compile(
     rf"{SWS};{SWS}({TOKEN})(?:{SWS}={SWS}({IPV6_BARE}|{TOKEN}|{IPV6_REFERENCE}|{QUOTED_STRING}))?{SWS}"
 )

@@ -146,7 +146,7 @@ class Message:
         return before - len(self.fields)
 
     def pop_first_value(self, name: str) -> str | None:
-        """Remove the first element of a list header (the top Via of a response, RFC 3261 18.1.2)."""
+        """Remove the first element of a list header (a response's top Via, RFC 3261 18.1.2)."""
         key = header_key(name)
         for i, f in enumerate(self.fields):
             if f.key == key:
@@ -160,6 +160,19 @@ class Message:
                 self._touch(key)
                 return head
         return None
+
+    def set_first_value(self, name: str, value: str) -> None:
+        """Replace the first element of a list header (e.g. stamp received/rport on the top Via)."""
+        key = header_key(name)
+        for f in self.fields:
+            if f.key == key:
+                parts = split_list(f.value)
+                parts[0] = value
+                f.value = ", ".join(parts)
+                f.raw = None
+                self._touch(key)
+                return
+        self.add(name, value)
 
     def __iter__(self) -> Iterator[HeaderField]:
         return iter(self.fields)

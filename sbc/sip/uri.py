@@ -76,7 +76,7 @@ class SipUri:
 
     @property
     def host_bare(self) -> str:
-        """Host without IPv6 brackets, lower-cased (RFC 3261 19.1.4: hosts compare case-insensitively)."""
+        """Host without IPv6 brackets, lower-cased (RFC 3261 19.1.4: case-insensitive)."""
         h = self.host[1:-1] if self.host.startswith("[") else self.host
         return h.lower()
 

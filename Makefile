@@ -1,0 +1,73 @@
+# Two commands on a fresh Debian machine (as root): `make run` and `make test`.
+# Plain POSIX sh recipes; GNU make 4 tested.
+
+PYTHON      ?= python3
+VENV        := .venv
+STAMP       := $(VENV)/.installed
+CONFIG      ?= config/sbc.toml
+PYTEST_ARGS ?= -q -ra
+# Root runs apt-get directly; anyone else goes through sudo when it exists.
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+# binary:Debian package of each peer the interop tests drive.
+PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
+               iptables:iptables sipsak:sipsak
+
+.PHONY: all venv certs run peers test lint bench clean distclean
+
+all: venv
+
+venv: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(VENV)/bin/python ]; then \
+	  if ! command -v $(PYTHON) >/dev/null 2>&1 || ! $(PYTHON) -m venv $(VENV); then \
+	    rm -rf $(VENV); \
+	    echo "installing Debian packages: python3 python3-venv python3-pip"; \
+	    $(SUDO) apt-get update && $(APT_INSTALL) python3 python3-venv python3-pip && \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
+	@touch $@
+
+# Development CA, server and client certificates; private keys stay out of git.
+certs: venv
+	@[ -f certs/server.pem ] || $(VENV)/bin/sbc gen-certs --out certs --force
+
+run: venv certs
+	exec $(VENV)/bin/sbc run --config $(CONFIG)
+
+peers:
+	@missing=""; \
+	for p in $(PEERS); do \
+	  bin=$${p%%:*}; pkg=$${p#*:}; \
+	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || [ -x /sbin/$$bin ] \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update && $(APT_INSTALL) $$missing; \
+	fi
+
+test: venv peers certs
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: venv
+	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[bench]'
+	$(VENV)/bin/python bench/parse.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# Also the virtualenv and the generated certificates.
+distclean: clean
+	rm -rf $(VENV)
+	rm -f certs/*.pem certs/*.key

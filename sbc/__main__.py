@@ -1,0 +1,5 @@
+"""``python -m sbc``."""
+
+from sbc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""The SBC's sans-I/O core: bytes and ``now`` in, actions and the next deadline out.
+
+The I/O layer (sbc/io/) calls ``receive_datagram`` / ``receive_stream`` with what arrived on
+a flow, ``connection_closed`` when a stream ends and ``handle_timer`` at ``next_deadline()``;
+it executes the returned ``Send`` and ``Close`` actions. Nothing here reads a clock or
+touches a socket.
+
+This first version terminates SIP for the SBC itself: sanity filter, transactions, OPTIONS
+answered by the SBC, and a proper final response for everything it cannot route yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+
+from sbc import __version__
+from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request
+from sbc.sip.flow import Flow
+from sbc.sip.message import Message, ParseError, Request, Response, make_response
+from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
+from sbc.sip.transaction import (
+    DEFAULT_TIMERS,
+    Output,
+    RequestDisposition,
+    ResponseReceived,
+    Send,
+    ServerTransaction,
+    Timers,
+    TransactionLayer,
+)
+from sbc.sip.uri import SipUri
+
+log = logging.getLogger("sbc.core")
+
+# Extensions the SBC itself supports (Supported / Require, RFC 3261 20.37).
+SUPPORTED: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class SendData:
+    """Send ``data`` on ``flow`` (for UDP: from flow.local to flow.remote)."""
+
+    flow: Flow
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the stream connection of ``flow``."""
+
+    flow: Flow
+
+
+Action = SendData | Close
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoreSettings:
+    """What the core needs from the config (kept small so tests can build one directly)."""
+
+    local_hosts: frozenset[str]  # hosts (lower-case, no brackets) that mean "this SBC"
+    server_header: str = f"sbc/{__version__}"
+    timers: Timers = DEFAULT_TIMERS
+    limits: Limits = DEFAULT_LIMITS
+    tcp_idle_timeout: float = 300.0
+
+
+class SbcCore:
+    def __init__(self, settings: CoreSettings) -> None:
+        self.settings = settings
+        self.transactions = TransactionLayer(settings.timers)
+        self._framers: dict[Flow, StreamFramer] = {}
+        # Stream flows by last activity, oldest first (dicts keep insertion order).
+        self._activity: dict[Flow, float] = {}
+        self.stats: Counter[str] = Counter()
+
+    # -- input ----------------------------------------------------------------------------
+    def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
+        if not data.strip(b"\r\n\x00 "):
+            self.stats["keepalive"] += 1  # RFC 5626 4.4.1 CRLF keep-alive (also RFC 3261 7.5)
+            return []
+        try:
+            msg = parse_message(data, limits=self.settings.limits, datagram=True)
+        except ParseError as exc:
+            return self._parse_failed(exc, flow)
+        return self._handle(msg, flow, now)
+
+    def receive_stream(self, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """Octets from a TCP/TLS connection; framing errors close only this connection."""
+        framer = self._framers.get(flow)
+        if framer is None:
+            framer = self._framers[flow] = StreamFramer(self.settings.limits)
+        self._activity.pop(flow, None)
+        self._activity[flow] = now
+        actions: list[Action] = []
+        for item in framer.feed(data):
+            if isinstance(item, bytes):
+                actions.append(SendData(flow, b"\r\n"))  # RFC 5626 3.5.1 pong
+            elif isinstance(item, ParseError):
+                actions += self._parse_failed(item, flow)
+                if item.fatal:
+                    actions.append(Close(flow))
+                    self.connection_closed(flow)
+                    break
+            else:
+                actions += self._handle(item, flow, now)
+        return actions
+
+    def connection_closed(self, flow: Flow) -> None:
+        self._framers.pop(flow, None)
+        self._activity.pop(flow, None)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.transactions.next_deadline(),) if d is not None]
+        if self._activity:
+            oldest = next(iter(self._activity.values()))
+            deadlines.append(oldest + self.settings.tcp_idle_timeout)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        actions = self._outputs(self.transactions.handle_timer(now))
+        idle = self.settings.tcp_idle_timeout
+        while self._activity:
+            flow, seen = next(iter(self._activity.items()))
+            if seen + idle > now:
+                break
+            log.info("closing idle connection", extra={"flow": str(flow)})
+            self.stats["idle_closed"] += 1
+            actions.append(Close(flow))
+            self.connection_closed(flow)
+        return actions
+
+    # -- messages -------------------------------------------------------------------------
+    def _parse_failed(self, exc: ParseError, flow: Flow) -> list[Action]:
+        """Answer a malformed request if a response can be formed; drop anything else."""
+        self.stats[f"rejected:{exc.reason}"] += 1
+        msg = exc.message
+        log.info("malformed message: %s", exc.reason, extra={"flow": str(flow)})
+        if (
+            exc.status == 0
+            or not isinstance(msg, Request)
+            or msg.method == "ACK"
+            or "via" not in msg
+            or "cseq" not in msg
+        ):
+            return []
+        resp = make_response(msg, exc.status, exc.reason, to_tag=_new_tag())
+        return [SendData(self._response_flow(msg, flow), self._finish(resp))]
+
+    def _handle(self, msg: Message, flow: Flow, now: float) -> list[Action]:
+        if isinstance(msg, Response):
+            return self._handle_response(msg, now)
+        assert isinstance(msg, Request)
+        rejection = check_request(msg, supported=SUPPORTED)
+        if rejection is not None:
+            return self._reject(msg, rejection, flow)
+        self._stamp_via(msg, flow)
+        dest = self._response_flow(msg, flow)
+        disposition, tx, outputs = self.transactions.receive_request(
+            msg, dest=dest, reliable=flow.reliable, now=now
+        )
+        actions = self._outputs(outputs)
+        if disposition is RequestDisposition.NEW and tx is not None:
+            actions += self._outputs(self._handle_request(tx, msg, now))
+        return actions
+
+    def _handle_response(self, resp: Response, now: float) -> list[Action]:
+        try:
+            tx, outputs = self.transactions.receive_response(resp, now=now)
+        except ParseError as exc:
+            # RFC 3261 18.1.2 / RFC 4475 3.1.2.5: a malformed response is discarded.
+            self.stats[f"dropped_response:{exc.reason}"] += 1
+            return []
+        if tx is None:
+            self.stats["stray_response"] += 1  # RFC 3261 18.1.2: no match, discard
+        return self._outputs(outputs)
+
+    def _handle_request(self, tx: ServerTransaction, req: Request, now: float) -> list[Output]:
+        """The transaction user: what the SBC answers to a new request."""
+        method = req.method
+        uri = req.uri
+        max_forwards = req.max_forwards
+        to_us = isinstance(uri, SipUri) and uri.host_bare in self.settings.local_hosts
+        if method == "CANCEL":
+            # RFC 3261 9.2: 200 to the CANCEL and 487 to the INVITE if still pending.
+            target = self.transactions.find_cancel_target(req)
+            if target is None:
+                return tx.respond(self._response(req, 481), now)
+            out = tx.respond(self._response(req, 200), now)
+            return out + target.respond(self._response(target.request, 487), now)
+        if method == "OPTIONS" and (to_us or max_forwards == 0):
+            # RFC 3261 11.2; 16.3 item 2 lets an element answer an OPTIONS with Max-Forwards 0.
+            return tx.respond(self._options_answer(req), now)
+        if max_forwards == 0:
+            return tx.respond(self._response(req, 483), now)  # RFC 3261 16.3 item 2
+        if method not in KNOWN_METHODS:
+            # RFC 3261 8.2.1: an unknown method gets 501 with Allow.
+            return tx.respond(self._response(req, 501, headers=(("Allow", ALLOW),)), now)
+        to = req.to
+        if to is not None and to.tag is not None:
+            # RFC 3261 12.2.2: an in-dialog request for a dialog the SBC does not hold.
+            return tx.respond(self._response(req, 481), now)
+        # Not routable yet: calls and registrations are later features.
+        return tx.respond(self._response(req, 404, "No Route"), now)
+
+    def _reject(self, req: Request, rejection: Rejection, flow: Flow) -> list[Action]:
+        """Stateless rejection of a request that failed the sanity filter (RFC 3261 8.2)."""
+        self.stats[f"rejected:{rejection.label}"] += 1
+        log.info(
+            "rejecting %s: %d %s",
+            req.method,
+            rejection.status,
+            rejection.reason,
+            extra={"flow": str(flow), "call_id": req.get("call-id")},
+        )
+        if req.method == "ACK":
+            return []  # RFC 3261 17: an ACK is never answered
+        resp = self._response(req, rejection.status, rejection.reason, headers=rejection.headers)
+        return [SendData(self._response_flow(req, flow), self._finish(resp))]
+
+    def _response(
+        self,
+        req: Request,
+        status: int,
+        reason: str | None = None,
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> Response:
+        resp = make_response(req, status, reason, to_tag=_tag_for(req))
+        for name, value in headers:
+            resp.add(name, value)
+        return resp
+
+    def _options_answer(self, req: Request) -> Response:
+        """RFC 3261 11.2: 200 with Allow, Accept, Accept-Encoding, Accept-Language, Supported."""
+        return self._response(
+            req,
+            200,
+            headers=(
+                ("Allow", ALLOW),
+                ("Accept", "application/sdp"),
+                ("Accept-Encoding", "identity"),
+                ("Accept-Language", "en"),
+                *((("Supported", ", ".join(sorted(SUPPORTED))),) if SUPPORTED else ()),
+            ),
+        )
+
+    def _finish(self, resp: Response) -> bytes:
+        if "server" not in resp:
+            resp.add("Server", self.settings.server_header)
+        return bytes(resp)
+
+    def _outputs(self, outputs: list[Output]) -> list[Action]:
+        actions: list[Action] = []
+        for out in outputs:
+            if isinstance(out, Send):
+                msg = out.message
+                data = self._finish(msg) if isinstance(msg, Response) else bytes(msg)
+                assert isinstance(out.dest, Flow)
+                actions.append(SendData(out.dest, data))
+            elif isinstance(out, ResponseReceived):
+                pass  # no client transactions yet: the routing features add them
+        return actions
+
+    # -- transport rules ------------------------------------------------------------------
+    @staticmethod
+    def _stamp_via(req: Request, flow: Flow) -> None:
+        """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via."""
+        via = req.via[0]
+        host, port = flow.remote
+        stamped = via
+        if via.host_bare != host.lower() or via.wants_rport:
+            stamped = stamped.with_param("received", host)
+        if via.wants_rport:
+            stamped = stamped.with_param("rport", str(port))
+        if stamped is not via:
+            req.set_first_value("via", str(stamped))
+
+    @staticmethod
+    def _response_flow(req: Request, flow: Flow) -> Flow:
+        """Where responses go (RFC 3261 18.2.2, RFC 3581 4).
+
+        Streams: the connection the request came on. UDP: the source address, at the rport
+        if the client asked for it, else at the Via sent-by port (default 5060).
+        """
+        if flow.reliable:
+            return flow
+        try:
+            via = req.via[0] if "via" in req else None
+        except ParseError:
+            via = None
+        if via is None or via.wants_rport:
+            return flow
+        return flow.to((flow.remote[0], via.port or 5060))
+
+
+def _new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def _tag_for(req: Request) -> str:
+    """A To tag that is the same for every response of one transaction (RFC 3261 8.2.6.2)."""
+    via = req.via[0] if req.via else None
+    branch = via.branch if via is not None else None
+    seed = branch or req.get("call-id") or ""
+    return format(hash((seed, _TAG_SALT)) & 0xFFFFFFFFFFFF, "012x")
+
+
+_TAG_SALT = secrets.token_hex(8)

@@ -1,0 +1,110 @@
+"""Sanity filter for requests: the checks of RFC 3261 8.2 and 16.3 before anything else.
+
+A request that fails gets a ``Rejection``: the status, a reason phrase naming the fault
+(RFC 4475 expects 400 for most faults, 505 for a bad version, 416 for an unknown URI scheme,
+420 for unknown extensions, 501 for unknown methods), extra headers for the response, and a
+short ``label`` under which the rejection is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sbc.sip.headers import media_type
+from sbc.sip.message import ParseError, Request
+from sbc.sip.uri import SipUri, TelUri
+
+# RFC 3261 27.4 and the extensions' RFCs: methods the SBC knows.
+KNOWN_METHODS = frozenset(
+    {
+        "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE",
+        "NOTIFY", "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
+    }
+)  # fmt: skip
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, REGISTER, PRACK, SUBSCRIBE, NOTIFY, PUBLISH, INFO, REFER, MESSAGE, UPDATE"  # noqa: E501
+# Bodies the SBC itself must understand for session requests (it anchors media).
+SESSION_BODY_TYPES = frozenset({"application/sdp", "multipart/mixed", "multipart/alternative"})
+ACCEPT = "application/sdp, multipart/mixed"
+_MANDATORY = (
+    ("to", "To"), ("from", "From"), ("cseq", "CSeq"), ("call-id", "Call-ID"), ("via", "Via"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    status: int
+    reason: str
+    label: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> Rejection | None:
+    """Return why ``req`` must be rejected, or None if it may be processed."""
+    # RFC 3261 8.2 / 16.3 step 1; RFC 4475 3.1.2.16: an unknown version gets 505.
+    if req.version != "SIP/2.0":
+        return Rejection(505, "Version Not Supported", "bad_version")
+    for key, name in _MANDATORY:
+        # RFC 3261 8.1.1: To, From, CSeq, Call-ID, Max-Forwards and Via are mandatory;
+        # Max-Forwards may be absent in RFC 2543 requests (RFC 4475 3.4.1).
+        if key not in req:
+            return Rejection(400, f"Missing {name} Header", "missing_header")
+    try:
+        uri = req.uri
+        vias = req.via
+        cseq = req.cseq
+        req.call_id  # noqa: B018 - parse and validate
+        to = req.to
+        req.from_  # noqa: B018
+        req.max_forwards  # noqa: B018
+        if req.method in ("INVITE", "REGISTER", "SUBSCRIBE", "REFER", "UPDATE"):
+            req.contact  # noqa: B018
+    except ParseError as exc:
+        return Rejection(400, exc.reason, _label(exc.reason))
+    assert cseq is not None and to is not None
+    # RFC 3261 8.2.2.1 / 16.3 step 2: a scheme the SBC does not understand gets 416.
+    if not isinstance(uri, SipUri | TelUri):
+        return Rejection(416, "Unsupported URI Scheme", "bad_uri_scheme")
+    # RFC 3261 19.1.1 (table 1): headers are not allowed in a Request-URI (RFC 4475 3.1.2.11).
+    if isinstance(uri, SipUri) and uri.headers is not None:
+        return Rejection(400, "Headers In Request-URI", "bad_uri")
+    # RFC 4475 3.2.1: a branch of only the magic cookie is no transaction identifier.
+    if vias[0].branch == "z9hG4bK":
+        return Rejection(400, "Via Branch Is Only The Magic Cookie", "bad_via")
+    if cseq.method != req.method:
+        # RFC 4475 3.1.2.18: an unknown method is reported as such (501) before the mismatch.
+        if req.method not in KNOWN_METHODS:
+            return Rejection(501, "Not Implemented", "unknown_method", (("Allow", ALLOW),))
+        return Rejection(400, "CSeq Method Does Not Match", "cseq_mismatch")
+    if req.method in ("ACK", "CANCEL"):
+        return None
+    # RFC 3261 8.2.2.3 / 16.3 step 6: Require and Proxy-Require options the SBC lacks -> 420.
+    unsupported = [
+        opt
+        for name in ("require", "proxy-require")
+        for opt in req.values(name)
+        if opt and opt.lower() not in supported
+    ]
+    if unsupported:
+        return Rejection(
+            420, "Bad Extension", "bad_extension", (("Unsupported", ", ".join(unsupported)),)
+        )
+    if req.method == "REGISTER" and not isinstance(to.uri, SipUri):
+        # RFC 3261 10.3 / RFC 4475 3.3.4: the To of a REGISTER is the AOR, a SIP URI.
+        return Rejection(400, "To Is Not A SIP Address-of-Record", "bad_aor")
+    if req.method in ("INVITE", "UPDATE", "PRACK") and req.body:
+        # RFC 3261 8.2.3: a body the SBC cannot process -> 415 with Accept.
+        ctype = media_type(req.content_type or "")
+        if ctype not in SESSION_BODY_TYPES:
+            return Rejection(415, "Unsupported Media Type", "bad_body", (("Accept", ACCEPT),))
+    if req.method == "INVITE" and "accept" in req:
+        # RFC 3261 21.4.7 / RFC 4475 3.3.15: the answer would be SDP, which Accept excludes.
+        accepted = {media_type(a) for a in req.values("accept") if a}
+        if accepted and not accepted & {"application/sdp", "application/*", "*/*"}:
+            return Rejection(406, "Not Acceptable", "not_acceptable", (("Accept", ACCEPT),))
+    return None
+
+
+def _label(reason: str) -> str:
+    """Counter label for a parse fault reason: 'Bad Via: ...' -> 'bad_via'."""
+    head = reason.split(":", 1)[0].strip().lower()
+    return head.replace(" ", "_").replace("-", "_")

@@ -1,0 +1,877 @@
+"""SIP transactions (RFC 3261 section 17) with the RFC 6026 corrections, sans-I/O.
+
+The layer never touches a socket or a clock. Every entry point takes ``now`` (seconds, any
+monotonic origin) and returns a list of outputs: messages to send (to an opaque ``dest`` the
+TU supplied), responses and failures for the TU, and terminations. The owner arms one timer
+at ``next_deadline()`` and calls ``handle_timer(now)`` when it expires.
+
+State machines (RFC 3261 figures 5-8, as corrected by RFC 6026 figures 3-4):
+
+    INVITE client      Calling -> Proceeding -> Completed (300-699, timer D) -> Terminated
+                       Calling/Proceeding -> Accepted (2xx, timer M) -> Terminated
+    non-INVITE client  Trying -> Proceeding -> Completed (timer K) -> Terminated
+    INVITE server      Proceeding -> Completed (300-699, timers G, H) -> Confirmed (ACK,
+                       timer I) -> Terminated;  Proceeding -> Accepted (2xx, timer L) -> Terminated
+    non-INVITE server  Trying -> Proceeding -> Completed (timer J) -> Terminated
+
+A transaction that reaches Terminated is removed from the layer and reported with a
+``TransactionTerminated`` output so that the TU can drop its references.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import secrets
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from sbc.sip.headers import MAGIC_COOKIE
+from sbc.sip.message import Request, Response, make_response
+
+__all__ = [
+    "DEFAULT_TIMERS",
+    "ClientTransaction",
+    "InviteClientTransaction",
+    "InviteServerTransaction",
+    "NonInviteClientTransaction",
+    "NonInviteServerTransaction",
+    "Output",
+    "RequestDisposition",
+    "ResponseReceived",
+    "Send",
+    "ServerTransaction",
+    "Timers",
+    "TransactionLayer",
+    "TransactionState",
+    "TransactionTerminated",
+    "TransactionTimeout",
+    "cancel_request",
+    "new_branch",
+    "non2xx_ack",
+]
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timers:
+    """Base timer values (RFC 3261 17.1.1.1, table 4) and the timers derived from them.
+
+    ``trying_delay``: RFC 3261 17.2.1 -- an INVITE server transaction sends 100 Trying if the
+    TU has not answered within 200 ms.
+    """
+
+    t1: float = 0.5  # RTT estimate
+    t2: float = 4.0  # maximum retransmit interval for non-INVITE requests and INVITE responses
+    t4: float = 5.0  # maximum duration a message remains in the network
+    trying_delay: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.t1 > 0:
+            raise ValueError("T1 must be positive")
+        if self.t2 < self.t1:
+            raise ValueError("T2 must not be smaller than T1")
+        if self.t4 < 0:
+            raise ValueError("T4 must not be negative")
+        if self.trying_delay < 0:
+            raise ValueError("trying_delay must not be negative")
+
+    @property
+    def timer_b(self) -> float:
+        """INVITE transaction timeout (RFC 3261 17.1.1.2): 64*T1."""
+        return 64 * self.t1
+
+    @property
+    def timer_f(self) -> float:
+        """Non-INVITE transaction timeout (RFC 3261 17.1.2.2): 64*T1."""
+        return 64 * self.t1
+
+    @property
+    def timer_h(self) -> float:
+        """Wait time for ACK receipt (RFC 3261 17.2.1): 64*T1."""
+        return 64 * self.t1
+
+    @property
+    def timer_l(self) -> float:
+        """Wait time for accepted INVITE request retransmits (RFC 6026 7.1): 64*T1."""
+        return 64 * self.t1
+
+    @property
+    def timer_m(self) -> float:
+        """Wait time for retransmission of 2xx to INVITE (RFC 6026 7.2): 64*T1."""
+        return 64 * self.t1
+
+    def timer_d(self, reliable: bool) -> float:
+        """Wait for response retransmits (RFC 3261 17.1.1.2): >= 32 s unreliable, 0 reliable."""
+        return 0.0 if reliable else max(32.0, 64 * self.t1)
+
+    def timer_i(self, reliable: bool) -> float:
+        """Wait time for ACK retransmits (RFC 3261 17.2.1): T4 unreliable, 0 reliable."""
+        return 0.0 if reliable else self.t4
+
+    def timer_j(self, reliable: bool) -> float:
+        """Wait time for non-INVITE request retransmits (RFC 3261 17.2.2): 64*T1 / 0 reliable."""
+        return 0.0 if reliable else 64 * self.t1
+
+    def timer_k(self, reliable: bool) -> float:
+        """Wait time for response retransmits (RFC 3261 17.1.2.2): T4 unreliable, 0 reliable."""
+        return 0.0 if reliable else self.t4
+
+
+DEFAULT_TIMERS = Timers()
+
+
+# -- states, dispositions, outputs --------------------------------------------------------
+
+
+class TransactionState(enum.Enum):
+    CALLING = "Calling"
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"  # RFC 6026 7.1, 7.2
+    TERMINATED = "Terminated"
+
+
+class RequestDisposition(enum.Enum):
+    """What ``TransactionLayer.receive_request`` did with a request."""
+
+    NEW = "new"  # a new server transaction: the TU handles the request, answers via respond()
+    RETRANSMISSION = "retransmission"  # absorbed (RFC 3261 17.2.1, 17.2.2)
+    ACK_ABSORBED = "ack-absorbed"  # ACK of a non-2xx final (RFC 3261 17.2.1)
+    ACK_TO_TU = "ack-to-tu"  # ACK matching no transaction, or one in Accepted (RFC 6026 7.1)
+    STRAY = "stray"  # matched a transaction that cannot use it (ACK before any final): ignore
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Send:
+    """Send ``message`` to ``dest`` (the opaque destination the TU gave the transaction)."""
+
+    message: Request | Response
+    dest: object
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseReceived:
+    """A response the TU must handle (RFC 3261 17.1.1.2, 17.1.2.2, RFC 6026 8.4)."""
+
+    transaction: ClientTransaction
+    response: Response
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransactionTimeout:
+    """Timer B/F on a client (the TU synthesises a 408, RFC 3261 8.1.3.1) or Timer H on an
+    INVITE server transaction (the ACK never came, RFC 3261 17.2.1)."""
+
+    transaction: ClientTransaction | ServerTransaction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransactionTerminated:
+    """The transaction reached Terminated and left the layer."""
+
+    transaction: ClientTransaction | ServerTransaction
+
+
+Output: TypeAlias = Send | ResponseReceived | TransactionTimeout | TransactionTerminated
+
+TimerName = Literal["A", "B", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "trying"]
+ServerKey: TypeAlias = tuple[object, ...]
+ClientKey: TypeAlias = tuple[str, str]
+
+_S = TransactionState
+
+
+# -- helpers that build requests ----------------------------------------------------------
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch: the magic cookie plus a random token (RFC 3261 8.1.1.7)."""
+    return MAGIC_COOKIE + secrets.token_urlsafe(12)
+
+
+def _top_via_text(request: Request) -> str:
+    vias = request.values("via")
+    if not vias:
+        raise ValueError(f"{request.method} request has no Via")
+    return vias[0]
+
+
+def _required(request: Request, name: str) -> str:
+    value = request.get(name)
+    if value is None:
+        raise ValueError(f"{request.method} request has no {name}")
+    return value
+
+
+def _copy_routes(src: Request, dst: Request) -> None:
+    for field in src.fields:
+        if field.key == "route":
+            dst.add("Route", field.value)
+
+
+def non2xx_ack(invite: Request, response: Response) -> Request:
+    """The ACK a client transaction sends for a 300-699 final response (RFC 3261 17.1.1.3).
+
+    Request-URI, Call-ID and From of the INVITE; To of the response (with its tag); the CSeq
+    number with method ACK; only the INVITE's top Via; its Route header fields.
+    """
+    cseq = invite.cseq
+    if cseq is None:
+        raise ValueError("INVITE has no CSeq")
+    ack = Request("ACK", invite.uri_text)
+    ack.add("Via", _top_via_text(invite))
+    _copy_routes(invite, ack)
+    ack.add("Max-Forwards", "70")
+    ack.add("From", _required(invite, "from"))
+    to = response.get("to")
+    ack.add("To", to if to is not None else _required(invite, "to"))
+    ack.add("Call-ID", _required(invite, "call-id"))
+    ack.add("CSeq", f"{cseq.seq} ACK")
+    ack.add("Content-Length", "0")
+    return ack
+
+
+def cancel_request(invite: Request) -> Request:
+    """A CANCEL for ``invite`` (RFC 3261 9.1).
+
+    Same Request-URI, Call-ID, To, From and CSeq number (method CANCEL); a single Via equal to
+    the INVITE's top Via (so it matches the INVITE's branch); the INVITE's Route header fields.
+    """
+    cseq = invite.cseq
+    if cseq is None:
+        raise ValueError("INVITE has no CSeq")
+    cancel = Request("CANCEL", invite.uri_text)
+    cancel.add("Via", _top_via_text(invite))
+    _copy_routes(invite, cancel)
+    cancel.add("Max-Forwards", "70")
+    cancel.add("From", _required(invite, "from"))
+    cancel.add("To", _required(invite, "to"))
+    cancel.add("Call-ID", _required(invite, "call-id"))
+    cancel.add("CSeq", f"{cseq.seq} CANCEL")
+    cancel.add("Content-Length", "0")
+    return cancel
+
+
+# -- matching keys ------------------------------------------------------------------------
+
+
+def _server_key(request: Request, method: str) -> ServerKey:
+    """Server transaction key (RFC 3261 17.2.3). ``method`` is INVITE for ACK and CANCEL lookups.
+
+    With the magic cookie: branch, sent-by and method. Otherwise the RFC 2543 rule: Request-URI,
+    To tag, From tag, Call-ID, CSeq number and method, and the top Via.
+    """
+    via = request.top_via
+    if via is not None and via.rfc3261_branch:
+        return ("3261", via.branch, via.host_bare, via.port, method)
+    to = request.to
+    from_ = request.from_
+    cseq = request.cseq
+    return (
+        "2543",
+        request.uri_text,
+        None if to is None else to.tag,
+        None if from_ is None else from_.tag,
+        request.call_id,
+        None if cseq is None else cseq.seq,
+        method,
+        via,
+    )
+
+
+def _ack_key_2543(request: Request) -> ServerKey:
+    """RFC 3261 17.2.3 (RFC 2543 ACK): Request-URI, From tag, Call-ID, CSeq number, top Via.
+
+    The To tag is compared separately with the tag of the response the transaction sent.
+    """
+    from_ = request.from_
+    cseq = request.cseq
+    return (
+        request.uri_text,
+        None if from_ is None else from_.tag,
+        request.call_id,
+        None if cseq is None else cseq.seq,
+        request.top_via,
+    )
+
+
+# -- transactions -------------------------------------------------------------------------
+
+
+class _Transaction:
+    __slots__ = ("_layer", "_timers", "dest", "reliable", "request", "state")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        dest: object,
+        reliable: bool,
+        state: TransactionState,
+    ) -> None:
+        self._layer = layer
+        self.request = request
+        self.dest = dest
+        self.reliable = reliable
+        self.state = state
+        self._timers: dict[TimerName, tuple[float, int]] = {}  # name -> (deadline, seq)
+
+    @property
+    def timers(self) -> Timers:
+        return self._layer.timers
+
+    def pending_timers(self) -> dict[str, float]:
+        """Armed timers by name (A, B, ... , "trying") and their deadlines."""
+        return {name: deadline for name, (deadline, _) in self._timers.items()}
+
+    def _set_timer(self, name: TimerName, deadline: float) -> None:
+        self._layer._schedule(self, name, deadline)
+
+    def _cancel_timer(self, *names: TimerName) -> None:
+        for name in names:
+            if self._timers.pop(name, None) is not None:
+                self._layer._stale += 1
+
+    def _terminate(self) -> list[Output]:
+        self.state = _S.TERMINATED
+        self._cancel_timer(*list(self._timers))
+        self._layer._remove(self)
+        return [TransactionTerminated(transaction=self._as_output())]
+
+    def _as_output(self) -> ClientTransaction | ServerTransaction:
+        raise NotImplementedError
+
+    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.request.method} {self.state.value}>"
+
+
+class ServerTransaction(_Transaction):
+    """A server transaction (RFC 3261 17.2). The TU answers through ``respond``."""
+
+    __slots__ = ("key", "last_response")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ServerKey,
+        dest: object,
+        reliable: bool,
+        state: TransactionState,
+    ) -> None:
+        super().__init__(layer, request, dest=dest, reliable=reliable, state=state)
+        self.key = key
+        self.last_response: Response | None = None
+
+    def respond(self, response: Response, now: float) -> list[Output]:
+        """Send a response from the TU. Responses the state does not allow are discarded
+        (RFC 3261 17.2.2: further finals in Completed) and give no output."""
+        raise NotImplementedError
+
+    def _as_output(self) -> ServerTransaction:
+        return self
+
+    def _start(self, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def _on_retransmission(self, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def _send(self, response: Response) -> Send:
+        return Send(message=response, dest=self.dest)
+
+
+class InviteServerTransaction(ServerTransaction):
+    """RFC 3261 17.2.1 with the RFC 6026 7.1 Accepted state."""
+
+    __slots__ = ("_ack_key", "_g_interval")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ServerKey,
+        dest: object,
+        reliable: bool,
+    ) -> None:
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.PROCEEDING)
+        self._g_interval = 0.0
+        # RFC 2543 ACK matching key, kept from creation (the TU may edit the request later).
+        self._ack_key: ServerKey | None = None if key[0] == "3261" else _ack_key_2543(request)
+
+    def _start(self, now: float) -> list[Output]:
+        # RFC 3261 17.2.1: 100 Trying unless the TU answers within 200 ms.
+        delay = self.timers.trying_delay
+        if delay <= 0:
+            return self._send_trying()
+        self._set_timer("trying", now + delay)
+        return []
+
+    def _send_trying(self) -> list[Output]:
+        self.last_response = make_response(self.request, 100)
+        return [self._send(self.last_response)]
+
+    def respond(self, response: Response, now: float) -> list[Output]:
+        status = response.status
+        if self.state is _S.PROCEEDING:
+            self._cancel_timer("trying")
+            self.last_response = response
+            out: list[Output] = [self._send(response)]
+            if status < 200:
+                return out  # RFC 3261 17.2.1: provisional, stay in Proceeding
+            if status < 300:
+                # RFC 6026 7.1: 2xx -> Accepted, timer L; the TU retransmits the 2xx itself.
+                self.state = _S.ACCEPTED
+                self._set_timer("L", now + self.timers.timer_l)
+                return out
+            # RFC 3261 17.2.1: 300-699 -> Completed; timer G (unreliable only) and timer H.
+            self.state = _S.COMPLETED
+            if not self.reliable:
+                self._g_interval = self.timers.t1
+                self._set_timer("G", now + self._g_interval)
+            self._set_timer("H", now + self.timers.timer_h)
+            return out
+        if self.state is _S.ACCEPTED and 200 <= status < 300:
+            # RFC 6026 7.1: 2xx retransmissions from the TU go to the transport in Accepted.
+            self.last_response = response
+            return [self._send(response)]
+        return []
+
+    def _on_retransmission(self, now: float) -> list[Output]:
+        if self.state is _S.PROCEEDING:
+            # RFC 3261 17.2.1: re-send the most recent provisional response, if any.
+            return [] if self.last_response is None else [self._send(self.last_response)]
+        if self.state is _S.COMPLETED and self.last_response is not None:
+            # RFC 3261 17.2.1: re-send the final response.
+            return [self._send(self.last_response)]
+        # Confirmed: absorbed. Accepted: absorbed (RFC 6026 7.1).
+        return []
+
+    def _on_ack(self, now: float) -> tuple[RequestDisposition, list[Output]]:
+        if self.state is _S.COMPLETED:
+            # RFC 3261 17.2.1: ACK -> Confirmed, stop G and H, start I (0 on reliable).
+            self.state = _S.CONFIRMED
+            self._cancel_timer("G", "H")
+            wait = self.timers.timer_i(self.reliable)
+            if wait <= 0:
+                return RequestDisposition.ACK_ABSORBED, self._terminate()
+            self._set_timer("I", now + wait)
+            return RequestDisposition.ACK_ABSORBED, []
+        if self.state is _S.CONFIRMED:
+            return RequestDisposition.ACK_ABSORBED, []  # RFC 3261 17.2.1: absorb further ACKs
+        if self.state is _S.ACCEPTED:
+            return RequestDisposition.ACK_TO_TU, []  # RFC 6026 7.1: passed to the TU
+        return RequestDisposition.STRAY, []  # no final response sent yet
+
+    def _ack_tag_matches(self, ack: Request) -> bool:
+        """RFC 3261 17.2.3 (RFC 2543 ACK): the To tag equals that of the response sent."""
+        if self.last_response is None:
+            return False
+        sent = self.last_response.to
+        got = ack.to
+        return (None if sent is None else sent.tag) == (None if got is None else got.tag)
+
+    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
+        if name == "trying":
+            return self._send_trying() if self.state is _S.PROCEEDING else []
+        if name == "G" and self.state is _S.COMPLETED and self.last_response is not None:
+            # RFC 3261 17.2.1: retransmit, interval doubles up to T2.
+            self._g_interval = min(2 * self._g_interval, self.timers.t2)
+            self._set_timer("G", now + self._g_interval)
+            return [self._send(self.last_response)]
+        if name == "H" and self.state is _S.COMPLETED:
+            # RFC 3261 17.2.1: the ACK never came; tell the TU.
+            return [TransactionTimeout(transaction=self), *self._terminate()]
+        if name in ("I", "L"):
+            return self._terminate()  # RFC 3261 17.2.1 timer I; RFC 6026 7.1 timer L
+        return []
+
+
+class NonInviteServerTransaction(ServerTransaction):
+    """RFC 3261 17.2.2."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ServerKey,
+        dest: object,
+        reliable: bool,
+    ) -> None:
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.TRYING)
+
+    def _start(self, now: float) -> list[Output]:
+        return []
+
+    def respond(self, response: Response, now: float) -> list[Output]:
+        if self.state not in (_S.TRYING, _S.PROCEEDING):
+            return []  # RFC 3261 17.2.2: further finals in Completed are discarded
+        self.last_response = response
+        out: list[Output] = [self._send(response)]
+        if response.status < 200:
+            self.state = _S.PROCEEDING
+            return out
+        # RFC 3261 17.2.2: final -> Completed, timer J (64*T1 unreliable, 0 reliable).
+        self.state = _S.COMPLETED
+        wait = self.timers.timer_j(self.reliable)
+        if wait <= 0:
+            return out + self._terminate()
+        self._set_timer("J", now + wait)
+        return out
+
+    def _on_retransmission(self, now: float) -> list[Output]:
+        # RFC 3261 17.2.2: absorbed in Trying; the last response is re-sent otherwise.
+        if self.state is _S.TRYING or self.last_response is None:
+            return []
+        return [self._send(self.last_response)]
+
+    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
+        if name == "J":
+            return self._terminate()
+        return []
+
+
+class ClientTransaction(_Transaction):
+    """A client transaction (RFC 3261 17.1). Created by ``TransactionLayer.send_request``."""
+
+    __slots__ = ("_interval", "key", "last_response")
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ClientKey,
+        dest: object,
+        reliable: bool,
+        state: TransactionState,
+    ) -> None:
+        super().__init__(layer, request, dest=dest, reliable=reliable, state=state)
+        self.key = key
+        self.last_response: Response | None = None
+        self._interval = 0.0  # current timer A / E interval
+
+    def _as_output(self) -> ClientTransaction:
+        return self
+
+    def _start(self, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def _on_response(self, response: Response, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def _received(self, response: Response) -> ResponseReceived:
+        self.last_response = response
+        return ResponseReceived(transaction=self, response=response)
+
+
+class InviteClientTransaction(ClientTransaction):
+    """RFC 3261 17.1.1 with the RFC 6026 7.2 Accepted state."""
+
+    __slots__ = ("ack",)
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ClientKey,
+        dest: object,
+        reliable: bool,
+    ) -> None:
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.CALLING)
+        self.ack: Request | None = None  # the ACK sent for a 300-699 final (RFC 3261 17.1.1.3)
+
+    def _start(self, now: float) -> list[Output]:
+        # RFC 3261 17.1.1.2: timer A (unreliable only) at T1, timer B at 64*T1.
+        if not self.reliable:
+            self._interval = self.timers.t1
+            self._set_timer("A", now + self._interval)
+        self._set_timer("B", now + self.timers.timer_b)
+        return [Send(message=self.request, dest=self.dest)]
+
+    def _on_response(self, response: Response, now: float) -> list[Output]:
+        status = response.status
+        if self.state in (_S.CALLING, _S.PROCEEDING):
+            # RFC 3261 17.1.1.2: any response stops A; B only fires in Calling.
+            self._cancel_timer("A", "B")
+            if status < 200:
+                self.state = _S.PROCEEDING
+                return [self._received(response)]
+            if status < 300:
+                # RFC 6026 7.2: 2xx -> Accepted, timer M; the TU (UAC core) sends the ACK.
+                self.state = _S.ACCEPTED
+                self._set_timer("M", now + self.timers.timer_m)
+                return [self._received(response)]
+            # RFC 3261 17.1.1.2: 300-699 -> Completed; ACK, pass the response up, timer D.
+            self.state = _S.COMPLETED
+            self.ack = non2xx_ack(self.request, response)
+            out: list[Output] = [Send(message=self.ack, dest=self.dest), self._received(response)]
+            wait = self.timers.timer_d(self.reliable)
+            if wait <= 0:
+                return out + self._terminate()
+            self._set_timer("D", now + wait)
+            return out
+        if self.state is _S.COMPLETED:
+            if status >= 300 and self.ack is not None:
+                # RFC 3261 17.1.1.2: a retransmitted final is ACKed again, not passed up.
+                return [Send(message=self.ack, dest=self.dest)]
+            return []
+        if self.state is _S.ACCEPTED and 200 <= status < 300:
+            # RFC 6026 7.2 / 8.4: every further 2xx goes to the TU.
+            return [self._received(response)]
+        return []
+
+    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
+        if name == "A" and self.state is _S.CALLING:
+            # RFC 3261 17.1.1.2: retransmit, double the interval.
+            self._interval *= 2
+            self._set_timer("A", now + self._interval)
+            return [Send(message=self.request, dest=self.dest)]
+        if name == "B" and self.state is _S.CALLING:
+            return [TransactionTimeout(transaction=self), *self._terminate()]
+        if name in ("D", "M"):
+            return self._terminate()  # RFC 3261 17.1.1.2 timer D; RFC 6026 7.2 timer M
+        return []
+
+
+class NonInviteClientTransaction(ClientTransaction):
+    """RFC 3261 17.1.2."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        *,
+        key: ClientKey,
+        dest: object,
+        reliable: bool,
+    ) -> None:
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.TRYING)
+
+    def _start(self, now: float) -> list[Output]:
+        # RFC 3261 17.1.2.2: timer E (unreliable only) at T1, timer F at 64*T1.
+        if not self.reliable:
+            self._interval = self.timers.t1
+            self._set_timer("E", now + self._interval)
+        self._set_timer("F", now + self.timers.timer_f)
+        return [Send(message=self.request, dest=self.dest)]
+
+    def _on_response(self, response: Response, now: float) -> list[Output]:
+        if self.state not in (_S.TRYING, _S.PROCEEDING):
+            return []  # RFC 3261 17.1.2.2: retransmitted responses absorbed in Completed
+        if response.status < 200:
+            self.state = _S.PROCEEDING
+            return [self._received(response)]
+        # RFC 3261 17.1.2.2: final -> Completed, timer K (T4 unreliable, 0 reliable).
+        self.state = _S.COMPLETED
+        self._cancel_timer("E", "F")
+        out: list[Output] = [self._received(response)]
+        wait = self.timers.timer_k(self.reliable)
+        if wait <= 0:
+            return out + self._terminate()
+        self._set_timer("K", now + wait)
+        return out
+
+    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
+        if name == "E" and self.state in (_S.TRYING, _S.PROCEEDING):
+            # RFC 3261 17.1.2.2: in Trying the interval doubles up to T2; in Proceeding it is T2.
+            if self.state is _S.TRYING:
+                self._interval = min(2 * self._interval, self.timers.t2)
+            else:
+                self._interval = self.timers.t2
+            self._set_timer("E", now + self._interval)
+            return [Send(message=self.request, dest=self.dest)]
+        if name == "F" and self.state in (_S.TRYING, _S.PROCEEDING):
+            return [TransactionTimeout(transaction=self), *self._terminate()]
+        if name == "K":
+            return self._terminate()
+        return []
+
+
+# -- the layer ----------------------------------------------------------------------------
+
+
+class TransactionLayer:
+    """All client and server transactions of one SIP element, and their timers."""
+
+    def __init__(self, timers: Timers = DEFAULT_TIMERS) -> None:
+        self.timers = timers
+        self._servers: dict[ServerKey, ServerTransaction] = {}
+        self._acks_2543: dict[ServerKey, InviteServerTransaction] = {}
+        self._clients: dict[ClientKey, ClientTransaction] = {}
+        # Timer heap with lazy invalidation: an entry is live while the transaction still
+        # maps the timer name to the entry's sequence number.
+        self._heap: list[tuple[float, int, TimerName, _Transaction]] = []
+        self._seq = 0
+        self._stale = 0
+
+    def __len__(self) -> int:
+        return len(self._servers) + len(self._clients)
+
+    # -- server side ----------------------------------------------------------------------
+    def receive_request(
+        self, request: Request, *, dest: object, reliable: bool, now: float
+    ) -> tuple[RequestDisposition, ServerTransaction | None, list[Output]]:
+        """Match a request to a server transaction (RFC 3261 17.2.3) or create one.
+
+        NEW returns the new transaction; RETRANSMISSION, ACK_ABSORBED, STRAY and an ACK_TO_TU
+        for a transaction in Accepted return the matched transaction; an ACK_TO_TU matching
+        nothing returns None. Raises ParseError if a header used for matching is malformed.
+        """
+        if request.method == "ACK":
+            return self._receive_ack(request, now)
+        key = _server_key(request, request.method)
+        tx = self._servers.get(key)
+        if tx is not None:
+            return RequestDisposition.RETRANSMISSION, tx, tx._on_retransmission(now)
+        new: ServerTransaction
+        if request.method == "INVITE":
+            invite_tx = InviteServerTransaction(
+                self, request, key=key, dest=dest, reliable=reliable
+            )
+            if invite_tx._ack_key is not None:
+                self._acks_2543[invite_tx._ack_key] = invite_tx
+            new = invite_tx
+        else:
+            new = NonInviteServerTransaction(self, request, key=key, dest=dest, reliable=reliable)
+        self._servers[key] = new
+        return RequestDisposition.NEW, new, new._start(now)
+
+    def _receive_ack(
+        self, ack: Request, now: float
+    ) -> tuple[RequestDisposition, ServerTransaction | None, list[Output]]:
+        via = ack.top_via
+        found: ServerTransaction | None
+        if via is not None and via.rfc3261_branch:
+            found = self._servers.get(_server_key(ack, "INVITE"))
+        else:
+            old = self._acks_2543.get(_ack_key_2543(ack))
+            found = old if old is not None and old._ack_tag_matches(ack) else None
+        if not isinstance(found, InviteServerTransaction):
+            # RFC 3261 17.2.3 / 13.3.1.4: an ACK for a 2xx is a transaction of its own.
+            return RequestDisposition.ACK_TO_TU, None, []
+        disposition, out = found._on_ack(now)
+        return disposition, found, out
+
+    def find_cancel_target(self, cancel: Request) -> InviteServerTransaction | None:
+        """The INVITE server transaction a CANCEL refers to (RFC 3261 9.2): same matching key
+        as the CANCEL's own transaction, with method INVITE."""
+        tx = self._servers.get(_server_key(cancel, "INVITE"))
+        return tx if isinstance(tx, InviteServerTransaction) else None
+
+    # -- client side ----------------------------------------------------------------------
+    def send_request(
+        self, request: Request, *, dest: object, reliable: bool, now: float
+    ) -> tuple[ClientTransaction, list[Output]]:
+        """Start a client transaction. The TU has put a fresh RFC 3261 branch in the top Via
+        (``new_branch()``). ACK is never sent in a transaction (RFC 3261 17.1.1.3, 13.2.2.4)."""
+        if request.method == "ACK":
+            raise ValueError("ACK is not sent in a client transaction")
+        via = request.top_via
+        if via is None or not via.rfc3261_branch or via.branch is None:
+            raise ValueError("the top Via needs an RFC 3261 branch (new_branch())")
+        key: ClientKey = (via.branch, request.method)
+        if key in self._clients:
+            raise ValueError(f"a client transaction with branch {via.branch} already exists")
+        tx: ClientTransaction
+        if request.method == "INVITE":
+            tx = InviteClientTransaction(self, request, key=key, dest=dest, reliable=reliable)
+        else:
+            tx = NonInviteClientTransaction(self, request, key=key, dest=dest, reliable=reliable)
+        self._clients[key] = tx
+        return tx, tx._start(now)
+
+    def receive_response(
+        self, response: Response, *, now: float
+    ) -> tuple[ClientTransaction | None, list[Output]]:
+        """Match a response to a client transaction (RFC 3261 17.1.3: top Via branch and CSeq
+        method). Unmatched: ``(None, [])`` and the TU decides. A matched response that the
+        state absorbs gives ``(tx, [])``."""
+        via = response.top_via
+        cseq = response.cseq
+        if via is None or cseq is None or via.branch is None:
+            return None, []
+        tx = self._clients.get((via.branch, cseq.method))
+        if tx is None:
+            return None, []
+        return tx, tx._on_response(response, now)
+
+    def terminate(self, transaction: ClientTransaction | ServerTransaction) -> list[Output]:
+        """Remove a transaction at once, e.g. after a transport failure (RFC 3261 17.1.4,
+        17.2.4) or 64*T1 after a CANCEL that never got its 487 (RFC 3261 9.1)."""
+        if transaction.state is _S.TERMINATED:
+            return []
+        return transaction._terminate()
+
+    # -- timers ---------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """The earliest armed timer over all transactions, or None."""
+        heap = self._heap
+        while heap:
+            deadline, seq, name, tx = heap[0]
+            live = tx._timers.get(name)
+            if live is not None and live[1] == seq:
+                return deadline
+            heapq.heappop(heap)
+            self._stale -= 1
+        return None
+
+    def handle_timer(self, now: float) -> list[Output]:
+        """Fire every timer due at ``now``, in deadline order."""
+        out: list[Output] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, seq, name, tx = heapq.heappop(heap)
+            live = tx._timers.get(name)
+            if live is None or live[1] != seq:
+                self._stale -= 1
+                continue
+            del tx._timers[name]
+            out.extend(tx._on_timer(name, now))
+        return out
+
+    def _schedule(self, tx: _Transaction, name: TimerName, deadline: float) -> None:
+        if name in tx._timers:
+            self._stale += 1
+        self._seq += 1
+        tx._timers[name] = (deadline, self._seq)
+        heapq.heappush(self._heap, (deadline, self._seq, name, tx))
+        if self._stale > 1024 and 2 * self._stale > len(self._heap):
+            self._compact()
+
+    def _compact(self) -> None:
+        # In place: handle_timer may be iterating over this very list.
+        self._heap[:] = [
+            entry
+            for entry in self._heap
+            if (live := entry[3]._timers.get(entry[2])) is not None and live[1] == entry[1]
+        ]
+        heapq.heapify(self._heap)
+        self._stale = 0
+
+    def _remove(self, tx: _Transaction) -> None:
+        if isinstance(tx, ServerTransaction):
+            if self._servers.get(tx.key) is tx:
+                del self._servers[tx.key]
+            ack_key = tx._ack_key if isinstance(tx, InviteServerTransaction) else None
+            if ack_key is not None and self._acks_2543.get(ack_key) is tx:
+                del self._acks_2543[ack_key]
+        elif isinstance(tx, ClientTransaction) and self._clients.get(tx.key) is tx:
+            del self._clients[tx.key]
