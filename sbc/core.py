@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sbc import __version__
-from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request
+from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
 from sbc.sip.flow import Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
@@ -85,9 +85,9 @@ class SbcCore:
             return []
         try:
             msg = parse_message(data, limits=self.settings.limits, datagram=True)
+            return self._handle(msg, flow, now)
         except ParseError as exc:
             return self._parse_failed(exc, flow)
-        return self._handle(msg, flow, now)
 
     def receive_stream(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """Octets from a TCP/TLS connection; framing errors close only this connection."""
@@ -107,7 +107,10 @@ class SbcCore:
                     self.connection_closed(flow)
                     break
             else:
-                actions += self._handle(item, flow, now)
+                try:
+                    actions += self._handle(item, flow, now)
+                except ParseError as exc:
+                    actions += self._parse_failed(exc, flow)
         return actions
 
     def connection_closed(self, flow: Flow) -> None:
@@ -137,7 +140,7 @@ class SbcCore:
     # -- messages -------------------------------------------------------------------------
     def _parse_failed(self, exc: ParseError, flow: Flow) -> list[Action]:
         """Answer a malformed request if a response can be formed; drop anything else."""
-        self.stats[f"rejected:{exc.reason}"] += 1
+        self.stats[f"rejected:{fault_label(exc.reason)}"] += 1
         msg = exc.message
         log.info("malformed message: %s", exc.reason, extra={"flow": str(flow)})
         if (
@@ -173,7 +176,7 @@ class SbcCore:
             tx, outputs = self.transactions.receive_response(resp, now=now)
         except ParseError as exc:
             # RFC 3261 18.1.2 / RFC 4475 3.1.2.5: a malformed response is discarded.
-            self.stats[f"dropped_response:{exc.reason}"] += 1
+            self.stats[f"dropped_response:{fault_label(exc.reason)}"] += 1
             return []
         if tx is None:
             self.stats["stray_response"] += 1  # RFC 3261 18.1.2: no match, discard
@@ -304,10 +307,8 @@ def _new_tag() -> str:
 
 def _tag_for(req: Request) -> str:
     """A To tag that is the same for every response of one transaction (RFC 3261 8.2.6.2)."""
-    via = req.via[0] if req.via else None
-    branch = via.branch if via is not None else None
-    seed = branch or req.get("call-id") or ""
-    return format(hash((seed, _TAG_SALT)) & 0xFFFFFFFFFFFF, "012x")
+    seed = (req.get("via"), req.get("call-id"), req.get("cseq"), _TAG_SALT)
+    return format(hash(seed) & 0xFFFFFFFFFFFF, "012x")
 
 
 _TAG_SALT = secrets.token_hex(8)

@@ -59,7 +59,7 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
         if req.method in ("INVITE", "REGISTER", "SUBSCRIBE", "REFER", "UPDATE"):
             req.contact  # noqa: B018
     except ParseError as exc:
-        return Rejection(400, exc.reason, _label(exc.reason))
+        return Rejection(400, exc.reason, fault_label(exc.reason))
     assert cseq is not None and to is not None
     # RFC 3261 8.2.2.1 / 16.3 step 2: a scheme the SBC does not understand gets 416.
     if not isinstance(uri, SipUri | TelUri):
@@ -104,7 +104,7 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
     return None
 
 
-def _label(reason: str) -> str:
-    """Counter label for a parse fault reason: 'Bad Via: ...' -> 'bad_via'."""
+def fault_label(reason: str) -> str:
+    """Counter label for a fault reason phrase: 'Bad Via: ...' -> 'bad_via'."""
     head = reason.split(":", 1)[0].strip().lower()
     return head.replace(" ", "_").replace("-", "_")

@@ -53,14 +53,19 @@ def _parse_head(head: str, limits: Limits) -> Message:
             raise ParseError(0, "Malformed Status-Line")
         version, code, reason = m.groups()
         msg: Message = Response(int(code), reason, version=version, start=start)
+        bad_start = False
         if not 100 <= int(code) <= 699:
             raise ParseError(0, "Status-Code out of range", message=msg)
     else:
         m = grammar.REQUEST_LINE_RE.fullmatch(start)
         if m is None:
-            raise ParseError(400, "Malformed Request-Line")
-        method, uri, version = m.groups()
-        msg = Request(method, uri, version=version, start=start)
+            # Keep going so the 400 can carry Via/From/To/Call-ID/CSeq (RFC 3261 8.2.6.2).
+            bad_start = True
+            msg = Request(start.split(" ", 1)[0], "", start=start)
+        else:
+            bad_start = False
+            method, uri, version = m.groups()
+            msg = Request(method, uri, version=version, start=start)
     if len(lines) - 1 > limits.max_headers:
         raise ParseError(400, "Too Many Header Fields", message=msg)
     fields = msg.fields
@@ -84,6 +89,8 @@ def _parse_head(head: str, limits: Limits) -> Message:
             raise ParseError(400, "Malformed Header Line", message=msg)
         prev = HeaderField(key, line[:colon].rstrip(" \t"), line[colon + 1 :].strip(), line)
         fields.append(prev)
+    if bad_start:
+        raise ParseError(400, "Malformed Request-Line", message=msg)
     return msg
 
 

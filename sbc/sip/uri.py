@@ -152,20 +152,20 @@ def parse_uri(text: str) -> Uri:
     """Parse a URI. Raises ValueError with the reason if it is malformed."""
     colon = text.find(":")
     if colon <= 0:
-        raise ValueError(f"URI without scheme: {text!r}")
+        raise ValueError("URI without scheme")
     scheme = text[:colon]
     rest = text[colon + 1 :]
     if not grammar.SCHEME_RE.fullmatch(scheme):
-        raise ValueError(f"bad URI scheme: {scheme!r}")
+        raise ValueError("bad URI scheme")
     low = scheme.lower()
     if low in ("sip", "sips"):
         m = grammar.SIP_URI_RE.fullmatch(rest)
         if m is None:
-            raise ValueError(f"malformed {low} URI: {text!r}")
+            raise ValueError(f"malformed {low} URI")
         user, password, host, port, params, headers = m.groups()
         port_n = int(port) if port is not None else None
         if port_n is not None and port_n > 65535:
-            raise ValueError(f"port out of range in URI: {text!r}")
+            raise ValueError("port out of range in URI")
         return SipUri(
             scheme=scheme,
             user=user,
@@ -178,7 +178,7 @@ def parse_uri(text: str) -> Uri:
     if low == "tel":
         t = grammar.TEL_RE.fullmatch(rest)
         if t is None:
-            raise ValueError(f"malformed tel URI: {text!r}")
+            raise ValueError("malformed tel URI")
         number, params = t.groups()
         tel_params = tuple(
             (p.partition("=")[0], p.partition("=")[2] if "=" in p else None)
@@ -186,5 +186,5 @@ def parse_uri(text: str) -> Uri:
         )
         return TelUri(scheme=scheme, number=number, params=tel_params)
     if not grammar.ABSOLUTE_REST_RE.fullmatch(rest):
-        raise ValueError(f"malformed URI: {text!r}")
+        raise ValueError("malformed URI")
     return AbsoluteUri(scheme=scheme, rest=rest)
