@@ -151,6 +151,7 @@ class SbcCore:
             or "cseq" not in msg
         ):
             return []
+        self._stamp_via(msg, flow)
         resp = make_response(msg, exc.status, exc.reason, to_tag=_new_tag())
         return [SendData(self._response_flow(msg, flow), self._finish(resp))]
 
@@ -158,10 +159,10 @@ class SbcCore:
         if isinstance(msg, Response):
             return self._handle_response(msg, now)
         assert isinstance(msg, Request)
+        self._stamp_via(msg, flow)
         rejection = check_request(msg, supported=SUPPORTED)
         if rejection is not None:
             return self._reject(msg, rejection, flow)
-        self._stamp_via(msg, flow)
         dest = self._response_flow(msg, flow)
         disposition, tx, outputs = self.transactions.receive_request(
             msg, dest=dest, reliable=flow.reliable, now=now
@@ -272,8 +273,14 @@ class SbcCore:
     # -- transport rules ------------------------------------------------------------------
     @staticmethod
     def _stamp_via(req: Request, flow: Flow) -> None:
-        """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via."""
-        via = req.via[0]
+        """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via (if it parses)."""
+        try:
+            vias = req.via
+        except ParseError:
+            return
+        if not vias:
+            return
+        via = vias[0]
         host, port = flow.remote
         stamped = via
         if via.host_bare != host.lower() or via.wants_rport:

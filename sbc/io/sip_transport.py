@@ -75,7 +75,9 @@ class SipTransports:
                 self._servers.append(server)
                 local = _addr(server.sockets[0].getsockname())
         except OSError as exc:
-            raise StartupError(f"cannot listen on {url}: {exc.strerror or exc}") from None
+            # uvloop wraps the errno-carrying OSError ("Address already in use") as the cause.
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            raise StartupError(f"cannot listen on {url}: {cause.strerror or cause}") from None
         self.bound.append((url, local))
         log.info("listening on %s://%s", url.transport, format_address(local))
         return local

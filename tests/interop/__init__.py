@@ -1,0 +1,1 @@
+"""Interop tests: the real `sbc run` process driven by real SIP peers."""
