@@ -61,7 +61,7 @@ lint: venv
 
 bench: venv
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[bench]'
-	$(VENV)/bin/python bench/parse.py
+	$(VENV)/bin/python bench/parse.py --out docs/performance.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
