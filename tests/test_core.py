@@ -120,7 +120,7 @@ def test_rfc4475_answers(name: str) -> None:
     [
         ("insuf", "Missing To Header", None),
         ("mismatch01", "CSeq Method Does Not Match", None),
-        ("badinv01", "Bad Via: malformed Via parameters", None),
+        ("badinv01", "Bad Via: malformed Via", None),
         ("scalar02", "Bad CSeq: malformed CSeq", None),
         ("multi01", "Bad CSeq: more than one CSeq header", None),
         ("badbranch", "Via Branch Is Only The Magic Cookie", None),

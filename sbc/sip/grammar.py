@@ -17,7 +17,8 @@ SWS = r"[ \t]*"
 # quoted-string = SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
 # qdtext = LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
 # quoted-pair = "\" (%x00-09 / %x0B-0C / %x0E-7F)
-QUOTED_STRING = r'"(?:[^"\\\r\n]|\\[\x00-\x09\x0b\x0c\x0e-\x7f])*"'
+# (written as an unrolled loop, linear and fast in the re engine)
+QUOTED_STRING = r'"[^"\\\r\n]*(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f][^"\\\r\n]*)*"'
 # escaped = "%" HEXDIG HEXDIG
 ESCAPED = r"%[0-9A-Fa-f]{2}"
 # hostname = *( domainlabel "." ) toplabel [ "." ]; IPv4address; IPv6reference = "[" IPv6address "]"
@@ -42,29 +43,32 @@ STATUS_LINE_RE = re.compile(rf"({SIP_VERSION}) ([0-9]{{3}}) ([^\x00-\x08\x0a-\x1
 TOKEN_RE = re.compile(TOKEN)
 HOST_RE = re.compile(HOST)
 
+# RFC 5118 4.5: received=2001:db8::9:255 (IPv6address, no brackets) is valid in Via.
+IPV6_BARE = r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+"
+# generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string
+# SEMI = SWS ";" SWS ; EQUAL = SWS "=" SWS
+GEN_VALUE = rf"(?:{TOKEN}|{QUOTED_STRING}|{IPV6_BARE}|{IPV6_REFERENCE})"
+GENERIC_PARAMS = rf"(?:{SWS};{SWS}{TOKEN}(?:{SWS}={SWS}{GEN_VALUE})?)*"
+GENERIC_PARAM_RE = re.compile(rf"{SWS};{SWS}({TOKEN})(?:{SWS}={SWS}({GEN_VALUE}))?")
+
 # sent-protocol = protocol-name SLASH protocol-version SLASH transport ; SLASH = SWS "/" SWS
 # sent-by = host [ COLON port ]
 # via-parm = sent-protocol LWS sent-by *( SEMI via-params )
 VIA_PARM_RE = re.compile(
-    rf"{SWS}({TOKEN}){SWS}/{SWS}({TOKEN}){SWS}/{SWS}({TOKEN}){LWS}({HOST})(?:{SWS}:{SWS}({PORT}))?{SWS}"
-)
-# RFC 5118 4.5: received=2001:db8::9:255 (IPv6address, no brackets) is valid in Via.
-IPV6_BARE = r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+"
-# generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string
-# SEMI = SWS ";" SWS
-GENERIC_PARAM_RE = re.compile(
-    rf"{SWS};{SWS}({TOKEN})(?:{SWS}={SWS}({IPV6_BARE}|{TOKEN}|{IPV6_REFERENCE}|{QUOTED_STRING}))?{SWS}"
+    rf"{SWS}({TOKEN}){SWS}/{SWS}({TOKEN}){SWS}/{SWS}({TOKEN}){LWS}({HOST})"
+    rf"(?:{SWS}:{SWS}({PORT}))?({GENERIC_PARAMS}){SWS}"
 )
 
 # display-name = *(token LWS) / quoted-string
 # name-addr = [ display-name ] LAQUOT addr-spec RAQUOT ; LAQUOT = SWS "<" ; RAQUOT = ">" SWS
 # No whitespace is allowed inside the angle brackets (RFC 4475 3.1.2.14).
 NAME_ADDR_RE = re.compile(
-    rf"{SWS}({QUOTED_STRING}|(?:{TOKEN}(?:{LWS}{TOKEN})*))?{SWS}<([^\x00-\x20<>\"]+)>{SWS}"
+    rf"{SWS}({QUOTED_STRING}|(?:{TOKEN}(?:{LWS}{TOKEN})*))?{SWS}<([^\x00-\x20<>\"]+)>"
+    rf"({GENERIC_PARAMS}){SWS}"
 )
 # addr-spec = SIP-URI / SIPS-URI / absoluteURI (no LWS, no ';' '?' ',' when not bracketed,
 # RFC 3261 20.10: the URI parameters then belong to the header field)
-ADDR_SPEC_RE = re.compile(rf"{SWS}([^\x00-\x20<>\";,?]+){SWS}")
+ADDR_SPEC_RE = re.compile(rf"{SWS}([^\x00-\x20<>\";,?]+)({GENERIC_PARAMS}){SWS}")
 
 # CSeq = "CSeq" HCOLON 1*DIGIT LWS Method ; the number is < 2**31 (RFC 3261 8.1.1.5)
 CSEQ_RE = re.compile(rf"([0-9]{{1,10}}){LWS}({METHOD})")
@@ -83,14 +87,23 @@ DIGITS_RE = re.compile(r"[0-9]{1,10}")
 # param-unreserved = "[" / "]" / "/" / ":" / "&" / "+" / "$"
 # headers = "?" header *( "&" header ) ; header = hname "=" hvalue
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
-USER = rf"(?:[{_UNRESERVED}&=+$,;?/]|{ESCAPED})+"
-PASSWORD = rf"(?:[{_UNRESERVED}&=+$,]|{ESCAPED})*"
-PARAMCHARS = rf"(?:[{_UNRESERVED}\[\]/:&+$]|{ESCAPED})+"
-HNV = rf"(?:[{_UNRESERVED}\[\]/?:+$]|{ESCAPED})"
-SIP_URI_RE = re.compile(
+# The 1*(chars / escaped) rules are unrolled loops: chars*(escaped chars*)*, non-empty.
+_USER_CHARS = rf"[{_UNRESERVED}&=+$,;?/]"
+USER = rf"(?=[{_UNRESERVED}&=+$,;?/%]){_USER_CHARS}*(?:{ESCAPED}{_USER_CHARS}*)*"
+PASSWORD = rf"[{_UNRESERVED}&=+$,]*(?:{ESCAPED}[{_UNRESERVED}&=+$,]*)*"
+PARAMCHARS = rf"(?=[{_UNRESERVED}\[\]/:&+$%])[{_UNRESERVED}\[\]/:&+$]*(?:{ESCAPED}[{_UNRESERVED}\[\]/:&+$]*)*"
+HNVS = rf"[{_UNRESERVED}\[\]/?:+$]*(?:{ESCAPED}[{_UNRESERVED}\[\]/?:+$]*)*"
+SIP_URI = (
     rf"(?:({USER})(?::({PASSWORD}))?@)?({HOST})(?::({PORT}))?"
     rf"((?:;{PARAMCHARS}(?:={PARAMCHARS})?)*)"
-    rf"(\?{HNV}+={HNV}*(?:&{HNV}+={HNV}*)*)?"
+    rf"(\?{HNVS}={HNVS}(?:&{HNVS}={HNVS})*)?"
+)
+SIP_URI_RE = re.compile(SIP_URI)
+# name-addr whose URI is a SIP/SIPS URI, matched in one pass (the common case):
+# groups display, uri, scheme, user, password, host, port, uri-params, uri-headers, params
+NAME_ADDR_SIP_RE = re.compile(
+    rf"{SWS}({QUOTED_STRING}|(?:{TOKEN}(?:{LWS}{TOKEN})*))?{SWS}<(([Ss][Ii][Pp][Ss]?):{SIP_URI})>"
+    rf"({GENERIC_PARAMS}){SWS}"
 )
 URI_PARAM_RE = re.compile(rf";({PARAMCHARS})(?:=({PARAMCHARS}))?")
 # scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )

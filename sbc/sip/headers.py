@@ -6,11 +6,11 @@ Parsing functions raise ``ValueError`` naming the fault; the message layer turns
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 from sbc.sip import grammar
-from sbc.sip.uri import Params, SipUri, Uri, parse_uri
+from sbc.sip.uri import SipUri, Uri, parse_uri, sip_uri_from_parts
 
 # RFC 3261 7.3.3 compact forms, plus RFC 3265 (o, u), RFC 3515 (r), RFC 3892 (b),
 # RFC 4028 (x), RFC 3841 (a, j, d), RFC 4474 (y, n), RFC 3903 none.
@@ -108,31 +108,39 @@ def split_list(value: str) -> list[str]:
     return out
 
 
-def _parse_params(text: str, pos: int, what: str) -> Params:
-    """generic-param list from ``pos`` to the end of ``text`` (RFC 3261 25.1)."""
-    params: list[tuple[str, str | None]] = []
-    n = len(text)
-    while pos < n:
-        m = grammar.GENERIC_PARAM_RE.match(text, pos)
-        if m is None:
-            raise ValueError(f"malformed {what} parameters")
-        params.append((m.group(1), m.group(2)))
-        pos = m.end()
-    return tuple(params)
+HeaderParams = tuple[tuple[str, str], ...]  # (name, value); "" is a parameter without value
 
 
-def _param(params: Params, name: str) -> str | None:
+def _parse_params(text: str) -> HeaderParams:
+    """generic-params already validated by the caller's regex (RFC 3261 25.1)."""
+    if not text:
+        return ()
+    if " " in text or "\t" in text or ('"' in text and not _simple_quotes(text)):
+        return tuple(grammar.GENERIC_PARAM_RE.findall(text))
+    out = []
+    for part in text[1:].split(";"):
+        k, _, v = part.partition("=")
+        out.append((k, v))
+    return tuple(out)
+
+
+def _simple_quotes(text: str) -> bool:
+    """Quoted values without ';' or escapes: splitting at ';' and '=' stays correct."""
+    return "\\" not in text and ";" not in "".join(text.split('"')[1::2])
+
+
+def _param(params: HeaderParams, name: str) -> str | None:
     for key, value in params:
-        if key.lower() == name:
-            return "" if value is None else value
+        if key == name or key.lower() == name:
+            return value
     return None
 
 
-def _params_str(params: Params) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+def _params_str(params: HeaderParams) -> str:
+    return "".join(f";{k}={v}" if v else f";{k}" for k, v in params)
 
 
-def _with_param(params: Params, name: str, value: str | None) -> Params:
+def _with_param(params: HeaderParams, name: str, value: str) -> HeaderParams:
     low = name.lower()
     out = [(k, value if k.lower() == low else v) for k, v in params]
     if not any(k.lower() == low for k, _ in params):
@@ -143,29 +151,58 @@ def _with_param(params: Params, name: str, value: str | None) -> Params:
 MAGIC_COOKIE = "z9hG4bK"  # RFC 3261 8.1.1.7
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Via:
-    """One via-parm (RFC 3261 20.42). ``host`` keeps IPv6 brackets."""
+    """One via-parm (RFC 3261 20.42). ``host`` keeps IPv6 brackets. Treat as immutable."""
 
-    transport: str
-    host: str
-    port: int | None = None
-    params: Params = ()
-    protocol: str = "SIP/2.0"
+    __slots__ = ("host", "params", "port", "protocol", "transport")
+
+    def __init__(
+        self,
+        *,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: HeaderParams = (),
+        protocol: str = "SIP/2.0",
+    ) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = params
+        self.protocol = protocol
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.protocol, self.transport, self.host.lower(), self.port, self.params)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Via) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Via({self})"
 
     def __str__(self) -> str:
         port = "" if self.port is None else f":{self.port}"
         return f"{self.protocol}/{self.transport} {self.host}{port}{_params_str(self.params)}"
 
     def param(self, name: str) -> str | None:
-        return _param(self.params, name)
+        """Value of a parameter ("" if it has none), None if absent."""
+        return _param(self.params, name.lower())
 
-    def with_param(self, name: str, value: str | None = None) -> Via:
-        return replace(self, params=_with_param(self.params, name, value))
+    def with_param(self, name: str, value: str = "") -> Via:
+        return Via(
+            transport=self.transport,
+            host=self.host,
+            port=self.port,
+            params=_with_param(self.params, name, value),
+            protocol=self.protocol,
+        )
 
     @property
     def branch(self) -> str | None:
-        return self.param("branch")
+        return _param(self.params, "branch")
 
     @property
     def rfc3261_branch(self) -> bool:
@@ -175,17 +212,17 @@ class Via:
 
     @property
     def received(self) -> str | None:
-        return self.param("received")
+        return _param(self.params, "received")
 
     @property
     def rport(self) -> int | None:
         """The rport value a server filled in (RFC 3581 4); None if absent or empty."""
-        v = self.param("rport")
+        v = _param(self.params, "rport")
         return int(v) if v else None
 
     @property
     def wants_rport(self) -> bool:
-        return any(k.lower() == "rport" for k, _ in self.params)
+        return _param(self.params, "rport") is not None
 
     @property
     def host_bare(self) -> str:
@@ -197,118 +234,192 @@ class Via:
         return self.host_bare, self.port
 
 
-@lru_cache(maxsize=2048)
-def parse_via(value: str) -> tuple[Via, ...]:
-    """All via-parms of one Via header field value (RFC 3261 20.42, 25.1)."""
-    out: list[Via] = []
-    for part in split_list(value):
-        if not part:
+def parse_via_parm(text: str) -> Via:
+    """One via-parm (RFC 3261 20.42, 25.1)."""
+    m = grammar.VIA_PARM_RE.fullmatch(text)
+    if m is None:
+        if not text.strip():
             raise ValueError("empty Via element")
-        m = grammar.VIA_PARM_RE.match(part)
-        if m is None:
-            raise ValueError("malformed Via sent-protocol or sent-by")
-        name, version, transport, host, port = m.groups()
-        if name.upper() != "SIP" or version != "2.0":
-            raise ValueError("Via protocol is not SIP/2.0")
-        port_n = None if port is None else int(port)
-        if port_n is not None and not 0 < port_n <= 65535:
+        raise ValueError("malformed Via")
+    name, version, transport, host, port, params = m.groups()
+    if version != "2.0" or name.upper() != "SIP":
+        raise ValueError("Via protocol is not SIP/2.0")
+    port_n = None
+    if port is not None:
+        port_n = int(port)
+        if not 0 < port_n <= 65535:
             raise ValueError("Via port out of range")
-        params = _parse_params(part, m.end(), "Via")
-        for key, v in params:
-            if key.lower() == "rport" and v is not None and not v.isdigit():
-                raise ValueError("Via rport is not a number")
-        out.append(
-            Via(
-                transport=transport.upper(),
-                host=host,
-                port=port_n,
-                params=params,
-                protocol=f"{name}/{version}",
-            )
-        )
-    return tuple(out)
+    parsed = _parse_params(params)
+    if "rport=" in params.lower():
+        rport = _param(parsed, "rport")
+        if rport and not rport.isdigit():
+            raise ValueError("Via rport is not a number")
+    return Via(
+        transport=transport.upper(),
+        host=host,
+        port=port_n,
+        params=parsed,
+        protocol="SIP/2.0" if name == "SIP" else f"{name}/{version}",
+    )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def parse_via(value: str) -> tuple[Via, ...]:
+    """All via-parms of one Via header field value."""
+    return tuple(parse_via_parm(part) for part in split_list(value))
+
+
 class NameAddr:
     """name-addr / addr-spec with header parameters (From, To, Contact, Route, ...).
 
     ``display_name`` is as written (quoted strings keep their quotes); ``star`` is the
-    Contact ``*`` of RFC 3261 10.2.2.
+    Contact ``*`` of RFC 3261 10.2.2. The URI is parsed on first use. Treat as immutable.
     """
 
-    uri: Uri | None
-    display_name: str | None = None
-    params: Params = ()
-    bracketed: bool = True
-    star: bool = False
+    __slots__ = ("_uri", "_uri_parts", "_uri_text", "bracketed", "display_name", "params", "star")
+
+    def __init__(
+        self,
+        *,
+        uri: Uri | str | None,
+        uri_text: str | None = None,
+        display_name: str | None = None,
+        params: HeaderParams = (),
+        bracketed: bool = True,
+        star: bool = False,
+    ) -> None:
+        self._uri_parts: tuple[Any, ...] | None = None
+        if isinstance(uri, str):
+            self._uri_text: str | None = uri
+            self._uri: Uri | None = None
+        else:
+            self._uri_text = uri_text  # str(uri) when needed
+            self._uri = uri
+        self.display_name = display_name
+        self.params = params
+        self.bracketed = bracketed
+        self.star = star
+
+    @property
+    def uri(self) -> Uri | None:
+        """The URI (parse_uri raises ValueError if it is malformed)."""
+        if self._uri is None:
+            if self._uri_parts is not None:
+                self._uri = sip_uri_from_parts(*self._uri_parts)
+            elif self._uri_text is not None:
+                self._uri = parse_uri(self._uri_text)
+        return self._uri
+
+    @property
+    def uri_text(self) -> str | None:
+        if self._uri_text is None and self._uri is not None:
+            self._uri_text = str(self._uri)
+        return self._uri_text
 
     def __str__(self) -> str:
         if self.star:
             return "*"
         if self.bracketed or self.display_name:
             dn = f"{self.display_name} " if self.display_name else ""
-            return f"{dn}<{self.uri}>{_params_str(self.params)}"
-        return f"{self.uri}{_params_str(self.params)}"
+            return f"{dn}<{self.uri_text}>{_params_str(self.params)}"
+        return f"{self.uri_text}{_params_str(self.params)}"
+
+    def __repr__(self) -> str:
+        return f"NameAddr({self})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NameAddr) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
 
     def param(self, name: str) -> str | None:
         return _param(self.params, name.lower())
 
-    def with_param(self, name: str, value: str | None = None) -> NameAddr:
-        return replace(self, params=_with_param(self.params, name, value))
+    def with_param(self, name: str, value: str = "") -> NameAddr:
+        return NameAddr(
+            uri=self.uri,
+            uri_text=self._uri_text,
+            display_name=self.display_name,
+            params=_with_param(self.params, name, value),
+            bracketed=self.bracketed,
+            star=self.star,
+        )
 
     @property
     def tag(self) -> str | None:
-        return self.param("tag")
+        return _param(self.params, "tag")
 
     @property
     def sip_uri(self) -> SipUri | None:
-        return self.uri if isinstance(self.uri, SipUri) else None
+        uri = self.uri
+        return uri if isinstance(uri, SipUri) else None
 
 
-@lru_cache(maxsize=4096)
-def parse_name_addr(value: str) -> NameAddr:
-    """One name-addr or addr-spec with its parameters (RFC 3261 20.10, 20.20, 20.39)."""
-    m = grammar.NAME_ADDR_RE.match(value)
+def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
+    """One name-addr or addr-spec with its parameters (RFC 3261 20.10, 20.20, 20.39).
+
+    With ``check_uri`` the URI is parsed now, so a malformed one is found at once.
+    """
+    m = grammar.NAME_ADDR_SIP_RE.fullmatch(value)
     if m is not None:
-        display, uri_text = m.groups()
+        # The common case: a bracketed SIP URI, validated and split in one pass.
+        groups = m.groups()
+        if groups[6] is not None and int(groups[6]) > 65535:
+            raise ValueError("port out of range in URI")
+        na = NameAddr(uri=groups[1], display_name=groups[0], params=_parse_params(groups[9]))
+        na._uri_parts = groups[2:9]  # the URI is built from these on first use
+        return na
+    m = grammar.NAME_ADDR_RE.fullmatch(value)
+    if m is not None:
+        display, uri_text, params = m.groups()
         bracketed = True
     else:
-        m = grammar.ADDR_SPEC_RE.match(value)
+        m = grammar.ADDR_SPEC_RE.fullmatch(value)
         if m is None:
             raise ValueError("malformed name-addr or addr-spec")
-        display, uri_text, bracketed = None, m.group(1), False
-    uri = parse_uri(uri_text)
-    params = _parse_params(value, m.end(), "header")
-    return NameAddr(uri=uri, display_name=display, params=params, bracketed=bracketed)
+        uri_text, params = m.groups()
+        display, bracketed = None, False
+    na = NameAddr(
+        uri=uri_text, display_name=display, params=_parse_params(params), bracketed=bracketed
+    )
+    if check_uri:
+        na._uri = parse_uri(uri_text)
+    return na
 
 
-def parse_name_addr_list(value: str) -> tuple[NameAddr, ...]:
+def parse_name_addr_list(value: str, *, check_uri: bool = True) -> tuple[NameAddr, ...]:
     """Contact / Route / Record-Route / Path values; Contact may be ``*``."""
-    if value.strip() == "*":
+    if value == "*":
         return (NameAddr(uri=None, star=True),)
-    out = []
-    for part in split_list(value):
-        if not part:
-            raise ValueError("empty list element")
-        out.append(parse_name_addr(part))
-    return tuple(out)
+    if "," not in value:
+        return (parse_name_addr(value, check_uri=check_uri),)
+    return tuple(parse_name_addr(part, check_uri=check_uri) for part in split_list(value))
 
 
-@dataclass(frozen=True, slots=True)
 class CSeq:
     """CSeq (RFC 3261 20.16): sequence number < 2**31 and the method."""
 
-    seq: int
-    method: str
+    __slots__ = ("method", "seq")
+
+    def __init__(self, seq: int, method: str) -> None:
+        self.seq = seq
+        self.method = method
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"
 
+    def __repr__(self) -> str:
+        return f"CSeq({self.seq}, {self.method!r})"
 
-@lru_cache(maxsize=1024)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CSeq) and (self.seq, self.method) == (other.seq, other.method)
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.method))
+
+
 def parse_cseq(value: str) -> CSeq:
-    m = grammar.CSEQ_RE.fullmatch(value.strip())
+    m = grammar.CSEQ_RE.fullmatch(value)
     if m is None:
         raise ValueError("malformed CSeq")
     seq = int(m.group(1))
@@ -319,10 +430,9 @@ def parse_cseq(value: str) -> CSeq:
 
 def parse_uint(value: str, *, limit: int, what: str) -> int:
     """A 1*DIGIT header value (Max-Forwards, Content-Length, Expires) bounded by ``limit``."""
-    v = value.strip()
-    if not grammar.DIGITS_RE.fullmatch(v):
+    if not (value.isdigit() and value.isascii() and len(value) <= 10):
         raise ValueError(f"{what} is not a number")
-    n = int(v)
+    n = int(value)
     if n > limit:
         raise ValueError(f"{what} too large")
     return n

@@ -8,8 +8,7 @@ carrying the status the SBC answers with (RFC 3261 8.2, 16.3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from sbc.sip.headers import (
     LIST_HEADERS,
@@ -23,6 +22,7 @@ from sbc.sip.headers import (
     parse_name_addr_list,
     parse_uint,
     parse_via,
+    parse_via_parm,
     split_list,
 )
 from sbc.sip.uri import Uri, parse_uri
@@ -51,31 +51,34 @@ class ParseError(Exception):
         self.fatal = fatal
 
 
-class HeaderField:
-    """One header field line: key (lower-case full name), name as written, value, raw text."""
+class HeaderField(NamedTuple):
+    """One header field: key (lower-case full name), name as written, value, raw line(s)."""
 
-    __slots__ = ("key", "name", "raw", "value")
+    key: str
+    name: str
+    value: str
+    raw: str | None  # exact original line(s) including folding; None once modified
 
-    def __init__(self, key: str, name: str, value: str, raw: str | None) -> None:
-        self.key = key
-        self.name = name
-        self.value = value
-        self.raw = raw  # exact original line(s) including folding; None once modified
 
-    def __repr__(self) -> str:
-        return f"HeaderField({self.name!r}, {self.value!r})"
-
-    def line(self) -> str:
-        return self.raw if self.raw is not None else f"{self.name}: {self.value}"
+_MISSING: Any = object()
 
 
 class Message:
-    """Common part of requests and responses: ordered header fields and the body (bytes)."""
+    """Common part of requests and responses: ordered header fields and the body (bytes).
 
-    __slots__ = ("_cache", "_raw", "body", "fields", "version")
+    The fields are three parallel lists (kept private, for speed: a message is parsed for
+    every packet): ``_keys`` (lower-case full names, searched with C-level list methods),
+    ``_pairs`` (``line.partition(":")`` of each line: name as written, ":", value with its
+    surrounding whitespace, stripped when read) and ``_raws`` (the exact original line, or
+    None once a field was written by the SBC).
+    """
 
-    def __init__(self, fields: list[HeaderField], body: bytes, version: str, raw: bytes | None):
-        self.fields = fields
+    __slots__ = ("_cache", "_keys", "_pairs", "_raw", "_raws", "body", "version")
+
+    def __init__(self, body: bytes, version: str, raw: bytes | None) -> None:
+        self._keys: list[str] = []
+        self._pairs: list[tuple[str, str, str]] = []
+        self._raws: list[str | None] = []
         self.body = body
         self.version = version
         self._raw = raw  # the exact octets this message was parsed from, while unmodified
@@ -85,167 +88,212 @@ class Message:
     def _touch(self, key: str) -> None:
         self._raw = None
         self._cache.pop(key, None)
+        if key == "via":
+            self._cache.pop("top-via", None)
+
+    def _indices(self, key: str) -> list[int]:
+        keys = self._keys
+        n = keys.count(key)
+        if n == 0:
+            return []
+        if n == 1:
+            return [keys.index(key)]
+        return [i for i, k in enumerate(keys) if k == key]
 
     def get(self, name: str) -> str | None:
         """Value of the first field with this name (compact forms match), or None."""
         key = header_key(name)
-        for f in self.fields:
-            if f.key == key:
-                return f.value
-        return None
+        try:
+            return self._pairs[self._keys.index(key)][2].strip(" \t")
+        except ValueError:
+            return None
+
+    def field_values(self, name: str) -> list[str]:
+        """The value of every field with this name, as written (not split at commas)."""
+        pairs = self._pairs
+        return [pairs[i][2].strip(" \t") for i in self._indices(header_key(name))]
 
     def values(self, name: str) -> list[str]:
         """The values of every field with this name, list headers split at commas."""
         key = header_key(name)
-        out: list[str] = []
-        for f in self.fields:
-            if f.key == key:
-                if key in LIST_HEADERS:
-                    out.extend(split_list(f.value))
-                else:
-                    out.append(f.value)
-        return out
+        values = self.field_values(key)
+        if key not in LIST_HEADERS:
+            return values
+        return [part for value in values for part in split_list(value)]
 
     def count(self, name: str) -> int:
-        key = header_key(name)
-        return sum(1 for f in self.fields if f.key == key)
+        return self._keys.count(header_key(name))
 
     def __contains__(self, name: str) -> bool:
-        key = header_key(name)
-        return any(f.key == key for f in self.fields)
+        return header_key(name) in self._keys
+
+    @property
+    def fields(self) -> list[HeaderField]:
+        """The header fields in order (a copy: edit through add/set/remove)."""
+        return [
+            HeaderField(k, n.rstrip(" \t"), v.strip(" \t"), r)
+            for k, (n, _, v), r in zip(self._keys, self._pairs, self._raws, strict=True)
+        ]
 
     def add(self, name: str, value: str, *, first: bool = False) -> None:
         """Add a field (at the top with ``first``, as for Via and Record-Route)."""
         key = header_key(name)
-        f = HeaderField(key, name if name[0].isupper() else canonical_name(key), value, None)
+        pair = (name if name[0].isupper() else canonical_name(key), ":", value)
         if first:
-            self.fields.insert(0, f)
+            self._keys.insert(0, key)
+            self._pairs.insert(0, pair)
+            self._raws.insert(0, None)
         else:
-            self.fields.append(f)
+            self._keys.append(key)
+            self._pairs.append(pair)
+            self._raws.append(None)
         self._touch(key)
+
+    def _replace(self, index: int, value: str) -> None:
+        self._pairs[index] = (self._pairs[index][0].rstrip(" \t"), ":", value)
+        self._raws[index] = None
+
+    def _delete(self, index: int) -> None:
+        del self._keys[index], self._pairs[index], self._raws[index]
 
     def set(self, name: str, value: str) -> None:
         """Replace every field with this name by one field at the first one's position."""
         key = header_key(name)
-        idx = next((i for i, f in enumerate(self.fields) if f.key == key), None)
-        if idx is None:
+        found = self._indices(key)
+        if not found:
             self.add(name, value)
             return
-        keep = self.fields[idx]
-        self.fields = [f for f in self.fields if f.key != key or f is keep]
-        keep.value = value
-        keep.raw = None
+        for i in reversed(found[1:]):
+            self._delete(i)
+        self._replace(found[0], value)
         self._touch(key)
 
     def remove(self, name: str) -> int:
         """Remove every field with this name; returns how many were removed."""
         key = header_key(name)
-        before = len(self.fields)
-        self.fields = [f for f in self.fields if f.key != key]
+        found = self._indices(key)
+        for i in reversed(found):
+            self._delete(i)
         self._touch(key)
-        return before - len(self.fields)
+        return len(found)
 
     def pop_first_value(self, name: str) -> str | None:
         """Remove the first element of a list header (a response's top Via, RFC 3261 18.1.2)."""
         key = header_key(name)
-        for i, f in enumerate(self.fields):
-            if f.key == key:
-                parts = split_list(f.value)
-                head = parts[0]
-                if len(parts) == 1:
-                    del self.fields[i]
-                else:
-                    f.value = ", ".join(parts[1:])
-                    f.raw = None
-                self._touch(key)
-                return head
-        return None
+        try:
+            i = self._keys.index(key)
+        except ValueError:
+            return None
+        value = self._pairs[i][2].strip(" \t")
+        if "," not in value:
+            self._delete(i)
+            self._touch(key)
+            return value
+        parts = split_list(value)
+        if len(parts) == 1:
+            self._delete(i)
+        else:
+            self._replace(i, ", ".join(parts[1:]))
+        self._touch(key)
+        return parts[0]
 
     def set_first_value(self, name: str, value: str) -> None:
         """Replace the first element of a list header (e.g. stamp received/rport on the top Via)."""
         key = header_key(name)
-        for f in self.fields:
-            if f.key == key:
-                parts = split_list(f.value)
-                parts[0] = value
-                f.value = ", ".join(parts)
-                f.raw = None
-                self._touch(key)
-                return
-        self.add(name, value)
-
-    def __iter__(self) -> Iterator[HeaderField]:
-        return iter(self.fields)
-
-    # -- typed views ----------------------------------------------------------------------
-    def _typed(self, key: str, what: str, parse: Any) -> Any:
         try:
-            return self._cache[key]
-        except KeyError:
-            pass
-        try:
-            value = parse()
-        except ValueError as exc:
-            raise ParseError(400, f"Bad {what}: {exc}", message=self) from None
-        self._cache[key] = value
-        return value
+            i = self._keys.index(key)
+        except ValueError:
+            self.add(name, value)
+            return
+        old = self._pairs[i][2].strip(" \t")
+        if "," in old:
+            parts = split_list(old)
+            parts[0] = value
+            value = ", ".join(parts)
+        self._replace(i, value)
+        self._touch(key)
 
-    def _single(self, name: str) -> str | None:
-        key = header_key(name)
-        found = None
-        for f in self.fields:
-            if f.key == key:
-                if found is not None:
-                    raise ValueError(f"more than one {canonical_name(key)} header")
-                found = f.value
-        return found
+    # -- typed views (parsed on first use, cached) ----------------------------------------
+    def _single(self, key: str) -> str | None:
+        keys = self._keys
+        n = keys.count(key)
+        if n == 0:
+            return None
+        if n > 1:
+            raise ValueError(f"more than one {canonical_name(key)} header")
+        return self._pairs[keys.index(key)][2].strip(" \t")
+
+    def _fault(self, what: str, exc: ValueError) -> ParseError:
+        return ParseError(400, f"Bad {what}: {exc}", message=self)
+
+    @property
+    def top_via(self) -> Via | None:
+        """The first via-parm (RFC 3261 18.2.2 routes responses by it); only it is parsed."""
+        v = self._cache.get("top-via", _MISSING)
+        if v is _MISSING:
+            try:
+                i = self._keys.index("via")
+            except ValueError:
+                v = None
+            else:
+                value = self._pairs[i][2].strip(" \t")
+                try:
+                    if "," in value:
+                        v = parse_via_parm(split_list(value)[0])
+                    else:
+                        v = parse_via_parm(value)
+                except ValueError as exc:
+                    raise self._fault("Via", exc) from None
+            self._cache["top-via"] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def via(self) -> tuple[Via, ...]:
         """Every via-parm, top first (RFC 3261 20.42)."""
-
-        def parse() -> tuple[Via, ...]:
-            out: tuple[Via, ...] = ()
-            for f in self.fields:
-                if f.key == "via":
-                    out += parse_via(f.value)
-            return out
-
-        result: tuple[Via, ...] = self._typed("via", "Via", parse)
-        return result
-
-    @property
-    def top_via(self) -> Via | None:
-        v = self.via
-        return v[0] if v else None
+        v = self._cache.get("via", _MISSING)
+        if v is _MISSING:
+            try:
+                v = tuple(via for value in self.field_values("via") for via in parse_via(value))
+            except ValueError as exc:
+                raise self._fault("Via", exc) from None
+            self._cache["via"] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def call_id(self) -> str | None:
-        def parse() -> str | None:
-            value = self._single("call-id")
-            if value is not None and (not value or " " in value or "\t" in value):
-                raise ValueError("malformed Call-ID")
-            return value
-
-        result: str | None = self._typed("call-id", "Call-ID", parse)
-        return result
+        v = self._cache.get("call-id", _MISSING)
+        if v is _MISSING:
+            try:
+                v = self._single("call-id")
+                if v is not None and (not v or " " in v or "\t" in v):
+                    raise ValueError("malformed Call-ID")
+            except ValueError as exc:
+                raise self._fault("Call-ID", exc) from None
+            self._cache["call-id"] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def cseq(self) -> CSeq | None:
-        def parse() -> CSeq | None:
-            value = self._single("cseq")
-            return None if value is None else parse_cseq(value)
-
-        result: CSeq | None = self._typed("cseq", "CSeq", parse)
-        return result
+        v = self._cache.get("cseq", _MISSING)
+        if v is _MISSING:
+            try:
+                value = self._single("cseq")
+                v = None if value is None else parse_cseq(value)
+            except ValueError as exc:
+                raise self._fault("CSeq", exc) from None
+            self._cache["cseq"] = v
+        return v  # type: ignore[no-any-return]
 
     def _name_addr(self, key: str, what: str) -> NameAddr | None:
-        def parse() -> NameAddr | None:
-            value = self._single(key)
-            return None if value is None else parse_name_addr(value)
-
-        result: NameAddr | None = self._typed(key, what, parse)
-        return result
+        v = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            try:
+                value = self._single(key)
+                v = None if value is None else parse_name_addr(value)
+            except ValueError as exc:
+                raise self._fault(what, exc) from None
+            self._cache[key] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def from_(self) -> NameAddr | None:
@@ -258,29 +306,33 @@ class Message:
     def name_addrs(self, name: str) -> tuple[NameAddr, ...]:
         """Contact, Route, Record-Route, Path, Service-Route as parsed name-addrs."""
         key = header_key(name)
-
-        def parse() -> tuple[NameAddr, ...]:
-            out: tuple[NameAddr, ...] = ()
-            for f in self.fields:
-                if f.key == key:
-                    out += parse_name_addr_list(f.value)
-            return out
-
-        result: tuple[NameAddr, ...] = self._typed(key, canonical_name(key), parse)
-        return result
+        v = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            try:
+                v = tuple(
+                    na for value in self.field_values(key) for na in parse_name_addr_list(value)
+                )
+            except ValueError as exc:
+                raise self._fault(canonical_name(key), exc) from None
+            self._cache[key] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def contact(self) -> tuple[NameAddr, ...]:
-        return self.name_addrs("contact")
+        v = self._cache.get("contact", _MISSING)
+        return self.name_addrs("contact") if v is _MISSING else v
 
     @property
     def max_forwards(self) -> int | None:
-        def parse() -> int | None:
-            value = self._single("max-forwards")
-            return None if value is None else parse_uint(value, limit=255, what="Max-Forwards")
-
-        result: int | None = self._typed("max-forwards", "Max-Forwards", parse)
-        return result
+        v = self._cache.get("max-forwards", _MISSING)
+        if v is _MISSING:
+            try:
+                value = self._single("max-forwards")
+                v = None if value is None else parse_uint(value, limit=255, what="Max-Forwards")
+            except ValueError as exc:
+                raise self._fault("Max-Forwards", exc) from None
+            self._cache["max-forwards"] = v
+        return v  # type: ignore[no-any-return]
 
     @property
     def content_type(self) -> str | None:
@@ -303,7 +355,12 @@ class Message:
     def __bytes__(self) -> bytes:
         if self._raw is not None:
             return self._raw
-        head = "\r\n".join([self.start_line(), *(f.line() for f in self.fields)])
+        lines = [self.start_line()]
+        lines += [
+            r if r is not None else f"{n}: {v}"
+            for (n, _, v), r in zip(self._pairs, self._raws, strict=True)
+        ]
+        head = "\r\n".join(lines)
         data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape") + self.body
         self._raw = data
         return data
@@ -329,13 +386,12 @@ class Request(Message):
         method: str,
         uri: str | Uri,
         *,
-        fields: list[HeaderField] | None = None,
         body: bytes = b"",
         version: str = "SIP/2.0",
         raw: bytes | None = None,
         start: str | None = None,
     ) -> None:
-        super().__init__(fields if fields is not None else [], body, version, raw)
+        super().__init__(body, version, raw)
         self.method = method
         if isinstance(uri, str):
             self.uri_text = uri
@@ -387,13 +443,12 @@ class Response(Message):
         status: int,
         reason: str,
         *,
-        fields: list[HeaderField] | None = None,
         body: bytes = b"",
         version: str = "SIP/2.0",
         raw: bytes | None = None,
         start: str | None = None,
     ) -> None:
-        super().__init__(fields if fields is not None else [], body, version, raw)
+        super().__init__(body, version, raw)
         self.status = status
         self.reason = reason
         self._start = start
@@ -442,15 +497,14 @@ def make_response(
     whose other headers are malformed); To is copied and gets ``to_tag`` if it has no tag
     and the response is not a 100 (RFC 3261 8.2.6.2, 16.2 note on 100 Trying).
     """
-    fields: list[HeaderField] = []
-    for f in request.fields:
-        if f.key in _COPIED:
-            value = f.value
-            if f.key == "to" and to_tag and status > 100 and _lacks_tag(value):
+    resp = Response(status, reason or REASON_PHRASES.get(status, "Unknown"))
+    for key, (_, _, value) in zip(request._keys, request._pairs, strict=True):
+        if key in _COPIED:
+            value = value.strip(" \t")
+            if key == "to" and to_tag and status > 100 and _lacks_tag(value):
                 value = f"{value};tag={to_tag}"
-            fields.append(HeaderField(f.key, canonical_name(f.key), value, None))
-    resp = Response(status, reason or REASON_PHRASES.get(status, "Unknown"), fields=fields)
-    resp.fields.append(HeaderField("content-length", "Content-Length", "0", None))
+            resp.add(canonical_name(key), value)
+    resp.add("Content-Length", "0")
     return resp
 
 

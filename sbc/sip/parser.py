@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sbc.sip import grammar
 from sbc.sip.headers import header_key
-from sbc.sip.message import HeaderField, Message, ParseError, Request, Response
+from sbc.sip.message import Message, ParseError, Request, Response
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "ParseError", "StreamFramer", "parse_message"]
 
@@ -26,7 +26,7 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-_KNOWN_KEYS: dict[str, str] = {}
+_KNOWN_KEYS: dict[str, str] = {}  # field name as written (maybe with trailing LWS) -> key
 
 
 def _key_for(name: str) -> str | None:
@@ -35,7 +35,7 @@ def _key_for(name: str) -> str | None:
     if key is not None:
         return key
     stripped = name.rstrip(" \t")
-    if not grammar.TOKEN_RE.fullmatch(stripped):
+    if not stripped or not grammar.TOKEN_RE.fullmatch(stripped):
         return None
     key = header_key(stripped)
     if len(_KNOWN_KEYS) < 4096:
@@ -43,68 +43,90 @@ def _key_for(name: str) -> str | None:
     return key
 
 
-def _parse_head(head: str, limits: Limits) -> Message:
-    """Start line and header fields of a header section (no trailing CRLFCRLF)."""
-    lines = head.split("\r\n")
-    start = lines[0]
-    if start.startswith("SIP/") or start[:4].upper() == "SIP/":
+def _start_line(start: str) -> tuple[Message, bool]:
+    """The message for a start line, and whether the line was malformed (requests only)."""
+    if start[:4].upper() == "SIP/":
         m = grammar.STATUS_LINE_RE.fullmatch(start)
         if m is None:
             raise ParseError(0, "Malformed Status-Line")
         version, code, reason = m.groups()
         msg: Message = Response(int(code), reason, version=version, start=start)
-        bad_start = False
         if not 100 <= int(code) <= 699:
             raise ParseError(0, "Status-Code out of range", message=msg)
-    else:
-        m = grammar.REQUEST_LINE_RE.fullmatch(start)
-        if m is None:
-            # Keep going so the 400 can carry Via/From/To/Call-ID/CSeq (RFC 3261 8.2.6.2).
-            bad_start = True
-            msg = Request(start.split(" ", 1)[0], "", start=start)
-        else:
-            bad_start = False
-            method, uri, version = m.groups()
-            msg = Request(method, uri, version=version, start=start)
-    if len(lines) - 1 > limits.max_headers:
-        raise ParseError(400, "Too Many Header Fields", message=msg)
-    fields = msg.fields
-    max_line = limits.max_header_line
-    prev: HeaderField | None = None
-    for line in lines[1:]:
-        if len(line) > max_line:
+        return msg, False
+    m = grammar.REQUEST_LINE_RE.fullmatch(start)
+    if m is None:
+        # Keep going so the 400 can carry Via/From/To/Call-ID/CSeq (RFC 3261 8.2.6.2).
+        return Request(start.split(" ", 1)[0], "", start=start), True
+    method, uri, version = m.groups()
+    return Request(method, uri, version=version, start=start), False
+
+
+def _parse_head(head: str, limits: Limits) -> Message:
+    """Start line and header fields of a header section (no trailing CRLFCRLF)."""
+    nl = head.find("\r\n")
+    msg, bad_start = _start_line(head if nl < 0 else head[:nl])
+    if nl >= 0:
+        lines = head[nl + 2 :].split("\r\n")
+        if len(lines) > limits.max_headers:
+            raise ParseError(400, "Too Many Header Fields", message=msg)
+        if len(head) > limits.max_header_line and max(map(len, lines)) > limits.max_header_line:
             raise ParseError(400, "Header Line Too Long", message=msg)
-        if line[:1] in (" ", "\t"):
-            # RFC 3261 7.3.1: a continuation line; the CRLF plus whitespace is one LWS.
-            if prev is None:
-                raise ParseError(400, "Continuation Line Without Header", message=msg)
-            prev.value = f"{prev.value} {line.strip()}".strip()
-            prev.raw = f"{prev.raw}\r\n{line}"
-            if len(prev.raw) > max_line:
-                raise ParseError(400, "Header Line Too Long", message=msg)
-            continue
-        colon = line.find(":")
-        key = _key_for(line[:colon]) if colon > 0 else None
-        if key is None:
-            raise ParseError(400, "Malformed Header Line", message=msg)
-        prev = HeaderField(key, line[:colon].rstrip(" \t"), line[colon + 1 :].strip(), line)
-        fields.append(prev)
+        if not _fields_fast(msg, lines):
+            _fields_slow(msg, lines, limits.max_header_line)
     if bad_start:
         raise ParseError(400, "Malformed Request-Line", message=msg)
     return msg
 
 
+def _fields_fast(msg: Message, lines: list[str]) -> bool:
+    """The common case: every line is ``name: value`` with a known name, no folding."""
+    pairs = [line.partition(":") for line in lines]
+    keys = list(map(_KNOWN_KEYS.get, [p[0] for p in pairs]))
+    if None in keys:
+        return False  # an unknown name, a line without colon, or a continuation line
+    msg._keys = keys  # type: ignore[assignment]  # no None left
+    msg._pairs = pairs
+    msg._raws = lines  # type: ignore[assignment]  # list[str] is a list[str | None] here
+    return True
+
+
+def _fields_slow(msg: Message, lines: list[str], max_line: int) -> None:
+    """Every line checked; folded lines joined (RFC 3261 7.3.1); new names learned."""
+    keys: list[str] = []
+    pairs: list[tuple[str, str, str]] = []
+    raws: list[str | None] = []
+    msg._keys, msg._pairs, msg._raws = keys, pairs, raws  # partial fields for a 400
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            # A continuation line; the CRLF plus whitespace is one LWS.
+            if not keys:
+                raise ParseError(400, "Continuation Line Without Header", message=msg)
+            name, _, value = pairs[-1]
+            pairs[-1] = (name, ":", (value + " " + line.strip(" \t")).strip(" \t"))
+            raws[-1] = f"{raws[-1]}\r\n{line}"
+            if len(raws[-1] or "") > max_line:
+                raise ParseError(400, "Header Line Too Long", message=msg)
+            continue
+        name, colon, value = line.partition(":")
+        key = _key_for(name) if colon else None
+        if key is None:
+            raise ParseError(400, "Malformed Header Line", message=msg)
+        keys.append(key)
+        pairs.append((name.rstrip(" \t"), ":", value.strip(" \t")))
+        raws.append(line)
+
+
 def _content_length(msg: Message) -> int | None:
     """The Content-Length value; a framing error if repeated, negative or not a number."""
-    value: str | None = None
-    for f in msg.fields:
-        if f.key == "content-length":
-            if value is not None:
-                raise ParseError(400, "Multiple Content-Length Values", message=msg, fatal=True)
-            value = f.value
-    if value is None:
+    keys = msg._keys
+    n = keys.count("content-length")
+    if n == 0:
         return None
-    if not value.isdigit() or len(value) > 10:
+    if n > 1:
+        raise ParseError(400, "Multiple Content-Length Values", message=msg, fatal=True)
+    value = msg._pairs[keys.index("content-length")][2].strip(" \t")
+    if not value.isdigit() or not value.isascii() or len(value) > 10:
         raise ParseError(400, "Bad Content-Length", message=msg, fatal=True)
     return int(value)
 

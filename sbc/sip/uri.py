@@ -6,7 +6,7 @@ gives the URI back in its written form (parameter order and case are kept).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import unquote
 
@@ -43,17 +43,46 @@ def _without_param(params: Params, name: str) -> Params:
     return tuple(p for p in params if p[0].lower() != low)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class SipUri:
-    """sip: / sips: URI. ``host`` keeps IPv6 brackets; ``user`` stays %-escaped as written."""
+    """sip: / sips: URI. ``host`` keeps IPv6 brackets; ``user`` stays %-escaped as written.
 
-    scheme: str = "sip"
-    user: str | None = None
-    password: str | None = None
-    host: str
-    port: int | None = None
-    params: Params = ()
-    headers: str | None = None  # the "?h=v&..." part without '?', as written
+    Immutable by convention (URIs are shared through parse_uri's cache): the ``with_*``
+    methods return new URIs.
+    """
+
+    __slots__ = ("headers", "host", "params", "password", "port", "scheme", "user")
+
+    def __init__(
+        self,
+        *,
+        scheme: str = "sip",
+        user: str | None = None,
+        password: str | None = None,
+        host: str,
+        port: int | None = None,
+        params: Params = (),
+        headers: str | None = None,  # the "?h=v&..." part without '?', as written
+    ) -> None:
+        self.scheme = scheme
+        self.user = user
+        self.password = password
+        self.host = host
+        self.port = port
+        self.params = params
+        self.headers = headers
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.scheme.lower(), self.user, self.password, self.host.lower(), self.port,
+                self.params, self.headers)  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SipUri) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"SipUri({self})"
 
     def __str__(self) -> str:
         out = [self.scheme, ":"]
@@ -100,11 +129,48 @@ class SipUri:
     def lr(self) -> bool:
         return self.has_param("lr")
 
+    def _with_params(self, params: Params) -> SipUri:
+        return SipUri(
+            scheme=self.scheme,
+            user=self.user,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            params=params,
+            headers=self.headers,
+        )
+
     def with_param(self, name: str, value: str | None = None) -> SipUri:
-        return replace(self, params=_with_param(self.params, name, value))
+        return self._with_params(_with_param(self.params, name, value))
 
     def without_param(self, name: str) -> SipUri:
-        return replace(self, params=_without_param(self.params, name))
+        return self._with_params(_without_param(self.params, name))
+
+
+def sip_uri_from_parts(
+    scheme: str,
+    user: str | None,
+    password: str | None,
+    host: str,
+    port: str | None,
+    params: str | None,
+    headers: str | None,
+) -> SipUri:
+    """A SipUri from the groups of grammar.SIP_URI (already matched)."""
+    port_n = None
+    if port is not None:
+        port_n = int(port)
+        if port_n > 65535:
+            raise ValueError("port out of range in URI")
+    return SipUri(
+        scheme=scheme,
+        user=user,
+        password=password,
+        host=host,
+        port=port_n,
+        params=_split_params(params) if params else (),
+        headers=headers[1:] if headers else None,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,10 +207,12 @@ Uri = SipUri | TelUri | AbsoluteUri
 
 
 def _split_params(text: str) -> Params:
-    params: list[tuple[str, str | None]] = []
-    for m in grammar.URI_PARAM_RE.finditer(text):
-        params.append((m.group(1), m.group(2)))
-    return tuple(params)
+    """uri-parameters already validated by grammar.SIP_URI (";name[=value]" ...)."""
+    out: list[tuple[str, str | None]] = []
+    for part in text[1:].split(";"):
+        k, sep, v = part.partition("=")
+        out.append((k, v if sep else None))
+    return tuple(out)
 
 
 @lru_cache(maxsize=4096)
@@ -162,19 +230,7 @@ def parse_uri(text: str) -> Uri:
         m = grammar.SIP_URI_RE.fullmatch(rest)
         if m is None:
             raise ValueError(f"malformed {low} URI")
-        user, password, host, port, params, headers = m.groups()
-        port_n = int(port) if port is not None else None
-        if port_n is not None and port_n > 65535:
-            raise ValueError("port out of range in URI")
-        return SipUri(
-            scheme=scheme,
-            user=user,
-            password=password,
-            host=host,
-            port=port_n,
-            params=_split_params(params) if params else (),
-            headers=headers[1:] if headers else None,
-        )
+        return sip_uri_from_parts(scheme, *m.groups())
     if low == "tel":
         t = grammar.TEL_RE.fullmatch(rest)
         if t is None:
