@@ -8,6 +8,7 @@ carrying the status the SBC answers with (RFC 3261 8.2, 16.3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sbc.sip.headers import (
@@ -223,116 +224,71 @@ class Message:
             raise ValueError(f"more than one {canonical_name(key)} header")
         return self._pairs[keys.index(key)][2].strip(" \t")
 
-    def _fault(self, what: str, exc: ValueError) -> ParseError:
-        return ParseError(400, f"Bad {what}: {exc}", message=self)
+    def _view(self, key: str, what: str, parse: Callable[[Message], Any]) -> Any:
+        """A typed header view: parsed by ``parse`` on first use, cached until the header
+        changes; a malformed value raises ParseError naming the header."""
+        v = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            try:
+                v = parse(self)
+            except ValueError as exc:
+                raise ParseError(400, f"Bad {what}: {exc}", message=self) from None
+            self._cache[key] = v
+        return v
 
     @property
     def top_via(self) -> Via | None:
         """The first via-parm (RFC 3261 18.2.2 routes responses by it); only it is parsed."""
-        v = self._cache.get("top-via", _MISSING)
-        if v is _MISSING:
-            try:
-                i = self._keys.index("via")
-            except ValueError:
-                v = None
-            else:
-                value = self._pairs[i][2].strip(" \t")
-                try:
-                    if "," in value:
-                        v = parse_via_parm(split_list(value)[0])
-                    else:
-                        v = parse_via_parm(value)
-                except ValueError as exc:
-                    raise self._fault("Via", exc) from None
-            self._cache["top-via"] = v
-        return v  # type: ignore[no-any-return]
+        v: Via | None = self._view("top-via", "Via", _top_via)
+        return v
 
     @property
     def via(self) -> tuple[Via, ...]:
         """Every via-parm, top first (RFC 3261 20.42)."""
-        v = self._cache.get("via", _MISSING)
-        if v is _MISSING:
-            try:
-                v = tuple(via for value in self.field_values("via") for via in parse_via(value))
-            except ValueError as exc:
-                raise self._fault("Via", exc) from None
-            self._cache["via"] = v
-        return v  # type: ignore[no-any-return]
+        v: tuple[Via, ...] = self._view("via", "Via", _all_vias)
+        return v
 
     @property
     def call_id(self) -> str | None:
-        v = self._cache.get("call-id", _MISSING)
-        if v is _MISSING:
-            try:
-                v = self._single("call-id")
-                if v is not None and (not v or " " in v or "\t" in v):
-                    raise ValueError("malformed Call-ID")
-            except ValueError as exc:
-                raise self._fault("Call-ID", exc) from None
-            self._cache["call-id"] = v
-        return v  # type: ignore[no-any-return]
+        v: str | None = self._view("call-id", "Call-ID", _call_id)
+        return v
 
     @property
     def cseq(self) -> CSeq | None:
-        v = self._cache.get("cseq", _MISSING)
-        if v is _MISSING:
-            try:
-                value = self._single("cseq")
-                v = None if value is None else parse_cseq(value)
-            except ValueError as exc:
-                raise self._fault("CSeq", exc) from None
-            self._cache["cseq"] = v
-        return v  # type: ignore[no-any-return]
-
-    def _name_addr(self, key: str, what: str) -> NameAddr | None:
-        v = self._cache.get(key, _MISSING)
-        if v is _MISSING:
-            try:
-                value = self._single(key)
-                v = None if value is None else parse_name_addr(value)
-            except ValueError as exc:
-                raise self._fault(what, exc) from None
-            self._cache[key] = v
-        return v  # type: ignore[no-any-return]
+        v: CSeq | None = self._view("cseq", "CSeq", _cseq)
+        return v
 
     @property
     def from_(self) -> NameAddr | None:
-        return self._name_addr("from", "From")
+        v: NameAddr | None = self._view("from", "From", _from)
+        return v
 
     @property
     def to(self) -> NameAddr | None:
-        return self._name_addr("to", "To")
+        v: NameAddr | None = self._view("to", "To", _to)
+        return v
 
     def name_addrs(self, name: str) -> tuple[NameAddr, ...]:
         """Contact, Route, Record-Route, Path, Service-Route as parsed name-addrs."""
         key = header_key(name)
-        v = self._cache.get(key, _MISSING)
-        if v is _MISSING:
-            try:
-                v = tuple(
-                    na for value in self.field_values(key) for na in parse_name_addr_list(value)
-                )
-            except ValueError as exc:
-                raise self._fault(canonical_name(key), exc) from None
-            self._cache[key] = v
-        return v  # type: ignore[no-any-return]
+        v: tuple[NameAddr, ...] = self._view(
+            key,
+            canonical_name(key),
+            lambda msg: tuple(
+                na for value in msg.field_values(key) for na in parse_name_addr_list(value)
+            ),
+        )
+        return v
 
     @property
     def contact(self) -> tuple[NameAddr, ...]:
-        v = self._cache.get("contact", _MISSING)
-        return self.name_addrs("contact") if v is _MISSING else v
+        v: tuple[NameAddr, ...] = self._view("contact", "Contact", _contacts)
+        return v
 
     @property
     def max_forwards(self) -> int | None:
-        v = self._cache.get("max-forwards", _MISSING)
-        if v is _MISSING:
-            try:
-                value = self._single("max-forwards")
-                v = None if value is None else parse_uint(value, limit=255, what="Max-Forwards")
-            except ValueError as exc:
-                raise self._fault("Max-Forwards", exc) from None
-            self._cache["max-forwards"] = v
-        return v  # type: ignore[no-any-return]
+        v: int | None = self._view("max-forwards", "Max-Forwards", _max_forwards)
+        return v
 
     @property
     def content_type(self) -> str | None:
@@ -464,6 +420,56 @@ class Response(Message):
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"
+
+
+# -- parsers of the typed views (module level: no closure per access) ---------------------
+
+
+def _top_via(msg: Message) -> Via | None:
+    try:
+        i = msg._keys.index("via")
+    except ValueError:
+        return None
+    value = msg._pairs[i][2].strip(" \t")
+    return parse_via_parm(split_list(value)[0] if "," in value else value)
+
+
+def _all_vias(msg: Message) -> tuple[Via, ...]:
+    return tuple(via for value in msg.field_values("via") for via in parse_via(value))
+
+
+def _call_id(msg: Message) -> str | None:
+    v = msg._single("call-id")
+    if v is not None and (not v or " " in v or "\t" in v):
+        raise ValueError("malformed Call-ID")
+    return v
+
+
+def _cseq(msg: Message) -> CSeq | None:
+    value = msg._single("cseq")
+    return None if value is None else parse_cseq(value)
+
+
+def _from(msg: Message) -> NameAddr | None:
+    value = msg._single("from")
+    return None if value is None else parse_name_addr(value)
+
+
+def _to(msg: Message) -> NameAddr | None:
+    value = msg._single("to")
+    return None if value is None else parse_name_addr(value)
+
+
+def _contacts(msg: Message) -> tuple[NameAddr, ...]:
+    values = msg.field_values("contact")
+    if len(values) == 1:
+        return parse_name_addr_list(values[0])
+    return tuple(na for value in values for na in parse_name_addr_list(value))
+
+
+def _max_forwards(msg: Message) -> int | None:
+    value = msg._single("max-forwards")
+    return None if value is None else parse_uint(value, limit=255, what="Max-Forwards")
 
 
 # RFC 3261 21: default reason phrases for the codes the SBC sends itself.
