@@ -642,14 +642,12 @@ def render(
         "Every call in the pool has its own Call-ID, tags, branches, CSeq, users and "
         "Contact. "
         + (
-            "The pool is larger than sbc's memo caches of parsed Via, name-addr, URI and CSeq "
-            "values (4096 entries at most), so they never hit, as in real traffic where "
-            "branches and tags are new in every message; a pool of repeated messages would "
-            "flatter sbc."
+            "The pool is larger than sbc's only memo cache of parsed values (URIs given to "
+            "parse_uri, 4096 entries), so it never hits, as in real traffic where branches "
+            "and tags are new in every message; a pool of repeated messages would flatter sbc."
             if int(env["pool"]) > 4096
-            else "WARNING: the pool is smaller than sbc's memo caches of parsed Via, "
-            "name-addr, URI and CSeq values (4096 entries), so later rounds hit them and "
-            "these figures flatter sbc; use the default --pool."
+            else "WARNING: the pool is smaller than sbc's URI cache (4096 entries), so later "
+            "rounds hit it and these figures flatter sbc; use the default --pool."
         ),
     ]
     return "\n".join(lines) + "\n"
@@ -696,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pool",
         type=int,
         default=8192,
-        help="distinct calls; above sbc's value caches (4096) so they never hit",
+        help="distinct calls; above sbc's URI cache (4096) so it never hits",
     )
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: last)")
     ap.add_argument("--out", type=Path, help="rewrite the bench/parse.py section of this file")

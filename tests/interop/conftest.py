@@ -191,6 +191,10 @@ class SbcProcess:
             return sipwire.udp_exchange(sock, (host, port), data, timeout)
 
 
+# Short enough for a test to watch an idle connection being closed, long enough for the others.
+TCP_IDLE_TIMEOUT = 2.0
+
+
 def _write_config(path: Path, certs: Certs, ports: dict[str, int]) -> None:
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
@@ -222,6 +226,7 @@ listen = "127.0.0.1:{ports["admin"]}"
 [sip]
 max_message_size = {MAX_MESSAGE_SIZE}
 max_header_line = 2048
+tcp_idle_timeout = {TCP_IDLE_TIMEOUT}
 user_agent = "{SERVER_HEADER}"
 
 [log]

@@ -16,7 +16,14 @@ from contextlib import contextmanager
 import pytest
 
 from . import sipwire
-from .conftest import MAX_MESSAGE_SIZE, SERVER_HEADER, Certs, SbcProcess, require_ipv6
+from .conftest import (
+    MAX_MESSAGE_SIZE,
+    SERVER_HEADER,
+    TCP_IDLE_TIMEOUT,
+    Certs,
+    SbcProcess,
+    require_ipv6,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -248,3 +255,15 @@ def test_tls_options_with_verified_certificate(sbc: SbcProcess, certs: Certs) ->
             response = conn.response()
             assert_ok(response, f"tls-{n}@interop")
             assert "SIP/2.0/TLS" in (response.get("via") or ""), response.raw
+
+
+def test_idle_connection_is_closed(sbc: SbcProcess) -> None:
+    """[sip] tcp_idle_timeout: a connection with no traffic is closed by the SBC, not before."""
+    with tcp(sbc) as conn:
+        conn.sock.sendall(stream_request(conn, "tcp", call_id="idle@interop"))
+        assert_ok(conn.response(), "idle@interop")
+        started = time.monotonic()
+        conn.sock.settimeout(TCP_IDLE_TIMEOUT + 3.0)
+        assert conn.sock.recv(100) == b"", "the SBC sent data instead of closing"
+        waited = time.monotonic() - started
+        assert TCP_IDLE_TIMEOUT - 0.3 <= waited <= TCP_IDLE_TIMEOUT + 2.0, waited
