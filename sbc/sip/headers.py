@@ -275,7 +275,10 @@ class NameAddr:
     Contact ``*`` of RFC 3261 10.2.2. The URI is parsed on first use. Treat as immutable.
     """
 
-    __slots__ = ("_uri", "_uri_parts", "_uri_text", "bracketed", "display_name", "params", "star")
+    __slots__ = (
+        "_params", "_params_text", "_uri", "_uri_parts", "_uri_text", "bracketed",
+        "display_name", "star",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -284,9 +287,13 @@ class NameAddr:
         uri_text: str | None = None,
         display_name: str | None = None,
         params: HeaderParams = (),
+        params_text: str = "",
         bracketed: bool = True,
         star: bool = False,
     ) -> None:
+        # Parameters are split on first use from ``params_text`` (validated by the caller).
+        self._params: HeaderParams | None = None if params_text else params
+        self._params_text = params_text
         self._uri_parts: tuple[Any, ...] | None = None
         if isinstance(uri, str):
             self._uri_text: str | None = uri
@@ -295,9 +302,14 @@ class NameAddr:
             self._uri_text = uri_text  # str(uri) when needed
             self._uri = uri
         self.display_name = display_name
-        self.params = params
         self.bracketed = bracketed
         self.star = star
+
+    @property
+    def params(self) -> HeaderParams:
+        if self._params is None:
+            self._params = _parse_params(self._params_text)
+        return self._params
 
     @property
     def uri(self) -> Uri | None:
@@ -318,10 +330,11 @@ class NameAddr:
     def __str__(self) -> str:
         if self.star:
             return "*"
+        params = self._params_text if self._params is None else _params_str(self._params)
         if self.bracketed or self.display_name:
             dn = f"{self.display_name} " if self.display_name else ""
-            return f"{dn}<{self.uri_text}>{_params_str(self.params)}"
-        return f"{self.uri_text}{_params_str(self.params)}"
+            return f"{dn}<{self.uri_text}>{params}"
+        return f"{self.uri_text}{params}"
 
     def __repr__(self) -> str:
         return f"NameAddr({self})"
@@ -366,7 +379,7 @@ def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
         groups = m.groups()
         if groups[6] is not None and int(groups[6]) > 65535:
             raise ValueError("port out of range in URI")
-        na = NameAddr(uri=groups[1], display_name=groups[0], params=_parse_params(groups[9]))
+        na = NameAddr(uri=groups[1], display_name=groups[0], params_text=groups[9])
         na._uri_parts = groups[2:9]  # the URI is built from these on first use
         return na
     m = grammar.NAME_ADDR_RE.fullmatch(value)
@@ -379,9 +392,7 @@ def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
             raise ValueError("malformed name-addr or addr-spec")
         uri_text, params = m.groups()
         display, bracketed = None, False
-    na = NameAddr(
-        uri=uri_text, display_name=display, params=_parse_params(params), bracketed=bracketed
-    )
+    na = NameAddr(uri=uri_text, display_name=display, params_text=params, bracketed=bracketed)
     if check_uri:
         na._uri = parse_uri(uri_text)
     return na

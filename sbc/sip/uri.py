@@ -50,7 +50,7 @@ class SipUri:
     methods return new URIs.
     """
 
-    __slots__ = ("headers", "host", "params", "password", "port", "scheme", "user")
+    __slots__ = ("_params", "_params_text", "headers", "host", "password", "port", "scheme", "user")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class SipUri:
         host: str,
         port: int | None = None,
         params: Params = (),
+        params_text: str = "",  # ";a=b;c" as written, split on first use instead of params
         headers: str | None = None,  # the "?h=v&..." part without '?', as written
     ) -> None:
         self.scheme = scheme
@@ -68,8 +69,15 @@ class SipUri:
         self.password = password
         self.host = host
         self.port = port
-        self.params = params
+        self._params: Params | None = None if params_text else params
+        self._params_text = params_text
         self.headers = headers
+
+    @property
+    def params(self) -> Params:
+        if self._params is None:
+            self._params = _split_params(self._params_text)
+        return self._params
 
     def _key(self) -> tuple[object, ...]:
         return (self.scheme.lower(), self.user, self.password, self.host.lower(), self.port,
@@ -94,7 +102,7 @@ class SipUri:
         out.append(self.host)
         if self.port is not None:
             out += (":", str(self.port))
-        out.append(_params_str(self.params))
+        out.append(self._params_text if self._params is None else _params_str(self._params))
         if self.headers is not None:
             out += ("?", self.headers)
         return "".join(out)
@@ -168,7 +176,7 @@ def sip_uri_from_parts(
         password=password,
         host=host,
         port=port_n,
-        params=_split_params(params) if params else (),
+        params_text=params or "",
         headers=headers[1:] if headers else None,
     )
 
