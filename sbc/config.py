@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from sbc import __version__
+from sbc.sip.uri import SipUri, parse_uri
 
 __all__ = [
     "AccessConfig",
@@ -261,23 +262,39 @@ def port_range(raw: object, ctx: _Ctx) -> tuple[int, int]:
     return low, high
 
 
+def code_ranges(raw: object, ctx: _Ctx) -> tuple[str, ...]:
+    """SIP status codes as a list of "NNN" or "NNN-MMM" strings (100-699)."""
+    if not isinstance(raw, list) or not raw:
+        raise Invalid(f'must be a list of codes like ["200-299", "404"], got {_show(raw)}')
+    out = []
+    for item in raw:
+        m = re.fullmatch(r"([1-6]\d\d)(?:-([1-6]\d\d))?", item) if isinstance(item, str) else None
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise Invalid(f'must be a list of codes like ["200-299", "404"], got {_show(raw)}')
+        out.append(item)
+    return tuple(out)
+
+
 def sip_uri(raw: object, ctx: _Ctx) -> str:
-    """A sip:/sips: URI with a host; kept as the string given."""
+    """A sip:/sips: URI, parsed with the SIP layer's own parser; kept as the string given.
+
+    A host name is resolved (A/AAAA) when the SBC starts; RFC 3263 NAPTR/SRV is not done.
+    """
     if not isinstance(raw, str):
         raise Invalid(f'must be a SIP URI like "sip:10.0.0.1:5060", got {_show(raw)}')
-    m = re.fullmatch(r"(?i)sips?:(.*)", raw)
-    if m is None:
-        raise Invalid(f"must start with sip: or sips:, got {_show(raw)}")
-    head = m[1].split("?", 1)[0]
-    hostport = head.rsplit("@", 1)[-1].split(";", 1)[0]
     try:
-        host, port = _split_host_port(hostport, default_port=5060)
+        uri = parse_uri(raw)
     except ValueError as exc:
         raise Invalid(f"{exc}, got {_show(raw)}") from None
-    if not (_is_ip(host) or _is_hostname(host)):
+    if not isinstance(uri, SipUri):
+        raise Invalid(f"must start with sip: or sips:, got {_show(raw)}")
+    if not (_is_ip(uri.host_bare) or _is_hostname(uri.host_bare)):
         raise Invalid(f"host must be an IP address or hostname, got {_show(raw)}")
-    if port == 0:
+    if uri.port == 0:
         raise Invalid(f"port must be 1-65535, got {_show(raw)}")
+    transport = uri.transport
+    if transport not in (None, "udp", "tcp", "tls"):
+        raise Invalid(f"transport must be udp, tcp or tls, got {_show(raw)}")
     return raw
 
 
@@ -399,9 +416,66 @@ class CoreConfig:
     listen: tuple[ListenUrl, ...] = (ListenUrl(transport="udp", host="127.0.0.1", port=5080),)
     tls: TlsConfig = field(default_factory=TlsConfig)
     backends: tuple[Backend, ...] = ()
+    # Backend health (issue 3 item 7): OPTIONS probes, thresholds, codes that mean "alive".
+    probe_interval: float = field(default=5.0, metadata=rule(number(gt=0)))
+    probe_failures: int = field(default=3, metadata=rule(integer(min=1)))
+    probe_successes: int = field(default=2, metadata=rule(integer(min=1)))
+    probe_reply_codes: tuple[str, ...] = field(
+        default=("200-299", "400-407", "409-499"), metadata=rule(code_ranges)
+    )
+    # New dialogs: aor-hash | weighted-round-robin | least-calls (REGISTER always by AOR).
+    balance: Literal["aor-hash", "weighted-round-robin", "least-calls"] = "aor-hash"
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _listen_checks(self.listen, self.tls)
+
+    @property
+    def alive_codes(self) -> frozenset[int]:
+        """The probe reply codes that count as alive, expanded."""
+        codes: set[int] = set()
+        for item in self.probe_reply_codes:
+            low, _, high = item.partition("-")
+            codes.update(range(int(low), int(high or low) + 1))
+        return frozenset(codes)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientExpires:
+    """Registration expiry the SBC gives clients, per transport (seconds)."""
+
+    udp: int = field(default=60, metadata=rule(integer(min=10)))
+    tcp: int = field(default=300, metadata=rule(integer(min=10)))
+    tls: int = field(default=300, metadata=rule(integer(min=10)))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegistrationConfig:
+    """Registration offload (issue 3 item 2): short expiry to clients, long to backends."""
+
+    client_expires: ClientExpires = field(default_factory=ClientExpires)
+    backend_expires: int = field(default=3600, metadata=rule(integer(min=60)))
+    # Random spread of the backend expiry, as a fraction (0.1: 3240-3600 s), so that a restart
+    # does not make every binding refresh at the same moment.
+    backend_spread: float = field(default=0.1, metadata=rule(number(min=0)))
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if self.backend_spread >= 1:
+            yield "backend_spread", f"must be below 1, got {self.backend_spread:g}"
+        longest = max(self.client_expires.udp, self.client_expires.tcp, self.client_expires.tls)
+        if self.backend_expires <= longest:
+            yield (
+                "backend_expires",
+                f"must be longer than every client_expires ({longest}), got {self.backend_expires}",
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NatConfig:
+    """Keep-alives towards clients behind NAT (issue 3 item 5)."""
+
+    keepalive_interval: float = field(default=20.0, metadata=rule(number(gt=0)))
+    keepalive_method: Literal["options", "crlf"] = "options"
+    keepalive_failures: int = field(default=3, metadata=rule(integer(min=1)))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -458,6 +532,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     sip: SipConfig = field(default_factory=SipConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         # One socket per (kind, address): tcp and tls share TCP ports, admin is TCP too.

@@ -208,7 +208,7 @@ def test_backend_weight_error_example() -> None:
 def test_unknown_keys_are_named_with_allowed_ones() -> None:
     errors = errors_of({"acess": {}, "access": {"listne": []}, "core": {"backends": [{"url": 1}]}})
     assert errors == [
-        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log",
+        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat",
         "sbc.toml: access.listne: unknown key; allowed: listen, tls",
         "sbc.toml: core.backends[0].url: unknown key; allowed: uri, weight",
         "sbc.toml: core.backends[0].uri: required key is missing",
@@ -247,11 +247,11 @@ def test_odd_key_names_are_quoted() -> None:
         ),
         (
             {"core": {"backends": [{"uri": "sip:"}]}},
-            'core.backends[0].uri: missing host, got "sip:"',
+            'core.backends[0].uri: malformed sip URI, got "sip:"',
         ),
         (
             {"core": {"backends": [{"uri": "sip:10.0.0.1:99999"}]}},
-            'core.backends[0].uri: port must be 0-65535, got "sip:10.0.0.1:99999"',
+            'core.backends[0].uri: port out of range in URI, got "sip:10.0.0.1:99999"',
         ),
         ({"core": {"backends": {"uri": "sip:a"}}}, "core.backends: must be an array"),
         (
@@ -430,3 +430,50 @@ def test_documentation_lists_every_key() -> None:
                 assert f"`{name}`" in doc, f"docs/configuration.md misses {key}"
 
     walk(Config, "")
+
+
+# --- backend health, registration offload, NAT (issue 3) ----------------------------------
+
+
+def test_issue3_defaults_and_values() -> None:
+    c = parse_config({})
+    assert (c.core.probe_interval, c.core.probe_failures, c.core.probe_successes) == (5.0, 3, 2)
+    assert c.core.balance == "aor-hash"
+    alive = c.core.alive_codes
+    assert {200, 299, 404, 405} <= alive and not {100, 408, 500, 503} & alive
+    assert (c.registration.client_expires.udp, c.registration.backend_expires) == (60, 3600)
+    assert c.nat.keepalive_method == "options"
+    c = parse_config(
+        {
+            "core": {"probe_reply_codes": ["200", "486-487"], "balance": "least-calls"},
+            "registration": {"client_expires": {"tls": 600}, "backend_expires": 7200},
+        }
+    )
+    assert c.core.alive_codes == frozenset({200, 486, 487})
+    assert c.registration.client_expires.tls == 600 and c.registration.client_expires.udp == 60
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"core": {"probe_reply_codes": ["2xx"]}},
+            "core.probe_reply_codes: must be a list of codes",
+        ),
+        ({"core": {"probe_reply_codes": ["299-200"]}}, "core.probe_reply_codes: must be a list"),
+        ({"core": {"balance": "random"}}, "core.balance: must be one of"),
+        ({"core": {"probe_failures": 0}}, "core.probe_failures: must be an integer >= 1"),
+        (
+            {"registration": {"backend_expires": 300, "client_expires": {"udp": 600}}},
+            "registration.backend_expires: must be longer than every client_expires (600)",
+        ),
+        ({"registration": {"backend_spread": 1.5}}, "registration.backend_spread: must be below 1"),
+        (
+            {"registration": {"client_expires": {"sctp": 1}}},
+            "registration.client_expires.sctp: unknown key",
+        ),
+        ({"nat": {"keepalive_method": "stun"}}, "nat.keepalive_method: must be one of"),
+    ],
+)
+def test_issue3_errors_name_the_key(data: dict[str, object], expected: str) -> None:
+    assert one_error(data).startswith(f"sbc.toml: {expected}")
