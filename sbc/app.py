@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
+import socket
 import ssl
 
 from sbc.config import Config, TlsConfig
 from sbc.core import CoreSettings, SbcCore
+from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.io.sip_transport import SipTransports, StartupError, tls_context
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
+from sbc.sip.uri import SipUri, parse_uri
 
 __all__ = ["StartupError", "core_settings", "run", "serve"]
 
@@ -35,7 +39,32 @@ def core_settings(config: Config) -> CoreSettings:
             max_header_line=sip.max_header_line,
         ),
         tcp_idle_timeout=sip.tcp_idle_timeout,
+        backends=tuple(backend_spec(b.uri, b.weight) for b in config.core.backends),
+        health=HealthPolicy(
+            probe_interval=config.core.probe_interval,
+            probe_failures=config.core.probe_failures,
+            probe_successes=config.core.probe_successes,
+            reply_codes=config.core.alive_codes,
+        ),
+        balance=config.core.balance,
     )
+
+
+def backend_spec(uri_text: str, weight: int) -> BackendSpec:
+    """A configured backend URI as the balancer's spec; a host name is resolved now."""
+    uri = parse_uri(uri_text)
+    assert isinstance(uri, SipUri)  # the config checked it
+    transport = uri.transport or ("tls" if uri.secure else "udp")
+    port = uri.port or (5061 if transport == "tls" else 5060)
+    host = uri.host_bare
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+        except OSError as exc:
+            raise StartupError(f"cannot resolve backend {uri_text}: {exc}") from None
+    return BackendSpec(name=uri_text, host=host, port=port, transport=transport, weight=weight)
 
 
 def _tls(cfg: TlsConfig) -> ssl.SSLContext | None:
@@ -59,9 +88,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         access_tls = _tls(config.access.tls)
         core_tls = _tls(config.core.tls)
         for url in config.access.listen:
-            await transports.listen(url, access_tls)
+            core.add_listener("access", url.transport, await transports.listen(url, access_tls))
         for url in config.core.listen:
-            await transports.listen(url, core_tls)
+            core.add_listener("core", url.transport, await transports.listen(url, core_tls))
+        transports.rearm()  # the first backend probes are due now
         log.info("ready", extra={"sbc": config.sbc.name})
         await stop.wait()
     finally:

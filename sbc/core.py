@@ -17,12 +17,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sbc import __version__
+from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
-from sbc.sip.flow import Flow
+from sbc.relay import BackendRelay
+from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
 from sbc.sip.transaction import (
     DEFAULT_TIMERS,
+    ClientTransaction,
     Output,
     RequestDisposition,
     ResponseReceived,
@@ -30,10 +33,13 @@ from sbc.sip.transaction import (
     ServerTransaction,
     Timers,
     TransactionLayer,
+    TransactionTimeout,
 )
 from sbc.sip.uri import SipUri
 
 log = logging.getLogger("sbc.core")
+
+DEFAULT_HEALTH = HealthPolicy()
 
 # Extensions the SBC itself supports (Supported / Require, RFC 3261 20.37).
 SUPPORTED: frozenset[str] = frozenset()
@@ -66,12 +72,23 @@ class CoreSettings:
     timers: Timers = DEFAULT_TIMERS
     limits: Limits = DEFAULT_LIMITS
     tcp_idle_timeout: float = 300.0
+    backends: tuple[BackendSpec, ...] = ()
+    health: HealthPolicy = DEFAULT_HEALTH
+    balance: str = "aor-hash"
 
 
 class SbcCore:
     def __init__(self, settings: CoreSettings) -> None:
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
+        self.backends = BackendRelay(
+            transactions=self.transactions,
+            balancer=Balancer(
+                settings.backends, policy=settings.health, algorithm=settings.balance
+            ),
+            respond=self._respond,
+            server_header=settings.server_header,
+        )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).
         self._activity: dict[Flow, float] = {}
@@ -117,15 +134,25 @@ class SbcCore:
         self._framers.pop(flow, None)
         self._activity.pop(flow, None)
 
+    def add_listener(self, side: str, transport: str, address: Address) -> None:
+        """The I/O layer reports each socket it bound ("access" or "core" side)."""
+        if side == "core":
+            self.backends.add_core_socket(transport, address)
+
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.transactions.next_deadline(),) if d is not None]
+        deadlines = [
+            d
+            for d in (self.transactions.next_deadline(), self.backends.next_deadline())
+            if d is not None
+        ]
         if self._activity:
             oldest = next(iter(self._activity.values()))
             deadlines.append(oldest + self.settings.tcp_idle_timeout)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Action]:
-        actions = self._outputs(self.transactions.handle_timer(now))
+        actions = self._outputs(self.transactions.handle_timer(now), now)
+        actions += self._outputs(self.backends.handle_timer(now), now)
         idle = self.settings.tcp_idle_timeout
         while self._activity:
             flow, seen = next(iter(self._activity.items()))
@@ -167,9 +194,9 @@ class SbcCore:
         disposition, tx, outputs = self.transactions.receive_request(
             msg, dest=dest, reliable=flow.reliable, now=now
         )
-        actions = self._outputs(outputs)
+        actions = self._outputs(outputs, now)
         if disposition is RequestDisposition.NEW and tx is not None:
-            actions += self._outputs(self._handle_request(tx, msg, now))
+            actions += self._outputs(self._handle_request(tx, msg, flow, now), now)
         return actions
 
     def _handle_response(self, resp: Response, now: float) -> list[Action]:
@@ -181,9 +208,21 @@ class SbcCore:
             return []
         if tx is None:
             self.stats["stray_response"] += 1  # RFC 3261 18.1.2: no match, discard
-        return self._outputs(outputs)
+        return self._outputs(outputs, now)
 
-    def _handle_request(self, tx: ServerTransaction, req: Request, now: float) -> list[Output]:
+    def _respond(
+        self,
+        tx: ServerTransaction,
+        status: int,
+        reason: str | None,
+        headers: tuple[tuple[str, str], ...],
+        now: float,
+    ) -> list[Output]:
+        return tx.respond(self._response(tx.request, status, reason, headers=headers), now)
+
+    def _handle_request(
+        self, tx: ServerTransaction, req: Request, flow: Flow, now: float
+    ) -> list[Output]:
         """The transaction user: what the SBC answers to a new request."""
         method = req.method
         uri = req.uri
@@ -208,6 +247,8 @@ class SbcCore:
         if to is not None and to.tag is not None:
             # RFC 3261 12.2.2: an in-dialog request for a dialog the SBC does not hold.
             return tx.respond(self._response(req, 481), now)
+        if method == "REGISTER" and self.settings.backends:
+            return self.backends.relay_register(tx, req, flow, now)
         # Not routable yet: calls and registrations are later features.
         return tx.respond(self._response(req, 404, "No Route"), now)
 
@@ -258,7 +299,9 @@ class SbcCore:
             resp.add("Server", self.settings.server_header)
         return bytes(resp)
 
-    def _outputs(self, outputs: list[Output]) -> list[Action]:
+    def _outputs(self, outputs: list[Output], now: float) -> list[Action]:
+        """Transaction outputs to actions; TU events go to the work that started the
+        client transaction (a probe or a relayed request)."""
         actions: list[Action] = []
         for out in outputs:
             if isinstance(out, Send):
@@ -267,7 +310,12 @@ class SbcCore:
                 assert isinstance(out.dest, Flow)
                 actions.append(SendData(out.dest, data))
             elif isinstance(out, ResponseReceived):
-                pass  # no client transactions yet: the routing features add them
+                actions += self._outputs(self.backends.on_response(out, now), now)
+            elif isinstance(out, TransactionTimeout):
+                if isinstance(out.transaction, ClientTransaction):
+                    actions += self._outputs(self.backends.on_timeout(out.transaction, now), now)
+            elif isinstance(out.transaction, ClientTransaction):  # TransactionTerminated
+                self.backends.forget(out.transaction)
         return actions
 
     # -- transport rules ------------------------------------------------------------------

@@ -120,6 +120,10 @@ class SipTransports:
             return
         conn.transport.write(data)
 
+    def rearm(self) -> None:
+        """Re-read the core's next deadline (after the core was changed from outside)."""
+        self._arm_timer()
+
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
         if deadline == self._timer_at:

@@ -198,6 +198,12 @@ class Message:
         self._touch(key)
         return parts[0]
 
+    def _copy_fields_from(self, other: Message) -> None:
+        self._keys = other._keys.copy()
+        self._pairs = other._pairs.copy()
+        self._raws = other._raws.copy()
+        self._cache = other._cache.copy()  # parsed values are immutable: shared safely
+
     def set_first_value(self, name: str, value: str) -> None:
         """Replace the first element of a list header (e.g. stamp received/rport on the top Via)."""
         key = header_key(name)
@@ -385,6 +391,14 @@ class Request(Message):
     def transaction_method(self) -> str:
         return self.method
 
+    def copy(self) -> Request:
+        """An independent copy to edit and forward (RFC 3261 16.6 step 1)."""
+        uri = self._uri if self._uri is not None else self.uri_text
+        new = Request(self.method, uri, body=self.body, version=self.version, raw=self._raw)
+        new._start = self._start
+        new._copy_fields_from(self)
+        return new
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri_text}>"
 
@@ -413,6 +427,13 @@ class Response(Message):
         if self._start is None:
             self._start = f"{self.version} {self.status} {self.reason}"
         return self._start
+
+    def copy(self) -> Response:
+        """An independent copy to edit and forward (RFC 3261 16.7 step 9)."""
+        new = Response(self.status, self.reason, body=self.body, version=self.version,
+                       raw=self._raw, start=self._start)  # fmt: skip
+        new._copy_fields_from(self)
+        return new
 
     def transaction_method(self) -> str:
         cseq = self.cseq

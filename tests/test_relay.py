@@ -1,0 +1,202 @@
+"""Backend probes and REGISTER relay through the sans-I/O core (fake clock)."""
+
+from __future__ import annotations
+
+from sipdata import sip
+
+from sbc.core import CoreSettings, SbcCore, SendData
+from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.features.registrar import FlowTokens, aor_of
+from sbc.sip.flow import Flow
+from sbc.sip.headers import parse_name_addr
+from sbc.sip.message import Request, Response, make_response
+from sbc.sip.parser import parse_message
+
+ACCESS = ("127.0.0.1", 5060)
+CORE = ("127.0.0.1", 5080)
+B1 = ("127.0.0.1", 5070)
+B2 = ("127.0.0.1", 5071)
+CLIENT = Flow("udp", ACCESS, ("192.0.2.7", 40000))
+
+REGISTER = """
+REGISTER sip:example.com SIP/2.0
+Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-reg{n};rport
+Max-Forwards: 70
+From: <sip:{user}@example.com>;tag=f{n}
+To: <sip:{user}@example.com>
+Call-ID: reg-{user}@10.0.0.7
+CSeq: {n} REGISTER
+Contact: <sip:{user}@10.0.0.7:5060>
+Expires: 3600
+Content-Length: 0
+
+"""
+
+
+def make_core(*backends: tuple[str, int], failures: int = 3) -> SbcCore:
+    specs = tuple(
+        BackendSpec(name=f"sip:{h}:{p}", host=h, port=p, transport="udp") for h, p in backends
+    )
+    core = SbcCore(
+        CoreSettings(
+            local_hosts=frozenset({"127.0.0.1"}),
+            backends=specs,
+            health=HealthPolicy(probe_interval=5.0, probe_failures=failures, probe_successes=2),
+        )
+    )
+    core.add_listener("access", "udp", ACCESS)
+    core.add_listener("core", "udp", CORE)
+    return core
+
+
+def sent(actions: list[object]) -> list[tuple[Flow, Request | Response]]:
+    out = []
+    for a in actions:
+        assert isinstance(a, SendData)
+        msg = parse_message(a.data)
+        assert isinstance(msg, Request | Response)
+        out.append((a.flow, msg))
+    return out
+
+
+def answer(
+    core: SbcCore, req: Request, status: int, now: float, to: tuple[str, int]
+) -> list[object]:
+    resp = make_response(req, status, to_tag="b1")
+    return core.receive_datagram(bytes(resp), Flow("udp", CORE, to), now)  # type: ignore[return-value]
+
+
+def test_probes_go_to_every_backend_and_repeat() -> None:
+    core = make_core(B1, B2)
+    assert core.next_deadline() is not None
+    probes = sent(core.handle_timer(0.0))
+    assert sorted(f.remote for f, _ in probes) == [B1, B2]
+    for flow, msg in probes:
+        assert isinstance(msg, Request) and msg.method == "OPTIONS" and flow.local == CORE
+        assert (
+            msg.top_via is not None and msg.top_via.host == "127.0.0.1" and msg.top_via.port == 5080
+        )
+        answer(core, msg, 200, 0.01, flow.remote)
+    assert sent(core.handle_timer(1.0)) == []  # next round only after probe_interval
+    assert len(sent(core.handle_timer(5.0))) == 2
+
+
+def test_unanswered_probes_take_a_backend_down_and_register_avoids_it() -> None:
+    core = make_core(B1, failures=1)
+    [_] = sent(core.handle_timer(0.0))
+    # No answer: timer E retransmits, timer F (64*T1 = 32 s) times the probe out.
+    now = 0.0
+    while (deadline := core.next_deadline()) is not None and deadline <= 32.0:
+        now = deadline
+        core.handle_timer(now)
+    assert not core.backends.balancer.backends[0].up
+    reg = sip(REGISTER.format(n=1, user="alice"))
+    [(to, resp)] = sent(core.receive_datagram(reg, CLIENT, now))
+    assert isinstance(resp, Response) and resp.status == 503 and resp.get("retry-after") == "10"
+    assert to.remote == ("192.0.2.7", 40000)
+
+
+def test_register_is_relayed_with_path_and_answer_comes_back() -> None:
+    core = make_core(B1)
+    for flow, probe in sent(core.handle_timer(0.0)):
+        answer(core, probe, 200, 0.0, flow.remote)
+    reg = sip(REGISTER.format(n=1, user="alice"))
+    [(flow, fwd)] = sent(core.receive_datagram(reg, CLIENT, 1.0))
+    assert isinstance(fwd, Request) and fwd.method == "REGISTER" and flow.remote == B1
+    assert flow.local == CORE
+    assert fwd.max_forwards == 69  # RFC 3261 16.6 step 3
+    assert len(fwd.via) == 2 and fwd.via[0].port == 5080 and fwd.via[1].received == "192.0.2.7"
+    [path] = fwd.name_addrs("path")
+    assert path.sip_uri is not None and path.sip_uri.lr and path.sip_uri.port == 5080
+    assert path.sip_uri.user is not None
+    assert core.backends.tokens.decode(path.sip_uri.user) == CLIENT  # RFC 5626 flow token
+    assert fwd.get("contact") == "<sip:alice@10.0.0.7:5060>" and fwd.call_id == "reg-alice@10.0.0.7"
+    ok = make_response(fwd, 200, to_tag="reg")
+    ok.add("Contact", "<sip:alice@10.0.0.7:5060>;expires=3600")
+    ok.add("Path", fwd.get("path") or "")
+    back = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 1.1))
+    [(to, resp)] = back
+    assert isinstance(resp, Response) and resp.status == 200 and to.remote == ("192.0.2.7", 40000)
+    assert len(resp.via) == 1 and resp.via[0].branch == "z9hG4bK-reg1"  # our Via removed
+    assert "path" not in resp  # the SBC's core side is not shown to clients
+    # A retransmitted REGISTER is absorbed and the 200 re-sent (server transaction).
+    [(_, again)] = sent(core.receive_datagram(reg, CLIENT, 1.2))
+    assert isinstance(again, Response) and again.status == 200
+
+
+def test_challenge_is_relayed_unchanged() -> None:
+    core = make_core(B1)
+    reg = sip(REGISTER.format(n=2, user="bob"))
+    [(_, fwd)] = sent(core.receive_datagram(reg, CLIENT, 0.0))
+    assert isinstance(fwd, Request)
+    challenge = make_response(fwd, 401, to_tag="x")
+    challenge.add("WWW-Authenticate", 'Digest realm="example.com", nonce="abc", algorithm=MD5')
+    [(_, resp)] = sent(core.receive_datagram(bytes(challenge), Flow("udp", CORE, B1), 0.1))
+    assert isinstance(resp, Response) and resp.status == 401
+    assert resp.get("www-authenticate") == 'Digest realm="example.com", nonce="abc", algorithm=MD5'
+
+
+def test_backend_timeout_gives_408() -> None:
+    core = make_core(B1)
+    reg = sip(REGISTER.format(n=3, user="carol"))
+    sent(core.receive_datagram(reg, CLIENT, 0.0))
+    statuses = []
+    now = 0.0
+    while (deadline := core.next_deadline()) is not None and deadline <= 40.0:
+        now = deadline
+        statuses += [m.status for _, m in sent(core.handle_timer(now)) if isinstance(m, Response)]
+    assert 408 in statuses
+
+
+def test_users_stick_to_one_backend() -> None:
+    core = make_core(B1, B2)
+    where: dict[str, tuple[str, int]] = {}
+    for i in range(40):
+        user = f"u{i}"
+        [(flow, _)] = sent(
+            core.receive_datagram(sip(REGISTER.format(n=i + 10, user=user)), CLIENT, 0.0)
+        )
+        where[user] = flow.remote
+        [(again, _)] = sent(
+            core.receive_datagram(sip(REGISTER.format(n=i + 100, user=user)), CLIENT, 0.0)
+        )
+        assert again.remote == flow.remote
+    assert set(where.values()) == {B1, B2}
+
+
+def test_flow_tokens() -> None:
+    tokens = FlowTokens(b"k" * 32)
+    flows = [CLIENT, Flow("tcp", ("::1", 5060), ("2001:db8::7", 51000), 42)]
+    for flow in flows:
+        token = tokens.encode(flow)
+        assert token.isalnum() and token == token.lower()
+        assert tokens.decode(token) == flow
+    token = tokens.encode(CLIENT)
+    assert tokens.decode(token[:-2] + ("aa" if token[-2:] != "aa" else "bb")) is None
+    assert FlowTokens(b"x" * 32).decode(token) is None  # another key
+    assert tokens.decode("not-base32!") is None
+
+
+def test_aor() -> None:
+    assert (
+        aor_of(parse_name_addr("<sip:Alice@Example.COM;transport=tcp>;tag=1"))
+        == "sip:Alice@example.com"
+    )
+    assert (
+        aor_of(parse_name_addr("<sips:%61lice@example.com:5061>")) == "sips:alice@example.com:5061"
+    )
+    assert aor_of(parse_name_addr("<tel:+4930123>")) is None
+
+
+def test_dead_backend_is_detected_within_interval_times_failures() -> None:
+    """Issue 3 item 7: unanswered probes fail after probe_interval, not after timer F."""
+    core = make_core(B1, failures=3)
+    down_at = None
+    now = 0.0
+    while (deadline := core.next_deadline()) is not None and deadline <= 60.0:
+        now = deadline
+        core.handle_timer(now)
+        if down_at is None and not core.backends.balancer.backends[0].up:
+            down_at = now
+    assert down_at == 15.0  # probes at 0, 5, 10, each failed 5 s later
+    assert len(core.transactions) <= 2  # timed-out probes were terminated, not left to timer F
