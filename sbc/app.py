@@ -14,6 +14,7 @@ from sbc.config import Config, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.io.sip_transport import SipTransports, StartupError, tls_context
+from sbc.relay import OffloadPolicy
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
 from sbc.sip.uri import SipUri, parse_uri
@@ -25,6 +26,7 @@ log = logging.getLogger("sbc.app")
 
 def core_settings(config: Config) -> CoreSettings:
     sip = config.sip
+    reg = config.registration
     hosts = {url.host.lower() for url in (*config.access.listen, *config.core.listen)}
     hosts |= {"localhost", config.sbc.name.lower()}
     if config.sbc.public_address:
@@ -47,6 +49,13 @@ def core_settings(config: Config) -> CoreSettings:
             reply_codes=config.core.alive_codes,
         ),
         balance=config.core.balance,
+        offload=OffloadPolicy(
+            client_udp=reg.client_expires.udp,
+            client_tcp=reg.client_expires.tcp,
+            client_tls=reg.client_expires.tls,
+            backend_expires=reg.backend_expires,
+            backend_spread=reg.backend_spread,
+        ),
     )
 
 

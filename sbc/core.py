@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sbc import __version__
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
-from sbc.relay import BackendRelay
+from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
@@ -75,6 +75,7 @@ class CoreSettings:
     backends: tuple[BackendSpec, ...] = ()
     health: HealthPolicy = DEFAULT_HEALTH
     balance: str = "aor-hash"
+    offload: OffloadPolicy = DEFAULT_OFFLOAD
 
 
 class SbcCore:
@@ -88,6 +89,7 @@ class SbcCore:
             ),
             respond=self._respond,
             server_header=settings.server_header,
+            offload=settings.offload,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).

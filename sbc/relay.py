@@ -8,15 +8,27 @@ the AOR, as a stateful proxy (RFC 3261 16) that adds a Path naming the client's 
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import random
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sbc.features.balancer import BackendDown, BackendState, BackendUp, Balancer, HealthChange
-from sbc.features.registrar import FlowTokens, aor_of
+from sbc.features.registrar import (
+    CachedRegistration,
+    FlowTokens,
+    RegistrationCache,
+    aor_of,
+    client_expires_for,
+    contact_expires,
+    contact_key,
+)
 from sbc.sip.flow import Address, Flow, format_host
-from sbc.sip.message import Request, Response
+from sbc.sip.headers import NameAddr
+from sbc.sip.message import ParseError, Request, Response
 from sbc.sip.transaction import (
     ClientTransaction,
     Output,
@@ -45,6 +57,52 @@ class _Probe:
 class _Relayed:
     server_tx: ServerTransaction
     backend: BackendState
+    register: _RegisterInfo | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _RegisterInfo:
+    """What a relayed REGISTER asked, to cache and rewrite its answer."""
+
+    aor: str
+    call_id: str
+    cseq: int
+    contacts: tuple[NameAddr, ...]
+    flow: Flow
+    client_expires: int  # what the client will be granted (0: a de-registration)
+
+
+@dataclass(slots=True)
+class _Deregister:
+    backend: BackendState
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OffloadPolicy:
+    """[registration]: expiry towards clients (per transport) and towards backends."""
+
+    client_udp: int = 60
+    client_tcp: int = 300
+    client_tls: int = 300
+    backend_expires: int = 3600
+    backend_spread: float = 0.1
+
+    def client_expires(self, transport: str) -> int:
+        return client_expires_for(transport, self.client_udp, self.client_tcp, self.client_tls)
+
+
+DEFAULT_OFFLOAD = OffloadPolicy()
+
+
+def _int_or(value: str | None, default: int) -> int:
+    return int(value) if value is not None and value.isdigit() else default
+
+
+def _requested_expires(req: Request) -> int:
+    """The expiry a REGISTER asks for (RFC 3261 10.2.1.1): the smallest of its contacts'
+    expires parameters, else its Expires header, else the registrar default of 3600 s."""
+    default = _int_or(req.get("expires"), 3600)
+    return min((contact_expires(c, default) for c in req.contact), default=default)
 
 
 class BackendRelay:
@@ -55,15 +113,22 @@ class BackendRelay:
         balancer: Balancer,
         respond: Respond,
         server_header: str,
+        offload: OffloadPolicy = DEFAULT_OFFLOAD,
         tokens: FlowTokens | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.transactions = transactions
         self.balancer = balancer
         self.respond = respond
         self.server_header = server_header
+        self.offload = offload
         self.tokens = tokens or FlowTokens()
+        self.registrations = RegistrationCache()
+        self._rng = rng or random.Random()
+        self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
-        self._work: dict[ClientTransaction, _Probe | _Relayed] = {}
+        self._work: dict[ClientTransaction, _Probe | _Relayed | _Deregister] = {}
+        self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
 
     def add_core_socket(self, transport: str, address: Address) -> None:
@@ -86,9 +151,9 @@ class BackendRelay:
         if not self._sockets:
             return None
         deadlines = [w.deadline for w in self._work.values() if isinstance(w, _Probe)]
-        nxt = self.balancer.next_deadline()
-        if nxt is not None:
-            deadlines.append(nxt)
+        for nxt in (self.balancer.next_deadline(), self.registrations.next_deadline()):
+            if nxt is not None:
+                deadlines.append(nxt)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Output]:
@@ -105,6 +170,8 @@ class BackendRelay:
             out += self.transactions.terminate(tx)
             self._health(self.balancer.probe_result(
                 work.backend, ok=False, now=now, reason="probe timed out"))  # fmt: skip
+        for reg in self.registrations.expired(now):
+            out += self._deregister(reg, now)
         for backend in self.balancer.probes_due(now):
             flow = self.flow_to(backend)
             if flow is None:
@@ -143,14 +210,30 @@ class BackendRelay:
         elif isinstance(change, BackendUp):
             log.info("backend up", extra={"backend": change.backend.name})
 
-    # -- REGISTER relay (issue 3 item 1) -----------------------------------------------------
+    # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
     def relay_register(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
     ) -> list[Output]:
-        to = req.to
+        to, cseq, call_id = req.to, req.cseq, req.call_id
         aor = aor_of(to) if to is not None else None
-        if aor is None:
+        if aor is None or cseq is None or call_id is None:
             return self.respond(server_tx, 400, "To Is Not A SIP Address-of-Record", (), now)
+        contacts = req.contact
+        if any(c.star for c in contacts):
+            info = None  # "Contact: *" removes every binding: the backend decides
+        else:
+            asked = _requested_expires(req)
+            granted = min(asked, self.offload.client_expires(client.transport))
+            cached = self.registrations.can_answer(
+                aor=aor, call_id=call_id, flow=client, cseq=cseq.seq, contacts=contacts,
+                expires=asked, now=now,
+            )  # fmt: skip
+            if cached is not None:
+                return self._answer_locally(server_tx, req, cached, granted, now)
+            info = _RegisterInfo(
+                aor=aor, call_id=call_id, cseq=cseq.seq, contacts=contacts, flow=client,
+                client_expires=granted,
+            )  # fmt: skip
         backend = self.balancer.pick_for_aor(aor)
         flow = self.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
@@ -158,8 +241,66 @@ class BackendRelay:
             retry = (("Retry-After", "10"),)
             return self.respond(server_tx, 503, "No Backend Available", retry, now)
         fwd = self._forwarded(req, flow, client)
+        if info is not None and info.client_expires > 0:
+            self._ask_backend_expiry(fwd, contacts)
         tx, out = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
-        self._work[tx] = _Relayed(server_tx, backend)
+        self._work[tx] = _Relayed(server_tx, backend, info)
+        self.stats["register_forwarded"] += 1
+        return out
+
+    def _ask_backend_expiry(self, fwd: Request, contacts: tuple[NameAddr, ...]) -> None:
+        """Registration offload: the backend is asked for the long expiry, with a random
+        spread so that bindings made together do not all refresh together."""
+        spread = self.offload.backend_spread * self._rng.random()
+        expires = str(max(60, int(self.offload.backend_expires * (1 - spread))))
+        fwd.set("Expires", expires)
+        fwd.set("Contact", ", ".join(str(c.with_param("expires", expires)) for c in contacts))
+
+    def _answer_locally(
+        self,
+        server_tx: ServerTransaction,
+        req: Request,
+        reg: CachedRegistration,
+        granted: int,
+        now: float,
+    ) -> list[Output]:
+        """A 200 for a refresh that changes nothing (RFC 3261 10.3 step 8 contents)."""
+        reg.cseq = req.cseq.seq if req.cseq is not None else reg.cseq
+        reg.client_expires = granted
+        reg.client_expires_at = now + granted
+        self.registrations.store(reg)
+        self.stats["register_offloaded"] += 1
+        contacts = ", ".join(str(c.with_param("expires", str(granted))) for c in reg.contacts)
+        headers = (("Contact", contacts), *reg.reply_headers, ("Date", self._date(now)))
+        return self.respond(server_tx, 200, None, headers, now)
+
+    def _date(self, now: float) -> str:
+        return email.utils.formatdate(now + self.wall_offset, usegmt=True)  # RFC 3261 20.17
+
+    def _deregister(self, reg: CachedRegistration, now: float) -> list[Output]:
+        """The client stopped refreshing: remove its binding at the backend (item 3), so the
+        backend stops routing calls into a dead NAT binding."""
+        backend = next((b for b in self.balancer.backends if b.name == reg.backend), None)
+        flow = self.flow_to(backend) if backend is not None else None
+        if backend is None or flow is None:
+            return []
+        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
+        target = reg.aor.split("@", 1)[-1] if "@" in reg.aor else reg.aor.split(":", 1)[-1]
+        req = Request("REGISTER", f"{reg.aor.split(':', 1)[0]}:{target}")
+        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
+        req.add("Max-Forwards", "70")
+        req.add("From", f"<{reg.aor}>;tag={secrets.token_hex(6)}")
+        req.add("To", f"<{reg.aor}>")
+        req.add("Call-ID", reg.call_id)
+        req.add("CSeq", f"{reg.cseq + 1} REGISTER")
+        req.add("Contact", ", ".join(str(c.with_param("expires", "0")) for c in reg.contacts))
+        req.add("Expires", "0")
+        req.add("User-Agent", self.server_header)
+        req.add("Content-Length", "0")
+        tx, out = self.transactions.send_request(req, dest=flow, reliable=flow.reliable, now=now)
+        self._work[tx] = _Deregister(backend)
+        self.stats["register_expired"] += 1
+        log.info("client stopped refreshing; de-registering", extra={"aor": reg.aor})
         return out
 
     def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
@@ -188,11 +329,18 @@ class BackendRelay:
                 work.backend, ok=ok, now=now, rtt=now - work.sent_at,
                 reason=f"probe answered {resp.status}"))  # fmt: skip
             return []
+        if isinstance(work, _Deregister):
+            if resp.status >= 200:
+                del self._work[event.transaction]
+            return []
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:
             del self._work[event.transaction]
-        return work.server_tx.respond(self._relayed_response(resp), now)
+        out = self._relayed_response(resp)
+        if work.register is not None and 200 <= resp.status < 300:
+            self._registered(work.register, work.backend, out, now)
+        return work.server_tx.respond(out, now)
 
     @staticmethod
     def _relayed_response(resp: Response) -> Response:
@@ -203,11 +351,61 @@ class BackendRelay:
         out.remove("path")
         return out
 
+    def _registered(
+        self, info: _RegisterInfo, backend: BackendState, resp: Response, now: float
+    ) -> None:
+        """A 2xx to a relayed REGISTER: cache it for offload and tell the client its own
+        (short) expiry instead of the backend's."""
+        if info.client_expires == 0:
+            reg = self.registrations.get(info.aor, info.call_id, info.flow)
+            if reg is not None:
+                self.registrations.drop(reg)
+            return
+        mine = {contact_key(c) for c in info.contacts}
+        try:
+            granted = resp.contact
+        except ParseError:
+            return  # a 200 we cannot read: relayed as it is, not cached
+        default = _int_or(resp.get("expires"), self.offload.backend_expires)
+        backend_expiry = min(
+            (contact_expires(c, default) for c in granted if contact_key(c) in mine),
+            default=default,
+        )
+        if backend_expiry == 0:
+            return
+        client_expiry = min(info.client_expires, backend_expiry)
+        resp.set(
+            "Contact",
+            ", ".join(
+                str(c.with_param("expires", str(client_expiry))) if contact_key(c) in mine
+                else str(c)
+                for c in granted
+            ),
+        )  # fmt: skip
+        if "expires" in resp:
+            resp.set("Expires", str(client_expiry))
+        self.registrations.store(
+            CachedRegistration(
+                aor=info.aor,
+                flow=info.flow,
+                call_id=info.call_id,
+                cseq=info.cseq,
+                contacts=info.contacts,
+                backend=backend.name,
+                backend_expires_at=now + backend_expiry,
+                client_expires=client_expiry,
+                client_expires_at=now + client_expiry,
+                reply_headers=tuple(("Service-Route", v) for v in resp.values("service-route")),
+            )
+        )
+
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
         work = self._work.pop(tx, None)
         if isinstance(work, _Probe):
             self._health(self.balancer.probe_result(
                 work.backend, ok=False, now=now, reason="probe timed out"))  # fmt: skip
+            return []
+        if isinstance(work, _Deregister):
             return []
         if isinstance(work, _Relayed):
             # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sipdata import sip
 
 from sbc.core import CoreSettings, SbcCore, SendData
@@ -110,15 +111,20 @@ def test_register_is_relayed_with_path_and_answer_comes_back() -> None:
     assert path.sip_uri is not None and path.sip_uri.lr and path.sip_uri.port == 5080
     assert path.sip_uri.user is not None
     assert core.backends.tokens.decode(path.sip_uri.user) == CLIENT  # RFC 5626 flow token
-    assert fwd.get("contact") == "<sip:alice@10.0.0.7:5060>" and fwd.call_id == "reg-alice@10.0.0.7"
+    # Registration offload: the backend is asked for the long expiry, spread 3240-3600 s.
+    [contact] = fwd.contact
+    asked = int(contact.param("expires") or 0)
+    assert str(contact.uri) == "sip:alice@10.0.0.7:5060" and 3240 <= asked <= 3600
+    assert fwd.get("expires") == str(asked) and fwd.call_id == "reg-alice@10.0.0.7"
     ok = make_response(fwd, 200, to_tag="reg")
-    ok.add("Contact", "<sip:alice@10.0.0.7:5060>;expires=3600")
+    ok.add("Contact", f"<sip:alice@10.0.0.7:5060>;expires={asked}")
     ok.add("Path", fwd.get("path") or "")
     back = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 1.1))
     [(to, resp)] = back
     assert isinstance(resp, Response) and resp.status == 200 and to.remote == ("192.0.2.7", 40000)
     assert len(resp.via) == 1 and resp.via[0].branch == "z9hG4bK-reg1"  # our Via removed
     assert "path" not in resp  # the SBC's core side is not shown to clients
+    assert resp.contact[0].param("expires") == "60"  # the client is told the short expiry
     # A retransmitted REGISTER is absorbed and the 200 re-sent (server transaction).
     [(_, again)] = sent(core.receive_datagram(reg, CLIENT, 1.2))
     assert isinstance(again, Response) and again.status == 200
@@ -200,3 +206,105 @@ def test_dead_backend_is_detected_within_interval_times_failures() -> None:
             down_at = now
     assert down_at == 15.0  # probes at 0, 5, 10, each failed 5 s later
     assert len(core.transactions) <= 2  # timed-out probes were terminated, not left to timer F
+
+
+def registered(core: SbcCore, user: str, n: int, now: float, backend_expires: int = 3600) -> None:
+    """REGISTER ``user`` through the SBC and answer it at the backend with a 200."""
+    [(flow, fwd)] = sent(core.receive_datagram(sip(REGISTER.format(n=n, user=user)), CLIENT, now))
+    assert isinstance(fwd, Request) and fwd.method == "REGISTER"
+    ok = make_response(fwd, 200, to_tag="reg")
+    ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires={backend_expires}")
+    ok.add("Service-Route", "<sip:orig@10.9.9.9;lr>")
+    [(_, resp)] = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, flow.remote), now))
+    assert isinstance(resp, Response) and resp.status == 200
+
+
+def test_unchanged_refresh_is_answered_by_the_sbc() -> None:
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0)
+    [(to, resp)] = sent(core.receive_datagram(sip(REGISTER.format(n=2, user="dave")), CLIENT, 50.0))
+    assert to.remote == CLIENT.remote and isinstance(resp, Response) and resp.status == 200
+    assert resp.get("cseq") == "2 REGISTER" and resp.via[0].branch == "z9hG4bK-reg2"
+    assert (
+        resp.contact[0].param("expires") == "60"
+        and str(resp.contact[0].uri) == "sip:dave@10.0.0.7:5060"
+    )
+    assert resp.get("service-route") == "<sip:orig@10.9.9.9;lr>" and resp.get("date")
+    assert core.backends.stats["register_offloaded"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            lambda r: r.replace(
+                b"Contact: <sip:dave@10.0.0.7:5060>", b"Contact: <sip:dave@10.0.0.8:5060>"
+            ),
+            "new contact",
+        ),
+        (lambda r: r.replace(b"Expires: 3600", b"Expires: 0"), "de-registration"),
+        (
+            lambda r: r.replace(b"Call-ID: reg-dave@10.0.0.7", b"Call-ID: other@10.0.0.7"),
+            "other Call-ID",
+        ),
+        (lambda r: r.replace(b"CSeq: 2 REGISTER", b"CSeq: 1 REGISTER"), "CSeq not higher"),
+    ],
+)
+def test_changed_registers_go_to_the_backend(change: object, why: str) -> None:
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0)
+    req = change(sip(REGISTER.format(n=2, user="dave")))  # type: ignore[operator]
+    [(flow, msg)] = sent(core.receive_datagram(req, CLIENT, 50.0))
+    assert isinstance(msg, Request) and flow.remote == B1, why
+
+
+def test_refresh_from_another_flow_goes_to_the_backend() -> None:
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0)
+    other = Flow("udp", ACCESS, ("192.0.2.7", 40001))  # the NAT gave a new port
+    [(flow, msg)] = sent(core.receive_datagram(sip(REGISTER.format(n=2, user="dave")), other, 50.0))
+    assert isinstance(msg, Request) and flow.remote == B1
+
+
+def test_offload_ratio_over_two_hours() -> None:
+    """Issue 3 item 2: client_expires 60, backend_expires 3600: the backend sees at most 1/50."""
+    core = make_core(B1)
+    backend_registers = 0
+    total = 0
+    n = 1
+    for minute in range(0, 120 * 60, 55):  # the client refreshes a little early
+        n += 1
+        total += 1
+        [(flow, msg)] = sent(
+            core.receive_datagram(sip(REGISTER.format(n=n, user="erin")), CLIENT, float(minute))
+        )
+        if isinstance(msg, Request):
+            backend_registers += 1
+            asked = msg.get("expires")
+            ok = make_response(msg, 200, to_tag="reg")
+            ok.add("Contact", f"<sip:erin@10.0.0.7:5060>;expires={asked}")
+            sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, flow.remote), float(minute)))
+        else:
+            assert isinstance(msg, Response) and msg.status == 200
+    assert backend_registers >= 2  # the backend binding was refreshed before it expired
+    # Re-REGISTERs (all but the first): at most 1 in 50 reaches the backend.
+    assert (backend_registers - 1) * 50 <= total - 1, (backend_registers, total)
+
+
+def test_client_that_stops_refreshing_is_deregistered_at_the_backend() -> None:
+    core = make_core(B1)
+    registered(core, "frank", 1, 0.0)
+    assert core.next_deadline() is not None
+    dereg = [
+        m
+        for _, m in sent(core.handle_timer(60.0))
+        if isinstance(m, Request) and m.method == "REGISTER"
+    ]
+    [req] = dereg
+    assert req.get("expires") == "0" and req.call_id == "reg-frank@10.0.0.7"
+    assert req.cseq is not None and req.cseq.seq == 2
+    assert (
+        req.contact[0].param("expires") == "0"
+        and str(req.contact[0].uri) == "sip:frank@10.0.0.7:5060"
+    )
+    assert len(core.backends.registrations) == 0

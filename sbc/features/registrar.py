@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import hmac
+import itertools
 import secrets
+from collections.abc import Iterator
 
 from sbc.sip.flow import Flow
 from sbc.sip.headers import NameAddr
@@ -65,3 +68,132 @@ def aor_of(to: NameAddr) -> str | None:
 
 def client_expires_for(transport: str, udp: int, tcp: int, tls: int) -> int:
     return udp if transport == "udp" else tls if transport == "tls" else tcp
+
+
+# -- registration offload (issue 3 item 2) ----------------------------------------------------
+
+
+def contact_expires(contact: NameAddr, default: int) -> int:
+    """RFC 3261 10.2.1.1: the Contact's expires parameter, else the Expires header value."""
+    value = contact.param("expires")
+    return int(value) if value and value.isdigit() else default
+
+
+def contact_key(contact: NameAddr) -> str:
+    """A contact without its expires/q parameters: what makes two REGISTERs 'the same binding'
+    (URI, +sip.instance, reg-id and any other parameter still count)."""
+    kept = [(k.lower(), v) for k, v in contact.params if k.lower() not in ("expires", "q")]
+    return f"{contact.uri}|{sorted(kept)}"
+
+
+class CachedRegistration:
+    """What the SBC knows of one client registration it relayed (one flow, one Call-ID)."""
+
+    __slots__ = (
+        "aor", "backend", "backend_expires_at", "call_id", "client_expires", "client_expires_at",
+        "contacts", "cseq", "flow", "reply_headers",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        aor: str,
+        flow: Flow,
+        call_id: str,
+        cseq: int,
+        contacts: tuple[NameAddr, ...],
+        backend: str,
+        backend_expires_at: float,
+        client_expires: int,
+        client_expires_at: float,
+        reply_headers: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.aor = aor
+        self.flow = flow
+        self.call_id = call_id
+        self.cseq = cseq
+        self.contacts = contacts  # as the client sent them (without expires)
+        self.backend = backend
+        self.backend_expires_at = backend_expires_at
+        self.client_expires = client_expires
+        self.client_expires_at = client_expires_at
+        self.reply_headers = reply_headers  # Service-Route etc. from the backend's 200
+
+
+class RegistrationCache:
+    """Registrations relayed to backends, and the offload decision.
+
+    A re-REGISTER is answered locally only if it comes on the same flow with the same
+    Call-ID, the same contact set, a higher CSeq, a non-zero expiry, and the backend binding
+    stays fresh for two more client periods; otherwise it goes to the backend, which also
+    refreshes the backend binding (so the backend is refreshed only while the client is).
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str, Flow], CachedRegistration] = {}
+        # (client_expires_at, seq, key): a heap with stale entries skipped lazily.
+        self._heap: list[tuple[float, int, tuple[str, str, Flow]]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[CachedRegistration]:
+        return iter(list(self._by_key.values()))
+
+    def get(self, aor: str, call_id: str, flow: Flow) -> CachedRegistration | None:
+        return self._by_key.get((aor, call_id, flow))
+
+    def store(self, reg: CachedRegistration) -> None:
+        key = (reg.aor, reg.call_id, reg.flow)
+        self._by_key[key] = reg
+        heapq.heappush(self._heap, (reg.client_expires_at, next(self._seq), key))
+
+    def drop(self, reg: CachedRegistration) -> None:
+        self._by_key.pop((reg.aor, reg.call_id, reg.flow), None)
+
+    def can_answer(
+        self,
+        *,
+        aor: str,
+        call_id: str,
+        flow: Flow,
+        cseq: int,
+        contacts: tuple[NameAddr, ...],
+        expires: int,
+        now: float,
+    ) -> CachedRegistration | None:
+        """The cached registration a re-REGISTER may be answered from, or None: forward it."""
+        reg = self._by_key.get((aor, call_id, flow))
+        if reg is None or expires == 0 or cseq <= reg.cseq:
+            return None
+        if any(contact_expires(c, expires) == 0 for c in contacts):
+            return None
+        if sorted(map(contact_key, contacts)) != sorted(map(contact_key, reg.contacts)):
+            return None  # a contact added, removed or changed
+        if reg.backend_expires_at - now < 2 * reg.client_expires:
+            return None  # time to refresh the backend: let this one through
+        return reg
+
+    def _live_top(self) -> tuple[float, CachedRegistration] | None:
+        heap = self._heap
+        while heap:
+            at, _, key = heap[0]
+            reg = self._by_key.get(key)
+            if reg is not None and reg.client_expires_at == at:
+                return at, reg
+            heapq.heappop(heap)  # dropped or refreshed since: stale
+        return None
+
+    def expired(self, now: float) -> list[CachedRegistration]:
+        """Remove and return the registrations whose client stopped refreshing (item 3)."""
+        out = []
+        while (top := self._live_top()) is not None and top[0] <= now:
+            heapq.heappop(self._heap)
+            self.drop(top[1])
+            out.append(top[1])
+        return out
+
+    def next_deadline(self) -> float | None:
+        top = self._live_top()
+        return None if top is None else top[0]

@@ -11,6 +11,7 @@ import itertools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,8 @@ class SipTransports:
         self.core = core
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
+        # The only wall-clock read: the core's Date headers are "now" plus this offset.
+        core.backends.wall_offset = time.time() - self._clock()
         self._udp: dict[Address, asyncio.DatagramTransport] = {}
         self._conns: dict[int, _StreamProtocol] = {}
         self._servers: list[asyncio.Server] = []
