@@ -9,14 +9,17 @@ CI (``CI=true``): in CI a missing peer means `make peers` did not do its job.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -440,3 +443,413 @@ def sipp(tmp_path: Path, certs: Certs) -> SippRunner:
         )
 
     return run
+
+
+# =========================================================================================
+# Kamailio registrars (issue 3: registration offload and backend failover; issue 7: the lab)
+#
+# Real Kamailio 5.6 instances on free loopback ports, all running docker/kamailio/kamailio.cfg
+# (the same file the docker-compose lab mounts). Each instance has its own run dir (-Y), pid
+# file (-P), binrpc control socket (for kamcmd) and log (stderr, -E) in tmp_path, runs in the
+# foreground (-DD) in its own process group, and is stopped by its PID at teardown.
+# KAMAILIO_XLOG=1 in the environment makes them log one line per request and reply.
+# =========================================================================================
+KAMAILIO_CFG = HERE.parents[1] / "docker" / "kamailio" / "kamailio.cfg"
+KAMAILIO_SERVER = "kamailio-backend"  # server_header in kamailio.cfg
+KAMAILIO_START_TIMEOUT = 10.0
+KAMAILIO_STOP_TIMEOUT = 10.0
+KAMCMD_TIMEOUT = 10.0
+_KAMCMD_NOT_SET = "[not set]"
+FULL_DUMP_AORS = 50  # a full ul.dump of these stays under kamcmd's 128 KB reply limit
+
+
+class RegistrarError(RuntimeError):
+    """A Kamailio instance did not start, or kamcmd failed."""
+
+
+def _binding_value(key: str, value: str) -> object:
+    if value == _KAMCMD_NOT_SET:
+        return None
+    if key in ("Call-ID", "Address", "Path", "Received", "Instance", "User-Agent", "Ruid"):
+        return value
+    if re.fullmatch(r"-?\d+", value):
+        return int(value)
+    return value  # e.g. Expires "permanent" / "expired" / "deleted", Socket, State
+
+
+def parse_ul_contacts(text: str) -> dict[str, list[dict[str, object]]]:
+    """AOR -> contacts from kamcmd's printout of ``ul.dump`` or of ``ul.lookup`` (one or more).
+
+    Every field of a Contact struct is kept under its name in snake case (``call_id``,
+    ``user_agent``, ``reg_id``...), numbers as int and "[not set]" as None; ``contact`` is the
+    contact URI (kamcmd's "Address"). ``expires`` is the seconds left (or "permanent").
+    """
+    bindings: dict[str, list[dict[str, object]]] = {}
+    aor: str | None = None
+    contact: dict[str, object] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("kamcmd> "):  # interactive mode echoes each command
+            line = line.removeprefix("kamcmd> ").strip()
+        if line == "Contact: {":
+            contact = {}
+            continue
+        if contact is not None:
+            if line == "}":
+                assert aor is not None, f"a Contact outside an AoR in:\n{text}"
+                contact["contact"] = contact.get("address")
+                bindings.setdefault(aor, []).append(contact)
+                contact = None
+                continue
+            key, sep, value = line.partition(": ")
+            if sep:
+                contact[key.lower().replace("-", "_")] = _binding_value(key, value.strip())
+            continue
+        if line.startswith("AoR: "):
+            aor = line.removeprefix("AoR: ").strip()
+            bindings.setdefault(aor, [])
+    return bindings
+
+
+class Registrar:
+    """One Kamailio registrar on 127.0.0.1 (UDP and TCP on the same port), for one test.
+
+    ``start()`` and ``stop()`` can be called again in a test (a restart keeps the ports), to
+    kill a backend and bring it back.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self, index: int, port: int, rundir: Path, log_path: Path, kamailio: str, kamcmd: str
+    ) -> None:
+        self.index = index
+        self.port = port
+        self.rundir = rundir  # short: a Unix socket path must stay under 108 bytes
+        self.log_path = log_path
+        self.kamailio = kamailio
+        self.kamcmd_path = kamcmd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.stopped_by_test = False
+        rundir.mkdir(parents=True, exist_ok=True)
+
+    # -- addresses
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.host}:{self.port}"
+
+    @property
+    def ctl_socket(self) -> Path:
+        return self.rundir / "ctl.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.rundir / "kamailio.pid"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def command(self) -> list[str]:
+        return [
+            self.kamailio,
+            "-f", str(KAMAILIO_CFG),
+            "-DD", "-E",
+            "-Y", str(self.rundir),
+            "-P", str(self.pid_file),
+            "-l", f"udp:{self.host}:{self.port}",
+            "-l", f"tcp:{self.host}:{self.port}",
+            "-A", f'CTL_SOCKET="unix:{self.ctl_socket}"',
+            *(["-A", "WITH_XLOG"] if os.environ.get("KAMAILIO_XLOG") else []),
+        ]  # fmt: skip
+
+    def log(self) -> str:
+        """Everything every start of this instance logged (each start begins with a marker)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- life cycle
+    def start(self, timeout: float = KAMAILIO_START_TIMEOUT) -> None:
+        """Start (or restart, on the same ports) and wait until it answers OPTIONS."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``wait_ready()`` does)."""
+        if self.running:
+            raise RegistrarError(f"registrar {self.index} is already running (pid {self.pid})")
+        self.starts += 1
+        self.stopped_by_test = False
+        with self.log_path.open("ab") as log:
+            log.write(f"=== start {self.starts}: {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its children share its process group: see stop()
+            )
+
+    def wait_ready(self, timeout: float = KAMAILIO_START_TIMEOUT) -> None:
+        """Until it answers OPTIONS over UDP and TCP and its control socket is there; stopped
+        and RegistrarError (with its log) if it exits or takes longer than ``timeout``."""
+        try:
+            self._wait_ready(timeout)
+        except RegistrarError:
+            self._terminate()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        problem = "no answer yet"
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RegistrarError(
+                    f"kamailio {self.index} exited with {self.proc.returncode} while starting:"
+                    f"\n{self.log()}"
+                )
+            try:
+                for transport in ("udp", "tcp"):
+                    response = self.options(transport, timeout=0.5)
+                    if response.status != 200 or response.get("server") != KAMAILIO_SERVER:
+                        raise RegistrarError(f"OPTIONS over {transport}: {response.raw!r}")
+                if self.ctl_socket.exists():
+                    return
+                problem = f"no control socket {self.ctl_socket}"
+            except (OSError, EOFError) as exc:
+                problem = f"OPTIONS: {exc!r}"
+            time.sleep(0.05)
+        raise RegistrarError(
+            f"kamailio {self.index} not ready within {timeout} s ({problem}):\n{self.log()}"
+        )
+
+    def _terminate(self) -> str | None:
+        """SIGTERM to the main process, wait, then SIGKILL its process group; a complaint if
+        it had to be killed."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None
+        proc.send_signal(signal.SIGTERM)  # the main process stops its children itself
+        deadline = time.monotonic() + KAMAILIO_STOP_TIMEOUT
+        try:
+            proc.wait(timeout=KAMAILIO_STOP_TIMEOUT)
+            # Its children must be gone too, or a restart finds its ports still bound.
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)  # ProcessLookupError once the group is empty
+                time.sleep(0.02)
+        except ProcessLookupError:
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        # The group is this instance's own (start_new_session): its id is the main PID.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=KAMAILIO_STOP_TIMEOUT)
+        return f"kamailio {self.index} not gone {KAMAILIO_STOP_TIMEOUT} s after SIGTERM; killed"
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, wait, SIGKILL); the bindings it held are gone with it."""
+        self.stopped_by_test = True
+        problem = self._terminate()
+        if problem:
+            print(problem)
+
+    # -- SIP
+    def options(self, transport: str = "udp", timeout: float = 2.0) -> sipwire.Response:
+        """One OPTIONS (no user part: the health-probe case) over UDP or TCP; the response."""
+        target = sipwire.hostport(self.host, self.port)
+        if transport == "udp":
+            with sipwire.udp_socket(self.host) as sock:
+                # Connected: a port nobody listens on fails at once (ConnectionRefusedError).
+                sock.connect((self.host, self.port))
+                data = sipwire.request(target=target, transport="udp", local=sock.getsockname()[:2])
+                return sipwire.udp_exchange(sock, (self.host, self.port), data, timeout)
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            data = sipwire.request(target=target, transport="tcp", local=sock.getsockname()[:2])
+            sock.sendall(data)
+            return sipwire.StreamReader(sock).response(timeout)
+
+    # -- kamcmd
+    def kamcmd(self, *args: str, stdin: str | None = None) -> str:
+        """kamcmd's output for one command (or, with ``stdin``, for the commands in it)."""
+        proc = subprocess.run(
+            [self.kamcmd_path, "-s", f"unix:{self.ctl_socket}", *args],
+            input=stdin if stdin is not None else "",
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=KAMCMD_TIMEOUT,
+        )
+        # kamcmd exits 0 after an RPC error; it prints "error: CODE - reason" instead.
+        if proc.returncode != 0 or (stdin is None and proc.stdout.startswith("error:")):
+            raise RegistrarError(
+                f"kamcmd {' '.join(args)} on registrar {self.index}: exit {proc.returncode}"
+                f"\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+        return proc.stdout
+
+    def aors(self) -> list[str]:
+        """The AORs held (``ul.dump brief``: fits several thousand, the full dump 250)."""
+        return re.findall(r"^\s*AoR: (\S+)\s*$", self.kamcmd("ul.dump", "brief"), re.M)
+
+    def bindings(self) -> dict[str, list[dict[str, object]]]:
+        """AOR -> contacts, each with at least contact, expires, path, received (see
+        ``parse_ul_contacts``). The AOR is the user part (usrloc use_domain is 0)."""
+        aors = self.aors()
+        if len(aors) <= FULL_DUMP_AORS:
+            try:
+                return parse_ul_contacts(self.kamcmd("ul.dump"))
+            except RegistrarError as exc:
+                if "reply too big" not in str(exc):
+                    raise
+        # A full ul.dump over kamcmd's 128 KB reply limit (about 250 contacts) fails, after
+        # a second, with "ERROR: reply too big": look each AOR up instead, all in one kamcmd
+        # session (its interactive mode reads commands from stdin).
+        text = self.kamcmd(stdin="".join(f"ul.lookup location {aor}\n" for aor in aors))
+        # An AOR that expired between the two calls answers "error: 500 - AOR not found".
+        return {aor: contacts for aor, contacts in parse_ul_contacts(text).items() if contacts}
+
+    def stats(self, group: str) -> dict[str, int]:
+        """Every counter of a statistics group (``registrar``, ``usrloc``, ``core``, ``tm``)."""
+        text = self.kamcmd("stats.get_statistics", f"{group}:")
+        return {name: int(value) for name, value in re.findall(r"^(\S+) = (-?\d+)\s*$", text, re.M)}
+
+    def stat(self, name: str) -> int:
+        """One counter, e.g. ``registrar:accepted_regs`` or ``core:rcv_requests_register``.
+
+        (``stats.get_statistics group:name`` prints nothing in 5.6; the group is read whole.)
+        """
+        group, sep, _ = name.partition(":")
+        assert sep, f"give the counter as group:name, not {name!r}"
+        counters = self.stats(group)
+        if name not in counters:
+            raise KeyError(f"no counter {name}; {group} has {sorted(counters)}")
+        return counters[name]
+
+
+def register_udp(
+    host: str,
+    port: int,
+    user: str,
+    *,
+    domain: str = "example.com",
+    expires: int = 3600,
+    contact: str | None = None,
+    extra: tuple[tuple[str, str], ...] = (),
+    timeout: float = 2.0,
+) -> sipwire.Response:
+    """One REGISTER for ``user@domain`` over UDP from a fresh socket; the final response.
+
+    The Contact defaults to ``sip:USER@<the socket's address>``; ``extra`` adds headers
+    (e.g. ``("Path", "<sip:127.0.0.1:5999;lr>")``).
+    """
+    with sipwire.udp_socket(host) as sock:
+        local = sipwire.hostport(*sock.getsockname()[:2])
+        tag = secrets.token_hex(4)
+        lines = [
+            f"REGISTER sip:{sipwire.hostport(host, port)} SIP/2.0",
+            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:{user}@{domain}>;tag={tag}",
+            f"To: <sip:{user}@{domain}>",
+            f"Call-ID: {secrets.token_hex(8)}@interop",
+            "CSeq: 1 REGISTER",
+            f"Contact: <{contact or f'sip:{user}@{local}'}>",
+            f"Expires: {expires}",
+            *(f"{name}: {value}" for name, value in extra),
+            "Content-Length: 0",
+        ]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        sock.settimeout(timeout)
+        sock.sendto(data, (host, port))
+        deadline = time.monotonic() + timeout
+        while True:  # skip provisional responses
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            response = sipwire.parse_response(sock.recvfrom(65535)[0])
+            if response.status >= 200:
+                return response
+
+
+def write_users_csv(path: Path, users: list[str], domain: str = "example.com") -> Path:
+    """A SIPp ``-inf`` file: SEQUENTIAL, then ``user;domain`` ([field0];[field1])."""
+    path.write_text("SEQUENTIAL\n" + "".join(f"{user};{domain}\n" for user in users))
+    return path
+
+
+RegistrarFactory = Callable[[int], list[Registrar]]
+
+
+@pytest.fixture
+def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
+    """A factory: ``kamailio_registrars(n)`` starts n more registrars and returns them, each
+    ready (answers OPTIONS over UDP and TCP, control socket up). All are stopped at teardown;
+    one that died during the test (not stopped by it) fails the test."""
+    kamailio = require("kamailio")
+    kamcmd = require("kamcmd")
+    assert KAMAILIO_CFG.is_file(), KAMAILIO_CFG
+    # Run dirs hold the control sockets: under /tmp, as tmp_path can be too long for one.
+    root = Path(tempfile.mkdtemp(prefix="kam-"))
+    started: list[Registrar] = []
+
+    def new(index: int, attempt: int) -> Registrar:
+        pool = PortPool()
+        port = pool.port("127.0.0.1", UDP, TCP)
+        pool.release()  # Kamailio binds it now
+        return Registrar(
+            index,
+            port,
+            root / f"r{index}-{attempt}",
+            tmp_path / f"kamailio-{index}-{attempt}.log",
+            kamailio,
+            kamcmd,
+        )
+
+    def start(n: int = 2) -> list[Registrar]:
+        # All n start at once (each takes about 0.5 s to come up), then each is waited for.
+        group = [new(len(started) + i, 0) for i in range(n)]
+        for registrar in group:
+            registrar.launch()
+        for i, registrar in enumerate(group):
+            for attempt in range(1, 4):
+                try:
+                    registrar.wait_ready()
+                    break
+                except RegistrarError as exc:
+                    # A free port can be taken by someone else between our probe and its bind.
+                    if "Address already in use" not in str(exc) or attempt == 3:
+                        for other in group[i + 1 :]:
+                            other._terminate()
+                        pytest.fail(str(exc))
+                registrar = new(registrar.index, attempt)
+                registrar.launch()
+            group[i] = registrar
+            started.append(registrar)
+        return group
+
+    try:
+        yield start
+    finally:
+        problems = []
+        for registrar in started:
+            died = not registrar.running and not registrar.stopped_by_test
+            problem = registrar._terminate()
+            print(f"--- kamailio {registrar.index} ({registrar.log_path}) ---")
+            print("\n".join(registrar.log().splitlines()[-100:]))
+            if died:
+                problems.append(f"kamailio {registrar.index} died during the test")
+            if problem:
+                print(problem)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def registrars(kamailio_registrars: RegistrarFactory) -> list[Registrar]:
+    """Two Kamailio registrars, side by side."""
+    return kamailio_registrars(2)
