@@ -181,6 +181,7 @@ class BackendRelay:
             tx, sent = self.transactions.send_request(
                 self._probe_request(backend, flow), dest=flow, reliable=flow.reliable, now=now
             )
+            log.debug("probe sent", extra={"backend": backend.name})
             timeout = min(self.balancer.policy.probe_interval, self.transactions.timers.timer_f)
             self._work[tx] = _Probe(backend, now, now + timeout)
             out += sent
@@ -325,6 +326,7 @@ class BackendRelay:
         if isinstance(work, _Probe):
             del self._work[event.transaction]
             ok = self.balancer.is_alive_reply(resp.status)
+            log.debug("probe answered %d", resp.status, extra={"backend": work.backend.name})
             self._health(self.balancer.probe_result(
                 work.backend, ok=ok, now=now, rtt=now - work.sent_at,
                 reason=f"probe answered {resp.status}"))  # fmt: skip

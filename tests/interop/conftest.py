@@ -198,7 +198,10 @@ class SbcProcess:
 TCP_IDLE_TIMEOUT = 2.0
 
 
-def _write_config(path: Path, certs: Certs, ports: dict[str, int]) -> None:
+def _write_config(
+    path: Path, certs: Certs, ports: dict[str, int], *, core: str = "", extra: str = ""
+) -> None:
+    """The test config; ``core`` adds keys to [core], ``extra`` adds sections at the end."""
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
         f'"tls://127.0.0.1:{ports["tls4"]}"',
@@ -222,6 +225,7 @@ ca = "{certs.ca}"
 
 [core]
 listen = ["udp://127.0.0.1:{ports["core"]}"]
+{core}
 
 [admin]
 listen = "127.0.0.1:{ports["admin"]}"
@@ -235,11 +239,14 @@ user_agent = "{SERVER_HEADER}"
 [log]
 level = "debug"
 format = "text"
+{extra}
 """
     )
 
 
-def _start(tmp_path: Path, certs: Certs, attempt: int) -> SbcProcess | str:
+def _start(
+    tmp_path: Path, certs: Certs, attempt: int, *, core: str = "", extra: str = ""
+) -> SbcProcess | str:
     """Start the SBC; the process once ready, or the reason it did not start."""
     pool = PortPool()
     ports = {
@@ -251,7 +258,7 @@ def _start(tmp_path: Path, certs: Certs, attempt: int) -> SbcProcess | str:
     if HAS_IPV6:
         ports["udp6"] = pool.port("::1", UDP, TCP)
     config = tmp_path / f"sbc-{attempt}.toml"
-    _write_config(config, certs, ports)
+    _write_config(config, certs, ports, core=core, extra=extra)
     stderr_path = tmp_path / f"sbc-{attempt}.stderr"
     pool.release()  # the SBC binds them now
     with stderr_path.open("wb") as stderr:
@@ -309,9 +316,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> str | None:
 @pytest.fixture
 def sbc(tmp_path: Path, certs: Certs) -> Iterator[SbcProcess]:
     """The real ``sbc run`` on free ports: udp/tcp/tls on 127.0.0.1, udp/tcp on ::1."""
+    yield from _running_sbc(tmp_path, certs)
+
+
+SbcFactory = Callable[..., SbcProcess]
+
+
+@pytest.fixture
+def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
+    """``sbc_factory(core="...", extra="...")`` starts an SBC with config additions (backends,
+    [registration] ...); every SBC started is stopped and checked at teardown."""
+    running: list[Iterator[SbcProcess]] = []
+
+    def start(*, core: str = "", extra: str = "") -> SbcProcess:
+        gen = _running_sbc(tmp_path / f"sbc{len(running)}", certs, core=core, extra=extra)
+        running.append(gen)
+        return next(gen)
+
+    yield start
+    for gen in running:
+        for _ in gen:  # runs the generator's teardown and its checks
+            pass
+
+
+def _running_sbc(
+    tmp_path: Path, certs: Certs, *, core: str = "", extra: str = ""
+) -> Iterator[SbcProcess]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     started: SbcProcess | str = ""
     for attempt in range(3):
-        started = _start(tmp_path, certs, attempt)
+        started = _start(tmp_path, certs, attempt, core=core, extra=extra)
         # A free port can be taken by someone else between our probe and the SBC's bind.
         if isinstance(started, SbcProcess) or "cannot listen on" not in started:
             break

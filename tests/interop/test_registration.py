@@ -1,0 +1,108 @@
+"""Registration through the real SBC to two real Kamailio registrars (issue 3).
+
+SIPp registers users through ``sbc run``; the SBC spreads them over the backends by a hash
+of the AOR, adds a Path with a flow token, tells clients a short expiry and the backends a
+long one, and answers unchanged refreshes itself. A backend that dies is probed down and new
+registrations go to the survivor; when it returns it is probed up and takes its users back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from .conftest import (
+    RegistrarFactory,
+    SbcFactory,
+    SippRunner,
+    register_udp,
+    write_users_csv,
+)
+
+USERS = [f"user{i:04d}" for i in range(1, 401)]
+REFRESHES_PER_USER = 4  # register_offload.xml: one REGISTER, then four unchanged refreshes
+
+
+def backends_config(*uris: str) -> str:
+    return "".join(f'\n[[core.backends]]\nuri = "{uri}"\n' for uri in uris)
+
+
+def registers_received(registrar: object) -> int:
+    return int(registrar.stat("core:rcv_requests_register"))  # type: ignore[attr-defined]
+
+
+def test_registrations_spread_offloaded_and_pathed(
+    kamailio_registrars: RegistrarFactory,
+    sbc_factory: SbcFactory,
+    sipp: SippRunner,
+    tmp_path: Path,
+) -> None:
+    r0, r1 = kamailio_registrars(2)
+    sbc = sbc_factory(
+        core="probe_interval = 1.0",
+        extra=backends_config(r0.uri, r1.uri)
+        + "\n[registration]\nbackend_expires = 3600\n\n[registration.client_expires]\nudp = 60\n",
+    )
+    before = registers_received(r0) + registers_received(r1)  # the fixtures' own probes/tests
+    csv = write_users_csv(tmp_path / "users.csv", USERS)
+    result = sipp(
+        "register_offload.xml",
+        sbc.host4,
+        sbc.udp4,
+        calls=len(USERS),
+        rate=200,
+        extra=("-inf", str(csv)),
+        timeout=30.0,
+    )
+    result.assert_all_passed(len(USERS))
+
+    b0, b1 = r0.bindings(), r1.bindings()
+    # Every user on exactly one backend; the two halves even within 10 % of all users.
+    assert not set(b0) & set(b1)
+    assert sorted(set(b0) | set(b1)) == USERS
+    assert abs(len(b0) - len(b1)) <= 0.1 * len(USERS), (len(b0), len(b1))
+    core_port = sbc.extra_ports["core"]
+    for contacts in (*b0.values(), *b1.values()):
+        (binding,) = contacts
+        # RFC 3327: the Path names the SBC's core side, with a flow token and ;lr.
+        assert re.fullmatch(rf"<sip:[a-z2-7]+@127\.0\.0\.1:{core_port};lr>", str(binding["path"]))
+        # The backend was asked for the long expiry (3600 less up to 10 % spread).
+        assert 3240 - 10 <= int(binding["expires"]) <= 3600, binding
+    # Offload: the backends saw the first REGISTER of each user, not the refreshes (a few
+    # more if a slow answer made the SBC retransmit one: RFC 3261 timer E).
+    received = registers_received(r0) + registers_received(r1) - before
+    sent_by_clients = len(USERS) * (1 + REFRESHES_PER_USER)
+    assert len(USERS) <= received <= len(USERS) * 1.05, (received, sent_by_clients)
+
+
+def test_dead_backend_is_avoided_and_comes_back(
+    kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory
+) -> None:
+    r0, r1 = kamailio_registrars(2)
+    sbc = sbc_factory(
+        core="probe_interval = 0.5\nprobe_failures = 2\nprobe_successes = 2",
+        extra=backends_config(r0.uri, r1.uri),
+    )
+    # Find users that hash to r0 while both are up.
+    for user in USERS[:40]:
+        assert register_udp(sbc.host4, sbc.udp4, user).status == 200
+    on_r0 = sorted(r0.aors())
+    assert on_r0 and sorted(r1.aors())
+    r0.stop()
+    # probe_interval x probe_failures + a margin: the SBC marks r0 down by itself.
+    wait_for_log(sbc, "backend down", 0.5 * 2 + 5.0)
+    response = register_udp(sbc.host4, sbc.udp4, on_r0[0], expires=600, timeout=3.0)
+    assert response.status == 200 and on_r0[0] in r1.aors()
+    # r0 returns: after probe_successes good probes it takes its users again.
+    r0.start()
+    wait_for_log(sbc, "backend up", 0.5 * 2 + 5.0)
+    response = register_udp(sbc.host4, sbc.udp4, on_r0[1], expires=600, timeout=3.0)
+    assert response.status == 200 and on_r0[1] in r0.aors()
+
+
+def wait_for_log(sbc: object, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in sbc.log():  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"no {text!r} within {seconds} s"
+        time.sleep(0.1)
