@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sbc.features.balancer import BackendDown, BackendState, BackendUp, Balancer, HealthChange
+from sbc.features.balancer import BackendState, BackendUp, Balancer, HealthChange
 from sbc.features.registrar import (
     CachedRegistration,
     FlowTokens,
@@ -77,6 +77,13 @@ class _Deregister:
     backend: BackendState
 
 
+@dataclass(slots=True)
+class _Recovery:
+    registration: CachedRegistration
+    backend: BackendState
+    call_id: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OffloadPolicy:
     """[registration]: expiry towards clients (per transport) and towards backends."""
@@ -127,7 +134,7 @@ class BackendRelay:
         self._rng = rng or random.Random()
         self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
-        self._work: dict[ClientTransaction, _Probe | _Relayed | _Deregister] = {}
+        self._work: dict[ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery] = {}
         self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
 
@@ -168,15 +175,15 @@ class BackendRelay:
         for tx, work in late:
             del self._work[tx]
             out += self.transactions.terminate(tx)
-            self._health(self.balancer.probe_result(
-                work.backend, ok=False, now=now, reason="probe timed out"))  # fmt: skip
+            out += self._health(self.balancer.probe_result(
+                work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
         for reg in self.registrations.expired(now):
             out += self._deregister(reg, now)
         for backend in self.balancer.probes_due(now):
             flow = self.flow_to(backend)
             if flow is None:
-                self._health(self.balancer.probe_result(
-                    backend, ok=False, now=now, reason="no socket towards it"))  # fmt: skip
+                out += self._health(self.balancer.probe_result(
+                    backend, ok=False, now=now, reason="no socket towards it"), now)  # fmt: skip
                 continue
             tx, sent = self.transactions.send_request(
                 self._probe_request(backend, flow), dest=flow, reliable=flow.reliable, now=now
@@ -202,14 +209,21 @@ class BackendRelay:
         req.add("Content-Length", "0")
         return req
 
-    def _health(self, change: HealthChange | None) -> None:
+    def _health(self, change: HealthChange | None, now: float) -> list[Output]:
+        """Log a backend going down or up; a backend going down has its registrations
+        recovered on the others (issue 3 item 7)."""
         if change is None:
-            return
+            return []
         self.events.append(change)
-        if isinstance(change, BackendDown):
-            log.warning("backend down: %s", change.reason, extra={"backend": change.backend.name})
-        elif isinstance(change, BackendUp):
+        if isinstance(change, BackendUp):
             log.info("backend up", extra={"backend": change.backend.name})
+            return []
+        log.warning("backend down: %s", change.reason, extra={"backend": change.backend.name})
+        out: list[Output] = []
+        for reg in self.registrations:
+            if reg.backend == change.backend.name:
+                out += self._recover(reg, now)
+        return out
 
     # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
     def relay_register(
@@ -252,10 +266,13 @@ class BackendRelay:
     def _ask_backend_expiry(self, fwd: Request, contacts: tuple[NameAddr, ...]) -> None:
         """Registration offload: the backend is asked for the long expiry, with a random
         spread so that bindings made together do not all refresh together."""
-        spread = self.offload.backend_spread * self._rng.random()
-        expires = str(max(60, int(self.offload.backend_expires * (1 - spread))))
+        expires = str(self._backend_expiry())
         fwd.set("Expires", expires)
         fwd.set("Contact", ", ".join(str(c.with_param("expires", expires)) for c in contacts))
+
+    def _backend_expiry(self) -> int:
+        spread = self.offload.backend_spread * self._rng.random()
+        return max(60, int(self.offload.backend_expires * (1 - spread)))
 
     def _answer_locally(
         self,
@@ -278,6 +295,29 @@ class BackendRelay:
     def _date(self, now: float) -> str:
         return email.utils.formatdate(now + self.wall_offset, usegmt=True)  # RFC 3261 20.17
 
+    def _own_register(
+        self, reg: CachedRegistration, flow: Flow, *, call_id: str, cseq: int, expires: int
+    ) -> Request:
+        """A REGISTER the SBC sends itself for a cached registration: its AOR and contacts,
+        with a Path naming the client's flow when it (re-)creates a binding."""
+        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
+        scheme, _, rest = reg.aor.partition(":")
+        req = Request("REGISTER", f"{scheme}:{rest.rpartition('@')[2]}")  # the AOR's domain
+        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
+        req.add("Max-Forwards", "70")
+        req.add("From", f"<{reg.aor}>;tag={secrets.token_hex(6)}")
+        req.add("To", f"<{reg.aor}>")
+        req.add("Call-ID", call_id)
+        req.add("CSeq", f"{cseq} REGISTER")
+        value = str(expires)
+        req.add("Contact", ", ".join(str(c.with_param("expires", value)) for c in reg.contacts))
+        req.add("Expires", value)
+        if expires:
+            req.add("Path", f"<sip:{self.tokens.encode(reg.flow)}@{local};lr>")
+        req.add("User-Agent", self.server_header)
+        req.add("Content-Length", "0")
+        return req
+
     def _deregister(self, reg: CachedRegistration, now: float) -> list[Output]:
         """The client stopped refreshing: remove its binding at the backend (item 3), so the
         backend stops routing calls into a dead NAT binding."""
@@ -285,24 +325,46 @@ class BackendRelay:
         flow = self.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
             return []
-        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
-        target = reg.aor.split("@", 1)[-1] if "@" in reg.aor else reg.aor.split(":", 1)[-1]
-        req = Request("REGISTER", f"{reg.aor.split(':', 1)[0]}:{target}")
-        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
-        req.add("Max-Forwards", "70")
-        req.add("From", f"<{reg.aor}>;tag={secrets.token_hex(6)}")
-        req.add("To", f"<{reg.aor}>")
-        req.add("Call-ID", reg.call_id)
-        req.add("CSeq", f"{reg.cseq + 1} REGISTER")
-        req.add("Contact", ", ".join(str(c.with_param("expires", "0")) for c in reg.contacts))
-        req.add("Expires", "0")
-        req.add("User-Agent", self.server_header)
-        req.add("Content-Length", "0")
+        call_id = reg.backend_call_id or reg.call_id
+        req = self._own_register(reg, flow, call_id=call_id, cseq=reg.cseq + 1, expires=0)
         tx, out = self.transactions.send_request(req, dest=flow, reliable=flow.reliable, now=now)
         self._work[tx] = _Deregister(backend)
         self.stats["register_expired"] += 1
         log.info("client stopped refreshing; de-registering", extra={"aor": reg.aor})
         return out
+
+    def _recover(self, reg: CachedRegistration, now: float) -> list[Output]:
+        """Registration recovery (issue 3 item 7): the binding's backend went down, so the SBC
+        registers it on the backend the AOR now hashes to, from its cache, without waiting
+        for the client. A fresh Call-ID (RFC 3261 10.3 step 7: a binding with another Call-ID
+        is updated) keeps its CSeq clear of the client's later refreshes."""
+        backend = self.balancer.pick_for_aor(reg.aor)
+        flow = self.flow_to(backend) if backend is not None else None
+        if backend is None or flow is None:
+            log.warning("no backend to recover a registration on", extra={"aor": reg.aor})
+            return []
+        call_id = f"{secrets.token_hex(10)}@{format_host(flow.local[0])}"
+        expires = self._backend_expiry()
+        req = self._own_register(reg, flow, call_id=call_id, cseq=1, expires=expires)
+        tx, out = self.transactions.send_request(req, dest=flow, reliable=flow.reliable, now=now)
+        self._work[tx] = _Recovery(reg, backend, call_id)
+        self.stats["register_recovered"] += 1
+        return out
+
+    def _recovered(self, work: _Recovery, resp: Response, now: float) -> None:
+        reg = work.registration
+        if not 200 <= resp.status < 300:
+            log.warning("recovery REGISTER answered %d", resp.status, extra={"aor": reg.aor})
+            return
+        try:
+            default = _int_or(resp.get("expires"), self.offload.backend_expires)
+            granted = min((contact_expires(c, default) for c in resp.contact), default=default)
+        except ParseError:
+            granted = self.offload.backend_expires
+        reg.backend = work.backend.name
+        reg.backend_call_id = work.call_id
+        reg.backend_expires_at = now + granted
+        log.info("registration recovered", extra={"aor": reg.aor, "backend": reg.backend})
 
     def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
         """RFC 3261 16.6: copy, Max-Forwards - 1, our Via on top; RFC 3327 4.1: our Path."""
@@ -327,13 +389,17 @@ class BackendRelay:
             del self._work[event.transaction]
             ok = self.balancer.is_alive_reply(resp.status)
             log.debug("probe answered %d", resp.status, extra={"backend": work.backend.name})
-            self._health(self.balancer.probe_result(
+            return self._health(self.balancer.probe_result(
                 work.backend, ok=ok, now=now, rtt=now - work.sent_at,
-                reason=f"probe answered {resp.status}"))  # fmt: skip
-            return []
+                reason=f"probe answered {resp.status}"), now)  # fmt: skip
         if isinstance(work, _Deregister):
             if resp.status >= 200:
                 del self._work[event.transaction]
+            return []
+        if isinstance(work, _Recovery):
+            if resp.status >= 200:
+                del self._work[event.transaction]
+                self._recovered(work, resp, now)
             return []
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
@@ -404,17 +470,16 @@ class BackendRelay:
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
         work = self._work.pop(tx, None)
         if isinstance(work, _Probe):
-            self._health(self.balancer.probe_result(
-                work.backend, ok=False, now=now, reason="probe timed out"))  # fmt: skip
-            return []
-        if isinstance(work, _Deregister):
+            return self._health(self.balancer.probe_result(
+                work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
+        if isinstance(work, _Deregister | _Recovery):
             return []
         if isinstance(work, _Relayed):
             # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.
-            self._health(self.balancer.request_failed(
-                work.backend, now=now, reason=f"{tx.request.method} timed out"))  # fmt: skip
-            return self.respond(work.server_tx, 408, "Backend Timeout", (), now)
+            out = self._health(self.balancer.request_failed(
+                work.backend, now=now, reason=f"{tx.request.method} timed out"), now)  # fmt: skip
+            return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)
         return []
 
     def forget(self, tx: ClientTransaction) -> None:

@@ -308,3 +308,50 @@ def test_client_that_stops_refreshing_is_deregistered_at_the_backend() -> None:
         and str(req.contact[0].uri) == "sip:frank@10.0.0.7:5060"
     )
     assert len(core.backends.registrations) == 0
+
+
+def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
+    """Issue 3 item 7: the SBC re-registers the bindings it cached on the surviving backend."""
+    core = make_core(B1, B2, failures=1)
+    for flow, probe in sent(core.handle_timer(0.0)):
+        answer(core, probe, 200, 0.0, flow.remote)
+    # A user that hashes to B1.
+    for i in range(50):
+        user = f"r{i}"
+        [(flow, fwd)] = sent(
+            core.receive_datagram(sip(REGISTER.format(n=i + 1, user=user)), CLIENT, 1.0)
+        )
+        assert isinstance(fwd, Request)
+        if flow.remote == B1:
+            break
+    ok = make_response(fwd, 200, to_tag="reg")
+    ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
+    sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 1.0))
+    # B1 stops answering: its next probe (at 5 s) times out at 10 s and B1 goes down.
+    recovery: list[Request] = []
+    now = 1.0
+    while not recovery and (deadline := core.next_deadline()) is not None and deadline <= 12.0:
+        now = deadline
+        for flow, msg in sent(core.handle_timer(now)):
+            if isinstance(msg, Request) and msg.method == "OPTIONS" and flow.remote == B2:
+                answer(core, msg, 200, now, B2)
+            elif isinstance(msg, Request) and msg.method == "REGISTER":
+                assert flow.remote == B2
+                if not (msg.call_id or "").startswith("reg-"):  # not a client's, retransmitted
+                    recovery.append(msg)
+    [req] = recovery
+    assert req.to is not None and str(req.to.uri) == f"sip:{user}@example.com"
+    assert req.call_id and req.cseq is not None and req.cseq.seq == 1  # fresh: no CSeq clash
+    [contact] = req.contact
+    assert (
+        str(contact.uri) == f"sip:{user}@10.0.0.7:5060"
+        and int(contact.param("expires") or 0) >= 3240
+    )
+    [path] = req.name_addrs("path")
+    assert path.sip_uri is not None and path.sip_uri.user is not None
+    assert core.backends.tokens.decode(path.sip_uri.user) == CLIENT
+    ok = make_response(req, 200, to_tag="rec")
+    ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
+    sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B2), now))
+    [reg] = list(core.backends.registrations)
+    assert reg.backend == "sip:127.0.0.1:5071"

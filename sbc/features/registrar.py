@@ -90,8 +90,8 @@ class CachedRegistration:
     """What the SBC knows of one client registration it relayed (one flow, one Call-ID)."""
 
     __slots__ = (
-        "aor", "backend", "backend_expires_at", "call_id", "client_expires", "client_expires_at",
-        "contacts", "cseq", "flow", "reply_headers",
+        "aor", "backend", "backend_call_id", "backend_expires_at", "call_id", "client_expires",
+        "client_expires_at", "contacts", "cseq", "flow", "reply_headers",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +118,8 @@ class CachedRegistration:
         self.client_expires = client_expires
         self.client_expires_at = client_expires_at
         self.reply_headers = reply_headers  # Service-Route etc. from the backend's 200
+        # The Call-ID of the backend binding when the SBC made it itself (recovery).
+        self.backend_call_id: str | None = None
 
 
 class RegistrationCache:

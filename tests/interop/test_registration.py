@@ -3,7 +3,8 @@
 SIPp registers users through ``sbc run``; the SBC spreads them over the backends by a hash
 of the AOR, adds a Path with a flow token, tells clients a short expiry and the backends a
 long one, and answers unchanged refreshes itself. A backend that dies is probed down and new
-registrations go to the survivor; when it returns it is probed up and takes its users back.
+registrations go to the survivor, and the SBC re-registers the dead backend's users there
+from its cache; when it returns it is probed up and takes new registrations back.
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ def test_dead_backend_is_avoided_and_comes_back(
     r0.stop()
     # probe_interval x probe_failures + a margin: the SBC marks r0 down by itself.
     wait_for_log(sbc, "backend down", 0.5 * 2 + 5.0)
+    # Registration recovery: r0's users are registered on r1 by the SBC, from its cache,
+    # without waiting for the clients to refresh.
+    deadline = time.monotonic() + 3.0
+    while not set(on_r0) <= set(r1.aors()):
+        assert time.monotonic() < deadline, sorted(set(on_r0) - set(r1.aors()))
+        time.sleep(0.1)
+    for contacts in (r1.bindings()[user] for user in on_r0):
+        assert any(str(c["path"]).endswith(f":{sbc.extra_ports['core']};lr>") for c in contacts)
     response = register_udp(sbc.host4, sbc.udp4, on_r0[0], expires=600, timeout=3.0)
     assert response.status == 200 and on_r0[0] in r1.aors()
     # r0 returns: after probe_successes good probes it takes its users again.
