@@ -13,6 +13,7 @@ import ssl
 from sbc.config import Config, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.features.keepalive import NatPolicy
 from sbc.io.sip_transport import SipTransports, StartupError, tls_context
 from sbc.relay import OffloadPolicy
 from sbc.sip.parser import Limits
@@ -55,6 +56,11 @@ def core_settings(config: Config) -> CoreSettings:
             client_tls=reg.client_expires.tls,
             backend_expires=reg.backend_expires,
             backend_spread=reg.backend_spread,
+        ),
+        nat=NatPolicy(
+            interval=config.nat.keepalive_interval,
+            method=config.nat.keepalive_method,
+            failures=config.nat.keepalive_failures,
         ),
     )
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
+from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
-from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy
+from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
@@ -76,6 +78,7 @@ class CoreSettings:
     health: HealthPolicy = DEFAULT_HEALTH
     balance: str = "aor-hash"
     offload: OffloadPolicy = DEFAULT_OFFLOAD
+    nat: NatPolicy | None = None
 
 
 class SbcCore:
@@ -90,6 +93,7 @@ class SbcCore:
             respond=self._respond,
             server_header=settings.server_header,
             offload=settings.offload,
+            nat=settings.nat,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).
@@ -99,6 +103,11 @@ class SbcCore:
     # -- input ----------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
+        if is_stun(data):
+            # RFC 5626 4.4.2: STUN binding requests on the SIP port are answered.
+            self.stats["stun"] += 1
+            answer = stun_binding_response(data, flow.remote)
+            return [SendData(flow, answer)] if answer is not None else []
         if not data.strip(b"\r\n\x00 "):
             self.stats["keepalive"] += 1  # RFC 5626 4.4.1 CRLF keep-alive (also RFC 3261 7.5)
             return []
@@ -301,12 +310,14 @@ class SbcCore:
             resp.add("Server", self.settings.server_header)
         return bytes(resp)
 
-    def _outputs(self, outputs: list[Output], now: float) -> list[Action]:
+    def _outputs(self, outputs: Sequence[Output | RawSend], now: float) -> list[Action]:
         """Transaction outputs to actions; TU events go to the work that started the
         client transaction (a probe or a relayed request)."""
         actions: list[Action] = []
         for out in outputs:
-            if isinstance(out, Send):
+            if isinstance(out, RawSend):
+                actions.append(SendData(out.flow, out.data))
+            elif isinstance(out, Send):
                 msg = out.message
                 data = self._finish(msg) if isinstance(msg, Response) else bytes(msg)
                 assert isinstance(out.dest, Flow)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sbc.features.balancer import BackendState, BackendUp, Balancer, HealthChange
+from sbc.features.keepalive import KeepaliveTable, NatPolicy, behind_nat
 from sbc.features.registrar import (
     CachedRegistration,
     FlowTokens,
@@ -70,11 +71,27 @@ class _RegisterInfo:
     contacts: tuple[NameAddr, ...]
     flow: Flow
     client_expires: int  # what the client will be granted (0: a de-registration)
+    nat: bool = False  # the client is behind NAT (issue 3 item 4)
+    outbound: bool = False  # the client uses SIP outbound (RFC 5626)
 
 
 @dataclass(slots=True)
 class _Deregister:
     backend: BackendState
+
+
+@dataclass(slots=True)
+class _Keepalive:
+    flow: Flow
+    deadline: float  # unanswered by then: one keep-alive failure
+
+
+@dataclass(frozen=True, slots=True)
+class RawSend:
+    """Octets to send as they are (a CRLF keep-alive, RFC 5626 4.4.1)."""
+
+    flow: Flow
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -121,6 +138,7 @@ class BackendRelay:
         respond: Respond,
         server_header: str,
         offload: OffloadPolicy = DEFAULT_OFFLOAD,
+        nat: NatPolicy | None = None,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -131,10 +149,14 @@ class BackendRelay:
         self.offload = offload
         self.tokens = tokens or FlowTokens()
         self.registrations = RegistrationCache()
+        self.nat = nat or NatPolicy()
+        self.keepalives = KeepaliveTable(interval=self.nat.interval, failures=self.nat.failures)
         self._rng = rng or random.Random()
         self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
-        self._work: dict[ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery] = {}
+        self._work: dict[
+            ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
+        ] = {}
         self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
 
@@ -157,16 +179,21 @@ class BackendRelay:
     def next_deadline(self) -> float | None:
         if not self._sockets:
             return None
-        deadlines = [w.deadline for w in self._work.values() if isinstance(w, _Probe)]
-        for nxt in (self.balancer.next_deadline(), self.registrations.next_deadline()):
+        deadlines = [w.deadline for w in self._work.values() if isinstance(w, _Probe | _Keepalive)]
+        for nxt in (
+            self.balancer.next_deadline(),
+            self.registrations.next_deadline(),
+            self.keepalives.next_deadline(),
+        ):
             if nxt is not None:
                 deadlines.append(nxt)
         return min(deadlines) if deadlines else None
 
-    def handle_timer(self, now: float) -> list[Output]:
-        out: list[Output] = []
+    def handle_timer(self, now: float) -> list[Output | RawSend]:
+        out: list[Output | RawSend] = []
         if not self._sockets:
             return out
+        out += self._keepalive_timers(now)
         # A probe unanswered within probe_interval failed: detection must take about
         # probe_interval x probe_failures, not probe_failures x timer F (issue 3 item 7).
         late = [
@@ -179,6 +206,8 @@ class BackendRelay:
                 work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
         for reg in self.registrations.expired(now):
             out += self._deregister(reg, now)
+            if not any(r.flow == reg.flow for r in self.registrations):
+                self.keepalives.unwatch(reg.flow)
         for backend in self.balancer.probes_due(now):
             flow = self.flow_to(backend)
             if flow is None:
@@ -225,6 +254,58 @@ class BackendRelay:
                 out += self._recover(reg, now)
         return out
 
+    # -- keep-alives towards clients behind NAT (issue 3 item 5) -----------------------------
+    def _keepalive_timers(self, now: float) -> list[Output | RawSend]:
+        out: list[Output | RawSend] = []
+        late = [
+            (tx, w)
+            for tx, w in self._work.items()
+            if isinstance(w, _Keepalive) and w.deadline <= now
+        ]
+        for tx, work in late:
+            del self._work[tx]
+            out += self.transactions.terminate(tx)
+            if self.keepalives.failed(work.flow):
+                out += self._flow_failed(work.flow, now)
+        for flow in self.keepalives.due(now):
+            if self.nat.method == "crlf":
+                out.append(RawSend(flow, b"\r\n\r\n"))
+                continue
+            target = self.keepalives.target(flow) or f"sip:{format_host(flow.remote[0])}"
+            tx, sent = self.transactions.send_request(
+                self._keepalive_request(flow, target), dest=flow, reliable=False, now=now
+            )
+            timeout = min(self.nat.interval, self.transactions.timers.timer_f)
+            self._work[tx] = _Keepalive(flow, now + timeout)
+            out += sent
+        return out
+
+    def _keepalive_request(self, flow: Flow, target: str) -> Request:
+        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
+        req = Request("OPTIONS", target)
+        req.add("Via", f"SIP/2.0/UDP {local};branch={new_branch()};rport")
+        req.add("Max-Forwards", "70")
+        req.add("From", f"<sip:keepalive@{local}>;tag={secrets.token_hex(6)}")
+        req.add("To", f"<{target}>")
+        req.add("Call-ID", f"{secrets.token_hex(10)}@{format_host(flow.local[0])}")
+        req.add("CSeq", "1 OPTIONS")
+        req.add("User-Agent", self.server_header)
+        req.add("Content-Length", "0")
+        return req
+
+    def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
+        """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
+        removed here and at the backends (issue 3 items 3 and 5)."""
+        self.keepalives.unwatch(flow)
+        out: list[Output] = []
+        for reg in self.registrations:
+            if reg.flow == flow:
+                self.registrations.drop(reg)
+                out += self._deregister(reg, now)
+        log.info("client unreachable; its bindings are removed", extra={"flow": str(flow)})
+        self.stats["keepalive_dead"] += 1
+        return out
+
     # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
     def relay_register(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
@@ -245,9 +326,14 @@ class BackendRelay:
             )  # fmt: skip
             if cached is not None:
                 return self._answer_locally(server_tx, req, cached, granted, now)
+            via = req.via[0]
+            hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
             info = _RegisterInfo(
                 aor=aor, call_id=call_id, cseq=cseq.seq, contacts=contacts, flow=client,
                 client_expires=granted,
+                nat=behind_nat(client.remote, via.host_bare, via.port, hosts),
+                outbound="outbound" in {v.lower() for v in req.values("supported")}
+                and any(c.param("reg-id") is not None for c in contacts),
             )  # fmt: skip
         backend = self.balancer.pick_for_aor(aor)
         flow = self.flow_to(backend) if backend is not None else None
@@ -401,6 +487,11 @@ class BackendRelay:
                 del self._work[event.transaction]
                 self._recovered(work, resp, now)
             return []
+        if isinstance(work, _Keepalive):
+            if resp.status >= 200:  # any answer, even 405 or 501, shows the client is there
+                del self._work[event.transaction]
+                self.keepalives.answered(work.flow)
+            return []
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:
@@ -452,6 +543,12 @@ class BackendRelay:
         )  # fmt: skip
         if "expires" in resp:
             resp.set("Expires", str(client_expiry))
+        if info.nat and info.flow.transport == "udp":
+            target = next((str(c.uri) for c in info.contacts if c.uri is not None), None)
+            self.keepalives.watch(info.flow, target or f"sip:{info.flow.remote[0]}", now)
+        if info.outbound:
+            # RFC 5626 4.4.1 / 5.4: how often the client should send its own keep-alives.
+            resp.set("Flow-Timer", str(int(self.nat.interval)))
         self.registrations.store(
             CachedRegistration(
                 aor=info.aor,
@@ -474,6 +571,8 @@ class BackendRelay:
                 work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
         if isinstance(work, _Deregister | _Recovery):
             return []
+        if isinstance(work, _Keepalive):
+            return self._flow_failed(work.flow, now) if self.keepalives.failed(work.flow) else []
         if isinstance(work, _Relayed):
             # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.

@@ -8,6 +8,7 @@ from sipdata import sip
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.registrar import FlowTokens, aor_of
+from sbc.relay import OffloadPolicy
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr
 from sbc.sip.message import Request, Response, make_response
@@ -34,7 +35,9 @@ Content-Length: 0
 """
 
 
-def make_core(*backends: tuple[str, int], failures: int = 3) -> SbcCore:
+def make_core(
+    *backends: tuple[str, int], failures: int = 3, offload: OffloadPolicy | None = None
+) -> SbcCore:
     specs = tuple(
         BackendSpec(name=f"sip:{h}:{p}", host=h, port=p, transport="udp") for h, p in backends
     )
@@ -43,6 +46,7 @@ def make_core(*backends: tuple[str, int], failures: int = 3) -> SbcCore:
             local_hosts=frozenset({"127.0.0.1"}),
             backends=specs,
             health=HealthPolicy(probe_interval=5.0, probe_failures=failures, probe_successes=2),
+            offload=offload or OffloadPolicy(),
         )
     )
     core.add_listener("access", "udp", ACCESS)

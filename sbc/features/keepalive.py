@@ -1,0 +1,176 @@
+"""Keep-alives towards clients behind NAT, and STUN answers on the SIP port (sans-I/O).
+
+RFC 5626 4.4 (keep-alive techniques), RFC 5389 (STUN binding). A UDP client behind NAT is
+reachable only while its NAT keeps the mapping; the SBC refreshes it by sending to the
+client every ``keepalive_interval`` (an OPTIONS that must be answered, or a CRLFCRLF
+datagram) and gives up on a flow after ``keepalive_failures`` unanswered OPTIONS.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import struct
+
+from sbc.sip.flow import Address, Flow
+
+# -- NAT detection (issue 3 item 4) -----------------------------------------------------------
+
+# RFC 1918, RFC 6598 (CGN shared space), link-local, and the IPv6 equivalents (ULA, link-local).
+_PRIVATE = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+        "fc00::/7", "fe80::/10",
+    )
+)  # fmt: skip
+
+
+def is_private(host: str) -> bool:
+    """True for an address in private, CGN or link-local space (not loopback)."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in net for net in _PRIVATE if ip.version == net.version)
+
+
+def behind_nat(
+    source: Address, via_host: str, via_port: int | None, contact_hosts: list[str]
+) -> bool:
+    """A client is behind NAT if its packets come from another address than its Via says,
+    or its Contact is another address than the source or in private space (issue 3 item 4)."""
+    src_host, src_port = source
+    if via_host.lower() != src_host.lower() or (via_port or 5060) != src_port:
+        return True
+    return any(is_private(h) or h.strip("[]").lower() != src_host.lower() for h in contact_hosts)
+
+
+# -- keep-alive schedule ---------------------------------------------------------------------
+
+
+class _FlowState:
+    __slots__ = ("failures", "next_at", "target")
+
+    def __init__(self, next_at: float, target: str) -> None:
+        self.next_at = next_at
+        self.failures = 0
+        self.target = target  # Request-URI for OPTIONS keep-alives (a contact of the flow)
+
+
+class KeepaliveTable:
+    """Which flows get keep-alives and when; counts unanswered OPTIONS per flow."""
+
+    def __init__(self, *, interval: float, failures: int) -> None:
+        self.interval = interval
+        self.max_failures = failures
+        self._flows: dict[Flow, _FlowState] = {}
+        self._heap: list[tuple[float, int, Flow]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __contains__(self, flow: Flow) -> bool:
+        return flow in self._flows
+
+    def watch(self, flow: Flow, target: str, now: float) -> None:
+        """Start (or keep) sending keep-alives to ``flow``."""
+        state = self._flows.get(flow)
+        if state is None:
+            state = self._flows[flow] = _FlowState(now + self.interval, target)
+            heapq.heappush(self._heap, (state.next_at, next(self._seq), flow))
+        state.target = target
+
+    def unwatch(self, flow: Flow) -> None:
+        self._flows.pop(flow, None)
+
+    def target(self, flow: Flow) -> str | None:
+        state = self._flows.get(flow)
+        return None if state is None else state.target
+
+    def due(self, now: float) -> list[Flow]:
+        """Flows to send a keep-alive to now; each is rescheduled one interval later."""
+        out: list[Flow] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _, flow = heapq.heappop(heap)
+            state = self._flows.get(flow)
+            if state is None or state.next_at != at:
+                continue  # unwatched, or a stale entry
+            out.append(flow)
+            state.next_at = now + self.interval
+            heapq.heappush(heap, (state.next_at, next(self._seq), flow))
+        return out
+
+    def answered(self, flow: Flow) -> None:
+        state = self._flows.get(flow)
+        if state is not None:
+            state.failures = 0
+
+    def failed(self, flow: Flow) -> bool:
+        """Count an unanswered keep-alive; True when the flow is to be given up."""
+        state = self._flows.get(flow)
+        if state is None:
+            return False
+        state.failures += 1
+        return state.failures >= self.max_failures
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            at, _, flow = heap[0]
+            state = self._flows.get(flow)
+            if state is not None and state.next_at == at:
+                return at
+            heapq.heappop(heap)
+        return None
+
+
+# -- STUN binding on the SIP port (RFC 5626 4.4.2, RFC 5389) ---------------------------------
+
+STUN_MAGIC = 0x2112A442
+_BINDING_REQUEST = 0x0001
+_BINDING_SUCCESS = 0x0101
+_XOR_MAPPED_ADDRESS = 0x0020
+
+
+def is_stun(data: bytes) -> bool:
+    """A STUN message: first two bits zero and the magic cookie (RFC 5389 6); SIP starts
+    with a letter, so the two never collide."""
+    return len(data) >= 20 and data[0] < 0x40 and struct.unpack_from("!I", data, 4)[0] == STUN_MAGIC
+
+
+def stun_binding_response(data: bytes, source: Address) -> bytes | None:
+    """The Binding success response to a Binding request from ``source``, or None."""
+    if not is_stun(data):
+        return None
+    msg_type, length = struct.unpack_from("!HH", data, 0)
+    if msg_type != _BINDING_REQUEST or length != len(data) - 20 or length % 4:
+        return None
+    txid = data[8:20]
+    host, port = source
+    ip = ipaddress.ip_address(host)
+    xport = port ^ (STUN_MAGIC >> 16)
+    if ip.version == 4:
+        xaddr = int(ip) ^ STUN_MAGIC
+        value = struct.pack("!BBHI", 0, 0x01, xport, xaddr)
+    else:
+        key = int.from_bytes(struct.pack("!I", STUN_MAGIC) + txid, "big")
+        value = struct.pack("!BBH", 0, 0x02, xport) + (int(ip) ^ key).to_bytes(16, "big")
+    attr = struct.pack("!HH", _XOR_MAPPED_ADDRESS, len(value)) + value
+    return struct.pack("!HHI", _BINDING_SUCCESS, len(attr), STUN_MAGIC) + txid + attr
+
+
+class NatPolicy:
+    """[nat]: how keep-alives are sent (issue 3 item 5)."""
+
+    __slots__ = ("failures", "interval", "method")
+
+    def __init__(
+        self, *, interval: float = 20.0, method: str = "options", failures: int = 3
+    ) -> None:
+        self.interval = interval
+        self.method = method
+        self.failures = failures
