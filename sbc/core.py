@@ -260,6 +260,11 @@ class SbcCore:
             return tx.respond(self._response(req, 481), now)
         if method == "REGISTER" and self.settings.backends:
             return self.backends.relay_register(tx, req, flow, now)
+        if self.backends.is_core_flow(flow):
+            client = self.backends.client_flow(req)
+            if client is not None:
+                alive = client.transport == "udp" or client in self._framers
+                return self.backends.relay_to_client(tx, req, client, alive, now)
         # Not routable yet: calls and registrations are later features.
         return tx.respond(self._response(req, 404, "No Route"), now)
 

@@ -57,7 +57,7 @@ class _Probe:
 @dataclass(slots=True)
 class _Relayed:
     server_tx: ServerTransaction
-    backend: BackendState
+    backend: BackendState | None  # None: relayed to a client
     register: _RegisterInfo | None = None
 
 
@@ -306,6 +306,46 @@ class BackendRelay:
         self.stats["keepalive_dead"] += 1
         return out
 
+    # -- requests from a backend to a registered client (issue 3 item 6) --------------------
+    def is_core_flow(self, flow: Flow) -> bool:
+        return flow.local in self._sockets.values()
+
+    def client_flow(self, req: Request) -> Flow | None:
+        """The client flow named by the top Route, if it is one of our Path URIs (RFC 3327
+        5.3: the registrar puts the Path in a Route of requests for the user)."""
+        routes = req.name_addrs("route")
+        uri = routes[0].sip_uri if routes else None
+        if uri is None or uri.user is None or uri.port is None:
+            return None
+        if (uri.host_bare, uri.port) not in {(h.lower(), p) for h, p in self._sockets.values()}:
+            return None
+        return self.tokens.decode(uri.user)
+
+    def relay_to_client(
+        self, server_tx: ServerTransaction, req: Request, client: Flow, alive: bool, now: float
+    ) -> list[Output]:
+        """Forward an out-of-dialog request for a registered user over the flow its REGISTER
+        came on (never to its private Contact), as a stateful proxy (RFC 3261 16.6)."""
+        if not alive or not self.registrations.has_flow(client):
+            # RFC 5626 5.3: the flow is gone; say so at once rather than time out.
+            return self.respond(server_tx, 430, "Flow Failed", (), now)
+        if req.method in ("INVITE", "SUBSCRIBE", "REFER"):
+            # Dialogs through the SBC are the B2BUA's job (issue 4), not a proxy's.
+            return self.respond(server_tx, 501, "Dialogs Not Relayed Yet", (), now)
+        fwd = req.copy()
+        fwd.pop_first_value("route")  # RFC 3261 16.4: our own Route
+        mf = req.max_forwards
+        fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
+        local = f"{format_host(client.local[0])}:{client.local[1]}"
+        fwd.add("Via", f"SIP/2.0/{client.transport.upper()} {local};branch={new_branch()};rport",
+                first=True)  # fmt: skip
+        tx, out = self.transactions.send_request(
+            fwd, dest=client, reliable=client.reliable, now=now
+        )
+        self._work[tx] = _Relayed(server_tx, None)
+        self.stats["relayed_to_client"] += 1
+        return out
+
     # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
     def relay_register(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
@@ -497,7 +537,7 @@ class BackendRelay:
         if resp.status >= 200:
             del self._work[event.transaction]
         out = self._relayed_response(resp)
-        if work.register is not None and 200 <= resp.status < 300:
+        if work.register is not None and work.backend is not None and 200 <= resp.status < 300:
             self._registered(work.register, work.backend, out, now)
         return work.server_tx.respond(out, now)
 
@@ -576,6 +616,8 @@ class BackendRelay:
         if isinstance(work, _Relayed):
             # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.
+            if work.backend is None:
+                return self.respond(work.server_tx, 408, "Client Timeout", (), now)
             out = self._health(self.balancer.request_failed(
                 work.backend, now=now, reason=f"{tx.request.method} timed out"), now)  # fmt: skip
             return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)

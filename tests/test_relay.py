@@ -359,3 +359,63 @@ def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
     sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B2), now))
     [reg] = list(core.backends.registrations)
     assert reg.backend == "sip:127.0.0.1:5071"
+
+
+MESSAGE = """
+MESSAGE sip:alice@10.0.0.7:5060 SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-msg{n}
+Route: {route}
+Max-Forwards: 69
+From: <sip:bob@example.com>;tag=m{n}
+To: <sip:alice@example.com>
+Call-ID: msg{n}@backend
+CSeq: 1 {method}
+Content-Type: text/plain
+Content-Length: 2
+
+hi"""
+
+
+def test_requests_from_the_backend_reach_the_client_over_its_flow() -> None:
+    """Issue 3 item 6: the Path's flow token routes a request to the client's NAT flow."""
+    core = make_core(B1)
+    registered(core, "alice", 1, 0.0)
+    route = f"<sip:{core.backends.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
+    msg = sip(MESSAGE.format(n=1, route=route, method="MESSAGE"))
+    [(flow, fwd)] = sent(core.receive_datagram(msg, Flow("udp", CORE, B1), 1.0))
+    assert flow == CLIENT and isinstance(fwd, Request) and fwd.method == "MESSAGE"
+    assert str(fwd.uri) == "sip:alice@10.0.0.7:5060"  # the Request-URI is left alone
+    assert "route" not in fwd and fwd.max_forwards == 68 and fwd.body == b"hi"
+    assert fwd.via[0].port == 5060 and fwd.via[1].branch == "z9hG4bK-msg1"
+    ok = make_response(fwd, 200, to_tag="a")
+    [(to, resp)] = sent(core.receive_datagram(bytes(ok), CLIENT, 1.1))
+    assert to.remote == B1 and isinstance(resp, Response) and resp.status == 200
+    assert len(resp.via) == 1 and resp.via[0].branch == "z9hG4bK-msg1"
+
+
+def test_requests_for_a_gone_flow_get_430_and_dialogs_wait_for_the_b2bua() -> None:
+    core = make_core(B1)
+    registered(core, "alice", 1, 0.0)
+    gone = Flow("udp", ACCESS, ("192.0.2.99", 1234))  # no registration uses it
+    route = f"<sip:{core.backends.tokens.encode(gone)}@127.0.0.1:5080;lr>"
+    [(_, resp)] = sent(
+        core.receive_datagram(
+            sip(MESSAGE.format(n=2, route=route, method="MESSAGE")), Flow("udp", CORE, B1), 1.0
+        )
+    )
+    assert isinstance(resp, Response) and resp.status == 430  # RFC 5626 5.3
+    route = f"<sip:{core.backends.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
+    invite = (
+        sip(MESSAGE.format(n=3, route=route, method="INVITE"))
+        .replace(b"MESSAGE sip", b"INVITE sip")
+        .replace(b"text/plain", b"application/sdp")
+    )
+    [(_, resp)] = sent(core.receive_datagram(invite, Flow("udp", CORE, B1), 1.0))
+    assert isinstance(resp, Response) and resp.status == 501
+    forged = "<sip:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@127.0.0.1:5080;lr>"
+    [(_, resp)] = sent(
+        core.receive_datagram(
+            sip(MESSAGE.format(n=4, route=forged, method="MESSAGE")), Flow("udp", CORE, B1), 1.0
+        )
+    )
+    assert isinstance(resp, Response) and resp.status == 404  # not our token: no open relay

@@ -15,6 +15,7 @@ import heapq
 import hmac
 import itertools
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 
 from sbc.sip.flow import Flow
@@ -136,6 +137,7 @@ class RegistrationCache:
         # (client_expires_at, seq, key): a heap with stale entries skipped lazily.
         self._heap: list[tuple[float, int, tuple[str, str, Flow]]] = []
         self._seq = itertools.count()
+        self._per_flow: Counter[Flow] = Counter()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -146,13 +148,22 @@ class RegistrationCache:
     def get(self, aor: str, call_id: str, flow: Flow) -> CachedRegistration | None:
         return self._by_key.get((aor, call_id, flow))
 
+    def has_flow(self, flow: Flow) -> bool:
+        """Whether some registration still uses this flow."""
+        return self._per_flow[flow] > 0
+
     def store(self, reg: CachedRegistration) -> None:
         key = (reg.aor, reg.call_id, reg.flow)
+        if key not in self._by_key:
+            self._per_flow[reg.flow] += 1
         self._by_key[key] = reg
         heapq.heappush(self._heap, (reg.client_expires_at, next(self._seq), key))
 
     def drop(self, reg: CachedRegistration) -> None:
-        self._by_key.pop((reg.aor, reg.call_id, reg.flow), None)
+        if self._by_key.pop((reg.aor, reg.call_id, reg.flow), None) is not None:
+            self._per_flow[reg.flow] -= 1
+            if not self._per_flow[reg.flow]:
+                del self._per_flow[reg.flow]
 
     def can_answer(
         self,
