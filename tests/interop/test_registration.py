@@ -13,6 +13,7 @@ import re
 import time
 from pathlib import Path
 
+from . import sipwire
 from .conftest import (
     RegistrarFactory,
     SbcFactory,
@@ -115,3 +116,61 @@ def wait_for_log(sbc: object, text: str, seconds: float) -> None:
     while text not in sbc.log():  # type: ignore[attr-defined]
         assert time.monotonic() < deadline, f"no {text!r} within {seconds} s"
         time.sleep(0.1)
+
+
+def test_message_from_the_backend_reaches_the_registered_client(
+    kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory
+) -> None:
+    """Issue 3 item 6: Kamailio routes by the stored Path; the SBC sends over the client's flow."""
+    (registrar,) = kamailio_registrars(1)
+    sbc = sbc_factory(extra=backends_config(registrar.uri))
+    with sipwire.udp_socket(sbc.host4) as client, sipwire.udp_socket(sbc.host4) as sender:
+        # The client registers from its socket with a Contact that is NOT where it listens
+        # (as behind NAT): requests must come back over the flow, not to the Contact.
+        local = sipwire.hostport(*client.getsockname()[:2])
+        register = "\r\n".join(
+            [
+                f"REGISTER sip:{sipwire.hostport(sbc.host4, sbc.udp4)} SIP/2.0",
+                f"Via: SIP/2.0/UDP {local};branch=z9hG4bK-carol1;rport",
+                "Max-Forwards: 70",
+                "From: <sip:carol@example.com>;tag=c1",
+                "To: <sip:carol@example.com>",
+                "Call-ID: carol-reg@interop",
+                "CSeq: 1 REGISTER",
+                "Contact: <sip:carol@192.168.1.50:5060>",
+                "Expires: 600",
+                "Content-Length: 0",
+            ]
+        )
+        client.settimeout(3.0)
+        client.sendto((register + "\r\n\r\n").encode(), (sbc.host4, sbc.udp4))
+        assert sipwire.parse_response(client.recv(65535)).status == 200
+        # Someone in the core sends a MESSAGE for carol to the registrar.
+        message = sipwire.request(
+            target="carol@example.com",
+            transport="udp",
+            local=sender.getsockname()[:2],
+            method="MESSAGE",
+            extra=(("Content-Type", "text/plain"),),
+            body=b"hello carol",
+        )
+        sender.settimeout(3.0)
+        sender.sendto(message, (registrar.host, registrar.port))
+        data, source = client.recvfrom(65535)
+        assert source == (sbc.host4, sbc.udp4), source  # from the SBC's access side
+        assert data.startswith(b"MESSAGE sip:carol@192.168.1.50:5060 SIP/2.0\r\n"), data[:80]
+        assert data.endswith(b"hello carol") and b"\r\nRoute:" not in data
+        # The client answers over the same flow; the answer reaches the sender.
+        head = data.split(b"\r\n\r\n", 1)[0].decode()
+        keep = [
+            line
+            for line in head.split("\r\n")[1:]
+            if line.split(":", 1)[0].lower() in ("via", "from", "to", "call-id", "cseq")
+        ]
+        ok = "\r\n".join(["SIP/2.0 200 OK", *keep, "Content-Length: 0"]) + "\r\n\r\n"
+        client.sendto(ok.encode(), source)
+        while True:
+            response = sipwire.parse_response(sender.recv(65535))
+            if response.status >= 200:
+                break
+        assert response.status == 200
