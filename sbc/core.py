@@ -169,6 +169,12 @@ class SbcCore:
             flow, seen = next(iter(self._activity.items()))
             if seen + idle > now:
                 break
+            if self.backends.registrations.has_flow(flow):
+                # A registered client's connection is how the SBC reaches it (RFC 5626 5.3):
+                # kept while its registration lives.
+                del self._activity[flow]
+                self._activity[flow] = now
+                continue
             log.info("closing idle connection", extra={"flow": str(flow)})
             self.stats["idle_closed"] += 1
             actions.append(Close(flow))

@@ -10,7 +10,7 @@ from sipdata import rfc4475, rfc4475_names, rfc5118, rfc5118_names, sip
 from sbc import __version__
 from sbc.core import Close, CoreSettings, SbcCore, SendData
 from sbc.sip.flow import Flow
-from sbc.sip.message import ParseError, Response
+from sbc.sip.message import ParseError, Response, make_response
 from sbc.sip.parser import Limits, parse_message
 
 SBC = ("127.0.0.1", 5060)
@@ -370,3 +370,21 @@ def test_core_never_crashes_on_mutated_input() -> None:
         core.handle_timer(i * 0.01)
     core.handle_timer(1e6)
     assert len(core.transactions) == 0
+
+
+def test_registered_connections_are_not_closed_as_idle() -> None:
+    from test_relay import B1, CORE, REGISTER, make_core
+
+    from sbc.relay import OffloadPolicy
+
+    core = make_core(B1, offload=OffloadPolicy(client_tcp=3000, backend_expires=7200))
+    tcp = Flow("tcp", SBC, ("192.0.2.7", 40000), conn_id=3)
+    req = sip(REGISTER.format(n=1, user="tina")).replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+    [fwd_action] = core.receive_stream(req, tcp, 0.0)
+    fwd = parse_message(fwd_action.data)  # type: ignore[union-attr]
+    ok = make_response(fwd, 200, to_tag="r")  # type: ignore[arg-type]
+    ok.add("Contact", "<sip:tina@10.0.0.7:5060>;expires=3600")
+    core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 0.0)
+    assert core.backends.registrations.has_flow(tcp)
+    closes = [a for a in core.handle_timer(400.0) if isinstance(a, Close)]
+    assert closes == []  # past tcp_idle_timeout (300 s), but the client is registered on it
