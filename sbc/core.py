@@ -169,7 +169,7 @@ class SbcCore:
             flow, seen = next(iter(self._activity.items()))
             if seen + idle > now:
                 break
-            if self.backends.registrations.has_flow(flow):
+            if self.backends.has_flow(flow):
                 # A registered client's connection is how the SBC reaches it (RFC 5626 5.3):
                 # kept while its registration lives.
                 del self._activity[flow]
@@ -264,8 +264,15 @@ class SbcCore:
         if to is not None and to.tag is not None:
             # RFC 3261 12.2.2: an in-dialog request for a dialog the SBC does not hold.
             return tx.respond(self._response(req, 481), now)
-        if method == "REGISTER" and self.settings.backends:
-            return self.backends.relay_register(tx, req, flow, now)
+        if method == "REGISTER":
+            if self.settings.backends:
+                return self.backends.relay_register(tx, req, flow, now)
+            return self.backends.register_locally(tx, req, flow, now)
+        if not self.settings.backends and (found := self.backends.local_target(req, now)):
+            # The embedded registrar knows the user: over its flow, to its contact.
+            user_flow, contact = found
+            alive = user_flow.transport == "udp" or user_flow in self._framers
+            return self.backends.relay_to_client(tx, req, user_flow, alive, now, target=contact)
         if self.backends.is_core_flow(flow):
             client = self.backends.client_flow(req)
             if client is not None:

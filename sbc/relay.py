@@ -21,6 +21,8 @@ from sbc.features.keepalive import KeepaliveTable, NatPolicy, behind_nat
 from sbc.features.registrar import (
     CachedRegistration,
     FlowTokens,
+    LocationService,
+    RegisterRefused,
     RegistrationCache,
     aor_of,
     client_expires_for,
@@ -38,6 +40,7 @@ from sbc.sip.transaction import (
     TransactionLayer,
     new_branch,
 )
+from sbc.sip.uri import SipUri, Uri
 
 log = logging.getLogger("sbc.relay")
 
@@ -149,6 +152,7 @@ class BackendRelay:
         self.offload = offload
         self.tokens = tokens or FlowTokens()
         self.registrations = RegistrationCache()
+        self.location = LocationService()  # the embedded registrar, without backends
         self.nat = nat or NatPolicy()
         self.keepalives = KeepaliveTable(interval=self.nat.interval, failures=self.nat.failures)
         self._rng = rng or random.Random()
@@ -297,6 +301,7 @@ class BackendRelay:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
         removed here and at the backends (issue 3 items 3 and 5)."""
         self.keepalives.unwatch(flow)
+        self.location.drop_flow(flow)
         out: list[Output] = []
         for reg in self.registrations:
             if reg.flow == flow:
@@ -321,19 +326,36 @@ class BackendRelay:
             return None
         return self.tokens.decode(uri.user)
 
+    def has_flow(self, flow: Flow) -> bool:
+        """Whether a registration (relayed or local) still reaches its client over ``flow``."""
+        return self.registrations.has_flow(flow) or self.location.has_flow(flow)
+
     def relay_to_client(
-        self, server_tx: ServerTransaction, req: Request, client: Flow, alive: bool, now: float
+        self,
+        server_tx: ServerTransaction,
+        req: Request,
+        client: Flow,
+        alive: bool,
+        now: float,
+        *,
+        target: Uri | None = None,
     ) -> list[Output]:
         """Forward an out-of-dialog request for a registered user over the flow its REGISTER
-        came on (never to its private Contact), as a stateful proxy (RFC 3261 16.6)."""
-        if not alive or not self.registrations.has_flow(client):
+        came on (never to its private Contact), as a stateful proxy (RFC 3261 16.6). Without
+        ``target`` the request came from a backend with our Path as its top Route, which is
+        removed (RFC 3261 16.4); with it, the embedded registrar found the binding and the
+        Request-URI becomes its contact (RFC 3261 16.5)."""
+        if not alive or not self.has_flow(client):
             # RFC 5626 5.3: the flow is gone; say so at once rather than time out.
             return self.respond(server_tx, 430, "Flow Failed", (), now)
         if req.method in ("INVITE", "SUBSCRIBE", "REFER"):
             # Dialogs through the SBC are the B2BUA's job (issue 4), not a proxy's.
             return self.respond(server_tx, 501, "Dialogs Not Relayed Yet", (), now)
         fwd = req.copy()
-        fwd.pop_first_value("route")  # RFC 3261 16.4: our own Route
+        if target is None:
+            fwd.pop_first_value("route")  # RFC 3261 16.4: our own Route
+        else:
+            fwd.uri = target
         mf = req.max_forwards
         fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
         local = f"{format_host(client.local[0])}:{client.local[1]}"
@@ -345,6 +367,52 @@ class BackendRelay:
         self._work[tx] = _Relayed(server_tx, None)
         self.stats["relayed_to_client"] += 1
         return out
+
+    # -- the embedded registrar (issue 3 item 9) -------------------------------------------
+    def register_locally(
+        self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
+    ) -> list[Output]:
+        """RFC 3261 10.3 in memory, for an SBC without backends (e.g. ``make run``)."""
+        to, cseq, call_id = req.to, req.cseq, req.call_id
+        aor = aor_of(to) if to is not None else None
+        if aor is None or cseq is None or call_id is None:
+            return self.respond(server_tx, 400, "To Is Not A SIP Address-of-Record", (), now)
+        contacts = req.contact
+        asked = _requested_expires(req)
+        try:
+            bindings = self.location.register(
+                aor=aor, contacts=contacts, flow=client, call_id=call_id, cseq=cseq.seq,
+                expires=min(asked, self.offload.client_expires(client.transport)), now=now,
+            )  # fmt: skip
+        except RegisterRefused as exc:
+            return self.respond(server_tx, exc.status, exc.reason, (), now)
+        self.stats["register_local"] += 1
+        mine = {contact_key(c) for c in contacts}
+        if client.transport == "udp" and asked and any(contact_key(c) in mine for c, _ in bindings):
+            via = req.via[0]
+            hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
+            if behind_nat(client.remote, via.host_bare, via.port, hosts):
+                target = next((str(c.uri) for c in contacts if c.uri is not None), None)
+                self.keepalives.watch(client, target or f"sip:{client.remote[0]}", now)
+        headers: list[tuple[str, str]] = []
+        if bindings:
+            listed = ", ".join(str(c.with_param("expires", str(s))) for c, s in bindings)
+            headers.append(("Contact", listed))
+        headers.append(("Date", self._date(now)))
+        return self.respond(server_tx, 200, None, tuple(headers), now)
+
+    def local_target(self, req: Request, now: float) -> tuple[Flow, Uri | None] | None:
+        """The flow and contact of a user registered here that ``req`` is addressed to."""
+        uri = req.uri
+        if not isinstance(uri, SipUri) or uri.user is None:
+            return None
+        aor = f"{uri.scheme.lower()}:{uri.user_unescaped}@{uri.host_bare}"
+        if uri.port is not None:
+            aor += f":{uri.port}"
+        bindings = self.location.lookup(aor, now)
+        if not bindings:
+            return None
+        return bindings[0].flow, bindings[0].contact.uri
 
     # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
     def relay_register(

@@ -210,3 +210,108 @@ class RegistrationCache:
     def next_deadline(self) -> float | None:
         top = self._live_top()
         return None if top is None else top[0]
+
+
+# -- embedded registrar, when no backend is configured (issue 3 item 9) ----------------------
+
+
+class LocalBinding:
+    __slots__ = ("call_id", "contact", "cseq", "expires_at", "flow")
+
+    def __init__(
+        self, *, contact: NameAddr, flow: Flow, call_id: str, cseq: int, expires_at: float
+    ) -> None:
+        self.contact = contact
+        self.flow = flow
+        self.call_id = call_id
+        self.cseq = cseq
+        self.expires_at = expires_at
+
+
+class RegisterRefused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class LocationService:
+    """An in-memory registrar (RFC 3261 10.3) for an SBC without backends."""
+
+    def __init__(self) -> None:
+        self._aors: dict[str, dict[str, LocalBinding]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._aors.values())
+
+    def register(
+        self,
+        *,
+        aor: str,
+        contacts: tuple[NameAddr, ...],
+        flow: Flow,
+        call_id: str,
+        cseq: int,
+        expires: int,
+        now: float,
+    ) -> list[tuple[NameAddr, int]]:
+        """Apply a REGISTER (RFC 3261 10.3 steps 6-7); the AOR's bindings with their
+        remaining seconds for the 200 (step 8). ``expires`` is what the request asks, already
+        capped by the caller; contacts' own expires parameters are capped to it."""
+        self._purge(aor, now)
+        bindings = self._aors.setdefault(aor, {})
+        if any(c.star for c in contacts):
+            # Step 6: "*" only with Expires 0 and alone; removes every binding.
+            if len(contacts) != 1 or expires != 0:
+                raise RegisterRefused(400, "Contact * Needs Expires 0")
+            for key, b in list(bindings.items()):
+                if b.call_id != call_id or cseq > b.cseq:
+                    del bindings[key]
+            return self.current(aor, now)
+        # Step 7: all updates or none; a binding with the same Call-ID needs a higher CSeq.
+        for contact in contacts:
+            old = bindings.get(contact_key(contact))
+            if old is not None and old.call_id == call_id and cseq <= old.cseq:
+                raise RegisterRefused(500, "Out Of Order CSeq")
+        for contact in contacts:
+            key = contact_key(contact)
+            wanted = min(contact_expires(contact, expires), expires) if expires else 0
+            if wanted == 0:
+                bindings.pop(key, None)
+            else:
+                bindings[key] = LocalBinding(
+                    contact=contact, flow=flow, call_id=call_id, cseq=cseq, expires_at=now + wanted
+                )
+        return self.current(aor, now)
+
+    def _purge(self, aor: str, now: float) -> None:
+        bindings = self._aors.get(aor, {})
+        for key in [k for k, b in bindings.items() if b.expires_at <= now]:
+            del bindings[key]
+        if not bindings:
+            self._aors.pop(aor, None)
+
+    def current(self, aor: str, now: float) -> list[tuple[NameAddr, int]]:
+        self._purge(aor, now)
+        return [
+            (b.contact, max(1, int(b.expires_at - now))) for b in self._aors.get(aor, {}).values()
+        ]
+
+    def lookup(self, aor: str, now: float) -> list[LocalBinding]:
+        self._purge(aor, now)
+        return sorted(self._aors.get(aor, {}).values(), key=lambda b: -b.expires_at)
+
+    def drop_flow(self, flow: Flow) -> int:
+        """Remove every binding that reaches its client over ``flow`` (it failed)."""
+        n = 0
+        for aor in list(self._aors):
+            bindings = self._aors[aor]
+            for key in [k for k, b in bindings.items() if b.flow == flow]:
+                del bindings[key]
+                n += 1
+            if not bindings:
+                del self._aors[aor]
+        return n
+
+    def has_flow(self, flow: Flow) -> bool:
+        return any(b.flow == flow for bs in self._aors.values() for b in bs.values())
