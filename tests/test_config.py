@@ -405,7 +405,7 @@ def test_default_config_file_loads(tmp_path: Path) -> None:
     assert c.access.tls.certificate == tmp_path / "certs" / "server.pem"
     assert c.access.tls.ca == tmp_path / "certs" / "ca.pem"
     assert [str(u) for u in c.core.listen] == ["udp://127.0.0.1:5080"]
-    assert c.core.backends == (Backend(uri="sip:127.0.0.1:5070", weight=1),)
+    assert c.core.backends == ()  # no backend: the embedded registrar (issue 3 item 9)
     assert c.media.ports == (20000, 30000)
     assert str(c.admin.listen) == "127.0.0.1:8080"
 
