@@ -131,6 +131,20 @@ def test_nat_binding_expires_without_keepalives(nat_lab: NatLabFactory) -> None:
     assert not lab.probe_client(client, public_port), "the NAT still forwards to the client"
 
 
+def test_keepalives_keep_the_nat_binding_open(nat_lab: NatLabFactory) -> None:
+    """Issue 3 item 5: the SBC's OPTIONS keep-alives keep the NAT mapping past its UDP timeout,
+    so the client stays reachable from the SBC's address and port."""
+    lab = nat_lab(udp_timeout=UDP_TIMEOUT, extra="\n[nat]\nkeepalive_interval = 2.0\n")
+    client = lab.client()
+    response = lab.register(client, "alice", contact="sip:alice@192.168.77.2:5060")
+    public_port = int(netns.via_params(response)["rport"])
+    received = netns.serve_client(client, UDP_TIMEOUT + 3.0)  # answers the OPTIONS
+    keepalives = [r for r in received if r.method == "OPTIONS"]
+    assert len(keepalives) >= 2, received  # one every keepalive_interval
+    assert lab.nat_mapping_alive(client)  # read-only check first: a probe would refresh it
+    assert lab.probe_client(client, public_port)
+
+
 def test_parse_conntrack() -> None:
     text = (
         "ipv4     2 udp      17 3 src=192.168.77.2 dst=203.0.113.2 sport=5060 dport=5060 "
