@@ -29,7 +29,7 @@ from sbc.features.registrar import (
     contact_expires,
     contact_key,
 )
-from sbc.sip.flow import Address, Flow, format_host
+from sbc.sip.flow import Address, Flow, format_address, format_host
 from sbc.sip.headers import NameAddr
 from sbc.sip.message import ParseError, Request, Response
 from sbc.sip.transaction import (
@@ -228,18 +228,35 @@ class BackendRelay:
         return out
 
     def _probe_request(self, backend: BackendState, flow: Flow) -> Request:
-        host, port = backend.address
-        target = f"sip:{format_host(host)}:{port}"
-        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
-        req = Request("OPTIONS", target)
+        target = f"sip:{format_address(backend.address)}"
+        req = self._own_request(
+            "OPTIONS", target, flow, from_uri=f"sip:probe@{format_address(flow.local)}"
+        )
+        req.add("Content-Length", "0")
+        return req
+
+    def _own_request(
+        self,
+        method: str,
+        target: str,
+        flow: Flow,
+        *,
+        from_uri: str,
+        to_uri: str | None = None,
+        call_id: str | None = None,
+        cseq: int = 1,
+    ) -> Request:
+        """A request the SBC originates on ``flow`` (RFC 3261 8.1.1: the mandatory headers;
+        a Via with a fresh branch asking for rport, RFC 3581)."""
+        local = format_address(flow.local)
+        req = Request(method, target)
         req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
         req.add("Max-Forwards", "70")
-        req.add("From", f"<sip:probe@{local}>;tag={secrets.token_hex(6)}")
-        req.add("To", f"<{target}>")
-        req.add("Call-ID", f"{secrets.token_hex(10)}@{format_host(flow.local[0])}")
-        req.add("CSeq", "1 OPTIONS")
+        req.add("From", f"<{from_uri}>;tag={secrets.token_hex(6)}")
+        req.add("To", f"<{to_uri or target}>")
+        req.add("Call-ID", call_id or f"{secrets.token_hex(10)}@{format_host(flow.local[0])}")
+        req.add("CSeq", f"{cseq} {method}")
         req.add("User-Agent", self.server_header)
-        req.add("Content-Length", "0")
         return req
 
     def _health(self, change: HealthChange | None, now: float) -> list[Output]:
@@ -285,15 +302,8 @@ class BackendRelay:
         return out
 
     def _keepalive_request(self, flow: Flow, target: str) -> Request:
-        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
-        req = Request("OPTIONS", target)
-        req.add("Via", f"SIP/2.0/UDP {local};branch={new_branch()};rport")
-        req.add("Max-Forwards", "70")
-        req.add("From", f"<sip:keepalive@{local}>;tag={secrets.token_hex(6)}")
-        req.add("To", f"<{target}>")
-        req.add("Call-ID", f"{secrets.token_hex(10)}@{format_host(flow.local[0])}")
-        req.add("CSeq", "1 OPTIONS")
-        req.add("User-Agent", self.server_header)
+        from_uri = f"sip:keepalive@{format_address(flow.local)}"
+        req = self._own_request("OPTIONS", target, flow, from_uri=from_uri)
         req.add("Content-Length", "0")
         return req
 
@@ -358,7 +368,7 @@ class BackendRelay:
             fwd.uri = target
         mf = req.max_forwards
         fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
-        local = f"{format_host(client.local[0])}:{client.local[1]}"
+        local = format_address(client.local)
         fwd.add("Via", f"SIP/2.0/{client.transport.upper()} {local};branch={new_branch()};rport",
                 first=True)  # fmt: skip
         tx, out = self.transactions.send_request(
@@ -494,21 +504,17 @@ class BackendRelay:
     ) -> Request:
         """A REGISTER the SBC sends itself for a cached registration: its AOR and contacts,
         with a Path naming the client's flow when it (re-)creates a binding."""
-        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
+        local = format_address(flow.local)
         scheme, _, rest = reg.aor.partition(":")
-        req = Request("REGISTER", f"{scheme}:{rest.rpartition('@')[2]}")  # the AOR's domain
-        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
-        req.add("Max-Forwards", "70")
-        req.add("From", f"<{reg.aor}>;tag={secrets.token_hex(6)}")
-        req.add("To", f"<{reg.aor}>")
-        req.add("Call-ID", call_id)
-        req.add("CSeq", f"{cseq} REGISTER")
+        domain = f"{scheme}:{rest.rpartition('@')[2]}"  # RFC 3261 10.2: the registrar's domain
+        req = self._own_request(
+            "REGISTER", domain, flow, from_uri=reg.aor, to_uri=reg.aor, call_id=call_id, cseq=cseq
+        )
         value = str(expires)
         req.add("Contact", ", ".join(str(c.with_param("expires", value)) for c in reg.contacts))
         req.add("Expires", value)
         if expires:
             req.add("Path", f"<sip:{self.tokens.encode(reg.flow)}@{local};lr>")
-        req.add("User-Agent", self.server_header)
         req.add("Content-Length", "0")
         return req
 
@@ -565,7 +571,7 @@ class BackendRelay:
         fwd = req.copy()
         mf = req.max_forwards
         fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
-        local = f"{format_host(flow.local[0])}:{flow.local[1]}"
+        local = format_address(flow.local)
         fwd.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
                 first=True)  # fmt: skip
         # The Path URI's user part is the client's flow token (RFC 5626 5.2); ;lr makes the
