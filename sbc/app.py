@@ -50,6 +50,7 @@ def core_settings(config: Config) -> CoreSettings:
             reply_codes=config.core.alive_codes,
         ),
         balance=config.core.balance,
+        request_timeout=config.core.request_timeout,
         offload=OffloadPolicy(
             client_udp=reg.client_expires.udp,
             client_tcp=reg.client_expires.tcp,

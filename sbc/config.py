@@ -423,6 +423,8 @@ class CoreConfig:
     probe_reply_codes: tuple[str, ...] = field(
         default=("200-299", "400-407", "409-499"), metadata=rule(code_ranges)
     )
+    # A request relayed to a backend that gets no answer at all within this goes to the next.
+    request_timeout: float = field(default=4.0, metadata=rule(number(gt=0)))
     # New dialogs: aor-hash | weighted-round-robin | least-calls (REGISTER always by AOR).
     balance: Literal["aor-hash", "weighted-round-robin", "least-calls"] = "aor-hash"
 

@@ -79,6 +79,7 @@ class CoreSettings:
     balance: str = "aor-hash"
     offload: OffloadPolicy = DEFAULT_OFFLOAD
     nat: NatPolicy | None = None
+    request_timeout: float = 4.0
 
 
 class SbcCore:
@@ -94,6 +95,7 @@ class SbcCore:
             server_header=settings.server_header,
             offload=settings.offload,
             nat=settings.nat,
+            request_timeout=settings.request_timeout,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).

@@ -62,6 +62,11 @@ class _Relayed:
     server_tx: ServerTransaction
     backend: BackendState | None  # None: relayed to a client
     register: _RegisterInfo | None = None
+    # Failover (REGISTER to backends): no answer at all by ``deadline`` -> the next backend.
+    deadline: float | None = None
+    request: Request | None = None  # the client's request, to forward again
+    client: Flow | None = None
+    tried: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -142,6 +147,7 @@ class BackendRelay:
         server_header: str,
         offload: OffloadPolicy = DEFAULT_OFFLOAD,
         nat: NatPolicy | None = None,
+        request_timeout: float = 4.0,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -150,6 +156,7 @@ class BackendRelay:
         self.respond = respond
         self.server_header = server_header
         self.offload = offload
+        self.request_timeout = request_timeout
         self.tokens = tokens or FlowTokens()
         self.registrations = RegistrationCache()
         self.location = LocationService()  # the embedded registrar, without backends
@@ -183,7 +190,11 @@ class BackendRelay:
     def next_deadline(self) -> float | None:
         if not self._sockets:
             return None
-        deadlines = [w.deadline for w in self._work.values() if isinstance(w, _Probe | _Keepalive)]
+        deadlines = [
+            w.deadline
+            for w in self._work.values()
+            if isinstance(w, _Probe | _Keepalive | _Relayed) and w.deadline is not None
+        ]
         for nxt in (
             self.balancer.next_deadline(),
             self.registrations.next_deadline(),
@@ -208,6 +219,14 @@ class BackendRelay:
             out += self.transactions.terminate(tx)
             out += self._health(self.balancer.probe_result(
                 work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
+        stalled = [
+            (tx, w)
+            for tx, w in self._work.items()
+            if isinstance(w, _Relayed) and w.deadline is not None and w.deadline <= now
+        ]
+        for relayed_tx, relayed in stalled:
+            del self._work[relayed_tx]
+            out += self._failover(relayed_tx, relayed, now)
         for reg in self.registrations.expired(now):
             out += self._deregister(reg, now)
             if not any(r.flow == reg.flow for r in self.registrations):
@@ -459,13 +478,50 @@ class BackendRelay:
             # RFC 3261 21.5.4: no backend can take it now; the client retries later.
             retry = (("Retry-After", "10"),)
             return self.respond(server_tx, 503, "No Backend Available", retry, now)
+        return self._send_register(server_tx, req, client, backend, flow, info, (), now)
+
+    def _send_register(
+        self,
+        server_tx: ServerTransaction,
+        req: Request,
+        client: Flow,
+        backend: BackendState,
+        flow: Flow,
+        info: _RegisterInfo | None,
+        tried: tuple[str, ...],
+        now: float,
+    ) -> list[Output]:
         fwd = self._forwarded(req, flow, client)
         if info is not None and info.client_expires > 0:
-            self._ask_backend_expiry(fwd, contacts)
+            self._ask_backend_expiry(fwd, info.contacts)
         tx, out = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
-        self._work[tx] = _Relayed(server_tx, backend, info)
+        self._work[tx] = _Relayed(
+            server_tx, backend, info, deadline=now + self.request_timeout, request=req,
+            client=client, tried=(*tried, backend.name),
+        )  # fmt: skip
         self.stats["register_forwarded"] += 1
         return out
+
+    def _failover(self, tx: ClientTransaction, work: _Relayed, now: float) -> list[Output]:
+        """A relayed REGISTER got no answer at all within request_timeout: the backend counts
+        a failure and the REGISTER goes to the next backend in the AOR's order (issue 3 item
+        7: transaction timeouts are failures; the client is not left waiting for timer F)."""
+        assert work.backend is not None and work.request is not None and work.client is not None
+        out = self.transactions.terminate(tx)
+        out += self._health(self.balancer.request_failed(
+            work.backend, now=now, reason="REGISTER unanswered"), now)  # fmt: skip
+        aor = work.register.aor if work.register is not None else None
+        to = work.request.to
+        aor = aor or (aor_of(to) if to is not None else None)
+        backend = self.balancer.pick_for_aor(aor, exclude=work.tried) if aor else None
+        flow = self.flow_to(backend) if backend is not None else None
+        if backend is None or flow is None:
+            return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)
+        self.stats["register_failover"] += 1
+        log.info("REGISTER failed over", extra={"aor": aor, "backend": backend.name})
+        return out + self._send_register(
+            work.server_tx, work.request, work.client, backend, flow, work.register, work.tried, now
+        )
 
     def _ask_backend_expiry(self, fwd: Request, contacts: tuple[NameAddr, ...]) -> None:
         """Registration offload: the backend is asked for the long expiry, with a random
@@ -606,6 +662,7 @@ class BackendRelay:
                 del self._work[event.transaction]
                 self.keepalives.answered(work.flow)
             return []
+        work.deadline = None  # the backend answered: it is alive, no failover
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:

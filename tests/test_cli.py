@@ -58,7 +58,7 @@ def test_check_config_bad(bad_config: Path, capsys: pytest.CaptureFixture[str]) 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [
-        f"{bad_config}: core.bogus: unknown key; allowed: listen, tls, backends, probe_interval, probe_failures, probe_successes, probe_reply_codes, balance",
+        f"{bad_config}: core.bogus: unknown key; allowed: listen, tls, backends, probe_interval, probe_failures, probe_successes, probe_reply_codes, request_timeout, balance",
         f'{bad_config}: core.backends[0].weight: must be an integer >= 0, got "x"',
     ]
 

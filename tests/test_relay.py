@@ -319,18 +319,18 @@ def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
     core = make_core(B1, B2, failures=1)
     for flow, probe in sent(core.handle_timer(0.0)):
         answer(core, probe, 200, 0.0, flow.remote)
-    # A user that hashes to B1.
+    # Register users until one hashes to B1; every backend answers its REGISTERs.
     for i in range(50):
         user = f"r{i}"
         [(flow, fwd)] = sent(
             core.receive_datagram(sip(REGISTER.format(n=i + 1, user=user)), CLIENT, 1.0)
         )
         assert isinstance(fwd, Request)
+        ok = make_response(fwd, 200, to_tag="reg")
+        ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
+        sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, flow.remote), 1.0))
         if flow.remote == B1:
             break
-    ok = make_response(fwd, 200, to_tag="reg")
-    ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
-    sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 1.0))
     # B1 stops answering: its next probe (at 5 s) times out at 10 s and B1 goes down.
     recovery: list[Request] = []
     now = 1.0
@@ -341,8 +341,7 @@ def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
                 answer(core, msg, 200, now, B2)
             elif isinstance(msg, Request) and msg.method == "REGISTER":
                 assert flow.remote == B2
-                if not (msg.call_id or "").startswith("reg-"):  # not a client's, retransmitted
-                    recovery.append(msg)
+                recovery.append(msg)
     [req] = recovery
     assert req.to is not None and str(req.to.uri) == f"sip:{user}@example.com"
     assert req.call_id and req.cseq is not None and req.cseq.seq == 1  # fresh: no CSeq clash
@@ -357,7 +356,7 @@ def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
     ok = make_response(req, 200, to_tag="rec")
     ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
     sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B2), now))
-    [reg] = list(core.backends.registrations)
+    [reg] = [r for r in core.backends.registrations if r.aor == f"sip:{user}@example.com"]
     assert reg.backend == "sip:127.0.0.1:5071"
 
 
@@ -419,3 +418,28 @@ def test_requests_for_a_gone_flow_get_430_and_dialogs_wait_for_the_b2bua() -> No
         )
     )
     assert isinstance(resp, Response) and resp.status == 404  # not our token: no open relay
+
+
+def test_unanswered_register_fails_over_to_the_next_backend() -> None:
+    """A REGISTER unanswered within request_timeout goes to the AOR's next backend at once."""
+    core = make_core(B1, B2)
+    reg = sip(REGISTER.format(n=1, user="gina"))
+    [(first, fwd)] = sent(core.receive_datagram(reg, CLIENT, 0.0))
+    assert isinstance(fwd, Request)
+    other = B2 if first.remote == B1 else B1
+    now = 0.0
+    failover: list[tuple[Flow, Request | Response]] = []
+    while not failover and (deadline := core.next_deadline()) is not None and deadline <= 5.0:
+        now = deadline
+        failover = [
+            (f, m) for f, m in sent(core.handle_timer(now))
+            if isinstance(m, Request) and m.method == "REGISTER" and f.remote == other
+        ]  # fmt: skip
+    [(_, again)] = failover
+    assert now == 4.0 and isinstance(again, Request)  # request_timeout
+    assert again.call_id == "reg-gina@10.0.0.7"
+    ok = make_response(again, 200, to_tag="r")
+    ok.add("Contact", "<sip:gina@10.0.0.7:5060>;expires=3600")
+    [(to, resp)] = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, other), now))
+    assert to.remote == CLIENT.remote and isinstance(resp, Response) and resp.status == 200
+    assert core.backends.stats["register_failover"] == 1

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -262,17 +262,20 @@ class Balancer:
         """Backends currently up (including drained ones of weight 0), in config order."""
         return [b for b in self.backends if b.up]
 
-    def pick_for_aor(self, aor: str) -> BackendState | None:
+    def pick_for_aor(self, aor: str, *, exclude: Collection[str] = ()) -> BackendState | None:
         """The backend for ``aor`` (pass it canonical, e.g. the To URI without parameters).
 
         Weighted rendezvous hashing over UP backends with weight > 0 (module docstring):
         a user keeps its backend while that backend is up; when it goes down only its
         users move, and when it returns exactly those users move back. None if no
-        backend can take work.
+        backend can take work. ``exclude`` names backends already tried for this request
+        (failover): the next in the AOR's rendezvous order is chosen.
         """
         best: BackendState | None = None
         best_score = -math.inf
         for _, backend in self._candidates():
+            if backend.name in exclude:
+                continue
             score = hrw_score(aor, backend)
             # Strictly greater: an (astronomically unlikely) tie goes to the lowest index.
             if score > best_score:
