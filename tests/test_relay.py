@@ -443,3 +443,54 @@ def test_unanswered_register_fails_over_to_the_next_backend() -> None:
     [(to, resp)] = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, other), now))
     assert to.remote == CLIENT.remote and isinstance(resp, Response) and resp.status == 200
     assert core.backends.stats["register_failover"] == 1
+
+
+def test_relay_never_crashes_on_mutated_traffic() -> None:
+    """Seeded mutations of REGISTERs, backend answers and backend requests, on both sides:
+    the core answers, relays or drops, never raises, and leaves only its own periodic probes
+    and keep-alives in flight."""
+    import random
+
+    rng = random.Random(3327)
+    core = make_core(B1, B2, failures=2)
+    route = f"<sip:{core.backends.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
+    seeds = [
+        sip(REGISTER.format(n=1, user="fuzz")),
+        sip(MESSAGE.format(n=1, route=route, method="MESSAGE")),
+    ]
+    backend_answers: list[bytes] = []
+    now = 0.0
+    for i in range(2000):
+        now += 0.05
+        pick = rng.random()
+        if pick < 0.3 and backend_answers:
+            data = bytearray(rng.choice(backend_answers))
+            flow = Flow("udp", CORE, rng.choice([B1, B2]))
+        else:
+            data = bytearray(rng.choice(seeds))
+            flow = CLIENT if data.startswith(b"REGISTER") else Flow("udp", CORE, B1)
+        for _ in range(rng.randint(0, 4)):
+            pos = rng.randrange(len(data))
+            op = rng.random()
+            if op < 0.5:
+                data[pos] = rng.randrange(32, 127)
+            elif op < 0.8:
+                data[pos:pos] = rng.choice([b";", b",", b"<", b">", b"\r\n", b" ", b"=", b"0"])
+            else:
+                del data[pos : pos + rng.randint(1, 10)]
+        for action in core.receive_datagram(bytes(data), flow, now) + core.handle_timer(now):
+            if isinstance(action, SendData) and action.flow.remote in (B1, B2):
+                try:
+                    msg = parse_message(action.data)
+                except Exception:
+                    continue
+                if isinstance(msg, Request) and msg.method != "ACK":
+                    answer_ = make_response(msg, rng.choice([100, 200, 401, 404, 500]), to_tag="t")
+                    answer_.add("Contact", msg.get("contact") or "<sip:x@10.0.0.7>")
+                    backend_answers.append(bytes(answer_))
+                    backend_answers = backend_answers[-20:]
+    core.handle_timer(now + 1000.0)
+    core.handle_timer(now + 2000.0)
+    # What is left: this round's OPTIONS probes (2 backends) and keep-alives (1 client flow).
+    assert len(core.transactions) <= 3
+    assert {type(w).__name__ for w in core.backends._work.values()} <= {"_Probe", "_Keepalive"}
