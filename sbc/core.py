@@ -215,7 +215,14 @@ class SbcCore:
         )
         actions = self._outputs(outputs, now)
         if disposition is RequestDisposition.NEW and tx is not None:
-            actions += self._outputs(self._handle_request(tx, msg, flow, now), now)
+            try:
+                actions += self._outputs(self._handle_request(tx, msg, flow, now), now)
+            except ParseError as exc:
+                # A header only the routing reads was malformed: answer through the
+                # transaction, which would otherwise wait for an answer forever.
+                self.stats[f"rejected:{fault_label(exc.reason)}"] += 1
+                resp = self._response(msg, exc.status or 400, exc.reason)
+                actions += self._outputs(tx.respond(resp, now), now)
         return actions
 
     def _handle_response(self, resp: Response, now: float) -> list[Action]:

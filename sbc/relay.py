@@ -667,9 +667,18 @@ class BackendRelay:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:
             del self._work[event.transaction]
-        out = self._relayed_response(resp)
-        if work.register is not None and work.backend is not None and 200 <= resp.status < 300:
-            self._registered(work.register, work.backend, out, now)
+        try:
+            out = self._relayed_response(resp)
+            if work.register is not None and work.backend is not None and 200 <= resp.status < 300:
+                self._registered(work.register, work.backend, out, now)
+        except ParseError as exc:
+            # A response we cannot relay (malformed Via, Contact ...): the client still gets a
+            # final answer, or its server transaction would wait forever (RFC 3261 16.7 10).
+            self.stats["bad_relayed_response"] += 1
+            log.info("cannot relay a %d: %s", resp.status, exc.reason)
+            if resp.status < 200:
+                return []
+            return self.respond(work.server_tx, 502, "Bad Gateway", (), now)
         return work.server_tx.respond(out, now)
 
     @staticmethod

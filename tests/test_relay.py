@@ -460,7 +460,7 @@ def test_relay_never_crashes_on_mutated_traffic() -> None:
     ]
     backend_answers: list[bytes] = []
     now = 0.0
-    for i in range(2000):
+    for _ in range(2000):
         now += 0.05
         pick = rng.random()
         if pick < 0.3 and backend_answers:

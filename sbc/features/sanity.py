@@ -58,6 +58,7 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
         req.max_forwards  # noqa: B018
         if req.method in ("INVITE", "REGISTER", "SUBSCRIBE", "REFER", "UPDATE"):
             req.contact  # noqa: B018
+        req.name_addrs("route")  # RFC 3261 16.4: the SBC reads it to find its own entry
     except ParseError as exc:
         return Rejection(400, exc.reason, fault_label(exc.reason))
     assert cseq is not None and to is not None
