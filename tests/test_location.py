@@ -11,6 +11,7 @@ from sbc.features.registrar import LocationService, RegisterRefused
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr, parse_name_addr_list
 from sbc.sip.message import Request, Response, make_response
+from sbc.sip.parser import parse_message
 
 A = parse_name_addr("<sip:alice@10.0.0.7:5060>")
 B = parse_name_addr("<sip:alice@10.0.0.8:5060>;expires=30")
@@ -93,3 +94,59 @@ def test_make_run_style_core_registers_and_delivers_messages() -> None:
         )
     )
     assert isinstance(nobody, Response) and nobody.status == 404
+
+
+def test_embedded_registrar_never_leaks_on_mutated_traffic() -> None:
+    """Seeded mutations of REGISTERs and MESSAGEs to registered users, over UDP and TCP."""
+    import random
+
+    from sbc.core import Close, SendData
+
+    rng = random.Random(5626)
+    core = SbcCore(CoreSettings(local_hosts=frozenset({"127.0.0.1"})))
+    core.add_listener("access", "udp", ACCESS)
+    register = sip(REGISTER.format(n=1, user="alice"))
+    message = (
+        b"MESSAGE sip:alice@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 198.51.100.3:5062;branch=z9hG4bK-m1;rport\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:bob@example.com>;tag=b\r\nTo: <sip:alice@example.com>\r\n"
+        b"Call-ID: m1@bob\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi"
+    )
+    bob = Flow("udp", ACCESS, ("198.51.100.3", 5062))
+    tcp = Flow("tcp", ACCESS, ("198.51.100.4", 40000), conn_id=1)
+    now = 0.0
+    for i in range(2000):
+        now += 0.05
+        data = bytearray(rng.choice([register, message]))
+        for _ in range(rng.randint(0, 4)):
+            pos = rng.randrange(len(data))
+            if rng.random() < 0.6:
+                data[pos] = rng.randrange(32, 127)
+            else:
+                data[pos:pos] = rng.choice([b";", b",", b"<", b"\r\n", b" ", b":"])
+        if i % 3 == 0:
+            actions = core.receive_stream(bytes(data), tcp, now)
+            if any(isinstance(a, Close) for a in actions):
+                core.connection_closed(tcp)
+        else:
+            actions = core.receive_datagram(
+                bytes(data), CLIENT if data.startswith(b"REG") else bob, now
+            )
+        for a in actions + core.handle_timer(now):
+            # the registered client answers what reaches it, sometimes
+            if (
+                isinstance(a, SendData)
+                and a.flow == CLIENT
+                and a.data.startswith(b"MESSAGE")
+                and rng.random() < 0.5
+            ):
+                try:
+                    req = parse_message(a.data)
+                except Exception:
+                    continue
+                if isinstance(req, Request):
+                    core.receive_datagram(bytes(make_response(req, 200, to_tag="a")), CLIENT, now)
+    for t in (now + 100.0, now + 200.0, now + 400.0):
+        core.handle_timer(t)
+    # Left: keep-alive OPTIONS to the NATed client at most.
+    assert len(core.transactions) <= 1
