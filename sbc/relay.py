@@ -124,6 +124,7 @@ class OffloadPolicy:
 
 
 DEFAULT_OFFLOAD = OffloadPolicy()
+_CORE_ONLY_HEADERS = ("path", "service-route", "server", "warning")
 
 
 def _int_or(value: str | None, default: int) -> int:
@@ -549,7 +550,7 @@ class BackendRelay:
         self.registrations.store(reg)
         self.stats["register_offloaded"] += 1
         contacts = ", ".join(str(c.with_param("expires", str(granted))) for c in reg.contacts)
-        headers = (("Contact", contacts), *reg.reply_headers, ("Date", self._date(now)))
+        headers = (("Contact", contacts), ("Date", self._date(now)))
         return self.respond(server_tx, 200, None, headers, now)
 
     def _date(self, now: float) -> str:
@@ -683,11 +684,14 @@ class BackendRelay:
 
     @staticmethod
     def _relayed_response(resp: Response) -> Response:
-        """RFC 3261 16.7 step 3: remove our Via. The Path the registrar echoes names the SBC's
-        core side: clients do not need it, so it is not passed on."""
+        """RFC 3261 16.7 step 3: remove our Via. Headers that describe the core are not passed
+        to clients (topology hiding): the Path the registrar echoes (the SBC's core side),
+        Service-Route (RFC 3608: core proxies; the client's requests reach the SBC, which
+        routes them), and the backend's Server and Warning (the SBC puts its own Server)."""
         out = resp.copy()
         out.pop_first_value("via")
-        out.remove("path")
+        for name in _CORE_ONLY_HEADERS:
+            out.remove(name)
         return out
 
     def _registered(
@@ -740,7 +744,6 @@ class BackendRelay:
                 backend_expires_at=now + backend_expiry,
                 client_expires=client_expiry,
                 client_expires_at=now + client_expiry,
-                reply_headers=tuple(("Service-Route", v) for v in resp.values("service-route")),
             )
         )
 

@@ -219,8 +219,11 @@ def registered(core: SbcCore, user: str, n: int, now: float, backend_expires: in
     ok = make_response(fwd, 200, to_tag="reg")
     ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires={backend_expires}")
     ok.add("Service-Route", "<sip:orig@10.9.9.9;lr>")
+    ok.add("Server", "kamailio-backend")
     [(_, resp)] = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, flow.remote), now))
     assert isinstance(resp, Response) and resp.status == 200
+    # Topology hiding: the core's Service-Route and Server do not reach the client.
+    assert "service-route" not in resp and resp.get("server") == "sbc/0.1.0"
 
 
 def test_unchanged_refresh_is_answered_by_the_sbc() -> None:
@@ -233,7 +236,7 @@ def test_unchanged_refresh_is_answered_by_the_sbc() -> None:
         resp.contact[0].param("expires") == "60"
         and str(resp.contact[0].uri) == "sip:dave@10.0.0.7:5060"
     )
-    assert resp.get("service-route") == "<sip:orig@10.9.9.9;lr>" and resp.get("date")
+    assert "service-route" not in resp and resp.get("date")  # core topology stays hidden
     assert core.backends.stats["register_offloaded"] == 1
 
 

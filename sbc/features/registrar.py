@@ -92,7 +92,7 @@ class CachedRegistration:
 
     __slots__ = (
         "aor", "backend", "backend_call_id", "backend_expires_at", "call_id", "client_expires",
-        "client_expires_at", "contacts", "cseq", "flow", "reply_headers",
+        "client_expires_at", "contacts", "cseq", "flow",
     )  # fmt: skip
 
     def __init__(
@@ -107,7 +107,6 @@ class CachedRegistration:
         backend_expires_at: float,
         client_expires: int,
         client_expires_at: float,
-        reply_headers: tuple[tuple[str, str], ...],
     ) -> None:
         self.aor = aor
         self.flow = flow
@@ -118,7 +117,6 @@ class CachedRegistration:
         self.backend_expires_at = backend_expires_at
         self.client_expires = client_expires
         self.client_expires_at = client_expires_at
-        self.reply_headers = reply_headers  # Service-Route etc. from the backend's 200
         # The Call-ID of the backend binding when the SBC made it itself (recovery).
         self.backend_call_id: str | None = None
 
