@@ -22,12 +22,14 @@ from sbc.features.registrar import (
     CachedRegistration,
     FlowTokens,
     LocationService,
+    MemoryRegistrationStore,
     RegisterRefused,
-    RegistrationCache,
+    RegistrationStore,
     aor_of,
     client_expires_for,
     contact_expires,
     contact_key,
+    may_answer_locally,
 )
 from sbc.sip.flow import Address, Flow, format_address, format_host
 from sbc.sip.headers import NameAddr
@@ -149,6 +151,7 @@ class BackendRelay:
         offload: OffloadPolicy = DEFAULT_OFFLOAD,
         nat: NatPolicy | None = None,
         request_timeout: float = 4.0,
+        store: RegistrationStore | None = None,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -159,7 +162,7 @@ class BackendRelay:
         self.offload = offload
         self.request_timeout = request_timeout
         self.tokens = tokens or FlowTokens()
-        self.registrations = RegistrationCache()
+        self.registrations: RegistrationStore = store or MemoryRegistrationStore()
         self.location = LocationService()  # the embedded registrar, without backends
         self.nat = nat or NatPolicy()
         self.keepalives = KeepaliveTable(interval=self.nat.interval, failures=self.nat.failures)
@@ -458,11 +461,11 @@ class BackendRelay:
         else:
             asked = _requested_expires(req)
             granted = min(asked, self.offload.client_expires(client.transport))
-            cached = self.registrations.can_answer(
-                aor=aor, call_id=call_id, flow=client, cseq=cseq.seq, contacts=contacts,
-                expires=asked, now=now,
-            )  # fmt: skip
-            if cached is not None:
+            cached = self.registrations.get(aor, call_id, client)
+            offload = may_answer_locally(
+                cached, cseq=cseq.seq, contacts=contacts, expires=asked, now=now
+            )
+            if offload and cached is not None:
                 return self._answer_locally(server_tx, req, cached, granted, now)
             via = req.via[0]
             hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]

@@ -17,6 +17,7 @@ import itertools
 import secrets
 from collections import Counter
 from collections.abc import Iterator
+from typing import Protocol
 
 from sbc.sip.flow import Flow
 from sbc.sip.headers import NameAddr
@@ -121,14 +122,47 @@ class CachedRegistration:
         self.backend_call_id: str | None = None
 
 
-class RegistrationCache:
-    """Registrations relayed to backends, and the offload decision.
+class RegistrationStore(Protocol):
+    """Where the registrations the SBC relayed live (issue 3 item 10). The default keeps
+    them in memory (``MemoryRegistrationStore``); another store (shared, persistent) only
+    has to provide these."""
 
-    A re-REGISTER is answered locally only if it comes on the same flow with the same
-    Call-ID, the same contact set, a higher CSeq, a non-zero expiry, and the backend binding
-    stays fresh for two more client periods; otherwise it goes to the backend, which also
-    refreshes the backend binding (so the backend is refreshed only while the client is).
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[CachedRegistration]: ...
+    def get(self, aor: str, call_id: str, flow: Flow) -> CachedRegistration | None: ...
+    def store(self, reg: CachedRegistration) -> None: ...
+    def drop(self, reg: CachedRegistration) -> None: ...
+    def has_flow(self, flow: Flow) -> bool: ...
+    def expired(self, now: float) -> list[CachedRegistration]: ...
+    def next_deadline(self) -> float | None: ...
+
+
+def may_answer_locally(
+    reg: CachedRegistration | None,
+    *,
+    cseq: int,
+    contacts: tuple[NameAddr, ...],
+    expires: int,
+    now: float,
+) -> bool:
+    """Registration offload (issue 3 item 2): may the SBC answer this re-REGISTER itself?
+
+    Only a refresh of the same registration (the caller looked it up by AOR, Call-ID and
+    flow) with a higher CSeq, a non-zero expiry and the same contact set, while the backend
+    binding stays fresh for two more client periods; anything else goes to the backend,
+    which also refreshes the backend binding (so only while the client keeps refreshing).
     """
+    if reg is None or expires == 0 or cseq <= reg.cseq:
+        return False
+    if any(contact_expires(c, expires) == 0 for c in contacts):
+        return False
+    if sorted(map(contact_key, contacts)) != sorted(map(contact_key, reg.contacts)):
+        return False  # a contact added, removed or changed
+    return reg.backend_expires_at - now >= 2 * reg.client_expires
+
+
+class MemoryRegistrationStore:
+    """The in-memory ``RegistrationStore``: a dict, and a heap of client expiries."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str, Flow], CachedRegistration] = {}
@@ -162,29 +196,6 @@ class RegistrationCache:
             self._per_flow[reg.flow] -= 1
             if not self._per_flow[reg.flow]:
                 del self._per_flow[reg.flow]
-
-    def can_answer(
-        self,
-        *,
-        aor: str,
-        call_id: str,
-        flow: Flow,
-        cseq: int,
-        contacts: tuple[NameAddr, ...],
-        expires: int,
-        now: float,
-    ) -> CachedRegistration | None:
-        """The cached registration a re-REGISTER may be answered from, or None: forward it."""
-        reg = self._by_key.get((aor, call_id, flow))
-        if reg is None or expires == 0 or cseq <= reg.cseq:
-            return None
-        if any(contact_expires(c, expires) == 0 for c in contacts):
-            return None
-        if sorted(map(contact_key, contacts)) != sorted(map(contact_key, reg.contacts)):
-            return None  # a contact added, removed or changed
-        if reg.backend_expires_at - now < 2 * reg.client_expires:
-            return None  # time to refresh the backend: let this one through
-        return reg
 
     def _live_top(self) -> tuple[float, CachedRegistration] | None:
         heap = self._heap
