@@ -62,6 +62,7 @@ lint: venv
 bench: venv
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[bench]'
 	$(VENV)/bin/python bench/parse.py --out docs/performance.md
+	$(VENV)/bin/python bench/register.py --out docs/performance.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -661,7 +661,7 @@ the virtualenv and runs them; add `--out docs/performance.md` to a benchmark's c
 rewrite its section of this file. Numbers depend on the machine and on what else runs on
 it: compare figures from the same run, not across machines.
 
-SIPp call and registration throughput and media relay benchmarks come with later issues.
+SIPp call throughput and media relay benchmarks come with later issues.
 
 """
 

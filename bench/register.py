@@ -1,0 +1,924 @@
+#!/usr/bin/env python3
+"""Registration throughput and offload: SIPp registering directly at Kamailio and via the SBC.
+
+    .venv/bin/python bench/register.py [--users N] [--refreshes K] [--out docs/performance.md]
+
+One run, two targets, the same SIPp load on each:
+
+  direct   SIPp -> Kamailio A (docker/kamailio/kamailio.cfg), the yardstick;
+  via SBC  SIPp -> ``sbc run`` (UDP access port) -> Kamailio B (a fresh instance, the only
+           backend), with ``[registration] backend_expires = 3600`` and
+           ``[registration.client_expires] udp = 60`` (registration offload) and log level
+           warning, so logging does not dominate.
+
+On each target, in each of ``--rounds`` rounds (new users every round), two phases, each
+one SIPp run (bench/scenarios/):
+
+  initial  register.xml: one REGISTER (CSeq 1) per user, N users;
+  refresh  refresh.xml: per user K re-REGISTERs one after the other, unchanged (same
+           Call-ID, From tag, Contact and source address:port, CSeq 2..K+1): the ones the
+           SBC answers itself.
+
+Both SIPp runs of a target use the same local port and ``-cid_str`` (a Call-ID made from the
+call number), so call i of the refresh run continues the registration of call i of the
+initial run. SIPp starts calls at ``--rate`` per second with at most ``--limit`` in progress
+(``-r RATE -l LIMIT``): a closed loop that keeps the target saturated without flooding its
+socket buffer. Every call must succeed (every 200 checked: CSeq echoed, Contact granted a
+non-zero expiry), or the benchmark fails: lower --rate or --limit then.
+
+Rates are reported as the median (and range) over the rounds. Measured per phase: the
+achieved REGISTERs/s (SIPp's own start and end timestamps from its
+``-trace_stat`` file), SIPp retransmissions, the REGISTERs the backend received (Kamailio's
+``core:rcv_requests_register`` through kamcmd, before and after), and the CPU time of the
+SBC (/proc/PID/stat utime+stime), of Kamailio (its whole process group) and of SIPp
+(getrusage of waited children). With two or more CPUs the SBC is pinned to one CPU and
+SIPp, both Kamailios and this script to another (``taskset -c``).
+
+Every process started here (Kamailio, the SBC, SIPp) is stopped by its PID at the end, also
+on error, and the temporary directory is removed. Ports are free loopback ports found by
+binding port 0. ``--out`` rewrites the section between the bench/register.py markers of the
+file (created, or appended if the markers are missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "bench" / "scenarios"
+KAMAILIO_CFG = ROOT / "docker" / "kamailio" / "kamailio.cfg"
+BEGIN = "<!-- bench/register.py -->"
+END = "<!-- /bench/register.py -->"
+HOST = "127.0.0.1"
+DOMAIN = "example.com"
+CLIENT_EXPIRES = 60
+BACKEND_EXPIRES = 3600
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """Something did not start, a SIPp run failed, or a check did not hold."""
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers: ports, SIP over UDP, CPU time
+# ---------------------------------------------------------------------------------------
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, taken: set[int] | None = None) -> int:
+    """A port free on 127.0.0.1 for UDP and TCP (bind port 0), not in ``taken``."""
+    taken = taken if taken is not None else set()
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as first:
+            first.bind((HOST, 0))
+            port = int(first.getsockname()[1])
+            other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+            try:
+                with socket.socket(socket.AF_INET, other) as second:
+                    second.bind((HOST, port))
+            except OSError:
+                continue
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise BenchError("no free port on 127.0.0.1")
+
+
+def sip_exchange(port: int, method: str, user: str | None, timeout: float = 1.0) -> int | None:
+    """One OPTIONS (no user) or REGISTER (``user``) over UDP; the final status, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        local = f"{HOST}:{sock.getsockname()[1]}"
+        tag = secrets.token_hex(6)
+        aor = f"sip:{user or 'bench'}@{DOMAIN}"
+        lines = [
+            f"{method} sip:{HOST}:{port} SIP/2.0",
+            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag};rport",
+            "Max-Forwards: 70",
+            f"From: <{aor}>;tag={tag}",
+            f"To: <{aor}>",
+            f"Call-ID: {tag}@bench-ready",
+            f"CSeq: 1 {method}",
+        ]
+        if method == "REGISTER":
+            lines += [f"Contact: <sip:{user}@{local}>", f"Expires: {BACKEND_EXPIRES}"]
+        lines.append("Content-Length: 0")
+        sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), (HOST, port))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(65535)
+            except (TimeoutError, ConnectionRefusedError):
+                return None
+            m = re.match(rb"SIP/2\.0 (\d{3}) ", data)
+            if m and int(m.group(1)) >= 200:
+                return int(m.group(1))
+    return None
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(process group, utime+stime in clock ticks) of one process, or None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+    return int(fields[2]), int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of one process."""
+    stat = _proc_stat(pid)
+    return 0.0 if stat is None else stat[1] / CLK_TCK
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time of every live process in a process group (Kamailio and its children)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat[0] == pgid:
+                total += stat[1]
+    return total / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pinned(cmd: list[str], cpu: int | None) -> list[str]:
+    return cmd if cpu is None else ["taskset", "-c", str(cpu), *cmd]
+
+
+def sbc_command() -> list[str]:
+    """The installed console script next to this interpreter, else ``python -m sbc``."""
+    script = Path(sys.executable).with_name("sbc")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sbc"]
+
+
+def _terminate(proc: subprocess.Popen[bytes], *, group: bool = False) -> int | None:
+    """SIGTERM by PID, wait, then SIGKILL (the process group for Kamailio, whose group is
+    its own: start_new_session); the exit code, None if it had to be killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=STOP_TIMEOUT)
+        if not group:
+            return code
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:  # its children must be gone too
+            os.killpg(proc.pid, 0)
+            time.sleep(0.02)
+    except ProcessLookupError:
+        return proc.returncode
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_TIMEOUT)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The processes: Kamailio, the SBC, SIPp
+# ---------------------------------------------------------------------------------------
+
+
+class Kamailio:
+    """One Kamailio registrar on 127.0.0.1 (UDP), in the foreground in its own session."""
+
+    def __init__(self, name: str, port: int, rundir: Path, cpu: int | None) -> None:
+        self.name, self.port, self.rundir, self.cpu = name, port, rundir, cpu
+        rundir.mkdir(parents=True)
+        self.ctl = rundir / "ctl.sock"  # a Unix socket path must stay under 108 bytes
+        self.log_path = rundir / "kamailio.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [
+            shutil.which("kamailio") or "kamailio",
+            "-f", str(KAMAILIO_CFG),
+            "-DD", "-E",
+            "-Y", str(self.rundir),
+            "-P", str(self.rundir / "kamailio.pid"),
+            "-l", f"udp:{HOST}:{self.port}",
+            "-A", f'CTL_SOCKET="unix:{self.ctl}"',
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                pinned(cmd, self.cpu),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its children share its process group
+            )
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"kamailio {self.name} exited:\n{self.log()}")
+            if self.ctl.exists() and sip_exchange(self.port, "OPTIONS", None, 0.5) == 200:
+                return
+            time.sleep(0.05)
+        raise BenchError(f"kamailio {self.name} not ready in {START_TIMEOUT} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _terminate(self.proc, group=True)
+
+    def cpu_seconds(self) -> float:
+        return 0.0 if self.proc is None else group_cpu_seconds(self.proc.pid)
+
+    def stats(self, group: str) -> dict[str, int]:
+        proc = subprocess.run(
+            ["kamcmd", "-s", f"unix:{self.ctl}", "stats.get_statistics", f"{group}:"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if proc.returncode != 0 or proc.stdout.startswith("error:"):
+            raise BenchError(f"kamcmd on kamailio {self.name}: {proc.stdout}{proc.stderr}")
+        return {k: int(v) for k, v in re.findall(r"^(\S+) = (-?\d+)\s*$", proc.stdout, re.M)}
+
+    def registers_received(self) -> int:
+        return self.stats("core")["core:rcv_requests_register"]
+
+    def registered_users(self) -> int:
+        return self.stats("usrloc")["usrloc:registered_users"]
+
+
+class Sbc:
+    """``sbc run`` with one backend, UDP only, on free loopback ports."""
+
+    def __init__(self, workdir: Path, backend: Kamailio, cpu: int | None, profile: Path | None):
+        self.cpu, self.profile = cpu, profile
+        taken = {backend.port}
+        self.port = free_port(taken=taken)
+        self.core_port = free_port(taken=taken)
+        self.admin_port = free_port(socket.SOCK_STREAM, taken=taken)
+        self.config = workdir / "sbc.toml"
+        self.log_path = workdir / "sbc.log"
+        self.config.write_text(
+            f"""\
+[sbc]
+name = "bench"
+
+[access]
+listen = ["udp://{HOST}:{self.port}"]
+
+[core]
+listen = ["udp://{HOST}:{self.core_port}"]
+
+[[core.backends]]
+uri = "sip:{HOST}:{backend.port}"
+
+[admin]
+listen = "{HOST}:{self.admin_port}"
+
+[log]
+level = "warning"
+
+[registration]
+backend_expires = {BACKEND_EXPIRES}
+
+[registration.client_expires]
+udp = {CLIENT_EXPIRES}
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def start(self) -> None:
+        cmd = [*sbc_command(), "run", "--config", str(self.config)]
+        if self.profile is not None:
+            cmd = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", "sbc"]
+            cmd += ["run", "--config", str(self.config)]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                pinned(cmd, self.cpu), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+
+    def wait_ready(self) -> None:
+        """Until it answers OPTIONS (logging at warning, it does not say "ready")."""
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"sbc run exited with {self.proc.returncode}:\n{self.log()}")
+            if sip_exchange(self.port, "OPTIONS", None, 0.5) is not None:
+                return
+            time.sleep(0.05)
+        raise BenchError(f"sbc run not ready within {START_TIMEOUT} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.exit_code is None:
+            self.exit_code = _terminate(self.proc)
+
+    def cpu_seconds(self) -> float:
+        return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
+
+
+def warm_up(port: int, what: str) -> None:
+    """One REGISTER that must get a 200 (the SBC: once it has probed its backend up)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    status = None
+    while time.monotonic() < deadline:
+        status = sip_exchange(port, "REGISTER", "warmup", 1.0)
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise BenchError(f"no 200 to a REGISTER sent to {what} (last status {status})")
+
+
+@dataclass
+class SippRun:
+    calls: int
+    registers: int  # REGISTER transactions (not counting retransmissions)
+    elapsed: float  # SIPp's first to last statistics timestamp
+    wall: float  # around the process, for CPU shares
+    retransmissions: int
+    sipp_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.registers / self.elapsed
+
+
+def _stats(path: Path) -> dict[str, str]:
+    """The last row of SIPp's ``-stf`` file (``;``-separated, header row first)."""
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter=";") if row]
+    return dict(zip(rows[0], rows[-1], strict=False)) if len(rows) >= 2 else {}
+
+
+def _stamp(value: str) -> float:
+    return float(value.split()[-1])  # "2026-11-26 16:29:12.300567 1795710552.300567"
+
+
+def sipp(
+    workdir: Path,
+    name: str,
+    *,
+    port: int,
+    local_port: int,
+    cid: str,
+    scenario: str,
+    users_csv: Path,
+    users: int,
+    per_call: int,
+    args: argparse.Namespace,
+    cpu: int | None,
+    extra: tuple[str, ...] = (),
+) -> SippRun:
+    """One SIPp run; every call must succeed."""
+    run_dir = workdir / name
+    run_dir.mkdir()
+    stf, err = run_dir / "stat.csv", run_dir / "errors.log"
+    cmd = [
+        shutil.which("sipp") or "sipp",
+        f"{HOST}:{port}",
+        "-sf", str(SCENARIOS / scenario),
+        "-t", "u1",
+        "-i", HOST,
+        "-p", str(local_port),
+        "-inf", str(users_csv),
+        "-cid_str", f"%u-{cid}@bench",
+        "-m", str(users),
+        "-r", str(args.rate),
+        "-rp", "1000",
+        "-l", str(args.limit),
+        "-timeout", str(args.sipp_timeout),
+        "-timeout_error",
+        "-nostdin",
+        "-trace_stat", "-stf", str(stf),
+        "-trace_err", "-error_file", str(err),
+        *extra,
+    ]  # fmt: skip
+    cpu0 = children_cpu_seconds()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(  # kills SIPp (by its PID) on timeout or any exception
+            pinned(cmd, cpu),
+            cwd=run_dir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=args.sipp_timeout + 10,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"sipp {name} did not finish within {args.sipp_timeout + 10} s") from exc
+    wall = time.perf_counter() - t0
+    sipp_cpu = children_cpu_seconds() - cpu0
+    stats = _stats(stf)
+    ok = int(stats.get("SuccessfulCall(C)", -1))
+    failed = int(stats.get("FailedCall(C)", -1))
+    if proc.returncode != 0 or ok != users or failed != 0:
+        errors = err.read_text(errors="replace")[-3000:] if err.exists() else ""
+        raise BenchError(
+            f"sipp {name}: exit {proc.returncode}, {ok} of {users} calls successful, "
+            f"{failed} failed, {stats.get('Retransmissions(C)')} retransmissions at "
+            f"-r {args.rate} -l {args.limit}; lower --rate or --limit, or raise --sipp-timeout."
+            "\n"
+            f"command: {shlex.join(cmd)}\n--- errors ---\n{errors}\n"
+            f"--- screen ---\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    return SippRun(
+        calls=users,
+        registers=users * per_call,
+        elapsed=_stamp(stats["CurrentTime"]) - _stamp(stats["StartTime"]),
+        wall=wall,
+        retransmissions=int(stats["Retransmissions(C)"]),
+        sipp_cpu=sipp_cpu,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# One target: the initial phase, then the refresh phase
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    run: SippRun
+    backend_registers: int
+    sbc_cpu: float | None
+    kamailio_cpu: float
+
+
+@dataclass
+class Round:
+    initial: Phase
+    refresh: Phase
+
+
+@dataclass
+class Target:
+    name: str
+    rounds: list[Round]
+    registered_users: int = 0
+
+    def phases(self, phase: str) -> list[Phase]:
+        return [getattr(r, phase) for r in self.rounds]
+
+
+def measure_round(
+    name: str,
+    workdir: Path,
+    round_no: int,
+    *,
+    port: int,
+    backend: Kamailio,
+    sbc: Sbc | None,
+    users_csv: Path,
+    args: argparse.Namespace,
+    cpu: int | None,
+) -> Round:
+    """The initial phase, then the refresh phase, for this round's users."""
+    local_port = free_port(taken={port, backend.port})
+    cid = f"{name}-{round_no}-{secrets.token_hex(4)}"
+    phases: list[Phase] = []
+    for phase, scenario, per_call, extra in (
+        ("initial", "register.xml", 1, ()),
+        (
+            "refresh",
+            "refresh.xml",
+            args.refreshes,
+            ("-set", "refreshes", str(args.refreshes), "-base_cseq", "2"),
+        ),
+    ):
+        received = backend.registers_received()
+        kam0 = backend.cpu_seconds()
+        sbc0 = sbc.cpu_seconds() if sbc else 0.0
+        run = sipp(
+            workdir,
+            f"{name}-{round_no}-{phase}",
+            port=port,
+            local_port=local_port,
+            cid=cid,
+            scenario=scenario,
+            users_csv=users_csv,
+            users=args.users,
+            per_call=per_call,
+            args=args,
+            cpu=cpu,
+            extra=extra,
+        )
+        sbc_cpu = sbc.cpu_seconds() - sbc0 if sbc else None
+        kam_cpu = backend.cpu_seconds() - kam0
+        phases.append(Phase(run, backend.registers_received() - received, sbc_cpu, kam_cpu))
+        print(
+            f"round {round_no} {name:8} {phase:8} {run.registers:6} REGISTERs in "
+            f"{run.elapsed:6.3f} s = {run.rate:8,.0f}/s, {run.retransmissions} "
+            f"retransmissions, backend received {phases[-1].backend_registers}",
+            flush=True,
+        )
+    return Round(phases[0], phases[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Environment and report
+# ---------------------------------------------------------------------------------------
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "sbc"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (git {rev}{', sbc/ modified' if dirty else ''})"
+
+
+def _version(cmd: list[str], pattern: str) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m.group(1) if m else "?"
+
+
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return m.group(1).strip() if m else platform.machine()
+
+
+def command_line() -> str:
+    exe = Path(sys.executable)
+    try:
+        exe_s = str(exe.relative_to(ROOT)) if exe.is_absolute() else str(exe)
+    except ValueError:
+        exe_s = str(exe)
+    script = Path(sys.argv[0])
+    try:
+        script_s = str(script.resolve().relative_to(ROOT))
+    except ValueError:
+        script_s = sys.argv[0]
+    return shlex.join([exe_s, script_s, *sys.argv[1:]])
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _rate(phases: list[Phase]) -> float:
+    return statistics.median(p.run.rate for p in phases)
+
+
+def _rate_cell(phases: list[Phase]) -> str:
+    rates = [p.run.rate for p in phases]
+    spread = f" ({_n(min(rates))}–{_n(max(rates))})" if len(rates) > 1 else ""
+    return _n(statistics.median(rates)) + spread
+
+
+def _busy(phases: list[Phase], what: str) -> str:
+    wall = sum(p.run.wall for p in phases)
+    if what == "sbc":
+        if phases[0].sbc_cpu is None:
+            return "—"
+        cpu = sum(p.sbc_cpu or 0.0 for p in phases)
+    elif what == "kamailio":
+        cpu = sum(p.kamailio_cpu for p in phases)
+    else:
+        cpu = sum(p.run.sipp_cpu for p in phases)
+    return f"{100 * cpu / wall:.0f} %"
+
+
+def _busy_cell(phases: list[Phase]) -> str:
+    return " / ".join(_busy(phases, w) for w in ("sbc", "kamailio", "sipp"))
+
+
+def _per_register(phases: list[Phase]) -> str:
+    cpu = sum(p.sbc_cpu or 0.0 for p in phases)
+    return f"{1e6 * cpu / sum(p.run.registers for p in phases):,.0f} µs"
+
+
+def _total(phases: list[Phase], attr: str) -> int:
+    return sum(getattr(p, attr) if hasattr(p, attr) else getattr(p.run, attr) for p in phases)
+
+
+def render(direct: Target, via: Target, args: argparse.Namespace, env: dict[str, str]) -> str:
+    n, k, rounds = args.users, args.refreshes, args.rounds
+    d_i, d_r = direct.phases("initial"), direct.phases("refresh")
+    s_i, s_r = via.phases("initial"), via.phases("refresh")
+    sent_r = rounds * n * k
+    offloaded = _total(s_r, "backend_registers")
+    share = offloaded / sent_r
+    per_round = f"{rounds} × " if rounds > 1 else ""
+    profiled = " **The SBC ran under cProfile: its figures are slowed.**" if args.profile else ""
+    lines = [
+        "## Registration throughput and offload (bench/register.py)",
+        "",
+        f"- Date: {env['date']}",
+        f"- CPU: {env['cpu']}; {env['pinning']}",
+        f"- Versions: sbc {env['sbc']}, {env['python']}, uvloop {env['uvloop']}, "
+        f"SIPp {env['sipp']}, Kamailio {env['kamailio']}",
+        f"- Command: `{env['command']}`",
+        f"- Load: {rounds} round{'s' if rounds > 1 else ''}, each with {n:,} new users, "
+        "over UDP on loopback, all from one SIPp socket (one flow). SIPp "
+        f"`-r {args.rate} -l {args.limit}`: calls started at up to {args.rate:,}/s, at most "
+        f"{args.limit} in progress. Initial phase: one REGISTER per user "
+        f"(bench/scenarios/register.xml). Refresh phase: {k} re-REGISTERs per user, one "
+        "after the other, unchanged but for CSeq+1 (same Call-ID, From tag, Contact and "
+        "source port; bench/scenarios/refresh.xml). Every 200 checked (CSeq, Contact with a "
+        "non-zero expiry); every call succeeded.",
+        "- Direct: SIPp to Kamailio A (docker/kamailio/kamailio.cfg, 2 UDP workers). Via "
+        "SBC: SIPp to `sbc run` (UDP) with Kamailio B, a fresh instance of the same config, "
+        f"as its only backend; `[registration] backend_expires = {BACKEND_EXPIRES}`, "
+        f"`[registration.client_expires] udp = {CLIENT_EXPIRES}`, "
+        f'`[log] level = "warning"`.{profiled}',
+        "",
+        "| | Direct to Kamailio | Via SBC | Via SBC / direct |",
+        "|---|---:|---:|---:|",
+        f"| Initial REGISTERs/s, median (range) of {rounds} | {_rate_cell(d_i)} | "
+        f"{_rate_cell(s_i)} | {_rate(s_i) / _rate(d_i):.2f} |",
+        f"| Re-REGISTERs/s, median (range) of {rounds}; via SBC answered by the SBC | "
+        f"{_rate_cell(d_r)} | {_rate_cell(s_r)} | {_rate(s_r) / _rate(d_r):.2f} |",
+        f"| REGISTERs received by the backend in the initial phases ({per_round}{n:,} sent) | "
+        f"{_n(_total(d_i, 'backend_registers'))} | {_n(_total(s_i, 'backend_registers'))} | |",
+        f"| REGISTERs received by the backend in the refresh phases "
+        f"({per_round}{n * k:,} sent) | {_n(_total(d_r, 'backend_registers'))} | "
+        f"{_n(offloaded)} | {offloaded / max(_total(d_r, 'backend_registers'), 1):.3f} |",
+        f"| Users registered at the backend at the end (+1 warm-up user) | "
+        f"{_n(direct.registered_users)} | {_n(via.registered_users)} | |",
+        f"| SIPp retransmissions, initial / refresh phases | "
+        f"{_total(d_i, 'retransmissions')} / {_total(d_r, 'retransmissions')} | "
+        f"{_total(s_i, 'retransmissions')} / {_total(s_r, 'retransmissions')} | |",
+        f"| SBC CPU time per initial REGISTER | — | {_per_register(s_i)} | |",
+        f"| SBC CPU time per re-REGISTER | — | {_per_register(s_r)} | |",
+        f"| CPU busy, initial phases: SBC / Kamailio / SIPp | {_busy_cell(d_i)} | "
+        f"{_busy_cell(s_i)} | |",
+        f"| CPU busy, refresh phases: SBC / Kamailio / SIPp | {_busy_cell(d_r)} | "
+        f"{_busy_cell(s_r)} | |",
+        "",
+        f"Offload: the backend received {offloaded:,} of the {sent_r:,} re-REGISTERs sent "
+        f"through the SBC ({100 * share:.2f} %); sent directly, it receives every one. "
+        "Target of issue 3 (the backend receives at most 1/50 = 2 % of the re-REGISTERs): "
+        f"**{'met' if share <= 0.02 else 'not met'}**.",
+        "",
+        "How it is measured: REGISTERs/s are REGISTER transactions (retransmissions not "
+        "counted) over SIPp's own first-to-last statistics timestamps of each run; backend "
+        "REGISTERs are Kamailio's `core:rcv_requests_register` (kamcmd) before and after "
+        "each phase; CPU time is utime+stime from /proc (the SBC process; Kamailio's whole "
+        "process group) and getrusage for SIPp, over the wall time of the SIPp runs "
+        "(100 % = one core busy). Rounds run the four phases in turn (direct initial, "
+        "direct refresh, via SBC initial, via SBC refresh), on the same processes.",
+    ]
+    saturated = [
+        name
+        for name, phases in (("initial", s_i), ("refresh", s_r))
+        if _busy(phases, "sbc") != "—" and int(_busy(phases, "sbc").split()[0]) >= 85
+    ]
+    if saturated:
+        lines += [
+            "",
+            f"Via the SBC, its core was saturated in the {' and '.join(saturated)} phases: "
+            "there the SBC is the limit, not SIPp or Kamailio.",
+        ]
+    retrans = {
+        name: _total(phases, "retransmissions")
+        for name, phases in (
+            ("direct initial", d_i),
+            ("direct refresh", d_r),
+            ("via SBC initial", s_i),
+            ("via SBC refresh", s_r),
+        )
+    }
+    if any(retrans.values()):
+        lines += [
+            "",
+            "SIPp retransmitted a REGISTER when no answer came within 500 ms (RFC 3261 timer "
+            "E, T1): the target stalled at times in the "
+            + ", ".join(f"{name} phases ({count})" for name, count in retrans.items() if count)
+            + ". A retransmission through the SBC can reach the backend if the SBC itself "
+            "retransmitted towards it, which is why the backend can count a few more "
+            "REGISTERs than were sent.",
+        ]
+    if env["shared"]:
+        lines += [
+            "",
+            "SIPp and Kamailio share one core in both runs; via the SBC, the SBC has another "
+            "core to itself. The direct figures are the limit of SIPp and Kamailio together "
+            "on one core (see their CPU shares), not of Kamailio alone.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    block = f"{BEGIN}\n{section}{END}\n"
+    if path.exists():
+        text = path.read_text()
+        start, end = text.find(BEGIN), text.find(END)
+        if start >= 0 and end > start:
+            text = text[:start] + block + text[end + len(END) :].lstrip("\n")
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "# Performance\n\n" + block
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def choose_cpus(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
+    """(CPU for the SBC, CPU for SIPp + Kamailio, description)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.no_pin or len(allowed) < 2 or shutil.which("taskset") is None:
+        why = "--no-pin" if args.no_pin else "fewer than 2 CPUs or no taskset"
+        return None, None, f"{len(allowed)} CPUs, not pinned ({why})"
+    sbc_cpu = allowed[0] if args.sbc_cpu is None else args.sbc_cpu
+    peer_cpu = allowed[1] if args.peer_cpu is None else args.peer_cpu
+    os.sched_setaffinity(0, {peer_cpu})  # this script mostly waits; keep it off the SBC's
+    return (
+        sbc_cpu,
+        peer_cpu,
+        f"{len(allowed)} CPUs; SBC pinned to CPU {sbc_cpu}, SIPp + both Kamailios + this "
+        f"script to CPU {peer_cpu} (taskset -c)",
+    )
+
+
+def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
+    for tool in ("sipp", "kamailio", "kamcmd"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not installed (make peers installs it)")
+    sbc_cpu, peer_cpu, pinning = choose_cpus(args)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-reg-"))  # short: holds the ctl sockets
+    started: list[Kamailio | Sbc] = []
+    try:
+        taken: set[int] = set()
+        kam_direct = Kamailio("A", free_port(taken=taken), workdir / "kA", peer_cpu)
+        kam_backend = Kamailio("B", free_port(taken=taken), workdir / "kB", peer_cpu)
+        for kam in (kam_direct, kam_backend):
+            started.append(kam)
+            kam.start()
+        for kam in (kam_direct, kam_backend):
+            kam.wait_ready()
+        sbc = Sbc(workdir, kam_backend, sbc_cpu, args.profile)
+        started.append(sbc)
+        sbc.start()
+        sbc.wait_ready()
+        warm_up(kam_direct.port, "Kamailio A")
+        warm_up(sbc.port, "the SBC")
+
+        direct, via = Target("direct", []), Target("via SBC", [])
+        for round_no in range(1, args.rounds + 1):
+            users_csv = workdir / f"users-{round_no}.csv"
+            users_csv.write_text(
+                "SEQUENTIAL\n"
+                + "".join(f"r{round_no}u{i:06d};{DOMAIN}\n" for i in range(args.users))
+            )
+            for target, kam, port, with_sbc in (
+                (direct, kam_direct, kam_direct.port, None),
+                (via, kam_backend, sbc.port, sbc),
+            ):
+                target.rounds.append(
+                    measure_round(
+                        "direct" if with_sbc is None else "via-sbc",
+                        workdir,
+                        round_no,
+                        port=port,
+                        backend=kam,
+                        sbc=with_sbc,
+                        users_csv=users_csv,
+                        args=args,
+                        cpu=peer_cpu,
+                    )
+                )
+        direct.registered_users = kam_direct.registered_users()
+        via.registered_users = kam_backend.registered_users()
+        sbc.stop()
+        log = sbc.log()
+        if sbc.exit_code != 0 or "Traceback" in log:
+            raise BenchError(f"sbc run exit code {sbc.exit_code} after SIGTERM:\n{log[-3000:]}")
+        if log.strip():
+            print(f"--- sbc run log (warnings) ---\n{log[-2000:]}")
+    except BaseException:
+        for proc in started:
+            if isinstance(proc, Sbc) and proc.proc is not None and proc.log().strip():
+                print(f"--- sbc run log ---\n{proc.log()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    env = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "pinning": pinning,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "sbc": _dist_version("sbc") + _git_rev(),
+        "uvloop": _dist_version("uvloop"),
+        "sipp": _version(["sipp", "-v"], r"SIPp v(\S+?)\.?\s"),
+        "kamailio": _version(["kamailio", "-v"], r"kamailio (\S+)"),
+        "command": command_line(),
+        "shared": "yes" if peer_cpu is not None else "",
+    }
+    return direct, via, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=2000, help="users registered (2000)")
+    ap.add_argument("--refreshes", type=int, default=4, help="re-REGISTERs per user (4)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each with --users new users (3)")
+    ap.add_argument("--rate", type=int, default=20000, help="SIPp -r: calls/s offered (20000)")
+    ap.add_argument("--limit", type=int, default=100, help="SIPp -l: calls in progress (100)")
+    ap.add_argument(
+        "--sipp-timeout",
+        type=int,
+        help="bound on each SIPp run, s (default: 30, or users x refreshes / 500 if more)",
+    )
+    ap.add_argument("--sbc-cpu", type=int, help="CPU for the SBC (default: first allowed)")
+    ap.add_argument("--peer-cpu", type=int, help="CPU for SIPp + Kamailio (default: second)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    ap.add_argument("--profile", type=Path, help="run the SBC under cProfile, stats to FILE")
+    ap.add_argument("--out", type=Path, help="rewrite the bench/register.py section of FILE")
+    args = ap.parse_args(argv)
+    if min(args.users, args.refreshes, args.rounds, args.rate, args.limit) < 1:
+        ap.error("--users, --refreshes, --rounds, --rate and --limit must be >= 1")
+    if args.sipp_timeout is None:
+        args.sipp_timeout = max(30, args.users * args.refreshes // 500)
+
+    try:
+        direct, via, env = run(args)
+    except BenchError as exc:
+        print(f"bench/register.py: {exc}", file=sys.stderr)
+        return 1
+    section = render(direct, via, args, env)
+    print()
+    print(section)
+    if args.out:
+        write_section(args.out, section)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
