@@ -531,6 +531,9 @@ class NonInviteServerTransaction(ServerTransaction):
         if wait <= 0:
             return out + self._terminate()
         self._set_timer("J", now + wait)
+        # Kept 32 s only to absorb retransmissions: no need for the parsed views.
+        self.request.release_views()
+        response.release_views()
         return out
 
     def _on_retransmission(self, now: float) -> list[Output]:
@@ -682,6 +685,7 @@ class NonInviteClientTransaction(ClientTransaction):
         # RFC 3261 17.1.2.2: final -> Completed, timer K (T4 unreliable, 0 reliable).
         self.state = _S.COMPLETED
         self._cancel_timer("E", "F")
+        self.request.release_views()  # kept only for matching retransmitted responses
         out: list[Output] = [self._received(response)]
         wait = self.timers.timer_k(self.reliable)
         if wait <= 0:
