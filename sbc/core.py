@@ -363,12 +363,11 @@ class SbcCore:
     def _stamp_via(req: Request, flow: Flow) -> None:
         """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via (if it parses)."""
         try:
-            vias = req.via
+            via = req.top_via
         except ParseError:
             return
-        if not vias:
+        if via is None:
             return
-        via = vias[0]
         host, port = flow.remote
         stamped = via
         if via.host_bare != host.lower() or via.wants_rport:
@@ -376,7 +375,7 @@ class SbcCore:
         if via.wants_rport:
             stamped = stamped.with_param("rport", str(port))
         if stamped is not via:
-            req.set_first_value("via", str(stamped))
+            req.set_top_via(stamped)
 
     @staticmethod
     def _response_flow(req: Request, flow: Flow) -> Flow:

@@ -9,6 +9,8 @@ the AOR, as a stateful proxy (RFC 3261 16) that adds a Path naming the client's 
 from __future__ import annotations
 
 import email.utils
+import heapq
+import itertools
 import logging
 import random
 import secrets
@@ -172,6 +174,8 @@ class BackendRelay:
         self._work: dict[
             ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
         ] = {}
+        self._deadlines: list[tuple[float, int, ClientTransaction]] = []
+        self._seq = itertools.count()
         self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
 
@@ -194,11 +198,9 @@ class BackendRelay:
     def next_deadline(self) -> float | None:
         if not self._sockets:
             return None
-        deadlines = [
-            w.deadline
-            for w in self._work.values()
-            if isinstance(w, _Probe | _Keepalive | _Relayed) and w.deadline is not None
-        ]
+        deadlines = []
+        if (top := self._next_work_deadline()) is not None:
+            deadlines.append(top)
         for nxt in (
             self.balancer.next_deadline(),
             self.registrations.next_deadline(),
@@ -212,28 +214,11 @@ class BackendRelay:
         out: list[Output | RawSend] = []
         if not self._sockets:
             return out
+        out += self._overdue(now)
         out += self._keepalive_timers(now)
-        # A probe unanswered within probe_interval failed: detection must take about
-        # probe_interval x probe_failures, not probe_failures x timer F (issue 3 item 7).
-        late = [
-            (tx, w) for tx, w in self._work.items() if isinstance(w, _Probe) and w.deadline <= now
-        ]
-        for tx, work in late:
-            del self._work[tx]
-            out += self.transactions.terminate(tx)
-            out += self._health(self.balancer.probe_result(
-                work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
-        stalled = [
-            (tx, w)
-            for tx, w in self._work.items()
-            if isinstance(w, _Relayed) and w.deadline is not None and w.deadline <= now
-        ]
-        for relayed_tx, relayed in stalled:
-            del self._work[relayed_tx]
-            out += self._failover(relayed_tx, relayed, now)
         for reg in self.registrations.expired(now):
             out += self._deregister(reg, now)
-            if not any(r.flow == reg.flow for r in self.registrations):
+            if not self.has_flow(reg.flow):
                 self.keepalives.unwatch(reg.flow)
         for backend in self.balancer.probes_due(now):
             flow = self.flow_to(backend)
@@ -246,8 +231,52 @@ class BackendRelay:
             )
             log.debug("probe sent", extra={"backend": backend.name})
             timeout = min(self.balancer.policy.probe_interval, self.transactions.timers.timer_f)
-            self._work[tx] = _Probe(backend, now, now + timeout)
+            self._track(tx, _Probe(backend, now, now + timeout))
             out += sent
+        return out
+
+    # -- work with a deadline of its own: a heap, stale entries skipped lazily --------------
+    def _track(self, tx: ClientTransaction, work: _Probe | _Keepalive | _Relayed) -> None:
+        self._work[tx] = work
+        if work.deadline is not None:
+            heapq.heappush(self._deadlines, (work.deadline, next(self._seq), tx))
+
+    def _live(
+        self, entry: tuple[float, int, ClientTransaction]
+    ) -> _Probe | _Keepalive | _Relayed | None:
+        work = self._work.get(entry[2])
+        if isinstance(work, _Probe | _Keepalive | _Relayed) and work.deadline == entry[0]:
+            return work
+        return None
+
+    def _next_work_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and self._live(heap[0]) is None:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _overdue(self, now: float) -> list[Output]:
+        """Work whose own deadline passed: a probe or keep-alive unanswered within its
+        interval failed (so detection takes about interval x failures, not failures x timer F,
+        issue 3 item 7); a relayed REGISTER with no answer at all fails over."""
+        out: list[Output] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            work = self._live(entry)
+            if work is None:
+                continue
+            tx = entry[2]
+            del self._work[tx]
+            if isinstance(work, _Relayed):
+                out += self._failover(tx, work, now)
+                continue
+            out += self.transactions.terminate(tx)
+            if isinstance(work, _Probe):
+                out += self._health(self.balancer.probe_result(
+                    work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
+            elif self.keepalives.failed(work.flow):
+                out += self._flow_failed(work.flow, now)
         return out
 
     def _probe_request(self, backend: BackendState, flow: Flow) -> Request:
@@ -301,16 +330,6 @@ class BackendRelay:
     # -- keep-alives towards clients behind NAT (issue 3 item 5) -----------------------------
     def _keepalive_timers(self, now: float) -> list[Output | RawSend]:
         out: list[Output | RawSend] = []
-        late = [
-            (tx, w)
-            for tx, w in self._work.items()
-            if isinstance(w, _Keepalive) and w.deadline <= now
-        ]
-        for tx, work in late:
-            del self._work[tx]
-            out += self.transactions.terminate(tx)
-            if self.keepalives.failed(work.flow):
-                out += self._flow_failed(work.flow, now)
         for flow in self.keepalives.due(now):
             if self.nat.method == "crlf":
                 out.append(RawSend(flow, b"\r\n\r\n"))
@@ -320,7 +339,7 @@ class BackendRelay:
                 self._keepalive_request(flow, target), dest=flow, reliable=False, now=now
             )
             timeout = min(self.nat.interval, self.transactions.timers.timer_f)
-            self._work[tx] = _Keepalive(flow, now + timeout)
+            self._track(tx, _Keepalive(flow, now + timeout))
             out += sent
         return out
 
@@ -499,10 +518,10 @@ class BackendRelay:
         if info is not None and info.client_expires > 0:
             self._ask_backend_expiry(fwd, info.contacts)
         tx, out = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
-        self._work[tx] = _Relayed(
+        self._track(tx, _Relayed(
             server_tx, backend, info, deadline=now + self.request_timeout, request=req,
             client=client, tried=(*tried, backend.name),
-        )  # fmt: skip
+        ))  # fmt: skip
         self.stats["register_forwarded"] += 1
         return out
 

@@ -198,6 +198,15 @@ class Message:
         self._touch(key)
         return parts[0]
 
+    def set_top_via(self, via: Via) -> None:
+        """Replace the first via-parm with an already parsed one (the SBC stamping received/
+        rport, RFC 3581 4), keeping the parsed view instead of parsing the text again."""
+        old = self._cache.get("via")
+        self.set_first_value("via", str(via))
+        self._cache["top-via"] = via
+        if isinstance(old, tuple) and old:
+            self._cache["via"] = (via, *old[1:])
+
     def _copy_fields_from(self, other: Message) -> None:
         self._keys = other._keys.copy()
         self._pairs = other._pairs.copy()
