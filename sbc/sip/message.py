@@ -471,7 +471,12 @@ def _top_via(msg: Message) -> Via | None:
 
 
 def _all_vias(msg: Message) -> tuple[Via, ...]:
-    return tuple(via for value in msg.field_values("via") for via in parse_via(value))
+    values = msg.field_values("via")
+    if len(values) == 1 and "," not in values[0]:
+        top = msg._cache.get("top-via")  # the usual single Via, parsed already: reuse it
+        if top is not None:
+            return (top,)
+    return tuple(via for value in values for via in parse_via(value))
 
 
 def _call_id(msg: Message) -> str | None:
