@@ -369,13 +369,10 @@ class SbcCore:
         if via is None:
             return
         host, port = flow.remote
-        stamped = via
-        if via.host_bare != host.lower() or via.wants_rport:
-            stamped = stamped.with_param("received", host)
         if via.wants_rport:
-            stamped = stamped.with_param("rport", str(port))
-        if stamped is not via:
-            req.set_top_via(stamped)
+            req.set_top_via(via.with_params({"received": host, "rport": str(port)}))
+        elif via.host_bare != host.lower():
+            req.set_top_via(via.with_param("received", host))
 
     @staticmethod
     def _response_flow(req: Request, flow: Flow) -> Flow:

@@ -141,10 +141,17 @@ def _params_str(params: HeaderParams) -> str:
 
 
 def _with_param(params: HeaderParams, name: str, value: str) -> HeaderParams:
-    low = name.lower()
-    out = [(k, value if k.lower() == low else v) for k, v in params]
-    if not any(k.lower() == low for k, _ in params):
-        out.append((name, value))
+    return _with_params(params, {name: value})
+
+
+def _with_params(params: HeaderParams, updates: dict[str, str]) -> HeaderParams:
+    """Set parameters in one pass: existing ones keep their place, new ones are appended."""
+    wanted = {k.lower(): (k, v) for k, v in updates.items()}
+    out = []
+    for k, v in params:
+        new = wanted.pop(k.lower(), None)
+        out.append((k, new[1]) if new is not None else (k, v))
+    out.extend(wanted.values())
     return tuple(out)
 
 
@@ -192,11 +199,14 @@ class Via:
         return _param(self.params, name.lower())
 
     def with_param(self, name: str, value: str = "") -> Via:
+        return self.with_params({name: value})
+
+    def with_params(self, updates: dict[str, str]) -> Via:
         return Via(
             transport=self.transport,
             host=self.host,
             port=self.port,
-            params=_with_param(self.params, name, value),
+            params=_with_params(self.params, updates),
             protocol=self.protocol,
         )
 
