@@ -33,9 +33,6 @@ import importlib.metadata
 import os
 import platform
 import random
-import re
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,10 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sbc.sip.parser import parse_message  # noqa: E402
+from report import command_line, cpu_model, git_rev, write_section  # noqa: E402
 
-BEGIN = "<!-- bench/parse.py -->"
-END = "<!-- /bench/parse.py -->"
+from sbc.sip.parser import parse_message  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # The messages
@@ -255,7 +251,7 @@ def sbc_contender() -> Contender:
 
     return Contender(
         "sbc",
-        _version("sbc") + _git_rev(),
+        _version("sbc") + git_rev(),
         read,
         edit_request,
         edit_response,
@@ -506,34 +502,6 @@ def measure(
 # ---------------------------------------------------------------------------------------
 
 
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "sbc"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return f" (git {rev}{', sbc/ modified' if dirty else ''})"
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else platform.machine()
-
-
 def pin_cpu(cpu: int | None) -> str:
     if not hasattr(os, "sched_setaffinity"):
         return "not pinned (no sched_setaffinity)"
@@ -544,20 +512,6 @@ def pin_cpu(cpu: int | None) -> str:
     except OSError as exc:
         return f"not pinned ({exc})"
     return f"pinned to CPU {target} of {len(allowed)}"
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe_s = str(exe.relative_to(ROOT)) if exe.is_absolute() else str(exe)
-    except ValueError:
-        exe_s = str(exe)
-    script = Path(sys.argv[0])
-    try:
-        script_s = str(script.resolve().relative_to(ROOT))
-    except ValueError:
-        script_s = sys.argv[0]
-    return shlex.join([exe_s, script_s, *sys.argv[1:]])
 
 
 def _fmt(rate: float | None) -> str:
@@ -666,21 +620,6 @@ SIPp call throughput and media relay benchmarks come with later issues.
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}\n"
-    if path.exists():
-        text = path.read_text()
-        start, end = text.find(BEGIN), text.find(END)
-        if start >= 0 and end > start:
-            text = text[:start] + block + text[end + len(END) :].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = INTRO + block
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -750,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, "bench/parse.py", section, INTRO)
         print(f"wrote {args.out}")
     return 0
 

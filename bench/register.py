@@ -64,11 +64,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from report import ROOT, command_line, cpu_model, git_rev, write_section
+
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "docker" / "kamailio" / "kamailio.cfg"
-BEGIN = "<!-- bench/register.py -->"
-END = "<!-- /bench/register.py -->"
 HOST = "127.0.0.1"
 DOMAIN = "example.com"
 CLIENT_EXPIRES = 60
@@ -561,25 +560,6 @@ def measure_round(
 # ---------------------------------------------------------------------------------------
 
 
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "sbc"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return f" (git {rev}{', sbc/ modified' if dirty else ''})"
-
-
 def _version(cmd: list[str], pattern: str) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -594,29 +574,6 @@ def _dist_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return m.group(1).strip() if m else platform.machine()
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe_s = str(exe.relative_to(ROOT)) if exe.is_absolute() else str(exe)
-    except ValueError:
-        exe_s = str(exe)
-    script = Path(sys.argv[0])
-    try:
-        script_s = str(script.resolve().relative_to(ROOT))
-    except ValueError:
-        script_s = sys.argv[0]
-    return shlex.join([exe_s, script_s, *sys.argv[1:]])
 
 
 def _n(x: float) -> str:
@@ -766,21 +723,6 @@ def render(direct: Target, via: Target, args: argparse.Namespace, env: dict[str,
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section}{END}\n"
-    if path.exists():
-        text = path.read_text()
-        start, end = text.find(BEGIN), text.find(END)
-        if start >= 0 and end > start:
-            text = text[:start] + block + text[end + len(END) :].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Performance\n\n" + block
-    path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
@@ -873,7 +815,7 @@ def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
         "cpu": cpu_model(),
         "pinning": pinning,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "sbc": _dist_version("sbc") + _git_rev(),
+        "sbc": _dist_version("sbc") + git_rev(),
         "uvloop": _dist_version("uvloop"),
         "sipp": _version(["sipp", "-v"], r"SIPp v(\S+?)\.?\s"),
         "kamailio": _version(["kamailio", "-v"], r"kamailio (\S+)"),
@@ -915,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, "bench/register.py", section)
         print(f"wrote {args.out}")
     return 0
 

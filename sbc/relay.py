@@ -28,6 +28,7 @@ from sbc.features.registrar import (
     RegisterRefused,
     RegistrationStore,
     aor_of,
+    aor_of_uri,
     client_expires_for,
     contact_expires,
     contact_key,
@@ -439,13 +440,8 @@ class BackendRelay:
         except RegisterRefused as exc:
             return self.respond(server_tx, exc.status, exc.reason, (), now)
         self.stats["register_local"] += 1
-        mine = {contact_key(c) for c in contacts}
-        if client.transport == "udp" and asked and any(contact_key(c) in mine for c, _ in bindings):
-            via = req.via[0]
-            hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
-            if behind_nat(client.remote, via.host_bare, via.port, hosts):
-                target = next((str(c.uri) for c in contacts if c.uri is not None), None)
-                self.keepalives.watch(client, target or f"sip:{client.remote[0]}", now)
+        if asked and self._behind_nat(req, contacts, client):
+            self._watch(client, contacts, now)
         headers: list[tuple[str, str]] = []
         if bindings:
             listed = ", ".join(str(c.with_param("expires", str(s))) for c, s in bindings)
@@ -453,15 +449,26 @@ class BackendRelay:
         headers.append(("Date", self._date(now)))
         return self.respond(server_tx, 200, None, tuple(headers), now)
 
+    @staticmethod
+    def _behind_nat(req: Request, contacts: tuple[NameAddr, ...], client: Flow) -> bool:
+        """Issue 3 item 4, for a UDP client (keep-alives are for UDP NAT bindings)."""
+        via = req.top_via
+        if client.transport != "udp" or via is None:
+            return False
+        hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
+        return behind_nat(client.remote, via.host_bare, via.port, hosts)
+
+    def _watch(self, flow: Flow, contacts: tuple[NameAddr, ...], now: float) -> None:
+        """Start keep-alives to a client behind NAT; OPTIONS go to its first contact."""
+        target = next((str(c.uri) for c in contacts if c.uri is not None), None)
+        self.keepalives.watch(flow, target or f"sip:{format_host(flow.remote[0])}", now)
+
     def local_target(self, req: Request, now: float) -> tuple[Flow, Uri | None] | None:
         """The flow and contact of a user registered here that ``req`` is addressed to."""
         uri = req.uri
         if not isinstance(uri, SipUri) or uri.user is None:
             return None
-        aor = f"{uri.scheme.lower()}:{uri.user_unescaped}@{uri.host_bare}"
-        if uri.port is not None:
-            aor += f":{uri.port}"
-        bindings = self.location.lookup(aor, now)
+        bindings = self.location.lookup(aor_of_uri(uri), now)
         if not bindings:
             return None
         return bindings[0].flow, bindings[0].contact.uri
@@ -486,12 +493,10 @@ class BackendRelay:
             )
             if offload and cached is not None:
                 return self._answer_locally(server_tx, req, cached, granted, now)
-            via = req.via[0]
-            hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
             info = _RegisterInfo(
                 aor=aor, call_id=call_id, cseq=cseq.seq, contacts=contacts, flow=client,
                 client_expires=granted,
-                nat=behind_nat(client.remote, via.host_bare, via.port, hosts),
+                nat=self._behind_nat(req, contacts, client),
                 outbound="outbound" in {v.lower() for v in req.values("supported")}
                 and any(c.param("reg-id") is not None for c in contacts),
             )  # fmt: skip
@@ -749,9 +754,8 @@ class BackendRelay:
         )  # fmt: skip
         if "expires" in resp:
             resp.set("Expires", str(client_expiry))
-        if info.nat and info.flow.transport == "udp":
-            target = next((str(c.uri) for c in info.contacts if c.uri is not None), None)
-            self.keepalives.watch(info.flow, target or f"sip:{info.flow.remote[0]}", now)
+        if info.nat:
+            self._watch(info.flow, info.contacts, now)
         if info.outbound:
             # RFC 5626 4.4.1 / 5.4: how often the client should send its own keep-alives.
             resp.set("Flow-Timer", str(int(self.nat.interval)))

@@ -61,8 +61,11 @@ def aor_of(to: NameAddr) -> str | None:
     """The address-of-record of a REGISTER's To (RFC 3261 10.3 step 5): scheme, user and
     host, lower-case host, no port default games, no parameters. None if not a SIP URI."""
     uri = to.uri
-    if not isinstance(uri, SipUri):
-        return None
+    return aor_of_uri(uri) if isinstance(uri, SipUri) else None
+
+
+def aor_of_uri(uri: SipUri) -> str:
+    """The AOR form of a SIP URI: scheme, unescaped user, lower-case host, port."""
     user = f"{uri.user_unescaped}@" if uri.user is not None else ""
     port = f":{uri.port}" if uri.port is not None else ""
     return f"{uri.scheme.lower()}:{user}{uri.host_bare}{port}"
