@@ -11,7 +11,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # binary:Debian package of each peer the interop tests drive.
 PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
-               iptables:iptables sipsak:sipsak
+               iptables:iptables sipsak:sipsak ip:iproute2
 
 .PHONY: all venv certs run peers test lint bench clean distclean
 
@@ -59,7 +59,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: venv
+bench: venv peers
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[bench]'
 	$(VENV)/bin/python bench/parse.py --out docs/performance.md
 	$(VENV)/bin/python bench/register.py --out docs/performance.md
