@@ -185,13 +185,12 @@ class BackendRelay:
         self._sockets.setdefault((transport, ":" in address[0]), address)
 
     def flow_to(self, backend: BackendState) -> Flow | None:
-        """The flow to a backend: a core-side UDP socket of the backend's address family.
-
-        TCP/TLS to backends needs outgoing connections, which the I/O layer does not open yet.
-        """
+        """The flow to a backend: from a core-side listener of its transport and address
+        family (named in our Via). Over TCP the flow has no connection yet (conn_id 0): the
+        I/O layer opens one and reuses it. TLS to backends is not done yet (issue 6)."""
         host, port = backend.address
         local = self._sockets.get((backend.transport, ":" in host))
-        if local is None or backend.transport != "udp":
+        if local is None or backend.transport not in ("udp", "tcp"):
             return None
         return Flow(backend.transport, local, (host, port))
 
@@ -366,7 +365,11 @@ class BackendRelay:
 
     # -- requests from a backend to a registered client (issue 3 item 6) --------------------
     def is_core_flow(self, flow: Flow) -> bool:
-        return flow.local in self._sockets.values()
+        """From a core-side listener, or over a connection the SBC opened to a backend."""
+        if flow.local in self._sockets.values():
+            return True
+        host, port = flow.remote
+        return flow.reliable and self.balancer.by_address(host, port) is not None
 
     def client_flow(self, req: Request) -> Flow | None:
         """The client flow named by the top Route, if it is one of our Path URIs (RFC 3327

@@ -21,6 +21,8 @@ from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
 
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection to a backend
+
 
 class StartupError(Exception):
     """A listener or certificate problem that stops the SBC from starting (one line)."""
@@ -50,6 +52,9 @@ class SipTransports:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._conn_ids = itertools.count(1)
+        self._outgoing: dict[tuple[str, Address], _StreamProtocol] = {}  # connections we opened
+        self._pending: dict[tuple[str, Address], list[bytes]] = {}  # data waiting for connect
+        self._tasks: set[asyncio.Task[None]] = set()
         self.bound: list[tuple[ListenUrl, Address]] = []  # (configured url, actual address)
 
     # -- listeners ------------------------------------------------------------------------
@@ -116,12 +121,53 @@ class SipTransports:
                 return
             udp.sendto(data, flow.remote)
             return
+        if flow.conn_id == 0:
+            self._send_outgoing(flow, data)
+            return
         conn = self._conns.get(flow.conn_id)
         if conn is None or conn.transport is None or conn.transport.is_closing():
             # Connection reuse only (RFC 3261 18.2.2): a gone connection loses the message.
             log.info("connection %s gone, dropping %d bytes", flow, len(data))
             return
         conn.transport.write(data)
+
+    def _send_outgoing(self, flow: Flow, data: bytes) -> None:
+        """A stream flow without a connection (conn_id 0): the SBC's own connection to that
+        address (a TCP backend), opened on first use and then reused (RFC 3261 18.1.1)."""
+        key = (flow.transport, flow.remote)
+        conn = self._outgoing.get(key)
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.transport.write(data)
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.append(data)  # still connecting
+            return
+        self._pending[key] = [data]
+        task = self._loop.create_task(self._connect(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, key: tuple[str, Address]) -> None:
+        transport_name, (host, port) = key
+        try:
+            _, conn = await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: _StreamProtocol(self, transport_name), host=host, port=port
+                ),
+                timeout=CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            # The transaction times out and the backend's health counts it (RFC 3261 17.1.4).
+            log.info(
+                "cannot connect to %s:%s: %s", transport_name, format_address((host, port)), exc
+            )
+            self._pending.pop(key, None)
+            return
+        self._outgoing[key] = conn
+        assert conn.transport is not None
+        for data in self._pending.pop(key, []):
+            conn.transport.write(data)
 
     def rearm(self) -> None:
         """Re-read the core's next deadline (after the core was changed from outside)."""
@@ -173,6 +219,8 @@ class SipTransports:
         return conn_id
 
     def unregister(self, conn: _StreamProtocol) -> None:
+        for key in [k for k, c in self._outgoing.items() if c is conn]:
+            del self._outgoing[key]
         if conn.flow is not None:
             self._conns.pop(conn.flow.conn_id, None)
             self.core.connection_closed(conn.flow)

@@ -224,7 +224,7 @@ private_key = "{certs.server_key}"
 ca = "{certs.ca}"
 
 [core]
-listen = ["udp://127.0.0.1:{ports["core"]}"]
+listen = ["udp://127.0.0.1:{ports["core"]}", "tcp://127.0.0.1:{ports["core"]}"]
 {core}
 
 [admin]
@@ -252,7 +252,7 @@ def _start(
     ports = {
         "udp4": pool.port("127.0.0.1", UDP, TCP),
         "tls4": pool.port("127.0.0.1", TCP),
-        "core": pool.port("127.0.0.1", UDP),
+        "core": pool.port("127.0.0.1", UDP, TCP),
         "admin": pool.port("127.0.0.1", TCP),
     }
     if HAS_IPV6:

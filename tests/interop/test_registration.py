@@ -174,3 +174,20 @@ def test_message_from_the_backend_reaches_the_registered_client(
             if response.status >= 200:
                 break
         assert response.status == 200
+
+
+def test_registration_relayed_over_tcp_to_the_backend(
+    kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory
+) -> None:
+    """A backend URI with ;transport=tcp: probes and REGISTERs go over one TCP connection the
+    SBC opens and reuses; the client still talks UDP to the SBC."""
+    (registrar,) = kamailio_registrars(1)
+    sbc = sbc_factory(extra=backends_config(f"{registrar.uri};transport=tcp"))
+    for user in ("tina", "tom"):
+        assert register_udp(sbc.host4, sbc.udp4, user).status == 200
+    bindings = registrar.bindings()
+    assert sorted(bindings) == ["tina", "tom"]
+    for contacts in bindings.values():
+        (binding,) = contacts
+        assert str(binding.get("socket", "")).startswith("tcp:"), binding  # arrived over TCP
+    assert "cannot connect" not in sbc.log()
