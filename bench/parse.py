@@ -217,23 +217,7 @@ def _version(dist: str) -> str:
 def sbc_contender() -> Contender:
     def read(data: bytes) -> tuple[tuple[Any, ...], bytes]:
         msg = parse_message(data)
-        to = msg.to
-        cseq = msg.cseq
-        turi = to.uri
-        curi = msg.contact[0].uri
-        values = (
-            msg.top_via.branch,
-            msg.from_.tag,
-            to.tag,
-            turi.user,
-            turi.host,
-            msg.call_id,
-            cseq.seq,
-            cseq.method,
-            curi.host,
-            curi.port,
-            msg.max_forwards,
-        )
+        values = _sbc_routing_values(msg)
         msg._raw = None  # drop the unmodified-message cache: rebuild the octets
         return values, bytes(msg)
 
@@ -266,14 +250,13 @@ def sbc_contender() -> Contender:
 CACHED = "sbc, cached octets"
 
 
-def sbc_read_cached(data: bytes) -> bytes:
-    """(a) for sbc as an SBC forwarding an untouched message would do it: cached octets."""
-    msg = parse_message(data)
+def _sbc_routing_values(msg: Any) -> tuple[Any, ...]:
+    """What workload (a) reads, the sbc way."""
     to = msg.to
     cseq = msg.cseq
     turi = to.uri
     curi = msg.contact[0].uri
-    _ = (
+    return (
         msg.top_via.branch,
         msg.from_.tag,
         to.tag,
@@ -286,6 +269,12 @@ def sbc_read_cached(data: bytes) -> bytes:
         curi.port,
         msg.max_forwards,
     )
+
+
+def sbc_read_cached(data: bytes) -> bytes:
+    """(a) for sbc as an SBC forwarding an untouched message would do it: cached octets."""
+    msg = parse_message(data)
+    _sbc_routing_values(msg)
     return bytes(msg)
 
 
