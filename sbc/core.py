@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
+from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
@@ -35,6 +36,7 @@ from sbc.sip.transaction import (
     ServerTransaction,
     Timers,
     TransactionLayer,
+    TransactionTerminated,
     TransactionTimeout,
 )
 from sbc.sip.uri import SipUri
@@ -43,8 +45,10 @@ log = logging.getLogger("sbc.core")
 
 DEFAULT_HEALTH = HealthPolicy()
 
-# Extensions the SBC itself supports (Supported / Require, RFC 3261 20.37).
-SUPPORTED: frozenset[str] = frozenset()
+# Extensions a request may require of the SBC (Require, RFC 3261 20.32): those the B2BUA
+# relays end to end (reliable provisionals, RFC 3262; session timers, RFC 4028) and those
+# of registration (Path, RFC 3327; outbound, RFC 5626).
+SUPPORTED: frozenset[str] = frozenset({"100rel", "timer", "path", "outbound"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class CoreSettings:
     offload: OffloadPolicy = DEFAULT_OFFLOAD
     nat: NatPolicy | None = None
     request_timeout: float = 4.0
+    calls: CallPolicy = DEFAULT_POLICY
 
 
 class SbcCore:
@@ -96,6 +101,9 @@ class SbcCore:
             offload=settings.offload,
             nat=settings.nat,
             request_timeout=settings.request_timeout,
+        )
+        self.calls = B2bua(
+            transactions=self.transactions, relay=self.backends, policy=settings.calls
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).
@@ -155,7 +163,11 @@ class SbcCore:
     def next_deadline(self) -> float | None:
         deadlines = [
             d
-            for d in (self.transactions.next_deadline(), self.backends.next_deadline())
+            for d in (
+                self.transactions.next_deadline(),
+                self.backends.next_deadline(),
+                self.calls.next_deadline(),
+            )
             if d is not None
         ]
         if self._activity:
@@ -166,6 +178,8 @@ class SbcCore:
     def handle_timer(self, now: float) -> list[Action]:
         actions = self._outputs(self.transactions.handle_timer(now), now)
         actions += self._outputs(self.backends.handle_timer(now), now)
+        actions += self._outputs(self.calls.handle_timer(now), now)
+        actions += self._flows_failed(now)
         idle = self.settings.tcp_idle_timeout
         while self._activity:
             flow, seen = next(iter(self._activity.items()))
@@ -214,6 +228,9 @@ class SbcCore:
             msg, dest=dest, reliable=flow.reliable, now=now
         )
         actions = self._outputs(outputs, now)
+        if disposition is RequestDisposition.ACK_TO_TU:
+            # RFC 3261 13.2.2.4 / RFC 6026: the ACK for a 2xx goes to the dialog's owner.
+            return actions + self._outputs(self.calls.receive_ack(msg, now), now)
         if disposition is RequestDisposition.NEW and tx is not None:
             try:
                 actions += self._outputs(self._handle_request(tx, msg, flow, now), now)
@@ -260,8 +277,12 @@ class SbcCore:
             if target is None:
                 return tx.respond(self._response(req, 481), now)
             out = tx.respond(self._response(req, 200), now)
+            if self.calls.owns_server(target):
+                return out + self.calls.cancel(target, now)
             return out + target.respond(self._response(target.request, 487), now)
-        if method == "OPTIONS" and (to_us or max_forwards == 0):
+        to = req.to
+        in_dialog = to is not None and to.tag is not None and self.calls.has_dialog(req)
+        if method == "OPTIONS" and (to_us or max_forwards == 0) and not in_dialog:
             # RFC 3261 11.2; 16.3 item 2 lets an element answer an OPTIONS with Max-Forwards 0.
             return tx.respond(self._options_answer(req), now)
         if max_forwards == 0:
@@ -269,26 +290,32 @@ class SbcCore:
         if method not in KNOWN_METHODS:
             # RFC 3261 8.2.1: an unknown method gets 501 with Allow.
             return tx.respond(self._response(req, 501, headers=(("Allow", ALLOW),)), now)
-        to = req.to
         if to is not None and to.tag is not None:
-            # RFC 3261 12.2.2: an in-dialog request for a dialog the SBC does not hold.
-            return tx.respond(self._response(req, 481), now)
+            # RFC 3261 12.2.2: within a dialog, which the B2BUA holds (or answers 481).
+            return self.calls.in_dialog(tx, req, flow, now)
         if method == "REGISTER":
             if self.settings.backends:
                 return self.backends.relay_register(tx, req, flow, now)
             return self.backends.register_locally(tx, req, flow, now)
-        if not self.settings.backends and (found := self.backends.local_target(req, now)):
-            # The embedded registrar knows the user: over its flow, to its contact.
-            user_flow, contact = found
-            alive = user_flow.transport == "udp" or user_flow in self._framers
-            return self.backends.relay_to_client(tx, req, user_flow, alive, now, target=contact)
-        if self.backends.is_core_flow(flow):
-            client = self.backends.client_flow(req)
-            if client is not None:
-                alive = client.transport == "udp" or client in self._framers
-                return self.backends.relay_to_client(tx, req, client, alive, now)
-        # Not routable yet: calls and registrations are later features.
-        return tx.respond(self._response(req, 404, "No Route"), now)
+        # Everything else starts a call or a transaction of its own through the B2BUA.
+        where = self.calls.route(req, flow, now, self._alive)
+        if isinstance(where, Refusal):
+            resp = self._response(req, where.status, where.reason, headers=where.headers)
+            return tx.respond(resp, now)
+        return self.calls.start(tx, req, flow, where, now)
+
+    def _alive(self, flow: Flow) -> bool:
+        """A flow the SBC can still send on: UDP, or a stream connection that is open."""
+        return flow.transport == "udp" or flow in self._framers
+
+    def _flows_failed(self, now: float) -> list[Action]:
+        """Client flows the keep-alives found dead: their calls end (issue 4 item 5)."""
+        failed = self.backends.failed_flows
+        actions: list[Action] = []
+        while failed:
+            actions += self._outputs(self.calls.end_calls_on_flow(failed.pop(), now), now)
+        self.backends.events.clear()  # nobody reads backend transitions yet (logged)
+        return actions
 
     def _reject(self, req: Request, rejection: Rejection, flow: Flow) -> list[Action]:
         """Stateless rejection of a request that failed the sanity filter (RFC 3261 8.2)."""
@@ -350,12 +377,24 @@ class SbcCore:
                 assert isinstance(out.dest, Flow)
                 actions.append(SendData(out.dest, data))
             elif isinstance(out, ResponseReceived):
-                actions += self._outputs(self.backends.on_response(out, now), now)
+                if self.calls.owns(out.transaction):
+                    events = self.calls.on_response(out.transaction, out.response, now)
+                else:
+                    events = self.backends.on_response(out, now)
+                actions += self._outputs(events, now)
             elif isinstance(out, TransactionTimeout):
+                tx = out.transaction
+                if isinstance(tx, ClientTransaction):
+                    if self.calls.owns(tx):
+                        actions += self._outputs(self.calls.on_timeout(tx, now), now)
+                    else:
+                        actions += self._outputs(self.backends.on_timeout(tx, now), now)
+            elif isinstance(out, TransactionTerminated):
                 if isinstance(out.transaction, ClientTransaction):
-                    actions += self._outputs(self.backends.on_timeout(out.transaction, now), now)
-            elif isinstance(out.transaction, ClientTransaction):  # TransactionTerminated
-                self.backends.forget(out.transaction)
+                    self.calls.forget(out.transaction)
+                    self.backends.forget(out.transaction)
+                else:
+                    self.calls.server_gone(out.transaction)
         return actions
 
     # -- transport rules ------------------------------------------------------------------

@@ -65,7 +65,7 @@ class _Probe:
 @dataclass(slots=True)
 class _Relayed:
     server_tx: ServerTransaction
-    backend: BackendState | None  # None: relayed to a client
+    backend: BackendState | None
     register: _RegisterInfo | None = None
     # Failover (REGISTER to backends): no answer at all by ``deadline`` -> the next backend.
     deadline: float | None = None
@@ -179,6 +179,7 @@ class BackendRelay:
         self._seq = itertools.count()
         self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
+        self.failed_flows: list[Flow] = []  # client flows found dead, for the owner
 
     def add_core_socket(self, transport: str, address: Address) -> None:
         """A core-side listener the SBC sends from (the I/O layer reports what it bound)."""
@@ -349,9 +350,15 @@ class BackendRelay:
         req.add("Content-Length", "0")
         return req
 
+    def report_failure(self, backend: BackendState, reason: str, now: float) -> list[Output]:
+        """A request towards ``backend`` timed out: one failure (issue 3 item 7)."""
+        return self._health(self.balancer.request_failed(backend, now=now, reason=reason), now)
+
     def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
-        removed here and at the backends (issue 3 items 3 and 5)."""
+        removed here and at the backends (issue 3 items 3 and 5); the owner ends its calls
+        (``failed_flows``)."""
+        self.failed_flows.append(flow)
         self.keepalives.unwatch(flow)
         self.location.drop_flow(flow)
         out: list[Output] = []
@@ -385,44 +392,6 @@ class BackendRelay:
     def has_flow(self, flow: Flow) -> bool:
         """Whether a registration (relayed or local) still reaches its client over ``flow``."""
         return self.registrations.has_flow(flow) or self.location.has_flow(flow)
-
-    def relay_to_client(
-        self,
-        server_tx: ServerTransaction,
-        req: Request,
-        client: Flow,
-        alive: bool,
-        now: float,
-        *,
-        target: Uri | None = None,
-    ) -> list[Output]:
-        """Forward an out-of-dialog request for a registered user over the flow its REGISTER
-        came on (never to its private Contact), as a stateful proxy (RFC 3261 16.6). Without
-        ``target`` the request came from a backend with our Path as its top Route, which is
-        removed (RFC 3261 16.4); with it, the embedded registrar found the binding and the
-        Request-URI becomes its contact (RFC 3261 16.5)."""
-        if not alive or not self.has_flow(client):
-            # RFC 5626 5.3: the flow is gone; say so at once rather than time out.
-            return self.respond(server_tx, 430, "Flow Failed", (), now)
-        if req.method in ("INVITE", "SUBSCRIBE", "REFER"):
-            # Dialogs through the SBC are the B2BUA's job (issue 4), not a proxy's.
-            return self.respond(server_tx, 501, "Dialogs Not Relayed Yet", (), now)
-        fwd = req.copy()
-        if target is None:
-            fwd.pop_first_value("route")  # RFC 3261 16.4: our own Route
-        else:
-            fwd.uri = target
-        mf = req.max_forwards
-        fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
-        local = format_address(client.local)
-        fwd.add("Via", f"SIP/2.0/{client.transport.upper()} {local};branch={new_branch()};rport",
-                first=True)  # fmt: skip
-        tx, out = self.transactions.send_request(
-            fwd, dest=client, reliable=client.reliable, now=now
-        )
-        self._work[tx] = _Relayed(server_tx, None)
-        self.stats["relayed_to_client"] += 1
-        return out
 
     # -- the embedded registrar (issue 3 item 9) -------------------------------------------
     def register_locally(
@@ -788,8 +757,7 @@ class BackendRelay:
         if isinstance(work, _Relayed):
             # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.
-            if work.backend is None:
-                return self.respond(work.server_tx, 408, "Client Timeout", (), now)
+            assert work.backend is not None
             out = self._health(self.balancer.request_failed(
                 work.backend, now=now, reason=f"{tx.request.method} timed out"), now)  # fmt: skip
             return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)

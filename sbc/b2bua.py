@@ -1,0 +1,1169 @@
+"""Calls through the SBC: a back-to-back user agent (sans-I/O).
+
+Every call is two dialogs joined by the SBC (issue 4): the leg it received the request on
+and the leg it sends its own request on, each with its own Call-ID, tags, CSeq space, Via,
+Contact and route set (RFC 3261 12 per leg; the SBC is a UAS on one and a UAC on the
+other, RFC 3261 6 "back-to-back user agent"). Requests and responses are mapped between
+the legs; nothing that names the far side's topology crosses over (issue 4 item 4).
+
+- ``route`` decides where a new request goes: from a client to a backend (the balancer),
+  from a backend to a registered client (the flow token in our Path, RFC 5626 5.3), or,
+  without backends, to a client registered at the embedded registrar.
+- ``start`` opens a call (INVITE, SUBSCRIBE, REFER) or relays a request that creates no
+  dialog (MESSAGE, OPTIONS, PUBLISH, NOTIFY ...) with fresh ids.
+- ``in_dialog`` / ``receive_ack`` / ``cancel`` handle what arrives within a call.
+- Each fork of the core leg (a new To tag, RFC 3261 13.2.2.4) gets its own early dialog on
+  the other leg; the first 2xx wins, a later 2xx from another fork is ACKed and BYEd.
+- The SDP passes through ``MediaSeam`` (the media relay of issue 5 fills it in).
+
+The core feeds it client-transaction events (``on_response``, ``on_timeout``, ``forget``)
+and timers (``next_deadline``, ``handle_timer``); it returns transaction outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import itertools
+import json
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sbc.features.balancer import BackendState
+from sbc.features.registrar import aor_of
+from sbc.relay import BackendRelay
+from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
+from sbc.sip.flow import Flow, format_address
+from sbc.sip.message import ParseError, Request, Response, make_response
+from sbc.sip.transaction import (
+    ClientTransaction,
+    InviteServerTransaction,
+    Output,
+    Send,
+    ServerTransaction,
+    Timers,
+    TransactionLayer,
+    cancel_request,
+    new_branch,
+)
+
+log = logging.getLogger("sbc.calls")
+
+ACCESS = "access"
+CORE = "core"
+
+# Methods whose request creates a dialog through the SBC (RFC 3261 12, RFC 6665, RFC 3515).
+DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+# Methods whose request and 2xx carry the sender's Contact (target refresh, RFC 3261 12.2,
+# RFC 3311 5.2, RFC 6665 4.1.2, RFC 3515 2.4.6).
+CONTACT_METHODS = frozenset({"INVITE", "UPDATE", "SUBSCRIBE", "NOTIFY", "REFER"})
+# Header fields that belong to one leg and are never copied to the other: the SBC writes
+# its own (RFC 3261 8.1.1, 12.2.1.1), or recomputes them (Content-Length, RAck).
+LEG_HEADERS = frozenset({
+    "via", "from", "to", "call-id", "cseq", "contact", "record-route", "route",
+    "max-forwards", "content-length", "path", "service-route", "rack",
+})  # fmt: skip
+# Header fields that can name the core's hosts, removed towards clients (topology hiding,
+# issue 4 item 4): the SBC puts its own Server; Warning names the warn-agent (RFC 3261
+# 20.43); Error-Info points into the core (20.18).
+CORE_TOPOLOGY_HEADERS = frozenset({"server", "warning", "error-info"})
+
+
+class MediaSeam(Protocol):
+    """Where the SDP of each offer and answer is rewritten for the media relay (issue 5)."""
+
+    def sdp(self, call_id: str, to_side: str, body: bytes, content_type: str | None) -> bytes: ...
+
+    def release(self, call_id: str) -> None: ...
+
+
+class PassThroughMedia:
+    """Until the media relay exists the SDP passes unchanged (issue 4: "the SDP may pass")."""
+
+    def sdp(self, call_id: str, to_side: str, body: bytes, content_type: str | None) -> bytes:
+        return body
+
+    def release(self, call_id: str) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallPolicy:
+    """[calls]: admission limits, timeouts and header stripping (issue 4 item 5)."""
+
+    max_calls: int = 0  # concurrent calls in all; 0: no limit
+    max_calls_per_source: int = 0  # per source address of the caller; 0: no limit
+    no_answer_timeout: float = 180.0  # no final answer by then: 408 and CANCEL
+    max_duration: float = 0.0  # an answered call is ended with BYE after this; 0: never
+    retry_after: int = 5  # Retry-After of the 503 for calls over a limit
+    strip_headers: tuple[str, ...] = ()  # lower-case names, "p-*" strips every P- header
+
+    def strips(self, key: str) -> bool:
+        for pattern in self.strip_headers:
+            if pattern.endswith("*") and key.startswith(pattern[:-1]):
+                return True
+            if key == pattern:
+                return True
+        return False
+
+
+DEFAULT_POLICY = CallPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a new request goes: the flow, its Request-URI, the side, the backend if any."""
+
+    flow: Flow
+    uri: str
+    side: str
+    backend: BackendState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Leg:
+    """One UA's side of a call: its dialog, the flow it is reached on, our Contact there."""
+
+    __slots__ = (
+        "ack_pending", "ack_sent", "call", "contact", "dialog", "flow", "invite_cseq",
+        "invite_in", "invite_out", "peer", "retransmit", "side", "update_out",
+    )  # fmt: skip
+
+    def __init__(self, call: Call, side: str, flow: Flow, dialog: Dialog, contact: str) -> None:
+        self.call = call
+        self.side = side
+        self.flow = flow
+        self.dialog = dialog
+        self.contact = contact
+        self.peer: Leg | None = None
+        self.invite_cseq = 0  # CSeq number of the last INVITE on this leg (sent or received)
+        self.invite_in: ServerTransaction | None = None  # a (re-)INVITE being answered
+        self.invite_out: ClientTransaction | None = None  # a re-INVITE sent, unanswered
+        self.update_out: ClientTransaction | None = None
+        self.ack_pending: int | None = None  # UAC: a 2xx to this INVITE CSeq awaits our ACK
+        self.ack_sent: Request | None = None  # UAC: the ACK sent (re-sent on 2xx retransmission)
+        self.retransmit: _Retransmit | None = None  # UAS: our 2xx, until the ACK comes
+
+    def __repr__(self) -> str:
+        return f"<Leg {self.side} {self.dialog.key}>"
+
+
+@dataclass(slots=True)
+class _Retransmit:
+    """RFC 3261 13.3.1.4: the UAS core re-sends its 2xx at T1, 2T1 ... T2 until the ACK, and
+    gives up (ending the call with BYE) after 64*T1."""
+
+    tx: ServerTransaction
+    response: Response
+    cseq: int
+    interval: float
+    give_up: float
+
+
+class Call:
+    """A call (or a subscription, or a lone transaction): the legs and their state."""
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        method: str,
+        a_flow: Flow,
+        a_side: str,
+        a_tx: ServerTransaction,
+        a_request: Request,
+        target: Target,
+        now: float,
+    ) -> None:
+        self.id = call_id  # our own id: the user part of our Contacts and in the records
+        self.method = method
+        self.a_flow = a_flow
+        self.a_side = a_side
+        self.a_tx: ServerTransaction | None = a_tx
+        self.a_request = a_request
+        self.target = target
+        self.b_request: Request | None = None
+        self.b_tx: ClientTransaction | None = None
+        self.forks: dict[str, Leg] = {}  # core-leg remote tag -> that fork's leg
+        self.legs: list[Leg] = []
+        self.confirmed: tuple[Leg, Leg] | None = None  # (caller's leg, callee's leg)
+        self.a_tag = secrets.token_hex(6)  # our To tag towards the caller for untagged 1xx
+        self.state = "early"  # early -> confirmed -> ended
+        self.cancelled = False
+        self.cancel_wanted = False  # a CANCEL waits for the first provisional (RFC 3261 9.1)
+        self.provisional = False
+        self.started = now
+        self.answered: float | None = None
+        self.ended: float | None = None
+        self.cause = ""
+        self.status: int | None = None
+        self.session_interval: float | None = None
+        self.timers: dict[str, int] = {}
+        self.counted_backend: BackendState | None = None
+
+    @property
+    def source(self) -> str:
+        return self.a_flow.remote[0]
+
+    def __repr__(self) -> str:
+        return f"<Call {self.id} {self.method} {self.state}>"
+
+
+@dataclass(slots=True)
+class _Initial:
+    call: Call
+
+
+@dataclass(slots=True)
+class _Mapped:
+    """A request forwarded within a call: answer ``tx`` (from ``origin``) with what comes back."""
+
+    tx: ServerTransaction
+    origin: Leg
+    dest: Leg
+    method: str
+    cseq: int
+    final: bool = False
+
+
+@dataclass(slots=True)
+class _Own:
+    """A request the SBC sends itself (BYE, CANCEL): answers are only logged."""
+
+    call: Call
+    method: str
+
+
+Work = _Initial | _Mapped | _Own
+
+
+class B2bua:
+    def __init__(
+        self,
+        *,
+        transactions: TransactionLayer,
+        relay: BackendRelay,
+        policy: CallPolicy = DEFAULT_POLICY,
+        media: MediaSeam | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self.transactions = transactions
+        self.relay = relay
+        self.policy = policy
+        self.media: MediaSeam = media or PassThroughMedia()
+        self._key = key or secrets.token_bytes(16)
+        self.calls: dict[str, Call] = {}
+        self._dialogs: dict[DialogKey, Leg] = {}
+        self._b_pending: dict[tuple[str, str], Call] = {}  # (Call-ID, our From tag) of leg B
+        self._server: dict[ServerTransaction, Call | Leg] = {}  # INVITEs we may see CANCELed
+        self._work: dict[ClientTransaction, Work] = {}
+        self._heap: list[tuple[float, int, Call, str]] = []
+        self._seq = itertools.count()
+        self._per_source: Counter[str] = Counter()
+        self.records: list[str] = []  # one JSON line per ended call (issue 4 item 6)
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def timers(self) -> Timers:
+        return self.transactions.timers
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def state_size(self) -> dict[str, int]:
+        """What the B2BUA holds, for leak checks: all zero once every call is over."""
+        return {
+            "calls": len(self.calls),
+            "dialogs": len(self._dialogs),
+            "pending": len(self._b_pending),
+            "server": len(self._server),
+            "work": len(self._work),
+            "sources": len(self._per_source),
+        }
+
+    def owns(self, tx: ClientTransaction) -> bool:
+        return tx in self._work
+
+    def owns_server(self, tx: ServerTransaction) -> bool:
+        return tx in self._server
+
+    # -- routing (issue 4 item 1) ---------------------------------------------------------
+    def route(
+        self, req: Request, flow: Flow, now: float, alive: Callable[[Flow], bool]
+    ) -> Target | Refusal:
+        relay = self.relay
+        if relay.is_core_flow(flow):
+            # From a backend: our Path in the top Route names the registered client's flow.
+            client = relay.client_flow(req)
+            if client is None:
+                return Refusal(404, "Not Found")
+            if not alive(client) or not relay.has_flow(client):
+                return Refusal(430, "Flow Failed")  # RFC 5626 5.3
+            return Target(client, req.uri_text, ACCESS)
+        if relay.balancer.backends:
+            # From a client: to the backend holding the caller's registration, which is the
+            # one its AOR hashes to (issue 3 item 1), unless another algorithm is configured.
+            frm = req.from_
+            aor = (aor_of(frm) if frm is not None else None) or req.uri_text
+            backend = relay.balancer.pick_for_dialog(aor)
+            out = relay.flow_to(backend) if backend is not None else None
+            if backend is None or out is None:
+                retry = (("Retry-After", "10"),)
+                return Refusal(503, "No Backend Available", retry)
+            # The Request-URI the client authenticated is kept (issue 4 item 1).
+            return Target(out, req.uri_text, CORE, backend)
+        found = relay.local_target(req, now)
+        if found is None:
+            return Refusal(404, "Not Found")
+        client, contact = found
+        if not alive(client):
+            return Refusal(430, "Flow Failed")
+        return Target(client, str(contact) if contact is not None else req.uri_text, ACCESS)
+
+    # -- a new request (issue 4 item 1) ---------------------------------------------------
+    def start(
+        self, tx: ServerTransaction, req: Request, flow: Flow, target: Target, now: float
+    ) -> list[Output]:
+        method = req.method
+        a_side = CORE if self.relay.is_core_flow(flow) else ACCESS
+        if method == "INVITE":
+            refusal = self._admit(flow)
+            if refusal is not None:
+                self.stats["calls_refused"] += 1
+                return self._answer(tx, refusal.status, refusal.reason, refusal.headers, now)
+        frm, to, cseq, call_id = req.from_, req.to, req.cseq, req.call_id
+        if frm is None or to is None or cseq is None or call_id is None:
+            return self._answer(tx, 400, "Missing Dialog Headers", (), now)
+        call = Call(
+            call_id=secrets.token_hex(8), method=method, a_flow=flow, a_side=a_side, a_tx=tx,
+            a_request=req, target=target, now=now,
+        )  # fmt: skip
+        # The other leg's ids are derived from the caller's, so a request sent again with
+        # credentials after a 401/407 (same Call-ID and From tag, CSeq + 1, RFC 3261 22.2)
+        # reaches the backend in the same Call-ID with a higher CSeq; nothing of the
+        # caller's ids crosses over (topology hiding).
+        b_call_id = self._derive("call-id", call_id) + "@sbc"
+        b_tag = self._derive("tag", call_id, frm.tag or "")[:16]
+        fwd = Request(method, target.uri)
+        self._add_via(fwd, target.flow)
+        mf = req.max_forwards
+        fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
+        fwd.add("From", _with_tag(req.get("from") or "", b_tag))
+        fwd.add("To", _with_tag(req.get("to") or "", None))
+        fwd.add("Call-ID", b_call_id)
+        fwd.add("CSeq", f"{cseq.seq} {method}")
+        if method in DIALOG_METHODS or "contact" in req:
+            fwd.add("Contact", self._contact(call, target.flow))
+        self._copy_headers(req, fwd, target.side)
+        self._copy_body(call, req, fwd, target.side)
+        b_tx, out = self.transactions.send_request(
+            fwd, dest=target.flow, reliable=target.flow.reliable, now=now
+        )
+        call.b_request = fwd
+        call.b_tx = b_tx
+        self._work[b_tx] = _Initial(call)
+        self.calls[call.id] = call
+        if method in DIALOG_METHODS:
+            self._b_pending[(b_call_id, b_tag)] = call
+        if isinstance(tx, InviteServerTransaction):
+            self._server[tx] = call
+        if method == "INVITE":
+            self._per_source[call.source] += 1
+            if target.backend is not None:
+                self.relay.balancer.dialog_started(target.backend)
+                call.counted_backend = target.backend
+            if self.policy.no_answer_timeout > 0:
+                self._set_timer(call, "no_answer", now + self.policy.no_answer_timeout)
+            self.stats["calls_started"] += 1
+        log.info(
+            "%s to %s", method, target.side,
+            extra={"call": call.id, "call_id": call_id, "flow": str(target.flow)},
+        )  # fmt: skip
+        return out
+
+    def _admit(self, flow: Flow) -> Refusal | None:
+        """Issue 4 item 5: 503 with Retry-After over the overall or per-source call limit."""
+        p = self.policy
+        retry = (("Retry-After", str(p.retry_after)),)
+        active = sum(self._per_source.values())
+        if p.max_calls and active >= p.max_calls:
+            return Refusal(503, "Too Many Calls", retry)
+        if p.max_calls_per_source and self._per_source[flow.remote[0]] >= p.max_calls_per_source:
+            return Refusal(503, "Too Many Calls From Source", retry)
+        return None
+
+    # -- responses to what we sent --------------------------------------------------------
+    def on_response(self, tx: ClientTransaction, resp: Response, now: float) -> list[Output]:
+        work = self._work.get(tx)
+        if isinstance(work, _Initial):
+            return self._initial_response(work.call, resp, now)
+        if isinstance(work, _Mapped):
+            return self._mapped_response(work, resp, now)
+        return []
+
+    def _initial_response(self, call: Call, resp: Response, now: float) -> list[Output]:
+        status = resp.status
+        if status == 100:
+            return []  # hop by hop (RFC 3261 16.7 step 5); our own 100 went to the caller
+        try:
+            to = resp.to
+        except ParseError:
+            to = None
+        tag = to.tag if to is not None else None
+        leg: Leg | None = None
+        out: list[Output] = []
+        if tag and status < 300 and call.method in DIALOG_METHODS:
+            leg = call.forks.get(tag)
+            if leg is None and call.state == "ended":
+                if status < 200:
+                    return self._send_cancel(call, now) if call.cancel_wanted else []
+                return self._kill_fork(call, tag, resp, now)
+            if leg is None:
+                try:
+                    leg = self._fork(call, resp)
+                except ParseError:
+                    leg = None
+            elif 200 <= status < 300:
+                # RFC 3261 12.1.2 / 13.2.2.4: the 2xx sets the route set and target.
+                leg.dialog.route_set = [str(r) for r in reversed(resp.name_addrs("record-route"))]
+                leg.dialog.refresh_target(resp)
+        if status < 200:
+            call.provisional = True
+            if call.cancel_wanted:
+                call.cancel_wanted = False
+                out += self._send_cancel(call, now)
+            if call.state == "ended" or call.a_tx is None:
+                return out
+            a_tag = leg.peer.dialog.local_tag if leg is not None and leg.peer else call.a_tag
+            mapped = self._map_response(
+                resp, call.a_request, call.a_side, a_tag, call, self._contact(call, call.a_flow)
+            )
+            return out + call.a_tx.respond(mapped, now)
+        if status < 300:
+            return out + self._answered(call, leg, resp, now)
+        # 300-699: the call failed (the transaction ACKed it, RFC 3261 17.1.1.3).
+        call.status = status
+        if call.a_tx is not None and not call.cancelled and call.state != "ended":
+            mapped = self._map_response(resp, call.a_request, call.a_side, call.a_tag, call, None)
+            out += call.a_tx.respond(mapped, now)
+        if call.state != "ended":
+            self._finish(call, f"{status} {resp.reason}", now)
+        return out
+
+    def _answered(self, call: Call, leg: Leg | None, resp: Response, now: float) -> list[Output]:
+        """A 2xx to the request that opened the call."""
+        if call.method not in DIALOG_METHODS:
+            # A request that creates no dialog: answer and forget (MESSAGE, OPTIONS ...).
+            out: list[Output] = []
+            if call.a_tx is not None and call.state != "ended":
+                mapped = self._map_response(
+                    resp,
+                    call.a_request,
+                    call.a_side,
+                    call.a_tag,
+                    call,
+                    self._contact(call, call.a_flow),
+                )
+                out = call.a_tx.respond(mapped, now)
+                call.status = resp.status
+                self._finish(call, f"{resp.status} {resp.reason}", now)
+            return out
+        if leg is None or leg.peer is None:
+            return []  # a 2xx we cannot make a dialog of (no To tag): nothing to confirm
+        if call.confirmed is not None and call.confirmed[1] is leg:
+            # RFC 6026 7.2 / RFC 3261 13.2.2.4: a retransmitted 2xx is ACKed again.
+            return self._resend_ack(leg, resp)
+        if call.cancelled or call.state == "ended" or call.confirmed is not None:
+            # Too late (CANCELed, or another fork answered first): ACK and BYE this one
+            # (RFC 3261 9.1 race; 13.2.2.4 for more than one 2xx).
+            return self._ack_and_bye(call, leg, resp, now)
+        a_leg = leg.peer
+        call.confirmed = (a_leg, leg)
+        call.state = "confirmed"
+        call.answered = now
+        call.status = resp.status
+        self._cancel_timer(call, "no_answer")
+        for tag, other in list(call.forks.items()):
+            if other is not leg:
+                # The other early dialogs end with the 2xx (RFC 3261 13.2.2.4).
+                self._unindex(other)
+                if other.peer is not None:
+                    self._unindex(other.peer)
+                del call.forks[tag]
+        call.legs = [a_leg, leg]
+        self._b_pending.pop((leg.dialog.call_id, leg.dialog.local_tag), None)
+        if self.policy.max_duration > 0 and call.method == "INVITE":
+            self._set_timer(call, "max_duration", now + self.policy.max_duration)
+        if call.method == "INVITE":
+            leg.invite_cseq = (
+                call.b_request.cseq.seq if call.b_request and call.b_request.cseq else 0
+            )
+            leg.ack_pending = leg.invite_cseq
+            self._session_timer(call, resp, now)
+            self.stats["calls_answered"] += 1
+        elif call.method == "SUBSCRIBE":
+            self._subscription_expiry(call, resp, now)
+        mapped = self._map_response(
+            resp, call.a_request, call.a_side, a_leg.dialog.local_tag, call, a_leg.contact
+        )
+        a_tx = call.a_tx
+        call.a_tx = None
+        if a_tx is None:
+            return []
+        self._server.pop(a_tx, None)
+        if call.method == "INVITE":
+            a_leg.invite_cseq = a_leg.dialog.remote_seq or 0
+            self._start_retransmit(call, a_leg, a_tx, mapped, now)
+        log.info("call answered", extra={"call": call.id})
+        return a_tx.respond(mapped, now)
+
+    def _fork(self, call: Call, resp: Response) -> Leg:
+        """A response with a new To tag: an early dialog on the callee's leg, and one with a
+        To tag of its own on the caller's leg (issue 4 item 3)."""
+        assert call.b_request is not None
+        tag = resp.to.tag if resp.to is not None else ""
+        b_dialog = uac_dialog(call.b_request, resp)
+        a_dialog = uas_dialog(
+            call.a_request,
+            local_tag=call.a_tag if not call.forks else secrets.token_hex(6),
+            local_seq=secrets.randbelow(10_000),
+        )
+        b_leg = Leg(call, call.target.side, call.target.flow, b_dialog,
+                    self._contact(call, call.target.flow))  # fmt: skip
+        a_leg = Leg(call, call.a_side, call.a_flow, a_dialog, self._contact(call, call.a_flow))
+        a_leg.peer, b_leg.peer = b_leg, a_leg
+        if call.method == "INVITE":
+            a_leg.invite_cseq = a_dialog.remote_seq or 0
+            b_leg.invite_cseq = b_dialog.local_seq
+        call.forks[tag or ""] = b_leg
+        call.legs += [a_leg, b_leg]
+        self._dialogs[a_dialog.key] = a_leg
+        self._dialogs[b_dialog.key] = b_leg
+        return b_leg
+
+    def _kill_fork(self, call: Call, tag: str, resp: Response, now: float) -> list[Output]:
+        """A 2xx for a call already over: ACK it and end that dialog at once (RFC 3261 15).
+        The leg is kept with the call (not indexed) so a retransmitted 2xx is ACKed again."""
+        assert call.b_request is not None
+        try:
+            dialog = uac_dialog(call.b_request, resp)
+        except ParseError:
+            return []
+        leg = Leg(call, call.target.side, call.target.flow, dialog, "")
+        call.forks[tag] = leg
+        return self._ack_and_bye(call, leg, resp, now)
+
+    def _ack_and_bye(self, call: Call, leg: Leg, resp: Response, now: float) -> list[Output]:
+        if leg.ack_sent is not None:
+            return self._resend_ack(leg, resp)
+        cseq = resp.cseq.seq if resp.cseq is not None else leg.dialog.local_seq
+        out = self._send_ack(leg, cseq, None)
+        out += self._send_bye(
+            call, leg, now, reason='SIP;cause=200;text="Call completed elsewhere"'
+        )
+        self._unindex(leg)
+        self.stats["late_2xx_ended"] += 1
+        return out
+
+    def _resend_ack(self, leg: Leg, resp: Response) -> list[Output]:
+        ack = leg.ack_sent
+        cseq = resp.cseq
+        if ack is None or cseq is None or ack.cseq is None or ack.cseq.seq != cseq.seq:
+            return []
+        return [Send(message=ack, dest=leg.flow)]
+
+    def _mapped_response(self, work: _Mapped, resp: Response, now: float) -> list[Output]:
+        status = resp.status
+        if status == 100:
+            return []
+        origin, dest, method = work.origin, work.dest, work.method
+        call = origin.call
+        if work.final:
+            if method == "INVITE" and 200 <= status < 300:
+                return self._resend_ack(dest, resp)  # a retransmitted 2xx (RFC 6026 7.2)
+            return []
+        if status >= 200:
+            work.final = True
+            if method == "INVITE":
+                dest.invite_out = None
+                origin.invite_in = None
+                self._server.pop(work.tx, None)
+            elif method == "UPDATE":
+                dest.update_out = None
+        ok = 200 <= status < 300
+        if ok and method in ("INVITE", "UPDATE"):
+            dest.dialog.refresh_target(resp)  # RFC 3261 12.2.1.2, RFC 3311 5.2
+            self._session_timer(call, resp, now)
+        mapped = self._map_response(
+            resp, work.tx.request, origin.side, origin.dialog.local_tag, call, origin.contact
+        )
+        out: list[Output] = []
+        if method == "INVITE" and ok:
+            dest.ack_pending = work.cseq
+            dest.ack_sent = None
+            self._start_retransmit(call, origin, work.tx, mapped, now)
+        out += work.tx.respond(mapped, now)
+        if status < 200:
+            return out
+        if method == "BYE":
+            if call.state != "ended":
+                self._finish(call, "BYE", now)
+        elif method == "NOTIFY" and ok and _subscription_terminated(work.tx.request):
+            if call.method in ("SUBSCRIBE", "REFER") and call.state != "ended":
+                self._finish(call, "subscription terminated", now)
+        elif status in (408, 481) and call.state != "ended":
+            # RFC 3261 12.2.1.2: the dialog is gone on that side; end the other one too.
+            out += self._end_call(call, f"{status} on {method}", now, skip=dest)
+        return out
+
+    def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
+        work = self._work.pop(tx, None)
+        if isinstance(work, _Initial):
+            call = work.call
+            out: list[Output] = []
+            if call.target.backend is not None:
+                # Issue 3 item 7: a transaction timeout towards a backend is a failure.
+                out += self.relay.report_failure(
+                    call.target.backend, f"{call.method} timed out", now
+                )
+            if call.a_tx is not None and not call.cancelled and call.state != "ended":
+                reason = "Backend Timeout" if call.target.side == CORE else "Client Timeout"
+                out += self._answer(call.a_tx, 408, reason, (), now)
+            if call.state != "ended":
+                self._finish(call, "timeout", now)
+            return out
+        if isinstance(work, _Mapped) and not work.final:
+            call = work.origin.call
+            out = self._answer(work.tx, 408, "Request Timeout", (), now)
+            if work.method == "INVITE":
+                work.dest.invite_out = None
+                work.origin.invite_in = None
+            if call.state != "ended":
+                if work.method == "BYE":
+                    self._finish(call, "BYE unanswered", now)
+                else:
+                    out += self._end_call(call, f"{work.method} timed out", now, skip=work.dest)
+            return out
+        return []
+
+    def forget(self, tx: ClientTransaction) -> None:
+        self._work.pop(tx, None)
+
+    def server_gone(self, tx: ServerTransaction) -> None:
+        self._server.pop(tx, None)
+
+    # -- requests within a call (issue 4 item 2) ------------------------------------------
+    def has_dialog(self, req: Request) -> bool:
+        to, frm = req.to, req.from_
+        if to is None or frm is None or to.tag is None or req.call_id is None:
+            return False
+        return (req.call_id, to.tag, frm.tag or "") in self._dialogs
+
+    def in_dialog(
+        self, tx: ServerTransaction, req: Request, flow: Flow, now: float
+    ) -> list[Output]:
+        to, frm, cseq, call_id = req.to, req.from_, req.cseq, req.call_id
+        if to is None or frm is None or cseq is None or call_id is None or to.tag is None:
+            return self._answer(tx, 400, "Missing Dialog Headers", (), now)
+        leg = self._dialogs.get((call_id, to.tag, frm.tag or ""))
+        if leg is None and req.method == "NOTIFY":
+            leg = self._notify_fork(req, call_id, to.tag, frm.tag or "")
+        if leg is None or leg.call.state == "ended" or leg.peer is None:
+            # RFC 3261 12.2.2: no such dialog.
+            return self._answer(tx, 481, None, (), now)
+        call = leg.call
+        method = req.method
+        if not leg.dialog.accept_remote_cseq(cseq.seq):
+            return self._answer(tx, 500, "CSeq Out of Order", (), now)  # RFC 3261 12.2.2
+        peer = leg.peer
+        if method == "BYE":
+            return self._bye(tx, req, leg, now)
+        if method == "INVITE":
+            if leg.invite_out is not None or peer.invite_in is not None:
+                return self._answer(tx, 491, None, (), now)  # RFC 3261 14.2: glare
+            if leg.invite_in is not None or leg.retransmit is not None:
+                retry = (("Retry-After", str(secrets.randbelow(10) + 1)),)
+                return self._answer(tx, 500, "Previous INVITE Pending", retry, now)  # 14.2
+            leg.dialog.refresh_target(req)
+        if method == "UPDATE":
+            if leg.update_out is not None or peer.update_out is not None:
+                return self._answer(tx, 491, None, (), now)  # RFC 3311 5.2: glare
+            leg.dialog.refresh_target(req)
+        fwd = peer.dialog.request(method)
+        self._add_via(fwd, peer.flow)
+        mf = req.max_forwards
+        fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
+        if method in CONTACT_METHODS:
+            fwd.add("Contact", peer.contact)
+        if method == "PRACK":
+            rack = _mapped_rack(req.get("rack"), peer.invite_cseq)
+            if rack is None:
+                return self._answer(tx, 400, "Bad RAck", (), now)
+            fwd.add("RAck", rack)  # RFC 3262 7.2, the CSeq number of this leg's INVITE
+        self._copy_headers(req, fwd, peer.side)
+        self._copy_body(call, req, fwd, peer.side)
+        seq = fwd.cseq.seq if fwd.cseq is not None else 0
+        ctx, out = self.transactions.send_request(
+            fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
+        )
+        self._work[ctx] = _Mapped(tx, leg, peer, method, seq)
+        if method == "INVITE":
+            leg.invite_in = tx
+            leg.invite_cseq = cseq.seq
+            peer.invite_out = ctx
+            peer.invite_cseq = seq
+            self._server[tx] = leg
+        elif method == "UPDATE":
+            peer.update_out = ctx
+        self.stats[f"in_dialog:{method}"] += 1
+        return out
+
+    def _notify_fork(self, req: Request, call_id: str, local: str, remote: str) -> Leg | None:
+        """RFC 6665 4.1.2.4: a NOTIFY may arrive before the 2xx to its SUBSCRIBE (or REFER)
+        and creates the dialog itself."""
+        call = self._b_pending.get((call_id, local))
+        if call is None or call.method not in ("SUBSCRIBE", "REFER") or call.b_request is None:
+            return None
+        fake = make_response(call.b_request, 200, to_tag=remote)
+        for contact in req.field_values("contact"):
+            fake.add("Contact", contact)
+        for rr in req.field_values("record-route"):
+            fake.add("Record-Route", rr)
+        try:
+            leg = self._fork(call, fake)
+        except ParseError:
+            return None
+        leg.dialog.route_set = list(reversed(leg.dialog.route_set))  # 12.1.1 order for requests
+        return leg
+
+    def _bye(self, tx: ServerTransaction, req: Request, leg: Leg, now: float) -> list[Output]:
+        """RFC 3261 15: BYE from either side ends the call on both legs."""
+        call = leg.call
+        peer = leg.peer
+        assert peer is not None
+        if call.confirmed is None:
+            # A BYE on an early dialog (RFC 3261 15): the caller gives up, or the callee does.
+            out = self._answer(tx, 200, None, (), now)
+            if call.forks.get(leg.dialog.remote_tag) is not leg:  # the caller's leg
+                out += self._abandon(call, 487, "Request Terminated", now)
+            else:
+                out += self._abandon(call, 480, "Temporarily Unavailable", now, cancel=False)
+            return out
+        fwd = peer.dialog.request("BYE")
+        self._add_via(fwd, peer.flow)
+        mf = req.max_forwards
+        fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
+        self._copy_headers(req, fwd, peer.side)
+        seq = fwd.cseq.seq if fwd.cseq is not None else 0
+        ctx, out = self.transactions.send_request(
+            fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
+        )
+        self._work[ctx] = _Mapped(tx, leg, peer, "BYE", seq)
+        call.cause = "BYE from " + ("caller" if leg is call.confirmed[0] else "callee")
+        self._stop_timers(call)
+        self.stats["in_dialog:BYE"] += 1
+        return out
+
+    def receive_ack(self, ack: Request, now: float) -> list[Output]:
+        """An ACK for a 2xx (RFC 3261 13.2.2.4, 17.2.3: not part of any transaction): stop
+        re-sending our 2xx on this leg and ACK the other leg's 2xx."""
+        to, frm, cseq, call_id = ack.to, ack.from_, ack.cseq, ack.call_id
+        if to is None or frm is None or cseq is None or call_id is None or to.tag is None:
+            return []
+        leg = self._dialogs.get((call_id, to.tag, frm.tag or ""))
+        if leg is None or leg.peer is None:
+            self.stats["stray_ack"] += 1
+            return []
+        rt = leg.retransmit
+        if rt is None or rt.cseq != cseq.seq:
+            return []  # a retransmitted ACK (absorbed), or one for an INVITE we never answered
+        leg.retransmit = None
+        self._cancel_timer(leg.call, self._rt_name(leg))
+        peer = leg.peer
+        if peer.ack_pending is None:
+            return []
+        return self._send_ack(peer, peer.ack_pending, ack)
+
+    def _send_ack(self, leg: Leg, cseq: int, source: Request | None) -> list[Output]:
+        """The UAC core's ACK for a 2xx (RFC 3261 13.2.2.4): same CSeq number, the dialog's
+        route set, a new branch; a late SDP answer in the caller's ACK is carried over."""
+        ack = leg.dialog.request("ACK", seq=cseq)
+        self._add_via(ack, leg.flow)
+        ack.add("Max-Forwards", "70")
+        if source is not None:
+            self._copy_headers(source, ack, leg.side)
+            self._copy_body(leg.call, source, ack, leg.side)
+        else:
+            ack.add("Content-Length", "0")
+        leg.ack_sent = ack
+        leg.ack_pending = None
+        return [Send(message=ack, dest=leg.flow)]
+
+    # -- CANCEL (RFC 3261 9) --------------------------------------------------------------
+    def cancel(self, target: ServerTransaction, now: float) -> list[Output]:
+        """The caller CANCELed an INVITE we forwarded: 487 to it at once (RFC 3261 9.2) and a
+        CANCEL on the other leg (9.1). A 2xx that crosses it is ACKed and BYEd."""
+        owner = self._server.pop(target, None)
+        if isinstance(owner, Leg):
+            # A re-INVITE: answered 487; the CANCEL goes to the re-INVITE we sent.
+            out = self._answer(target, 487, None, (), now)
+            peer = owner.peer
+            ctx = peer.invite_out if peer is not None else None
+            owner.invite_in = None
+            if ctx is not None and peer is not None:
+                cancel = cancel_request(ctx.request)
+                c_tx, sent = self.transactions.send_request(
+                    cancel, dest=peer.flow, reliable=peer.flow.reliable, now=now
+                )
+                self._work[c_tx] = _Own(owner.call, "CANCEL")
+                out += sent
+            return out
+        if owner is None:
+            return self._answer(target, 487, None, (), now)
+        self.stats["calls_cancelled"] += 1
+        return self._abandon(owner, 487, "Request Terminated", now)
+
+    def _abandon(
+        self, call: Call, status: int, reason: str, now: float, *, cancel: bool = True
+    ) -> list[Output]:
+        """End a call that was not answered: ``status`` to the caller, CANCEL to the callee."""
+        out: list[Output] = []
+        call.cancelled = True
+        if call.a_tx is not None:
+            out += self._answer(call.a_tx, status, reason, (), now)
+            self._server.pop(call.a_tx, None)
+            call.a_tx = None
+        if cancel:
+            if call.provisional:
+                out += self._send_cancel(call, now)
+            else:
+                call.cancel_wanted = True  # RFC 3261 9.1: only after a provisional response
+        self._finish(call, f"{status} {reason}", now)
+        return out
+
+    def _send_cancel(self, call: Call, now: float) -> list[Output]:
+        if call.b_request is None or call.b_tx is None or call.b_tx.state.name == "TERMINATED":
+            return []
+        if call.b_tx.last_response is not None and call.b_tx.last_response.status >= 200:
+            return []
+        cancel = cancel_request(call.b_request)
+        flow = call.target.flow
+        tx, out = self.transactions.send_request(cancel, dest=flow, reliable=flow.reliable, now=now)
+        self._work[tx] = _Own(call, "CANCEL")
+        return out
+
+    # -- ending calls ---------------------------------------------------------------------
+    def _end_call(
+        self, call: Call, cause: str, now: float, *, skip: Leg | None = None
+    ) -> list[Output]:
+        """End a call from the SBC: BYE on each confirmed leg (issue 4 item 5: one leg died,
+        or a limit was reached), or 408/CANCEL if it was never answered."""
+        if call.state == "ended":
+            return []
+        if call.confirmed is None:
+            return self._abandon(call, 408, "Request Timeout", now)
+        out: list[Output] = []
+        for leg in call.confirmed:
+            if leg.ack_pending is not None:
+                # RFC 3261 15: the 2xx is ACKed before the dialog is ended with BYE.
+                out += self._send_ack(leg, leg.ack_pending, None)
+            if leg is not skip:
+                out += self._send_bye(call, leg, now, reason=f'SIP;cause=200;text="{cause}"')
+        self._finish(call, cause, now)
+        return out
+
+    def _send_bye(self, call: Call, leg: Leg, now: float, *, reason: str) -> list[Output]:
+        bye = leg.dialog.request("BYE")
+        self._add_via(bye, leg.flow)
+        bye.add("Max-Forwards", "70")
+        bye.add("Reason", reason)  # RFC 3326
+        bye.add("Content-Length", "0")
+        tx, out = self.transactions.send_request(
+            bye, dest=leg.flow, reliable=leg.flow.reliable, now=now
+        )
+        self._work[tx] = _Own(call, "BYE")
+        return out
+
+    def end_calls_on_flow(self, flow: Flow, now: float) -> list[Output]:
+        """A client flow failed (keep-alives unanswered): its calls end (issue 4 item 5)."""
+        out: list[Output] = []
+        for call in list(self.calls.values()):
+            legs = [leg for leg in call.legs if leg.flow == flow]
+            if legs or call.a_flow == flow:
+                out += self._end_call(call, "flow failed", now, skip=legs[0] if legs else None)
+        return out
+
+    def _finish(self, call: Call, cause: str, now: float) -> None:
+        """The call is over: forget its dialogs and timers, write its record."""
+        call.state = "ended"
+        call.ended = now
+        call.cause = call.cause or cause
+        for leg in call.legs:
+            self._unindex(leg)
+            leg.retransmit = None
+        call.timers.clear()
+        if call.a_tx is not None:
+            self._server.pop(call.a_tx, None)
+        if call.b_request is not None:
+            frm = call.b_request.from_
+            tag = frm.tag if frm is not None else None
+            self._b_pending.pop((call.b_request.call_id or "", tag or ""), None)
+        self.calls.pop(call.id, None)
+        if call.method == "INVITE":
+            src = call.source
+            self._per_source[src] -= 1
+            if self._per_source[src] <= 0:
+                del self._per_source[src]
+            if call.counted_backend is not None:
+                self.relay.balancer.dialog_ended(call.counted_backend)
+                call.counted_backend = None
+            self.media.release(call.id)
+            self.records.append(self._record(call))
+            self.stats["calls_ended"] += 1
+        log.info("call ended: %s", call.cause, extra={"call": call.id})
+
+    def _unindex(self, leg: Leg) -> None:
+        if self._dialogs.get(leg.dialog.key) is leg:
+            del self._dialogs[leg.dialog.key]
+
+    def _record(self, call: Call) -> str:
+        """One JSON line per call (issue 4 item 6)."""
+        legs = [
+            {"side": call.a_side, "call_id": call.a_request.call_id, "flow": str(call.a_flow)},
+            {
+                "side": call.target.side,
+                "call_id": call.b_request.call_id if call.b_request else None,
+                "flow": str(call.target.flow),
+            },
+        ]
+        frm, to = call.a_request.from_, call.a_request.to
+        wall = self.relay.wall_offset
+        ended = call.ended if call.ended is not None else call.started
+        answered = call.answered
+        return json.dumps({
+            "call": call.id,
+            "start": round(call.started + wall, 3),
+            "answer": None if answered is None else round(answered + wall, 3),
+            "end": round(ended + wall, 3),
+            "duration": 0.0 if answered is None else round(ended - answered, 3),
+            "from": None if frm is None else frm.uri_text,
+            "to": None if to is None else to.uri_text,
+            "status": call.status,
+            "cause": call.cause,
+            "backend": call.target.backend.name if call.target.backend else None,
+            "legs": legs,
+        }, separators=(",", ":"))  # fmt: skip
+
+    # -- timers ---------------------------------------------------------------------------
+    def _set_timer(self, call: Call, name: str, deadline: float) -> None:
+        seq = next(self._seq)
+        call.timers[name] = seq
+        heapq.heappush(self._heap, (deadline, seq, call, name))
+
+    def _cancel_timer(self, call: Call, name: str) -> None:
+        call.timers.pop(name, None)
+
+    def _stop_timers(self, call: Call) -> None:
+        for leg in call.legs:
+            leg.retransmit = None
+        call.timers.clear()
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            deadline, seq, call, name = heap[0]
+            if call.timers.get(name) == seq:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def handle_timer(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, seq, call, name = heapq.heappop(heap)
+            if call.timers.get(name) != seq:
+                continue
+            del call.timers[name]
+            out += self._on_timer(call, name, now)
+        return out
+
+    def _on_timer(self, call: Call, name: str, now: float) -> list[Output]:
+        if name == "no_answer":
+            self.stats["calls_no_answer"] += 1
+            return self._abandon(call, 408, "No Answer", now)
+        if name == "max_duration":
+            self.stats["calls_max_duration"] += 1
+            return self._end_call(call, "maximum call duration", now)
+        if name == "session":
+            # RFC 4028 10: no refresh within the session interval; the session is over.
+            self.stats["calls_session_expired"] += 1
+            return self._end_call(call, "session timer expired", now)
+        if name == "expires":
+            return self._end_call(call, "subscription expired", now) if call.confirmed else []
+        if name.startswith("2xx:") and call.confirmed is not None:
+            leg = call.confirmed[int(name[4:])]
+            rt = leg.retransmit
+            if rt is None:
+                return []
+            if now >= rt.give_up:
+                # RFC 3261 13.3.1.4: no ACK within 64*T1: the dialog ends with BYE.
+                leg.retransmit = None
+                self.stats["ack_timeout"] += 1
+                return self._end_call(call, "no ACK", now)
+            rt.interval = min(2 * rt.interval, self.timers.t2)
+            self._set_timer(call, name, min(now + rt.interval, rt.give_up))
+            return rt.tx.respond(rt.response, now)
+        return []
+
+    def _rt_name(self, leg: Leg) -> str:
+        confirmed = leg.call.confirmed
+        return "2xx:0" if confirmed is None or confirmed[0] is leg else "2xx:1"
+
+    def _start_retransmit(
+        self, call: Call, leg: Leg, tx: ServerTransaction, resp: Response, now: float
+    ) -> None:
+        cseq = tx.request.cseq
+        t1 = self.timers.t1
+        leg.retransmit = _Retransmit(
+            tx, resp, cseq.seq if cseq is not None else 0, t1, now + self.timers.timer_h
+        )
+        # Over a reliable transport the 2xx is not re-sent, but the ACK is still awaited.
+        first = now + (t1 if not tx.reliable else self.timers.timer_h)
+        self._set_timer(call, self._rt_name(leg), first)
+
+    def _session_timer(self, call: Call, resp: Response, now: float) -> None:
+        """RFC 4028: the SBC stays in the path of refreshes; with no refresh by the end of the
+        interval it ends the call (RFC 4028 10: "the session is considered terminated")."""
+        value = resp.get("session-expires")
+        if value is None:
+            return
+        text = value.split(";", 1)[0].strip()
+        if not text.isdigit():
+            return
+        interval = float(text)
+        if interval < 90:
+            return  # RFC 4028 4: below the minimum, ignored
+        call.session_interval = interval
+        # RFC 4028 10: the refresher sends by half the interval; end after the whole one
+        # minus a margin of min(32, interval / 3) like the UA that is not the refresher.
+        self._set_timer(call, "session", now + interval - min(32.0, interval / 3))
+
+    def _subscription_expiry(self, call: Call, resp: Response, now: float) -> None:
+        value = resp.get("expires")
+        seconds = int(value) if value is not None and value.isdigit() else 3600
+        self._set_timer(call, "expires", now + seconds + 32)
+
+    # -- building messages ----------------------------------------------------------------
+    def _answer(
+        self,
+        tx: ServerTransaction,
+        status: int,
+        reason: str | None,
+        headers: tuple[tuple[str, str], ...],
+        now: float,
+    ) -> list[Output]:
+        return self.relay.respond(tx, status, reason, headers, now)
+
+    def _derive(self, *parts: str) -> str:
+        mac = hmac.new(self._key, "\x00".join(parts).encode("utf-8", "surrogateescape"),
+                       hashlib.sha256)  # fmt: skip
+        return mac.hexdigest()[:24]
+
+    @staticmethod
+    def _add_via(req: Request, flow: Flow) -> None:
+        local = format_address(flow.local)
+        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
+                first=True)  # fmt: skip
+
+    @staticmethod
+    def _contact(call: Call, flow: Flow) -> str:
+        """Our Contact on a leg: the SBC's address on that side; the user part names the
+        call (RFC 3261 8.1.1.8: a URI that reaches this UA for the dialog)."""
+        transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
+        return f"<sip:{call.id}@{format_address(flow.local)}{transport}>"
+
+    def _passes(self, key: str, to_side: str) -> bool:
+        if key in LEG_HEADERS:
+            return False
+        if to_side == ACCESS and key in CORE_TOPOLOGY_HEADERS:
+            return False
+        return not self.policy.strips(key)
+
+    def _copy_headers(self, src: Request | Response, dst: Request | Response, to_side: str) -> None:
+        """Unknown and end-to-end headers pass (issue 4 item 2), minus the leg's own and the
+        configured strip list."""
+        for f in src.fields:
+            if self._passes(f.key, to_side):
+                dst.add(f.name, f.value)
+
+    def _copy_body(self, call: Call, src: Request | Response, dst: Request | Response,
+                   to_side: str) -> None:  # fmt: skip
+        body = src.body
+        if body:
+            body = self.media.sdp(call.id, to_side, body, src.content_type)
+        dst.set_body(body)
+
+    def _map_response(
+        self,
+        resp: Response,
+        request: Request,
+        to_side: str,
+        to_tag: str,
+        call: Call,
+        contact: str | None,
+    ) -> Response:
+        """The other leg's response as a response to ``request`` (RFC 3261 8.2.6.2 for the
+        dialog headers): same status and reason, end-to-end headers and body, our Contact
+        (a 3xx keeps its Contact list: the redirect targets are for the caller)."""
+        out = make_response(request, resp.status, resp.reason, to_tag=to_tag)
+        for f in resp.fields:
+            if (f.key == "contact" and 300 <= resp.status < 400) or self._passes(f.key, to_side):
+                out.add(f.name, f.value)
+        if (
+            contact
+            and 100 < resp.status < 300
+            and ("contact" in resp or request.method in CONTACT_METHODS)
+        ):
+            out.add("Contact", contact)
+        body = resp.body
+        if body:
+            body = self.media.sdp(call.id, to_side, body, resp.content_type)
+        out.set_body(body)
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _with_tag(value: str, tag: str | None) -> str:
+    """A From/To value with its tag replaced (or removed with ``tag`` None)."""
+    base = without_tag(value)
+    return base if tag is None else f"{base};tag={tag}"
+
+
+def _mapped_rack(value: str | None, invite_cseq: int) -> str | None:
+    """RFC 3262 7.2: RAck is ``response-num CSeq-num method``; the CSeq number is the other
+    leg's INVITE's; the RSeq passes unchanged (reliable provisionals are relayed end to end)."""
+    if value is None:
+        return None
+    parts = value.split()
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    return f"{parts[0]} {invite_cseq} {parts[2]}"
+
+
+def _subscription_terminated(req: Request) -> bool:
+    state = req.get("subscription-state")
+    return state is not None and state.split(";", 1)[0].strip().lower() == "terminated"

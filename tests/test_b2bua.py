@@ -1,0 +1,596 @@
+"""Calls through the B2BUA (issue 4), driven through the sans-I/O core with a fake clock.
+
+The client ("alice", behind NAT at 192.0.2.7) and the backend (B1) are played by the test:
+every message each side receives is parsed and checked, and every test ends with no call,
+dialog or transaction state left once the timers have run out.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sipdata import sip
+
+from sbc.b2bua import CallPolicy
+from sbc.core import CoreSettings, SbcCore, SendData
+from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.sip.flow import Flow
+from sbc.sip.message import Message, Request, Response, make_response
+from sbc.sip.parser import parse_message
+
+ACCESS = ("203.0.113.1", 5060)
+CORE = ("10.1.0.1", 5080)
+B1 = ("10.1.0.10", 5070)
+ALICE = Flow("udp", ACCESS, ("192.0.2.7", 40000))
+FROM_B1 = Flow("udp", CORE, B1)
+CORE_HOSTS = ("10.1.0.", "backend.core.internal", "kamailio")
+
+SDP = "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+ANSWER_SDP = "v=0\r\no=- 2 2 IN IP4 10.1.0.50\r\ns=-\r\nc=IN IP4 10.1.0.50\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n"
+
+
+def invite(n: int = 1, cseq: int = 1, extra: str = "", body: str = SDP) -> bytes:
+    head = (
+        f"INVITE sip:bob@example.com SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-inv{n}-{cseq};rport\n"
+        "Max-Forwards: 70\n"
+        f'From: "Alice" <sip:alice@example.com>;tag=a{n}\n'
+        "To: <sip:bob@example.com>\n"
+        f"Call-ID: call{n}@10.0.0.7\n"
+        f"CSeq: {cseq} INVITE\n"
+        "Contact: <sip:alice@10.0.0.7:5060>\n"
+        "User-Agent: softphone/1.0\n"
+        "X-Custom: kept\n"
+        f"{extra}"
+        "Content-Type: application/sdp\n"
+        f"Content-Length: {len(body)}\n\n"
+    )
+    return sip(head) + body.encode()
+
+
+class Lab:
+    """One SBC core with one backend, the clock, and what each side received."""
+
+    def __init__(self, policy: CallPolicy | None = None) -> None:
+        spec = BackendSpec(name="sip:b1", host=B1[0], port=B1[1], transport="udp")
+        self.core = SbcCore(
+            CoreSettings(
+                local_hosts=frozenset({ACCESS[0], CORE[0]}),
+                backends=(spec,),
+                health=HealthPolicy(probe_interval=3600.0, probe_failures=3, probe_successes=1),
+                calls=policy or CallPolicy(),
+            )
+        )
+        self.core.add_listener("access", "udp", ACCESS)
+        self.core.add_listener("core", "udp", CORE)
+        self.now = 0.0
+        for flow, probe in self._sent(self.core.handle_timer(0.0)):
+            assert isinstance(probe, Request)
+            self.core.receive_datagram(bytes(make_response(probe, 200)), flow.to(B1), 0.0)
+        self.seen: list[tuple[str, Message]] = []
+
+    def _sent(self, actions: list[object]) -> list[tuple[Flow, Message]]:
+        out = []
+        for a in actions:
+            assert isinstance(a, SendData)
+            msg = parse_message(a.data)
+            out.append((a.flow, msg))
+            side = "access" if a.flow.local == ACCESS else "core"
+            self.seen.append((side, msg)) if hasattr(self, "seen") else None
+        return out
+
+    def tick(self, dt: float = 0.01) -> None:
+        self.now += dt
+
+    def from_client(self, data: bytes | Message, flow: Flow = ALICE) -> list[tuple[Flow, Message]]:
+        self.tick()
+        raw = data if isinstance(data, bytes) else bytes(data)
+        return self._sent(self.core.receive_datagram(raw, flow, self.now))
+
+    def from_backend(self, msg: Message) -> list[tuple[Flow, Message]]:
+        self.tick()
+        return self._sent(self.core.receive_datagram(bytes(msg), FROM_B1, self.now))
+
+    def run_until(self, t: float) -> list[tuple[Flow, Message]]:
+        out = []
+        while (d := self.core.next_deadline()) is not None and d <= t:
+            self.now = max(self.now, d)
+            out += self._sent(self.core.handle_timer(self.now))
+        self.now = t
+        return out
+
+    def assert_clean(self) -> None:
+        """Issue 4 item 5: no dialog or transaction state outlives its call."""
+        self.run_until(self.now + 40.0)
+        assert self.core.calls.state_size() == dict.fromkeys(self.core.calls.state_size(), 0)
+        layer = self.core.transactions
+        mine = [tx for tx in layer._clients.values() if tx not in self.core.backends._work]
+        assert mine == [] and not layer._servers, (mine, layer._servers)
+
+    def assert_hidden(self) -> None:
+        """Issue 4 item 4: no header the client received names the core. (The SDP is the
+        media relay's to rewrite, issue 5; until then it passes unchanged.)"""
+        for side, msg in self.seen:
+            if side != "access":
+                continue
+            text = bytes(msg).decode().partition("\r\n\r\n")[0]
+            for host in CORE_HOSTS:
+                assert host not in text, f"{host} leaked to the client:\n{text}"
+
+
+def byes(out: list[tuple[Flow, Message]]) -> list[tuple[Flow, Request]]:
+    """The BYEs sent, once each (UDP retransmissions of the same transaction left out)."""
+    seen: dict[str | None, tuple[Flow, Request]] = {}
+    for flow, msg in out:
+        if isinstance(msg, Request) and msg.method == "BYE":
+            seen.setdefault(msg.via[0].branch, (flow, msg))
+    return list(seen.values())
+
+
+def only(items: list[tuple[Flow, Message]], kind: type = Message) -> tuple[Flow, Message]:
+    assert len(items) == 1, items
+    flow, msg = items[0]
+    assert isinstance(msg, kind)
+    return flow, msg
+
+
+def reply(
+    req: Message, status: int, tag: str | None = "b-tag", *, sdp: str = "", rr: bool = True
+) -> Response:
+    """The backend's answer: Record-Route, Contact and Server of the core, a Warning."""
+    assert isinstance(req, Request)
+    resp = make_response(req, status, to_tag=tag)
+    if rr and 100 < status < 300:
+        resp.add("Record-Route", "<sip:10.1.0.10:5070;lr;did=backend.core.internal>")
+    if 100 < status < 300:
+        resp.add("Contact", "<sip:bob@10.1.0.50:5062>")
+    resp.add("Server", "kamailio (5.6.3)")
+    resp.add("Warning", '399 backend.core.internal "core detail"')
+    resp.add("P-Charging-Vector", "icid-value=1")
+    if sdp:
+        resp.set_body(sdp.encode(), "application/sdp")
+    return resp
+
+
+def ack_for(resp: Message, cseq: int = 1, n: int = 1) -> bytes:
+    """Alice's ACK for a 2xx: in the dialog, sent to the SBC's Contact."""
+    assert isinstance(resp, Response) and resp.to is not None
+    contact = resp.contact[0].uri_text
+    return sip(
+        f"ACK {contact} SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-ack{n}-{cseq};rport\n"
+        "Max-Forwards: 70\n"
+        f'From: "Alice" <sip:alice@example.com>;tag=a{n}\n'
+        f"To: {resp.get('to')}\n"
+        f"Call-ID: call{n}@10.0.0.7\n"
+        f"CSeq: {cseq} ACK\n"
+        "Content-Length: 0\n\n"
+    )
+
+
+def in_dialog(method: str, resp: Message, cseq: int, n: int = 1, extra: str = "") -> bytes:
+    assert isinstance(resp, Response)
+    contact = resp.contact[0].uri_text
+    return sip(
+        f"{method} {contact} SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-{method}{n}-{cseq};rport\n"
+        "Max-Forwards: 70\n"
+        f'From: "Alice" <sip:alice@example.com>;tag=a{n}\n'
+        f"To: {resp.get('to')}\n"
+        f"Call-ID: call{n}@10.0.0.7\n"
+        f"CSeq: {cseq} {method}\n"
+        f"{extra}"
+        "Content-Length: 0\n\n"
+    )
+
+
+def backend_request(method: str, leg_req: Message, leg_resp: Message, cseq: int) -> Request:
+    """A request from the backend within the core leg (it plays the callee's side)."""
+    assert isinstance(leg_req, Request) and isinstance(leg_resp, Response)
+    contact = leg_req.contact[0].uri_text
+    req = Request(method, contact or "")
+    req.add("Via", f"SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-core-{method}-{cseq}")
+    req.add("Max-Forwards", "70")
+    req.add("From", leg_resp.get("to") or "")
+    req.add("To", leg_req.get("from") or "")
+    req.add("Call-ID", leg_req.call_id or "")
+    req.add("CSeq", f"{cseq} {method}")
+    req.add("Content-Length", "0")
+    return req
+
+
+def establish(lab: Lab, n: int = 1) -> tuple[Request, Response, Response]:
+    """alice -> SBC -> backend: INVITE, 180, 200, ACK. Returns the core-leg INVITE, the
+    backend's 200 and the 200 alice got."""
+    to_core, fwd = only(lab.from_client(invite(n)), Request)
+    assert to_core.remote == B1 and to_core.local == CORE
+    only(lab.from_backend(reply(fwd, 180)), Response)
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    _, got = only(lab.from_backend(ok), Response)
+    assert isinstance(fwd, Request) and isinstance(got, Response)
+    _, ack = only(lab.from_client(ack_for(got, n=n)), Request)
+    assert ack.method == "ACK"
+    return fwd, ok, got
+
+
+def test_basic_call_both_legs_independent_and_hidden() -> None:
+    lab = Lab()
+    to_core, fwd = only(lab.from_client(invite()), Request)
+    assert isinstance(fwd, Request)
+    # The core leg is the SBC's own: Call-ID, From tag, one Via, Contact, CSeq space.
+    assert fwd.method == "INVITE" and str(fwd.uri) == "sip:bob@example.com"  # R-URI kept
+    assert fwd.call_id != "call1@10.0.0.7" and "10.0.0.7" not in (fwd.call_id or "")
+    assert fwd.from_ is not None and fwd.from_.tag not in (None, "a1")
+    assert fwd.from_.uri_text == "sip:alice@example.com" and fwd.get(
+        "from",
+    ).startswith('"Alice"')  # type: ignore[union-attr]
+    assert len(fwd.via) == 1 and fwd.via[0].host == CORE[0] and fwd.via[0].port == CORE[1]
+    assert fwd.contact[0].sip_uri is not None and fwd.contact[0].sip_uri.host == CORE[0]
+    assert fwd.max_forwards == 69 and fwd.body == SDP.encode()
+    assert fwd.get("x-custom") == "kept" and fwd.get("user-agent") == "softphone/1.0"
+    assert "10.0.0.7" not in fwd.get(
+        "contact",
+    )  # type: ignore[operator]
+
+    # 100 Trying to alice from her own server transaction, then 180 and 200 mapped.
+    trying = [m for _, m in lab.run_until(lab.now + 0.3) if isinstance(m, Response)]
+    assert [m.status for m in trying] == [100]
+    to_alice, ringing = only(lab.from_backend(reply(fwd, 180)), Response)
+    assert to_alice == ALICE and isinstance(ringing, Response) and ringing.status == 180
+    assert ringing.call_id == "call1@10.0.0.7" and len(ringing.via) == 1
+    assert ringing.via[0].branch == "z9hG4bK-inv1-1"
+    assert ringing.to is not None and ringing.to.tag not in (None, "b-tag")
+    assert ringing.contact[0].sip_uri is not None and ringing.contact[0].sip_uri.host == ACCESS[0]
+    assert "record-route" not in ringing and "warning" not in ringing
+    assert ringing.get("server") == "sbc/0.1.0"
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    _, got = only(lab.from_backend(ok), Response)
+    assert isinstance(got, Response) and got.status == 200 and got.body == ANSWER_SDP.encode()
+    assert got.to is not None and ringing.to.tag == got.to.tag  # same early dialog
+
+    # ACK: hop by hop per leg; the core leg's ACK follows its route set (the Record-Route).
+    to_core, ack = only(lab.from_client(ack_for(got)), Request)
+    assert isinstance(ack, Request) and ack.method == "ACK" and to_core.remote == B1
+    assert str(ack.uri) == "sip:bob@10.1.0.50:5062"
+    assert ack.get("route") == "<sip:10.1.0.10:5070;lr;did=backend.core.internal>"
+    assert ack.cseq is not None and fwd.cseq is not None and ack.cseq.seq == fwd.cseq.seq
+    assert ack.to is not None and ack.to.tag == "b-tag" and ack.call_id == fwd.call_id
+
+    # The callee hangs up: BYE from the backend becomes alice's BYE, answers come back.
+    bye = backend_request("BYE", fwd, ok, 5)
+    to_alice, bye_a = only(lab.from_backend(bye), Request)
+    assert isinstance(bye_a, Request) and bye_a.method == "BYE" and to_alice == ALICE
+    assert str(bye_a.uri) == "sip:alice@10.0.0.7:5060" and bye_a.call_id == "call1@10.0.0.7"
+    assert bye_a.from_ is not None and bye_a.from_.tag == got.to.tag
+    to_core, bye_ok = only(lab.from_client(make_response(bye_a, 200)), Response)
+    assert to_core.remote == B1 and isinstance(bye_ok, Response) and bye_ok.status == 200
+    assert bye_ok.via[0].branch == "z9hG4bK-core-BYE-5"
+    [record] = [json.loads(r) for r in lab.core.calls.records]
+    assert record["status"] == 200 and record["cause"] == "BYE from callee"
+    assert record["backend"] == "sip:b1" and record["answer"] is not None
+    lab.assert_hidden()
+    lab.assert_clean()
+
+
+def test_caller_hangs_up_and_2xx_is_retransmitted_until_acked() -> None:
+    lab = Lab()
+    to_core, fwd = only(lab.from_client(invite()), Request)
+    _, got = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Response)
+    # No ACK yet: the SBC re-sends the 2xx to alice at T1, 2*T1 ... (RFC 3261 13.3.1.4).
+    again = [m for _, m in lab.run_until(lab.now + 1.6) if isinstance(m, Response)]
+    assert [m.status for m in again] == [200, 200]
+    _, ack = only(lab.from_client(ack_for(got)), Request)
+    assert lab.run_until(lab.now + 10) == []  # ACKed: no more retransmissions
+    # A retransmitted 2xx from the backend gets the same ACK again (RFC 6026 7.2).
+    _, ack2 = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Request)
+    assert bytes(ack2) == bytes(ack)
+    to_core, bye = only(lab.from_client(in_dialog("BYE", got, 2)), Request)
+    assert isinstance(bye, Request) and bye.method == "BYE" and to_core.remote == B1
+    assert bye.cseq is not None and bye.cseq.seq == 2  # the core leg's own CSeq space
+    _, ok = only(lab.from_backend(make_response(bye, 200)), Response)
+    assert isinstance(ok, Response) and ok.status == 200 and ok.get("cseq") == "2 BYE"
+    assert json.loads(lab.core.calls.records[0])["cause"] == "BYE from caller"
+    lab.assert_hidden()
+    lab.assert_clean()
+
+
+def test_no_ack_ends_the_call_with_bye_on_both_legs() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    _, _got = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Response)
+    out = lab.run_until(lab.now + 33)
+    sent_byes = byes(out)
+    # The backend's 2xx is ACKed before the BYE (RFC 3261 15), alice is sent BYE too.
+    acks = [m for f, m in out if isinstance(m, Request) and m.method == "ACK"]
+    assert len(acks) == 1 and sorted(f.remote for f, _ in sent_byes) == sorted([B1, ALICE.remote])
+    for flow, bye in sent_byes:
+        answer = make_response(bye, 200)
+        if flow.remote == B1:
+            lab.from_backend(answer)
+        else:
+            lab.from_client(answer)
+    assert lab.core.calls.stats["ack_timeout"] == 1
+    lab.assert_clean()
+
+
+def test_digest_challenge_passes_and_retry_keeps_the_core_call_id() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    challenge = make_response(fwd, 407, to_tag="c1")  # type: ignore[arg-type]
+    challenge.add("Proxy-Authenticate", 'Digest realm="example.com", nonce="n1"')
+    out = lab.from_backend(challenge)
+    [ack407] = [m for f, m in out if isinstance(m, Request) and f.remote == B1]
+    assert ack407.method == "ACK"  # type: ignore[attr-defined]  # RFC 3261 17.1.1.3
+    _, got = only([(f, m) for f, m in out if isinstance(m, Response)], Response)
+    assert isinstance(got, Response) and got.status == 407
+    assert got.get("proxy-authenticate") == 'Digest realm="example.com", nonce="n1"'
+    # Alice ACKs the 407 (absorbed by her transaction) and retries with credentials.
+    ack = sip(
+        "ACK sip:bob@example.com SIP/2.0\n"
+        "Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-inv1-1;rport\nMax-Forwards: 70\n"
+        f'From: "Alice" <sip:alice@example.com>;tag=a1\nTo: {got.get("to")}\n'
+        "Call-ID: call1@10.0.0.7\nCSeq: 1 ACK\nContent-Length: 0\n\n"
+    )
+    assert lab.from_client(ack) == []
+    auth = 'Proxy-Authorization: Digest username="alice", realm="example.com", nonce="n1", uri="sip:bob@example.com", response="0123456789abcdef0123456789abcdef"\n'
+    _, retry = only(lab.from_client(invite(cseq=2, extra=auth)), Request)
+    assert isinstance(retry, Request) and str(retry.uri) == "sip:bob@example.com"
+    assert retry.get("proxy-authorization") == auth.split(": ", 1)[1].strip()
+    assert retry.call_id == fwd.call_id and retry.cseq is not None and retry.cseq.seq == 2
+    assert retry.from_ is not None and fwd.from_ is not None and retry.from_.tag == fwd.from_.tag
+    out = lab.from_backend(reply(retry, 486))
+    _, busy = only([(f, m) for f, m in out if isinstance(m, Response)], Response)
+    assert isinstance(busy, Response) and busy.status == 486
+    assert [json.loads(r)["status"] for r in lab.core.calls.records] == [407, 486]
+    lab.assert_clean()
+
+
+def test_cancel_before_answer_and_the_200_that_crosses_it() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    only(lab.from_backend(reply(fwd, 180)), Response)
+    cancel = invite().replace(b"INVITE sip:", b"CANCEL sip:").replace(b"1 INVITE", b"1 CANCEL")
+    out = lab.from_client(cancel)
+    statuses = sorted(m.status for _, m in out if isinstance(m, Response))
+    assert statuses == [200, 487]  # RFC 3261 9.2
+    [(to_core, c)] = [(f, m) for f, m in out if isinstance(m, Request)]
+    assert isinstance(c, Request) and c.method == "CANCEL" and to_core.remote == B1
+    assert c.via[0].branch == fwd.via[0].branch  # RFC 3261 9.1: matches the INVITE
+    lab.from_backend(make_response(c, 200))
+    # The race: the callee answered before the CANCEL reached it. ACK + BYE, alice sees nothing.
+    out = lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP))
+    assert sorted(m.method for _, m in out if isinstance(m, Request)) == ["ACK", "BYE"]
+    assert all(f.remote == B1 for f, _ in out)
+    [bye] = [m for _, m in out if isinstance(m, Request) and m.method == "BYE"]
+    lab.from_backend(make_response(bye, 200))
+    record = json.loads(lab.core.calls.records[0])
+    assert record["cause"] == "487 Request Terminated" and record["answer"] is None
+    lab.assert_clean()
+
+
+def test_cancel_waits_for_a_provisional_response() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    cancel = invite().replace(b"INVITE sip:", b"CANCEL sip:").replace(b"1 INVITE", b"1 CANCEL")
+    out = lab.from_client(cancel)
+    assert all(isinstance(m, Response) for _, m in out)  # RFC 3261 9.1: no CANCEL yet
+    _, c = only(lab.from_backend(reply(fwd, 183)), Request)
+    assert isinstance(c, Request) and c.method == "CANCEL"
+    lab.from_backend(make_response(c, 200))
+    lab.from_backend(reply(fwd, 487))
+    lab.assert_clean()
+
+
+def test_forked_early_dialogs_and_the_losing_2xx() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    _, e1 = only(lab.from_backend(reply(fwd, 183, "fork1", sdp=ANSWER_SDP)), Response)
+    _, e2 = only(lab.from_backend(reply(fwd, 183, "fork2", sdp=ANSWER_SDP)), Response)
+    assert isinstance(e1, Response) and isinstance(e2, Response)
+    assert e1.to is not None and e2.to is not None and e1.to.tag != e2.to.tag  # two dialogs
+    _, ok = only(lab.from_backend(reply(fwd, 200, "fork2", sdp=ANSWER_SDP)), Response)
+    assert isinstance(ok, Response) and ok.to is not None and ok.to.tag == e2.to.tag
+    # fork1 answers too late: ACKed and ended by the SBC (RFC 3261 13.2.2.4); alice sees none.
+    out = lab.from_backend(reply(fwd, 200, "fork1", sdp=ANSWER_SDP))
+    assert sorted(m.method for _, m in out if isinstance(m, Request)) == ["ACK", "BYE"]
+    assert all(f.remote == B1 for f, _ in out)
+    for _, m in out:
+        if isinstance(m, Request) and m.method == "BYE":
+            assert m.to is not None and m.to.tag == "fork1"
+            lab.from_backend(make_response(m, 200))
+    _, ack = only(lab.from_client(ack_for(ok)), Request)
+    assert isinstance(ack, Request) and ack.to is not None and ack.to.tag == "fork2"
+    _, bye = only(lab.from_client(in_dialog("BYE", ok, 2)), Request)
+    lab.from_backend(make_response(bye, 200))
+    lab.assert_clean()
+
+
+def test_reinvite_hold_glare_and_update() -> None:
+    lab = Lab()
+    fwd, ok, got = establish(lab)
+    hold = in_dialog("INVITE", got, 2, extra="Content-Type: application/sdp\n")
+    hold = hold.replace(
+        b"Content-Length: 0\r\n\r\n", f"Content-Length: {len(SDP)}\r\n\r\n{SDP}".encode()
+    )
+    _to_core, re = only(lab.from_client(hold), Request)
+    assert isinstance(re, Request) and re.method == "INVITE" and re.body == SDP.encode()
+    assert re.cseq is not None and fwd.cseq is not None and re.cseq.seq == fwd.cseq.seq + 1
+    assert re.get("route") is not None and str(re.uri) == "sip:bob@10.1.0.50:5062"
+    # Glare: the backend sends its own re-INVITE meanwhile; 491 (RFC 3261 14.2).
+    theirs = backend_request("INVITE", fwd, ok, 7)
+    _, glare = only(lab.from_backend(theirs), Response)
+    assert isinstance(glare, Response) and glare.status == 491
+    _, ok2 = only(lab.from_backend(reply(re, 200, sdp=ANSWER_SDP)), Response)
+    assert isinstance(ok2, Response) and ok2.status == 200 and ok2.get("cseq") == "2 INVITE"
+    _, ack = only(lab.from_client(ack_for(ok2, cseq=2)), Request)
+    assert isinstance(ack, Request) and ack.cseq is not None and ack.cseq.seq == re.cseq.seq
+    # UPDATE passes too (RFC 3311), in the next CSeq of each leg.
+    _, upd = only(lab.from_client(in_dialog("UPDATE", got, 3)), Request)
+    assert isinstance(upd, Request) and upd.method == "UPDATE" and upd.cseq is not None
+    assert upd.cseq.seq == re.cseq.seq + 1
+    _, upd_ok = only(lab.from_backend(reply(upd, 200)), Response)
+    assert isinstance(upd_ok, Response) and upd_ok.status == 200
+    # An out-of-order CSeq is refused (RFC 3261 12.2.2).
+    _, bad = only(lab.from_client(in_dialog("INFO", got, 1)), Response)
+    assert isinstance(bad, Response) and bad.status == 500
+    _, bye = only(lab.from_client(in_dialog("BYE", got, 4)), Request)
+    lab.from_backend(make_response(bye, 200))
+    lab.assert_hidden()
+    lab.assert_clean()
+
+
+def test_prack_maps_rack_to_the_other_legs_invite() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite(cseq=10, extra="Supported: 100rel\n")), Request)
+    assert isinstance(fwd, Request) and fwd.cseq is not None
+    rel = reply(fwd, 183, sdp=ANSWER_SDP)
+    rel.add("Require", "100rel")
+    rel.add("RSeq", "1")
+    _, got = only(lab.from_backend(rel), Response)
+    assert isinstance(got, Response) and got.get("rseq") == "1" and got.get("require") == "100rel"
+    prack = in_dialog("PRACK", got, 11, extra="RAck: 1 10 INVITE\n")
+    _, fwd_prack = only(lab.from_client(prack), Request)
+    assert isinstance(fwd_prack, Request) and fwd_prack.get("rack") == f"1 {fwd.cseq.seq} INVITE"
+    _, prack_ok = only(lab.from_backend(reply(fwd_prack, 200)), Response)
+    assert isinstance(prack_ok, Response) and prack_ok.get("cseq") == "11 PRACK"
+    _, final = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Response)
+    _, _ack = only(lab.from_client(ack_for(final, cseq=10)), Request)
+    _, bye = only(lab.from_client(in_dialog("BYE", final, 12)), Request)
+    lab.from_backend(make_response(bye, 200))
+    lab.assert_clean()
+
+
+def test_in_dialog_requests_pass_and_unknown_dialogs_get_481() -> None:
+    lab = Lab()
+    fwd, ok, got = establish(lab)
+    for i, method in enumerate(["INFO", "OPTIONS", "REFER", "MESSAGE"], start=2):
+        _, out = only(lab.from_client(in_dialog(method, got, i)), Request)
+        assert isinstance(out, Request) and out.method == method and out.call_id == fwd.call_id
+        _, back = only(lab.from_backend(reply(out, 202 if method == "REFER" else 200)), Response)
+        assert isinstance(back, Response) and back.get("cseq") == f"{i} {method}"
+    notify = backend_request("NOTIFY", fwd, ok, 20)
+    notify.add("Event", "refer")
+    notify.add("Subscription-State", "active")
+    _, n = only(lab.from_backend(notify), Request)
+    assert isinstance(n, Request) and n.method == "NOTIFY" and n.get("event") == "refer"
+    lab.from_client(make_response(n, 200))
+    stray = in_dialog("BYE", got, 9, n=2)
+    _, nope = only(lab.from_client(stray), Response)
+    assert isinstance(nope, Response) and nope.status == 481
+    _, bye = only(lab.from_client(in_dialog("BYE", got, 10)), Request)
+    lab.from_backend(make_response(bye, 200))
+    lab.assert_clean()
+
+
+def test_limits_no_answer_and_max_duration() -> None:
+    lab = Lab(CallPolicy(max_calls_per_source=1, no_answer_timeout=30.0, max_duration=60.0))
+    _, fwd = only(lab.from_client(invite(1)), Request)
+    _, busy = only(lab.from_client(invite(2)), Response)
+    assert isinstance(busy, Response) and busy.status == 503 and busy.get("retry-after") == "5"
+    only(lab.from_backend(reply(fwd, 180)), Response)
+    out = lab.run_until(lab.now + 31)
+    assert 408 in [m.status for _, m in out if isinstance(m, Response)]
+    [c] = {m.via[0].branch: m for _, m in out if isinstance(m, Request)}.values()
+    assert c.method == "CANCEL"  # type: ignore[attr-defined]
+    lab.from_backend(make_response(c, 200))  # type: ignore[arg-type]
+    lab.from_backend(reply(fwd, 487))
+    # The next call is admitted, answered, and ended by the SBC at max_duration.
+    _fwd3, _, _got3 = establish(lab, n=3)
+    out = lab.run_until(lab.now + 61)
+    sent_byes = byes(out)
+    assert sorted(f.remote for f, _ in sent_byes) == sorted([B1, ALICE.remote])
+    for flow, bye in sent_byes:
+        (lab.from_backend if flow.remote == B1 else lab.from_client)(make_response(bye, 200))  # type: ignore[operator]
+    lab.assert_clean()
+
+
+def test_session_timer_expiry_ends_the_call() -> None:
+    lab = Lab()
+    _, fwd = only(
+        lab.from_client(invite(extra="Supported: timer\nSession-Expires: 120\n")), Request
+    )
+    assert isinstance(fwd, Request) and fwd.get("session-expires") == "120"
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    ok.add("Session-Expires", "120;refresher=uac")
+    ok.add("Require", "timer")
+    _, got = only(lab.from_backend(ok), Response)
+    assert isinstance(got, Response) and got.get("session-expires") == "120;refresher=uac"
+    lab.from_client(ack_for(got))
+    out = lab.run_until(lab.now + 100)  # no refresh: ended before the interval runs out
+    sent_byes = byes(out)
+    assert len(sent_byes) == 2
+    for flow, bye in sent_byes:
+        (lab.from_backend if flow.remote == B1 else lab.from_client)(make_response(bye, 200))  # type: ignore[operator]
+    assert lab.core.calls.stats["calls_session_expired"] == 1
+    lab.assert_clean()
+
+
+def test_call_from_the_backend_reaches_the_registered_client_over_its_flow() -> None:
+    lab = Lab()
+    register = sip(
+        "REGISTER sip:example.com SIP/2.0\n"
+        "Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-r1;rport\nMax-Forwards: 70\n"
+        "From: <sip:alice@example.com>;tag=r1\nTo: <sip:alice@example.com>\n"
+        "Call-ID: reg1@10.0.0.7\nCSeq: 1 REGISTER\nContact: <sip:alice@10.0.0.7:5060>\n"
+        "Expires: 3600\nContent-Length: 0\n\n"
+    )
+    _, fwd = only(lab.from_client(register), Request)
+    assert isinstance(fwd, Request)
+    path = fwd.get("path")
+    ok = make_response(fwd, 200, to_tag="reg")
+    ok.add("Contact", "<sip:alice@10.0.0.7:5060>;expires=3600")
+    lab.from_backend(ok)
+    # Kamailio's lookup(): R-URI = the contact, Route = the Path, its Via and Record-Route.
+    inv = Request("INVITE", "sip:alice@10.0.0.7:5060")
+    inv.add("Via", "SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-kam1")
+    inv.add("Via", "SIP/2.0/UDP 10.1.0.77:5060;branch=z9hG4bK-caller1")
+    inv.add("Record-Route", "<sip:10.1.0.10:5070;lr>")
+    inv.add("Route", path or "")
+    inv.add("Max-Forwards", "69")
+    inv.add("From", "<sip:carol@example.com>;tag=c1")
+    inv.add("To", "<sip:alice@example.com>")
+    inv.add("Call-ID", "core-call-1@backend.core.internal")
+    inv.add("CSeq", "1 INVITE")
+    inv.add("Contact", "<sip:carol@10.1.0.77:5060>")
+    inv.set_body(ANSWER_SDP.encode(), "application/sdp")
+    to_alice, got = only(lab.from_backend(inv), Request)
+    assert to_alice == ALICE and isinstance(got, Request)
+    assert str(got.uri) == "sip:alice@10.0.0.7:5060" and len(got.via) == 1 and "route" not in got
+    assert got.call_id != inv.call_id and "record-route" not in got
+    ring = make_response(got, 180, to_tag="alice-t")
+    ring.add("Contact", "<sip:alice@10.0.0.7:5060>")
+    to_core, r = only(lab.from_client(ring), Response)
+    assert to_core.remote == B1 and isinstance(r, Response) and r.status == 180
+    assert len(r.via) == 2 and r.call_id == inv.call_id
+    answer = make_response(got, 200, to_tag="alice-t")
+    answer.add("Contact", "<sip:alice@10.0.0.7:5060>")
+    answer.set_body(SDP.encode(), "application/sdp")
+    _, r = only(lab.from_client(answer), Response)
+    assert isinstance(r, Response) and r.contact[0].sip_uri is not None
+    assert r.contact[0].sip_uri.host == CORE[0]
+    # Carol's ACK arrives through the backend (its Record-Route) and reaches alice.
+    ack = Request("ACK", r.contact[0].uri_text or "")
+    ack.add("Via", "SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-kamack")
+    ack.add("Max-Forwards", "69")
+    ack.add("From", "<sip:carol@example.com>;tag=c1")
+    ack.add("To", r.get("to") or "")
+    ack.add("Call-ID", inv.call_id or "")
+    ack.add("CSeq", "1 ACK")
+    ack.add("Content-Length", "0")
+    to_alice, a = only(lab.from_backend(ack), Request)
+    assert to_alice == ALICE and isinstance(a, Request) and a.method == "ACK"
+    # Alice hangs up: her BYE reaches the backend along the route set.
+    bye = Request("BYE", "sip:" + (got.contact[0].uri_text or "").split(":", 1)[1])
+    bye.add("Via", "SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-abye;rport")
+    bye.add("Max-Forwards", "70")
+    bye.add("From", got.get("to") + ";tag=alice-t")  # type: ignore[operator]
+    bye.add("To", got.get("from") or "")
+    bye.add("Call-ID", got.call_id or "")
+    bye.add("CSeq", "1 BYE")
+    bye.add("Content-Length", "0")
+    to_core, b = only(lab.from_client(bye), Request)
+    assert isinstance(b, Request) and b.get("route") == "<sip:10.1.0.10:5070;lr>"
+    assert str(b.uri) == "sip:carol@10.1.0.77:5060"
+    lab.from_backend(make_response(b, 200))
+    lab.assert_hidden()
+    lab.assert_clean()
