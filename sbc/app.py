@@ -9,7 +9,9 @@ import logging
 import signal
 import socket
 import ssl
+from pathlib import Path
 
+from sbc.b2bua import CallPolicy
 from sbc.config import Config, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
@@ -28,6 +30,7 @@ log = logging.getLogger("sbc.app")
 def core_settings(config: Config) -> CoreSettings:
     sip = config.sip
     reg = config.registration
+    calls = config.calls
     hosts = {url.host.lower() for url in (*config.access.listen, *config.core.listen)}
     hosts |= {"localhost", config.sbc.name.lower()}
     if config.sbc.public_address:
@@ -62,6 +65,15 @@ def core_settings(config: Config) -> CoreSettings:
             interval=config.nat.keepalive_interval,
             method=config.nat.keepalive_method,
             failures=config.nat.keepalive_failures,
+        ),
+        calls=CallPolicy(
+            max_calls=calls.max_calls,
+            max_calls_per_source=calls.max_calls_per_source,
+            no_answer_timeout=calls.no_answer_timeout,
+            max_duration=calls.max_duration,
+            retry_after=calls.retry_after,
+            strip_headers=tuple(name.lower() for name in calls.strip_headers),
+            keep_records=calls.records is not None,
         ),
     )
 
@@ -100,6 +112,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     """Start every listener, run until ``stop`` is set, then close everything."""
     core = SbcCore(core_settings(config))
     transports = SipTransports(core)
+    writer: asyncio.Task[None] | None = None
     try:
         access_tls = _tls(config.access.tls)
         core_tls = _tls(config.core.tls)
@@ -109,10 +122,32 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             core.add_listener("core", url.transport, await transports.listen(url, core_tls))
         transports.rearm()  # the first backend probes are due now
         log.info("ready", extra={"sbc": config.sbc.name})
+        if config.calls.records is not None:
+            writer = asyncio.create_task(_write_records(core, config.calls.records, stop))
         await stop.wait()
     finally:
+        if writer is not None:
+            await writer
         await transports.close()
         log.info("sbc stopped")
+
+
+async def _write_records(core: SbcCore, path: Path, stop: asyncio.Event) -> None:
+    """Append the call records (one JSON line per call, issue 4 item 6) every half second,
+    off the signalling path, and once more when stopping."""
+    records = core.calls.records
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+        if records:
+            lines, records[:] = list(records), []
+            try:
+                with path.open("a", encoding="utf-8") as out:
+                    out.write("".join(line + "\n" for line in lines))
+            except OSError as exc:
+                log.error("cannot write call records to %s: %s", path, exc)
+        if stop.is_set():
+            return
 
 
 def run(config: Config) -> int:

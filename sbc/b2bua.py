@@ -102,6 +102,7 @@ class CallPolicy:
     max_duration: float = 0.0  # an answered call is ended with BYE after this; 0: never
     retry_after: int = 5  # Retry-After of the 503 for calls over a limit
     strip_headers: tuple[str, ...] = ()  # lower-case names, "p-*" strips every P- header
+    keep_records: bool = True  # collect a JSON line per call in ``B2bua.records``
 
     def strips(self, key: str) -> bool:
         for pattern in self.strip_headers:
@@ -765,6 +766,7 @@ class B2bua:
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
         self._copy_headers(req, fwd, peer.side)
+        self._copy_body(call, req, fwd, peer.side)
         seq = fwd.cseq.seq if fwd.cseq is not None else 0
         ctx, out = self.transactions.send_request(
             fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
@@ -929,7 +931,8 @@ class B2bua:
                 self.relay.balancer.dialog_ended(call.counted_backend)
                 call.counted_backend = None
             self.media.release(call.id)
-            self.records.append(self._record(call))
+            if self.policy.keep_records:
+                self.records.append(self._record(call))
             self.stats["calls_ended"] += 1
         log.info("call ended: %s", call.cause, extra={"call": call.id})
 
@@ -1128,6 +1131,11 @@ class B2bua:
         dialog headers): same status and reason, end-to-end headers and body, our Contact
         (a 3xx keeps its Contact list: the redirect targets are for the caller)."""
         out = make_response(request, resp.status, resp.reason, to_tag=to_tag)
+        if 100 < resp.status < 300 and request.method in DIALOG_METHODS:
+            # RFC 3261 12.1.1: a response that creates a dialog carries the request's
+            # Record-Route (the proxies before us stay in the route set).
+            for rr in request.field_values("record-route"):
+                out.add("Record-Route", rr)
         for f in resp.fields:
             if (f.key == "contact" and 300 <= resp.status < 400) or self._passes(f.key, to_side):
                 out.add(f.name, f.value)

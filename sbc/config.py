@@ -480,6 +480,48 @@ class NatConfig:
     keepalive_failures: int = field(default=3, metadata=rule(integer(min=1)))
 
 
+def output_path(raw: object, ctx: _Ctx) -> Path:
+    """A file the SBC writes (appends to): its directory must exist; relative paths are taken
+    from the config file's directory."""
+    if not isinstance(raw, str) or not raw:
+        raise Invalid(f"must be a file path, got {_show(raw)}")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = (ctx.base_dir or Path.cwd()) / path
+    path = Path(os.path.normpath(path))
+    if not path.parent.is_dir():
+        raise Invalid(f"directory not found: {path.parent}")
+    if path.is_dir():
+        raise Invalid(f"is a directory: {path}")
+    return path
+
+
+_HEADER_PATTERN = re.compile(r"[A-Za-z0-9!%'`.+_~-]+\*?")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CallsConfig:
+    """Calls through the B2BUA (issue 4 items 2, 5 and 6)."""
+
+    max_calls: int = field(default=0, metadata=rule(integer(min=0)))  # 0: no limit
+    max_calls_per_source: int = field(default=0, metadata=rule(integer(min=0)))
+    no_answer_timeout: float = field(default=180.0, metadata=rule(number(gt=0)))
+    max_duration: float = field(default=0.0, metadata=rule(number(min=0)))  # 0: no limit
+    retry_after: int = field(default=5, metadata=rule(integer(min=1)))
+    # Header names removed from requests and responses in both directions; "P-*" matches
+    # every header starting with "P-" (case-insensitive).
+    strip_headers: tuple[str, ...] = ()
+    records: Path | None = field(default=None, metadata=rule(output_path))
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for i, name in enumerate(self.strip_headers):
+            if not _HEADER_PATTERN.fullmatch(name):
+                yield (
+                    f"strip_headers[{i}]",
+                    f"must be a header name, optionally ending in *, got {_show(name)}",
+                )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MediaConfig:
     address: str = field(default="127.0.0.1", metadata=rule(text(_check_ip)))
@@ -536,6 +578,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         # One socket per (kind, address): tcp and tls share TCP ports, admin is TCP too.

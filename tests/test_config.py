@@ -208,7 +208,7 @@ def test_backend_weight_error_example() -> None:
 def test_unknown_keys_are_named_with_allowed_ones() -> None:
     errors = errors_of({"acess": {}, "access": {"listne": []}, "core": {"backends": [{"url": 1}]}})
     assert errors == [
-        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat",
+        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls",
         "sbc.toml: access.listne: unknown key; allowed: listen, tls",
         "sbc.toml: core.backends[0].url: unknown key; allowed: uri, weight",
         "sbc.toml: core.backends[0].uri: required key is missing",
@@ -476,4 +476,29 @@ def test_issue3_defaults_and_values() -> None:
     ],
 )
 def test_issue3_errors_name_the_key(data: dict[str, object], expected: str) -> None:
+    assert one_error(data).startswith(f"sbc.toml: {expected}")
+
+
+def test_calls_section(tmp_path: Path) -> None:
+    c = parse_config({})
+    assert (c.calls.max_calls, c.calls.no_answer_timeout, c.calls.records) == (0, 180.0, None)
+    out = tmp_path / "calls.jsonl"
+    c = parse_config(
+        {"calls": {"max_calls_per_source": 3, "strip_headers": ["P-*"], "records": str(out)}}
+    )
+    assert c.calls.max_calls_per_source == 3 and c.calls.strip_headers == ("P-*",)
+    assert c.calls.records == out
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"calls": {"max_calls": -1}}, "calls.max_calls: must be an integer >= 0"),
+        ({"calls": {"no_answer_timeout": 0}}, "calls.no_answer_timeout: must be"),
+        ({"calls": {"strip_headers": ["bad name"]}}, "calls.strip_headers[0]: must be a header"),
+        ({"calls": {"strip_headers": "P-*"}}, "calls.strip_headers: must be an array"),
+        ({"calls": {"records": "/nonexistent-dir/x.jsonl"}}, "calls.records: directory not found"),
+    ],
+)
+def test_calls_errors_name_the_key(data: dict[str, object], expected: str) -> None:
     assert one_error(data).startswith(f"sbc.toml: {expected}")
