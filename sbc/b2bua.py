@@ -210,6 +210,7 @@ class Call:
         self.cause = ""
         self.status: int | None = None
         self.session_interval: float | None = None
+        self.tried: tuple[str, ...] = ()  # backends the request was sent to, in order
         self.timers: dict[str, int] = {}
         self.counted_backend: BackendState | None = None
 
@@ -386,6 +387,10 @@ class B2bua:
                 call.counted_backend = target.backend
             if self.policy.no_answer_timeout > 0:
                 self._set_timer(call, "no_answer", now + self.policy.no_answer_timeout)
+        if target.backend is not None:
+            # Nothing at all from the backend by then (not even 100 Trying): the next one.
+            call.tried = (target.backend.name,)
+            self._set_timer(call, "failover", now + self.relay.request_timeout)
             self.stats["calls_started"] += 1
         log.info(
             "%s to %s", method, target.side,
@@ -415,6 +420,7 @@ class B2bua:
 
     def _initial_response(self, call: Call, resp: Response, now: float) -> list[Output]:
         status = resp.status
+        self._cancel_timer(call, "failover")  # the backend is alive
         if status == 100:
             return []  # hop by hop (RFC 3261 16.7 step 5); our own 100 went to the caller
         try:
@@ -1006,6 +1012,8 @@ class B2bua:
         if name == "no_answer":
             self.stats["calls_no_answer"] += 1
             return self._abandon(call, 408, "No Answer", now)
+        if name == "failover":
+            return self._failover(call, now)
         if name == "max_duration":
             self.stats["calls_max_duration"] += 1
             return self._end_call(call, "maximum call duration", now)
@@ -1029,6 +1037,44 @@ class B2bua:
             self._set_timer(call, name, min(now + rt.interval, rt.give_up))
             return rt.tx.respond(rt.response, now)
         return []
+
+    def _failover(self, call: Call, now: float) -> list[Output]:
+        """The backend sent nothing at all within request_timeout: it counts a failure and
+        the request goes to the next backend of the caller's AOR order (issue 3 item 7 for
+        calls: the caller does not wait for timer B on a dead backend)."""
+        backend, b_tx, b_request = call.target.backend, call.b_tx, call.b_request
+        if backend is None or b_tx is None or b_request is None or call.state == "ended":
+            return []
+        self._work.pop(b_tx, None)
+        out = self.transactions.terminate(b_tx)
+        out += self.relay.report_failure(backend, f"{call.method} unanswered", now)
+        frm = call.a_request.from_
+        aor = (aor_of(frm) if frm is not None else None) or call.a_request.uri_text
+        nxt = self.relay.balancer.pick_for_aor(aor, exclude=call.tried)
+        flow = self.relay.flow_to(nxt) if nxt is not None else None
+        if nxt is None or flow is None:
+            if call.a_tx is not None:
+                out += self._answer(call.a_tx, 503, "No Backend Available", _RETRY, now)
+            self._finish(call, "no backend answered", now)
+            return out
+        fwd = b_request.copy()
+        fwd.pop_first_value("via")
+        self._add_via(fwd, flow)
+        if "contact" in fwd:
+            fwd.set("Contact", self._contact(call, flow))
+        if call.counted_backend is not None:
+            self.relay.balancer.dialog_ended(call.counted_backend)
+            self.relay.balancer.dialog_started(nxt)
+            call.counted_backend = nxt
+        call.target = Target(flow, call.target.uri, CORE, nxt)
+        call.tried = (*call.tried, nxt.name)
+        tx, sent = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
+        call.b_request, call.b_tx = fwd, tx
+        self._work[tx] = _Initial(call)
+        self._set_timer(call, "failover", now + self.relay.request_timeout)
+        self.stats["failover"] += 1
+        log.info("%s failed over", call.method, extra={"call": call.id, "backend": nxt.name})
+        return out + sent
 
     def _rt_name(self, leg: Leg) -> str:
         confirmed = leg.call.confirmed
@@ -1170,6 +1216,9 @@ def _mapped_rack(value: str | None, invite_cseq: int) -> str | None:
     if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
         return None
     return f"{parts[0]} {invite_cseq} {parts[2]}"
+
+
+_RETRY = (("Retry-After", "10"),)
 
 
 def _subscription_terminated(req: Request) -> bool:

@@ -51,12 +51,17 @@ def invite(n: int = 1, cseq: int = 1, extra: str = "", body: str = SDP) -> bytes
 class Lab:
     """One SBC core with one backend, the clock, and what each side received."""
 
-    def __init__(self, policy: CallPolicy | None = None) -> None:
-        spec = BackendSpec(name="sip:b1", host=B1[0], port=B1[1], transport="udp")
+    def __init__(
+        self, policy: CallPolicy | None = None, backends: tuple[tuple[str, int], ...] = (B1,)
+    ) -> None:
+        specs = tuple(
+            BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
+            for i, (h, p) in enumerate(backends, start=1)
+        )
         self.core = SbcCore(
             CoreSettings(
                 local_hosts=frozenset({ACCESS[0], CORE[0]}),
-                backends=(spec,),
+                backends=specs,
                 health=HealthPolicy(probe_interval=3600.0, probe_failures=3, probe_successes=1),
                 calls=policy or CallPolicy(),
             )
@@ -66,7 +71,7 @@ class Lab:
         self.now = 0.0
         for flow, probe in self._sent(self.core.handle_timer(0.0)):
             assert isinstance(probe, Request)
-            self.core.receive_datagram(bytes(make_response(probe, 200)), flow.to(B1), 0.0)
+            self.core.receive_datagram(bytes(make_response(probe, 200)), flow, 0.0)
         self.seen: list[tuple[str, Message]] = []
 
     def _sent(self, actions: list[object]) -> list[tuple[Flow, Message]]:
@@ -593,4 +598,33 @@ def test_call_from_the_backend_reaches_the_registered_client_over_its_flow() -> 
     assert str(b.uri) == "sip:carol@10.1.0.77:5060"
     lab.from_backend(make_response(b, 200))
     lab.assert_hidden()
+    lab.assert_clean()
+
+
+def test_invite_fails_over_when_the_backend_is_silent() -> None:
+    """Issue 3 item 7 for calls: no answer at all within request_timeout (4 s) from the
+    AOR's backend: the INVITE goes to the next backend, with the same ids."""
+    b2 = ("10.1.0.11", 5070)
+    lab = Lab(backends=(B1, b2))
+    first_flow, first = only(lab.from_client(invite()), Request)
+    out = lab.run_until(lab.now + 4.5)
+    resent = [(f, m) for f, m in out if isinstance(m, Request) and m.method == "INVITE"]
+    other = {m.via[0].branch: (f, m) for f, m in resent if f.remote != first_flow.remote}
+    assert len(other) == 1, resent  # one new transaction (and its timer A retransmissions)
+    [(flow, fwd)] = other.values()
+    assert isinstance(fwd, Request) and isinstance(first, Request)
+    assert fwd.call_id == first.call_id and fwd.via[0].branch != first.via[0].branch
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    lab.tick()
+    answered = lab._sent(lab.core.receive_datagram(bytes(ok), flow, lab.now))
+    _, got = only(answered, Response)
+    assert isinstance(got, Response) and got.status == 200
+    assert lab.core.calls.stats["failover"] == 1
+    record_backend = flow.remote
+    _, _ack = only(lab.from_client(ack_for(got)), Request)
+    _, bye = only(lab.from_client(in_dialog("BYE", got, 2)), Request)
+    lab.tick()
+    lab.core.receive_datagram(bytes(make_response(bye, 200)), flow, lab.now)
+    [record] = [json.loads(r) for r in lab.core.calls.records]
+    assert record["backend"] == ("sip:b2" if record_backend == b2 else "sip:b1")
     lab.assert_clean()
