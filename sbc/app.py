@@ -11,12 +11,12 @@ import socket
 import ssl
 from pathlib import Path
 
-from sbc.b2bua import CallPolicy
-from sbc.config import Config, TlsConfig
+from sbc.b2bua import CallPolicy, PeerRoute
+from sbc.config import Config, Peer, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.keepalive import NatPolicy
-from sbc.io.sip_transport import SipTransports, StartupError, tls_context
+from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
 from sbc.relay import OffloadPolicy
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
@@ -75,11 +75,12 @@ def core_settings(config: Config) -> CoreSettings:
             strip_headers=tuple(name.lower() for name in calls.strip_headers),
             keep_records=calls.records is not None,
         ),
+        peers=tuple(peer_route(p) for p in config.peers),
     )
 
 
-def backend_spec(uri_text: str, weight: int) -> BackendSpec:
-    """A configured backend URI as the balancer's spec; a host name is resolved now."""
+def _next_hop(uri_text: str, what: str) -> tuple[str, int, str]:
+    """(address, port, transport) of a configured URI; a host name is resolved now."""
     uri = parse_uri(uri_text)
     assert isinstance(uri, SipUri)  # the config checked it
     transport = uri.transport or ("tls" if uri.secure else "udp")
@@ -91,8 +92,22 @@ def backend_spec(uri_text: str, weight: int) -> BackendSpec:
         try:
             host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
         except OSError as exc:
-            raise StartupError(f"cannot resolve backend {uri_text}: {exc}") from None
+            raise StartupError(f"cannot resolve {what} {uri_text}: {exc}") from None
+    return host, port, transport
+
+
+def backend_spec(uri_text: str, weight: int) -> BackendSpec:
+    """A configured backend URI as the balancer's spec."""
+    host, port, transport = _next_hop(uri_text, "backend")
     return BackendSpec(name=uri_text, host=host, port=port, transport=transport, weight=weight)
+
+
+def peer_route(peer: Peer) -> PeerRoute:
+    host, port, transport = _next_hop(peer.uri, "peer")
+    return PeerRoute(
+        name=peer.name, host=host, port=port, transport=transport,
+        domains=frozenset(d.lower() for d in peer.domains), prefixes=peer.prefixes,
+    )  # fmt: skip
 
 
 def _tls(cfg: TlsConfig) -> ssl.SSLContext | None:
@@ -108,10 +123,20 @@ def _tls(cfg: TlsConfig) -> ssl.SSLContext | None:
     )
 
 
+def _client_tls(cfg: TlsConfig) -> ssl.SSLContext:
+    return client_tls_context(
+        str(cfg.certificate) if cfg.certificate else None,
+        str(cfg.private_key) if cfg.private_key else None,
+        str(cfg.ca) if cfg.ca else None,
+        min_version=cfg.min_version,
+        ciphers=cfg.ciphers,
+    )
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Start every listener, run until ``stop`` is set, then close everything."""
     core = SbcCore(core_settings(config))
-    transports = SipTransports(core)
+    transports = SipTransports(core, client_tls=_client_tls(config.core.tls))
     writer: asyncio.Task[None] | None = None
     try:
         access_tls = _tls(config.access.tls)

@@ -51,11 +51,13 @@ from sbc.sip.transaction import (
     cancel_request,
     new_branch,
 )
+from sbc.sip.uri import SipUri
 
 log = logging.getLogger("sbc.calls")
 
 ACCESS = "access"
 CORE = "core"
+PEER = "peer"  # another SBC, reached over TLS (issue 4 item 1)
 
 # Methods whose request creates a dialog through the SBC (RFC 3261 12, RFC 6665, RFC 3515).
 DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
@@ -114,6 +116,24 @@ class CallPolicy:
 
 
 DEFAULT_POLICY = CallPolicy()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRoute:
+    """A peer SBC and the calls that go to it ([[peers]])."""
+
+    name: str
+    host: str
+    port: int
+    transport: str = "tls"
+    domains: frozenset[str] = frozenset()  # lower-case Request-URI hosts
+    prefixes: tuple[str, ...] = ()  # Request-URI user part prefixes (numbers)
+
+    def matches(self, uri: SipUri) -> bool:
+        if uri.host_bare in self.domains:
+            return True
+        user = uri.user
+        return user is not None and any(user.startswith(p) for p in self.prefixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,12 +277,15 @@ class B2bua:
         transactions: TransactionLayer,
         relay: BackendRelay,
         policy: CallPolicy = DEFAULT_POLICY,
+        peers: tuple[PeerRoute, ...] = (),
         media: MediaSeam | None = None,
         key: bytes | None = None,
     ) -> None:
         self.transactions = transactions
         self.relay = relay
         self.policy = policy
+        self.peers = peers
+        self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
         self.calls: dict[str, Call] = {}
@@ -301,11 +324,31 @@ class B2bua:
         return tx in self._server
 
     # -- routing (issue 4 item 1) ---------------------------------------------------------
+    def side_of(self, flow: Flow) -> str:
+        """Which side a flow is on: a peer SBC, the core (backends), or the access side."""
+        if (flow.transport, flow.remote[0].lower()) in self._peer_hosts:
+            return PEER
+        return CORE if self.relay.is_core_flow(flow) else ACCESS
+
+    def _peer_for(self, req: Request) -> PeerRoute | None:
+        uri = req.uri
+        if not isinstance(uri, SipUri):
+            return None
+        return next((p for p in self.peers if p.matches(uri)), None)
+
     def route(
         self, req: Request, flow: Flow, now: float, alive: Callable[[Flow], bool]
     ) -> Target | Refusal:
         relay = self.relay
-        if relay.is_core_flow(flow):
+        side = self.side_of(flow)
+        peer = self._peer_for(req) if side != PEER else None
+        if peer is not None:
+            # SBC-to-SBC peering: the Request-URI's domain or number belongs to a peer.
+            out = relay.flow_for(peer.transport, (peer.host, peer.port))
+            if out is None:
+                return Refusal(503, "No Route To Peer", (("Retry-After", "10"),))
+            return Target(out, req.uri_text, PEER)
+        if side == CORE:
             # From a backend: our Path in the top Route names the registered client's flow.
             client = relay.client_flow(req)
             if client is None:
@@ -338,7 +381,7 @@ class B2bua:
         self, tx: ServerTransaction, req: Request, flow: Flow, target: Target, now: float
     ) -> list[Output]:
         method = req.method
-        a_side = CORE if self.relay.is_core_flow(flow) else ACCESS
+        a_side = self.side_of(flow)
         if method == "INVITE":
             refusal = self._admit(flow)
             if refusal is not None:
@@ -1146,7 +1189,7 @@ class B2bua:
     def _passes(self, key: str, to_side: str) -> bool:
         if key in LEG_HEADERS:
             return False
-        if to_side == ACCESS and key in CORE_TOPOLOGY_HEADERS:
+        if to_side != CORE and key in CORE_TOPOLOGY_HEADERS:
             return False
         return not self.policy.strips(key)
 

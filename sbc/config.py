@@ -409,6 +409,41 @@ class Backend:
     weight: int = field(default=1, metadata=rule(integer(min=0)))
 
 
+_DOMAIN = re.compile(r"[A-Za-z0-9.-]+")
+_PREFIX = re.compile(r"\+?[0-9*#]+")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Peer:
+    """A peer SBC (SBC-to-SBC peering, issue 4 item 1): calls whose Request-URI has one of
+    ``domains`` as host, or a user part starting with one of ``prefixes``, go to ``uri``
+    over TLS; requests from its address are taken as from a trusted peer."""
+
+    name: str = field(metadata=rule(text(what="a non-empty string")))
+    uri: str = field(metadata=rule(sip_uri))
+    domains: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        transport = _uri_transport(self.uri)
+        if transport != "tls":
+            yield "uri", f"peering is over TLS (sips: or ;transport=tls), got {transport}"
+        for i, domain in enumerate(self.domains):
+            if not _DOMAIN.fullmatch(domain):
+                yield f"domains[{i}]", f"must be a domain name, got {_show(domain)}"
+        for i, prefix in enumerate(self.prefixes):
+            if not _PREFIX.fullmatch(prefix):
+                yield f"prefixes[{i}]", f"must be digits (with an optional +), got {_show(prefix)}"
+        if not self.domains and not self.prefixes:
+            yield "domains", "a peer needs at least one domain or prefix to route to it"
+
+
+def _uri_transport(uri_text: str) -> str:
+    uri = parse_uri(uri_text)
+    assert isinstance(uri, SipUri)
+    return uri.transport or ("tls" if uri.secure else "udp")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CoreConfig:
     """Provider-facing side: backend SIP servers."""
@@ -579,8 +614,11 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     nat: NatConfig = field(default_factory=NatConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    peers: tuple[Peer, ...] = ()
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.peers and not any(url.transport == "tls" for url in self.core.listen):
+            yield "peers", "peering needs a tls:// listener in core.listen (the SBC's side)"
         # One socket per (kind, address): tcp and tls share TCP ports, admin is TCP too.
         seen: dict[tuple[str, str, int], str] = {}
         sockets: list[tuple[str, str, str, int]] = [

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
-from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, Refusal
+from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
@@ -85,6 +85,7 @@ class CoreSettings:
     nat: NatPolicy | None = None
     request_timeout: float = 4.0
     calls: CallPolicy = DEFAULT_POLICY
+    peers: tuple[PeerRoute, ...] = ()
 
 
 class SbcCore:
@@ -103,7 +104,10 @@ class SbcCore:
             request_timeout=settings.request_timeout,
         )
         self.calls = B2bua(
-            transactions=self.transactions, relay=self.backends, policy=settings.calls
+            transactions=self.transactions,
+            relay=self.backends,
+            policy=settings.calls,
+            peers=settings.peers,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).

@@ -186,14 +186,17 @@ class BackendRelay:
         self._sockets.setdefault((transport, ":" in address[0]), address)
 
     def flow_to(self, backend: BackendState) -> Flow | None:
-        """The flow to a backend: from a core-side listener of its transport and address
-        family (named in our Via). Over TCP the flow has no connection yet (conn_id 0): the
-        I/O layer opens one and reuses it. TLS to backends is not done yet (issue 6)."""
-        host, port = backend.address
-        local = self._sockets.get((backend.transport, ":" in host))
-        if local is None or backend.transport not in ("udp", "tcp"):
+        return self.flow_for(backend.transport, backend.address)
+
+    def flow_for(self, transport: str, address: Address) -> Flow | None:
+        """The flow to a backend or peer: from a core-side listener of its transport and
+        address family (named in our Via). Over TCP and TLS the flow has no connection yet
+        (conn_id 0): the I/O layer opens one (TLS with the core side's certificate) and
+        reuses it."""
+        local = self._sockets.get((transport, ":" in address[0]))
+        if local is None:
             return None
-        return Flow(backend.transport, local, (host, port))
+        return Flow(transport, local, address)
 
     # -- timers: health probes (issue 3 item 7) ---------------------------------------------
     def next_deadline(self) -> float | None:

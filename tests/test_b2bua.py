@@ -11,7 +11,7 @@ import json
 
 from sipdata import sip
 
-from sbc.b2bua import CallPolicy
+from sbc.b2bua import CallPolicy, PeerRoute
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.sip.flow import Flow
@@ -23,6 +23,7 @@ CORE = ("10.1.0.1", 5080)
 B1 = ("10.1.0.10", 5070)
 ALICE = Flow("udp", ACCESS, ("192.0.2.7", 40000))
 FROM_B1 = Flow("udp", CORE, B1)
+CORE_TLS = ("10.1.0.1", 5081)
 CORE_HOSTS = ("10.1.0.", "backend.core.internal", "kamailio")
 
 SDP = "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
@@ -52,7 +53,10 @@ class Lab:
     """One SBC core with one backend, the clock, and what each side received."""
 
     def __init__(
-        self, policy: CallPolicy | None = None, backends: tuple[tuple[str, int], ...] = (B1,)
+        self,
+        policy: CallPolicy | None = None,
+        backends: tuple[tuple[str, int], ...] = (B1,),
+        peers: tuple[PeerRoute, ...] = (),
     ) -> None:
         specs = tuple(
             BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
@@ -64,10 +68,12 @@ class Lab:
                 backends=specs,
                 health=HealthPolicy(probe_interval=3600.0, probe_failures=3, probe_successes=1),
                 calls=policy or CallPolicy(),
+                peers=peers,
             )
         )
         self.core.add_listener("access", "udp", ACCESS)
         self.core.add_listener("core", "udp", CORE)
+        self.core.add_listener("core", "tls", CORE_TLS)
         self.now = 0.0
         for flow, probe in self._sent(self.core.handle_timer(0.0)):
             assert isinstance(probe, Request)
@@ -628,3 +634,31 @@ def test_invite_fails_over_when_the_backend_is_silent() -> None:
     [record] = [json.loads(r) for r in lab.core.calls.records]
     assert record["backend"] == ("sip:b2" if record_backend == b2 else "sip:b1")
     lab.assert_clean()
+
+
+def test_calls_for_a_peer_domain_or_prefix_go_to_the_peer_over_tls() -> None:
+    peer = PeerRoute(
+        name="partner", host="198.51.100.20", port=5061, domains=frozenset({"partner.example"}),
+        prefixes=("+4930",),
+    )  # fmt: skip
+    lab = Lab(peers=(peer,))
+    call = invite().replace(b"sip:bob@example.com SIP", b"sip:bob@partner.example SIP")
+    flow, fwd = only(lab.from_client(call), Request)
+    assert flow.transport == "tls" and flow.remote == ("198.51.100.20", 5061)
+    assert flow.local == CORE_TLS and flow.conn_id == 0  # the I/O layer connects
+    assert isinstance(fwd, Request) and str(fwd.uri) == "sip:bob@partner.example"
+    assert fwd.via[0].transport == "TLS" and fwd.contact[0].uri_text.endswith(";transport=tls")
+    number = invite(2).replace(b"sip:bob@example.com SIP", b"sip:+493012345@example.com SIP")
+    flow2, _ = only(lab.from_client(number), Request)
+    assert flow2.remote == ("198.51.100.20", 5061)
+    # Towards a peer the core's topology is hidden as towards a client.
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    _, got = only(lab._sent(lab.core.receive_datagram(bytes(ok), FROM_B1, lab.now)), Response)
+    # (answered from the wrong flow on purpose: responses match by branch, not by flow)
+    assert isinstance(got, Response) and got.status == 200
+    # A call from the peer is routed like a client's: to the backend.
+    from_peer = Flow("tls", CORE_TLS, ("198.51.100.20", 40001), conn_id=9)
+    flow3, fwd3 = only(lab.from_client(invite(3), from_peer), Request)
+    assert flow3.remote == B1 and isinstance(fwd3, Request)
+    _, warned = only(lab.from_backend(reply(fwd3, 180)), Response)
+    assert "warning" not in warned and "record-route" not in warned

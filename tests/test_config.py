@@ -208,7 +208,7 @@ def test_backend_weight_error_example() -> None:
 def test_unknown_keys_are_named_with_allowed_ones() -> None:
     errors = errors_of({"acess": {}, "access": {"listne": []}, "core": {"backends": [{"url": 1}]}})
     assert errors == [
-        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls",
+        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls, peers",
         "sbc.toml: access.listne: unknown key; allowed: listen, tls",
         "sbc.toml: core.backends[0].url: unknown key; allowed: uri, weight",
         "sbc.toml: core.backends[0].uri: required key is missing",
@@ -502,3 +502,52 @@ def test_calls_section(tmp_path: Path) -> None:
 )
 def test_calls_errors_name_the_key(data: dict[str, object], expected: str) -> None:
     assert one_error(data).startswith(f"sbc.toml: {expected}")
+
+
+def test_peers(tls_files: Path) -> None:
+    core = {
+        "listen": ["udp://127.0.0.1:5080", "tls://127.0.0.1:5081"],
+        "tls": {
+            "certificate": str(tls_files / "server.pem"),
+            "private_key": str(tls_files / "server.key"),
+        },
+    }
+    peer = {
+        "name": "partner",
+        "uri": "sip:192.0.2.50:5061;transport=tls",
+        "domains": ["partner.example"],
+    }
+    c = parse_config(
+        {"core": core, "peers": [peer, {**peer, "name": "b", "domains": [], "prefixes": ["+4930"]}]}
+    )
+    assert [p.name for p in c.peers] == ["partner", "b"] and c.peers[1].prefixes == ("+4930",)
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        (
+            {"name": "p", "uri": "sip:192.0.2.50:5060", "domains": ["x.example"]},
+            "peers[0].uri: peering is over TLS",
+        ),
+        ({"name": "p", "uri": "sips:192.0.2.50"}, "peers[0].domains: a peer needs at least one"),
+        (
+            {"name": "p", "uri": "sips:192.0.2.50", "prefixes": ["12a"]},
+            "peers[0].prefixes[0]: must be digits",
+        ),
+        (
+            {"uri": "sips:192.0.2.50", "domains": ["x.example"]},
+            "peers[0].name: required key is missing",
+        ),
+    ],
+)
+def test_peer_errors_name_the_key(peer: dict[str, object], expected: str) -> None:
+    errors = errors_of({"peers": [peer]})
+    assert any(e.startswith(f"sbc.toml: {expected}") for e in errors), errors
+
+
+def test_peers_need_a_core_tls_listener() -> None:
+    peer = {"name": "p", "uri": "sips:192.0.2.50", "domains": ["x.example"]}
+    assert one_error({"peers": [peer]}) == (
+        "sbc.toml: peers: peering needs a tls:// listener in core.listen (the SBC's side)"
+    )

@@ -40,8 +40,10 @@ class SipTransports:
         core: SbcCore,
         *,
         clock: Callable[[], float] | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.core = core
+        self.client_tls = client_tls  # for the connections the SBC opens over TLS
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         # The only wall-clock read: the core's Date headers are "now" plus this offset.
@@ -150,14 +152,23 @@ class SipTransports:
 
     async def _connect(self, key: tuple[str, Address]) -> None:
         transport_name, (host, port) = key
+        tls = self.client_tls if transport_name == "tls" else None
+        if transport_name == "tls" and tls is None:
+            log.warning("no TLS client context for %s", format_address((host, port)))
+            self._pending.pop(key, None)
+            return
         try:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(
-                    lambda: _StreamProtocol(self, transport_name), host=host, port=port
+                    lambda: _StreamProtocol(self, transport_name),
+                    host=host,
+                    port=port,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
                 ),
                 timeout=CONNECT_TIMEOUT,
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
             # The transaction times out and the backend's health counts it (RFC 3261 17.1.4).
             log.info(
                 "cannot connect to %s:%s: %s", transport_name, format_address((host, port)), exc
@@ -283,4 +294,25 @@ def tls_context(certificate: str, private_key: str, ca: str | None, *, verify: b
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load TLS certificate {certificate}: {exc}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    return ctx
+
+
+def client_tls_context(certificate: str | None, private_key: str | None, ca: str | None, *,
+                       min_version: str, ciphers: str | None) -> ssl.SSLContext:  # fmt: skip
+    """TLS context for connections the SBC opens (peers, TLS backends): the server is
+    verified against ``ca`` (else the system's trust store) and its name or IP address
+    (RFC 5922 7); our certificate is presented for mutual TLS when configured."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    try:
+        if ca:
+            ctx.load_verify_locations(ca)
+        else:
+            ctx.load_default_certs()
+        if certificate and private_key:
+            ctx.load_cert_chain(certificate, private_key)
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load TLS client settings: {exc}") from None
     return ctx

@@ -224,8 +224,17 @@ private_key = "{certs.server_key}"
 ca = "{certs.ca}"
 
 [core]
-listen = ["udp://127.0.0.1:{ports["core"]}", "tcp://127.0.0.1:{ports["core"]}"]
+listen = [
+    "udp://127.0.0.1:{ports["core"]}",
+    "tcp://127.0.0.1:{ports["core"]}",
+    "tls://127.0.0.1:{ports["core_tls"]}",
+]
 {core}
+
+[core.tls]
+certificate = "{certs.server_cert}"
+private_key = "{certs.server_key}"
+ca = "{certs.ca}"
 
 [admin]
 listen = "127.0.0.1:{ports["admin"]}"
@@ -253,6 +262,7 @@ def _start(
         "udp4": pool.port("127.0.0.1", UDP, TCP),
         "tls4": pool.port("127.0.0.1", TCP),
         "core": pool.port("127.0.0.1", UDP, TCP),
+        "core_tls": pool.port("127.0.0.1", TCP),
         "admin": pool.port("127.0.0.1", TCP),
     }
     if HAS_IPV6:
@@ -275,7 +285,11 @@ def _start(
         udp4=ports["udp4"],
         tls4=ports["tls4"],
         udp6=ports.get("udp6"),
-        extra_ports={"core": ports["core"], "admin": ports["admin"]},
+        extra_ports={
+            "core": ports["core"],
+            "core_tls": ports["core_tls"],
+            "admin": ports["admin"],
+        },
     )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
