@@ -48,6 +48,7 @@ from sbc.sip.transaction import (
     ServerTransaction,
     Timers,
     TransactionLayer,
+    TransactionState,
     cancel_request,
     new_branch,
 )
@@ -844,6 +845,7 @@ class B2bua:
         peer = leg.peer
         if peer.ack_pending is None:
             return []
+        self.stats["ack_relayed"] += 1
         return self._send_ack(peer, peer.ack_pending, ack)
 
     def _send_ack(self, leg: Leg, cseq: int, source: Request | None) -> list[Output]:
@@ -964,6 +966,9 @@ class B2bua:
             self._unindex(leg)
             leg.retransmit = None
         call.timers.clear()
+        # INVITE client transactions still without a final answer (a CANCEL or BYE the far
+        # end ignored) are ended after 64*T1, like a proxy's timer C (RFC 3261 9.1, 16.6).
+        self._set_timer(call, "guard", now + self.timers.timer_b)
         if call.a_tx is not None:
             self._server.pop(call.a_tx, None)
         if call.b_request is not None:
@@ -1057,6 +1062,8 @@ class B2bua:
             return self._abandon(call, 408, "No Answer", now)
         if name == "failover":
             return self._failover(call, now)
+        if name == "guard":
+            return self._end_pending(call, now)
         if name == "max_duration":
             self.stats["calls_max_duration"] += 1
             return self._end_call(call, "maximum call duration", now)
@@ -1080,6 +1087,22 @@ class B2bua:
             self._set_timer(call, name, min(now + rt.interval, rt.give_up))
             return rt.tx.respond(rt.response, now)
         return []
+
+    def _end_pending(self, call: Call, now: float) -> list[Output]:
+        out: list[Output] = []
+        pending = [call.b_tx, *(leg.invite_out for leg in call.legs)]
+        for tx in pending:
+            if tx is None or tx.state not in (
+                TransactionState.CALLING,
+                TransactionState.PROCEEDING,
+            ):
+                continue
+            work = self._work.pop(tx, None)
+            if isinstance(work, _Mapped) and not work.final:
+                out += self._answer(work.tx, 487, None, (), now)
+            out += self.transactions.terminate(tx)
+            self.stats["invite_abandoned"] += 1
+        return out
 
     def _failover(self, call: Call, now: float) -> list[Output]:
         """The backend sent nothing at all within request_timeout: it counts a failure and

@@ -30,10 +30,10 @@ SDP = "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\nm=
 ANSWER_SDP = "v=0\r\no=- 2 2 IN IP4 10.1.0.50\r\ns=-\r\nc=IN IP4 10.1.0.50\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n"
 
 
-def invite(n: int = 1, cseq: int = 1, extra: str = "", body: str = SDP) -> bytes:
+def invite(n: int = 1, cseq: int = 1, extra: str = "", body: str = SDP, branch: str = "") -> bytes:
     head = (
         f"INVITE sip:bob@example.com SIP/2.0\n"
-        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-inv{n}-{cseq};rport\n"
+        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-inv{n}-{cseq}{branch};rport\n"
         "Max-Forwards: 70\n"
         f'From: "Alice" <sip:alice@example.com>;tag=a{n}\n'
         "To: <sip:bob@example.com>\n"
@@ -57,6 +57,8 @@ class Lab:
         policy: CallPolicy | None = None,
         backends: tuple[tuple[str, int], ...] = (B1,),
         peers: tuple[PeerRoute, ...] = (),
+        request_timeout: float = 4.0,
+        failures: int = 3,
     ) -> None:
         specs = tuple(
             BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
@@ -66,9 +68,12 @@ class Lab:
             CoreSettings(
                 local_hosts=frozenset({ACCESS[0], CORE[0]}),
                 backends=specs,
-                health=HealthPolicy(probe_interval=3600.0, probe_failures=3, probe_successes=1),
+                health=HealthPolicy(
+                    probe_interval=3600.0, probe_failures=failures, probe_successes=1
+                ),
                 calls=policy or CallPolicy(),
                 peers=peers,
+                request_timeout=request_timeout,
             )
         )
         self.core.add_listener("access", "udp", ACCESS)
@@ -662,3 +667,83 @@ def test_calls_for_a_peer_domain_or_prefix_go_to_the_peer_over_tls() -> None:
     assert flow3.remote == B1 and isinstance(fwd3, Request)
     _, warned = only(lab.from_backend(reply(fwd3, 180)), Response)
     assert "warning" not in warned and "record-route" not in warned
+
+
+def test_random_call_traffic_never_crashes_and_leaves_nothing_behind() -> None:
+    """Seeded random traffic on both sides (new calls, answers with random statuses and
+    tags, ACK, BYE, re-INVITE, CANCEL, mutated copies of all of them, time passing): the
+    core never raises, and once the calls' limits and timers have run out no call, dialog or
+    transaction state is left (issue 4 item 5)."""
+    import random
+
+    rng = random.Random(3261)
+    # The backend answers at random: it is never failed over or taken down for it.
+    lab = Lab(
+        CallPolicy(max_duration=120.0, no_answer_timeout=60.0),
+        request_timeout=1000.0,
+        failures=1_000_000,
+    )
+    to_backend: list[Request] = []  # requests the backend received
+    to_client: list[Response] = []  # responses alice received
+    history: list[bytes] = []
+    for step in range(3000):
+        op = rng.random()
+        out: list[tuple[Flow, Message]] = []
+        if op < 0.15 or not to_backend:
+            n = rng.randrange(40)
+            data = invite(n, cseq=rng.randint(1, 3), branch=f"-{step}")
+            out = lab.from_client(data)
+            history.append(data)
+        elif op < 0.45:
+            req = rng.choice(to_backend)
+            status = rng.choice([100, 180, 183, 200, 200, 202, 401, 486, 487, 491, 500, 503])
+            tag = rng.choice(["t1", "t2", "t3"])
+            resp = reply(req, status, tag, sdp=ANSWER_SDP if status in (183, 200) else "")
+            out = lab.from_backend(resp)
+            history.append(bytes(resp))
+        elif op < 0.7 and to_client:
+            resp = rng.choice(to_client)
+            cseq = resp.cseq.seq if resp.cseq is not None else 1
+            n = int((resp.call_id or "call0@").split("@")[0][4:] or 0)
+            kind = rng.choice(["ACK", "BYE", "INVITE", "UPDATE", "INFO", "CANCEL"])
+            if kind == "ACK":
+                data = ack_for(resp, cseq=cseq, n=n)
+            elif kind == "CANCEL":
+                data = invite(n).replace(b"INVITE sip:", b"CANCEL sip:")
+                data = data.replace(b"1 INVITE", b"1 CANCEL")
+            else:
+                data = in_dialog(kind, resp, cseq + rng.randint(0, 2), n=n)
+            out = lab.from_client(data)
+            history.append(data)
+        elif op < 0.85 and history:
+            data = bytearray(rng.choice(history))
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(len(data))
+                data[pos : pos + rng.randint(0, 3)] = rng.choice(
+                    [b"", b";", b",", b"<", b"\r\n", b" ", b"0", b"tag=x"]
+                )
+            if rng.random() < 0.5:
+                out = lab.from_client(bytes(data))
+            else:
+                lab.tick()
+                out = lab._sent(lab.core.receive_datagram(bytes(data), FROM_B1, lab.now))
+        else:
+            out = lab.run_until(lab.now + rng.choice([0.1, 0.6, 2.0, 5.0, 40.0]))
+        for flow, msg in out:
+            if flow.remote == B1 and isinstance(msg, Request) and msg.method != "ACK":
+                to_backend.append(msg)
+            elif flow == ALICE and isinstance(msg, Response) and "contact" in msg:
+                to_client.append(msg)
+                cseq = msg.cseq
+                invite_ok = msg.status == 200 and cseq is not None and cseq.method == "INVITE"
+                if invite_ok and cseq is not None and rng.random() < 0.7:  # most ACK at once
+                    n = int((msg.call_id or "call0@").split("@")[0][4:] or 0)
+                    lab.from_client(ack_for(msg, cseq=cseq.seq, n=n))
+        del to_backend[:-50], to_client[:-50], history[:-50]
+        assert step >= 0
+    stats = lab.core.calls.stats
+    assert stats["calls_started"] > 300 and stats["ack_relayed"] > 20, stats
+    assert stats["in_dialog:BYE"] >= 1 and stats["in_dialog:INVITE"] >= 2, stats
+    # Everything ends: max_duration BYEs, their timeouts, timers B/H/J ...
+    lab.run_until(lab.now + 300)
+    lab.assert_clean()
