@@ -297,6 +297,7 @@ class B2bua:
         self._heap: list[tuple[float, int, Call, str]] = []
         self._seq = itertools.count()
         self._per_source: Counter[str] = Counter()
+        self.active_calls = 0  # INVITE calls not ended (admission, metrics)
         self.records: list[str] = []  # one JSON line per ended call (issue 4 item 6)
         self.stats: Counter[str] = Counter()
 
@@ -426,6 +427,7 @@ class B2bua:
             self._server[tx] = call
         if method == "INVITE":
             self._per_source[call.source] += 1
+            self.active_calls += 1
             if target.backend is not None:
                 self.relay.balancer.dialog_started(target.backend)
                 call.counted_backend = target.backend
@@ -446,8 +448,7 @@ class B2bua:
         """Issue 4 item 5: 503 with Retry-After over the overall or per-source call limit."""
         p = self.policy
         retry = (("Retry-After", str(p.retry_after)),)
-        active = sum(self._per_source.values())
-        if p.max_calls and active >= p.max_calls:
+        if p.max_calls and self.active_calls >= p.max_calls:
             return Refusal(503, "Too Many Calls", retry)
         if p.max_calls_per_source and self._per_source[flow.remote[0]] >= p.max_calls_per_source:
             return Refusal(503, "Too Many Calls From Source", retry)
@@ -978,6 +979,7 @@ class B2bua:
         self.calls.pop(call.id, None)
         if call.method == "INVITE":
             src = call.source
+            self.active_calls -= 1
             self._per_source[src] -= 1
             if self._per_source[src] <= 0:
                 del self._per_source[src]

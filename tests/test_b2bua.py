@@ -747,3 +747,18 @@ def test_random_call_traffic_never_crashes_and_leaves_nothing_behind() -> None:
     # Everything ends: max_duration BYEs, their timeouts, timers B/H/J ...
     lab.run_until(lab.now + 300)
     lab.assert_clean()
+
+
+def test_total_call_limit_counts_every_source() -> None:
+    lab = Lab(CallPolicy(max_calls=1))
+    _, fwd = only(lab.from_client(invite(1)), Request)
+    other = Flow("udp", ACCESS, ("198.51.100.9", 5062))
+    _, busy = only(lab.from_client(invite(2), other), Response)
+    assert isinstance(busy, Response) and (busy.status, busy.reason) == (503, "Too Many Calls")
+    assert lab.core.calls.active_calls == 1
+    out = lab.from_backend(reply(fwd, 486))
+    assert [m.status for _, m in out if isinstance(m, Response)] == [486]
+    assert lab.core.calls.active_calls == 0
+    _, fwd3 = only(lab.from_client(invite(3), other), Request)  # admitted again
+    lab.from_backend(reply(fwd3, 486))
+    lab.assert_clean()
