@@ -76,6 +76,7 @@ def core_settings(config: Config) -> CoreSettings:
             keep_records=calls.records is not None,
         ),
         peers=tuple(peer_route(p) for p in config.peers),
+        public_address=(config.sbc.public_address or "").strip("[]") or None,
     )
 
 

@@ -38,7 +38,7 @@ from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
-from sbc.sip.flow import Flow, format_address
+from sbc.sip.flow import Flow
 from sbc.sip.message import ParseError, Request, Response, make_response
 from sbc.sip.transaction import (
     ClientTransaction,
@@ -1198,18 +1198,16 @@ class B2bua:
                        hashlib.sha256)  # fmt: skip
         return mac.hexdigest()[:24]
 
-    @staticmethod
-    def _add_via(req: Request, flow: Flow) -> None:
-        local = format_address(flow.local)
+    def _add_via(self, req: Request, flow: Flow) -> None:
+        local = self.relay.advertised(flow)
         req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
                 first=True)  # fmt: skip
 
-    @staticmethod
-    def _contact(call: Call, flow: Flow) -> str:
+    def _contact(self, call: Call, flow: Flow) -> str:
         """Our Contact on a leg: the SBC's address on that side; the user part names the
         call (RFC 3261 8.1.1.8: a URI that reaches this UA for the dialog)."""
         transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
-        return f"<sip:{call.id}@{format_address(flow.local)}{transport}>"
+        return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
 
     def _passes(self, key: str, to_side: str) -> bool:
         if key in LEG_HEADERS:

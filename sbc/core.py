@@ -86,6 +86,7 @@ class CoreSettings:
     request_timeout: float = 4.0
     calls: CallPolicy = DEFAULT_POLICY
     peers: tuple[PeerRoute, ...] = ()
+    public_address: str | None = None  # [sbc] public_address: named towards clients
 
 
 class SbcCore:
@@ -102,6 +103,7 @@ class SbcCore:
             offload=settings.offload,
             nat=settings.nat,
             request_timeout=settings.request_timeout,
+            public_address=settings.public_address,
         )
         self.calls = B2bua(
             transactions=self.transactions,

@@ -154,6 +154,7 @@ class BackendRelay:
         offload: OffloadPolicy = DEFAULT_OFFLOAD,
         nat: NatPolicy | None = None,
         request_timeout: float = 4.0,
+        public_address: str | None = None,
         store: RegistrationStore | None = None,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
@@ -172,6 +173,8 @@ class BackendRelay:
         self._rng = rng or random.Random()
         self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
+        self._core_locals: set[Address] = set()  # every core-side listener
+        self.public_address = public_address
         self._work: dict[
             ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
         ] = {}
@@ -184,6 +187,14 @@ class BackendRelay:
     def add_core_socket(self, transport: str, address: Address) -> None:
         """A core-side listener the SBC sends from (the I/O layer reports what it bound)."""
         self._sockets.setdefault((transport, ":" in address[0]), address)
+        self._core_locals.add(address)
+
+    def advertised(self, flow: Flow) -> str:
+        """host:port the SBC names itself by on ``flow`` (Via, Contact): ``[sbc]
+        public_address`` towards clients when configured, else the listener's address."""
+        if self.public_address is not None and flow.local not in self._core_locals:
+            return format_address((self.public_address, flow.local[1]))
+        return format_address(flow.local)
 
     def flow_to(self, backend: BackendState) -> Flow | None:
         return self.flow_for(backend.transport, backend.address)
@@ -304,7 +315,7 @@ class BackendRelay:
     ) -> Request:
         """A request the SBC originates on ``flow`` (RFC 3261 8.1.1: the mandatory headers;
         a Via with a fresh branch asking for rport, RFC 3581)."""
-        local = format_address(flow.local)
+        local = self.advertised(flow)
         req = Request(method, target)
         req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
         req.add("Max-Forwards", "70")
@@ -348,7 +359,7 @@ class BackendRelay:
         return out
 
     def _keepalive_request(self, flow: Flow, target: str) -> Request:
-        from_uri = f"sip:keepalive@{format_address(flow.local)}"
+        from_uri = f"sip:keepalive@{self.advertised(flow)}"
         req = self._own_request("OPTIONS", target, flow, from_uri=from_uri)
         req.add("Content-Length", "0")
         return req

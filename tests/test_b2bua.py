@@ -59,6 +59,7 @@ class Lab:
         peers: tuple[PeerRoute, ...] = (),
         request_timeout: float = 4.0,
         failures: int = 3,
+        public_address: str | None = None,
     ) -> None:
         specs = tuple(
             BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
@@ -74,6 +75,7 @@ class Lab:
                 calls=policy or CallPolicy(),
                 peers=peers,
                 request_timeout=request_timeout,
+                public_address=public_address,
             )
         )
         self.core.add_listener("access", "udp", ACCESS)
@@ -761,4 +763,21 @@ def test_total_call_limit_counts_every_source() -> None:
     assert lab.core.calls.active_calls == 0
     _, fwd3 = only(lab.from_client(invite(3), other), Request)  # admitted again
     lab.from_backend(reply(fwd3, 486))
+    lab.assert_clean()
+
+
+def test_clients_are_told_the_public_address() -> None:
+    """[sbc] public_address (e.g. the SBC behind a 1:1 NAT, or listening on 0.0.0.0) is the
+    host of every Contact and Via the SBC puts towards clients; the core side keeps its own."""
+    lab = Lab(public_address="sbc.example.net")
+    _, fwd = only(lab.from_client(invite()), Request)
+    assert isinstance(fwd, Request) and fwd.via[0].host == CORE[0]
+    _, ok = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Response)
+    assert isinstance(ok, Response)
+    assert ok.contact[0].uri_text.endswith("@sbc.example.net:5060")  # type: ignore[union-attr]
+    lab.from_client(ack_for(ok))
+    bye = backend_request("BYE", fwd, reply(fwd, 200), 3)
+    _, to_alice = only(lab.from_backend(bye), Request)
+    assert isinstance(to_alice, Request) and to_alice.via[0].host == "sbc.example.net"
+    lab.from_client(make_response(to_alice, 200))
     lab.assert_clean()
