@@ -74,6 +74,7 @@ def core_settings(config: Config) -> CoreSettings:
             retry_after=calls.retry_after,
             strip_headers=tuple(name.lower() for name in calls.strip_headers),
             keep_records=calls.records is not None,
+            client_address_header=calls.client_address_header,
         ),
         peers=tuple(peer_route(p) for p in config.peers),
         public_address=(config.sbc.public_address or "").strip("[]") or None,

@@ -38,7 +38,7 @@ from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
-from sbc.sip.flow import Flow
+from sbc.sip.flow import Flow, format_host
 from sbc.sip.message import ParseError, Request, Response, make_response
 from sbc.sip.transaction import (
     ClientTransaction,
@@ -106,6 +106,9 @@ class CallPolicy:
     retry_after: int = 5  # Retry-After of the 503 for calls over a limit
     strip_headers: tuple[str, ...] = ()  # lower-case names, "p-*" strips every P- header
     keep_records: bool = True  # collect a JSON line per call in ``B2bua.records``
+    # Towards the core, this header names the client's real address ("ip:port;transport=");
+    # the same header from a client is removed first (it cannot be spoofed). None: not sent.
+    client_address_header: str | None = None
 
     def strips(self, key: str) -> bool:
         for pattern in self.strip_headers:
@@ -287,6 +290,8 @@ class B2bua:
         self.policy = policy
         self.peers = peers
         self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
+        header = policy.client_address_header
+        self._client_header = header.lower() if header is not None else None
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
         self.calls: dict[str, Call] = {}
@@ -413,6 +418,11 @@ class B2bua:
         if method in DIALOG_METHODS or "contact" in req:
             fwd.add("Contact", self._contact(call, target.flow))
         self._copy_headers(req, fwd, target.side)
+        header = self.policy.client_address_header
+        if header is not None and a_side == ACCESS and target.side == CORE:
+            # Issue 4 item 4: the backend sees the SBC, and the client's address only here.
+            host, port = flow.remote
+            fwd.add(header, f"{format_host(host)}:{port};transport={flow.transport}")
         self._copy_body(call, req, fwd, target.side)
         b_tx, out = self.transactions.send_request(
             fwd, dest=target.flow, reliable=target.flow.reliable, now=now
@@ -1210,7 +1220,7 @@ class B2bua:
         return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
 
     def _passes(self, key: str, to_side: str) -> bool:
-        if key in LEG_HEADERS:
+        if key in LEG_HEADERS or key == self._client_header:
             return False
         if to_side != CORE and key in CORE_TOPOLOGY_HEADERS:
             return False

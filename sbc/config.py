@@ -547,8 +547,14 @@ class CallsConfig:
     # every header starting with "P-" (case-insensitive).
     strip_headers: tuple[str, ...] = ()
     records: Path | None = field(default=None, metadata=rule(output_path))
+    # Header that tells the backends the client's real address (the backend trusts it: the
+    # SBC removes it from what clients send). None: the backends see only the SBC.
+    client_address_header: str | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
+        header = self.client_address_header
+        if header is not None and (header.endswith("*") or not _HEADER_PATTERN.fullmatch(header)):
+            yield "client_address_header", f"must be a header name, got {_show(header)}"
         for i, name in enumerate(self.strip_headers):
             if not _HEADER_PATTERN.fullmatch(name):
                 yield (
