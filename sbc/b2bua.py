@@ -684,6 +684,8 @@ class B2bua:
         elif method == "NOTIFY" and ok and _subscription_terminated(work.tx.request):
             if call.method in ("SUBSCRIBE", "REFER") and call.state != "ended":
                 self._finish(call, "subscription terminated", now)
+        elif method == "SUBSCRIBE" and ok and call.method == "SUBSCRIBE":
+            self._subscription_expiry(call, resp, now)  # a refresh extends it (RFC 6665 4.1.2.1)
         elif status in (408, 481) and call.state != "ended":
             # RFC 3261 12.2.1.2: the dialog is gone on that side; end the other one too.
             out += self._end_call(call, f"{status} on {method}", now, skip=dest)
@@ -937,6 +939,11 @@ class B2bua:
             return []
         if call.confirmed is None:
             return self._abandon(call, 408, "Request Timeout", now)
+        if call.method != "INVITE":
+            # A subscription (RFC 6665) has no BYE: the SBC forgets it; the subscriber's next
+            # refresh gets 481 and it subscribes again.
+            self._finish(call, cause, now)
+            return []
         out: list[Output] = []
         for leg in call.confirmed:
             if leg.ack_pending is not None:

@@ -790,3 +790,67 @@ def test_client_address_header_only_when_configured_and_never_from_clients() -> 
     assert fwd.values("x-client-address") == ["192.0.2.7:40000;transport=udp"]
     lab.from_backend(reply(fwd, 486))
     lab.assert_clean()
+
+
+def subscribe(cseq: int, to_tag: str = "", expires: int = 600) -> bytes:
+    to = "<sip:alice@example.com>" + (f";tag={to_tag}" if to_tag else "")
+    return sip(
+        "SUBSCRIBE sip:alice@example.com SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-sub{cseq};rport\n"
+        "Max-Forwards: 70\n"
+        "From: <sip:alice@example.com>;tag=s1\n"
+        f"To: {to}\n"
+        "Call-ID: sub1@10.0.0.7\n"
+        f"CSeq: {cseq} SUBSCRIBE\n"
+        "Contact: <sip:alice@10.0.0.7:5060>\n"
+        "Event: message-summary\n"
+        f"Expires: {expires}\n"
+        "Content-Length: 0\n\n"
+    )
+
+
+def test_mwi_subscription_with_an_early_notify_refresh_and_termination() -> None:
+    lab = Lab()
+    _, fwd = only(lab.from_client(subscribe(1)), Request)
+    assert isinstance(fwd, Request) and fwd.method == "SUBSCRIBE" and fwd.get("event")
+    # RFC 6665 4.1.2.4: the NOTIFY may come before the 200; it creates the dialog.
+    notify = Request("NOTIFY", fwd.contact[0].uri_text or "")
+    notify.add("Via", "SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-n1")
+    notify.add("Max-Forwards", "70")
+    notify.add("From", "<sip:alice@example.com>;tag=vm1")
+    notify.add("To", fwd.get("from") or "")
+    notify.add("Call-ID", fwd.call_id or "")
+    notify.add("CSeq", "1 NOTIFY")
+    notify.add("Contact", "<sip:vm@10.1.0.60:5060>")
+    notify.add("Event", "message-summary")
+    notify.add("Subscription-State", "active;expires=600")
+    notify.set_body(b"Messages-Waiting: yes\r\n", "application/simple-message-summary")
+    _, n = only(lab.from_backend(notify), Request)
+    assert isinstance(n, Request) and n.method == "NOTIFY" and n.call_id == "sub1@10.0.0.7"
+    assert n.body == b"Messages-Waiting: yes\r\n" and str(n.uri) == "sip:alice@10.0.0.7:5060"
+    _, n_ok = only(lab.from_client(make_response(n, 200)), Response)
+    assert isinstance(n_ok, Response) and n_ok.status == 200
+    ok = make_response(fwd, 200, to_tag="vm1")
+    ok.add("Contact", "<sip:vm@10.1.0.60:5060>")
+    ok.add("Expires", "600")
+    _, got = only(lab.from_backend(ok), Response)
+    assert isinstance(got, Response) and got.status == 200 and got.to is not None
+    assert got.to.tag == n.from_.tag  # type: ignore[union-attr]  # one dialog
+    # A refresh within the dialog, 500 s later: it keeps the subscription past 632 s.
+    lab.run_until(lab.now + 500)
+    _, refresh = only(lab.from_client(subscribe(2, to_tag=got.to.tag or "")), Request)
+    assert isinstance(refresh, Request) and refresh.to is not None and refresh.to.tag == "vm1"
+    ok2 = make_response(refresh, 200)
+    ok2.add("Expires", "600")
+    lab.from_backend(ok2)
+    lab.run_until(lab.now + 400)
+    assert len(lab.core.calls.calls) == 1
+    # The notifier ends it: NOTIFY terminated, then nothing is left.
+    notify.set("CSeq", "2 NOTIFY")
+    notify.set("Via", "SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-n2")
+    notify.set("To", refresh.get("from") or "")
+    notify.set("Subscription-State", "terminated;reason=timeout")
+    _, last = only(lab.from_backend(notify), Request)
+    lab.from_client(make_response(last, 200))
+    assert len(lab.core.calls.calls) == 0
+    lab.assert_clean()
