@@ -418,6 +418,9 @@ class B2bua:
         if method in DIALOG_METHODS or "contact" in req:
             fwd.add("Contact", self._contact(call, target.flow))
         self._copy_headers(req, fwd, target.side)
+        replaces = fwd.get("replaces")
+        if replaces is not None:
+            fwd.set("Replaces", self._map_replaces(replaces, target.flow))
         header = self.policy.client_address_header
         if header is not None and a_side == ACCESS and target.side == CORE:
             # Issue 4 item 4: the backend sees the SBC, and the client's address only here.
@@ -453,6 +456,40 @@ class B2bua:
             extra={"call": call.id, "call_id": call_id, "flow": str(target.flow)},
         )  # fmt: skip
         return out
+
+    def _map_replaces(self, value: str, target: Flow) -> str:
+        """RFC 3891 (attended transfer): Replaces names a dialog by the ids of the leg the
+        INVITE came from; the far UA knows it by the other leg's ids. Both tag orders are
+        tried; when two legs match (a call that left and re-entered the SBC through a
+        proxy), the one whose other leg faces ``target`` wins. Unknown dialogs pass as
+        they are (the far end answers 481)."""
+        call_id, _, rest = value.partition(";")
+        params = [p.strip() for p in rest.split(";") if p.strip()]
+        tags = {k.lower(): v for k, _, v in (p.partition("=") for p in params)}
+        to_tag, from_tag = tags.get("to-tag"), tags.get("from-tag")
+        if not to_tag or not from_tag:
+            return value
+        found: list[tuple[Leg, bool]] = []
+        for local, remote, swapped in ((to_tag, from_tag, False), (from_tag, to_tag, True)):
+            leg = self._dialogs.get((call_id.strip(), local, remote))
+            if leg is not None and leg.peer is not None:
+                found.append((leg, swapped))
+        if not found:
+            return value
+        leg, swapped = next(
+            ((g, s) for g, s in found if g.peer and g.peer.flow == target), found[0]
+        )
+        assert leg.peer is not None
+        other = leg.peer.dialog
+        # to-tag is the local tag of the UA that gets the INVITE (RFC 3891 3): on leg L the SBC
+        # stands in for that UA, so a to-tag equal to L's local tag becomes the far UA's own
+        # tag on the other leg, which is that leg's remote tag.
+        new_to, new_from = (other.local_tag, other.remote_tag) if swapped else (
+            other.remote_tag, other.local_tag)  # fmt: skip
+        extra = "".join(f";{p}" for p in params if p.partition("=")[0].lower() not in
+                        ("to-tag", "from-tag"))  # fmt: skip
+        self.stats["replaces_mapped"] += 1
+        return f"{other.call_id};to-tag={new_to};from-tag={new_from}{extra}"
 
     def _admit(self, flow: Flow) -> Refusal | None:
         """Issue 4 item 5: 503 with Retry-After over the overall or per-source call limit."""

@@ -854,3 +854,21 @@ def test_mwi_subscription_with_an_early_notify_refresh_and_termination() -> None
     lab.from_client(make_response(last, 200))
     assert len(lab.core.calls.calls) == 0
     lab.assert_clean()
+
+
+def test_replaces_names_the_dialog_by_the_far_legs_ids() -> None:
+    """Attended transfer (RFC 3891): alice talks to the backend's user; bob's INVITE with
+    Replaces names that call by alice's ids (to-tag = the callee's tag as alice knows it);
+    the backend gets the core leg's ids (to-tag = the callee's own tag, b-tag)."""
+    lab = Lab()
+    fwd, _ok, got = establish(lab)
+    assert got.to is not None and fwd.from_ is not None
+    replaces = f"Replaces: call1@10.0.0.7;to-tag={got.to.tag};from-tag=a1\n"
+    bob = Flow("udp", ACCESS, ("198.51.100.3", 5062))
+    _, inv = only(lab.from_client(invite(7, extra=replaces), bob), Request)
+    assert isinstance(inv, Request)
+    assert inv.get("replaces") == f"{fwd.call_id};to-tag=b-tag;from-tag={fwd.from_.tag}"
+    assert lab.core.calls.stats["replaces_mapped"] == 1
+    unknown = "Replaces: nope@x;to-tag=1;from-tag=2;early-only\n"
+    _, inv2 = only(lab.from_client(invite(8, extra=unknown), bob), Request)
+    assert isinstance(inv2, Request) and inv2.get("replaces") == unknown[10:].strip()
