@@ -3,6 +3,11 @@
 Each pattern quotes the rule it implements. The patterns work on header values that the
 parser has already unfolded (RFC 3261 7.3.1: a CRLF followed by whitespace is LWS and is
 equivalent to a single SP), so ``LWS`` here is plain ``[ \\t]+``.
+
+Repetitions are possessive (``*+``, ``++``) wherever giving characters back can never lead
+to a match (the next character of the rule cannot be one the repetition takes): the language
+is the same, and the re engine keeps no backtracking state, which makes the header views
+(parsed for every packet) markedly cheaper.
 """
 
 from __future__ import annotations
@@ -10,23 +15,24 @@ from __future__ import annotations
 import re
 
 # alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~"
-TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]++"
 # LWS = [*WSP CRLF] 1*WSP ; SWS = [LWS]   (after unfolding)
-LWS = r"[ \t]+"
-SWS = r"[ \t]*"
+LWS = r"[ \t]++"
+SWS = r"[ \t]*+"
 # quoted-string = SWS DQUOTE *(qdtext / quoted-pair ) DQUOTE
 # qdtext = LWS / %x21 / %x23-5B / %x5D-7E / UTF8-NONASCII
 # quoted-pair = "\" (%x00-09 / %x0B-0C / %x0E-7F)
 # (written as an unrolled loop, linear and fast in the re engine)
-QUOTED_STRING = r'"[^"\\\r\n]*(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f][^"\\\r\n]*)*"'
+QUOTED_STRING = r'"[^"\\\r\n]*+(?:\\[\x00-\x09\x0b\x0c\x0e-\x7f][^"\\\r\n]*+)*+"'
 # escaped = "%" HEXDIG HEXDIG
 ESCAPED = r"%[0-9A-Fa-f]{2}"
 # hostname = *( domainlabel "." ) toplabel [ "." ]; IPv4address; IPv6reference = "[" IPv6address "]"
 # The IPv6 part is deliberately loose: RFC 5118 4.10 asks parsers to tolerate the
 # "2001:db8:::192.0.2.1" form that the RFC 3261 ABNF itself allows by mistake.
 IPV6_REFERENCE = r"\[[0-9A-Fa-f:.]+\]"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-_]*[A-Za-z0-9])?"
-HOSTNAME = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+# domainlabel = alphanum / alphanum *( alphanum / "-" ) alphanum  ("_" tolerated too), the same
+# strings as runs of alphanumerics separated by one "." or by a run of "-" / "_".
+HOSTNAME = r"[A-Za-z0-9]++(?:(?:\.|[\-_]++)[A-Za-z0-9]++)*+\.?"
 HOST = rf"(?:{IPV6_REFERENCE}|{HOSTNAME})"
 PORT = r"[0-9]{1,5}"
 # Method = INVITEm / ACKm / OPTIONSm / BYEm / CANCELm / REGISTERm / extension-method
@@ -44,11 +50,15 @@ TOKEN_RE = re.compile(TOKEN)
 HOST_RE = re.compile(HOST)
 
 # RFC 5118 4.5: received=2001:db8::9:255 (IPv6address, no brackets) is valid in Via.
-IPV6_BARE = r"[0-9A-Fa-f]*:[0-9A-Fa-f:.]+"
+IPV6_BARE = r"[0-9A-Fa-f]*+:[0-9A-Fa-f:.]++"
 # generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string
 # SEMI = SWS ";" SWS ; EQUAL = SWS "=" SWS
 GEN_VALUE = rf"(?:{TOKEN}|{QUOTED_STRING}|{IPV6_BARE}|{IPV6_REFERENCE})"
-GENERIC_PARAMS = rf"(?:{SWS};{SWS}{TOKEN}(?:{SWS}={SWS}{GEN_VALUE})?)*"
+# The repetition is possessive (never gives back a whole parameter), so each alternative of a
+# value must match as far as the value goes: IPV6_BARE comes before TOKEN, which would stop
+# at its first ":".
+_GEN_VALUE_LONGEST = rf"(?:{IPV6_BARE}|{TOKEN}|{QUOTED_STRING}|{IPV6_REFERENCE})"
+GENERIC_PARAMS = rf"(?:{SWS};{SWS}{TOKEN}(?:{SWS}={SWS}{_GEN_VALUE_LONGEST})?)*+"
 GENERIC_PARAM_RE = re.compile(rf"{SWS};{SWS}({TOKEN})(?:{SWS}={SWS}({GEN_VALUE}))?")
 
 # sent-protocol = protocol-name SLASH protocol-version SLASH transport ; SLASH = SWS "/" SWS
@@ -89,15 +99,15 @@ DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
 # The 1*(chars / escaped) rules are unrolled loops: chars*(escaped chars*)*, non-empty.
 _USER_CHARS = rf"[{_UNRESERVED}&=+$,;?/]"
-USER = rf"(?=[{_UNRESERVED}&=+$,;?/%]){_USER_CHARS}*(?:{ESCAPED}{_USER_CHARS}*)*"
-PASSWORD = rf"[{_UNRESERVED}&=+$,]*(?:{ESCAPED}[{_UNRESERVED}&=+$,]*)*"
+USER = rf"(?=[{_UNRESERVED}&=+$,;?/%]){_USER_CHARS}*+(?:{ESCAPED}{_USER_CHARS}*+)*+"
+PASSWORD = rf"[{_UNRESERVED}&=+$,]*+(?:{ESCAPED}[{_UNRESERVED}&=+$,]*+)*+"
 _PARAM_CHARS = rf"[{_UNRESERVED}\[\]/:&+$]"
-PARAMCHARS = rf"(?=[{_UNRESERVED}\[\]/:&+$%]){_PARAM_CHARS}*(?:{ESCAPED}{_PARAM_CHARS}*)*"
-HNVS = rf"[{_UNRESERVED}\[\]/?:+$]*(?:{ESCAPED}[{_UNRESERVED}\[\]/?:+$]*)*"
+PARAMCHARS = rf"(?=[{_UNRESERVED}\[\]/:&+$%]){_PARAM_CHARS}*+(?:{ESCAPED}{_PARAM_CHARS}*+)*+"
+HNVS = rf"[{_UNRESERVED}\[\]/?:+$]*+(?:{ESCAPED}[{_UNRESERVED}\[\]/?:+$]*+)*+"
 SIP_URI = (
     rf"(?:({USER})(?::({PASSWORD}))?@)?({HOST})(?::({PORT}))?"
-    rf"((?:;{PARAMCHARS}(?:={PARAMCHARS})?)*)"
-    rf"(\?{HNVS}={HNVS}(?:&{HNVS}={HNVS})*)?"
+    rf"((?:;{PARAMCHARS}(?:={PARAMCHARS})?)*+)"
+    rf"(\?{HNVS}={HNVS}(?:&{HNVS}={HNVS})*+)?"
 )
 SIP_URI_RE = re.compile(SIP_URI)
 # name-addr whose URI is a SIP/SIPS URI, matched in one pass (the common case):

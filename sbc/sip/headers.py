@@ -117,11 +117,9 @@ def _parse_params(text: str) -> HeaderParams:
         return ()
     if " " in text or "\t" in text or ('"' in text and not _simple_quotes(text)):
         return tuple(grammar.GENERIC_PARAM_RE.findall(text))
-    out = []
-    for part in text[1:].split(";"):
-        k, _, v = part.partition("=")
-        out.append((k, v))
-    return tuple(out)
+    if text.find(";", 1) < 0:
+        return (text[1:].partition("=")[::2],)  # (k, v)
+    return tuple([part.partition("=")[::2] for part in text[1:].split(";")])
 
 
 def _simple_quotes(text: str) -> bool:
@@ -264,13 +262,17 @@ def parse_via_parm(text: str) -> Via:
         rport = _param(parsed, "rport")
         if rport and not rport.isdigit():
             raise ValueError("Via rport is not a number")
-    return Via(
-        transport=transport.upper(),
-        host=host,
-        port=port_n,
-        params=parsed,
-        protocol="SIP/2.0" if name == "SIP" else f"{name}/{version}",
-    )
+    # Via(transport=..., host=..., ...) without the keyword-argument call.
+    via = _new_via(Via)
+    via.transport = transport.upper()
+    via.host = host
+    via.port = port_n
+    via.params = parsed
+    via.protocol = "SIP/2.0" if name == "SIP" else f"{name}/{version}"
+    return via
+
+
+_new_via = object.__new__
 
 
 def parse_via(value: str) -> tuple[Via, ...]:
@@ -378,6 +380,9 @@ class NameAddr:
         return uri if isinstance(uri, SipUri) else None
 
 
+_new_name_addr = object.__new__
+
+
 def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
     """One name-addr or addr-spec with its parameters (RFC 3261 20.10, 20.20, 20.39).
 
@@ -389,8 +394,18 @@ def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
         groups = m.groups()
         if groups[6] is not None and int(groups[6]) > 65535:
             raise ValueError("port out of range in URI")
-        na = NameAddr(uri=groups[1], display_name=groups[0], params_text=groups[9])
-        na._uri_parts = groups[2:9]  # the URI is built from these on first use
+        # What NameAddr(uri=groups[1], display_name=groups[0], params_text=groups[9]) makes,
+        # without the keyword-argument call: the URI is built from its parts on first use.
+        na = _new_name_addr(NameAddr)
+        params_text = groups[9]
+        na._params = None if params_text else ()
+        na._params_text = params_text
+        na._uri_parts = groups[2:9]
+        na._uri_text = groups[1]
+        na._uri = None
+        na.display_name = groups[0]
+        na.bracketed = True
+        na.star = False
         return na
     m = grammar.NAME_ADDR_RE.fullmatch(value)
     if m is not None:

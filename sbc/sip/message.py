@@ -230,15 +230,9 @@ class Message:
         self._touch(key)
 
     # -- typed views (parsed on first use, cached) ----------------------------------------
-    def _single(self, key: str) -> str | None:
-        keys = self._keys
-        n = keys.count(key)
-        if n == 0:
-            return None
-        if n > 1:
-            raise ValueError(f"more than one {canonical_name(key)} header")
-        return self._pairs[keys.index(key)][2].strip(" \t")
-
+    # Each property looks in the cache itself and calls one helper on a miss: a message is
+    # parsed for every packet and its routing headers are read once each, so the layers
+    # between the attribute and the header's parse function are kept few.
     def release_views(self) -> None:
         """Drop the parsed header views (they are parsed again if read). A message kept only
         to be re-sent (by a finished transaction, for timer J's 32 s) then holds a few dozen
@@ -257,10 +251,38 @@ class Message:
             self._cache[key] = v
         return v
 
+    def _parse_single(self, key: str, what: str, parse: Callable[[str], Any]) -> Any:
+        """Parse and cache the view of a header allowed once (From, To, Call-ID, CSeq,
+        Max-Forwards: RFC 3261 7.3.1 lets only list headers repeat); None if absent."""
+        keys = self._keys
+        n = keys.count(key)
+        if n == 1:
+            try:
+                v = parse(self._pairs[keys.index(key)][2].strip(" \t"))
+            except ValueError as exc:
+                raise ParseError(400, f"Bad {what}: {exc}", message=self) from None
+        elif n == 0:
+            v = None
+        else:
+            raise ParseError(400, f"Bad {what}: more than one {what} header", message=self)
+        self._cache[key] = v
+        return v
+
     @property
     def top_via(self) -> Via | None:
         """The first via-parm (RFC 3261 18.2.2 routes responses by it); only it is parsed."""
-        v: Via | None = self._view("top-via", "Via", _top_via)
+        v: Via | None = self._cache.get("top-via", _MISSING)
+        if v is _MISSING:
+            keys = self._keys
+            if "via" not in keys:
+                v = None
+            else:
+                value = self._pairs[keys.index("via")][2].strip(" \t")
+                try:
+                    v = parse_via_parm(split_list(value)[0] if "," in value else value)
+                except ValueError as exc:
+                    raise ParseError(400, f"Bad Via: {exc}", message=self) from None
+            self._cache["top-via"] = v
         return v
 
     @property
@@ -271,44 +293,71 @@ class Message:
 
     @property
     def call_id(self) -> str | None:
-        v: str | None = self._view("call-id", "Call-ID", _call_id)
+        v: str | None = self._cache.get("call-id", _MISSING)
+        if v is _MISSING:
+            v = self._parse_single("call-id", "Call-ID", _check_call_id)
         return v
 
     @property
     def cseq(self) -> CSeq | None:
-        v: CSeq | None = self._view("cseq", "CSeq", _cseq)
+        v: CSeq | None = self._cache.get("cseq", _MISSING)
+        if v is _MISSING:
+            v = self._parse_single("cseq", "CSeq", parse_cseq)
         return v
 
     @property
     def from_(self) -> NameAddr | None:
-        v: NameAddr | None = self._view("from", "From", _from)
+        v: NameAddr | None = self._cache.get("from", _MISSING)
+        if v is _MISSING:
+            v = self._parse_single("from", "From", parse_name_addr)
         return v
 
     @property
     def to(self) -> NameAddr | None:
-        v: NameAddr | None = self._view("to", "To", _to)
+        v: NameAddr | None = self._cache.get("to", _MISSING)
+        if v is _MISSING:
+            v = self._parse_single("to", "To", parse_name_addr)
         return v
 
     def name_addrs(self, name: str) -> tuple[NameAddr, ...]:
         """Contact, Route, Record-Route, Path, Service-Route as parsed name-addrs."""
         key = header_key(name)
-        v: tuple[NameAddr, ...] = self._view(
-            key,
-            canonical_name(key),
-            lambda msg: tuple(
-                na for value in msg.field_values(key) for na in parse_name_addr_list(value)
-            ),
-        )
+        v: tuple[NameAddr, ...] = self._cache.get(key, _MISSING)
+        if v is _MISSING:
+            v = self._parse_name_addrs(key)
+        return v
+
+    def _parse_name_addrs(self, key: str) -> tuple[NameAddr, ...]:
+        keys = self._keys
+        n = keys.count(key)
+        try:
+            if n == 1:
+                v = parse_name_addr_list(self._pairs[keys.index(key)][2].strip(" \t"))
+            else:
+                pairs = self._pairs
+                v = tuple(
+                    na
+                    for i, k in enumerate(keys)
+                    if k == key
+                    for na in parse_name_addr_list(pairs[i][2].strip(" \t"))
+                )
+        except ValueError as exc:
+            raise ParseError(400, f"Bad {canonical_name(key)}: {exc}", message=self) from None
+        self._cache[key] = v
         return v
 
     @property
     def contact(self) -> tuple[NameAddr, ...]:
-        v: tuple[NameAddr, ...] = self._view("contact", "Contact", _contacts)
+        v: tuple[NameAddr, ...] = self._cache.get("contact", _MISSING)
+        if v is _MISSING:
+            v = self._parse_name_addrs("contact")
         return v
 
     @property
     def max_forwards(self) -> int | None:
-        v: int | None = self._view("max-forwards", "Max-Forwards", _max_forwards)
+        v: int | None = self._cache.get("max-forwards", _MISSING)
+        if v is _MISSING:
+            v = self._parse_single("max-forwards", "Max-Forwards", _parse_max_forwards)
         return v
 
     @property
@@ -332,12 +381,19 @@ class Message:
     def __bytes__(self) -> bytes:
         if self._raw is not None:
             return self._raw
-        lines = [self.start_line()]
-        lines += [
-            r if r is not None else f"{n}: {v}"
-            for (n, _, v), r in zip(self._pairs, self._raws, strict=True)
-        ]
-        head = "\r\n".join(lines)
+        raws = self._raws
+        if None in raws:
+            lines = [self.start_line()]
+            lines += [
+                r if r is not None else f"{n}: {v}"
+                for (n, _, v), r in zip(self._pairs, raws, strict=True)
+            ]
+            head = "\r\n".join(lines)
+        elif raws:
+            # No field written by the SBC: every line is the one received, joined in C.
+            head = self.start_line() + "\r\n" + "\r\n".join(raws)  # type: ignore[arg-type]
+        else:
+            head = self.start_line()
         data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape") + self.body
         self._raw = data
         return data
@@ -461,15 +517,6 @@ class Response(Message):
 # -- parsers of the typed views (module level: no closure per access) ---------------------
 
 
-def _top_via(msg: Message) -> Via | None:
-    try:
-        i = msg._keys.index("via")
-    except ValueError:
-        return None
-    value = msg._pairs[i][2].strip(" \t")
-    return parse_via_parm(split_list(value)[0] if "," in value else value)
-
-
 def _all_vias(msg: Message) -> tuple[Via, ...]:
     values = msg.field_values("via")
     if len(values) == 1 and "," not in values[0]:
@@ -479,38 +526,15 @@ def _all_vias(msg: Message) -> tuple[Via, ...]:
     return tuple(via for value in values for via in parse_via(value))
 
 
-def _call_id(msg: Message) -> str | None:
-    v = msg._single("call-id")
-    if v is not None and (not v or " " in v or "\t" in v):
+def _check_call_id(value: str) -> str:
+    # Call-ID = word [ "@" word ] (RFC 3261 25.1): no whitespace, not empty.
+    if not value or " " in value or "\t" in value:
         raise ValueError("malformed Call-ID")
-    return v
+    return value
 
 
-def _cseq(msg: Message) -> CSeq | None:
-    value = msg._single("cseq")
-    return None if value is None else parse_cseq(value)
-
-
-def _from(msg: Message) -> NameAddr | None:
-    value = msg._single("from")
-    return None if value is None else parse_name_addr(value)
-
-
-def _to(msg: Message) -> NameAddr | None:
-    value = msg._single("to")
-    return None if value is None else parse_name_addr(value)
-
-
-def _contacts(msg: Message) -> tuple[NameAddr, ...]:
-    values = msg.field_values("contact")
-    if len(values) == 1:
-        return parse_name_addr_list(values[0])
-    return tuple(na for value in values for na in parse_name_addr_list(value))
-
-
-def _max_forwards(msg: Message) -> int | None:
-    value = msg._single("max-forwards")
-    return None if value is None else parse_uint(value, limit=255, what="Max-Forwards")
+def _parse_max_forwards(value: str) -> int:
+    return parse_uint(value, limit=255, what="Max-Forwards")
 
 
 # RFC 3261 21: default reason phrases for the codes the SBC sends itself.
