@@ -569,9 +569,17 @@ class Registrar:
     host = "127.0.0.1"
 
     def __init__(
-        self, index: int, port: int, rundir: Path, log_path: Path, kamailio: str, kamcmd: str
+        self,
+        index: int,
+        port: int,
+        rundir: Path,
+        log_path: Path,
+        kamailio: str,
+        kamcmd: str,
+        auth_password: str | None = None,
     ) -> None:
         self.index = index
+        self.auth_password = auth_password  # digest auth on (kamailio.cfg WITH_AUTH)
         self.port = port
         self.rundir = rundir  # short: a Unix socket path must stay under 108 bytes
         self.log_path = log_path
@@ -614,6 +622,8 @@ class Registrar:
             "-l", f"tcp:{self.host}:{self.port}",
             "-A", f'CTL_SOCKET="unix:{self.ctl_socket}"',
             *(["-A", "WITH_XLOG"] if os.environ.get("KAMAILIO_XLOG") else []),
+            *(["-A", "WITH_AUTH", "-A", f'AUTH_PASSWORD="{self.auth_password}"']
+              if self.auth_password else []),
         ]  # fmt: skip
 
     def log(self) -> str:
@@ -830,7 +840,7 @@ def write_users_csv(path: Path, users: list[str], domain: str = "example.com") -
     return path
 
 
-RegistrarFactory = Callable[[int], list[Registrar]]
+RegistrarFactory = Callable[..., list[Registrar]]
 
 
 @pytest.fixture
@@ -845,7 +855,7 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
     root = Path(tempfile.mkdtemp(prefix="kam-"))
     started: list[Registrar] = []
 
-    def new(index: int, attempt: int) -> Registrar:
+    def new(index: int, attempt: int, auth_password: str | None = None) -> Registrar:
         pool = PortPool()
         port = pool.port("127.0.0.1", UDP, TCP)
         pool.release()  # Kamailio binds it now
@@ -856,11 +866,12 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
             tmp_path / f"kamailio-{index}-{attempt}.log",
             kamailio,
             kamcmd,
+            auth_password,
         )
 
-    def start(n: int = 2) -> list[Registrar]:
+    def start(n: int = 2, *, auth_password: str | None = None) -> list[Registrar]:
         # All n start at once (each takes about 0.5 s to come up), then each is waited for.
-        group = [new(len(started) + i, 0) for i in range(n)]
+        group = [new(len(started) + i, 0, auth_password) for i in range(n)]
         for registrar in group:
             registrar.launch()
         for i, registrar in enumerate(group):
@@ -874,7 +885,7 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
                         for other in group[i + 1 :]:
                             other._terminate()
                         pytest.fail(str(exc))
-                registrar = new(registrar.index, attempt)
+                registrar = new(registrar.index, attempt, auth_password)
                 registrar.launch()
             group[i] = registrar
             started.append(registrar)

@@ -33,12 +33,14 @@ DOMAIN = "example.com"
 CALL_TIMEOUT = 10.0
 
 
-def _account(user: str, sbc_port: int, transport: str, *, answer: bool) -> str:
+def _account(
+    user: str, sbc_port: int, transport: str, *, answer: bool, password: str | None
+) -> str:
     param = f";transport={transport}" if transport != "udp" else ""
     auto = ";answermode=auto" if answer else ""
-    return (
-        f'<sip:{user}@{DOMAIN}{param}>;outbound="sip:127.0.0.1:{sbc_port}{param}";regint=600{auto}'
-    )
+    auth = f";auth_pass={password}" if password else ""
+    outbound = f'outbound="sip:127.0.0.1:{sbc_port}{param}"'
+    return f"<sip:{user}@{DOMAIN}{param}>;{outbound};regint=600{auto}{auth}"
 
 
 def _calls(phone: Baresip, start: str) -> list[str]:
@@ -50,7 +52,9 @@ def _headers_only(message: str) -> str:
     return message.split("\n\n", 1)[0]
 
 
-@pytest.mark.parametrize("transport", ["udp", "tls"])
+@pytest.mark.parametrize(
+    ("transport", "password"), [("udp", None), ("tls", None), ("udp", "s3cret-pw")]
+)
 def test_baresip_alice_calls_bob_through_the_sbc(
     kamailio_registrars: RegistrarFactory,
     sbc_factory: SbcFactory,
@@ -58,15 +62,18 @@ def test_baresip_alice_calls_bob_through_the_sbc(
     certs: Certs,
     tmp_path: Path,
     transport: str,
+    password: str | None,
 ) -> None:
-    (registrar,) = kamailio_registrars(1)
+    """With a password, Kamailio challenges (401 to REGISTER, 407 to INVITE) and the
+    credentials pass through the SBC unchanged (issue 4 item 1)."""
+    (registrar,) = kamailio_registrars(1, auth_password=password)
     records = tmp_path / "calls.jsonl"
     sbc = sbc_factory(extra=_backends(registrar.uri) + f'\n[calls]\nrecords = "{records}"\n')
     port = sbc.tls4 if transport == "tls" else sbc.udp4
     alice, bob = baresip(cafile=certs.ca), baresip(cafile=certs.ca)
-    bob.command("uanew", _account("bob", port, transport, answer=True))
+    bob.command("uanew", _account("bob", port, transport, answer=True, password=password))
     bob.wait_event("REGISTER_OK")
-    alice.command("uanew", _account("alice", port, transport, answer=False))
+    alice.command("uanew", _account("alice", port, transport, answer=False, password=password))
     alice.wait_event("REGISTER_OK")
     assert sorted(registrar.aors()) == ["alice", "bob"]
 
@@ -78,6 +85,13 @@ def test_baresip_alice_calls_bob_through_the_sbc(
     alice.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
     bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
 
+    if password:
+        # Kamailio challenged alice's INVITE through the SBC; her second INVITE (same
+        # Call-ID, CSeq + 1, Proxy-Authorization) got through.
+        invites = _calls(alice, "INVITE sip:")
+        assert any(m.startswith("SIP/2.0 407") for m in _received_raw(alice)), alice.explain()
+        assert any("Proxy-Authorization:" in m for m in invites), invites
+        assert len({_header(m, "Call-ID") for m in invites}) == 1, invites
     # Each phone saw its own leg only: the Call-IDs differ, the INVITE bob got is the SBC's.
     (invite_sent,) = {_header(m, "Call-ID"): m for m in _calls(alice, "INVITE sip:")}.values()
     (invite_got,) = {_header(m, "Call-ID"): m for m in _calls(bob, "INVITE sip:")}.values()
@@ -94,10 +108,14 @@ def test_baresip_alice_calls_bob_through_the_sbc(
             assert "kamailio" not in head.lower(), head
     # The SBC's records: two calls (alice -> Kamailio, Kamailio -> bob), both answered, BYE.
     deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and len(_records(records)) < 2:
+    expected = 3 if password else 2  # with auth: first the INVITE that got the 407
+    while time.monotonic() < deadline and len(_records(records)) < expected:
         time.sleep(0.1)
     lines = _records(records)
-    assert len(lines) == 2, lines
+    assert len(lines) == expected, lines
+    if password:
+        assert lines[0]["status"] == 407 and lines[0]["answer"] is None, lines
+        lines = lines[1:]
     assert all(r["status"] == 200 and r["answer"] is not None for r in lines), lines
     # alice hung up: her BYE ends the first call, and reaches the second through Kamailio
     # on its caller's side too.
@@ -117,6 +135,10 @@ def _received(phone: Baresip) -> list[str]:
         if local.startswith("127.0.0.1:") and _is_ours(phone, local):
             out.append(rest)
     return out
+
+
+def _received_raw(phone: Baresip) -> list[str]:
+    return [m.partition("\n")[2] for m in phone.trace("SIP/2.0 ")]
 
 
 def _cseq_line(message: str) -> str:
