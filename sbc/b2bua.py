@@ -401,12 +401,15 @@ class B2bua:
             call_id=secrets.token_hex(8), method=method, a_flow=flow, a_side=a_side, a_tx=tx,
             a_request=req, target=target, now=now,
         )  # fmt: skip
-        # The other leg's ids are derived from the caller's, so a request sent again with
-        # credentials after a 401/407 (same Call-ID and From tag, CSeq + 1, RFC 3261 22.2)
-        # reaches the backend in the same Call-ID with a higher CSeq; nothing of the
-        # caller's ids crosses over (topology hiding).
-        b_call_id = self._derive("call-id", call_id) + "@sbc"
-        b_tag = self._derive("tag", call_id, frm.tag or "")[:16]
+        # The other leg's ids are derived from the caller's and the target, so a request
+        # sent again with credentials after a 401/407 (same Call-ID and From tag, CSeq + 1,
+        # RFC 3261 22.2) reaches the backend in the same Call-ID with a higher CSeq, while
+        # the branches of a forked request (same Call-ID, another contact or flow) become
+        # calls with ids of their own (8.1.1.4; a UA reached twice would see a merged
+        # request, 8.2.2.2). Nothing of the caller's ids crosses over (topology hiding).
+        where = f"{target.uri}\x00{target.flow}"
+        b_call_id = self._derive("call-id", call_id, where) + "@sbc"
+        b_tag = self._derive("tag", call_id, frm.tag or "", where)[:16]
         fwd = Request(method, target.uri)
         self._add_via(fwd, target.flow)
         mf = req.max_forwards

@@ -872,3 +872,44 @@ def test_replaces_names_the_dialog_by_the_far_legs_ids() -> None:
     unknown = "Replaces: nope@x;to-tag=1;from-tag=2;early-only\n"
     _, inv2 = only(lab.from_client(invite(8, extra=unknown), bob), Request)
     assert isinstance(inv2, Request) and inv2.get("replaces") == unknown[10:].strip()
+
+
+def test_forked_branches_from_the_backend_get_their_own_call_ids() -> None:
+    """Kamailio forks one INVITE to two contacts (same Call-ID and From tag, two branches):
+    each access leg is a request of its own with its own Call-ID and From tag (RFC 3261
+    8.1.1.4), so one UA reached twice does not see a merged request (8.2.2.2)."""
+    lab = Lab()
+    flows = [ALICE, Flow("udp", ACCESS, ("192.0.2.8", 40002))]
+    paths = []
+    for i, flow in enumerate(flows):
+        register = sip(
+            "REGISTER sip:example.com SIP/2.0\n"
+            f"Via: SIP/2.0/UDP 10.0.0.{7 + i}:5060;branch=z9hG4bK-rf{i};rport\n"
+            "Max-Forwards: 70\nFrom: <sip:alice@example.com>;tag=r1\n"
+            f"To: <sip:alice@example.com>\nCall-ID: regf{i}@x\nCSeq: 1 REGISTER\n"
+            f"Contact: <sip:alice@10.0.0.{7 + i}:5060>\nExpires: 3600\nContent-Length: 0\n\n"
+        )
+        _, fwd = only(lab.from_client(register, flow), Request)
+        assert isinstance(fwd, Request)
+        paths.append(fwd.get("path") or "")
+        ok = make_response(fwd, 200, to_tag="reg")
+        ok.add("Contact", f"<sip:alice@10.0.0.{7 + i}:5060>;expires=3600")
+        lab.from_backend(ok)
+    got = []
+    for i, path in enumerate(paths):
+        inv = Request("INVITE", f"sip:alice@10.0.0.{7 + i}:5060")
+        inv.add("Via", f"SIP/2.0/UDP 10.1.0.10:5070;branch=z9hG4bK-fork{i}")
+        inv.add("Route", path)
+        inv.add("Max-Forwards", "69")
+        inv.add("From", "<sip:carol@example.com>;tag=c1")
+        inv.add("To", "<sip:alice@example.com>")
+        inv.add("Call-ID", "forked@core")
+        inv.add("CSeq", "1 INVITE")
+        inv.add("Contact", "<sip:carol@10.1.0.77:5060>")
+        inv.set_body(ANSWER_SDP.encode(), "application/sdp")
+        flow, out = only(lab.from_backend(inv), Request)
+        assert flow == flows[i] and isinstance(out, Request)
+        got.append(out)
+    assert got[0].call_id != got[1].call_id
+    assert got[0].from_ is not None and got[1].from_ is not None
+    assert got[0].from_.tag != got[1].from_.tag
