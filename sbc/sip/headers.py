@@ -210,7 +210,10 @@ class Via:
 
     @property
     def branch(self) -> str | None:
-        return _param(self.params, "branch")
+        for key, value in self.params:  # _param(self.params, "branch"), inlined
+            if key == "branch" or key.lower() == "branch":
+                return value
+        return None
 
     @property
     def rfc3261_branch(self) -> bool:
@@ -372,7 +375,13 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return _param(self.params, "tag")
+        params = self._params  # _param(self.params, "tag"), inlined: read for every message
+        if params is None:
+            params = self._params = _parse_params(self._params_text)
+        for key, value in params:
+            if key == "tag" or key.lower() == "tag":
+                return value
+        return None
 
     @property
     def sip_uri(self) -> SipUri | None:

@@ -514,6 +514,43 @@ class Response(Message):
         return f"<Response {self.status} {self.reason}>"
 
 
+_new_message = object.__new__
+
+
+def parsed_request(method: str, uri_text: str, version: str, start: str) -> Request:
+    """What Request(method, uri_text, version=version, start=start) makes, for the parser
+    (once per received request): slots set directly, no keyword-argument calls."""
+    msg: Request = _new_message(Request)
+    msg._keys = []
+    msg._pairs = []
+    msg._raws = []
+    msg.body = b""
+    msg.version = version
+    msg._raw = None
+    msg._cache = {}
+    msg.method = method
+    msg.uri_text = uri_text
+    msg._uri = None
+    msg._start = start
+    return msg
+
+
+def parsed_response(status: int, reason: str, version: str, start: str) -> Response:
+    """What Response(status, reason, version=version, start=start) makes, for the parser."""
+    msg: Response = _new_message(Response)
+    msg._keys = []
+    msg._pairs = []
+    msg._raws = []
+    msg.body = b""
+    msg.version = version
+    msg._raw = None
+    msg._cache = {}
+    msg.status = status
+    msg.reason = reason
+    msg._start = start
+    return msg
+
+
 # -- parsers of the typed views (module level: no closure per access) ---------------------
 
 

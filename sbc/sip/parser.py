@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from sbc.sip import grammar
 from sbc.sip.headers import header_key
-from sbc.sip.message import Message, ParseError, Request, Response
+from sbc.sip.message import Message, ParseError, Request, parsed_request, parsed_response
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "ParseError", "StreamFramer", "parse_message"]
 
@@ -50,16 +50,20 @@ def _start_line(start: str) -> tuple[Message, bool]:
         if m is None:
             raise ParseError(0, "Malformed Status-Line")
         version, code, reason = m.groups()
-        msg: Message = Response(int(code), reason, version=version, start=start)
-        if not 100 <= int(code) <= 699:
+        status = int(code)
+        msg: Message = parsed_response(status, reason, version, start)
+        if not 100 <= status <= 699:
             raise ParseError(0, "Status-Code out of range", message=msg)
         return msg, False
-    m = grammar.REQUEST_LINE_RE.fullmatch(start)
+    m = _request_line(start)
     if m is None:
         # Keep going so the 400 can carry Via/From/To/Call-ID/CSeq (RFC 3261 8.2.6.2).
         return Request(start.split(" ", 1)[0], "", start=start), True
     method, uri, version = m.groups()
-    return Request(method, uri, version=version, start=start), False
+    return parsed_request(method, uri, version, start), False
+
+
+_request_line = grammar.REQUEST_LINE_RE.fullmatch
 
 
 def _parse_head(head: str, limits: Limits) -> Message:

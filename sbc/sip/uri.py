@@ -170,15 +170,21 @@ def sip_uri_from_parts(
         port_n = int(port)
         if port_n > 65535:
             raise ValueError("port out of range in URI")
-    return SipUri(
-        scheme=scheme,
-        user=user,
-        password=password,
-        host=host,
-        port=port_n,
-        params_text=params or "",
-        headers=headers[1:] if headers else None,
-    )
+    # SipUri(scheme=..., ..., params_text=params) without the keyword-argument call: every
+    # name-addr read from a message (To, Contact, Route ...) builds its URI here.
+    uri = _new_uri(SipUri)
+    uri.scheme = scheme
+    uri.user = user
+    uri.password = password
+    uri.host = host
+    uri.port = port_n
+    uri._params = None if params else ()
+    uri._params_text = params or ""
+    uri.headers = headers[1:] if headers else None
+    return uri
+
+
+_new_uri = object.__new__
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
