@@ -273,11 +273,11 @@ class Message:
         """The first via-parm (RFC 3261 18.2.2 routes responses by it); only it is parsed."""
         v: Via | None = self._cache.get("top-via", _MISSING)
         if v is _MISSING:
-            keys = self._keys
-            if "via" not in keys:
+            try:
+                value = self._pairs[self._keys.index("via")][2].strip(" \t")
+            except ValueError:
                 v = None
             else:
-                value = self._pairs[keys.index("via")][2].strip(" \t")
                 try:
                     v = parse_via_parm(split_list(value)[0] if "," in value else value)
                 except ValueError as exc:
@@ -382,19 +382,17 @@ class Message:
         if self._raw is not None:
             return self._raw
         raws = self._raws
-        if None in raws:
+        if not all(raws):  # "None in raws" without comparing None with every line
             lines = [self.start_line()]
             lines += [
                 r if r is not None else f"{n}: {v}"
                 for (n, _, v), r in zip(self._pairs, raws, strict=True)
             ]
-            head = "\r\n".join(lines)
-        elif raws:
-            # No field written by the SBC: every line is the one received, joined in C.
-            head = self.start_line() + "\r\n" + "\r\n".join(raws)  # type: ignore[arg-type]
+            lines += ("", "")  # the CRLF ending the last field and the empty line
         else:
-            head = self.start_line()
-        data = (head + "\r\n\r\n").encode("utf-8", "surrogateescape") + self.body
+            # No field written by the SBC: every line is the one received, joined in C.
+            lines = [self.start_line(), *raws, "", ""]  # type: ignore[list-item]
+        data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + self.body
         self._raw = data
         return data
 

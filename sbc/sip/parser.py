@@ -87,7 +87,9 @@ def _fields_fast(msg: Message, lines: list[str]) -> bool:
     """The common case: every line is ``name: value`` with a known name, no folding."""
     pairs = [line.partition(":") for line in lines]
     keys = list(map(_KNOWN_KEYS.get, [p[0] for p in pairs]))
-    if None in keys:
+    # Keys are non-empty strings, so all() is "None not in keys" without comparing None
+    # with every string.
+    if not all(keys):
         return False  # an unknown name, a line without colon, or a continuation line
     msg._keys = keys  # type: ignore[assignment]  # no None left
     msg._pairs = pairs
