@@ -718,17 +718,14 @@ class B2bua:
         out += work.tx.respond(mapped, now)
         if status < 200:
             return out
-        if method == "BYE":
-            if call.state != "ended":
-                self._finish(call, "BYE", now)
-        elif method == "NOTIFY" and ok and _subscription_terminated(work.tx.request):
+        if method == "NOTIFY" and ok and _subscription_terminated(work.tx.request):
             if call.method in ("SUBSCRIBE", "REFER") and call.state != "ended":
                 self._finish(call, "subscription terminated", now)
         elif method == "SUBSCRIBE" and ok and call.method == "SUBSCRIBE":
             self._subscription_expiry(call, resp, now)  # a refresh extends it (RFC 6665 4.1.2.1)
         elif status in (408, 481) and call.state != "ended":
             # RFC 3261 12.2.1.2: the dialog is gone on that side; end the other one too.
-            out += self._end_call(call, f"{status} on {method}", now, skip=dest)
+            out += self._end_call(call, f"{status} on {method}", now, skip=dest, code=status)
         return out
 
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
@@ -754,10 +751,8 @@ class B2bua:
                 work.dest.invite_out = None
                 work.origin.invite_in = None
             if call.state != "ended":
-                if work.method == "BYE":
-                    self._finish(call, "BYE unanswered", now)
-                else:
-                    out += self._end_call(call, f"{work.method} timed out", now, skip=work.dest)
+                cause = f"{work.method} timed out"
+                out += self._end_call(call, cause, now, skip=work.dest, code=408)
             return out
         return []
 
@@ -864,21 +859,27 @@ class B2bua:
             else:
                 out += self._abandon(call, 480, "Temporarily Unavailable", now, cancel=False)
             return out
+        # RFC 3261 15.1.2: the session is over once a BYE is sent, so the BYE is answered at
+        # once and the other leg gets a BYE of its own; the caller is not kept waiting on a
+        # far end that may be gone (and a proxy in between, with a 5 s timer of its own, does
+        # not turn a slow far end into a 408).
+        call.cause = "BYE from " + ("caller" if leg is call.confirmed[0] else "callee")
+        out = self._answer(tx, 200, None, (), now)
+        if peer.ack_pending is not None:
+            out += self._send_ack(peer, peer.ack_pending, None)  # RFC 3261 15: ACK, then BYE
         fwd = peer.dialog.request("BYE")
         self._add_via(fwd, peer.flow)
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
         self._copy_headers(req, fwd, peer.side)
         self._copy_body(call, req, fwd, peer.side)
-        seq = fwd.cseq.seq if fwd.cseq is not None else 0
-        ctx, out = self.transactions.send_request(
+        ctx, sent = self.transactions.send_request(
             fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
         )
-        self._work[ctx] = _Mapped(tx, leg, peer, "BYE", seq)
-        call.cause = "BYE from " + ("caller" if leg is call.confirmed[0] else "callee")
-        self._stop_timers(call)
+        self._work[ctx] = _Own(call, "BYE")
         self.stats["in_dialog:BYE"] += 1
-        return out
+        self._finish(call, call.cause, now)
+        return out + sent
 
     def receive_ack(self, ack: Request, now: float) -> list[Output]:
         """An ACK for a 2xx (RFC 3261 13.2.2.4, 17.2.3: not part of any transaction): stop
@@ -906,7 +907,8 @@ class B2bua:
         route set, a new branch; a late SDP answer in the caller's ACK is carried over."""
         ack = leg.dialog.request("ACK", seq=cseq)
         self._add_via(ack, leg.flow)
-        ack.add("Max-Forwards", "70")
+        mf = source.max_forwards if source is not None else None
+        ack.add("Max-Forwards", str(70 if mf is None else max(mf - 1, 0)))  # RFC 3261 16.6
         if source is not None:
             self._copy_headers(source, ack, leg.side)
             self._copy_body(leg.call, source, ack, leg.side)
@@ -946,6 +948,7 @@ class B2bua:
         """End a call that was not answered: ``status`` to the caller, CANCEL to the callee."""
         out: list[Output] = []
         call.cancelled = True
+        call.status = call.status or status  # what the caller was answered (records)
         if call.a_tx is not None:
             out += self._answer(call.a_tx, status, reason, (), now)
             self._server.pop(call.a_tx, None)
@@ -971,7 +974,7 @@ class B2bua:
 
     # -- ending calls ---------------------------------------------------------------------
     def _end_call(
-        self, call: Call, cause: str, now: float, *, skip: Leg | None = None
+        self, call: Call, cause: str, now: float, *, skip: Leg | None = None, code: int = 200
     ) -> list[Output]:
         """End a call from the SBC: BYE on each confirmed leg (issue 4 item 5: one leg died,
         or a limit was reached), or 408/CANCEL if it was never answered."""
@@ -990,7 +993,8 @@ class B2bua:
                 # RFC 3261 15: the 2xx is ACKed before the dialog is ended with BYE.
                 out += self._send_ack(leg, leg.ack_pending, None)
             if leg is not skip:
-                out += self._send_bye(call, leg, now, reason=f'SIP;cause=200;text="{cause}"')
+                reason = f'SIP;cause={code};text="{cause}"'  # RFC 3326
+                out += self._send_bye(call, leg, now, reason=reason)
         self._finish(call, cause, now)
         return out
 
@@ -1012,7 +1016,8 @@ class B2bua:
         for call in list(self.calls.values()):
             legs = [leg for leg in call.legs if leg.flow == flow]
             if legs or call.a_flow == flow:
-                out += self._end_call(call, "flow failed", now, skip=legs[0] if legs else None)
+                skip = legs[0] if legs else None
+                out += self._end_call(call, "flow failed", now, skip=skip, code=480)
         return out
 
     def _finish(self, call: Call, cause: str, now: float) -> None:
@@ -1129,7 +1134,7 @@ class B2bua:
         if name == "session":
             # RFC 4028 10: no refresh within the session interval; the session is over.
             self.stats["calls_session_expired"] += 1
-            return self._end_call(call, "session timer expired", now)
+            return self._end_call(call, "session timer expired", now, code=408)
         if name == "expires":
             return self._end_call(call, "subscription expired", now) if call.confirmed else []
         if name.startswith("2xx:") and call.confirmed is not None:
@@ -1141,7 +1146,7 @@ class B2bua:
                 # RFC 3261 13.3.1.4: no ACK within 64*T1: the dialog ends with BYE.
                 leg.retransmit = None
                 self.stats["ack_timeout"] += 1
-                return self._end_call(call, "no ACK", now)
+                return self._end_call(call, "no ACK", now, code=408)
             rt.interval = min(2 * rt.interval, self.timers.t2)
             self._set_timer(call, name, min(now + rt.interval, rt.give_up))
             return rt.tx.respond(rt.response, now)
