@@ -358,3 +358,14 @@ def test_stream_endless_header_section_is_fatal() -> None:
     framer = StreamFramer(Limits(max_message_size=1024))
     out = framer.feed(b"OPTIONS sip:x SIP/2.0\r\n" + b"X-A: 1\r\n" * 200)
     assert isinstance(out[0], ParseError) and out[0].status == 413 and out[0].fatal
+
+
+def test_ipv6_received_in_spaced_via_params() -> None:
+    """Parameters with whitespace go through the general parameter scan: a bare IPv6
+    received value (RFC 3261 18.2.1, RFC 5118 4.5) is read whole, not cut at its first ":"."""
+    from sbc.sip.headers import parse_via_parm
+
+    via = parse_via_parm(
+        "SIP/2.0/UDP [2001:db8::9]:5060 ; branch=z9hG4bK-1 ; received=2001:db8::1 ; rport=5060"
+    )
+    assert (via.received, via.branch, via.rport) == ("2001:db8::1", "z9hG4bK-1", 5060)

@@ -53,12 +53,11 @@ HOST_RE = re.compile(HOST)
 IPV6_BARE = r"[0-9A-Fa-f]*+:[0-9A-Fa-f:.]++"
 # generic-param = token [ EQUAL gen-value ]; gen-value = token / host / quoted-string
 # SEMI = SWS ";" SWS ; EQUAL = SWS "=" SWS
-GEN_VALUE = rf"(?:{TOKEN}|{QUOTED_STRING}|{IPV6_BARE}|{IPV6_REFERENCE})"
-# The repetition is possessive (never gives back a whole parameter), so each alternative of a
-# value must match as far as the value goes: IPV6_BARE comes before TOKEN, which would stop
-# at its first ":".
-_GEN_VALUE_LONGEST = rf"(?:{IPV6_BARE}|{TOKEN}|{QUOTED_STRING}|{IPV6_REFERENCE})"
-GENERIC_PARAMS = rf"(?:{SWS};{SWS}{TOKEN}(?:{SWS}={SWS}{_GEN_VALUE_LONGEST})?)*+"
+# Each alternative must match as far as the value goes (the repetition below is possessive,
+# and GENERIC_PARAM_RE's search is not anchored at the value's end): IPV6_BARE comes before
+# TOKEN, which would stop at its first ":" (received=2001:db8::1 read as "2001").
+GEN_VALUE = rf"(?:{IPV6_BARE}|{TOKEN}|{QUOTED_STRING}|{IPV6_REFERENCE})"
+GENERIC_PARAMS = rf"(?:{SWS};{SWS}{TOKEN}(?:{SWS}={SWS}{GEN_VALUE})?)*+"
 GENERIC_PARAM_RE = re.compile(rf"{SWS};{SWS}({TOKEN})(?:{SWS}={SWS}({GEN_VALUE}))?")
 
 # sent-protocol = protocol-name SLASH protocol-version SLASH transport ; SLASH = SWS "/" SWS
