@@ -110,14 +110,6 @@ class CallPolicy:
     # the same header from a client is removed first (it cannot be spoofed). None: not sent.
     client_address_header: str | None = None
 
-    def strips(self, key: str) -> bool:
-        for pattern in self.strip_headers:
-            if pattern.endswith("*") and key.startswith(pattern[:-1]):
-                return True
-            if key == pattern:
-                return True
-        return False
-
 
 DEFAULT_POLICY = CallPolicy()
 
@@ -291,7 +283,15 @@ class B2bua:
         self.peers = peers
         self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
         header = policy.client_address_header
-        self._client_header = header.lower() if header is not None else None
+        # What is not copied to the other leg, per side it goes to (issue 4 items 2 and 4).
+        base = LEG_HEADERS | {p for p in policy.strip_headers if not p.endswith("*")}
+        if header is not None:
+            base |= {header.lower()}  # only the SBC writes it; a client's copy is dropped
+        hidden = base | CORE_TOPOLOGY_HEADERS
+        self._skip = {CORE: frozenset(base), ACCESS: frozenset(hidden), PEER: frozenset(hidden)}
+        # A 3xx keeps its Contact list: the redirect targets are for the caller.
+        self._skip_3xx = {side: skip - {"contact"} for side, skip in self._skip.items()}
+        self._skip_prefixes = tuple(p[:-1] for p in policy.strip_headers if p.endswith("*"))
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
         self.calls: dict[str, Call] = {}
@@ -1271,19 +1271,10 @@ class B2bua:
         transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
         return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
 
-    def _passes(self, key: str, to_side: str) -> bool:
-        if key in LEG_HEADERS or key == self._client_header:
-            return False
-        if to_side != CORE and key in CORE_TOPOLOGY_HEADERS:
-            return False
-        return not self.policy.strips(key)
-
     def _copy_headers(self, src: Request | Response, dst: Request | Response, to_side: str) -> None:
         """Unknown and end-to-end headers pass (issue 4 item 2), minus the leg's own and the
         configured strip list."""
-        for f in src.fields:
-            if self._passes(f.key, to_side):
-                dst.add(f.name, f.value)
+        src.copy_fields_to(dst, skip=self._skip[to_side], skip_prefixes=self._skip_prefixes)
 
     def _copy_body(self, call: Call, src: Request | Response, dst: Request | Response,
                    to_side: str) -> None:  # fmt: skip
@@ -1310,9 +1301,8 @@ class B2bua:
             # Record-Route (the proxies before us stay in the route set).
             for rr in request.field_values("record-route"):
                 out.add("Record-Route", rr)
-        for f in resp.fields:
-            if (f.key == "contact" and 300 <= resp.status < 400) or self._passes(f.key, to_side):
-                out.add(f.name, f.value)
+        skip = self._skip_3xx[to_side] if 300 <= resp.status < 400 else self._skip[to_side]
+        resp.copy_fields_to(out, skip=skip, skip_prefixes=self._skip_prefixes)
         if (
             contact
             and 100 < resp.status < 300

@@ -921,3 +921,18 @@ def test_forked_branches_from_the_backend_get_their_own_call_ids() -> None:
     assert got[0].call_id != got[1].call_id
     assert got[0].from_ is not None and got[1].from_ is not None
     assert got[0].from_.tag != got[1].from_.tag
+
+
+def test_strip_list_removes_headers_both_ways() -> None:
+    lab = Lab(CallPolicy(strip_headers=("p-*", "x-custom")))
+    _, fwd = only(lab.from_client(invite()), Request)
+    assert isinstance(fwd, Request) and "x-custom" not in fwd and "user-agent" in fwd
+    _, ring = only(lab.from_backend(reply(fwd, 180)), Response)
+    assert isinstance(ring, Response) and "p-charging-vector" not in ring
+    lab.from_backend(reply(fwd, 486))
+    lab.assert_clean()
+    # Without a strip list both pass (unknown headers pass through by default).
+    lab = Lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    _, ring = only(lab.from_backend(reply(fwd, 180)), Response)
+    assert fwd.get("x-custom") == "kept" and ring.get("p-charging-vector") == "icid-value=1"

@@ -136,6 +136,22 @@ class Message:
             for k, (n, _, v), r in zip(self._keys, self._pairs, self._raws, strict=True)
         ]
 
+    def copy_fields_to(
+        self, dst: Message, *, skip: frozenset[str], skip_prefixes: tuple[str, ...] = ()
+    ) -> None:
+        """Append this message's fields to ``dst`` in order, as written (their original lines
+        are reused when serializing), except those whose key is in ``skip`` or starts with
+        one of ``skip_prefixes`` (a B2BUA copying end-to-end headers to the other leg)."""
+        keys, pairs, raws = dst._keys, dst._pairs, dst._raws
+        for key, pair, raw in zip(self._keys, self._pairs, self._raws, strict=True):
+            if key in skip or (skip_prefixes and key.startswith(skip_prefixes)):
+                continue
+            keys.append(key)
+            pairs.append(pair)
+            raws.append(raw)
+        dst._raw = None
+        dst._cache.clear()
+
     def add(self, name: str, value: str, *, first: bool = False) -> None:
         """Add a field (at the top with ``first``, as for Via and Record-Route)."""
         key = header_key(name)
