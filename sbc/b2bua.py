@@ -39,6 +39,7 @@ from sbc.features.registrar import aor_of
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
 from sbc.sip.flow import Flow, format_host
+from sbc.sip.headers import NameAddr
 from sbc.sip.message import ParseError, Request, Response, make_response
 from sbc.sip.transaction import (
     ClientTransaction,
@@ -414,8 +415,8 @@ class B2bua:
         self._add_via(fwd, target.flow)
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
-        fwd.add("From", _with_tag(req.get("from") or "", b_tag))
-        fwd.add("To", _with_tag(req.get("to") or "", None))
+        fwd.add("From", _with_tag(frm, b_tag))
+        fwd.add("To", _with_tag(to, None))
         fwd.add("Call-ID", b_call_id)
         fwd.add("CSeq", f"{cseq.seq} {method}")
         if method in DIALOG_METHODS or "contact" in req:
@@ -1319,7 +1320,7 @@ class B2bua:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _with_tag(value: str, tag: str | None) -> str:
+def _with_tag(value: NameAddr, tag: str | None) -> str:
     """A From/To value with its tag replaced (or removed with ``tag`` None)."""
     base = without_tag(value)
     return base if tag is None else f"{base};tag={tag}"

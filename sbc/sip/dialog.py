@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sbc.sip.headers import parse_name_addr
+from sbc.sip.headers import NameAddr, parse_name_addr
 from sbc.sip.message import ParseError, Request, Response
 
 DialogKey = tuple[str, str, str]  # (Call-ID, local tag, remote tag)
@@ -28,6 +28,8 @@ class Dialog:
     remote_seq: int | None  # None: the peer has not sent a request in this dialog yet
     remote_target: str  # the peer's Contact URI (12.1.1, 12.1.2)
     route_set: list[str] = field(default_factory=list)  # Route values, in order
+    _route0: str | None = field(default=None, repr=False)  # route_set[0] _strict is for
+    _strict: str | None = field(default=None, repr=False)
 
     @property
     def key(self) -> DialogKey:
@@ -50,10 +52,9 @@ class Dialog:
         uri = self.remote_target
         route_values: list[str] = list(routes)
         if routes:
-            first = parse_name_addr(routes[0], check_uri=False)
-            first_uri = first.sip_uri
-            if first_uri is not None and not first_uri.lr:
-                uri = first.uri_text or uri
+            strict = self._strict_uri(routes[0])
+            if strict is not None:
+                uri = strict
                 route_values = [*routes[1:], f"<{self.remote_target}>"]
         req = Request(method, uri)
         for value in route_values:
@@ -64,6 +65,16 @@ class Dialog:
         req.add("Call-ID", self.call_id)
         req.add("CSeq", f"{self.next_seq() if seq is None else seq} {method}")
         return req
+
+    def _strict_uri(self, first: str) -> str | None:
+        """The first route's URI if it is a strict router (no ``lr``, RFC 3261 12.2.1.1),
+        else None; worked out once per route set (it is parsed for every request)."""
+        if self._route0 != first:
+            na = parse_name_addr(first, check_uri=False)
+            uri = na.sip_uri
+            self._route0 = first
+            self._strict = na.uri_text if uri is not None and not uri.lr else None
+        return self._strict
 
     def accept_remote_cseq(self, seq: int) -> bool:
         """RFC 3261 12.2.2: a request with a CSeq lower than the last one is out of order
@@ -97,8 +108,8 @@ def uas_dialog(request: Request, *, local_tag: str, local_seq: int) -> Dialog:
         call_id=call_id,
         local_tag=local_tag,
         remote_tag=frm.tag or "",
-        local_uri=without_tag(request.get("to") or ""),
-        remote_uri=without_tag(request.get("from") or ""),
+        local_uri=without_tag(to),
+        remote_uri=without_tag(frm),
         local_seq=local_seq,
         remote_seq=cseq.seq,
         remote_target=target,
@@ -118,8 +129,8 @@ def uac_dialog(request: Request, response: Response) -> Dialog:
         call_id=request.call_id,
         local_tag=frm.tag or "",
         remote_tag=to.tag or "",
-        local_uri=without_tag(request.get("from") or ""),
-        remote_uri=without_tag(request.get("to") or ""),
+        local_uri=without_tag(frm),
+        remote_uri=without_tag(request.to or to),
         local_seq=cseq.seq,
         remote_seq=None,
         remote_target=target,
@@ -127,12 +138,13 @@ def uac_dialog(request: Request, response: Response) -> Dialog:
     )
 
 
-def without_tag(value: str) -> str:
+def without_tag(value: str | NameAddr) -> str:
     """A From/To value without its tag parameter (the dialog keeps the tag apart)."""
-    na = parse_name_addr(value, check_uri=False)
-    if na.tag is None:
+    na = parse_name_addr(value, check_uri=False) if isinstance(value, str) else value
+    if na.tag is None and isinstance(value, str):
         return value
-    params = tuple((k, v) for k, v in na.params if k.lower() != "tag")
-    rest = "".join(f";{k}={v}" if v else f";{k}" for k, v in params)
+    params = "".join(f";{k}={v}" if v else f";{k}" for k, v in na.params if k.lower() != "tag")
+    if not na.bracketed and not na.display_name:
+        return f"{na.uri_text}{params}"
     dn = f"{na.display_name} " if na.display_name else ""
-    return f"{dn}<{na.uri_text}>{rest}"
+    return f"{dn}<{na.uri_text}>{params}"
