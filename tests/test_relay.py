@@ -492,3 +492,18 @@ def test_relay_never_crashes_on_mutated_traffic() -> None:
     # What is left: this round's OPTIONS probes (2 backends) and keep-alives (1 client flow).
     assert len(core.transactions) <= 3
     assert {type(w).__name__ for w in core.backends._work.values()} <= {"_Probe", "_Keepalive"}
+
+
+def test_a_tls_backend_is_reached_from_the_core_tls_listener() -> None:
+    """Backends over TLS (issue 6 item 1, optional): the flow names the core side's TLS
+    listener and no connection yet (conn_id 0): the I/O layer connects with the client TLS
+    context ([core.tls]: CA-verified, our certificate presented)."""
+    spec = BackendSpec(name="sips:b1", host=B1[0], port=5061, transport="tls")
+    core = SbcCore(CoreSettings(local_hosts=frozenset({"127.0.0.1"}), backends=(spec,)))
+    core.add_listener("access", "udp", ACCESS)
+    core.add_listener("core", "udp", CORE)
+    core.add_listener("core", "tls", ("127.0.0.1", 5081))
+    [(flow, probe)] = sent(core.handle_timer(0.0))
+    assert flow == Flow("tls", ("127.0.0.1", 5081), (B1[0], 5061))
+    assert isinstance(probe, Request) and probe.via[0].transport == "TLS"
+    assert probe.via[0].port == 5081
