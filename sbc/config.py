@@ -465,6 +465,15 @@ class CoreConfig:
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _listen_checks(self.listen, self.tls)
+        have = {url.transport for url in self.listen}
+        for i, backend in enumerate(self.backends):
+            transport = _uri_transport(backend.uri)
+            if transport not in have:
+                yield (
+                    f"backends[{i}].uri",
+                    f"needs a {transport}:// listener in core.listen to reach it over "
+                    f"{transport.upper()}",
+                )
 
     @property
     def alive_codes(self) -> frozenset[int]:

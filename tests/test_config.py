@@ -72,8 +72,9 @@ def test_values_are_converted() -> None:
             "core": {
                 "backends": [
                     {"uri": "sip:127.0.0.1:5070;transport=udp"},
-                    {"uri": "sips:core.example.net", "weight": 0},
-                ]
+                    {"uri": "sip:core.example.net;transport=tcp", "weight": 0},
+                ],
+                "listen": ["udp://127.0.0.1:5080", "tcp://127.0.0.1:5080"],
             },
             "media": {"address": "::1", "ports": "40000-40100"},
             "admin": {"listen": "[::1]:9000"},
@@ -83,7 +84,7 @@ def test_values_are_converted() -> None:
     )
     assert c.core.backends == (
         Backend(uri="sip:127.0.0.1:5070;transport=udp", weight=1),
-        Backend(uri="sips:core.example.net", weight=0),
+        Backend(uri="sip:core.example.net;transport=tcp", weight=0),
     )
     assert c.media.ports == (40000, 40100)
     assert c.admin.listen == HostPort(host="::1", port=9000)
@@ -550,4 +551,12 @@ def test_peers_need_a_core_tls_listener() -> None:
     peer = {"name": "p", "uri": "sips:192.0.2.50", "domains": ["x.example"]}
     assert one_error({"peers": [peer]}) == (
         "sbc.toml: peers: peering needs a tls:// listener in core.listen (the SBC's side)"
+    )
+
+
+def test_a_backend_needs_a_core_listener_of_its_transport() -> None:
+    backend = {"uri": "sip:192.0.2.5:5061;transport=tls"}
+    assert one_error({"core": {"backends": [backend]}}) == (
+        "sbc.toml: core.backends[0].uri: needs a tls:// listener in core.listen to reach it "
+        "over TLS"
     )
