@@ -63,6 +63,7 @@ bench: venv peers
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[bench]'
 	$(VENV)/bin/python bench/parse.py --out docs/performance.md
 	$(VENV)/bin/python bench/register.py --out docs/performance.md
+	$(VENV)/bin/python bench/calls.py --out docs/performance.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
