@@ -242,7 +242,8 @@ def sbc_contender() -> Contender:
         "`parse_message(data)`; `msg.top_via.branch`, `msg.from_.tag`, `msg.to.tag`, "
         "`msg.to.uri`, `msg.call_id`, `msg.cseq`, `msg.contact[0].uri`, `msg.max_forwards`; "
         "`msg._raw = None` then `bytes(msg)` in (a), so the octets are rebuilt from the "
-        'header fields; (b) `msg.add("Via", v, first=True)`, '
+        "header fields (each field's received line, joined; not the cached message); "
+        '(b) `msg.add("Via", v, first=True)`, '
         '`msg.set("Max-Forwards", str(mf - 1))`, `msg.pop_first_value("Via")`, `bytes(msg)`.',
     )
 
@@ -537,11 +538,12 @@ def render(
         + " | sbc / fastest other |",
         "|---|---|" + "---:|" * len(contenders) + "---:|",
     ]
-    met = True
+    met = {"(a)": True, "(b)": True}
     for workload, label, rates in results:
         fastest = max((rates[o] for o in others), default=0.0)
         ratio = rates["sbc"] / fastest if fastest else float("nan")
-        met = met and ratio >= 3.0
+        key = workload.split()[0]
+        met[key] = met.get(key, True) and ratio >= 3.0
         lines.append(
             f"| {workload} | {label} | "
             + " | ".join(_fmt(rates.get(c.name)) for c in contenders)
@@ -549,8 +551,11 @@ def render(
         )
     lines += [
         "",
-        f"Target of issue 2 (at least 3x the fastest other library in every row): "
-        f"**{'met' if met else 'not met'}**.",
+        "Target of issue 2 (parse + serialize of the INVITE and the 200 OK, workload (a): at "
+        f"least 3x the fastest other library): **{'met' if met['(a)'] else 'not met'}**. "
+        "Workload (b), proxy edits, is measured beside it: at least 3x in both rows: "
+        f"**{'yes' if met['(b)'] else 'no'}** (there most of sbc's time is splitting the "
+        "message into header fields, which every edit needs).",
         "",
         "Workloads:",
         "",
