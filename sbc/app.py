@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -177,8 +178,20 @@ async def _write_records(core: SbcCore, path: Path, stop: asyncio.Event) -> None
             return
 
 
+def _tune_gc() -> None:
+    """The SBC's per-message objects die by reference counting (calls break their cycles
+    when they end), so the cyclic collector only has to catch strays: everything loaded at
+    start is frozen out of its scans, and full collections, whose pause grows with every
+    live transaction, run at most every 1,000 second-generation collections instead of 10."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, 1000)
+
+
 def run(config: Config) -> int:
     """Run the SBC until SIGTERM or SIGINT; returns the process exit code."""
+    _tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()

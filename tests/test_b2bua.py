@@ -936,3 +936,26 @@ def test_strip_list_removes_headers_both_ways() -> None:
     _, fwd = only(lab.from_client(invite()), Request)
     _, ring = only(lab.from_backend(reply(fwd, 180)), Response)
     assert fwd.get("x-custom") == "kept" and ring.get("p-charging-vector") == "icid-value=1"
+
+
+def test_an_ended_call_is_freed_without_the_cyclic_collector() -> None:
+    """64*T1 after a call ends its reference cycles are broken: with the cyclic garbage
+    collector off, the Call object is freed by reference counting alone."""
+    import gc
+    import weakref
+
+    lab = Lab()
+    lab.seen = []  # the test's own record of messages holds no call objects
+    gc.collect()
+    gc.disable()
+    try:
+        _, _ok, got = establish(lab)
+        [call] = lab.core.calls.calls.values()
+        ref = weakref.ref(call)
+        del call
+        alice_hangs_up(lab, got, 2)
+        lab.run_until(lab.now + 40)
+        assert not lab.core.calls.calls
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        gc.enable()
