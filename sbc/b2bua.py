@@ -226,7 +226,6 @@ class Call:
         self.ended: float | None = None
         self.cause = ""
         self.status: int | None = None
-        self.session_interval: float | None = None
         self.tried: tuple[str, ...] = ()  # backends the request was sent to, in order
         self.timers: dict[str, int] = {}
         self.counted_backend: BackendState | None = None
@@ -764,21 +763,28 @@ class B2bua:
         self._server.pop(tx, None)
 
     # -- requests within a call (issue 4 item 2) ------------------------------------------
+    @staticmethod
+    def _dialog_key(req: Request) -> DialogKey | None:
+        """The dialog a request within one names, as seen by us (RFC 3261 12.2.2): Call-ID,
+        To tag (ours), From tag (the peer's)."""
+        to, frm, call_id = req.to, req.from_, req.call_id
+        if to is None or frm is None or to.tag is None or call_id is None:
+            return None
+        return (call_id, to.tag, frm.tag or "")
+
     def has_dialog(self, req: Request) -> bool:
-        to, frm = req.to, req.from_
-        if to is None or frm is None or to.tag is None or req.call_id is None:
-            return False
-        return (req.call_id, to.tag, frm.tag or "") in self._dialogs
+        key = self._dialog_key(req)
+        return key is not None and key in self._dialogs
 
     def in_dialog(
         self, tx: ServerTransaction, req: Request, flow: Flow, now: float
     ) -> list[Output]:
-        to, frm, cseq, call_id = req.to, req.from_, req.cseq, req.call_id
-        if to is None or frm is None or cseq is None or call_id is None or to.tag is None:
+        key, cseq = self._dialog_key(req), req.cseq
+        if key is None or cseq is None:
             return self._answer(tx, 400, "Missing Dialog Headers", (), now)
-        leg = self._dialogs.get((call_id, to.tag, frm.tag or ""))
+        leg = self._dialogs.get(key)
         if leg is None and req.method == "NOTIFY":
-            leg = self._notify_fork(req, call_id, to.tag, frm.tag or "")
+            leg = self._notify_fork(req, *key)
         if leg is None or leg.call.state == "ended" or leg.peer is None:
             # RFC 3261 12.2.2: no such dialog.
             return self._answer(tx, 481, None, (), now)
@@ -885,10 +891,10 @@ class B2bua:
     def receive_ack(self, ack: Request, now: float) -> list[Output]:
         """An ACK for a 2xx (RFC 3261 13.2.2.4, 17.2.3: not part of any transaction): stop
         re-sending our 2xx on this leg and ACK the other leg's 2xx."""
-        to, frm, cseq, call_id = ack.to, ack.from_, ack.cseq, ack.call_id
-        if to is None or frm is None or cseq is None or call_id is None or to.tag is None:
+        key, cseq = self._dialog_key(ack), ack.cseq
+        if key is None or cseq is None:
             return []
-        leg = self._dialogs.get((call_id, to.tag, frm.tag or ""))
+        leg = self._dialogs.get(key)
         if leg is None or leg.peer is None:
             self.stats["stray_ack"] += 1
             return []
@@ -1249,7 +1255,6 @@ class B2bua:
         interval = float(text)
         if interval < 90:
             return  # RFC 4028 4: below the minimum, ignored
-        call.session_interval = interval
         # RFC 4028 10: the refresher sends by half the interval; end after the whole one
         # minus a margin of min(32, interval / 3) like the UA that is not the refresher.
         self._set_timer(call, "session", now + interval - min(32.0, interval / 3))
