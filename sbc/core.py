@@ -287,8 +287,11 @@ class SbcCore:
                 return out + self.calls.cancel(target, now)
             return out + target.respond(self._response(target.request, 487), now)
         to = req.to
-        in_dialog = to is not None and to.tag is not None and self.calls.has_dialog(req)
-        if method == "OPTIONS" and (to_us or max_forwards == 0) and not in_dialog:
+        if (
+            method == "OPTIONS"
+            and (to_us or max_forwards == 0)
+            and not (to is not None and to.tag is not None and self.calls.has_dialog(req))
+        ):
             # RFC 3261 11.2; 16.3 item 2 lets an element answer an OPTIONS with Max-Forwards 0.
             return tx.respond(self._options_answer(req), now)
         if max_forwards == 0:
