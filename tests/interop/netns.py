@@ -26,7 +26,8 @@ API, bottom up:
   topology plus Kamailio and ``sbc run`` inside core (``lab.sbc``, ``lab.registrar``), and the
   client side: ``lab.client()``, ``lab.register(sock, user)``, ``lab.nat_mapping_alive(sock)``,
   ``lab.probe_client(sock, public_port)``; ``serve_client(sock, seconds)`` answers OPTIONS
-  keep-alives like a UA and returns what arrived.
+  keep-alives like a UA and returns what arrived; ``answer_call(sock, seconds, contact=)``
+  is the called UA (180, 200 with SDP until the ACK, 200 to the BYE).
 """
 
 from __future__ import annotations
@@ -685,3 +686,96 @@ def nat_lab(
         yield lab
     if problems:
         raise NetnsError("\n".join(problems))
+
+
+# -- a called client in lan: a minimal UAS --------------------------------------------------
+def _copied_headers(request: bytes, names: tuple[str, ...]) -> list[str]:
+    """The header lines of ``request`` named in ``names`` (full or compact forms), in order."""
+    head = request.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")[1:]
+    return [line for line in head if line.split(":", 1)[0].strip().lower() in names]
+
+
+def uas_response(
+    request: bytes,
+    status: str,
+    *,
+    to_tag: str,
+    contact: str | None = None,
+    body: str = "",
+) -> bytes:
+    """A response of a UAS that answers ``request`` (RFC 3261 8.2.6.2, 12.1.1): Via, From,
+    Call-ID, CSeq copied, To with ``to_tag`` (unless it has one), the Record-Route copied for
+    a dialog-creating response (``contact`` given), and an SDP ``body``."""
+    lines = [f"SIP/2.0 {status}"]
+    for line in _copied_headers(
+        request, ("via", "v", "from", "f", "to", "t", "call-id", "i", "cseq", "record-route")
+    ):
+        name = line.split(":", 1)[0].strip().lower()
+        if name == "record-route" and contact is None:
+            continue
+        if name in ("to", "t") and ";tag=" not in line:
+            line = f"{line};tag={to_tag}"
+        lines.append(line)
+    if contact is not None:
+        lines.append(f"Contact: <{contact}>")
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body.encode())}")
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def answer_call(
+    sock: socket.socket,
+    seconds: float,
+    *,
+    contact: str,
+    retransmit: float = 0.5,
+) -> list[SipRequest]:
+    """Be the called UA on ``sock`` for at most ``seconds``: answer the first INVITE with 180
+    then 200 (an SDP offer-answer for ``sock``'s own address; the 200 re-sent every
+    ``retransmit`` s until the ACK, RFC 3261 13.3.1.4), answer its BYE with 200 and return.
+    OPTIONS keep-alives get 200 meanwhile; a retransmitted INVITE gets the last response
+    again; every request received is returned, in order (``source`` is where it came from)."""
+    received: list[SipRequest] = []
+    own = sock.getsockname()[0]
+    tag = secrets.token_hex(4)
+    sdp = (
+        f"v=0\r\no=client 3001 1 IN IP4 {own}\r\ns=-\r\nc=IN IP4 {own}\r\nt=0 0\r\n"
+        "m=audio 44000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    )
+    last_final: tuple[bytes, tuple[str, int]] | None = None
+    acked = False
+    next_resend = 0.0
+    deadline = time.monotonic() + seconds
+    while (now := time.monotonic()) < deadline:
+        if last_final is not None and not acked and now >= next_resend:
+            sock.sendto(*last_final)
+            next_resend = now + retransmit
+        wait = deadline - now
+        if last_final is not None and not acked:
+            wait = min(wait, max(0.01, next_resend - now))
+        sock.settimeout(wait)
+        try:
+            data, source = sock.recvfrom(65535)
+        except TimeoutError:
+            continue
+        if data.startswith(b"SIP/2.0 ") or data.strip(b"\r\n") == b"":
+            continue  # a stray response, or a CRLF keep-alive
+        method = data.split(b" ", 1)[0].decode(errors="replace")
+        received.append(SipRequest(method, data, source))
+        if method == "OPTIONS":
+            sock.sendto(_response_to(data, "200 OK"), source)
+        elif method == "INVITE" and last_final is None:
+            ringing = uas_response(data, "180 Ringing", to_tag=tag, contact=contact)
+            sock.sendto(ringing, source)
+            ok = uas_response(data, "200 OK", to_tag=tag, contact=contact, body=sdp)
+            last_final = (ok, source)
+            next_resend = time.monotonic()  # sent at the top of the loop
+        elif method == "INVITE" and last_final is not None:
+            sock.sendto(last_final[0], source)  # a retransmission
+        elif method == "ACK":
+            acked = True
+        elif method == "BYE":
+            sock.sendto(uas_response(data, "200 OK", to_tag=tag), source)
+            return received
+    return received

@@ -1,4 +1,5 @@
-"""A client behind a real kernel NAT registers through the SBC (issue 3, items 4-5).
+"""A client behind a real kernel NAT registers through the SBC (issue 3, items 4-5), and is
+called over the NAT mapping of its REGISTER.
 
 Three network namespaces (tests/interop/netns.py): ``lan`` holds the client
 (192.168.77.2), ``nat`` masquerades it to 203.0.113.1 and forgets idle UDP mappings after a
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from . import netns
-from .conftest import require
+from . import netns, sipwire
+from .conftest import SCENARIOS, require
 from .netns import NatLab
+from .test_calls import parse_messages
 
 UDP_TIMEOUT = 5  # seconds an idle UDP mapping lives in the nat namespace
 NatLabFactory = Callable[..., NatLab]
@@ -157,3 +161,129 @@ def test_parse_conntrack() -> None:
     assert mapping.remote == ("203.0.113.2", 5060)
     assert mapping.public == ("203.0.113.1", 40123)
     assert mapping.seconds_left == 3 and mapping.flags == {"ASSURED"}
+
+
+CALLER_PORT = 5090  # the SIPp caller in core, beside the SBC's access side (own namespace)
+CALL_SECONDS = 15.0  # SIPp's -timeout, and how long the client waits for the call
+
+
+def start_caller(lab: NatLab, workdir: Path, callee: str) -> subprocess.Popen[str]:
+    """SIPp (call_basic_uac.xml) inside core, calling ``callee``@example.com through the
+    SBC's access side: its INVITE goes SBC -> Kamailio -> SBC -> the client behind the NAT."""
+    workdir.mkdir()
+    args = lab.topology.core.argv(
+        require("sipp"),
+        sipwire.hostport(*lab.sbc.access),
+        "-sf", str(SCENARIOS / "call_basic_uac.xml"),
+        "-s", callee,
+        "-t", "u1",
+        "-i", netns.CORE_ADDRESS,
+        "-p", str(CALLER_PORT),
+        "-m", "1",
+        "-timeout", f"{CALL_SECONDS:g}",
+        "-timeout_error",
+        "-nostdin",
+        "-trace_stat", "-stf", str(workdir / "stat.csv"),
+        "-trace_err", "-error_file", str(workdir / "err.log"),
+        "-trace_msg", "-message_file", str(workdir / "msg.log"),
+    )  # fmt: skip
+    return subprocess.Popen(
+        args,
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+
+
+def finish_caller(proc: subprocess.Popen[str], workdir: Path) -> tuple[int, str, str]:
+    """Wait for the SIPp caller (killed by its PID if it overstays); exit code, screen and
+    message log."""
+    try:
+        out, err = proc.communicate(timeout=CALL_SECONDS + 5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=5)
+    messages = workdir / "msg.log"
+    log = messages.read_text(errors="replace") if messages.exists() else ""
+    return proc.returncode, out + err, log
+
+
+def test_incoming_call_reaches_the_client_behind_nat(
+    nat_lab: NatLabFactory, tmp_path: Path
+) -> None:
+    """Issue 3: a call from the core side reaches a client behind the kernel NAT over the
+    mapping its REGISTER opened (SBC -> Kamailio -> SBC -> NAT -> client); the client
+    answers, ACK and BYE cross the same way, and the client sees nothing of the core."""
+    records = tmp_path / "calls.jsonl"
+    lab = nat_lab(extra=f'\n[calls]\nrecords = "{records}"\n')
+    client = lab.client()  # 192.168.77.2:5060
+    contact = f"sip:bob@{netns.LAN_CLIENT}:{netns.CLIENT_PORT}"
+    response = lab.register(client, "bob", contact=contact)
+    assert response.status == 200, response.raw
+    public_port = int(netns.via_params(response)["rport"])
+    assert public_port != netns.CLIENT_PORT
+
+    workdir = tmp_path / "caller"
+    caller = start_caller(lab, workdir, "bob")
+    try:
+        got = netns.answer_call(client, CALL_SECONDS, contact=contact)
+    finally:
+        code, screen, log = finish_caller(caller, workdir)
+    a_msgs = parse_messages(log)
+    calls = [r.method for r in got if r.method != "OPTIONS"]
+    assert code == 0, f"sipp exit {code}\n{screen[-3000:]}\n{log[-6000:]}\nclient got {calls}"
+    assert calls == ["INVITE", "ACK", "BYE"], (calls, log[-6000:])
+    labels = [m.label() for m in a_msgs if m.direction == "received"]
+    assert labels[-3:] == ["180 INVITE", "200 INVITE", "200 BYE"], labels
+
+    # Every request came from the SBC's access side, into the client's private socket: core
+    # has no route to the lan, so only the NAT's mapping can have brought them here.
+    invite, ack, bye = (r for r in got if r.method != "OPTIONS")
+    for request in (invite, ack, bye):
+        assert request.source == lab.sbc.access, request
+    # The Request-URI is the contact the client registered (its private address).
+    assert invite.raw.startswith(f"INVITE {contact} SIP/2.0\r\n".encode()), invite.raw[:100]
+    assert b"\r\nTo: <sip:bob@example.com>" in invite.raw, invite.raw
+    # ...sent to the NAT's public port: the SBC's record names the flow of the REGISTER.
+    public = f"udp:{netns.NAT_PUBLIC}:{public_port}"
+    assert_calls_recorded(records, public)
+    if lab.topology.conntrack_available():
+        mapping = lab.nat_mapping(client)
+        assert mapping is not None, lab.topology.udp_mappings()
+        assert mapping.public == (netns.NAT_PUBLIC, public_port), mapping
+        assert "UNREPLIED" not in mapping.flags, mapping  # traffic went both ways through it
+
+    # Nothing of the core in any header the client received: not Kamailio, not the SBC's
+    # core side (127.0.0.1:5080), not the caller's own ids or port.
+    caller_invite = next(m for m in a_msgs if m.direction == "sent" and m.method == "INVITE")
+    secrets_ = [caller_invite.header("Call-ID"), str(caller_invite.tag("From"))]
+    for request in got:
+        head = request.raw.split(b"\r\n\r\n", 1)[0].decode(errors="replace")
+        for needle in (
+            "127.0.0.1",
+            f":{netns.KAMAILIO_PORT}",
+            f":{netns.SBC_CORE_PORT}",
+            f":{CALLER_PORT}",
+            *secrets_,
+        ):
+            assert needle not in head, (needle, head)
+        assert "kamailio" not in head.lower(), head
+
+
+def assert_calls_recorded(records: Path, access_flow: str, timeout: float = 3.0) -> None:
+    """Two answered calls ended (caller -> Kamailio, Kamailio -> client); the second one's
+    access leg is the client's flow through the NAT (``udp:PUBLIC_IP:PUBLIC_PORT``)."""
+    deadline = time.monotonic() + timeout
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        text = records.read_text() if records.exists() else ""
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    assert [r["status"] for r in lines] == [200, 200], lines
+    flows = [leg["flow"] for r in lines for leg in r["legs"] if leg["side"] == "access"]
+    assert access_flow in flows, lines
