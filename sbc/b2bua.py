@@ -608,10 +608,7 @@ class B2bua:
         if self.policy.max_duration > 0 and call.method == "INVITE":
             self._set_timer(call, "max_duration", now + self.policy.max_duration)
         if call.method == "INVITE":
-            leg.invite_cseq = (
-                call.b_request.cseq.seq if call.b_request and call.b_request.cseq else 0
-            )
-            leg.ack_pending = leg.invite_cseq
+            leg.ack_pending = leg.invite_cseq  # the INVITE's CSeq, set when the fork began
             self._session_timer(call, resp, now)
             self.stats["calls_answered"] += 1
         elif call.method == "SUBSCRIBE":
@@ -625,7 +622,6 @@ class B2bua:
             return []
         self._server.pop(a_tx, None)
         if call.method == "INVITE":
-            a_leg.invite_cseq = a_leg.dialog.remote_seq or 0
             self._start_retransmit(call, a_leg, a_tx, mapped, now)
         log.info("call answered", extra={"call": call.id})
         return a_tx.respond(mapped, now)
