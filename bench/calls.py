@@ -48,11 +48,9 @@ import collections
 import contextlib
 import csv
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 import re
-import resource
 import secrets
 import shlex
 import shutil
@@ -76,7 +74,17 @@ from register import (
     sbc_command,
     sip_exchange,
 )
-from report import ROOT, command_line, cpu_model, git_rev, write_section
+from report import (
+    ROOT,
+    children_cpu_seconds,
+    command_line,
+    cpu_model,
+    dist_version,
+    git_rev,
+    sipp_stamp,
+    tool_version,
+    write_section,
+)
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 HOST = "127.0.0.1"
@@ -172,11 +180,6 @@ def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=STOP_TIMEOUT)
     return None
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def settle(cpu: Callable[[], float]) -> None:
@@ -413,10 +416,6 @@ def _stats(path: Path) -> list[dict[str, str]]:
     return [dict(zip(rows[0], row, strict=False)) for row in rows[1:]]
 
 
-def _stamp(value: str) -> float:
-    return float(value.split()[-1])  # "2026-11-26 16:29:12.300567 1795710552.300567"
-
-
 def _duration(value: str) -> float:
     """SIPp's ``HH:MM:SS:usec`` in milliseconds."""
     h, m, s, us = (int(x) for x in value.split(":"))
@@ -528,7 +527,7 @@ class Caller:
             ok=int(last["SuccessfulCall(C)"]),
             failed=int(last["FailedCall(C)"]),
             retransmissions=int(last["Retransmissions(C)"]),
-            elapsed=_stamp(last["CurrentTime"]) - _stamp(last["StartTime"]),
+            elapsed=sipp_stamp(last["CurrentTime"]) - sipp_stamp(last["StartTime"]),
             call_ms=_duration(last["CallLength(C)"]),
             setup_ms=_duration(last["ResponseTime1(C)"]),
             sut_busy=sut_busy,
@@ -770,22 +769,6 @@ def print_hot_spots(raw: Path, top: int = 25) -> None:
 # ---------------------------------------------------------------------------------------
 # Environment and report
 # ---------------------------------------------------------------------------------------
-
-
-def _version(cmd: list[str], pattern: str) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    m = re.search(pattern, out.stdout + out.stderr)
-    return m.group(1) if m else "?"
-
-
-def _dist_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _ms(x: float) -> str:
@@ -1094,10 +1077,10 @@ class Bench:
             "cpu": cpu_model(),
             "pinning": self.pinning,
             "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "sbc": _dist_version("sbc") + git_rev(),
-            "uvloop": _dist_version("uvloop"),
-            "sipp": _version([SIPP, "-v"], r"SIPp v(\S+?)\.?\s"),
-            "kamailio": _version(["kamailio", "-v"], r"kamailio (\S+)"),
+            "sbc": dist_version("sbc") + git_rev(),
+            "uvloop": dist_version("uvloop"),
+            "sipp": tool_version([SIPP, "-v"], r"SIPp v(\S+?)\.?\s"),
+            "kamailio": tool_version(["kamailio", "-v"], r"kamailio (\S+)"),
             "command": command_line(),
             "pinned": "yes" if self.peer_cpu is not None else "",
         }

@@ -46,11 +46,9 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 import re
-import resource
 import secrets
 import shlex
 import shutil
@@ -64,7 +62,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from report import ROOT, command_line, cpu_model, git_rev, write_section
+from report import (
+    ROOT,
+    children_cpu_seconds,
+    command_line,
+    cpu_model,
+    dist_version,
+    git_rev,
+    sipp_stamp,
+    tool_version,
+    write_section,
+)
 
 SCENARIOS = ROOT / "bench" / "scenarios"
 KAMAILIO_CFG = ROOT / "docker" / "kamailio" / "kamailio.cfg"
@@ -163,11 +171,6 @@ def group_cpu_seconds(pgid: int) -> float:
             if stat is not None and stat[0] == pgid:
                 total += stat[1]
     return total / CLK_TCK
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def pinned(cmd: list[str], cpu: int | None) -> list[str]:
@@ -390,10 +393,6 @@ def _stats(path: Path) -> dict[str, str]:
     return dict(zip(rows[0], rows[-1], strict=False)) if len(rows) >= 2 else {}
 
 
-def _stamp(value: str) -> float:
-    return float(value.split()[-1])  # "2026-11-26 16:29:12.300567 1795710552.300567"
-
-
 def sipp(
     workdir: Path,
     name: str,
@@ -465,7 +464,7 @@ def sipp(
     return SippRun(
         calls=users,
         registers=users * per_call,
-        elapsed=_stamp(stats["CurrentTime"]) - _stamp(stats["StartTime"]),
+        elapsed=sipp_stamp(stats["CurrentTime"]) - sipp_stamp(stats["StartTime"]),
         wall=wall,
         retransmissions=int(stats["Retransmissions(C)"]),
         sipp_cpu=sipp_cpu,
@@ -558,22 +557,6 @@ def measure_round(
 # ---------------------------------------------------------------------------------------
 # Environment and report
 # ---------------------------------------------------------------------------------------
-
-
-def _version(cmd: list[str], pattern: str) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    m = re.search(pattern, out.stdout + out.stderr)
-    return m.group(1) if m else "?"
-
-
-def _dist_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _n(x: float) -> str:
@@ -815,10 +798,10 @@ def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
         "cpu": cpu_model(),
         "pinning": pinning,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "sbc": _dist_version("sbc") + git_rev(),
-        "uvloop": _dist_version("uvloop"),
-        "sipp": _version(["sipp", "-v"], r"SIPp v(\S+?)\.?\s"),
-        "kamailio": _version(["kamailio", "-v"], r"kamailio (\S+)"),
+        "sbc": dist_version("sbc") + git_rev(),
+        "uvloop": dist_version("uvloop"),
+        "sipp": tool_version(["sipp", "-v"], r"SIPp v(\S+?)\.?\s"),
+        "kamailio": tool_version(["kamailio", "-v"], r"kamailio (\S+)"),
         "command": command_line(),
         "shared": "yes" if peer_cpu is not None else "",
     }

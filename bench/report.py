@@ -3,8 +3,10 @@ and rewriting one benchmark's section of docs/performance.md between its markers
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -72,3 +74,32 @@ def write_section(path: Path, name: str, section: str, intro: str = "# Performan
         path.parent.mkdir(parents=True, exist_ok=True)
         text = intro + block
     path.write_text(text)
+
+
+def dist_version(name: str) -> str:
+    """The installed version of a Python distribution."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def tool_version(cmd: list[str], pattern: str) -> str:
+    """A program's version: ``pattern``'s first group in what ``cmd`` prints, or "?"."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(pattern, out.stdout + out.stderr)
+    return m.group(1) if m else "?"
+
+
+def sipp_stamp(value: str) -> float:
+    """Seconds since the epoch from a SIPp statistics time stamp."""
+    return float(value.split()[-1])  # "2026-11-26 16:29:12.300567 1795710552.300567"
+
+
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of this process's waited-for children (SIPp runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
