@@ -233,14 +233,19 @@ def _ip_literal(host: str) -> str:
         raise ValueError("host must be an IP address (IPv6 in brackets)") from None
 
 
-def file_path(raw: object, ctx: _Ctx) -> Path:
-    """Existing file; relative paths are taken from the config file's directory."""
+def _path(raw: object, ctx: _Ctx) -> Path:
+    """A path from the config; relative paths are taken from the config file's directory."""
     if not isinstance(raw, str) or not raw:
         raise Invalid(f"must be a file path, got {_show(raw)}")
     path = Path(raw).expanduser()
     if not path.is_absolute():
         path = (ctx.base_dir or Path.cwd()) / path
-    path = Path(os.path.normpath(path))
+    return Path(os.path.normpath(path))
+
+
+def file_path(raw: object, ctx: _Ctx) -> Path:
+    """Existing file; relative paths are taken from the config file's directory."""
+    path = _path(raw, ctx)
     if not path.is_file():
         raise Invalid(f"file not found: {path}")
     return path
@@ -527,12 +532,7 @@ class NatConfig:
 def output_path(raw: object, ctx: _Ctx) -> Path:
     """A file the SBC writes (appends to): its directory must exist; relative paths are taken
     from the config file's directory."""
-    if not isinstance(raw, str) or not raw:
-        raise Invalid(f"must be a file path, got {_show(raw)}")
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = (ctx.base_dir or Path.cwd()) / path
-    path = Path(os.path.normpath(path))
+    path = _path(raw, ctx)
     if not path.parent.is_dir():
         raise Invalid(f"directory not found: {path.parent}")
     if path.is_dir():
