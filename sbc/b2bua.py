@@ -1013,12 +1013,17 @@ class B2bua:
         self._work[tx] = _Own(call, "BYE")
         return out
 
+    def has_flow(self, flow: Flow) -> bool:
+        """Whether a call still uses ``flow`` (its connection must not be closed as idle)."""
+        return any(call.a_flow == flow or call.target.flow == flow for call in self.calls.values())
+
     def end_calls_on_flow(self, flow: Flow, now: float) -> list[Output]:
-        """A client flow failed (keep-alives unanswered): its calls end (issue 4 item 5)."""
+        """A client flow failed (keep-alives unanswered, or its connection was lost): its
+        calls end, the other leg with BYE (or CANCEL if not answered yet; issue 4 item 5)."""
         out: list[Output] = []
         for call in list(self.calls.values()):
             legs = [leg for leg in call.legs if leg.flow == flow]
-            if legs or call.a_flow == flow:
+            if legs or call.a_flow == flow or call.target.flow == flow:
                 skip = legs[0] if legs else None
                 out += self._end_call(call, "flow failed", now, skip=skip, code=480)
         return out

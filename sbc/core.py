@@ -161,6 +161,13 @@ class SbcCore:
         self._framers.pop(flow, None)
         self._activity.pop(flow, None)
 
+    def connection_lost(self, flow: Flow, now: float) -> list[Action]:
+        """The I/O layer reports a stream connection gone (closed by the peer, reset, or
+        closed by us). The SBC cannot open one back to a client behind NAT, so the calls
+        over it end: the other leg gets BYE, or CANCEL if unanswered (issue 4 item 5)."""
+        self.connection_closed(flow)
+        return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
+
     def add_listener(self, side: str, transport: str, address: Address) -> None:
         """The I/O layer reports each socket it bound ("access" or "core" side)."""
         if side == "core":
@@ -191,9 +198,9 @@ class SbcCore:
             flow, seen = next(iter(self._activity.items()))
             if seen + idle > now:
                 break
-            if self.backends.has_flow(flow):
+            if self.backends.has_flow(flow) or self.calls.has_flow(flow):
                 # A registered client's connection is how the SBC reaches it (RFC 5626 5.3):
-                # kept while its registration lives.
+                # kept while its registration, or a call over it, lives.
                 del self._activity[flow]
                 self._activity[flow] = now
                 continue

@@ -7,6 +7,7 @@ dialog or transaction state left once the timers have run out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from sipdata import sip
@@ -959,3 +960,32 @@ def test_an_ended_call_is_freed_without_the_cyclic_collector() -> None:
         assert ref() is None, gc.get_referrers(ref())
     finally:
         gc.enable()
+
+
+def test_a_lost_client_connection_ends_its_calls_and_an_active_one_is_not_idle_closed() -> None:
+    """Issue 4 item 5: a TCP client's call; the connection is kept past the idle timeout
+    while the call lives (the SBC cannot open one back to a client behind NAT), and when it
+    is lost the other leg gets BYE at once."""
+    from sbc.core import Close
+
+    lab = Lab()
+    lab.core.settings = dataclasses.replace(lab.core.settings, tcp_idle_timeout=30.0)
+    tcp = Flow("tcp", ACCESS, ("192.0.2.7", 40010), conn_id=5)
+    _, fwd = only(lab._sent(lab.core.receive_stream(invite(extra=""), tcp, lab.now)), Request)
+    assert isinstance(fwd, Request)
+    ok = reply(fwd, 200, sdp=ANSWER_SDP)
+    lab.tick()
+    [(to, got)] = lab._sent(lab.core.receive_datagram(bytes(ok), FROM_B1, lab.now))
+    assert to == tcp and isinstance(got, Response)
+    lab.core.receive_stream(ack_for(got), tcp, lab.now)
+    # 100 s of silence on the connection: not closed, a call uses it.
+    out = lab.core.handle_timer(lab.now + 100)
+    assert not any(isinstance(a, Close) for a in out)
+    actions = lab.core.connection_lost(tcp, lab.now + 101)
+    [(flow, bye)] = lab._sent(actions)
+    assert flow.remote == B1 and isinstance(bye, Request) and bye.method == "BYE"
+    assert bye.get("reason") == 'SIP;cause=480;text="flow failed"'
+    assert not lab.core.calls.calls
+    lab.now += 101
+    lab.core.receive_datagram(bytes(make_response(bye, 200)), FROM_B1, lab.now)
+    lab.assert_clean()

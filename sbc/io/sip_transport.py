@@ -58,6 +58,7 @@ class SipTransports:
         self._pending: dict[tuple[str, Address], list[bytes]] = {}  # data waiting for connect
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound: list[tuple[ListenUrl, Address]] = []  # (configured url, actual address)
+        self._closing = False
 
     # -- listeners ------------------------------------------------------------------------
     async def listen(self, url: ListenUrl, tls: ssl.SSLContext | None = None) -> Address:
@@ -94,6 +95,7 @@ class SipTransports:
         return local
 
     async def close(self) -> None:
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
         for server in self._servers:
@@ -235,8 +237,10 @@ class SipTransports:
             del self._outgoing[key]
         if conn.flow is not None:
             self._conns.pop(conn.flow.conn_id, None)
-            self.core.connection_closed(conn.flow)
-            self._arm_timer()
+            if self._closing:  # shutting down: nothing more is sent
+                self.core.connection_closed(conn.flow)
+            else:
+                self.run_actions(self.core.connection_lost(conn.flow, self._clock()))
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
