@@ -989,3 +989,25 @@ def test_a_lost_client_connection_ends_its_calls_and_an_active_one_is_not_idle_c
     lab.now += 101
     lab.core.receive_datagram(bytes(make_response(bye, 200)), FROM_B1, lab.now)
     lab.assert_clean()
+
+
+def test_cancel_of_a_reinvite() -> None:
+    """RFC 3261 9.2 within a dialog: alice CANCELs her re-INVITE; she gets 200 and 487, the
+    re-INVITE on the core leg is CANCELed, and the call goes on."""
+    lab = Lab()
+    _, _ok, got = establish(lab)
+    reinvite = in_dialog("INVITE", got, 2)
+    _, re = only(lab.from_client(reinvite), Request)
+    assert isinstance(re, Request) and re.method == "INVITE"
+    lab.from_backend(reply(re, 180))
+    cancel = reinvite.replace(b"INVITE sip:", b"CANCEL sip:").replace(b"2 INVITE", b"2 CANCEL")
+    out = lab.from_client(cancel)
+    assert sorted(m.status for _, m in out if isinstance(m, Response)) == [200, 487]
+    [(to_core, c)] = [(f, m) for f, m in out if isinstance(m, Request)]
+    assert to_core.remote == B1 and c.method == "CANCEL"  # type: ignore[attr-defined]
+    assert c.via[0].branch == re.via[0].branch
+    lab.from_backend(make_response(c, 200))  # type: ignore[arg-type]
+    assert [m.method for _, m in lab.from_backend(reply(re, 487))] == ["ACK"]  # type: ignore[union-attr]
+    assert len(lab.core.calls.calls) == 1  # the call itself goes on
+    alice_hangs_up(lab, got, 3)
+    lab.assert_clean()
