@@ -77,6 +77,7 @@ from register import (
 from report import (
     ROOT,
     children_cpu_seconds,
+    choose_cpus,
     command_line,
     cpu_model,
     dist_version,
@@ -954,29 +955,18 @@ def render(setups: dict[str, Setup], args: argparse.Namespace, env: dict[str, st
 # ---------------------------------------------------------------------------------------
 
 
-def choose_cpus(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
-    """(CPU for the system under test, CPU for both SIPps, description)."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(allowed) < 2 or shutil.which("taskset") is None:
-        why = "--no-pin" if args.no_pin else "fewer than 2 CPUs or no taskset"
-        return None, None, f"{len(allowed)} CPUs, not pinned ({why})"
-    sut_cpu = allowed[0] if args.sut_cpu is None else args.sut_cpu
-    peer_cpu = allowed[1] if args.peer_cpu is None else args.peer_cpu
-    os.sched_setaffinity(0, {peer_cpu})  # this script mostly waits; keep it off the SUT's
-    return (
-        sut_cpu,
-        peer_cpu,
-        f"{len(allowed)} CPUs; the SBC or Kamailio pinned to CPU {sut_cpu}, both SIPps + "
-        f"this script to CPU {peer_cpu} (taskset -c)",
-    )
-
-
 class Bench:
     """The three setups in turn; every process it starts is stopped in ``close``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.sut_cpu, self.peer_cpu, self.pinning = choose_cpus(args)
+        self.sut_cpu, self.peer_cpu, self.pinning = choose_cpus(
+            args.no_pin,
+            args.sut_cpu,
+            args.peer_cpu,
+            target_is="the SBC or Kamailio",
+            peers_are="both SIPps",
+        )
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-calls-"))
         self.taken: set[int] = set()
         self.started: list[Sbc | Kamailio | Uas] = []

@@ -65,6 +65,7 @@ from pathlib import Path
 from report import (
     ROOT,
     children_cpu_seconds,
+    choose_cpus,
     command_line,
     cpu_model,
     dist_version,
@@ -711,28 +712,17 @@ def render(direct: Target, via: Target, args: argparse.Namespace, env: dict[str,
 # ---------------------------------------------------------------------------------------
 
 
-def choose_cpus(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
-    """(CPU for the SBC, CPU for SIPp + Kamailio, description)."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if args.no_pin or len(allowed) < 2 or shutil.which("taskset") is None:
-        why = "--no-pin" if args.no_pin else "fewer than 2 CPUs or no taskset"
-        return None, None, f"{len(allowed)} CPUs, not pinned ({why})"
-    sbc_cpu = allowed[0] if args.sbc_cpu is None else args.sbc_cpu
-    peer_cpu = allowed[1] if args.peer_cpu is None else args.peer_cpu
-    os.sched_setaffinity(0, {peer_cpu})  # this script mostly waits; keep it off the SBC's
-    return (
-        sbc_cpu,
-        peer_cpu,
-        f"{len(allowed)} CPUs; SBC pinned to CPU {sbc_cpu}, SIPp + both Kamailios + this "
-        f"script to CPU {peer_cpu} (taskset -c)",
-    )
-
-
 def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
     for tool in ("sipp", "kamailio", "kamcmd"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} not installed (make peers installs it)")
-    sbc_cpu, peer_cpu, pinning = choose_cpus(args)
+    sbc_cpu, peer_cpu, pinning = choose_cpus(
+        args.no_pin,
+        args.sbc_cpu,
+        args.peer_cpu,
+        target_is="SBC",
+        peers_are="SIPp + both Kamailios",
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench-reg-"))  # short: holds the ctl sockets
     started: list[Kamailio | Sbc] = []
     try:

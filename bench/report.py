@@ -4,10 +4,12 @@ and rewriting one benchmark's section of docs/performance.md between its markers
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,23 @@ def children_cpu_seconds() -> float:
     """CPU time (user + system) of this process's waited-for children (SIPp runs)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def choose_cpus(
+    no_pin: bool, target: int | None, peers: int | None, *, target_is: str, peers_are: str
+) -> tuple[int | None, int | None, str]:
+    """(CPU for the system under test, CPU for the load, description): the first two
+    allowed CPUs unless given; this script moves to the load's CPU (it mostly waits)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if no_pin or len(allowed) < 2 or shutil.which("taskset") is None:
+        why = "--no-pin" if no_pin else "fewer than 2 CPUs or no taskset"
+        return None, None, f"{len(allowed)} CPUs, not pinned ({why})"
+    target_cpu = allowed[0] if target is None else target
+    peer_cpu = allowed[1] if peers is None else peers
+    os.sched_setaffinity(0, {peer_cpu})
+    return (
+        target_cpu,
+        peer_cpu,
+        f"{len(allowed)} CPUs; {target_is} pinned to CPU {target_cpu}, {peers_are} + this "
+        f"script to CPU {peer_cpu} (taskset -c)",
+    )
