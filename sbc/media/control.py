@@ -1,0 +1,219 @@
+"""The control interface between the signalling process and the media workers (issue 5 item 8).
+
+It has the shape of rtpengine's "ng" protocol: the signalling side tells a worker what each
+call's streams are (``Update``: it covers offer and answer, sent again whenever an SDP
+changes them), removes a call (``Delete``), and hears back ``Timeout`` (no media for
+``[media] timeout`` seconds) and ``Stats`` (the answer to ``Delete``). The signalling side
+decides everything (ports, addresses, keys); a worker only binds the ports it is told and
+moves packets, so another media engine can sit behind the same messages.
+
+On the wire each message is one JSON object per line (``encode`` / ``decode``); keys are
+base64. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SrtpKey:
+    """An SDES master key (RFC 4568 6.1): the crypto-suite name and master key || salt."""
+
+    suite: str  # e.g. "AES_CM_128_HMAC_SHA1_80" (RFC 4568 6.2, RFC 7714 14.2)
+    key_salt: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Party:
+    """One party of a stream as the relay sees it: the local ports facing it, where its SDP
+    says it receives, and the keys of that leg."""
+
+    bind: str  # local IP address of the ports facing this party
+    port: int  # local RTP port facing this party; RTCP on port + 1 unless rtcp_mux
+    rtcp_mux: bool = False  # RFC 5761: RTP and RTCP share ``port``
+    remote: Address | None = None  # RTP address from the party's SDP; None: unknown/on hold
+    remote_rtcp: Address | None = None  # RTCP address (a=rtcp, RFC 3605, or RTP port + 1)
+    recv_key: SrtpKey | None = None  # decrypts what the party sends (its own a=crypto)
+    send_key: SrtpKey | None = None  # encrypts what the relay sends it (the SBC's a=crypto)
+    sends: bool = True  # the party may send (sendrecv/sendonly): its silence is a timeout
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stream:
+    """One m-line of a call: ``a`` faces the access party, ``b`` the core party."""
+
+    index: int  # m-line position in the SDP
+    a: Party
+    b: Party
+    passthrough: bool = False  # keys are end to end (MIKEY/ZRTP/DTLS): relay bytes unchanged
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update:
+    """Create or change a call's media session; streams absent from ``streams`` are closed."""
+
+    session: str
+    streams: tuple[Stream, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delete:
+    """End a call's media session: close its ports; the worker answers with ``Stats``."""
+
+    session: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartyStats:
+    """What the relay saw of one party: packets and bytes from it and to it (RTP and RTCP),
+    RTP loss and interarrival jitter (RFC 3550 6.4.1, A.3, A.8) of what it sent, packets
+    dropped (wrong source, bad SRTP) and the address latched to, if any."""
+
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+    lost: int = 0
+    jitter_ms: float = 0.0
+    dropped_source: int = 0  # from an address the call did not establish
+    srtp_failures: int = 0  # failed to authenticate or decrypt
+    latched: Address | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamStats:
+    index: int
+    a: PartyStats
+    b: PartyStats
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stats:
+    session: str
+    streams: tuple[StreamStats, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeout:
+    """No media from a sending party of the session for ``idle`` seconds (issue 5 item 6)."""
+
+    session: str
+    idle: float
+
+
+Command = Update | Delete
+Event = Stats | Timeout
+
+
+# -- wire format -------------------------------------------------------------------------------
+
+
+def _addr(value: Any) -> Address | None:
+    return None if value is None else (str(value[0]), int(value[1]))
+
+
+def _key_out(key: SrtpKey | None) -> dict[str, str] | None:
+    if key is None:
+        return None
+    return {"suite": key.suite, "key": base64.b64encode(key.key_salt).decode("ascii")}
+
+
+def _key_in(value: Any) -> SrtpKey | None:
+    if value is None:
+        return None
+    return SrtpKey(suite=str(value["suite"]), key_salt=base64.b64decode(value["key"]))
+
+
+def _party_out(p: Party) -> dict[str, Any]:
+    return {
+        "bind": p.bind, "port": p.port, "rtcp_mux": p.rtcp_mux,
+        "remote": p.remote, "remote_rtcp": p.remote_rtcp,
+        "recv_key": _key_out(p.recv_key), "send_key": _key_out(p.send_key), "sends": p.sends,
+    }  # fmt: skip
+
+
+def _party_in(d: dict[str, Any]) -> Party:
+    return Party(
+        bind=str(d["bind"]), port=int(d["port"]), rtcp_mux=bool(d["rtcp_mux"]),
+        remote=_addr(d["remote"]), remote_rtcp=_addr(d["remote_rtcp"]),
+        recv_key=_key_in(d["recv_key"]), send_key=_key_in(d["send_key"]), sends=bool(d["sends"]),
+    )  # fmt: skip
+
+
+def _pstats_out(s: PartyStats) -> dict[str, Any]:
+    return {
+        "packets_in": s.packets_in, "bytes_in": s.bytes_in, "packets_out": s.packets_out,
+        "bytes_out": s.bytes_out, "lost": s.lost, "jitter_ms": s.jitter_ms,
+        "dropped_source": s.dropped_source, "srtp_failures": s.srtp_failures,
+        "latched": s.latched,
+    }  # fmt: skip
+
+
+def _pstats_in(d: dict[str, Any]) -> PartyStats:
+    return PartyStats(
+        packets_in=int(d["packets_in"]), bytes_in=int(d["bytes_in"]),
+        packets_out=int(d["packets_out"]), bytes_out=int(d["bytes_out"]), lost=int(d["lost"]),
+        jitter_ms=float(d["jitter_ms"]), dropped_source=int(d["dropped_source"]),
+        srtp_failures=int(d["srtp_failures"]), latched=_addr(d["latched"]),
+    )  # fmt: skip
+
+
+def encode(msg: Command | Event) -> bytes:
+    """One message as a JSON line."""
+    body: dict[str, Any]
+    if isinstance(msg, Update):
+        body = {
+            "type": "update", "session": msg.session,
+            "streams": [
+                {"index": s.index, "a": _party_out(s.a), "b": _party_out(s.b),
+                 "passthrough": s.passthrough}
+                for s in msg.streams
+            ],
+        }  # fmt: skip
+    elif isinstance(msg, Delete):
+        body = {"type": "delete", "session": msg.session}
+    elif isinstance(msg, Stats):
+        body = {
+            "type": "stats", "session": msg.session,
+            "streams": [
+                {"index": s.index, "a": _pstats_out(s.a), "b": _pstats_out(s.b)}
+                for s in msg.streams
+            ],
+        }  # fmt: skip
+    else:
+        body = {"type": "timeout", "session": msg.session, "idle": msg.idle}
+    return json.dumps(body, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def decode(line: bytes) -> Command | Event:
+    """A JSON line back into its message; ValueError (or KeyError) if it is not one."""
+    d = json.loads(line)
+    kind = d["type"]
+    if kind == "update":
+        return Update(
+            session=str(d["session"]),
+            streams=tuple(
+                Stream(index=int(s["index"]), a=_party_in(s["a"]), b=_party_in(s["b"]),
+                       passthrough=bool(s["passthrough"]))
+                for s in d["streams"]
+            ),
+        )  # fmt: skip
+    if kind == "delete":
+        return Delete(session=str(d["session"]))
+    if kind == "stats":
+        return Stats(
+            session=str(d["session"]),
+            streams=tuple(
+                StreamStats(index=int(s["index"]), a=_pstats_in(s["a"]), b=_pstats_in(s["b"]))
+                for s in d["streams"]
+            ),
+        )
+    if kind == "timeout":
+        return Timeout(session=str(d["session"]), idle=float(d["idle"]))
+    raise ValueError(f"unknown media control message type {kind!r}")
