@@ -36,6 +36,7 @@ from typing import Protocol
 
 from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
+from sbc.media.session import MediaRefused
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
 from sbc.sip.flow import Flow, format_host
@@ -79,21 +80,35 @@ CORE_TOPOLOGY_HEADERS = frozenset({"server", "warning", "error-info"})
 
 
 class MediaSeam(Protocol):
-    """Where the SDP of each offer and answer is rewritten for the media relay (issue 5)."""
+    """Where the SDP of each offer and answer is rewritten for the media relay (issue 5):
+    ``sides`` are the caller's and the callee's side, ``toward_caller`` the direction.
+    ``offer`` raises MediaRefused for an offer that cannot be met (answered 488)."""
 
-    def sdp(self, call_id: str, to_side: str, body: bytes, content_type: str | None) -> bytes: ...
+    def offer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+              content_type: str | None) -> bytes: ...  # fmt: skip
 
-    def release(self, call_id: str) -> None: ...
+    def answer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+               content_type: str | None) -> bytes: ...  # fmt: skip
+
+    def rejected(self, call: str) -> None: ...
+
+    def release(self, call: str) -> bool: ...  # True: statistics will follow (media_stats)
 
 
 class PassThroughMedia:
-    """Until the media relay exists the SDP passes unchanged (issue 4: "the SDP may pass")."""
+    """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
 
-    def sdp(self, call_id: str, to_side: str, body: bytes, content_type: str | None) -> bytes:
+    def offer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+              content_type: str | None) -> bytes:  # fmt: skip
         return body
 
-    def release(self, call_id: str) -> None:
+    answer = offer
+
+    def rejected(self, call: str) -> None:
         return None
+
+    def release(self, call: str) -> bool:
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,12 +169,15 @@ class Leg:
     """One UA's side of a call: its dialog, the flow it is reached on, our Contact there."""
 
     __slots__ = (
-        "ack_pending", "ack_sent", "call", "contact", "dialog", "flow", "invite_cseq",
+        "ack_pending", "ack_sent", "call", "caller", "contact", "dialog", "flow", "invite_cseq",
         "invite_in", "invite_out", "peer", "retransmit", "side", "update_out",
     )  # fmt: skip
 
-    def __init__(self, call: Call, side: str, flow: Flow, dialog: Dialog, contact: str) -> None:
+    def __init__(
+        self, call: Call, side: str, flow: Flow, dialog: Dialog, contact: str, caller: bool
+    ) -> None:
         self.call = call
+        self.caller = caller  # the caller's leg (the dialog the call came in on)
         self.side = side
         self.flow = flow
         self.dialog = dialog
@@ -304,6 +322,7 @@ class B2bua:
         self._per_source: Counter[str] = Counter()
         self.active_calls = 0  # INVITE calls not ended (admission, metrics)
         self.records: list[str] = []  # one JSON line per ended call (issue 4 item 6)
+        self._awaiting_stats: dict[str, Call] = {}  # ended calls whose media stats are due
         self.stats: Counter[str] = Counter()
 
     @property
@@ -322,6 +341,7 @@ class B2bua:
             "server": len(self._server),
             "work": len(self._work),
             "sources": len(self._per_source),
+            "awaiting_stats": len(self._awaiting_stats),
         }
 
     def owns(self, tx: ClientTransaction) -> bool:
@@ -429,7 +449,12 @@ class B2bua:
             # Issue 4 item 4: the backend sees the SBC, and the client's address only here.
             host, port = flow.remote
             fwd.add(header, f"{format_host(host)}:{port};transport={flow.transport}")
-        self._copy_body(call, req, fwd, target.side)
+        try:
+            self._copy_body(call, req, fwd, False)
+        except MediaRefused as exc:
+            self.media.release(call.id)
+            self.stats["calls_refused_media"] += 1
+            return self._answer(tx, 488, str(exc), (), now)  # RFC 3261 21.4.26
         b_tx, out = self.transactions.send_request(
             fwd, dest=target.flow, reliable=target.flow.reliable, now=now
         )
@@ -638,8 +663,9 @@ class B2bua:
             local_seq=secrets.randbelow(10_000),
         )
         b_leg = Leg(call, call.target.side, call.target.flow, b_dialog,
-                    self._contact(call, call.target.flow))  # fmt: skip
-        a_leg = Leg(call, call.a_side, call.a_flow, a_dialog, self._contact(call, call.a_flow))
+                    self._contact(call, call.target.flow), False)  # fmt: skip
+        a_leg = Leg(call, call.a_side, call.a_flow, a_dialog, self._contact(call, call.a_flow),
+                    True)  # fmt: skip
         a_leg.peer, b_leg.peer = b_leg, a_leg
         if call.method == "INVITE":
             a_leg.invite_cseq = a_dialog.remote_seq or 0
@@ -658,7 +684,7 @@ class B2bua:
             dialog = uac_dialog(call.b_request, resp)
         except ParseError:
             return []
-        leg = Leg(call, call.target.side, call.target.flow, dialog, "")
+        leg = Leg(call, call.target.side, call.target.flow, dialog, "", False)
         call.forks[tag] = leg
         return self._ack_and_bye(call, leg, resp, now)
 
@@ -703,8 +729,16 @@ class B2bua:
         if ok and method in ("INVITE", "UPDATE"):
             dest.dialog.refresh_target(resp)  # RFC 3261 12.2.1.2, RFC 3311 5.2
             self._session_timer(call, resp, now)
+        if status >= 300 and method in ("INVITE", "UPDATE") and work.tx.request.body:
+            self.media.rejected(call.id)  # RFC 3264 8: a refused re-offer changes nothing
         mapped = self._map_response(
-            resp, work.tx.request, origin.side, origin.dialog.local_tag, call, origin.contact
+            resp,
+            work.tx.request,
+            origin.side,
+            origin.dialog.local_tag,
+            call,
+            origin.contact,
+            toward_caller=origin.caller,
         )
         out: list[Output] = []
         if method == "INVITE" and ok:
@@ -814,7 +848,10 @@ class B2bua:
                 return self._answer(tx, 400, "Bad RAck", (), now)
             fwd.add("RAck", rack)  # RFC 3262 7.2, the CSeq number of this leg's INVITE
         self._copy_headers(req, fwd, peer.side)
-        self._copy_body(call, req, fwd, peer.side)
+        try:
+            self._copy_body(call, req, fwd, peer.caller)
+        except MediaRefused as exc:
+            return self._answer(tx, 488, str(exc), (), now)  # the call goes on as it was
         seq = fwd.cseq.seq if fwd.cseq is not None else 0
         ctx, out = self.transactions.send_request(
             fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
@@ -875,7 +912,7 @@ class B2bua:
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
         self._copy_headers(req, fwd, peer.side)
-        self._copy_body(call, req, fwd, peer.side)
+        self._copy_body(call, req, fwd, peer.caller)
         ctx, sent = self.transactions.send_request(
             fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
         )
@@ -914,7 +951,7 @@ class B2bua:
         ack.add("Max-Forwards", str(70 if mf is None else max(mf - 1, 0)))  # RFC 3261 16.6
         if source is not None:
             self._copy_headers(source, ack, leg.side)
-            self._copy_body(leg.call, source, ack, leg.side)
+            self._copy_body(leg.call, source, ack, leg.caller)
         else:
             ack.add("Content-Length", "0")
         leg.ack_sent = ack
@@ -1056,9 +1093,15 @@ class B2bua:
             if call.counted_backend is not None:
                 self.relay.balancer.dialog_ended(call.counted_backend)
                 call.counted_backend = None
-            self.media.release(call.id)
+            stats_follow = self.media.release(call.id)
             if self.policy.keep_records:
-                self.records.append(self._record(call))
+                if stats_follow:
+                    # The relay's statistics go into the record (issue 5 item 7); it is
+                    # written without them if they do not come within two seconds.
+                    self._awaiting_stats[call.id] = call
+                    self._set_timer(call, "record", now + 2.0)
+                else:
+                    self.records.append(self._record(call))
             self.stats["calls_ended"] += 1
         log.info("call ended: %s", call.cause, extra={"call": call.id})
 
@@ -1066,8 +1109,23 @@ class B2bua:
         if self._dialogs.get(leg.dialog.key) is leg:
             del self._dialogs[leg.dialog.key]
 
-    def _record(self, call: Call) -> str:
-        """One JSON line per call (issue 4 item 6)."""
+    def media_timeout(self, call_id: str, now: float) -> list[Output]:
+        """The relay saw no media for [media] timeout seconds (issue 5 item 6): BYE both legs."""
+        call = self.calls.get(call_id)
+        if call is None or call.state == "ended":
+            return []
+        self.stats["calls_media_timeout"] += 1
+        return self._end_call(call, "media timeout", now, code=408)
+
+    def media_stats(self, call_id: str, media: list[dict[str, object]]) -> None:
+        """The relay's statistics of an ended call: its record is written with them."""
+        call = self._awaiting_stats.pop(call_id, None)
+        if call is not None:
+            self._cancel_timer(call, "record")
+            self.records.append(self._record(call, media))
+
+    def _record(self, call: Call, media: list[dict[str, object]] | None = None) -> str:
+        """One JSON line per call (issue 4 item 6), with its media statistics (issue 5)."""
         legs = [
             {"side": call.a_side, "call_id": call.a_request.call_id, "flow": str(call.a_flow)},
             {
@@ -1092,6 +1150,7 @@ class B2bua:
             "cause": call.cause,
             "backend": call.target.backend.name if call.target.backend else None,
             "legs": legs,
+            "media": media,
         }, separators=(",", ":"))  # fmt: skip
 
     # -- timers ---------------------------------------------------------------------------
@@ -1136,6 +1195,10 @@ class B2bua:
             return self._failover(call, now)
         if name == "guard":
             return self._end_pending(call, now)
+        if name == "record":
+            if self._awaiting_stats.pop(call.id, None) is not None:
+                self.records.append(self._record(call))
+            return []
         if name == "max_duration":
             self.stats["calls_max_duration"] += 1
             return self._end_call(call, "maximum call duration", now)
@@ -1297,11 +1360,21 @@ class B2bua:
         configured strip list."""
         src.copy_fields_to(dst, skip=self._skip[to_side], skip_prefixes=self._skip_prefixes)
 
-    def _copy_body(self, call: Call, src: Request | Response, dst: Request | Response,
-                   to_side: str) -> None:  # fmt: skip
+    def _copy_body(self, call: Call, src: Request, dst: Request, toward_caller: bool) -> None:
+        """The body of a request; an SDP offer or answer goes through the media relay
+        (issue 5; RFC 3264 and RFC 3262 5 / RFC 3311 for where offers and answers may be).
+        Raises MediaRefused for an offer that cannot be met."""
         body = src.body
         if body:
-            body = self.media.sdp(call.id, to_side, body, src.content_type)
+            method = src.method
+            sides = (call.a_side, call.target.side)
+            ctype = src.content_type
+            if method in ("INVITE", "UPDATE") or (method == "PRACK" and call.a_request.body):
+                body = self.media.offer(call.id, sides, toward_caller, body, ctype)
+            elif method in ("ACK", "PRACK"):
+                body = self.media.answer(call.id, sides, toward_caller, body, ctype)
+            elif _is_sdp(ctype):
+                body = b""  # SDP outside offer/answer would name the far side's addresses
         dst.set_body(body)
 
     def _map_response(
@@ -1312,6 +1385,8 @@ class B2bua:
         to_tag: str,
         call: Call,
         contact: str | None,
+        *,
+        toward_caller: bool = True,
     ) -> Response:
         """The other leg's response as a response to ``request`` (RFC 3261 8.2.6.2 for the
         dialog headers): same status and reason, end-to-end headers and body, our Contact
@@ -1332,12 +1407,39 @@ class B2bua:
             out.add("Contact", contact)
         body = resp.body
         if body:
-            body = self.media.sdp(call.id, to_side, body, resp.content_type)
+            body = self._response_body(call, resp, request, body, toward_caller)
         out.set_body(body)
         return out
 
+    def _response_body(
+        self, call: Call, resp: Response, request: Request, body: bytes, toward_caller: bool
+    ) -> bytes:
+        """An SDP in a 1xx/2xx to an offer is its answer; to a request without one (an
+        INVITE with no SDP), it is the offer (RFC 3264, RFC 3261 13.2.1). Elsewhere an SDP
+        is not passed (it would name the far side)."""
+        ctype = resp.content_type
+        if not _is_sdp(ctype):
+            return body
+        if not (100 < resp.status < 300 and request.method in ("INVITE", "UPDATE", "PRACK")):
+            return b""
+        sides = (call.a_side, call.target.side)
+        if request.body:
+            return self.media.answer(call.id, sides, toward_caller, body, ctype)
+        try:
+            return self.media.offer(call.id, sides, toward_caller, body, ctype)
+        except MediaRefused as exc:
+            # An offer in a response cannot be refused with a status; it is not passed.
+            log.warning("media offer in a response refused: %s", exc, extra={"call": call.id})
+            return b""
+
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _is_sdp(content_type: str | None) -> bool:
+    return content_type is not None and (
+        content_type.split(";", 1)[0].strip().lower() == "application/sdp"
+    )
 
 
 def _with_tag(value: NameAddr, tag: str | None) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from sbc import __version__
+from sbc.media.srtp import SUPPORTED_SUITES
 from sbc.sip.uri import SipUri, parse_uri
 
 __all__ = [
@@ -572,10 +573,43 @@ class CallsConfig:
                 )
 
 
+SrtpPolicy = Literal["mandatory", "optional", "off"]
+# SDES crypto-suites the relay can do (pylibsrtp's profiles; RFC 4568 6.2, RFC 7714 14.2).
+SRTP_SUITES = tuple(SUPPORTED_SUITES)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MediaConfig:
+    """The RTP/SRTP relay (issue 5)."""
+
+    # Local address of the relay ports; access_address / core_address override it per side.
     address: str = field(default="127.0.0.1", metadata=rule(text(_check_ip)))
+    access_address: str | None = field(default=None, metadata=rule(text(_check_ip)))
+    core_address: str | None = field(default=None, metadata=rule(text(_check_ip)))
+    # Written into the SDP sent to clients (the SBC's public IP, e.g. behind a 1:1 NAT);
+    # None: the access address.
+    advertise_address: str | None = field(default=None, metadata=rule(text(_check_ip)))
     ports: tuple[int, int] = field(default=(20000, 30000), metadata=rule(port_range))
+    workers: int = field(default=0, metadata=rule(integer(min=0, max=64)))  # 0: one per core
+    timeout: float = field(default=60.0, metadata=rule(number(gt=0)))  # no RTP: BYE
+    latch_window: float = field(default=5.0, metadata=rule(number(gt=0)))
+    access_srtp: SrtpPolicy = "optional"
+    core_srtp: SrtpPolicy = "off"
+    peer_srtp: SrtpPolicy = "optional"
+    srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        if not self.srtp_suites:
+            yield "srtp_suites", "must list at least one crypto-suite"
+        for i, suite in enumerate(self.srtp_suites):
+            if suite not in SRTP_SUITES:
+                yield (
+                    f"srtp_suites[{i}]",
+                    f"unsupported crypto-suite {_show(suite)}; supported: {', '.join(SRTP_SUITES)}",
+                )
+        pairs = (self.ports[1] - self.ports[0] + 1) // 2
+        if pairs < 2 * max(self.workers, 1):
+            yield "ports", f"range holds {pairs} RTP/RTCP port pairs; needs 2 per worker at least"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

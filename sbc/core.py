@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
-from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, PeerRoute, Refusal
+from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
+from sbc.media.control import Event as MediaEvent
+from sbc.media.control import Timeout, stats_record
 from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
@@ -90,7 +92,7 @@ class CoreSettings:
 
 
 class SbcCore:
-    def __init__(self, settings: CoreSettings) -> None:
+    def __init__(self, settings: CoreSettings, media: MediaSeam | None = None) -> None:
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
         self.backends = BackendRelay(
@@ -110,6 +112,7 @@ class SbcCore:
             relay=self.backends,
             policy=settings.calls,
             peers=settings.peers,
+            media=media,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         # Stream flows by last activity, oldest first (dicts keep insertion order).
@@ -167,6 +170,14 @@ class SbcCore:
         over it end: the other leg gets BYE, or CANCEL if unanswered (issue 4 item 5)."""
         self.connection_closed(flow)
         return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
+
+    def media_event(self, event: MediaEvent, now: float) -> list[Action]:
+        """What a media worker reports: a session without media (its call ends, issue 5
+        item 6), or the statistics of a deleted one (into the call record, item 7)."""
+        if isinstance(event, Timeout):
+            return self._outputs(self.calls.media_timeout(event.session, now), now)
+        self.calls.media_stats(event.session, stats_record(event))
+        return []
 
     def add_listener(self, side: str, transport: str, address: Address) -> None:
         """The I/O layer reports each socket it bound ("access" or "core" side)."""

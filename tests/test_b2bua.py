@@ -15,6 +15,8 @@ from sipdata import sip
 from sbc.b2bua import CallPolicy, PeerRoute
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.media.control import Command, Delete, PartyStats, Stats, StreamStats, Timeout, Update
+from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.sip.flow import Flow
 from sbc.sip.message import Message, Request, Response, make_response
 from sbc.sip.parser import parse_message
@@ -61,7 +63,14 @@ class Lab:
         request_timeout: float = 4.0,
         failures: int = 3,
         public_address: str | None = None,
+        media: MediaPolicy | None = None,
     ) -> None:
+        self.media_commands: list[tuple[int, Command]] = []
+        self.media = (
+            MediaController(media, lambda w, c: self.media_commands.append((w, c)))
+            if media is not None
+            else None
+        )
         specs = tuple(
             BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
             for i, (h, p) in enumerate(backends, start=1)
@@ -77,7 +86,8 @@ class Lab:
                 peers=peers,
                 request_timeout=request_timeout,
                 public_address=public_address,
-            )
+            ),
+            media=self.media,
         )
         self.core.add_listener("access", "udp", ACCESS)
         self.core.add_listener("core", "udp", CORE)
@@ -122,17 +132,21 @@ class Lab:
         """Issue 4 item 5: no dialog or transaction state outlives its call."""
         self.run_until(self.now + 40.0)
         assert self.core.calls.state_size() == dict.fromkeys(self.core.calls.state_size(), 0)
+        if self.media is not None:
+            assert self.media.state_size() == {"media_sessions": 0, "media_ports": 0}
         layer = self.core.transactions
         mine = [tx for tx in layer._clients.values() if tx not in self.core.backends._work]
         assert mine == [] and not layer._servers, (mine, layer._servers)
 
     def assert_hidden(self) -> None:
-        """Issue 4 item 4: no header the client received names the core. (The SDP is the
-        media relay's to rewrite, issue 5; until then it passes unchanged.)"""
+        """Issue 4 item 4: no header the client received names the core; with the media
+        relay (issue 5) no SDP either."""
         for side, msg in self.seen:
             if side != "access":
                 continue
-            text = bytes(msg).decode().partition("\r\n\r\n")[0]
+            text = bytes(msg).decode()
+            if self.media is None:
+                text = text.partition("\r\n\r\n")[0]
             for host in CORE_HOSTS:
                 assert host not in text, f"{host} leaked to the client:\n{text}"
 
@@ -1010,4 +1024,105 @@ def test_cancel_of_a_reinvite() -> None:
     assert [m.method for _, m in lab.from_backend(reply(re, 487))] == ["ACK"]  # type: ignore[union-attr]
     assert len(lab.core.calls.calls) == 1  # the call itself goes on
     alice_hangs_up(lab, got, 3)
+    lab.assert_clean()
+
+
+def media_lab(access_srtp: str = "optional") -> Lab:
+    return Lab(
+        media=MediaPolicy(
+            sides={
+                "access": SideMedia(bind=ACCESS[0], advertise=ACCESS[0], srtp=access_srtp),
+                "core": SideMedia(bind=CORE[0], advertise=CORE[0], srtp="off"),
+            },
+            ports=(30000, 30099),
+        )
+    )
+
+
+def test_sdp_is_anchored_on_both_legs_and_the_relay_follows_the_call() -> None:
+    """Issue 5 item 1 through the B2BUA: each side's SDP names only the SBC's side; the
+    worker gets the session, its changes, and its end."""
+    lab = media_lab()
+    _, fwd = only(lab.from_client(invite()), Request)
+    assert isinstance(fwd, Request)
+    body = fwd.body.decode()
+    assert "10.0.0.7" not in body and f"c=IN IP4 {CORE[0]}" in body
+    [call_id] = lab.core.calls.calls
+    early = reply(fwd, 183, sdp=ANSWER_SDP)
+    _, got = only(lab.from_backend(early), Response)
+    assert isinstance(got, Response) and got.status == 183
+    assert f"c=IN IP4 {ACCESS[0]}" in got.body.decode() and b"10.1.0.50" not in got.body
+    # The callee answers from another address than the early media came from.
+    ok = reply(fwd, 200, sdp=ANSWER_SDP.replace("10.1.0.50", "10.1.0.51"))
+    _, got = only(lab.from_backend(ok), Response)
+    assert isinstance(got, Response) and b"10.1.0.51" not in got.body
+    lab.from_client(ack_for(got))
+    updates = [c for _, c in lab.media_commands if isinstance(c, Update)]
+    assert [u.streams[0].b.remote for u in updates] == [
+        None, ("10.1.0.50", 5000), ("10.1.0.51", 5000),
+    ]  # fmt: skip
+    assert all(u.session == call_id for u in updates)
+    assert updates[0].streams[0].a.remote == ("10.0.0.7", 4000)
+
+    # A re-INVITE the relay cannot take (SRTP with no suite it supports): 488, and the
+    # call goes on as it was.
+    lab.media = None  # (assert_hidden checks headers only from here on)
+    ctl = lab.core.calls.media
+    srtp = SDP.replace("RTP/AVP", "RTP/SAVP") + (
+        "a=crypto:1 F8_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR\r\n"
+    )
+    extra = "Contact: <sip:alice@10.0.0.7:5060>\nContent-Type: application/sdp\n"
+    reinvite = (
+        in_dialog("INVITE", got, 2, extra=extra).replace(
+            b"Content-Length: 0\r\n\r\n", f"Content-Length: {len(srtp)}\r\n\r\n".encode()
+        )
+        + srtp.encode()
+    )
+    out = lab.from_client(reinvite)
+    [refused] = [m for _, m in out if isinstance(m, Response) and m.status != 100]
+    assert isinstance(refused, Response) and refused.status == 488
+    assert refused.reason == "No Usable Crypto: unsupported crypto suite F8_128_HMAC_SHA1_80"
+    assert [c for _, c in lab.media_commands][-1] == updates[-1]  # the state before it
+    assert lab.core.calls.calls[call_id].state == "confirmed"
+
+    # The relay's statistics, once the call is over, go into its record.
+    alice_hangs_up(lab, got, 3)
+    assert (0, Delete(session=call_id)) in lab.media_commands
+    assert lab.core.calls.records == []  # waiting for the worker's statistics
+    stats = Stats(
+        session=call_id,
+        streams=(StreamStats(index=0, a=PartyStats(packets_in=50), b=PartyStats(packets_in=49)),),
+    )
+    lab.core.media_event(stats, lab.now)
+    [record] = [json.loads(r) for r in lab.core.calls.records]
+    assert record["media"][0]["caller"]["packets_in"] == 50
+    assert record["media"][0]["callee"]["packets_in"] == 49
+    assert isinstance(ctl, MediaController)
+    lab.media = ctl
+    lab.assert_hidden()
+    lab.assert_clean()
+
+
+def test_an_offer_against_the_media_policy_gets_488_and_nothing_reaches_the_core() -> None:
+    lab = media_lab(access_srtp="mandatory")
+    out = lab.from_client(invite())
+    [(flow, resp)] = [(f, m) for f, m in out if isinstance(m, Response) and m.status != 100]
+    assert flow == ALICE and isinstance(resp, Response)
+    assert (resp.status, resp.reason) == (488, "SRTP Required")
+    assert not [m for f, m in out if f.remote == B1]
+    [record] = [json.loads(r) for r in lab.core.calls.records] or [None]
+    assert record is None  # refused before a call existed
+    lab.assert_clean()
+
+
+def test_no_media_ends_the_call_with_bye_on_both_legs_and_stats_may_never_come() -> None:
+    lab = media_lab()
+    establish(lab)
+    [call_id] = lab.core.calls.calls
+    out = lab._sent(lab.core.media_event(Timeout(session=call_id, idle=60.0), lab.now))
+    assert sorted(f.remote for f, _ in byes(out)) == sorted([ALICE.remote, B1])
+    assert all((m.get("reason") or "").startswith("SIP;cause=408") for _, m in byes(out))
+    lab.run_until(lab.now + 3.0)  # no statistics from the worker: written without them
+    [record] = [json.loads(r) for r in lab.core.calls.records]
+    assert record["cause"] == "media timeout" and record["media"] is None
     lab.assert_clean()

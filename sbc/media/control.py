@@ -46,7 +46,7 @@ class Party:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Stream:
-    """One m-line of a call: ``a`` faces the access party, ``b`` the core party."""
+    """One m-line of a call: ``a`` is the caller's party, ``b`` the callee's."""
 
     index: int  # m-line position in the SDP
     a: Party
@@ -105,6 +105,14 @@ class Timeout:
 
     session: str
     idle: float
+
+
+def stats_record(stats: Stats) -> list[dict[str, Any]]:
+    """A session's statistics as the call record shows them (issue 5 item 7)."""
+    return [
+        {"index": s.index, "caller": _pstats_out(s.a), "callee": _pstats_out(s.b)}
+        for s in stats.streams
+    ]
 
 
 Command = Update | Delete

@@ -1,0 +1,543 @@
+"""Media anchoring: every offer and answer is rewritten so that all media flows through the
+SBC's relay (issue 5 items 1, 3, 4 and 5). Sans-I/O.
+
+Each call has a ``MediaSession``: per m-line a ``_Stream`` with two parties, ``a`` on the
+caller's leg and ``b`` on the callee's. For each party the SBC holds a pair of relay ports
+(RTP on an even port, RTCP on the next, RFC 3550 11) on the side facing it, the address the
+party's SDP gave, and the SRTP keys of that leg: the party's own a=crypto (what it sends is
+decrypted with it) and a fresh one of the SBC's (what the relay sends it is encrypted with
+it; RFC 4568 6.1: each side's key protects what that side sends). The other leg's key is
+never forwarded. What the workers must do is sent to them as ``control.Update`` through
+``sink``; which worker owns a call follows from the port subrange its ports come from.
+
+Offer/answer (RFC 3264): an offer from one party is rewritten towards the other with the
+SBC's ports, address and keys on that side; the answer comes back rewritten likewise. The
+B2BUA says which is which (``offer`` / ``answer``) and when an offer was refused
+(``rejected``: the previous state comes back, RFC 3264 8: a failed re-offer changes
+nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sbc.media.control import Command, Delete, Party, SrtpKey, Stream, Update
+from sbc.media.srtp import SUPPORTED_SUITES
+from sbc.sdp.sdes import Crypto
+from sbc.sdp.sdp import Media, Origin, SdpError, Session
+
+log = logging.getLogger("sbc.media")
+
+SRTP_POLICIES = ("mandatory", "optional", "off")
+# Attributes that name end-to-end keying: the SBC then relays the packets untouched (issue 5
+# item 5): DTLS-SRTP (RFC 5763 5), MIKEY (RFC 4567), ZRTP (RFC 6189 8).
+END_TO_END_KEYING = ("fingerprint", "key-mgmt", "zrtp-hash")
+# ICE (RFC 8839 5) is removed: the parties are to use the relay, not each other.
+ICE_ATTRIBUTES = (
+    "candidate", "ice-ufrag", "ice-pwd", "ice-options", "ice-lite", "ice-mismatch",
+    "remote-candidates", "end-of-candidates", "ice-pacing",
+)  # fmt: skip
+RTP_PROTOS = frozenset({"RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF"})
+
+
+class MediaRefused(Exception):
+    """An offer the SBC cannot take (488 Not Acceptable Here, RFC 3261 21.4.26); str() is
+    the reason phrase."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SideMedia:
+    """How media is done facing one side (access, core, peer)."""
+
+    bind: str  # local address of the relay ports on this side
+    advertise: str  # the address written into SDP c= and o= towards this side
+    srtp: str = "off"  # mandatory | optional | off (issue 5 item 4)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MediaPolicy:
+    sides: dict[str, SideMedia]
+    ports: tuple[int, int] = (20000, 30000)
+    workers: int = 1
+    # Suites the SBC offers, in order of preference (RFC 4568 6.2, RFC 7714 14.2).
+    suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+
+
+class PortPool:
+    """Even RTP ports (RTCP on the next one) of ``[media] ports``, split into one contiguous
+    subrange per worker; the worker owning a port is the one that binds it."""
+
+    def __init__(self, first: int, last: int, workers: int) -> None:
+        first += first % 2
+        pairs = (last - first + 1) // 2
+        if workers < 1 or pairs < workers:
+            raise ValueError(f"port range {first}-{last} too small for {workers} workers")
+        per = pairs // workers
+        self._free: list[list[int]] = []
+        self._bounds: list[tuple[int, int]] = []
+        for w in range(workers):
+            lo = first + 2 * per * w
+            hi = lo + 2 * per
+            # Taken from the end (pop), lowest first, so tests see predictable ports.
+            self._free.append(list(range(hi - 2, lo - 2, -2)))
+            self._bounds.append((lo, hi))
+        self.in_use = 0
+        self._next = 0
+
+    @property
+    def workers(self) -> int:
+        return len(self._free)
+
+    def pick_worker(self) -> int:
+        """Round-robin over the workers with free ports."""
+        n = len(self._free)
+        for i in range(n):
+            w = (self._next + i) % n
+            if self._free[w]:
+                self._next = (w + 1) % n
+                return w
+        raise MediaRefused("No Media Ports Available")
+
+    def take(self, worker: int) -> int:
+        free = self._free[worker]
+        if not free:
+            raise MediaRefused("No Media Ports Available")
+        self.in_use += 1
+        return free.pop()
+
+    def give(self, worker: int, port: int) -> None:
+        self.in_use -= 1
+        self._free[worker].append(port)
+
+
+@dataclass(slots=True)
+class _Party:
+    side: str
+    port: int | None = None
+    remote: tuple[str, int] | None = None
+    remote_rtcp: tuple[str, int] | None = None
+    rtcp_mux: bool = False
+    sends: bool = True
+    recv_key: SrtpKey | None = None  # the party's own key (its a=crypto)
+    send_key: SrtpKey | None = None  # the SBC's key towards it
+    offered: dict[int, Crypto] = field(default_factory=dict)  # our offer's crypto by tag
+    proto: str = "RTP/AVP"  # the transport protocol of the party's last offer
+
+    def spec(self, bind: str) -> Party:
+        assert self.port is not None
+        return Party(
+            bind=bind, port=self.port, rtcp_mux=self.rtcp_mux, remote=self.remote,
+            remote_rtcp=self.remote_rtcp, recv_key=self.recv_key, send_key=self.send_key,
+            sends=self.sends,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Stream:
+    index: int
+    a: _Party
+    b: _Party
+    passthrough: bool = False
+    active: bool = True  # false: rejected (port 0), no ports
+
+
+@dataclass(slots=True)
+class _Origin:
+    """The SBC's o= line towards one party (RFC 4566 5.2, RFC 3264 8: the version grows
+    with every change of what the SBC sends it)."""
+
+    session_id: str
+    version: int
+    last: bytes = b""
+
+
+class MediaSession:
+    def __init__(self, call: str, worker: int, a_side: str, b_side: str) -> None:
+        self.call = call
+        self.worker = worker
+        self.sides = (a_side, b_side)
+        self.streams: list[_Stream] = []
+        self.offerer: str | None = None  # "a" or "b": an offer awaits its answer
+        self.saved: list[_Stream] | None = None  # state before the pending offer
+        self.origins = {
+            "a": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
+            "b": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
+        }
+
+
+def _is_sdp(content_type: str | None) -> bool:
+    return content_type is not None and content_type.split(";", 1)[0].strip().lower() == (
+        "application/sdp"
+    )
+
+
+def _is_null(address: str) -> bool:
+    """RFC 3264 8.4 (and RFC 2543 hold): c=0.0.0.0 means "do not send to me"."""
+    return address in ("0.0.0.0", "::")
+
+
+def _savp(proto: str) -> str:
+    return proto.replace("RTP/AVP", "RTP/SAVP") if "SAVP" not in proto else proto
+
+
+def _avp(proto: str) -> str:
+    return proto.replace("RTP/SAVP", "RTP/AVP")
+
+
+class MediaController:
+    """The B2BUA's media seam: rewrites SDP, keeps the sessions, drives the workers."""
+
+    def __init__(self, policy: MediaPolicy, sink: Callable[[int, Command], None]) -> None:
+        self.policy = policy
+        self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
+        self._sink = sink
+        self.sessions: dict[str, MediaSession] = {}
+        self.refused = 0
+
+    def state_size(self) -> dict[str, int]:
+        """For leak checks: all zero when no call is up."""
+        return {"media_sessions": len(self.sessions), "media_ports": self.pool.in_use}
+
+    # -- the seam ---------------------------------------------------------------------------
+    def offer(
+        self,
+        call: str,
+        sides: tuple[str, str],
+        toward_caller: bool,
+        body: bytes,
+        content_type: str | None,
+    ) -> bytes:
+        """An offer from one party, rewritten for the other; MediaRefused if it cannot be
+        met (the B2BUA answers 488)."""
+        if not _is_sdp(content_type):
+            return body
+        try:
+            sdp = Session.parse(body)
+        except SdpError as exc:
+            raise MediaRefused(f"Bad SDP: {exc}") from None
+        session = self.sessions.get(call)
+        if session is None:
+            session = MediaSession(call, self.pool.pick_worker(), *sides)
+            self.sessions[call] = session
+        src, dst = ("b", "a") if toward_caller else ("a", "b")
+        session.saved = copy.deepcopy(session.streams)
+        session.offerer = src
+        try:
+            out = self._rewrite_offer(session, sdp, src, dst)
+        except MediaRefused:
+            self.refused += 1
+            self.rejected(call)
+            raise
+        self._update(session)
+        return out
+
+    def answer(
+        self,
+        call: str,
+        sides: tuple[str, str],
+        toward_caller: bool,
+        body: bytes,
+        content_type: str | None,
+    ) -> bytes:
+        """The answer to the pending (or last) offer, rewritten for the offerer. An answer
+        the SBC cannot use is passed with its streams rejected (port 0), never with an
+        address of the far side."""
+        if not _is_sdp(content_type):
+            return body
+        session = self.sessions.get(call)
+        src, dst = ("b", "a") if toward_caller else ("a", "b")
+        if session is None:
+            # No offer seen (it was not SDP): take this as an offer instead.
+            try:
+                return self.offer(call, sides, toward_caller, body, content_type)
+            except MediaRefused as exc:
+                log.warning("media answer without offer refused: %s", exc, extra={"call": call})
+                return b""
+        try:
+            sdp = Session.parse(body)
+        except SdpError as exc:
+            log.warning("bad SDP answer: %s", exc, extra={"call": call})
+            sdp = None
+        out = self._rewrite_answer(session, sdp, src, dst)
+        session.offerer = None
+        session.saved = None
+        self._update(session)
+        return out
+
+    def rejected(self, call: str) -> None:
+        """The pending offer got no answer (a non-2xx final response): the state before it
+        comes back, and ports taken for it are returned (RFC 3264 8)."""
+        session = self.sessions.get(call)
+        if session is None or session.saved is None:
+            return
+        before = {p for s in session.saved for p in (s.a.port, s.b.port) if p is not None}
+        for stream in session.streams:
+            for party in (stream.a, stream.b):
+                if party.port is not None and party.port not in before:
+                    self.pool.give(session.worker, party.port)
+        session.streams = session.saved
+        session.saved = None
+        session.offerer = None
+        if any(s.active for s in session.streams):
+            self._update(session)
+        else:
+            self.release(call)
+
+    def release(self, call: str) -> bool:
+        """The call is over: its ports go back to the pool, the worker deletes the session
+        and answers with its statistics (True: they will follow)."""
+        session = self.sessions.pop(call, None)
+        if session is None:
+            return False
+        for stream in session.streams:
+            for party in (stream.a, stream.b):
+                if party.port is not None:
+                    self.pool.give(session.worker, party.port)
+                    party.port = None
+        self._sink(session.worker, Delete(session=call))
+        return True
+
+    # -- offers -----------------------------------------------------------------------------
+    def _rewrite_offer(self, session: MediaSession, sdp: Session, src: str, dst: str) -> bytes:
+        sides = dict(zip(("a", "b"), session.sides, strict=True))
+        src_side = self.policy.sides[sides[src]]
+        dst_side = self.policy.sides[sides[dst]]
+        session_keying = any(sdp.has(name) for name in END_TO_END_KEYING)
+        usable = 0
+        for i, m in enumerate(sdp.media):
+            if i >= len(session.streams):
+                session.streams.append(_Stream(i, _Party(sides["a"]), _Party(sides["b"])))
+            stream = session.streams[i]
+            me: _Party = getattr(stream, src)
+            other: _Party = getattr(stream, dst)
+            if m.port == 0 or not self._relayable(m):
+                self._close_stream(session, stream)
+                m.port = 0
+                _strip(m)
+                continue
+            stream.passthrough = session_keying or any(m.has(n) for n in END_TO_END_KEYING)
+            self._learn(sdp, m, me)
+            me.rtcp_mux = m.has("rtcp-mux")
+            me.proto = m.proto
+            # The offerer's leg: its key, or a refusal its side's policy demands.
+            if not stream.passthrough and m.proto in RTP_PROTOS:
+                self._take_offer_crypto(m, me, src_side, stream)
+            # The answerer's leg: the SBC's own offer.
+            self._ports(session, stream)
+            assert other.port is not None
+            conn = sdp.media_connection(m)
+            held = conn is not None and _is_null(conn[1])
+            _strip(m)
+            if not stream.passthrough and m.proto in RTP_PROTOS:
+                other.offered = {}
+                other.send_key = None
+                m.remove("crypto")
+                if dst_side.srtp == "off":
+                    m.proto = _avp(m.proto)
+                else:
+                    m.proto = _savp(m.proto) if dst_side.srtp == "mandatory" else _avp(m.proto)
+                    for tag, suite in enumerate(self.policy.suites, start=1):
+                        crypto = Crypto.generate(tag, suite)
+                        other.offered[tag] = crypto
+                        m.add("crypto", str(crypto))
+            stream.active = True
+            usable += 1
+            m.port = other.port
+            m.connection = ("IP6" if ":" in dst_side.advertise else "IP4",
+                            "0.0.0.0" if held else dst_side.advertise)  # fmt: skip
+        if usable == 0 and sdp.media:
+            raise MediaRefused("No Acceptable Media")
+        for stream in session.streams[len(sdp.media) :]:
+            self._close_stream(session, stream)
+        return self._finish(session, sdp, dst, dst_side)
+
+    def _take_offer_crypto(self, m: Media, me: _Party, side: SideMedia, stream: _Stream) -> None:
+        """RFC 4568 7.1.1 (answerer): pick the first offered crypto line the SBC supports;
+        the SBC answers it later with the same tag and suite and a key of its own."""
+        offers = m.attributes("crypto")
+        secure = "SAVP" in m.proto
+        chosen: Crypto | None = None
+        reason = ""
+        for value in offers:
+            try:
+                crypto = Crypto.parse(value)
+            except SdpError as exc:
+                reason = str(exc)
+                continue
+            if crypto.suite.upper() not in SUPPORTED_SUITES:
+                reason = f"unsupported crypto suite {crypto.suite}"
+                continue
+            if crypto.mki is not None or crypto.keys != 1:
+                reason = "MKI not supported"  # RFC 4568 6.1: one key, no MKI, here
+                continue
+            chosen = crypto
+            break
+        if side.srtp == "off":
+            if secure:
+                raise MediaRefused("SRTP Not Allowed")
+            chosen = None
+        elif chosen is None and (secure or side.srtp == "mandatory"):
+            if offers and reason:
+                raise MediaRefused(f"No Usable Crypto: {reason}"[:100])
+            raise MediaRefused("SRTP Required")
+        if chosen is None:
+            me.recv_key = None
+            me.send_key = None
+            me.offered = {}
+            return
+        key = SrtpKey(suite=chosen.suite.upper(), key_salt=chosen.key_salt)
+        me.recv_key = key
+        # Our answer key towards the offerer: kept across re-offers with the same suite.
+        ours = me.offered.get(chosen.tag)
+        if ours is None or ours.suite != key.suite or me.send_key is None:
+            ours = Crypto.generate(chosen.tag, chosen.suite)
+        me.offered = {chosen.tag: ours}
+        me.send_key = SrtpKey(suite=ours.suite, key_salt=ours.key_salt)
+
+    # -- answers ----------------------------------------------------------------------------
+    def _rewrite_answer(
+        self, session: MediaSession, sdp: Session | None, src: str, dst: str
+    ) -> bytes:
+        sides = dict(zip(("a", "b"), session.sides, strict=True))
+        dst_side = self.policy.sides[sides[dst]]
+        if sdp is None:
+            return b""  # nothing of it can be passed on
+        for i, m in enumerate(sdp.media):
+            stream = session.streams[i] if i < len(session.streams) else None
+            if stream is None or not stream.active or m.port == 0:
+                if stream is not None:
+                    self._close_stream(session, stream)
+                m.port = 0
+                _strip(m)
+                m.remove("crypto")
+                continue
+            me: _Party = getattr(stream, src)
+            other: _Party = getattr(stream, dst)
+            self._learn(sdp, m, me)
+            me.rtcp_mux = m.has("rtcp-mux")
+            conn = sdp.media_connection(m)
+            held = conn is not None and _is_null(conn[1])
+            if not stream.passthrough and m.proto in RTP_PROTOS:
+                self._take_answer_crypto(m, me)
+            _strip(m)
+            if not stream.passthrough and m.proto in RTP_PROTOS:
+                m.remove("crypto")
+                # RFC 3264 6.1: the answer's protocol is the offer's.
+                m.proto = other.proto
+                if other.send_key is not None:
+                    m.add("crypto", str(next(iter(other.offered.values()))))
+            if other.rtcp_mux:
+                if not m.has("rtcp-mux"):
+                    m.add("rtcp-mux")  # RFC 5761 5.1.1: the SBC can multiplex
+            else:
+                m.remove("rtcp-mux")
+            assert other.port is not None
+            m.port = other.port
+            m.connection = ("IP6" if ":" in dst_side.advertise else "IP4",
+                            "0.0.0.0" if held else dst_side.advertise)  # fmt: skip
+        return self._finish(session, sdp, dst, dst_side)
+
+    def _take_answer_crypto(self, m: Media, me: _Party) -> None:
+        """RFC 4568 7.1.2 / 7.5: the answer names one of the tags the SBC offered, with the
+        answerer's own key; without one, that leg is plain RTP (best-effort SRTP was
+        declined) or unusable (a mandatory offer; counted and logged)."""
+        for value in m.attributes("crypto"):
+            try:
+                crypto = Crypto.parse(value)
+            except SdpError:
+                continue
+            ours = me.offered.get(crypto.tag)
+            suite = crypto.suite.upper()  # RFC 4568 9.1: the ABNF is case-insensitive
+            if ours is None or ours.suite != suite or crypto.mki is not None:
+                continue
+            me.recv_key = SrtpKey(suite=suite, key_salt=crypto.key_salt)
+            me.send_key = SrtpKey(suite=ours.suite, key_salt=ours.key_salt)
+            me.offered = {crypto.tag: ours}
+            return
+        me.recv_key = None
+        me.send_key = None
+        me.offered = {}
+
+    # -- shared -----------------------------------------------------------------------------
+    @staticmethod
+    def _relayable(m: Media) -> bool:
+        """UDP media only: RTP profiles and UDPTL (T.38); TCP media (RFC 4145) is refused."""
+        proto = m.proto.upper()
+        return proto in RTP_PROTOS or proto.startswith("UDP/") or proto == "UDPTL"
+
+    @staticmethod
+    def _learn(sdp: Session, m: Media, party: _Party) -> None:
+        """Where the party receives: c= and m= port, a=rtcp (RFC 3605) or port + 1."""
+        conn = sdp.media_connection(m)
+        direction = sdp.media_direction(m)
+        if conn is None or _is_null(conn[1]):
+            party.remote = None
+            party.remote_rtcp = None
+        else:
+            host = conn[1]
+            party.remote = (host, m.port)
+            party.remote_rtcp = (host, m.port + 1)
+            for value in m.attributes("rtcp"):
+                parts = value.split()
+                if parts and parts[0].isdigit():
+                    addr = parts[3] if len(parts) >= 4 else host
+                    party.remote_rtcp = (addr, int(parts[0]))
+        party.sends = direction in ("sendrecv", "sendonly") and m.port != 0
+
+    def _ports(self, session: MediaSession, stream: _Stream) -> None:
+        for party in (stream.a, stream.b):
+            if party.port is None:
+                party.port = self.pool.take(session.worker)
+
+    def _close_stream(self, session: MediaSession, stream: _Stream) -> None:
+        for party in (stream.a, stream.b):
+            if party.port is not None:
+                self.pool.give(session.worker, party.port)
+                party.port = None
+        stream.active = False
+
+    def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
+        """The SBC's o= line and session-level c= towards ``dst``."""
+        for name in ICE_ATTRIBUTES:
+            sdp.remove(name)
+        family = "IP6" if ":" in side.advertise else "IP4"
+        if sdp.connection is not None:
+            sdp.connection = (family, side.advertise)
+        origin = session.origins[dst]
+        sdp.origin = Origin(
+            username="-", session_id=origin.session_id, version=origin.version,
+            nettype="IN", addrtype=family, address=side.advertise,
+        )  # fmt: skip
+        body = bytes(sdp)
+        if origin.last and body != origin.last:
+            origin.version += 1  # RFC 3264 8: a changed session description
+            sdp.origin = Origin(
+                username="-", session_id=origin.session_id, version=origin.version,
+                nettype="IN", addrtype=family, address=side.advertise,
+            )  # fmt: skip
+            body = bytes(sdp)
+        origin.last = body
+        return body
+
+    def _update(self, session: MediaSession) -> None:
+        a_bind = self.policy.sides[session.sides[0]].bind
+        b_bind = self.policy.sides[session.sides[1]].bind
+        streams = tuple(
+            Stream(index=s.index, a=s.a.spec(a_bind), b=s.b.spec(b_bind),
+                   passthrough=s.passthrough)
+            for s in session.streams
+            if s.active and s.a.port is not None and s.b.port is not None
+        )  # fmt: skip
+        self._sink(session.worker, Update(session=session.call, streams=streams))
+
+
+def _strip(m: Media) -> None:
+    """What names the far party's network is not passed on: ICE, a=rtcp with its address
+    (the SBC's RTCP port is RTP + 1, the RFC 3550 default), and ptime-neutral extras stay."""
+    for name in ICE_ATTRIBUTES:
+        m.remove(name)
+    m.remove("rtcp")

@@ -1,0 +1,270 @@
+"""Media anchoring (issue 5 items 1, 3, 4, 5): the SDP each party receives names only the
+SBC, each leg has its own SRTP keys, and the workers are told exactly what to relay."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from sbc.media.control import Command, Delete, SrtpKey, Update
+from sbc.media.session import MediaController, MediaPolicy, MediaRefused, SideMedia
+from sbc.sdp.sdes import Crypto
+from sbc.sdp.sdp import Session
+
+ACCESS_IP = "203.0.113.1"
+CORE_IP = "10.1.0.1"
+KEY1 = "PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR"
+KEY2 = "NzB4d1BINUAvLEw6UzF3WSJ+PSdFcGdUJShpX1Zj"
+
+
+def policy(access: str = "optional", core: str = "off") -> MediaPolicy:
+    return MediaPolicy(
+        sides={
+            "access": SideMedia(bind="0.0.0.0", advertise=ACCESS_IP, srtp=access),
+            "core": SideMedia(bind=CORE_IP, advertise=CORE_IP, srtp=core),
+        },
+        ports=(30000, 30099),
+        workers=2,
+    )
+
+
+def sdp(*lines: str) -> bytes:
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+SRTP_OFFER = sdp(
+    "v=0",
+    "o=alice 2890844526 2890844526 IN IP4 192.168.1.20",
+    "s=-",
+    "c=IN IP4 192.168.1.20",
+    "t=0 0",
+    "m=audio 49170 RTP/SAVP 0 8 101",
+    "a=rtpmap:0 PCMU/8000",
+    "a=rtpmap:101 telephone-event/8000",
+    f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{KEY1}",
+    f"a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}",
+    "a=candidate:1 1 UDP 2130706431 192.168.1.20 49170 typ host",
+    "a=ice-ufrag:abcd",
+    "a=rtcp:49171 IN IP4 192.168.1.20",
+    "a=sendrecv",
+)
+PLAIN_ANSWER = sdp(
+    "v=0",
+    "o=kam 1 1 IN IP4 10.1.0.50",
+    "s=-",
+    "c=IN IP4 10.1.0.50",
+    "t=0 0",
+    "m=audio 5000 RTP/AVP 0 101",
+    "a=rtpmap:0 PCMU/8000",
+    "a=rtpmap:101 telephone-event/8000",
+    "a=sendrecv",
+)
+PLAIN_OFFER = sdp(
+    "v=0",
+    "o=- 1 1 IN IP4 192.168.1.20",
+    "s=-",
+    "c=IN IP4 192.168.1.20",
+    "t=0 0",
+    "m=audio 4000 RTP/AVP 0",
+    "a=sendrecv",
+)
+
+
+class Harness:
+    def __init__(self, pol: MediaPolicy | None = None) -> None:
+        self.sent: list[tuple[int, Command]] = []
+        self.ctl = MediaController(pol or policy(), lambda w, c: self.sent.append((w, c)))
+
+    def last_update(self) -> Update:
+        _worker, cmd = self.sent[-1]
+        assert isinstance(cmd, Update)
+        return cmd
+
+    def offer(self, body: bytes, toward_caller: bool = False, call: str = "c1") -> Session:
+        out = self.ctl.offer(call, ("access", "core"), toward_caller, body, "application/sdp")
+        return Session.parse(out)
+
+    def answer(self, body: bytes, toward_caller: bool = True, call: str = "c1") -> Session:
+        out = self.ctl.answer(call, ("access", "core"), toward_caller, body, "application/sdp")
+        return Session.parse(out)
+
+
+def test_srtp_offer_from_a_client_becomes_plain_rtp_to_the_core_and_back() -> None:
+    h = Harness()
+    to_core = h.offer(SRTP_OFFER)
+    [m] = to_core.media
+    # Issue 5 item 1: only the SBC's core address and port; no ICE, no a=rtcp naming alice.
+    assert to_core.connection == ("IP4", CORE_IP) and m.connection in (None, ("IP4", CORE_IP))
+    assert str(to_core.origin).endswith(f"IN IP4 {CORE_IP}")
+    assert m.proto == "RTP/AVP" and not m.has("crypto")  # core_srtp = off (interworking)
+    assert not m.has("candidate") and not m.has("ice-ufrag") and not m.has("rtcp")
+    assert m.formats == ["0", "8", "101"] and m.has("sendrecv")
+    assert b"192.168.1.20" not in bytes(to_core)
+    update = h.last_update()
+    [stream] = update.streams
+    assert stream.a.recv_key == SrtpKey(
+        suite="AES_CM_128_HMAC_SHA1_80", key_salt=base64.b64decode(KEY1)
+    )
+    assert stream.a.remote == ("192.168.1.20", 49170)
+    assert stream.a.remote_rtcp == ("192.168.1.20", 49171)
+    assert stream.b.port == m.port and stream.b.bind == CORE_IP and stream.b.remote is None
+    assert stream.b.recv_key is None and stream.b.send_key is None
+    assert stream.a.port != stream.b.port and stream.a.port % 2 == 0
+
+    to_alice = h.answer(PLAIN_ANSWER)
+    [m] = to_alice.media
+    assert to_alice.connection == ("IP4", ACCESS_IP) and b"10.1.0.50" not in bytes(to_alice)
+    # RFC 3264 6.1 / RFC 4568 7.1.1: the offer's profile, the first usable tag and suite,
+    # and a key of the SBC's own: never alice's (or anyone else's) key.
+    assert m.proto == "RTP/SAVP" and m.port == stream.a.port
+    [line] = m.attributes("crypto")
+    crypto = Crypto.parse(line)
+    assert crypto.tag == 1 and crypto.suite == "AES_CM_128_HMAC_SHA1_80"
+    assert crypto.key_salt != base64.b64decode(KEY1)
+    [stream] = h.last_update().streams
+    assert stream.a.send_key == SrtpKey(suite=crypto.suite, key_salt=crypto.key_salt)
+    assert stream.b.remote == ("10.1.0.50", 5000) and stream.b.remote_rtcp == ("10.1.0.50", 5001)
+
+    assert h.ctl.release("c1") is True
+    assert h.sent[-1][1] == Delete(session="c1")
+    assert h.ctl.state_size() == {"media_sessions": 0, "media_ports": 0}
+
+
+def test_mandatory_srtp_to_the_core_offers_fresh_keys_and_takes_the_answered_tag() -> None:
+    h = Harness(policy(access="optional", core="mandatory"))
+    to_core = h.offer(PLAIN_OFFER)
+    [m] = to_core.media
+    assert m.proto == "RTP/SAVP"
+    offered = [Crypto.parse(v) for v in m.attributes("crypto")]
+    assert [(c.tag, c.suite) for c in offered] == [
+        (1, "AES_CM_128_HMAC_SHA1_80"),
+        (2, "AES_CM_128_HMAC_SHA1_32"),
+    ]
+    answer = PLAIN_ANSWER.replace(b"RTP/AVP", b"RTP/SAVP").replace(
+        b"a=sendrecv", f"a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}\r\na=sendrecv".encode()
+    )
+    to_alice = h.answer(answer)
+    [m] = to_alice.media
+    assert m.proto == "RTP/AVP" and not m.has("crypto")  # alice offered plain RTP
+    [stream] = h.last_update().streams
+    assert stream.b.recv_key == SrtpKey(
+        suite="AES_CM_128_HMAC_SHA1_32", key_salt=base64.b64decode(KEY2)
+    )
+    assert stream.b.send_key == SrtpKey(suite=offered[1].suite, key_salt=offered[1].key_salt)
+    assert stream.a.recv_key is None and stream.a.send_key is None
+
+
+@pytest.mark.parametrize(
+    ("access", "body", "reason"),
+    [
+        ("mandatory", PLAIN_OFFER, "SRTP Required"),
+        ("off", SRTP_OFFER, "SRTP Not Allowed"),
+        (
+            "optional",
+            SRTP_OFFER.replace(b"AES_CM_128_HMAC_SHA1_80", b"F8_128_HMAC_SHA1_80").replace(
+                b"AES_CM_128_HMAC_SHA1_32", b"F8_128_HMAC_SHA1_80"
+            ),
+            "No Usable Crypto: unsupported crypto suite F8_128_HMAC_SHA1_80",
+        ),
+        ("optional", b"v=0\r\nm=audio\r\n", None),
+    ],
+)
+def test_offers_the_policy_cannot_meet_are_refused(
+    access: str, body: bytes, reason: str | None
+) -> None:
+    h = Harness(policy(access=access))
+    with pytest.raises(MediaRefused) as exc:
+        h.offer(body)
+    if reason is not None:
+        assert str(exc.value) == reason
+    else:
+        assert str(exc.value).startswith("Bad SDP: ")
+    assert h.ctl.state_size() == {"media_sessions": 0, "media_ports": 0}
+
+
+def test_reoffer_keeps_ports_and_keys_bumps_the_version_and_a_refused_one_changes_nothing() -> None:
+    h = Harness()
+    first = h.offer(SRTP_OFFER)
+    h.answer(PLAIN_ANSWER)
+    before = h.last_update()
+    hold = SRTP_OFFER.replace(b"a=sendrecv", b"a=sendonly")
+    second = h.offer(hold)
+    [m] = second.media
+    assert m.direction() == "sendonly" and m.port == first.media[0].port
+    assert second.origin.session_id == first.origin.session_id
+    assert second.origin.version == first.origin.version + 1  # RFC 3264 8
+    [stream] = h.last_update().streams
+    assert stream.a.sends and stream.a.send_key == before.streams[0].a.send_key
+    # An identical re-offer keeps the version.
+    third = h.offer(hold)
+    assert third.origin.version == second.origin.version
+    # The callee refuses a re-offer with new addresses (488): the old state comes back.
+    h.offer(SRTP_OFFER.replace(b"49170", b"50000"))
+    h.ctl.rejected("c1")
+    assert h.last_update().streams[0].a.remote == ("192.168.1.20", 49170)
+    assert h.ctl.state_size()["media_ports"] == 2
+
+
+def test_rejected_and_added_streams_and_early_answer_changes() -> None:
+    h = Harness()
+    offer = PLAIN_OFFER + b"m=video 0 RTP/AVP 96\r\nm=application 9 TCP/BFCP *\r\n"
+    out = h.offer(offer)
+    assert [m.port for m in out.media][1:] == [0, 0]  # rejected / TCP: no ports
+    assert h.ctl.state_size()["media_ports"] == 2
+    early = PLAIN_ANSWER + b"m=video 0 RTP/AVP 96\r\nm=application 0 TCP/BFCP *\r\n"
+    h.answer(early)
+    assert h.last_update().streams[0].b.remote == ("10.1.0.50", 5000)
+    # 183 from an announcement server, then the callee's 200 from elsewhere (issue 4 item 3).
+    final = early.replace(b"10.1.0.50", b"10.1.0.77").replace(b"5000", b"6000")
+    to_alice = h.answer(final)
+    assert h.last_update().streams[0].b.remote == ("10.1.0.77", 6000)
+    assert b"10.1.0.77" not in bytes(to_alice)
+
+
+def test_end_to_end_keys_pass_untouched_but_addresses_are_the_sbcs() -> None:
+    h = Harness(policy(access="mandatory", core="off"))
+    dtls = sdp(
+        "v=0",
+        "o=- 1 1 IN IP4 192.168.1.20",
+        "s=-",
+        "c=IN IP4 192.168.1.20",
+        "t=0 0",
+        "a=fingerprint:sha-256 AB:CD",
+        "m=audio 4000 UDP/TLS/RTP/SAVPF 111",
+        "a=setup:actpass",
+    )
+    out = h.offer(dtls)
+    [m] = out.media
+    assert m.proto == "UDP/TLS/RTP/SAVPF" and m.has("setup") and out.has("fingerprint")
+    assert out.connection == ("IP4", CORE_IP)
+    [stream] = h.last_update().streams
+    assert stream.passthrough and stream.a.recv_key is None
+
+
+def test_hold_with_a_null_address_is_kept_and_the_party_does_not_count_as_sending() -> None:
+    h = Harness()
+    h.offer(PLAIN_OFFER)
+    h.answer(PLAIN_ANSWER)
+    out = h.offer(PLAIN_OFFER.replace(b"c=IN IP4 192.168.1.20", b"c=IN IP4 0.0.0.0"))
+    assert out.media_connection(out.media[0]) == ("IP4", "0.0.0.0")
+    [stream] = h.last_update().streams
+    assert stream.a.remote is None
+
+
+def test_ports_spread_over_workers_and_run_out_with_a_clear_refusal() -> None:
+    h = Harness(
+        MediaPolicy(
+            sides=policy().sides,
+            ports=(30000, 30007),
+            workers=2,  # 4 pairs: 2 per worker
+        )
+    )
+    h.offer(PLAIN_OFFER, call="x")
+    h.offer(PLAIN_OFFER, call="y")
+    assert {w for w, _ in h.sent} == {0, 1}
+    with pytest.raises(MediaRefused, match="No Media Ports Available"):
+        h.offer(PLAIN_OFFER + b"m=audio 4002 RTP/AVP 0\r\n", call="x")
+    h.ctl.release("x")
+    h.ctl.release("y")
+    assert h.ctl.state_size() == {"media_sessions": 0, "media_ports": 0}
