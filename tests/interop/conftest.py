@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import os
 import re
 import secrets
@@ -198,10 +199,28 @@ class SbcProcess:
 TCP_IDLE_TIMEOUT = 2.0
 
 
+# Each SBC started gets its own relay port range, below the kernel's ephemeral ports
+# (32768-60999) so that no peer's socket takes one.
+_media_ranges = itertools.count()
+
+
+def media_range() -> tuple[int, int]:
+    base = 20000 + (next(_media_ranges) % 60) * 200
+    return base, base + 199
+
+
 def _write_config(
-    path: Path, certs: Certs, ports: dict[str, int], *, core: str = "", extra: str = ""
+    path: Path,
+    certs: Certs,
+    ports: dict[str, int],
+    *,
+    core: str = "",
+    extra: str = "",
+    media: str = "",
 ) -> None:
-    """The test config; ``core`` adds keys to [core], ``extra`` adds sections at the end."""
+    """The test config; ``core`` adds keys to [core], ``media`` to [media], ``extra`` adds
+    sections at the end."""
+    low, high = media_range()
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
         f'"tls://127.0.0.1:{ports["tls4"]}"',
@@ -239,6 +258,11 @@ ca = "{certs.ca}"
 [admin]
 listen = "127.0.0.1:{ports["admin"]}"
 
+[media]
+ports = "{low}-{high}"
+workers = 1
+{media}
+
 [sip]
 max_message_size = {MAX_MESSAGE_SIZE}
 max_header_line = 2048
@@ -254,7 +278,13 @@ format = "text"
 
 
 def _start(
-    tmp_path: Path, certs: Certs, attempt: int, *, core: str = "", extra: str = ""
+    tmp_path: Path,
+    certs: Certs,
+    attempt: int,
+    *,
+    core: str = "",
+    extra: str = "",
+    media: str = "",
 ) -> SbcProcess | str:
     """Start the SBC; the process once ready, or the reason it did not start."""
     pool = PortPool()
@@ -268,7 +298,7 @@ def _start(
     if HAS_IPV6:
         ports["udp6"] = pool.port("::1", UDP, TCP)
     config = tmp_path / f"sbc-{attempt}.toml"
-    _write_config(config, certs, ports, core=core, extra=extra)
+    _write_config(config, certs, ports, core=core, extra=extra, media=media)
     stderr_path = tmp_path / f"sbc-{attempt}.stderr"
     pool.release()  # the SBC binds them now
     with stderr_path.open("wb") as stderr:
@@ -338,12 +368,15 @@ SbcFactory = Callable[..., SbcProcess]
 
 @pytest.fixture
 def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
-    """``sbc_factory(core="...", extra="...")`` starts an SBC with config additions (backends,
-    [registration] ...); every SBC started is stopped and checked at teardown."""
+    """``sbc_factory(core="...", extra="...", media="...")`` starts an SBC with config
+    additions (backends, [registration], [media] keys ...); every SBC started is stopped and
+    checked at teardown."""
     running: list[Iterator[SbcProcess]] = []
 
-    def start(*, core: str = "", extra: str = "") -> SbcProcess:
-        gen = _running_sbc(tmp_path / f"sbc{len(running)}", certs, core=core, extra=extra)
+    def start(*, core: str = "", extra: str = "", media: str = "") -> SbcProcess:
+        gen = _running_sbc(
+            tmp_path / f"sbc{len(running)}", certs, core=core, extra=extra, media=media
+        )
         running.append(gen)
         return next(gen)
 
@@ -354,12 +387,12 @@ def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
 
 
 def _running_sbc(
-    tmp_path: Path, certs: Certs, *, core: str = "", extra: str = ""
+    tmp_path: Path, certs: Certs, *, core: str = "", extra: str = "", media: str = ""
 ) -> Iterator[SbcProcess]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     started: SbcProcess | str = ""
     for attempt in range(3):
-        started = _start(tmp_path, certs, attempt, core=core, extra=extra)
+        started = _start(tmp_path, certs, attempt, core=core, extra=extra, media=media)
         # A free port can be taken by someone else between our probe and the SBC's bind.
         if isinstance(started, SbcProcess) or "cannot listen on" not in started:
             break
