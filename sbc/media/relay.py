@@ -1,0 +1,561 @@
+"""The media relay's data plane (issue 5 items 2, 3, 5, 6, 7): sans-I/O, one per worker.
+
+``RelayEngine`` applies the control messages (``control.Update`` / ``control.Delete``) and
+relays packets: ``receive(port, data, src, now)`` returns ``(local port, bytes, destination)``
+to send, or None. Sockets are the caller's: ``update`` and ``delete`` say which local ports
+to open and close.
+
+Forwarding. Each stream has two parties; a packet that arrives on party X's RTP port, on its
+RTCP port (RTP port + 1, RFC 3550 11) or, when X uses rtcp-mux, on its RTP port with a
+payload type byte in 192..223 (RFC 5761 4: it is RTCP) comes from X. It leaves through the
+other party Y's port of the same kind (RTCP through Y's RTP port if Y uses rtcp-mux) towards
+Y's latched address, or else the address Y's SDP gave (RTCP: a=rtcp, RFC 3605, or RTP port
++ 1). The relay sends nowhere else: no reflection to the source, no open relay.
+
+Latching (symmetric RTP, RFC 4961; issue 5 item 2). A party's RTP and its RTCP (unless
+rtcp-mux: one address for both) each have a latched source address:
+- a packet from the latched address is accepted;
+- before anything is latched, a packet from exactly the address of the party's SDP (RTCP:
+  its RTCP address, or RTP latched address port + 1) is accepted and latches;
+- within ``latch_window`` seconds of the Update that created the stream or changed the
+  address of either of its parties, a packet from any other address latches (the last one
+  wins while the window is open: a NAT may rebind while the call starts);
+- on an SRTP leg a packet latches only if it authenticates (RFC 3711 3.3), and after the
+  window a packet from a new address that authenticates with an SSRC the party had not used
+  re-latches: a verified SSRC change (a phone that restarted its stream behind a new NAT
+  binding); a packet with a known SSRC from a new address stays dropped;
+- everything else is dropped and counted (``dropped_source``); a packet from one of the
+  relay's own ports is never accepted (no loops through a forged SDP address).
+A changed SDP address clears the party's latch (the new address is the destination).
+
+SRTP (RFC 3711, SDES re-keying per leg, RFC 4568): what X sends is unprotected with X's key
+(``recv_key``); a failure drops the packet (``srtp_failures``) and never latches; what goes
+to Y is protected with the SBC's key towards Y (``send_key``). Either side may be plain
+(RTP<->SRTP interworking). ``passthrough`` streams (keys end to end: DTLS-SRTP, MIKEY, ZRTP;
+issue 5 item 5) have no crypto: the bytes, including DTLS and STUN, pass unchanged.
+
+Statistics (issue 5 item 7): per party, packets and bytes in (accepted, as received) and out
+(as sent), RTP loss (RFC 3550 A.3) and interarrival jitter (RFC 3550 6.4.1, A.8) of the RTP
+it sent. The RTP clock rate for the jitter comes from the static payload type of the first
+packet of each SSRC (RFC 3551 6); dynamic payload types count as 8000 Hz.
+
+Timeouts (issue 5 item 6): every accepted packet of a session, and every Update, refreshes
+its last-activity time; a session in which some party ``sends`` and that saw nothing for
+``timeout`` seconds is reported once (again only after another Update). A session whose
+parties are all on hold (none ``sends``) never times out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sbc.media import control
+from sbc.media.control import Address
+from sbc.media.srtp import SrtpError, SrtpReceiver, SrtpSender
+
+log = logging.getLogger("sbc.media.relay")
+
+Out = tuple[int, bytes, Address]
+Handler = Callable[[bytes, Address, float], Out | None]
+LocalPort = tuple[str, int]  # (bind address, port)
+
+MAX_DROPOUT = 3000  # RFC 3550 A.1: a larger sequence jump is a restart
+SEEN_SSRCS = 64  # how many past SSRCs of a party are remembered for the SSRC-change rule
+
+# RFC 3551 6 table 4 and 5: clock rates of the static payload types that are not 8000 Hz.
+_CLOCK_RATES = {
+    10: 44100, 11: 44100, 14: 90000, 25: 90000, 26: 90000, 28: 90000, 31: 90000, 32: 90000,
+    33: 90000, 34: 90000, 6: 16000, 16: 11025, 17: 22050,
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PortChanges:
+    """Local ports the caller must close (first) and open; ``close`` holds only ports that
+    no other party uses any more."""
+
+    open: tuple[LocalPort, ...] = ()
+    close: tuple[LocalPort, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.open or self.close)
+
+
+class _Sender(Protocol):
+    def protect(self, packet: bytes) -> bytes: ...
+    def protect_rtcp(self, packet: bytes) -> bytes: ...
+
+
+class _Unusable:
+    """Stands for a key libsrtp refused: nothing is sent with it (never plain instead)."""
+
+    def protect(self, packet: bytes) -> bytes:
+        raise SrtpError("no usable SRTP key")
+
+    protect_rtcp = protect
+
+
+class _Latch:
+    """Where one party's RTP (or RTCP) comes from and goes to."""
+
+    __slots__ = ("addr", "default", "dest", "seen", "ssrc", "trusted", "until")
+
+    def __init__(self) -> None:
+        self.addr: Address | None = None  # latched source
+        self.default: Address | None = None  # from SDP
+        self.dest: Address | None = None  # addr or default: where the relay sends
+        self.trusted: tuple[Address, ...] = ()  # accepted before anything latched
+        self.until = 0.0  # end of the latch window
+        self.ssrc: bytes | None = None  # last accepted SSRC (RTCP latches)
+        self.seen: set[bytes] = set()  # SSRCs the party used on this latch
+
+    def set_default(self, default: Address | None, trusted: tuple[Address, ...]) -> None:
+        self.default = default
+        self.trusted = trusted
+        self.dest = self.addr or default
+
+    def latch(self, addr: Address | None) -> None:
+        self.addr = addr
+        self.dest = addr or self.default
+
+    def see(self, ssrc: bytes) -> None:
+        if len(self.seen) >= SEEN_SSRCS:
+            self.seen.clear()
+        self.seen.add(ssrc)
+
+
+class _Session:
+    __slots__ = ("can_timeout", "last", "name", "ports", "reported", "streams")
+
+    def __init__(self, name: str, now: float) -> None:
+        self.name = name
+        self.streams: dict[int, tuple[_Leg, _Leg]] = {}
+        self.ports: dict[int, tuple[str, Handler]] = {}  # port -> (bind, handler)
+        self.last = now
+        self.reported = False
+        self.can_timeout = False
+
+
+class _Leg:
+    """One party of a stream: its ports, latches, SRTP contexts and statistics."""
+
+    __slots__ = (
+        "base_seq", "bind", "bytes_in", "bytes_out", "clock", "cycles", "dropped_source",
+        "engine", "jitter", "last_arrival", "last_ts", "local", "lost_before", "max_seq",
+        "packets_in", "packets_out", "party", "passthrough", "peer", "port", "received",
+        "receiver", "rtcp", "rtcp_port", "rtp", "sender", "session", "srtp_failures", "ssrc",
+        "strict",
+    )  # fmt: skip
+
+    def __init__(self, session: _Session, local: set[LocalPort], engine: RelayEngine) -> None:
+        self.session = session
+        self.local = local  # the relay's own (bind, port)s: never a source
+        self.engine = engine
+        self.peer: _Leg = self
+        self.party: control.Party | None = None
+        self.passthrough = False
+        self.strict = True  # drop what is not RTP/RTCP version 2 (not on passthrough)
+        self.bind = ""
+        self.port = 0
+        self.rtcp_port = 0
+        self.rtp = _Latch()
+        self.rtcp = _Latch()
+        self.receiver: SrtpReceiver | None = None
+        self.sender: _Sender | None = None
+        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
+        self.dropped_source = self.srtp_failures = 0
+        # RFC 3550 A.1 / A.3 / A.8 receiver state of the current SSRC
+        self.ssrc: bytes | None = None
+        self.clock = 8000
+        self.base_seq = self.max_seq = self.cycles = self.received = self.lost_before = 0
+        self.last_ts = 0
+        self.last_arrival = 0.0
+        self.jitter = 0.0
+
+    # -- control ------------------------------------------------------------------------
+    def configure(self, party: control.Party, passthrough: bool, window_until: float) -> bool:
+        """Apply the party's description; True if its keys are usable."""
+        old = self.party
+        self.party = party
+        self.bind, self.port = party.bind, party.port
+        self.rtcp_port = party.port if party.rtcp_mux else party.port + 1
+        mux_changed = old is not None and old.rtcp_mux != party.rtcp_mux
+        if old is None or mux_changed:
+            self.rtcp = self.rtp if party.rtcp_mux else _Latch()
+        if old is not None and (old.remote != party.remote or mux_changed):
+            self.rtp.latch(None)
+        if old is not None and (old.remote_rtcp != party.remote_rtcp or old.remote != party.remote):
+            self.rtcp.latch(None)
+        self.rtp.until = window_until
+        self.rtcp.until = window_until
+        remote = party.remote
+        self.rtp.set_default(remote, (remote,) if remote else ())
+        if not party.rtcp_mux:
+            rtcp = party.remote_rtcp
+            if rtcp is None and remote is not None:
+                rtcp = (remote[0], remote[1] + 1)
+            self.rtcp.set_default(rtcp, (rtcp,) if rtcp else ())
+        ok = True
+        crypto_changed = old is None or passthrough != self.passthrough
+        self.passthrough = passthrough
+        self.strict = not passthrough
+        if passthrough:
+            self.receiver = None
+            self.sender = None
+            return True
+        if crypto_changed or old is None or old.recv_key != party.recv_key:
+            self.receiver = None
+            if party.recv_key is not None:
+                try:
+                    self.receiver = SrtpReceiver(party.recv_key)
+                except SrtpError as exc:
+                    log.error("session %s port %d: %s", self.session.name, self.port, exc)
+                    ok = False
+        if crypto_changed or old is None or old.send_key != party.send_key:
+            self.sender = None
+            if party.send_key is not None:
+                try:
+                    self.sender = SrtpSender(party.send_key)
+                except SrtpError as exc:
+                    log.error("session %s port %d: %s", self.session.name, self.port, exc)
+                    self.sender = _Unusable()
+        return ok
+
+    def handlers(self, usable: bool) -> dict[int, Handler]:
+        if not usable:
+            drop = self.on_unusable
+            return {self.port: drop} if self.rtcp_port == self.port else {
+                self.port: drop, self.rtcp_port: drop
+            }  # fmt: skip
+        if self.rtcp_port == self.port:
+            return {self.port: self.on_mux}
+        return {self.port: self.on_rtp, self.rtcp_port: self.on_rtcp}
+
+    def stats(self) -> control.PartyStats:
+        expected = self.cycles + self.max_seq - self.base_seq + 1 if self.ssrc else 0
+        return control.PartyStats(
+            packets_in=self.packets_in, bytes_in=self.bytes_in,
+            packets_out=self.packets_out, bytes_out=self.bytes_out,
+            lost=self.lost_before + max(0, expected - self.received),
+            jitter_ms=round(self.jitter * 1000.0 / self.clock, 3),
+            dropped_source=self.dropped_source, srtp_failures=self.srtp_failures,
+            latched=self.rtp.addr,
+        )  # fmt: skip
+
+    # -- packets ------------------------------------------------------------------------
+    def on_unusable(self, data: bytes, src: Address, now: float) -> Out | None:
+        self.srtp_failures += 1
+        return None
+
+    def on_mux(self, data: bytes, src: Address, now: float) -> Out | None:
+        # RFC 5761 4: an RTP/RTCP packet (first byte 128..191) whose second byte is in
+        # 192..223 is RTCP (RTCP packet types 192..223 = RTP payload types 64..95 + marker).
+        if len(data) > 1 and 191 < data[1] < 224 and 127 < data[0] < 192:
+            return self.on_rtcp(data, src, now)
+        return self.on_rtp(data, src, now)
+
+    def on_rtp(self, data: bytes, src: Address, now: float) -> Out | None:
+        size = len(data)
+        if src == self.rtp.addr:
+            receiver = self.receiver
+            if receiver is not None:
+                try:
+                    data = receiver.unprotect(data)
+                except SrtpError:
+                    self.srtp_failures += 1
+                    return None
+            elif self.strict and (size < 12 or data[0] & 0xC0 != 0x80):
+                self.engine.invalid += 1  # RFC 3550 5.1: not RTP version 2
+                return None
+        else:
+            admitted = self._admit(self.rtp, data, src, now, False)
+            if admitted is None:
+                return None
+            data = admitted
+        self.packets_in += 1
+        self.bytes_in += size
+        self.session.last = now
+        # RFC 3550 A.1, A.8: sequence and jitter of RTP (not DTLS/STUN on a passthrough)
+        if len(data) >= 12 and data[0] & 0xC0 == 0x80:
+            ssrc = data[8:12]
+            seq = (data[2] << 8) | data[3]
+            ts = int.from_bytes(data[4:8], "big")
+            if ssrc != self.ssrc:
+                self._new_ssrc(ssrc, seq, data[1] & 0x7F)
+            else:
+                delta = (seq - self.max_seq) & 0xFFFF
+                if 0 < delta < MAX_DROPOUT:
+                    if seq < self.max_seq:
+                        self.cycles += 0x10000  # RFC 3550 A.1: wrapped
+                    self.max_seq = seq
+                elif MAX_DROPOUT <= delta < 0xFFFF - 100:
+                    self._restart(seq)  # RFC 3550 A.1: a jump is a restart of the sequence
+                # RFC 3550 A.8: D(i-1, i) in timestamp units, timestamps modulo 2^32
+                tsd = (ts - self.last_ts) & 0xFFFFFFFF
+                if tsd & 0x80000000:
+                    tsd -= 0x100000000
+                d = (now - self.last_arrival) * self.clock - tsd
+                self.jitter += ((d if d > 0 else -d) - self.jitter) * 0.0625
+            self.received += 1
+            self.last_ts = ts
+            self.last_arrival = now
+        peer = self.peer
+        dest = peer.rtp.dest
+        if dest is None:
+            self.engine.no_destination += 1
+            return None
+        sender = peer.sender
+        if sender is not None:
+            try:
+                data = sender.protect(data)
+            except SrtpError:
+                self.engine.protect_failures += 1
+                return None
+        peer.packets_out += 1
+        peer.bytes_out += len(data)
+        return (peer.port, data, dest)
+
+    def on_rtcp(self, data: bytes, src: Address, now: float) -> Out | None:
+        size = len(data)
+        latch = self.rtcp
+        if src == latch.addr:
+            receiver = self.receiver
+            if receiver is not None:
+                try:
+                    data = receiver.unprotect_rtcp(data)
+                except SrtpError:
+                    self.srtp_failures += 1
+                    return None
+        else:
+            admitted = self._admit(latch, data, src, now, True)
+            if admitted is None:
+                return None
+            data = admitted
+        if len(data) >= 8:
+            ssrc = data[4:8]
+            if ssrc != latch.ssrc:
+                latch.ssrc = ssrc
+                latch.see(ssrc)
+        self.packets_in += 1
+        self.bytes_in += size
+        self.session.last = now
+        peer = self.peer
+        dest = peer.rtcp.dest
+        if dest is None:
+            self.engine.no_destination += 1
+            return None
+        sender = peer.sender
+        if sender is not None:
+            try:
+                data = sender.protect_rtcp(data)
+            except SrtpError:
+                self.engine.protect_failures += 1
+                return None
+        peer.packets_out += 1
+        peer.bytes_out += len(data)
+        return (peer.rtcp_port, data, dest)
+
+    def _admit(
+        self, latch: _Latch, data: bytes, src: Address, now: float, rtcp: bool
+    ) -> bytes | None:
+        """A packet from an address other than the latched one: the latching rules."""
+        if src in self.local:
+            self.dropped_source += 1
+            return None
+        rtp_addr = self.rtp.addr
+        trusted = latch.addr is None and (
+            src in latch.trusted
+            or (rtcp and rtp_addr is not None and src == (rtp_addr[0], rtp_addr[1] + 1))
+        )
+        in_window = now <= latch.until
+        receiver = self.receiver
+        if receiver is None:
+            if not (trusted or in_window):
+                self.dropped_source += 1
+                return None
+            if self.strict and (len(data) < (8 if rtcp else 12) or data[0] & 0xC0 != 0x80):
+                self.engine.invalid += 1
+                return None
+            latch.latch(src)
+            return data
+        if not (trusted or in_window):
+            # After the window only a verified SSRC change re-latches. The SSRC is in the
+            # clear (RFC 3711 3.1, 3.4) and authenticated: a known one is dropped unverified.
+            ssrc = data[4:8] if rtcp else data[8:12]
+            if len(ssrc) < 4 or ssrc in latch.seen or (not rtcp and ssrc == self.ssrc):
+                self.dropped_source += 1
+                return None
+        try:
+            plain = receiver.unprotect_rtcp(data) if rtcp else receiver.unprotect(data)
+        except SrtpError:
+            self.srtp_failures += 1
+            return None
+        if not (trusted or in_window):
+            # RFC 3711 3.2.1, 3.3.2: only the key holder makes a packet that authenticates,
+            # and a replay fails: a new SSRC from a new address is a restarted stream.
+            log.info(
+                "session %s port %d: SSRC change %s from %s re-latches",
+                self.session.name, self.port, ssrc.hex(), src,
+            )  # fmt: skip
+        latch.latch(src)
+        return plain
+
+    def _new_ssrc(self, ssrc: bytes, seq: int, pt: int) -> None:
+        if self.ssrc is not None:
+            expected = self.cycles + self.max_seq - self.base_seq + 1
+            self.lost_before += max(0, expected - self.received)
+        self.ssrc = ssrc
+        self.rtp.see(ssrc)
+        self.clock = _CLOCK_RATES.get(pt, 8000)
+        self.base_seq = self.max_seq = seq
+        self.cycles = self.received = 0
+
+    def _restart(self, seq: int) -> None:
+        expected = self.cycles + self.max_seq - self.base_seq + 1
+        self.lost_before += max(0, expected - self.received)
+        self.base_seq = self.max_seq = seq
+        self.cycles = self.received = 0
+
+
+class RelayEngine:
+    """All relay sessions of one worker; see the module docstring for the rules."""
+
+    def __init__(self, *, timeout: float = 60.0, latch_window: float = 5.0) -> None:
+        self.timeout = timeout
+        self.latch_window = latch_window
+        self._sessions: dict[str, _Session] = {}
+        self._ports: dict[int, Handler] = {}
+        self._local: set[LocalPort] = set()
+        # drops that belong to no party's statistics
+        self.no_session = 0  # a port without a session
+        self.no_destination = 0  # the other party has no address yet (or is on hold)
+        self.invalid = 0  # not RTP/RTCP on a non-passthrough stream
+        self.protect_failures = 0  # SRTP protect refused (a duplicate, RFC 3711 9.1)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def ports(self) -> int:
+        return len(self._ports)
+
+    def local_ports(self) -> set[LocalPort]:
+        return set(self._local)
+
+    # -- packets ------------------------------------------------------------------------
+    def receive(self, port: int, data: bytes, src: Address, now: float) -> Out | None:
+        """A datagram ``data`` from ``src`` arrived on local ``port``: what to send, if any,
+        as (local port to send from, bytes, destination)."""
+        handler = self._ports.get(port)
+        if handler is None:
+            self.no_session += 1
+            return None
+        return handler(data, src, now)
+
+    # -- control ------------------------------------------------------------------------
+    def update(self, update: control.Update, now: float) -> PortChanges:
+        session = self._sessions.get(update.session)
+        if session is None:
+            session = self._sessions[update.session] = _Session(update.session, now)
+        session.last = now
+        session.reported = False
+        window = now + self.latch_window
+        streams: dict[int, tuple[_Leg, _Leg]] = {}
+        wanted: dict[int, tuple[str, Handler]] = {}
+        for spec in update.streams:
+            legs = session.streams.get(spec.index)
+            if legs is None:
+                legs = (
+                    _Leg(session, self._local, self),
+                    _Leg(session, self._local, self),
+                )
+                legs[0].peer, legs[1].peer = legs[1], legs[0]
+                changed = True
+            else:
+                a, b = legs[0].party, legs[1].party
+                changed = (
+                    a is None or b is None or a.remote != spec.a.remote
+                    or b.remote != spec.b.remote or a.remote_rtcp != spec.a.remote_rtcp
+                    or b.remote_rtcp != spec.b.remote_rtcp
+                )  # fmt: skip
+            streams[spec.index] = legs
+            for leg, party in ((legs[0], spec.a), (legs[1], spec.b)):
+                until = window if changed else leg.rtp.until
+                usable = leg.configure(party, spec.passthrough, until)
+                for port, handler in leg.handlers(usable).items():
+                    owner = self._ports.get(port)
+                    if port in wanted or (owner is not None and port not in session.ports):
+                        log.error(
+                            "session %s: port %d is already in use; stream %d not relayed",
+                            session.name, port, spec.index,
+                        )  # fmt: skip
+                        continue
+                    wanted[port] = (party.bind, handler)
+        session.streams = streams
+        session.can_timeout = any(
+            leg.party is not None and leg.party.sends for legs in streams.values() for leg in legs
+        )
+        return self._set_ports(session, wanted)
+
+    def delete(self, session: str) -> tuple[control.Stats, PortChanges]:
+        """Forget the session: its statistics and the ports to close."""
+        stats = self.stats(session)
+        found = self._sessions.pop(session, None)
+        if found is None:
+            return stats, PortChanges()
+        return stats, self._set_ports(found, {})
+
+    def stats(self, session: str) -> control.Stats:
+        found = self._sessions.get(session)
+        if found is None:
+            return control.Stats(session=session, streams=())
+        return control.Stats(
+            session=session,
+            streams=tuple(
+                control.StreamStats(index=index, a=a.stats(), b=b.stats())
+                for index, (a, b) in sorted(found.streams.items())
+            ),
+        )
+
+    # -- timers -------------------------------------------------------------------------
+    def check_timeouts(self, now: float) -> list[control.Timeout]:
+        """Sessions idle for ``timeout`` seconds, each reported once."""
+        out: list[control.Timeout] = []
+        limit = now - self.timeout
+        for s in self._sessions.values():
+            if s.can_timeout and not s.reported and s.last <= limit:
+                s.reported = True
+                out.append(control.Timeout(session=s.name, idle=now - s.last))
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``check_timeouts`` may next report something (O(sessions))."""
+        due = [
+            s.last + self.timeout
+            for s in self._sessions.values()
+            if s.can_timeout and not s.reported
+        ]
+        return min(due) if due else None
+
+    # -- ports --------------------------------------------------------------------------
+    def _set_ports(self, session: _Session, wanted: dict[int, tuple[str, Handler]]) -> PortChanges:
+        opened: list[LocalPort] = []
+        closed: list[LocalPort] = []
+        for port, (bind, _) in session.ports.items():
+            new = wanted.get(port)
+            if new is None or new[0] != bind:
+                closed.append((bind, port))
+                self._local.discard((bind, port))
+                del self._ports[port]
+        for port, (bind, handler) in wanted.items():
+            old = session.ports.get(port)
+            if old is None or old[0] != bind:
+                opened.append((bind, port))
+                self._local.add((bind, port))
+            self._ports[port] = handler
+        session.ports = wanted
+        return PortChanges(open=tuple(opened), close=tuple(closed))
