@@ -1,0 +1,234 @@
+"""Media worker processes (sbc.io.media_worker) over loopback: a real child process relays
+SRTP from one test "phone" socket to a plain one and back, answers Delete with Stats, reports
+a Timeout, and closes its ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from sbc.io.media_worker import MediaWorkers
+from sbc.media import control
+from sbc.media.control import Party, SrtpKey, Stream, Update
+from sbc.media.srtp import SrtpReceiver, SrtpSender
+
+HOST = "127.0.0.1"
+Start = Callable[..., Awaitable[tuple[MediaWorkers, list[control.Event]]]]
+
+
+def rtp(seq: int, ssrc: int = 0x1234) -> bytes:
+    return struct.pack("!BBHII", 0x80, 0, seq, seq * 160, ssrc) + bytes([seq & 0xFF]) * 160
+
+
+def key() -> SrtpKey:
+    return SrtpKey(suite="AES_CM_128_HMAC_SHA1_80", key_salt=os.urandom(30))
+
+
+def free_pairs(count: int) -> list[int]:
+    """Even ports p with p and p + 1 free, in a high range."""
+    found: list[int] = []
+    while len(found) < count:
+        port = random.randrange(40000, 60000, 2)
+        if port in found:
+            continue
+        socks = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind((HOST, p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        found.append(port)
+    return found
+
+
+def is_bound(port: int) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((HOST, port))
+    except OSError:
+        return True
+    finally:
+        s.close()
+    return False
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.01)
+
+
+class Phone:
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.setblocking(False)
+        self.addr: tuple[str, int] = self.sock.getsockname()
+
+    def send(self, data: bytes, port: int) -> None:
+        self.sock.sendto(data, (HOST, port))
+
+    async def recv(self, timeout: float = 2.0) -> tuple[bytes, tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        data, addr = await asyncio.wait_for(loop.sock_recvfrom(self.sock, 4096), timeout)
+        return data, addr
+
+
+@pytest.fixture
+async def start() -> AsyncIterator[Start]:
+    started: list[MediaWorkers] = []
+
+    async def _start(
+        count: int = 1, timeout: float = 30.0
+    ) -> tuple[MediaWorkers, list[control.Event]]:
+        events: list[control.Event] = []
+        workers = await MediaWorkers.start(
+            count, timeout=timeout, latch_window=5.0, on_event=events.append
+        )
+        started.append(workers)
+        return workers, events
+
+    yield _start
+    for workers in started:
+        await workers.close()
+        for pid in workers.pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+async def test_srtp_to_plain_relay_stats_and_ports(start: Start) -> None:
+    workers, events = await start()
+    pa, pb = free_pairs(2)
+    phone_a, phone_b = Phone(), Phone()
+    ka_in, ka_out = key(), key()
+    workers.send(
+        0,
+        Update(
+            session="call-1",
+            streams=(
+                Stream(
+                    index=0,
+                    a=Party(
+                        bind=HOST, port=pa, remote=phone_a.addr, recv_key=ka_in, send_key=ka_out
+                    ),
+                    b=Party(bind=HOST, port=pb, remote=phone_b.addr),
+                ),
+            ),
+        ),
+    )
+    await until(lambda: all(is_bound(p) for p in (pa, pa + 1, pb, pb + 1)))
+
+    a_send, a_recv = SrtpSender(ka_in), SrtpReceiver(ka_out)
+    for seq in range(1, 6):
+        phone_a.send(a_send.protect(rtp(seq)), pa)
+        data, src = await phone_b.recv()
+        assert (data, src) == (rtp(seq), (HOST, pb))  # plain, from B's relay port
+    for seq in range(100, 103):
+        phone_b.send(rtp(seq, ssrc=99), pb)
+        data, src = await phone_a.recv()
+        assert src == (HOST, pa)
+        assert a_recv.unprotect(data) == rtp(seq, ssrc=99)
+    # a stranger's plain packet on A's SRTP leg does not authenticate: dropped, not latched
+    stranger = Phone()
+    stranger.send(rtp(50), pa)
+    phone_a.send(a_send.protect(rtp(6)), pa)  # the same socket: after the stranger's
+    assert await phone_b.recv() == (rtp(6), (HOST, pb))
+
+    workers.send(0, control.Delete(session="call-1"))
+    await until(lambda: any(isinstance(e, control.Stats) for e in events))
+    (stats,) = [e for e in events if isinstance(e, control.Stats)]
+    a, b = stats.streams[0].a, stats.streams[0].b
+    assert (a.packets_in, a.packets_out, b.packets_in, b.packets_out) == (6, 3, 3, 6)
+    assert a.bytes_in == 6 * (172 + 10) and b.bytes_out == 6 * 172
+    assert a.bytes_out == 3 * (172 + 10) and b.bytes_in == 3 * 172
+    assert (a.latched, b.latched) == (phone_a.addr, phone_b.addr)
+    assert (a.srtp_failures, a.lost, a.dropped_source) == (1, 0, 0)
+    # the ports are closed: the test can bind them again
+    await until(lambda: not any(is_bound(p) for p in (pa, pa + 1, pb, pb + 1)))
+    for phone in (phone_a, phone_b, stranger):
+        phone.sock.close()
+
+
+async def test_a_silent_session_times_out(start: Start) -> None:
+    workers, events = await start(timeout=0.5)
+    pa, pb = free_pairs(2)
+    workers.send(
+        0,
+        Update(
+            session="quiet",
+            streams=(
+                Stream(
+                    index=0,
+                    a=Party(bind=HOST, port=pa, remote=(HOST, 9)),
+                    b=Party(bind=HOST, port=pb, remote=(HOST, 9)),
+                ),
+            ),
+        ),
+    )
+    await until(lambda: any(isinstance(e, control.Timeout) for e in events), timeout=3.0)
+    (timeout,) = events
+    assert isinstance(timeout, control.Timeout)
+    assert timeout.session == "quiet" and timeout.idle >= 0.5
+    workers.send(0, control.Delete(session="quiet"))
+    await until(lambda: len(events) == 2)
+    await until(lambda: not any(is_bound(p) for p in (pa, pa + 1, pb, pb + 1)))
+
+
+async def test_a_port_in_use_is_logged_and_the_rest_works(start: Start) -> None:
+    workers, events = await start(count=2)
+    pa, pb, pc = free_pairs(3)
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind((HOST, pa + 1))  # A's RTCP port is taken by someone else
+    phone_a, phone_b = Phone(), Phone()
+    workers.send(
+        1,
+        Update(
+            session="s",
+            streams=(
+                Stream(
+                    index=0,
+                    a=Party(bind=HOST, port=pa, remote=phone_a.addr),
+                    b=Party(bind=HOST, port=pb, remote=phone_b.addr),
+                ),
+            ),
+        ),
+    )
+    await until(lambda: all(is_bound(p) for p in (pa, pb, pb + 1)))
+    phone_a.send(rtp(1), pa)
+    assert await phone_b.recv() == (rtp(1), (HOST, pb))
+    # the same session again with A moved: the worker closes and reopens ports in order
+    workers.send(
+        1,
+        Update(
+            session="s",
+            streams=(
+                Stream(
+                    index=0,
+                    a=Party(bind=HOST, port=pc, remote=phone_a.addr),
+                    b=Party(bind=HOST, port=pb, remote=phone_b.addr),
+                ),
+            ),
+        ),
+    )
+    await until(lambda: is_bound(pc) and not is_bound(pa))
+    phone_a.send(rtp(2), pc)
+    assert await phone_b.recv() == (rtp(2), (HOST, pb))
+    workers.send(1, control.Delete(session="s"))
+    await until(lambda: len(events) == 1)
+    await until(lambda: not any(is_bound(p) for p in (pc, pc + 1, pb, pb + 1)))
+    for s in (blocker, phone_a.sock, phone_b.sock):
+        s.close()
