@@ -232,3 +232,55 @@ async def test_a_port_in_use_is_logged_and_the_rest_works(start: Start) -> None:
     await until(lambda: not any(is_bound(p) for p in (pc, pc + 1, pb, pb + 1)))
     for s in (blocker, phone_a.sock, phone_b.sock):
         s.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_ports(start: Start) -> None:
+    workers, events = await start()
+    port = free_pairs(1)[0]  # an IPv4-free pair is very likely IPv6-free too
+    phones = []
+    for _ in range(2):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.bind(("::1", 0))
+        s.setblocking(False)
+        phones.append(s)
+    a_addr, b_addr = phones[0].getsockname()[:2], phones[1].getsockname()[:2]
+    workers.send(
+        0,
+        Update(
+            session="v6",
+            streams=(
+                Stream(
+                    index=0,
+                    a=Party(bind="::1", port=port, remote=a_addr),
+                    b=Party(bind="::1", port=port + 2, remote=b_addr),
+                ),
+            ),
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    for seq in range(1, 50):  # until the worker has bound the ports
+        phones[0].sendto(rtp(seq), ("::1", port))
+        try:
+            data, src = await asyncio.wait_for(loop.sock_recvfrom(phones[1], 4096), 0.1)
+        except TimeoutError:
+            continue
+        assert data == rtp(seq) and src[:2] == ("::1", port + 2)
+        break
+    else:
+        raise AssertionError("nothing relayed over IPv6")
+    workers.send(0, control.Delete(session="v6"))
+    await until(lambda: len(events) == 1)
+    stats = events[0]
+    assert isinstance(stats, control.Stats) and stats.streams[0].a.latched == a_addr
+    for s in phones:
+        s.close()
