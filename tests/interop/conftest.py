@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import itertools
 import os
 import re
@@ -200,13 +201,29 @@ TCP_IDLE_TIMEOUT = 2.0
 
 
 # Each SBC started gets its own relay port range, below the kernel's ephemeral ports
-# (32768-60999) so that no peer's socket takes one.
+# (32768-60999) so that no peer's socket takes one. Test sessions side by side (several
+# pytest processes) share the 60 ranges through a lock file per range (flock): the SBC
+# process is handed the locked descriptor, so its range is free again once it exits.
 _media_ranges = itertools.count()
+_MEDIA_RANGE_LOCKS = Path(tempfile.gettempdir()) / "sbc-interop-media-ranges"
+_media_range_locks: dict[int, int] = {}  # low port -> locked descriptor, until handed over
 
 
 def media_range() -> tuple[int, int]:
-    base = 20000 + (next(_media_ranges) % 60) * 200
-    return base, base + 199
+    _MEDIA_RANGE_LOCKS.mkdir(exist_ok=True)
+    for _ in range(60):
+        base = 20000 + (next(_media_ranges) % 60) * 200
+        if base in _media_range_locks:
+            continue
+        fd = os.open(_MEDIA_RANGE_LOCKS / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # an SBC of another session (or of this one) runs on it
+            os.close(fd)
+            continue
+        _media_range_locks[base] = fd
+        return base, base + 199
+    raise RuntimeError("every [media] port range is held by a running test SBC")
 
 
 def _write_config(
@@ -217,9 +234,9 @@ def _write_config(
     core: str = "",
     extra: str = "",
     media: str = "",
-) -> None:
+) -> int:
     """The test config; ``core`` adds keys to [core], ``media`` to [media], ``extra`` adds
-    sections at the end."""
+    sections at the end. Returns the locked descriptor of its [media] port range."""
     low, high = media_range()
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
@@ -275,6 +292,7 @@ format = "text"
 {extra}
 """
     )
+    return _media_range_locks.pop(low)
 
 
 def _start(
@@ -298,16 +316,20 @@ def _start(
     if HAS_IPV6:
         ports["udp6"] = pool.port("::1", UDP, TCP)
     config = tmp_path / f"sbc-{attempt}.toml"
-    _write_config(config, certs, ports, core=core, extra=extra, media=media)
+    range_lock = _write_config(config, certs, ports, core=core, extra=extra, media=media)
     stderr_path = tmp_path / f"sbc-{attempt}.stderr"
     pool.release()  # the SBC binds them now
-    with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [*sbc_command(), "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-        )
+    try:
+        with stderr_path.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [*sbc_command(), "run", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=(range_lock,),  # it holds its media range's lock until it exits
+            )
+    finally:
+        os.close(range_lock)
     sbc = SbcProcess(
         proc=proc,
         config=config,
