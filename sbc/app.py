@@ -7,6 +7,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -17,7 +18,10 @@ from sbc.config import Config, Peer, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.keepalive import NatPolicy
+from sbc.io.media_worker import MediaWorkers
 from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
+from sbc.media.control import Event as MediaEvent
+from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.relay import OffloadPolicy
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
@@ -136,10 +140,46 @@ def _client_tls(cfg: TlsConfig) -> ssl.SSLContext:
     )
 
 
+def media_policy(config: Config, workers: int) -> MediaPolicy:
+    """The relay's addresses and SRTP policy per side (issue 5 item 4)."""
+    m = config.media
+    access = m.access_address or m.address
+    core = m.core_address or m.address
+    return MediaPolicy(
+        sides={
+            "access": SideMedia(bind=access, advertise=m.advertise_address or access,
+                                srtp=m.access_srtp),
+            "core": SideMedia(bind=core, advertise=core, srtp=m.core_srtp),
+            "peer": SideMedia(bind=core, advertise=core, srtp=m.peer_srtp),
+        },
+        ports=m.ports,
+        workers=workers,
+        suites=m.srtp_suites,
+    )  # fmt: skip
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Start every listener, run until ``stop`` is set, then close everything."""
-    core = SbcCore(core_settings(config))
+    """Start the media workers and every listener, run until ``stop`` is set, then close
+    everything."""
+    count = config.media.workers or os.cpu_count() or 1
+    holder: list[SbcCore] = []
+    transports_ref: list[SipTransports] = []
+    loop = asyncio.get_running_loop()
+
+    def on_media_event(event: MediaEvent) -> None:
+        if holder and transports_ref:
+            transports_ref[0].run_actions(holder[0].media_event(event, loop.time()))
+            transports_ref[0].rearm()
+
+    workers = await MediaWorkers.start(
+        count, timeout=config.media.timeout, latch_window=config.media.latch_window,
+        on_event=on_media_event,
+    )  # fmt: skip
+    media = MediaController(media_policy(config, count), workers.send)
+    core = SbcCore(core_settings(config), media=media)
     transports = SipTransports(core, client_tls=_client_tls(config.core.tls))
+    holder.append(core)
+    transports_ref.append(transports)
     writer: asyncio.Task[None] | None = None
     try:
         access_tls = _tls(config.access.tls)
@@ -157,6 +197,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if writer is not None:
             await writer
         await transports.close()
+        await workers.close()
         log.info("sbc stopped")
 
 

@@ -336,10 +336,14 @@ class MediaController:
                 other.offered = {}
                 other.send_key = None
                 m.remove("crypto")
-                if dst_side.srtp == "off":
+                # mandatory: RTP/SAVP; optional: what the offerer used (SRTP, best-effort
+                # SDES in RTP/AVP, or plain RTP); off: plain RTP.
+                mirror = dst_side.srtp == "optional" and me.recv_key is not None
+                if dst_side.srtp == "off" or not (dst_side.srtp == "mandatory" or mirror):
                     m.proto = _avp(m.proto)
                 else:
-                    m.proto = _savp(m.proto) if dst_side.srtp == "mandatory" else _avp(m.proto)
+                    secure = dst_side.srtp == "mandatory" or "SAVP" in me.proto
+                    m.proto = _savp(m.proto) if secure else _avp(m.proto)
                     for tag, suite in enumerate(self.policy.suites, start=1):
                         crypto = Crypto.generate(tag, suite)
                         other.offered[tag] = crypto
@@ -347,8 +351,7 @@ class MediaController:
             stream.active = True
             usable += 1
             m.port = other.port
-            m.connection = ("IP6" if ":" in dst_side.advertise else "IP4",
-                            "0.0.0.0" if held else dst_side.advertise)  # fmt: skip
+            _connect(sdp, m, dst_side.advertise, held)
         if usable == 0 and sdp.media:
             raise MediaRefused("No Acceptable Media")
         for stream in session.streams[len(sdp.media) :]:
@@ -437,8 +440,7 @@ class MediaController:
                 m.remove("rtcp-mux")
             assert other.port is not None
             m.port = other.port
-            m.connection = ("IP6" if ":" in dst_side.advertise else "IP4",
-                            "0.0.0.0" if held else dst_side.advertise)  # fmt: skip
+            _connect(sdp, m, dst_side.advertise, held)
         return self._finish(session, sdp, dst, dst_side)
 
     def _take_answer_crypto(self, m: Media, me: _Party) -> None:
@@ -505,7 +507,7 @@ class MediaController:
         for name in ICE_ATTRIBUTES:
             sdp.remove(name)
         family = "IP6" if ":" in side.advertise else "IP4"
-        if sdp.connection is not None:
+        if sdp.connection is not None and not _is_null(sdp.connection[1]):
             sdp.connection = (family, side.advertise)
         origin = session.origins[dst]
         sdp.origin = Origin(
@@ -533,6 +535,17 @@ class MediaController:
             if s.active and s.a.port is not None and s.b.port is not None
         )  # fmt: skip
         self._sink(session.worker, Update(session=session.call, streams=streams))
+
+
+def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
+    """The media's c=: the SBC's address (0.0.0.0 kept for hold, RFC 3264 8.4), at the
+    level where the party put it (the session-level c= is rewritten in ``_finish``)."""
+    family = "IP6" if ":" in address else "IP4"
+    if m.connection is not None or sdp.connection is None:
+        m.connection = (family, "0.0.0.0" if held else address)
+    elif held != _is_null(sdp.connection[1]):
+        # This m-line's hold state differs from the session-level address: its own c=.
+        m.connection = (family, "0.0.0.0" if held else address)
 
 
 def _strip(m: Media) -> None:

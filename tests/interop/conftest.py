@@ -113,6 +113,26 @@ class PortPool:
             return port
         raise RuntimeError(f"no free port on {host} for {kinds}")
 
+    def block(self, host: str, count: int) -> int:
+        """The first of ``count`` consecutive UDP ports free on ``host`` (SIPp's media port
+        takes the next ones too: RTCP, video)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(100):
+            base = secrets.randbelow((60000 - 33000) // 2) * 2 + 33000
+            socks: list[socket.socket] = []
+            try:
+                for port in range(base, base + count):
+                    sock = socket.socket(family, UDP)
+                    socks.append(sock)
+                    sock.bind((host, port))
+            except OSError:
+                for sock in socks:
+                    sock.close()
+                continue
+            self._held += socks
+            return base
+        raise RuntimeError(f"no {count} free consecutive ports on {host}")
+
     def release(self) -> None:
         for sock in self._held:
             sock.close()
@@ -278,7 +298,7 @@ listen = "127.0.0.1:{ports["admin"]}"
 [media]
 ports = "{low}-{high}"
 workers = 1
-{media}
+{media if "timeout" in media else media + chr(10) + "timeout = 600"}
 
 [sip]
 max_message_size = {MAX_MESSAGE_SIZE}
@@ -504,6 +524,7 @@ def sipp(tmp_path: Path, certs: Certs) -> SippRunner:
         workdir.mkdir()
         pool = PortPool()
         local_port = pool.port(host, UDP, TCP)
+        media_port = pool.block(host, 4)  # not SIPp's fixed 6000: another program may hold it
         pool.release()
         stf, errors, messages = workdir / "stat.csv", workdir / "err.log", workdir / "msg.log"
         args = [
@@ -513,6 +534,7 @@ def sipp(tmp_path: Path, certs: Certs) -> SippRunner:
             "-t", transport,
             "-i", host,
             "-p", str(local_port),
+            "-mp", str(media_port),
             "-m", str(calls),
             "-r", str(rate),
             "-timeout", f"{timeout:g}",

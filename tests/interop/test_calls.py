@@ -9,8 +9,8 @@ calls for bob there (the flow of his REGISTER). A call alice -> bob crosses the 
 Each side's SIPp scenario (scenarios/call_*.xml) fails on any message it does not expect;
 each side's message log (``-trace_msg``) is then parsed to check what crossed: bob never
 sees alice's Call-ID or tags, and neither side sees anything of the core (Kamailio's port,
-the SBC's core port) in a header (topology hiding, issue 4 item 4; SDP bodies are exempt
-until the media relay). At the end of each test the SBC holds no call: every call it
+the SBC's core port) in a header, and every SDP names only the SBC's relay ports (topology
+hiding, issue 4 item 4; media anchoring, issue 5 item 1). At the end of each test the SBC holds no call: every call it
 started is logged as ended, and its call records say how.
 """
 
@@ -21,6 +21,7 @@ import re
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -204,6 +205,12 @@ class Lab:
         pool.release()
         return port
 
+    def media_port(self) -> int:
+        pool = PortPool()
+        port = pool.block(HOST, 4)
+        pool.release()
+        return port
+
     def register(self, user: str, port: int, *, expires: int = 600) -> sipwire.Response:
         """bob's REGISTER through the SBC from ``127.0.0.1:port`` (the port his UAS will
         listen on): the SBC sends his calls back to the address the REGISTER came from."""
@@ -252,6 +259,7 @@ class Lab:
             "-t", "u1",
             "-i", HOST,
             "-mi", HOST,
+            "-mp", str(self.media_port()),  # not SIPp's fixed 6000: another program may hold it
             "-p", str(port),
             "-m", "1",
             "-timeout", f"{timeout:g}",
@@ -392,9 +400,20 @@ def labels(messages: list[Message]) -> list[str]:
     return [m.label() for m in messages]
 
 
+def media_ports(lab: Lab) -> range:
+    """The SBC's [media] port range (from its config)."""
+    low, high = tomllib.loads(lab.sbc.config.read_text())["media"]["ports"].split("-")
+    return range(int(low), int(high) + 1)
+
+
+def sdp_port(message: Message) -> int:
+    return int(message.body.split("m=audio ", 1)[1].split()[0])
+
+
 def assert_hidden(lab: Lab, caller: list[Message], callee: list[Message]) -> None:
     """Topology hiding (issue 4 item 4): bob never sees alice's Call-ID or tags, nor alice
-    bob's; neither sees Kamailio or the SBC's core side in any header (bodies exempt)."""
+    bob's; neither sees Kamailio or the SBC's core side in any header; every SDP either
+    receives has its m= ports in the SBC's relay range (issue 5 item 1)."""
     core = [f"{HOST}:{lab.registrar.port}", f"{HOST}:{lab.sbc.extra_ports['core']}"]
     core_ports = [f":{lab.registrar.port}", f":{lab.sbc.extra_ports['core']}"]
     for own, other in ((caller, callee), (callee, caller)):
@@ -418,6 +437,8 @@ def assert_hidden(lab: Lab, caller: list[Message], callee: list[Message]) -> Non
         for needle in core + core_ports:
             assert needle not in message.head, (needle, message.text)
         assert "kamailio" not in message.head.lower(), message.text
+        for m_line in re.findall(r"^m=\S+ (\d+)", message.body, re.M):
+            assert int(m_line) == 0 or int(m_line) in media_ports(lab), message.text
 
 
 # -- the calls ------------------------------------------------------------------------------
@@ -433,11 +454,18 @@ def test_basic_call(lab: Lab) -> None:
     assert invite.header("From").startswith('"Alice" <sip:alice@example.com>')
     assert invite.header("To") == "<sip:bob@example.com>"
     assert int(invite.header("Max-Forwards")) < 70  # decremented, loops stay detectable
-    # The SDP crosses unchanged both ways (no media relay yet).
+    # The SDP is anchored both ways (issue 5 item 1): each side sees the SBC's relay port
+    # and origin, with the other side's codecs.
     offer = sent(a_msgs)[0]
     answer = next(m for m in sent(b_msgs) if m.status == 200)
-    assert invite.body == offer.body
-    assert next(m for m in received(a_msgs) if m.status == 200).body == answer.body
+    answered = next(m for m in received(a_msgs) if m.status == 200)
+    for original, rewritten in ((offer, invite), (answer, answered)):
+        assert sdp_port(rewritten) in media_ports(lab)
+        assert sdp_port(original) not in media_ports(lab)
+        m_line = re.compile(r"^m=audio \d+ (.*)$", re.M)
+        assert m_line.findall(rewritten.body) == m_line.findall(original.body)  # RTP/AVP 0
+        assert "a=crypto" not in rewritten.body  # plain RTP offered: plain RTP passed on
+        assert "o=- " in rewritten.body
     assert_hidden(lab, a_msgs, b_msgs)
     records = lab.wait_records(2)
     assert len(records) == 2, records
@@ -482,8 +510,11 @@ def test_early_media_then_a_different_answer(lab: Lab) -> None:
     got = [m for m in received(a_msgs) if m.status in (183, 200) and m.method == "INVITE"]
     answers = [m for m in sent(b_msgs) if m.status in (183, 200) and m.method == "INVITE"]
     assert [m.status for m in got] == [183, 200]
-    # Each SDP crosses unchanged (no media relay yet), the early one and the final one.
-    assert [m.body for m in got] == [m.body for m in answers[:2]]
+    # The answer changes between 183 and 200 (another port and codec): alice sees the same
+    # relay port in both, the new codec, and a new o= version (RFC 3264 8).
+    assert [sdp_port(m) for m in answers[:2]] == [42000, 42002]
+    assert sdp_port(got[0]) == sdp_port(got[1]) and sdp_port(got[0]) in media_ports(lab)
+    assert "RTP/AVP 0" in got[0].body and "RTP/AVP 8" in got[1].body
     assert got[0].body != got[1].body
     # Both responses belong to one early-then-confirmed dialog (the same To tag).
     assert got[0].tag("To") == got[1].tag("To")

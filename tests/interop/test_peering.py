@@ -89,6 +89,7 @@ domains = ["partner.example"]
     )
     pool = PortPool()
     uas_port = pool.port("127.0.0.1", UDP)
+    media_port = pool.block("127.0.0.1", 4)  # not SIPp's fixed 6000: another may hold it
     pool.release()
     answer = _register_from(uas_port, partner.udp4, "bob", "partner.example")
     assert answer.startswith("SIP/2.0 200"), answer
@@ -102,6 +103,8 @@ domains = ["partner.example"]
             "127.0.0.1",
             "-p",
             str(uas_port),
+            "-mp",
+            str(media_port),
             "-t",
             "u1",
             "-m",

@@ -30,7 +30,18 @@ from .conftest import (
     register_udp,
     require,
 )
-from .test_calls import Lab, Message, Sipp, assert_hidden, labels, passed, received, sent
+from .test_calls import (
+    Lab,
+    Message,
+    Sipp,
+    assert_hidden,
+    labels,
+    media_ports,
+    passed,
+    received,
+    sdp_port,
+    sent,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -161,7 +172,11 @@ def call_bob(lab: Lab, bob: Sipp, caller: str) -> tuple[list[Message], list[Mess
     # bob is reached at the contact he registered, over the flow of his REGISTER.
     assert invite.first_line == f"INVITE sip:bob@{HOST}:{bob.port} SIP/2.0"
     assert invite.header("From").startswith(f"<sip:{caller}@example.com>")
-    assert sent(a_msgs)[0].body == invite.body  # the SDP crossed unchanged
+    # The SDP crossed anchored: the SBC's relay port and origin, alice's codecs.
+    assert sdp_port(invite) in media_ports(lab) and "o=- " in invite.body
+    assert re.findall(r"^m=audio \d+ (.*)$", invite.body, re.M) == re.findall(
+        r"^m=audio \d+ (.*)$", sent(a_msgs)[0].body, re.M
+    )
     ringing = next(m for m in received(a_msgs) if m.status == 180)
     return a_msgs, b_msgs, ringing.at - sent(a_msgs)[0].at
 
