@@ -4,6 +4,9 @@ SBC, each leg has its own SRTP keys, and the workers are told exactly what to re
 from __future__ import annotations
 
 import base64
+import itertools
+import secrets
+from pathlib import Path
 
 import pytest
 
@@ -268,3 +271,61 @@ def test_ports_spread_over_workers_and_run_out_with_a_clear_refusal() -> None:
     h.ctl.release("x")
     h.ctl.release("y")
     assert h.ctl.state_size() == {"media_sessions": 0, "media_ports": 0}
+
+
+# -- byte fixtures: offer in, offer out (tests/data/sdp/anchor/) ---------------------------
+DATA = Path(__file__).parent / "data" / "sdp"
+
+
+@pytest.fixture
+def predictable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys and o= ids from counters, so the rewritten SDP can be compared byte for byte."""
+    counter = itertools.count(1)
+    ids = itertools.count(1000)
+    monkeypatch.setattr(
+        secrets, "token_bytes", lambda n: bytes((next(counter) * 7 + i) % 256 for i in range(n))
+    )
+    monkeypatch.setattr(secrets, "randbelow", lambda n: next(ids) % n)
+
+
+def fixture_controller(core_srtp: str) -> MediaController:
+    return MediaController(
+        MediaPolicy(
+            sides={
+                "access": SideMedia(bind=ACCESS_IP, advertise=ACCESS_IP, srtp="optional"),
+                "core": SideMedia(bind=CORE_IP, advertise=CORE_IP, srtp=core_srtp),
+            },
+            ports=(30000, 30099),
+        ),
+        lambda w, c: None,
+    )
+
+
+@pytest.mark.usefixtures("predictable")
+def test_baresip_srtp_offer_and_the_cores_plain_answer_as_bytes() -> None:
+    """baresip (SRTP, tags 1: _32 and 2: _80) to a plain-RTP core and back: crypto and the
+    client's addresses gone towards the core; RTP/SAVP, tag 1 with the SBC's key, the SBC's
+    address, s=- (not s=Asterisk) back to the client."""
+    ctl = fixture_controller("off")
+    out = ctl.offer(
+        "c", ("access", "core"), False, (DATA / "baresip_offer.sdp").read_bytes(), "application/sdp"
+    )
+    assert out == (DATA / "anchor" / "baresip_offer_to_core.sdp").read_bytes()
+    answer = (DATA / "anchor" / "core_answer.sdp").read_bytes()
+    out = ctl.answer("c", ("access", "core"), True, answer, "application/sdp")
+    assert out == (DATA / "anchor" / "core_answer_to_baresip.sdp").read_bytes()
+
+
+@pytest.mark.usefixtures("predictable")
+def test_linphone_offer_with_ice_and_rtcp_mux_to_a_mandatory_srtp_core_as_bytes() -> None:
+    """ICE (session and media level) and a=rtcp removed, rtcp-mux kept, the SBC's own two
+    crypto lines in place of linphone's."""
+    ctl = fixture_controller("mandatory")
+    out = ctl.offer(
+        "c",
+        ("access", "core"),
+        False,
+        (DATA / "linphone_offer.sdp").read_bytes(),
+        "application/sdp",
+    )
+    assert out == (DATA / "anchor" / "linphone_offer_to_core.sdp").read_bytes()

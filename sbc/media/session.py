@@ -503,12 +503,14 @@ class MediaController:
         stream.active = False
 
     def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
-        """The SBC's o= line and session-level c= towards ``dst``."""
+        """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE."""
         for name in ICE_ATTRIBUTES:
             sdp.remove(name)
         family = "IP6" if ":" in side.advertise else "IP4"
         if sdp.connection is not None and not _is_null(sdp.connection[1]):
             sdp.connection = (family, side.advertise)
+        # s= may name the far side's product (s=Asterisk): the SBC's own session name.
+        sdp.lines = [("s", "-") if kind == "s" else (kind, v) for kind, v in sdp.lines]
         origin = session.origins[dst]
         sdp.origin = Origin(
             username="-", session_id=origin.session_id, version=origin.version,
