@@ -1365,7 +1365,9 @@ class B2bua:
         (issue 5; RFC 3264 and RFC 3262 5 / RFC 3311 for where offers and answers may be).
         Raises MediaRefused for an offer that cannot be met."""
         body = src.body
-        if body:
+        if body and (call.method != "INVITE" or call.state == "ended"):
+            body = b"" if _is_sdp(src.content_type) else body  # no session to anchor it in
+        elif body:
             method = src.method
             sides = (call.a_side, call.target.side)
             ctype = src.content_type
@@ -1421,6 +1423,8 @@ class B2bua:
         if not _is_sdp(ctype):
             return body
         if not (100 < resp.status < 300 and request.method in ("INVITE", "UPDATE", "PRACK")):
+            return b""
+        if call.method != "INVITE" or call.state == "ended":
             return b""
         sides = (call.a_side, call.target.side)
         if request.body:
