@@ -12,6 +12,8 @@ both ways, decrypting and re-encrypting SRTP where the legs use it.
   ``lo`` shows each access leg is SRTP: read as plain PCMU its payload is noise, decrypted
   (libsrtp, with the key from the SDP that leg's sender gave) it is the tone; each phone got
   an SDP with a key of the SBC's own, different on the two legs and never the other phone's.
+- ``test_relay_sends_only_what_it_decrypted``: the same call; every packet the relay sends
+  a phone carries, once decrypted, a payload the other phone sent.
 - ``test_srtp_access_plain_core``: interworking, alice -(TLS, SRTP)-> SBC -(UDP, RTP)->
   Kamailio -> SBC -(TLS, SRTP)-> bob: the core leg (between the SBC's own relay ports, its
   SDP seen on the wire to Kamailio: RTP/AVP, no key) carries the tones as plain G.711.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import re
 import socket
@@ -68,7 +71,7 @@ CAPTURE_SECONDS = 30  # tshark -a duration
 MIN_PACKETS = 50  # per direction of each leg in MEDIA_SECONDS (50 packets/s at ptime 20)
 TONE_RATIO = 0.9  # band-pass energy over total: the tone is about 1.0
 NOISE_RATIO = 0.3  # SRTP read as PCMU is noise: about 0.05 in a 200 Hz band
-RTP_PORTS = "10000-19999"  # baresip's own RTP ports: below every SBC's [media] range
+RTP_PORTS = "61000-64999"  # the phones' RTP ports: above the ephemeral ports and every relay range
 NAT_MEDIA_PORTS = (20000, 20199)  # the SBC in its own namespace: no other SBC there
 NAT_UDP_TIMEOUT = 30  # seconds an idle UDP mapping lives in the NAT: longer than a test
 # A call that leaves through a backend and comes back to the same SBC (alice -> SBC ->
@@ -454,14 +457,45 @@ def media_records(path: Path, count: int, timeout: float = 5.0) -> list[dict[str
 # =========================================================================================
 # 1. SRTP on both access legs, re-keyed per leg
 # =========================================================================================
-def test_srtp_call_between_two_access_legs(
+@dataclass
+class SrtpCall:
+    """A call alice -> bob, both over TLS with mandatory SRTP, as the phones and the wire
+    saw it: the SDPs, the four keys of its two legs, the captured datagrams."""
+
+    alice: MediaPhone
+    bob: MediaPhone
+    sdps: CallSdps
+    alice_key: tuple[str, bytes]  # alice encrypts with it (her offer, the tag chosen)
+    to_alice_key: tuple[str, bytes]  # the SBC encrypts towards alice with it (its answer)
+    to_bob_key: tuple[str, bytes]  # the SBC encrypts towards bob with it (its offer, tag chosen)
+    bob_key: tuple[str, bytes]  # bob encrypts with it (his answer)
+    datagrams: list[mc.Datagram]
+    records: Path
+    ports: tuple[int, int]  # the SBC's [media] range
+
+    def flows(self) -> dict[str, tuple[Flow, tuple[str, bytes]]]:
+        """Each direction of each leg, with the key that decrypts it."""
+        sdps = self.sdps
+        return {
+            "alice->relay": (flow(self.datagrams, "alice->relay", sdps.alice_answer.rtp),
+                             self.alice_key),
+            "relay->bob": (flow(self.datagrams, "relay->bob", sdps.bob_answer.rtp),
+                           self.to_bob_key),
+            "bob->relay": (flow(self.datagrams, "bob->relay", sdps.bob_offer.rtp), self.bob_key),
+            "relay->alice": (flow(self.datagrams, "relay->alice", sdps.alice_offer.rtp),
+                             self.to_alice_key),
+        }  # fmt: skip
+
+
+def srtp_access_call(
     sbc_factory: SbcFactory,
     phones: PhoneFactory,
     captures: list[mc.Capture],
     certs: Certs,
-    sox: str,
     tmp_path: Path,
-) -> None:
+) -> SrtpCall:
+    """Both phones register over TLS to the embedded registrar (no backend), SRTP mandatory
+    on the phones and on the SBC's access side; alice calls bob under tshark on lo."""
     tshark = require("tshark")
     records = tmp_path / "calls.jsonl"
     sbc = sbc_factory(
@@ -481,58 +515,105 @@ def test_srtp_call_between_two_access_legs(
     setup = _talk(alice, bob)
     assert capture.stop() == 0, capture.explain()
     print(f"call set up in {setup:.2f} s")
+    sdps = CallSdps.of(alice, bob)
+    return SrtpCall(
+        alice=alice,
+        bob=bob,
+        sdps=sdps,
+        alice_key=sdps.alice_offer.key(sdps.chosen_tag(sdps.alice_answer)),
+        to_alice_key=sdps.alice_answer.key(),
+        to_bob_key=sdps.bob_offer.key(sdps.chosen_tag(sdps.bob_answer)),
+        bob_key=sdps.bob_answer.key(),
+        datagrams=capture.datagrams(),
+        records=records,
+        ports=(low, high),
+    )
+
+
+def test_srtp_call_between_two_access_legs(
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,
+    captures: list[mc.Capture],
+    certs: Certs,
+    sox: str,
+    tmp_path: Path,
+) -> None:
+    call = srtp_access_call(sbc_factory, phones, captures, certs, tmp_path)
+    sdps, (low, high) = call.sdps, call.ports
 
     # The SDPs: each phone sees the relay (its own port per leg), RTP/SAVP, and a key of
     # the SBC's, a different one on each leg, never the other phone's.
-    sdps = CallSdps.of(alice, bob)
     for sdp in (sdps.alice_answer, sdps.bob_offer):
         assert sdp.address == "127.0.0.1" and low <= sdp.port <= high, sdp
         assert sdp.proto == "RTP/SAVP", sdp
     assert sdps.alice_answer.port != sdps.bob_offer.port
-    alice_tag = sdps.chosen_tag(sdps.alice_answer)
-    bob_tag = sdps.chosen_tag(sdps.bob_answer)
-    alice_key = sdps.alice_offer.key(alice_tag)  # alice encrypts with it
-    to_alice_key = sdps.alice_answer.key()  # the SBC encrypts towards alice with it
-    to_bob_key = sdps.bob_offer.key(bob_tag)  # the SBC encrypts towards bob with it
-    bob_key = sdps.bob_answer.key()  # bob encrypts with it
-    keys = [k[1] for k in (alice_key, to_alice_key, to_bob_key, bob_key)]
+    keys = [k[1] for k in (call.alice_key, call.to_alice_key, call.to_bob_key, call.bob_key)]
     assert len(set(keys)) == 4, "a key was reused across legs or parties"
     assert not {k[1] for k in sdps.bob_offer.cryptos.values()} & {
         k[1] for k in sdps.alice_offer.cryptos.values()
     }, "bob was offered one of alice's keys"
 
     # Each phone heard the other's tone: the relay decrypted and re-encrypted both ways.
-    assert _srtp_suite(alice) and _srtp_suite(bob)
-    assert_heard(sox, bob, ALICE_HZ)
-    assert_heard(sox, alice, BOB_HZ)
+    assert _srtp_suite(call.alice) and _srtp_suite(call.bob)
+    assert_heard(sox, call.bob, ALICE_HZ)
+    assert_heard(sox, call.alice, BOB_HZ)
 
     # The wire: four flows, each SRTP. Read as plain PCMU a flow is noise; decrypted with
     # the key of its sender's SDP it is the tone. What the relay sends comes from the port
     # it advertised (symmetric RTP).
-    datagrams = capture.datagrams()
-    relay_a, relay_b = sdps.alice_answer.rtp, sdps.bob_offer.rtp
-    flows = [
-        (flow(datagrams, "alice->relay", relay_a), ALICE_HZ, alice_key, None),
-        (flow(datagrams, "relay->bob", sdps.bob_answer.rtp), ALICE_HZ, to_bob_key, relay_b),
-        (flow(datagrams, "bob->relay", relay_b), BOB_HZ, bob_key, None),
-        (flow(datagrams, "relay->alice", sdps.alice_offer.rtp), BOB_HZ, to_alice_key, relay_a),
-    ]
+    flows = call.flows()
+    tones = {"alice->relay": ALICE_HZ, "relay->bob": ALICE_HZ,
+             "bob->relay": BOB_HZ, "relay->alice": BOB_HZ}  # fmt: skip
+    sources = {"relay->bob": sdps.bob_offer.rtp, "relay->alice": sdps.alice_answer.rtp}
     summary = {}
-    for f, hz, key, source in flows:
-        assert len(f.packets) >= MIN_PACKETS, (f.name, len(f.packets), capture.explain())
-        if source is not None:
-            assert f.sources == {source}, (f.name, f.sources)
-        plain = f.listen(tmp_path, sox, hz)
-        decrypted = f.listen(tmp_path, sox, hz, key=key)
-        summary[f.name] = {"packets": len(f.packets), "as_pcmu": plain, "decrypted": decrypted}
-        assert plain < NOISE_RATIO, (f.name, summary)
-        assert decrypted >= TONE_RATIO, (f.name, summary)
+    for name, (f, key) in flows.items():
+        assert len(f.packets) >= MIN_PACKETS, (name, len(f.packets))
+        if name in sources:
+            assert f.sources == {sources[name]}, (name, f.sources)
+        plain = f.listen(tmp_path, sox, tones[name])
+        decrypted = f.listen(tmp_path, sox, tones[name], key=key)
+        summary[name] = {"packets": len(f.packets), "as_pcmu": plain, "decrypted": decrypted}
+        assert plain < NOISE_RATIO, (name, summary)
+        assert decrypted >= TONE_RATIO, (name, summary)
     print("flows:", summary)
     # Not passed through: what bob gets does not decrypt with alice's key.
-    assert flows[1][0].listen(tmp_path, sox, ALICE_HZ, key=alice_key) == 0.0
+    assert flows["relay->bob"][0].listen(tmp_path, sox, ALICE_HZ, key=call.alice_key) == 0.0
 
-    (record,) = media_records(records, 1)
+    (record,) = media_records(call.records, 1)
     assert [leg["side"] for leg in record["legs"]] == ["access", "access"], record
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SBC bug: SRTP a party sends right after its answer, before the relay has the "
+    "answer's key, is relayed as if it were plain RTP: re-encrypted for the other party, "
+    "whose first packets (2-3, about 50 ms) then hold the sender's ciphertext, not audio",
+)
+def test_relay_sends_only_what_it_decrypted(
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,
+    captures: list[mc.Capture],
+    certs: Certs,
+    tmp_path: Path,
+) -> None:
+    """Every packet the relay sends a phone, decrypted with the key the SBC gave that phone,
+    carries a payload the other phone sent (decrypted with the other phone's key): nothing
+    it could not decrypt is passed on. baresip sends SRTP as soon as it has answered, so
+    bob's first packets reach the relay about as early as his 200 OK reaches the SBC."""
+    call = srtp_access_call(sbc_factory, phones, captures, certs, tmp_path)
+    flows = call.flows()
+
+    def payloads(name: str) -> list[bytes]:
+        f, key = flows[name]
+        decrypted = mc.srtp_unprotect((p.raw for p in f.packets), *key)
+        assert len(decrypted) == len(f.packets), f"{name}: not all decrypt with its key"
+        return [r.payload for r in map(mc.parse_rtp, decrypted) if r is not None]
+
+    for sent, relayed in (("alice->relay", "relay->bob"), ("bob->relay", "relay->alice")):
+        original = set(payloads(sent))
+        foreign = [i for i, p in enumerate(payloads(relayed)) if p not in original]
+        assert not foreign, f"{relayed}: packets {foreign} carry nothing {sent} sent"
+    media_records(call.records, 1)
 
 
 # =========================================================================================
@@ -767,12 +848,15 @@ def test_linphone_calls_baresip(
     sbc_factory: SbcFactory,
     phones: PhoneFactory,
     linphones: Callable[..., Linphone],
+    captures: list[mc.Capture],
     certs: Certs,
     sox: str,
     tmp_path: Path,
 ) -> None:
     """carol (linphonec 5.1, TLS by the name localhost, SRTP mandatory) calls bob (baresip,
-    TLS, SRTP mandatory) through the SBC (embedded registrar): each hears the other."""
+    TLS, SRTP mandatory) through the SBC (embedded registrar): each hears the other, and
+    carol's leg on the wire is SRTP too (her address: where the relay latched)."""
+    tshark = require("tshark")
     records = tmp_path / "calls.jsonl"
     sbc = sbc_factory(
         media='access_srtp = "mandatory"', extra=f'\n[calls]\nrecords = "{records}"\n'
@@ -784,6 +868,8 @@ def test_linphone_calls_baresip(
     carol = linphones("carol", hz=ALICE_HZ, proxy=f"localhost:{sbc.tls4}", ca=certs.ca)
     carol.wait_for(r"to \[LinphoneRegistrationOk\]")
 
+    capture = start_capture(tshark, tmp_path, "lo", f"udp portrange {low}-{high}", (HOST, low))
+    captures.append(capture)
     carol.send(f"call sip:bob@{DOMAIN}")
     bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
     carol.wait_for(r"to LinphoneCallStreamsRunning")
@@ -791,14 +877,34 @@ def test_linphone_calls_baresip(
     carol.send("terminate")
     bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
     carol.wait_for(r"to LinphoneCallReleased")
+    assert capture.stop() == 0, capture.explain()
 
     bob_offer = Sdp.of(bob.sent("INVITE sip:", "INVITE"))
     assert bob_offer.proto == "RTP/SAVP" and bob_offer.cryptos, bob_offer
     assert bob_offer.address == HOST and low <= bob_offer.port <= high, bob_offer
     assert _srtp_suite(bob)
+    (record,) = media_records(records, 1)
+
+    # carol's leg: she sends from where the relay latched; both directions are SRTP.
+    latched = record["media"][0]["caller"]["latched"]
+    assert latched is not None, record
+    datagrams = capture.datagrams()
+    to_carol = flow(datagrams, "relay->carol", (latched[0], latched[1]))
+    assert len(to_carol.sources) == 1, to_carol.sources
+    (relay_c,) = to_carol.sources
+    from_carol = flow(datagrams, "carol->relay", relay_c)
+    times = [d.at for d in datagrams if d.dst == (latched[0], latched[1])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    timing = {"packets": len(times), "max_gap_ms": round(1000 * max(gaps, default=0.0), 1)}
+    print(f"relay->carol: {timing}")
+    for f, hz in ((to_carol, BOB_HZ), (from_carol, ALICE_HZ)):
+        assert len(f.packets) >= MIN_PACKETS, (f.name, len(f.packets))
+        assert f.listen(tmp_path, sox, hz) < NOISE_RATIO, f.name
+
     assert_heard(sox, bob, ALICE_HZ)
-    assert_recording(sox, "carol", carol.recording, BOB_HZ, carol.explain)
-    media_records(records, 1)
+    assert_recording(
+        sox, "carol", carol.recording, BOB_HZ, lambda: f"relay->carol {timing}\n{carol.explain()}"
+    )
 
 
 # =========================================================================================
