@@ -486,3 +486,34 @@ def test_many_sessions_leave_nothing_behind() -> None:
     for i in range(100):
         engine.delete(f"c{i}")
     assert (engine.sessions, engine.ports, engine.local_ports()) == (0, 0, set())
+
+
+def test_a_call_that_comes_back_through_a_backend_meets_itself_between_relay_ports() -> None:
+    """alice -> SBC -> backend -> SBC -> bob: the two calls' core parties are each other's
+    relay ports. A relay port is a source only where the party's SDP names it, and never a
+    port of the same session (that would be a loop)."""
+    engine = RelayEngine(latch_window=5.0)
+    alice, bob = ("192.0.2.10", 4000), ("192.0.2.20", 6000)
+    engine.update(update(party(20000, alice), party(20002, (BIND, 20004)), session="c1"), 0.0)
+    engine.update(update(party(20004, (BIND, 20002)), party(20006, bob), session="c2"), 0.0)
+    assert engine.receive(20000, rtp(1), alice, 1.0) == (20002, rtp(1), (BIND, 20004))
+    assert engine.receive(20004, rtp(1), (BIND, 20002), 1.0) == (20006, rtp(1), bob)
+    assert engine.receive(20006, rtp(9, ssrc=2), bob, 9.0) == (20004, rtp(9, ssrc=2), (BIND, 20002))
+    assert engine.receive(20002, rtp(9, ssrc=2), (BIND, 20004), 9.0) == (
+        20000, rtp(9, ssrc=2), alice,
+    )  # fmt: skip
+    # Another relay port than the SDP's, even in the latch window, is not a source.
+    assert engine.receive(20004, rtp(2), (BIND, 20000), 1.0) is None
+    # A session whose SDP names its own port: refused, no loop.
+    engine.update(update(party(20010, (BIND, 20012)), party(20012, (BIND, 20010)), session="x"), 0)
+    assert engine.receive(20010, rtp(1), (BIND, 20012), 1.0) is None
+
+
+def test_a_party_that_has_not_answered_an_srtp_offer_is_not_relayed() -> None:
+    """Until its answer says whether and how it encrypts, what the party sends is dropped:
+    SRTP it sends early must not be passed on as if it were plain RTP."""
+    engine = engine_with(b=party(PB, B, accept=False))
+    assert engine.receive(PB, rtp(1), B, 1.0) is None
+    assert engine.receive(PA, rtp(1), A, 1.0) == (PB, rtp(1), B)  # towards it: as before
+    engine.update(update(party(PA, A), party(PB, B)), 1.5)
+    assert engine.receive(PB, rtp(2), B, 2.0) == (PA, rtp(2), A)

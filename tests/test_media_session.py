@@ -144,6 +144,8 @@ def test_mandatory_srtp_to_the_core_offers_fresh_keys_and_takes_the_answered_tag
         (1, "AES_CM_128_HMAC_SHA1_80"),
         (2, "AES_CM_128_HMAC_SHA1_32"),
     ]
+    # Until its answer names a key, what the core party sends is not relayed.
+    assert h.last_update().streams[0].b.accept is False
     answer = PLAIN_ANSWER.replace(b"RTP/AVP", b"RTP/SAVP").replace(
         b"a=sendrecv", f"a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}\r\na=sendrecv".encode()
     )
@@ -155,6 +157,7 @@ def test_mandatory_srtp_to_the_core_offers_fresh_keys_and_takes_the_answered_tag
         suite="AES_CM_128_HMAC_SHA1_32", key_salt=base64.b64decode(KEY2)
     )
     assert stream.b.send_key == SrtpKey(suite=offered[1].suite, key_salt=offered[1].key_salt)
+    assert stream.b.accept is True
     assert stream.a.recv_key is None and stream.a.send_key is None
 
 

@@ -42,6 +42,9 @@ class Party:
     recv_key: SrtpKey | None = None  # decrypts what the party sends (its own a=crypto)
     send_key: SrtpKey | None = None  # encrypts what the relay sends it (the SBC's a=crypto)
     sends: bool = True  # the party may send (sendrecv/sendonly): its silence is a timeout
+    # False: the party was offered SRTP and has not answered yet, so how it protects what it
+    # sends is unknown: its packets are dropped (never relayed as if they were plain RTP).
+    accept: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +146,7 @@ def _party_out(p: Party) -> dict[str, Any]:
         "bind": p.bind, "port": p.port, "rtcp_mux": p.rtcp_mux,
         "remote": p.remote, "remote_rtcp": p.remote_rtcp,
         "recv_key": _key_out(p.recv_key), "send_key": _key_out(p.send_key), "sends": p.sends,
+        "accept": p.accept,
     }  # fmt: skip
 
 
@@ -151,6 +155,7 @@ def _party_in(d: dict[str, Any]) -> Party:
         bind=str(d["bind"]), port=int(d["port"]), rtcp_mux=bool(d["rtcp_mux"]),
         remote=_addr(d["remote"]), remote_rtcp=_addr(d["remote_rtcp"]),
         recv_key=_key_in(d["recv_key"]), send_key=_key_in(d["send_key"]), sends=bool(d["sends"]),
+        accept=bool(d.get("accept", True)),
     )  # fmt: skip
 
 

@@ -198,14 +198,14 @@ class _Leg:
             if rtcp is None and remote is not None:
                 rtcp = (remote[0], remote[1] + 1)
             self.rtcp.set_default(rtcp, (rtcp,) if rtcp else ())
-        ok = True
+        ok = party.accept  # not answered yet: dropped until the answer says how it sends
         crypto_changed = old is None or passthrough != self.passthrough
         self.passthrough = passthrough
         self.strict = not passthrough
         if passthrough:
             self.receiver = None
             self.sender = None
-            return True
+            return ok
         if crypto_changed or old is None or old.recv_key != party.recv_key:
             self.receiver = None
             if party.recv_key is not None:
@@ -362,7 +362,10 @@ class _Leg:
         self, latch: _Latch, data: bytes, src: Address, now: float, rtcp: bool
     ) -> bytes | None:
         """A packet from an address other than the latched one: the latching rules."""
-        if src in self.local:
+        if src in self.local and (src not in latch.trusted or src[1] in self.session.ports):
+            # The relay's own port is a source only when the party's SDP names it: a call
+            # that left the SBC for a backend and came back to it (the core legs of the two
+            # calls meet between relay ports). Never a port of the same session (a loop).
             self.dropped_source += 1
             return None
         rtp_addr = self.rtp.addr

@@ -126,13 +126,14 @@ class _Party:
     send_key: SrtpKey | None = None  # the SBC's key towards it
     offered: dict[int, Crypto] = field(default_factory=dict)  # our offer's crypto by tag
     proto: str = "RTP/AVP"  # the transport protocol of the party's last offer
+    awaiting: bool = False  # offered SRTP, not answered yet: its packets are dropped
 
     def spec(self, bind: str) -> Party:
         assert self.port is not None
         return Party(
             bind=bind, port=self.port, rtcp_mux=self.rtcp_mux, remote=self.remote,
             remote_rtcp=self.remote_rtcp, recv_key=self.recv_key, send_key=self.send_key,
-            sends=self.sends,
+            sends=self.sends, accept=not self.awaiting,
         )  # fmt: skip
 
 
@@ -341,6 +342,7 @@ class MediaController:
             if not stream.passthrough and m.proto in RTP_PROTOS:
                 other.offered = {}
                 other.send_key = None
+                other.awaiting = False
                 m.remove("crypto")
                 # mandatory: RTP/SAVP; optional: what the offerer used (SRTP, best-effort
                 # SDES in RTP/AVP, or plain RTP); off: plain RTP.
@@ -354,6 +356,7 @@ class MediaController:
                         crypto = Crypto.generate(tag, suite)
                         other.offered[tag] = crypto
                         m.add("crypto", str(crypto))
+                    other.awaiting = True
             stream.active = True
             usable += 1
             m.port = other.port
@@ -453,6 +456,7 @@ class MediaController:
         """RFC 4568 7.1.2 / 7.5: the answer names one of the tags the SBC offered, with the
         answerer's own key; without one, that leg is plain RTP (best-effort SRTP was
         declined) or unusable (a mandatory offer; counted and logged)."""
+        me.awaiting = False
         for value in m.attributes("crypto"):
             try:
                 crypto = Crypto.parse(value)

@@ -74,16 +74,6 @@ NOISE_RATIO = 0.3  # SRTP read as PCMU is noise: about 0.05 in a 200 Hz band
 RTP_PORTS = "61000-64999"  # the phones' RTP ports: above the ephemeral ports and every relay range
 NAT_MEDIA_PORTS = (20000, 20199)  # the SBC in its own namespace: no other SBC there
 NAT_UDP_TIMEOUT = 30  # seconds an idle UDP mapping lives in the NAT: longer than a test
-# A call that leaves through a backend and comes back to the same SBC (alice -> SBC ->
-# Kamailio -> SBC -> bob) is two calls whose core legs meet between the SBC's own relay
-# ports. Until the relay accepts those, these tests must fail, and say so when they pass.
-HAIRPIN = pytest.mark.xfail(
-    strict=True,
-    reason="SBC bug: the relay drops every packet whose source is one of its worker's own "
-    "relay ports (sbc/media/relay.py _Leg._admit, `src in self.local`), even from exactly "
-    "the address the party's SDP gave: the core legs of a call hairpinned through a backend "
-    "carry nothing (dropped_source), so neither phone hears the other",
-)
 
 
 # -- the phones -------------------------------------------------------------------------------
@@ -583,12 +573,6 @@ def test_srtp_call_between_two_access_legs(
     assert [leg["side"] for leg in record["legs"]] == ["access", "access"], record
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SBC bug: SRTP a party sends right after its answer, before the relay has the "
-    "answer's key, is relayed as if it were plain RTP: re-encrypted for the other party, "
-    "whose first packets (2-3, about 50 ms) then hold the sender's ciphertext, not audio",
-)
 def test_relay_sends_only_what_it_decrypted(
     sbc_factory: SbcFactory,
     phones: PhoneFactory,
@@ -619,7 +603,6 @@ def test_relay_sends_only_what_it_decrypted(
 # =========================================================================================
 # 2. Interworking: SRTP on the access legs, plain RTP through the core
 # =========================================================================================
-@HAIRPIN
 def test_srtp_access_plain_core(
     kamailio_registrars: RegistrarFactory,
     sbc_factory: SbcFactory,
@@ -970,7 +953,7 @@ def nat_sbc(
     "nat_sbc",
     [
         pytest.param(False, id="embedded-registrar"),
-        pytest.param(True, id="through-kamailio", marks=HAIRPIN),
+        pytest.param(True, id="through-kamailio"),
     ],
     indirect=True,
 )
