@@ -11,7 +11,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # binary:Debian package of each peer the interop tests drive.
 PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
-               iptables:iptables sipsak:sipsak ip:iproute2
+               iptables:iptables sipsak:sipsak ip:iproute2 linphonec:linphone-cli sox:sox
 
 .PHONY: all venv certs run peers test lint bench clean distclean
 
