@@ -20,6 +20,7 @@ from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.keepalive import NatPolicy
 from sbc.io.media_worker import MediaWorkers
 from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
+from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.relay import OffloadPolicy
@@ -158,30 +159,40 @@ def media_policy(config: Config, workers: int) -> MediaPolicy:
     )  # fmt: skip
 
 
+def media_workers(config: Config) -> int:
+    """[media] workers, or one per core (as many as the port range has room for)."""
+    if config.media.workers:
+        return config.media.workers
+    low, high = config.media.ports
+    return max(1, min(os.cpu_count() or 1, (high - low + 1) // 4))
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Start the media workers and every listener, run until ``stop`` is set, then close
     everything."""
-    count = config.media.workers or os.cpu_count() or 1
-    holder: list[SbcCore] = []
-    transports_ref: list[SipTransports] = []
+    count = media_workers(config)
     loop = asyncio.get_running_loop()
+    workers: MediaWorkers | None = None
+
+    def to_worker(worker: int, command: MediaCommand) -> None:
+        if workers is not None:
+            workers.send(worker, command)
+
+    core = SbcCore(
+        core_settings(config), media=MediaController(media_policy(config, count), to_worker)
+    )
+    transports = SipTransports(core, client_tls=_client_tls(config.core.tls))
 
     def on_media_event(event: MediaEvent) -> None:
-        if holder and transports_ref:
-            transports_ref[0].run_actions(holder[0].media_event(event, loop.time()))
-            transports_ref[0].rearm()
+        transports.run_actions(core.media_event(event, loop.time()))
+        transports.rearm()
 
-    workers = await MediaWorkers.start(
-        count, timeout=config.media.timeout, latch_window=config.media.latch_window,
-        on_event=on_media_event,
-    )  # fmt: skip
-    media = MediaController(media_policy(config, count), workers.send)
-    core = SbcCore(core_settings(config), media=media)
-    transports = SipTransports(core, client_tls=_client_tls(config.core.tls))
-    holder.append(core)
-    transports_ref.append(transports)
     writer: asyncio.Task[None] | None = None
     try:
+        workers = await MediaWorkers.start(
+            count, timeout=config.media.timeout, latch_window=config.media.latch_window,
+            on_event=on_media_event,
+        )  # fmt: skip
         access_tls = _tls(config.access.tls)
         core_tls = _tls(config.core.tls)
         for url in config.access.listen:
@@ -197,7 +208,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if writer is not None:
             await writer
         await transports.close()
-        await workers.close()
+        if workers is not None:
+            await workers.close()
         log.info("sbc stopped")
 
 
