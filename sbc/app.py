@@ -156,6 +156,7 @@ def media_policy(config: Config, workers: int) -> MediaPolicy:
         ports=m.ports,
         workers=workers,
         suites=m.srtp_suites,
+        srtp_passthrough=m.srtp_passthrough,
     )  # fmt: skip
 
 

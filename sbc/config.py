@@ -597,6 +597,9 @@ class MediaConfig:
     core_srtp: SrtpPolicy = "off"
     peer_srtp: SrtpPolicy = "optional"
     srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+    # true: an SDES offer's keys go end to end and the relay passes SRTP unchanged (the
+    # parties protect their media from each other, the SBC only relays; issue 5 item 5).
+    srtp_passthrough: bool = False
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.srtp_suites:

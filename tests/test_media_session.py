@@ -332,3 +332,25 @@ def test_linphone_offer_with_ice_and_rtcp_mux_to_a_mandatory_srtp_core_as_bytes(
         "application/sdp",
     )
     assert out == (DATA / "anchor" / "linphone_offer_to_core.sdp").read_bytes()
+
+
+def test_srtp_passthrough_policy_forwards_the_parties_keys_and_relays_srtp_unchanged() -> None:
+    pol = policy(access="optional", core="off")
+    h = Harness(
+        MediaPolicy(sides=pol.sides, ports=pol.ports, workers=pol.workers, srtp_passthrough=True)
+    )
+    to_core = h.offer(SRTP_OFFER)
+    [m] = to_core.media
+    # The keys go end to end (the core's "off" does not apply); addresses are the SBC's.
+    assert m.proto == "RTP/SAVP" and m.attributes("crypto") == [
+        f"1 AES_CM_128_HMAC_SHA1_80 inline:{KEY1}",
+        f"2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}",
+    ]
+    assert to_core.connection == ("IP4", CORE_IP) and not m.has("candidate")
+    [stream] = h.last_update().streams
+    assert stream.passthrough and stream.a.recv_key is None and stream.b.send_key is None
+    answer = PLAIN_ANSWER.replace(b"RTP/AVP", b"RTP/SAVP").replace(
+        b"a=sendrecv", f"a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}\r\na=sendrecv".encode()
+    )
+    [m] = h.answer(answer).media
+    assert m.attributes("crypto") == [f"2 AES_CM_128_HMAC_SHA1_32 inline:{KEY2}"]

@@ -65,6 +65,8 @@ class MediaPolicy:
     workers: int = 1
     # Suites the SBC offers, in order of preference (RFC 4568 6.2, RFC 7714 14.2).
     suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+    # SDES offers keep their keys end to end: SRTP is relayed unchanged (addresses only).
+    srtp_passthrough: bool = False
 
 
 class PortPool:
@@ -326,7 +328,13 @@ class MediaController:
                 m.port = 0
                 _strip(m)
                 continue
-            stream.passthrough = session_keying or any(m.has(n) for n in END_TO_END_KEYING)
+            # Keys end to end (issue 5 item 5): keying the SBC cannot take part in, or SDES
+            # keys the policy leaves to the parties (srtp_passthrough).
+            stream.passthrough = (
+                session_keying
+                or any(m.has(n) for n in END_TO_END_KEYING)
+                or (self.policy.srtp_passthrough and m.has("crypto"))
+            )
             self._learn(sdp, m, me)
             me.rtcp_mux = m.has("rtcp-mux")
             me.proto = m.proto
