@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import csv
 import datetime as dt
 import os
@@ -54,7 +53,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +81,7 @@ from report import (
     dist_version,
     git_rev,
     sipp_stamp,
+    stop_process,
     tool_version,
     write_section,
 )
@@ -100,7 +99,6 @@ MAX_RETRANS_SHORT = 0.01  # a short run passes with retransmissions for under 1 
 PACED_RUN = 10.0  # seconds: in a shorter run the last calls' retransmissions skew the pace
 RECV_TIMEOUT_MS = 4000  # a call waiting longer than this for any message fails
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 SETTLE_TIMEOUT = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIPP = shutil.which("sipp") or "sipp"
@@ -162,25 +160,6 @@ def rss_kib(pid: int) -> int:
     if m is None:
         raise BenchError(f"no VmRSS for PID {pid}")
     return int(m.group(1))
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
-    """SIGTERM by PID, wait, then SIGKILL; the exit code, None if it had to be killed."""
-    if proc is None:
-        return None
-    if proc.poll() is not None:
-        return proc.returncode
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT)
-    return None
 
 
 def settle(cpu: Callable[[], float]) -> None:
@@ -294,7 +273,7 @@ udp = {CLIENT_EXPIRES}
 
     def stop(self) -> None:
         if self.proc is not None and self.exit_code is None:
-            self.exit_code = stop(self.proc)
+            self.exit_code = stop_process(self.proc)
 
     def cpu_seconds(self) -> float:
         return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
@@ -339,7 +318,7 @@ class Uas:
         return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_process(self.proc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,7 +484,7 @@ class Caller:
         try:
             r.proc.wait(timeout=r.bound)
         except subprocess.TimeoutExpired:
-            stop(r.proc)
+            stop_process(r.proc)
             raise BenchError(f"sipp {r.run_dir.name} did not finish in {r.bound:.0f} s") from None
         wall = time.perf_counter() - r.t0
         sipp_cpu = self.uas.cpu_seconds() + children_cpu_seconds() - r.sipp_cpu0

@@ -71,7 +71,15 @@ from typing import Any
 
 import media_load
 from media_load import LATE_MAX, PACKETS_PER_CALL_S, PAYLOAD, CallSpec, srtp_session
-from report import command_line, cpu_model, dist_version, git_rev, tool_version, write_section
+from report import (
+    command_line,
+    cpu_model,
+    dist_version,
+    git_rev,
+    stop_process,
+    tool_version,
+    write_section,
+)
 
 HOST = "127.0.0.1"
 # The caller's leg uses the 80-bit tag, the callee's the 32-bit one (RFC 4568 6.2.1, 6.2.2):
@@ -93,7 +101,6 @@ SBC_PORTS = (8000, 19999)
 RTPENGINE_PORTS = (33000, 60000)  # it skips ports that are taken
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RTPENGINE = shutil.which("rtpengine") or "/usr/bin/rtpengine"
-STOP_TIMEOUT = 10.0
 
 
 class BenchError(Exception):
@@ -234,25 +241,6 @@ def bound_udp_ports() -> set[int]:
         local = line.split()[1]
         ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None) -> int | None:
-    """SIGTERM by PID, wait, then SIGKILL; the exit code, None if it had to be killed."""
-    if proc is None:
-        return None
-    if proc.poll() is not None:
-        return proc.returncode
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT)
-    return None
 
 
 def percentile(sorted_values: list[int], q: float) -> float:

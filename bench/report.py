@@ -3,6 +3,7 @@ and rewriting one benchmark's section of docs/performance.md between its markers
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -10,6 +11,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +127,22 @@ def choose_cpus(
         f"{len(allowed)} CPUs; {target_is} pinned to CPU {target_cpu}, {peers_are} + this "
         f"script to CPU {peer_cpu} (taskset -c)",
     )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM by PID, wait, then SIGKILL; the exit code, None if it had to be killed."""
+    if proc is None:
+        return None
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    return None
