@@ -232,6 +232,8 @@ class MediaWorkers:
         self._writers: list[asyncio.StreamWriter] = []
         self._readers: list[asyncio.Task[None]] = []
         self._closing = False
+        self._pending: list[list[bytes]] = []  # per worker: encoded commands not yet written
+        self._flush_scheduled = False
 
     @classmethod
     async def start(
@@ -264,6 +266,7 @@ class MediaWorkers:
                 self._procs.append(proc)
                 reader, writer = await asyncio.open_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
                 self._writers.append(writer)
+                self._pending.append([])
                 self._readers.append(asyncio.create_task(self._read(index, reader)))
         except BaseException:
             await self.close()
@@ -280,12 +283,25 @@ class MediaWorkers:
         return [p.pid for p in self._procs]
 
     def send(self, worker: int, command: control.Command) -> None:
-        """Queue ``command`` for ``worker`` (never blocks)."""
-        writer = self._writers[worker]
-        if writer.is_closing():
+        """Queue ``command`` for ``worker`` (never blocks). Commands go out together once
+        per turn of the event loop: a write per command cost a system call and woke the
+        worker each time (a fifth of the signalling process's time at 300 calls/s)."""
+        if self._writers[worker].is_closing():
             log.error("media worker %d is gone; %s dropped", worker, type(command).__name__)
             return
-        writer.write(control.encode(command))
+        self._pending[worker].append(control.encode(command))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for worker, pending in enumerate(self._pending):
+            if pending:
+                writer = self._writers[worker]
+                if not writer.is_closing():
+                    writer.write(b"".join(pending))
+                pending.clear()
 
     async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
         try:
@@ -307,6 +323,7 @@ class MediaWorkers:
         """Close the control sockets (the workers exit), wait for the processes, and kill by
         PID those that are still there after ``STOP_GRACE`` seconds."""
         self._closing = True
+        self._flush()
         for writer in self._writers:
             writer.close()
         for writer in self._writers:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,14 +80,13 @@ class PortPool:
         if workers < 1 or pairs < workers:
             raise ValueError(f"port range {first}-{last} too small for {workers} workers")
         per = pairs // workers
-        self._free: list[list[int]] = []
-        self._bounds: list[tuple[int, int]] = []
+        self._free: list[deque[int]] = []
         for w in range(workers):
             lo = first + 2 * per * w
-            hi = lo + 2 * per
-            # Taken from the end (pop), lowest first, so tests see predictable ports.
-            self._free.append(list(range(hi - 2, lo - 2, -2)))
-            self._bounds.append((lo, hi))
+            # First in, first out: a port comes back into use only after all the others of
+            # its worker, so late packets of the call that had it (a phone still sending
+            # after BYE) cannot meet the next call's latch window on it.
+            self._free.append(deque(range(lo, lo + 2 * per, 2)))
         self.in_use = 0
         self._next = 0
 
@@ -109,7 +109,7 @@ class PortPool:
         if not free:
             raise MediaRefused("No Media Ports Available")
         self.in_use += 1
-        return free.pop()
+        return free.popleft()
 
     def give(self, worker: int, port: int) -> None:
         self.in_use -= 1

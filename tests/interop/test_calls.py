@@ -344,17 +344,18 @@ LabFactory = Callable[..., Lab]
 def lab_factory(
     kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory, tmp_path: Path
 ) -> Iterator[LabFactory]:
-    """``lab_factory(extra="...")``: one Kamailio behind a real SBC (``extra`` adds config
-    sections), with call records on; every SIPp started through it is stopped at teardown."""
+    """``lab_factory(extra="...", media="...")``: one Kamailio behind a real SBC (``extra``
+    adds config sections, ``media`` [media] keys), with call records on; every SIPp started through it is stopped at teardown."""
     binary = require("sipp")
     labs: list[Lab] = []
 
-    def make(*, extra: str = "") -> Lab:
+    def make(*, extra: str = "", media: str = "") -> Lab:
         (registrar,) = kamailio_registrars(1)
         records = tmp_path / f"calls-{len(labs)}.jsonl"
         sbc = sbc_factory(
             extra=f'\n[[core.backends]]\nuri = "{registrar.uri}"\n'
-            f'\n[calls]\nrecords = "{records}"\n{extra}'
+            f'\n[calls]\nrecords = "{records}"\n{extra}',
+            media=media,
         )
         lab = Lab(sbc, registrar, records, tmp_path, binary)
         labs.append(lab)
@@ -682,4 +683,30 @@ def test_session_timer(lab_factory: LabFactory) -> None:
     records = lab.wait_records(4)
     causes = sorted(str(r["cause"]) for r in records)
     assert causes.count("BYE from caller") == 2, records
+    lab.assert_no_calls_left()
+
+
+MEDIA_TIMEOUT = 3.0
+
+
+def test_media_timeout_ends_a_silent_call(lab_factory: LabFactory) -> None:
+    """Issue 5 item 6: the SIPp calls send no RTP, so with [media] timeout = 3 s the relay
+    reports the call silent and the SBC ends it with BYE on both sides (Reason: cause 408,
+    "media timeout"), about 3 s after the answer (the workers look once a second)."""
+    lab = lab_factory(media=f"timeout = {MEDIA_TIMEOUT:g}")
+    bob = lab.callee("call_timer_idle_uas.xml", "bob")
+    alice = lab.caller("call_timer_idle_uac.xml", "bob", "alice")
+    a_msgs, b_msgs = passed(alice, bob)
+    assert labels(received(b_msgs)) == ["INVITE", "ACK", "BYE"]
+    assert labels(received(a_msgs))[-2:] == ["200 INVITE", "BYE"]
+    for messages in (a_msgs, b_msgs):
+        ok = next(m for m in messages if m.status == 200 and m.method == "INVITE")
+        bye = next(m for m in received(messages) if m.method == "BYE")
+        assert MEDIA_TIMEOUT - 0.5 <= bye.at - ok.at <= MEDIA_TIMEOUT + 3, (ok.at, bye.at)
+        assert bye.header("Reason") == 'SIP;cause=408;text="media timeout"', bye.text
+    records = lab.wait_records(2)
+    assert "media timeout" in [r["cause"] for r in records], records
+    for record in records:  # the relay's statistics, with nothing received
+        assert [s["caller"]["packets_in"] for s in record["media"]] == [0], record
+    assert_hidden(lab, a_msgs, b_msgs)
     lab.assert_no_calls_left()
