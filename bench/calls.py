@@ -91,6 +91,10 @@ HOST = "127.0.0.1"
 DOMAIN = "example.com"
 CLIENT_EXPIRES = 3600  # the binding of bob at the SBC outlives the run
 BACKEND_EXPIRES = 7200  # must exceed every client_expires (unused: no backends)
+# The relay's ports (each call anchors its SDP: two RTP/RTCP pairs per call): a wide range
+# below the kernel's ephemeral ports, so that calls piling up while the SBC falls behind
+# (each held until its transactions time out) do not run it out and turn into 488s.
+MEDIA_PORTS = "10000-32000"
 LADDER = (100, 200, 300, 400, 500, 700, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
 KAMAILIO_SHM_MB = 1024  # -m: the default 64 MB runs out at about 500 calls/s
 MAX_FAILED = 0.001  # a step passes with fewer than 0.1 % failed calls
@@ -239,6 +243,10 @@ backend_expires = {BACKEND_EXPIRES}
 
 [registration.client_expires]
 udp = {CLIENT_EXPIRES}
+
+[media]
+ports = "{MEDIA_PORTS}"
+workers = 1
 """
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -838,7 +846,10 @@ def render(setups: dict[str, Setup], args: argparse.Namespace, env: dict[str, st
         "(its embedded registrar routes the call to the callee's registered address; two "
         "dialogs per call, the B2BUA) → SIPp UAS; "
         f"`[registration.client_expires] udp = {CLIENT_EXPIRES}`, `[log] level = "
-        '"warning"`, everything else default. Via Kamailio: SIPp UAC → Kamailio '
+        '"warning"`, `[media] ports = "'
+        f"{MEDIA_PORTS}\"`, `workers = 1` (every call's SDP is anchored: the media worker "
+        "binds and releases two port pairs per call, on the SBC's CPU), everything else "
+        "default. Via Kamailio: SIPp UAC → Kamailio "
         "(docker/kamailio/kamailio.cfg: usrloc lookup, record-route, stateful `t_relay`, 2 "
         f"UDP workers; `-m {KAMAILIO_SHM_MB}` MB of shared memory, as the default 64 MB runs "
         "out at about 500 calls/s) → SIPp UAS. The callee registered first as bob (from the "
