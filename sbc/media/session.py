@@ -90,10 +90,6 @@ class PortPool:
         self.in_use = 0
         self._next = 0
 
-    @property
-    def workers(self) -> int:
-        return len(self._free)
-
     def pick_worker(self) -> int:
         """Round-robin over the workers with free ports."""
         n = len(self._free)
@@ -170,7 +166,6 @@ class MediaSession:
         self.worker = worker
         self.sides = (a_side, b_side)
         self.streams: list[_Stream] = []
-        self.offerer: str | None = None  # "a" or "b": an offer awaits its answer
         self.saved: list[_Stream] | None = None  # state before the pending offer
         self.origins = {
             "a": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
@@ -205,7 +200,6 @@ class MediaController:
         self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
         self._sink = sink
         self.sessions: dict[str, MediaSession] = {}
-        self.refused = 0
 
     def state_size(self) -> dict[str, int]:
         """For leak checks: all zero when no call is up."""
@@ -234,11 +228,9 @@ class MediaController:
             self.sessions[call] = session
         src, dst = ("b", "a") if toward_caller else ("a", "b")
         session.saved = [stream.clone() for stream in session.streams]
-        session.offerer = src
         try:
             out = self._rewrite_offer(session, sdp, src, dst)
         except MediaRefused:
-            self.refused += 1
             self.rejected(call)
             raise
         self._update(session)
@@ -272,7 +264,6 @@ class MediaController:
             log.warning("bad SDP answer: %s", exc, extra={"call": call})
             sdp = None
         out = self._rewrite_answer(session, sdp, src, dst)
-        session.offerer = None
         session.saved = None
         self._update(session)
         return out
@@ -290,7 +281,6 @@ class MediaController:
                     self.pool.give(session.worker, party.port)
         session.streams = session.saved
         session.saved = None
-        session.offerer = None
         if any(s.active for s in session.streams):
             self._update(session)
         else:

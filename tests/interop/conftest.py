@@ -91,26 +91,32 @@ class PortPool:
     def __init__(self) -> None:
         self._held: list[socket.socket] = []
 
+    def _hold(self, family: int, binds: list[tuple[int, tuple[str, int]]]) -> list[int] | None:
+        """Bind a socket of each (kind, address) in turn; the ports bound, all held, or None
+        (and nothing held) if one bind fails."""
+        socks: list[socket.socket] = []
+        try:
+            for kind, addr in binds:
+                sock = socket.socket(family, kind)
+                socks.append(sock)
+                sock.bind(addr)
+        except OSError:
+            for sock in socks:
+                sock.close()
+            return None
+        self._held += socks
+        return [int(sock.getsockname()[1]) for sock in socks]
+
     def port(self, host: str, *kinds: int) -> int:
         """A port free on ``host`` for every socket kind (SOCK_DGRAM / SOCK_STREAM) given."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(50):
-            socks: list[socket.socket] = []
-            try:
-                first = socket.socket(family, kinds[0])
-                socks.append(first)
-                first.bind((host, 0))
-                port = int(first.getsockname()[1])
-                for kind in kinds[1:]:
-                    sock = socket.socket(family, kind)
-                    socks.append(sock)
-                    sock.bind((host, port))
-            except OSError:
-                for sock in socks:
-                    sock.close()
+            first = self._hold(family, [(kinds[0], (host, 0))])
+            if first is None:
                 continue
-            self._held += socks
-            return port
+            if len(kinds) == 1 or self._hold(family, [(k, (host, first[0])) for k in kinds[1:]]):
+                return first[0]
+            self._held.pop().close()  # the first socket: that port is not free for all kinds
         raise RuntimeError(f"no free port on {host} for {kinds}")
 
     def block(self, host: str, count: int) -> int:
@@ -119,18 +125,8 @@ class PortPool:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for _ in range(100):
             base = secrets.randbelow((60000 - 33000) // 2) * 2 + 33000
-            socks: list[socket.socket] = []
-            try:
-                for port in range(base, base + count):
-                    sock = socket.socket(family, UDP)
-                    socks.append(sock)
-                    sock.bind((host, port))
-            except OSError:
-                for sock in socks:
-                    sock.close()
-                continue
-            self._held += socks
-            return base
+            if self._hold(family, [(UDP, (host, p)) for p in range(base, base + count)]):
+                return base
         raise RuntimeError(f"no {count} free consecutive ports on {host}")
 
     def release(self) -> None:
