@@ -247,6 +247,9 @@ udp = {CLIENT_EXPIRES}
 [media]
 ports = "{MEDIA_PORTS}"
 workers = 1
+
+[security]
+allow = ["{HOST}"]
 """
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -848,8 +851,9 @@ def render(setups: dict[str, Setup], args: argparse.Namespace, env: dict[str, st
         f"`[registration.client_expires] udp = {CLIENT_EXPIRES}`, `[log] level = "
         '"warning"`, `[media] ports = "'
         f"{MEDIA_PORTS}\"`, `workers = 1` (every call's SDP is anchored: the media worker "
-        "binds and releases two port pairs per call, on the SBC's CPU), everything else "
-        "default. Via Kamailio: SIPp UAC → Kamailio "
+        "binds and releases two port pairs per call, on the SBC's CPU), `[security] allow` "
+        "the load's address (a trusted load generator is not flood-banned or rate limited), "
+        "everything else default. Via Kamailio: SIPp UAC → Kamailio "
         "(docker/kamailio/kamailio.cfg: usrloc lookup, record-route, stateful `t_relay`, 2 "
         f"UDP workers; `-m {KAMAILIO_SHM_MB}` MB of shared memory, as the default 64 MB runs "
         "out at about 500 calls/s) → SIPp UAS. The callee registered first as bob (from the "

@@ -321,6 +321,10 @@ backend_expires = {BACKEND_EXPIRES}
 
 [registration.client_expires]
 udp = {CLIENT_EXPIRES}
+
+[security]
+allow = ["{HOST}"]
+backend_register = {{ rate = 0 }}
 """
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -629,7 +633,9 @@ def render(direct: Target, via: Target, args: argparse.Namespace, env: dict[str,
         "SBC: SIPp to `sbc run` (UDP) with Kamailio B, a fresh instance of the same config, "
         f"as its only backend; `[registration] backend_expires = {BACKEND_EXPIRES}`, "
         f"`[registration.client_expires] udp = {CLIENT_EXPIRES}`, "
-        f'`[log] level = "warning"`.{profiled}',
+        f'`[log] level = "warning"`, `[security] allow` the load\'s address and '
+        f"`backend_register = {{ rate = 0 }}` (the load is trusted and the backend's "
+        f"REGISTER ceiling is off: this measures the SBC, not its limits).{profiled}",
         "",
         "| | Direct to Kamailio | Via SBC | Via SBC / direct |",
         "|---|---:|---:|---:|",

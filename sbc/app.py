@@ -14,9 +14,10 @@ import ssl
 from pathlib import Path
 
 from sbc.b2bua import CallPolicy, PeerRoute
-from sbc.config import Config, Peer, TlsConfig
+from sbc.config import Config, Peer, RateConfig, TlsConfig
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.features.guard import CLASSES, Bucket, GuardPolicy
 from sbc.features.keepalive import NatPolicy
 from sbc.io.media_worker import MediaWorkers
 from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
@@ -41,6 +42,8 @@ def core_settings(config: Config) -> CoreSettings:
     hosts |= {"localhost", config.sbc.name.lower()}
     if config.sbc.public_address:
         hosts.add(config.sbc.public_address.strip("[]").lower())
+    backends = tuple(backend_spec(b.uri, b.weight) for b in config.core.backends)
+    peers = tuple(peer_route(p) for p in config.peers)
     return CoreSettings(
         local_hosts=frozenset(hosts),
         server_header=sip.server_header,
@@ -51,7 +54,7 @@ def core_settings(config: Config) -> CoreSettings:
             max_header_line=sip.max_header_line,
         ),
         tcp_idle_timeout=sip.tcp_idle_timeout,
-        backends=tuple(backend_spec(b.uri, b.weight) for b in config.core.backends),
+        backends=backends,
         health=HealthPolicy(
             probe_interval=config.core.probe_interval,
             probe_failures=config.core.probe_failures,
@@ -82,8 +85,42 @@ def core_settings(config: Config) -> CoreSettings:
             keep_records=calls.records is not None,
             client_address_header=calls.client_address_header,
         ),
-        peers=tuple(peer_route(p) for p in config.peers),
+        peers=peers,
         public_address=(config.sbc.public_address or "").strip("[]") or None,
+        security=guard_policy(
+            config, {b.host.lower() for b in backends} | {p.host.lower() for p in peers}
+        ),
+    )
+
+
+def _bucket(cfg: RateConfig) -> Bucket:
+    return Bucket(rate=cfg.rate, burst=cfg.burst)
+
+
+def guard_policy(config: Config, core_sources: set[str]) -> GuardPolicy:
+    """[security] as the guard's policy (issue 6); ``core_sources``: backend and peer IPs."""
+    sec = config.security
+    return GuardPolicy(
+        allow=tuple(c.network for c in sec.allow),
+        access_allow=tuple(c.network for c in sec.access_allow),
+        access_deny=tuple(c.network for c in sec.access_deny),
+        core_allow=tuple(c.network for c in sec.core_allow),
+        core_sources=frozenset(core_sources),
+        restrict_core=True,
+        user_agent_block=tuple(ua.lower() for ua in sec.user_agent_block if ua),
+        pike_window=sec.pike_window,
+        pike_density=sec.pike_density,
+        ban_time=sec.ban_time,
+        rates={cls: _bucket(getattr(sec, cls)) for cls in CLASSES},
+        retry_after=sec.retry_after,
+        auth_failures=sec.auth_failures,
+        auth_user_failures=sec.auth_user_failures,
+        auth_window=sec.auth_window,
+        max_connections_per_source=sec.max_connections_per_source,
+        tls_handshakes=_bucket(sec.tls_handshakes),
+        overload_lag=sec.overload_lag,
+        backend_register_rate=_bucket(sec.backend_register),
+        max_sources=sec.max_sources,
     )
 
 

@@ -615,6 +615,76 @@ class MediaConfig:
             yield "ports", f"range holds {pairs} RTP/RTCP port pairs; needs 2 per worker at least"
 
 
+@dataclass(frozen=True, slots=True)
+class Cidr:
+    """An address or network for the access lists: ``"10.0.0.0/8"``, ``"192.0.2.7"``,
+    ``"2001:db8::/32"`` (host bits set are refused: a typo, not a network)."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    noun: ClassVar[str] = 'an address or network like "10.0.0.0/8"'
+
+    @classmethod
+    def parse(cls, value: str) -> Cidr:
+        try:
+            return cls(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"not an address or network ({exc})") from None
+
+    def __str__(self) -> str:
+        return str(self.network)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RateConfig:
+    """A token bucket: ``rate`` per second (0: no limit), up to ``burst`` at once."""
+
+    rate: float = field(default=0.0, metadata=rule(number(min=0)))
+    burst: int = field(default=1, metadata=rule(integer(min=1)))
+
+
+# The User-Agents of common SIP scanners, dropped without an answer (issue 6 item 4).
+SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "VaxSIPUserAgent", "pplsip")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SecurityConfig:
+    """The front door (issue 6): access lists, flood and brute-force bans, rate limits."""
+
+    # Trusted sources: never banned, rate limited or locked out (the SBC's own monitoring,
+    # an enterprise NAT with many phones).
+    allow: tuple[Cidr, ...] = ()
+    access_allow: tuple[Cidr, ...] = ()  # empty: everyone may use the access side
+    access_deny: tuple[Cidr, ...] = ()
+    # The core side takes requests only from the backends and peers, and from these.
+    core_allow: tuple[Cidr, ...] = ()
+    user_agent_block: tuple[str, ...] = SCANNER_AGENTS
+    # Flood bans in the manner of Kamailio's pike: more than pike_density packets from one
+    # source within pike_window seconds bans it for ban_time seconds. 0: off.
+    pike_window: float = field(default=2.0, metadata=rule(number(gt=0)))
+    pike_density: int = field(default=200, metadata=rule(integer(min=0)))
+    ban_time: float = field(default=300.0, metadata=rule(number(gt=0)))
+    # Out-of-dialog requests per source, by method; over the bucket: 503 with Retry-After.
+    register: RateConfig = field(default_factory=lambda: RateConfig(rate=20.0, burst=60))
+    invite: RateConfig = field(default_factory=lambda: RateConfig(rate=10.0, burst=30))
+    other: RateConfig = field(default_factory=lambda: RateConfig(rate=50.0, burst=100))
+    # Failed authentications (credentials answered 401/407/403) within auth_window seconds:
+    # per source it is banned, per user name the user is locked for ban_time. 0: off.
+    auth_failures: int = field(default=5, metadata=rule(integer(min=0)))
+    auth_user_failures: int = field(default=20, metadata=rule(integer(min=0)))
+    auth_window: float = field(default=60.0, metadata=rule(number(gt=0)))
+    max_connections_per_source: int = field(default=64, metadata=rule(integer(min=0)))
+    tls_handshakes: RateConfig = field(default_factory=lambda: RateConfig(rate=10.0, burst=20))
+    # The event loop this late (seconds) means overloaded: new out-of-dialog requests get
+    # 503 with Retry-After for a while. 0: off.
+    overload_lag: float = field(default=0.25, metadata=rule(number(min=0)))
+    retry_after: int = field(default=5, metadata=rule(integer(min=1)))
+    # The backends' ceiling: client REGISTERs relayed per second in all (re-REGISTERs the
+    # SBC answers itself do not count); over it: 503 with Retry-After. rate 0: no ceiling.
+    backend_register: RateConfig = field(default_factory=lambda: RateConfig(rate=500.0, burst=1000))
+    max_sources: int = field(default=100_000, metadata=rule(integer(min=100)))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AdminConfig:
     listen: HostPort = HostPort(host="127.0.0.1", port=8080)
@@ -666,6 +736,7 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     nat: NatConfig = field(default_factory=NatConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     peers: tuple[Peer, ...] = ()
 
     def check(self) -> Iterator[tuple[str, str]]:

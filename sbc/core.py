@@ -20,6 +20,18 @@ from dataclasses import dataclass
 from sbc import __version__
 from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
+from sbc.features.guard import (
+    ACCESS,
+    CORE,
+    INVITE,
+    NO_POLICY,
+    OTHER,
+    REGISTER,
+    Guard,
+    GuardPolicy,
+    Limited,
+    credentials_user,
+)
 from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
 from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
 from sbc.media.control import Event as MediaEvent
@@ -89,12 +101,14 @@ class CoreSettings:
     calls: CallPolicy = DEFAULT_POLICY
     peers: tuple[PeerRoute, ...] = ()
     public_address: str | None = None  # [sbc] public_address: named towards clients
+    security: GuardPolicy = NO_POLICY  # [security] (issue 6); the default checks nothing
 
 
 class SbcCore:
     def __init__(self, settings: CoreSettings, media: MediaSeam | None = None) -> None:
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
+        self.guard = Guard(settings.security)
         self.backends = BackendRelay(
             transactions=self.transactions,
             balancer=Balancer(
@@ -106,6 +120,7 @@ class SbcCore:
             nat=settings.nat,
             request_timeout=settings.request_timeout,
             public_address=settings.public_address,
+            register_gate=self.guard.backend_register if self.guard.active else None,
         )
         self.calls = B2bua(
             transactions=self.transactions,
@@ -122,6 +137,8 @@ class SbcCore:
     # -- input ----------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
+        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
+            return []  # banned or not allowed: dropped before it is parsed
         if is_stun(data):
             # RFC 5626 4.4.2: STUN binding requests on the SIP port are answered.
             self.stats["stun"] += 1
@@ -138,6 +155,9 @@ class SbcCore:
 
     def receive_stream(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """Octets from a TCP/TLS connection; framing errors close only this connection."""
+        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
+            self.connection_closed(flow)
+            return [Close(flow)]
         framer = self._framers.get(flow)
         if framer is None:
             framer = self._framers[flow] = StreamFramer(self.settings.limits)
@@ -161,7 +181,8 @@ class SbcCore:
         return actions
 
     def connection_closed(self, flow: Flow) -> None:
-        self._framers.pop(flow, None)
+        if self._framers.pop(flow, None) is not None:
+            self.guard.connection_gone(flow.remote[0])
         self._activity.pop(flow, None)
 
     def connection_lost(self, flow: Flow, now: float) -> list[Action]:
@@ -179,6 +200,22 @@ class SbcCore:
         self.calls.media_stats(event.session, stats_record(event))
         return []
 
+    def _side(self, flow: Flow) -> str:
+        """The guard's side of a flow: peers and backends are the core side."""
+        return ACCESS if self.calls.side_of(flow) == ACCESS else CORE
+
+    def connection_opened(self, flow: Flow, now: float) -> bool:
+        """The I/O layer accepted a stream connection: False to close it at once (a banned
+        source, or one over its connection limit, issue 6 item 3)."""
+        if not self.guard.active:
+            return True
+        ip = flow.remote[0]
+        return self.guard.admit(ip, self._side(flow), now) and self.guard.connection_opened(ip, now)
+
+    def report_lag(self, lag: float, now: float) -> None:
+        """The I/O layer's measure of its event loop's lateness (overload, issue 6 item 3)."""
+        self.guard.report_lag(lag, now)
+
     def add_listener(self, side: str, transport: str, address: Address) -> None:
         """The I/O layer reports each socket it bound ("access" or "core" side)."""
         if side == "core":
@@ -191,6 +228,7 @@ class SbcCore:
                 self.transactions.next_deadline(),
                 self.backends.next_deadline(),
                 self.calls.next_deadline(),
+                self.guard.next_deadline(),
             )
             if d is not None
         ]
@@ -204,6 +242,7 @@ class SbcCore:
         actions += self._outputs(self.backends.handle_timer(now), now)
         actions += self._outputs(self.calls.handle_timer(now), now)
         actions += self._flows_failed(now)
+        self.guard.handle_timer(now)
         idle = self.settings.tcp_idle_timeout
         while self._activity:
             flow, seen = next(iter(self._activity.items()))
@@ -243,6 +282,8 @@ class SbcCore:
         if isinstance(msg, Response):
             return self._handle_response(msg, now)
         assert isinstance(msg, Request)
+        if self.guard.active and self.guard.blocked_agent(msg.get("user-agent")):
+            return []  # a scanner: no answer at all (issue 6 item 4)
         self._stamp_via(msg, flow)
         rejection = check_request(msg, supported=SUPPORTED)
         if rejection is not None:
@@ -320,6 +361,14 @@ class SbcCore:
         if to is not None and to.tag is not None:
             # RFC 3261 12.2.2: within a dialog, which the B2BUA holds (or answers 481).
             return self.calls.in_dialog(tx, req, flow, now)
+        if self.guard.active:
+            limited = self._guard_request(req, flow, now)
+            if limited is not None:  # counted by the guard
+                retry = limited.retry_after
+                headers = (("Retry-After", str(retry)),) if retry else ()
+                return tx.respond(
+                    self._response(req, limited.status, limited.reason, headers=headers), now
+                )
         if method == "REGISTER":
             if self.settings.backends:
                 return self.backends.relay_register(tx, req, flow, now)
@@ -330,6 +379,16 @@ class SbcCore:
             resp = self._response(req, where.status, where.reason, headers=where.headers)
             return tx.respond(resp, now)
         return self.calls.start(tx, req, flow, where, now)
+
+    def _guard_request(self, req: Request, flow: Flow, now: float) -> Limited | None:
+        """Rate limits, overload and locked users for a new out-of-dialog request."""
+        if self._side(flow) != ACCESS:
+            return None  # backends and peers are limited by the access control only
+        method = req.method
+        cls = REGISTER if method == "REGISTER" else INVITE if method == "INVITE" else OTHER
+        credentials = req.get("authorization") or req.get("proxy-authorization")
+        key = (_auth_key(req), credentials_user(credentials)) if credentials is not None else None
+        return self.guard.check_request(flow.remote[0], cls, now, credentials=key)
 
     def _alive(self, flow: Flow) -> bool:
         """A flow the SBC can still send on: UDP, or a stream connection that is open."""
@@ -400,7 +459,13 @@ class SbcCore:
                 actions.append(SendData(out.flow, out.data))
             elif isinstance(out, Send):
                 msg = out.message
-                data = self._finish(msg) if isinstance(msg, Response) else bytes(msg)
+                if isinstance(msg, Response):
+                    if msg.status >= 200 and self.guard.expects_auth_answers:
+                        # RFC 3261 22: the answer to a request with credentials.
+                        self.guard.auth_answer(_auth_key(msg), msg.status, now)
+                    data = self._finish(msg)
+                else:
+                    data = bytes(msg)
                 assert isinstance(out.dest, Flow)
                 actions.append(SendData(out.dest, data))
             elif isinstance(out, ResponseReceived):
@@ -456,6 +521,11 @@ class SbcCore:
         if via is None or via.wants_rport:
             return flow
         return flow.to((flow.remote[0], via.port or 5060))
+
+
+def _auth_key(msg: Message) -> str:
+    """Which request a response answers, for the guard's authentication count."""
+    return f"{msg.get('call-id')}\n{msg.get('cseq')}"
 
 
 def _new_tag() -> str:

@@ -158,8 +158,12 @@ class BackendRelay:
         store: RegistrationStore | None = None,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
+        register_gate: Callable[[float], int] | None = None,
     ) -> None:
         self.transactions = transactions
+        # Asked before a client's REGISTER goes to a backend: seconds to wait (503 with
+        # Retry-After) when the backends' REGISTER ceiling is reached (issue 6 item 6).
+        self.register_gate = register_gate
         self.balancer = balancer
         self.respond = respond
         self.server_header = server_header
@@ -486,6 +490,10 @@ class BackendRelay:
                 outbound="outbound" in {v.lower() for v in req.values("supported")}
                 and any(c.param("reg-id") is not None for c in contacts),
             )  # fmt: skip
+        wait = self.register_gate(now) if self.register_gate is not None else 0
+        if wait:
+            retry = (("Retry-After", str(wait)),)
+            return self.respond(server_tx, 503, "Registrar Busy", retry, now)
         backend = self.balancer.pick_for_aor(aor)
         flow = self.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:

@@ -242,6 +242,13 @@ def media_range() -> tuple[int, int]:
     raise RuntimeError("every [media] port range is held by a running test SBC")
 
 
+# The [security] of the test SBCs: the tests' own peers on 127.0.0.1 and ::1 (SIPp at a few
+# thousand calls/s, Kamailio) are trusted, so the flood and rate limits never get in the way
+# of a functional test; the security tests (test_security.py) set their own and attack from
+# other loopback addresses (127.0.0.2 and up).
+TRUST_LOOPBACK = 'allow = ["127.0.0.1", "::1"]'
+
+
 def _write_config(
     path: Path,
     certs: Certs,
@@ -250,9 +257,11 @@ def _write_config(
     core: str = "",
     extra: str = "",
     media: str = "",
+    security: str = TRUST_LOOPBACK,
 ) -> int:
-    """The test config; ``core`` adds keys to [core], ``media`` to [media], ``extra`` adds
-    sections at the end. Returns the locked descriptor of its [media] port range."""
+    """The test config; ``core`` adds keys to [core], ``media`` to [media], ``security`` is
+    the body of [security], ``extra`` adds sections at the end. Returns the locked
+    descriptor of its [media] port range."""
     low, high = media_range()
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
@@ -305,6 +314,9 @@ user_agent = "{SERVER_HEADER}"
 [log]
 level = "debug"
 format = "text"
+
+[security]
+{security}
 {extra}
 """
     )
@@ -319,6 +331,7 @@ def _start(
     core: str = "",
     extra: str = "",
     media: str = "",
+    security: str = TRUST_LOOPBACK,
 ) -> SbcProcess | str:
     """Start the SBC; the process once ready, or the reason it did not start."""
     pool = PortPool()
@@ -332,7 +345,9 @@ def _start(
     if HAS_IPV6:
         ports["udp6"] = pool.port("::1", UDP, TCP)
     config = tmp_path / f"sbc-{attempt}.toml"
-    range_lock = _write_config(config, certs, ports, core=core, extra=extra, media=media)
+    range_lock = _write_config(
+        config, certs, ports, core=core, extra=extra, media=media, security=security
+    )
     stderr_path = tmp_path / f"sbc-{attempt}.stderr"
     pool.release()  # the SBC binds them now
     try:
@@ -406,14 +421,21 @@ SbcFactory = Callable[..., SbcProcess]
 
 @pytest.fixture
 def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
-    """``sbc_factory(core="...", extra="...", media="...")`` starts an SBC with config
-    additions (backends, [registration], [media] keys ...); every SBC started is stopped and
-    checked at teardown."""
+    """``sbc_factory(core="...", extra="...", media="...", security="...")`` starts an SBC
+    with config additions (backends, [registration], [media] keys ...); every SBC started is
+    stopped and checked at teardown."""
     running: list[Iterator[SbcProcess]] = []
 
-    def start(*, core: str = "", extra: str = "", media: str = "") -> SbcProcess:
+    def start(
+        *, core: str = "", extra: str = "", media: str = "", security: str = TRUST_LOOPBACK
+    ) -> SbcProcess:
         gen = _running_sbc(
-            tmp_path / f"sbc{len(running)}", certs, core=core, extra=extra, media=media
+            tmp_path / f"sbc{len(running)}",
+            certs,
+            core=core,
+            extra=extra,
+            media=media,
+            security=security,
         )
         running.append(gen)
         return next(gen)
@@ -425,12 +447,20 @@ def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
 
 
 def _running_sbc(
-    tmp_path: Path, certs: Certs, *, core: str = "", extra: str = "", media: str = ""
+    tmp_path: Path,
+    certs: Certs,
+    *,
+    core: str = "",
+    extra: str = "",
+    media: str = "",
+    security: str = TRUST_LOOPBACK,
 ) -> Iterator[SbcProcess]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     started: SbcProcess | str = ""
     for attempt in range(3):
-        started = _start(tmp_path, certs, attempt, core=core, extra=extra, media=media)
+        started = _start(
+            tmp_path, certs, attempt, core=core, extra=extra, media=media, security=security
+        )
         # A free port can be taken by someone else between our probe and the SBC's bind.
         if isinstance(started, SbcProcess) or "cannot listen on" not in started:
             break

@@ -1,0 +1,431 @@
+"""The SBC's front door (issue 6): who may talk to it, how fast, and who is banned.
+
+Sans-I/O like the rest of the core: every method takes ``now`` and returns a verdict. One
+``Guard`` holds, per source IP address:
+
+- access control: CIDR allow/deny lists per side; the core side takes requests only from
+  the configured backends and peers (and ``core_allow``);
+- flood detection in the manner of Kamailio's pike module: packets counted per source in
+  fixed sampling windows; a source above the density is banned for ``ban_time`` (the
+  htable ban list), and a banned source's packets are dropped before they are parsed;
+- token buckets per method class (REGISTER, INVITE, other out-of-dialog requests): a
+  request over its bucket gets 503 with Retry-After (RFC 3261 21.5.4);
+- brute-force protection: a request with credentials (RFC 3261 22.2/22.3) answered 401,
+  407 or 403 is a failed authentication, counted per source and per user name; a source
+  over the limit is banned, a user over it is locked for ``ban_time``;
+- a User-Agent block list (scanners) whose requests are dropped without an answer;
+- per-source limits on stream connections and on TLS handshakes;
+- overload: when the I/O layer reports that the event loop is late, new out-of-dialog
+  requests get 503 for a while instead of every request slowing down (RFC 3261 21.5.4);
+- a ceiling on the REGISTERs relayed to the backends (registrar protection).
+
+A source on the ``allow`` list is never banned, rate limited or locked out. State per
+source is dropped once it is idle, so a scan from many addresses cannot grow it without
+bound (``max_sources`` caps it even then: the oldest entries go first).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Method classes of the token buckets.
+REGISTER = "register"
+INVITE = "invite"
+OTHER = "other"
+CLASSES = (REGISTER, INVITE, OTHER)
+
+ACCESS = "access"
+CORE = "core"
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket: ``rate`` tokens per second, at most ``burst``; rate 0: no limit."""
+
+    rate: float = 0.0
+    burst: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardPolicy:
+    """[security] of the config. The defaults here limit nothing (unit tests build cores
+    without a policy); the config's defaults are the production ones."""
+
+    allow: tuple[Network, ...] = ()  # trusted: never banned, rate limited or locked out
+    access_allow: tuple[Network, ...] = ()  # empty: every address may use the access side
+    access_deny: tuple[Network, ...] = ()
+    core_allow: tuple[Network, ...] = ()  # beyond the backends and peers
+    core_sources: frozenset[str] = frozenset()  # backend and peer addresses (filled in)
+    restrict_core: bool = False  # the core side takes only core_sources and core_allow
+    user_agent_block: tuple[str, ...] = ()  # lower-case substrings
+    pike_window: float = 2.0  # sampling window, seconds
+    pike_density: int = 0  # packets per window per source above which it is banned; 0: off
+    ban_time: float = 300.0
+    rates: dict[str, Bucket] = field(default_factory=dict)  # per method class
+    retry_after: int = 5  # Retry-After of the 503s of overload (rate limits compute theirs)
+    auth_failures: int = 0  # failed authentications per source within auth_window; 0: off
+    auth_user_failures: int = 0  # the same per user name; 0: off
+    auth_window: float = 60.0
+    max_connections_per_source: int = 0  # open TCP/TLS connections; 0: no limit
+    tls_handshakes: Bucket = Bucket()  # handshakes per source
+    overload_lag: float = 0.0  # event loop lateness (s) that means overloaded; 0: off
+    overload_hold: float = 2.0  # stays overloaded this long after the last late report
+    backend_register_rate: Bucket = Bucket()  # REGISTERs relayed to the backends, in all
+    max_sources: int = 100_000  # sources tracked at most
+    idle_after: float = 600.0  # a source quiet this long (and not banned) is forgotten
+
+
+NO_POLICY = GuardPolicy()
+
+
+class _Source:
+    """What the guard knows about one source address."""
+
+    __slots__ = (
+        "access_ok",
+        "auth_times",
+        "ban_until",
+        "buckets",
+        "connections",
+        "core_ok",
+        "count",
+        "last_seen",
+        "trusted",
+        "window_start",
+    )
+
+    def __init__(self, trusted: bool, access_ok: bool, core_ok: bool, now: float) -> None:
+        self.trusted = trusted
+        self.access_ok = access_ok
+        self.core_ok = core_ok
+        self.ban_until = 0.0
+        self.window_start = now
+        self.count = 0
+        self.buckets: dict[str, list[float]] = {}  # class -> [tokens, last refill]
+        self.connections = 0
+        self.auth_times: list[float] = []
+        self.last_seen = now
+
+
+def _take(state: list[float] | None, bucket: Bucket, now: float) -> tuple[list[float], float]:
+    """Take one token; returns the state and 0.0, or the seconds until a token is due."""
+    if state is None:
+        state = [float(bucket.burst), now]
+    tokens = min(float(bucket.burst), state[0] + (now - state[1]) * bucket.rate)
+    state[1] = now
+    if tokens >= 1.0:
+        state[0] = tokens - 1.0
+        return state, 0.0
+    state[0] = tokens
+    return state, (1.0 - tokens) / bucket.rate
+
+
+_USERNAME = re.compile(r'username\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))', re.IGNORECASE)
+
+
+def credentials_user(value: str) -> str:
+    """The user name of Authorization / Proxy-Authorization (RFC 3261 25.1 digest-response
+    username); "" if it has none."""
+    match = _USERNAME.search(value)
+    if match is None:
+        return ""
+    return match.group(1) if match.group(1) is not None else match.group(2)
+
+
+def _in(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, ...]) -> bool:
+    return any(address.version == net.version and address in net for net in nets)
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """A request over a limit: answer ``status`` with ``reason`` and Retry-After."""
+
+    status: int
+    reason: str
+    retry_after: int
+    label: str
+
+
+DROP = "drop"  # the verdict for a request dropped without an answer
+
+
+class Guard:
+    def __init__(self, policy: GuardPolicy = NO_POLICY) -> None:
+        self.policy = policy
+        self._sources: dict[str, _Source] = {}  # by IP; oldest first seen first
+        self._users: dict[str, list[float]] = {}  # user name -> failure times
+        self._locked: dict[str, float] = {}  # user name -> locked until
+        self._credentials: dict[str, tuple[str, str]] = {}  # request key -> (ip, user)
+        self._overloaded_until = 0.0
+        self._register_state: list[float] | None = None
+        self._next_sweep = 0.0
+        self.stats: Counter[str] = Counter()
+        self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is checked at all (the cores of unit tests check nothing)."""
+        return self.policy is not NO_POLICY
+
+    # -- per packet ----------------------------------------------------------------------
+    def _source(self, ip: str, now: float) -> _Source:
+        src = self._sources.get(ip)
+        if src is not None:
+            src.last_seen = now
+            return src
+        p = self.policy
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            address = None
+        if address is None:
+            src = _Source(False, False, False, now)
+        else:
+            trusted = _in(address, p.allow)
+            access_ok = trusted or (
+                (not p.access_allow or _in(address, p.access_allow))
+                and not _in(address, p.access_deny)
+            )
+            core_ok = (
+                not p.restrict_core
+                or trusted
+                or ip.lower() in p.core_sources
+                or _in(address, p.core_allow)
+            )
+            src = _Source(trusted, access_ok, core_ok, now)
+        if len(self._sources) >= p.max_sources:
+            self._evict(now)
+        self._sources[ip] = src
+        return src
+
+    def admit(self, ip: str, side: str, now: float) -> bool:
+        """Whether a packet (a datagram, or data on a connection) from ``ip`` arriving on
+        ``side`` is looked at; False: drop it unparsed."""
+        src = self._source(ip, now)
+        if not (src.access_ok if side == ACCESS else src.core_ok):
+            self.stats["denied_address"] += 1
+            return False
+        if src.trusted:
+            return True
+        if src.ban_until:
+            if now < src.ban_until:
+                self.stats["dropped_banned"] += 1
+                return False
+            src.ban_until = 0.0
+            self.bans.pop(ip, None)
+        p = self.policy
+        if p.pike_density:
+            if now - src.window_start >= p.pike_window:
+                src.window_start = now
+                src.count = 0
+            src.count += 1
+            if src.count > p.pike_density:
+                self._ban(ip, src, now, "flood")
+                return False
+        return True
+
+    def _ban(self, ip: str, src: _Source, now: float, why: str) -> None:
+        src.ban_until = now + self.policy.ban_time
+        src.count = 0
+        self.bans[ip] = src.ban_until
+        self.stats[f"ban:{why}"] += 1
+
+    def banned(self, ip: str, now: float) -> bool:
+        src = self._sources.get(ip)
+        return src is not None and src.ban_until > now
+
+    # -- per request ---------------------------------------------------------------------
+    def blocked_agent(self, user_agent: str | None) -> bool:
+        """A scanner's User-Agent (substring, case-insensitive): drop without an answer."""
+        if not user_agent or not self.policy.user_agent_block:
+            return False
+        ua = user_agent.lower()
+        if any(bad in ua for bad in self.policy.user_agent_block):
+            self.stats["blocked_user_agent"] += 1
+            return True
+        return False
+
+    def check_request(
+        self, ip: str, method_class: str, now: float, *, credentials: tuple[str, str] | None
+    ) -> Limited | None:
+        """Rate limit and overload of an out-of-dialog request from ``ip``; ``credentials``
+        is (key, user name) of a request with Authorization / Proxy-Authorization."""
+        src = self._source(ip, now)
+        if src.trusted:
+            if credentials is not None:
+                self._remember_credentials(credentials, ip)
+            return None
+        p = self.policy
+        if credentials is not None:
+            user = credentials[1]
+            until = self._locked.get(user)
+            if until is not None:
+                if now < until:
+                    self.stats["rejected:user_locked"] += 1
+                    return Limited(403, "Too Many Failed Authentications", 0, "user_locked")
+                del self._locked[user]
+        if self._overloaded_until > now:
+            self.stats["rejected:overload"] += 1
+            return Limited(503, "Server Overloaded", p.retry_after, "overload")
+        bucket = p.rates.get(method_class)
+        if bucket is not None and bucket.rate > 0:
+            state, wait = _take(src.buckets.get(method_class), bucket, now)
+            src.buckets[method_class] = state
+            if wait:
+                self.stats[f"rejected:rate_{method_class}"] += 1
+                return Limited(503, "Rate Limit Exceeded", math.ceil(wait), f"rate_{method_class}")
+        if credentials is not None:
+            self._remember_credentials(credentials, ip)
+        return None
+
+    def _remember_credentials(self, credentials: tuple[str, str], ip: str) -> None:
+        if not (self.policy.auth_failures or self.policy.auth_user_failures):
+            return
+        key, user = credentials
+        if len(self._credentials) >= self.policy.max_sources:
+            self._credentials.pop(next(iter(self._credentials)))
+        self._credentials[key] = (ip, user)
+
+    def auth_answer(self, key: str, status: int, now: float) -> None:
+        """A final answer to a request that carried credentials: 401/407/403 count as a
+        failed authentication of its source and its user name; a 2xx forgets them."""
+        who = self._credentials.pop(key, None)
+        if who is None:
+            return
+        ip, user = who
+        p = self.policy
+        if 200 <= status < 300:
+            self._users.pop(user, None)
+            src = self._sources.get(ip)
+            if src is not None:
+                src.auth_times.clear()
+            return
+        if status not in (401, 403, 407):
+            return
+        self.stats["auth_failure"] += 1
+        src = self._source(ip, now)
+        if p.auth_failures and not src.trusted:
+            times = [t for t in src.auth_times if now - t < p.auth_window]
+            times.append(now)
+            src.auth_times = times
+            if len(times) >= p.auth_failures:
+                self._ban(ip, src, now, "auth")
+                src.auth_times = []
+        if p.auth_user_failures and user:
+            times = [t for t in self._users.get(user, ()) if now - t < p.auth_window]
+            times.append(now)
+            self._users[user] = times
+            if len(times) >= p.auth_user_failures:
+                self._locked[user] = now + p.ban_time
+                self._users.pop(user, None)
+                self.stats["user_locked"] += 1
+
+    @property
+    def expects_auth_answers(self) -> bool:
+        return bool(self._credentials)
+
+    # -- registrar protection ------------------------------------------------------------
+    def backend_register(self, now: float) -> int:
+        """A REGISTER about to be relayed to a backend: 0 if it may go, else the seconds
+        to put in Retry-After (the backends' REGISTER ceiling is reached)."""
+        bucket = self.policy.backend_register_rate
+        if bucket.rate <= 0:
+            return 0
+        self._register_state, wait = _take(self._register_state, bucket, now)
+        if wait:
+            self.stats["rejected:backend_register_ceiling"] += 1
+            return math.ceil(wait)
+        return 0
+
+    # -- connections ---------------------------------------------------------------------
+    def connection_opened(self, ip: str, now: float) -> bool:
+        """A TCP/TLS connection accepted from ``ip``: False to close it at once."""
+        src = self._source(ip, now)
+        if src.trusted:
+            src.connections += 1
+            return True
+        if src.ban_until > now:
+            self.stats["dropped_banned"] += 1
+            return False
+        limit = self.policy.max_connections_per_source
+        if limit and src.connections >= limit:
+            self.stats["rejected:connections"] += 1
+            return False
+        src.connections += 1
+        return True
+
+    def connection_gone(self, ip: str) -> None:
+        src = self._sources.get(ip)
+        if src is not None and src.connections:
+            src.connections -= 1
+
+    def handshake_allowed(self, ip: str, now: float) -> bool:
+        """A TLS handshake about to start with ``ip`` (its token bucket)."""
+        bucket = self.policy.tls_handshakes
+        src = self._source(ip, now)
+        if src.trusted or bucket.rate <= 0:
+            return True
+        state, wait = _take(src.buckets.get("tls"), bucket, now)
+        src.buckets["tls"] = state
+        if wait:
+            self.stats["rejected:tls_handshakes"] += 1
+            return False
+        return True
+
+    # -- load ----------------------------------------------------------------------------
+    def report_lag(self, lag: float, now: float) -> None:
+        """The I/O layer's measure of how late its event loop runs timers."""
+        p = self.policy
+        if p.overload_lag and lag > p.overload_lag:
+            if self._overloaded_until <= now:
+                self.stats["overload"] += 1
+            self._overloaded_until = now + p.overload_hold
+
+    def overloaded(self, now: float) -> bool:
+        return self._overloaded_until > now
+
+    # -- housekeeping --------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        return self._next_sweep if self._sources else None
+
+    def handle_timer(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 10.0
+        idle = self.policy.idle_after
+        for ip in [
+            ip
+            for ip, src in self._sources.items()
+            if now - src.last_seen > idle and src.ban_until <= now and not src.connections
+        ]:
+            del self._sources[ip]
+        for ip in [ip for ip, until in self.bans.items() if until <= now]:
+            del self.bans[ip]
+        for user in [u for u, until in self._locked.items() if until <= now]:
+            del self._locked[user]
+
+    def _evict(self, now: float) -> None:
+        """At ``max_sources``: forget the oldest tenth that is not banned or connected."""
+        target = max(1, len(self._sources) // 10)
+        victims = []
+        for ip, src in self._sources.items():
+            if src.ban_until <= now and not src.connections:
+                victims.append(ip)
+                if len(victims) >= target:
+                    break
+        for ip in victims:
+            del self._sources[ip]
+        self.stats["sources_evicted"] += len(victims)
+
+    def state_size(self) -> dict[str, int]:
+        return {
+            "guard_sources": len(self._sources),
+            "guard_credentials": len(self._credentials),
+            "guard_users": len(self._users) + len(self._locked),
+        }
