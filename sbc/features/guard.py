@@ -158,6 +158,8 @@ DROP = "drop"  # the verdict for a request dropped without an answer
 class Guard:
     def __init__(self, policy: GuardPolicy = NO_POLICY) -> None:
         self.policy = policy
+        # Whether anything is checked at all (the cores of unit tests check nothing).
+        self.active = policy != NO_POLICY
         self._sources: dict[str, _Source] = {}  # by IP; oldest first seen first
         self._users: dict[str, list[float]] = {}  # user name -> failure times
         self._locked: dict[str, float] = {}  # user name -> locked until
@@ -168,10 +170,6 @@ class Guard:
         self.stats: Counter[str] = Counter()
         self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
 
-    @property
-    def active(self) -> bool:
-        """Whether anything is checked at all (the cores of unit tests check nothing)."""
-        return self.policy is not NO_POLICY
 
     # -- per packet ----------------------------------------------------------------------
     def _source(self, ip: str, now: float) -> _Source:
