@@ -517,3 +517,31 @@ def test_a_party_that_has_not_answered_an_srtp_offer_is_not_relayed() -> None:
     assert engine.receive(PA, rtp(1), A, 1.0) == (PB, rtp(1), B)  # towards it: as before
     engine.update(update(party(PA, A), party(PB, B)), 1.5)
     assert engine.receive(PB, rtp(2), B, 2.0) == (PA, rtp(2), A)
+
+
+def test_totals_count_live_and_ended_sessions_and_dropped_streams() -> None:
+    """totals() (the metrics, issue 7): the counters of every party the engine ever had,
+    those gone with a Delete or with a stream an Update closed included."""
+    engine = RelayEngine()
+    assert engine.totals() == control.Totals()
+    video = Stream(index=1, a=party(20004, A), b=party(20006, B))
+    engine.update(
+        Update(session="s1", streams=(update(party(PA, A), party(PB, B)).streams[0], video)), 0.0
+    )
+    engine.update(update(party(30000, A), party(30002, B), session="s2"), 0.0)
+    engine.receive(PA, rtp(1), A, 1.0)  # s1 audio: relayed to B
+    engine.receive(20004, rtp(1), A, 1.0)  # s1 video: relayed
+    engine.receive(30000, rtp(1), EVIL, 9.0)  # s2: after the window, a stranger: dropped
+    engine.receive(40000, rtp(1), A, 9.0)  # no session
+    t = engine.totals()
+    assert (t.packets_in, t.packets_out, t.bytes_in, t.bytes_out) == (2, 2, 344, 344)
+    assert (t.dropped_source, t.no_session, t.sessions, t.ports) == (1, 1, 2, 12)
+    engine.update(update(party(PA, A), party(PB, B)), 10.0)  # s1's video stream closes
+    assert engine.totals().packets_in == 2 and engine.totals().ports == 8
+    engine.delete("s1")
+    engine.delete("s2")
+    t = engine.totals()
+    assert (t.packets_in, t.packets_out, t.dropped_source, t.no_session) == (2, 2, 1, 1)
+    assert (t.sessions, t.ports) == (0, 0)
+    engine.delete("s1")  # twice: nothing counted twice
+    assert engine.totals() == t

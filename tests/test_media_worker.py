@@ -157,6 +157,12 @@ async def test_srtp_to_plain_relay_stats_and_ports(start: Start) -> None:
     assert a.bytes_out == 3 * (172 + 10) and b.bytes_in == 3 * 172
     assert (a.latched, b.latched) == (phone_a.addr, phone_b.addr)
     assert (a.srtp_failures, a.lost, a.dropped_source) == (1, 0, 0)
+    # the worker's periodic totals (the metrics) keep the ended session's counts
+    await until(lambda: (t := workers.totals[0]) is not None and t.packets_in == 9, 6.0)
+    totals = workers.totals[0]
+    assert totals is not None
+    assert (totals.packets_out, totals.srtp_failures, totals.sessions) == (9, 1, 0)
+    assert workers.running(0)
     # the ports are closed: the test can bind them again
     await until(lambda: not any(is_bound(p) for p in (pa, pa + 1, pb, pb + 1)))
     for phone in (phone_a, phone_b, stranger):

@@ -3,7 +3,8 @@
 Each worker is a child process (``python -m sbc.io.media_worker``) with its own event loop
 (uvloop when importable) and one ``RelayEngine``. The signalling process talks to it over an
 AF_UNIX socketpair, one JSON line per message (``sbc.media.control``): ``Update`` and
-``Delete`` go down, ``Stats`` (the answer to a Delete) and ``Timeout`` come back. The worker
+``Delete`` go down, ``Stats`` (the answer to a Delete), ``Timeout`` and, every
+``TOTALS_INTERVAL`` seconds, ``Totals`` (for the metrics) come back. The worker
 binds and closes the UDP ports the engine's ``PortChanges`` name, one datagram endpoint per
 port, and moves packets: ``datagram_received`` -> ``engine.receive`` -> ``sendto`` on the
 socket of the port the engine names. A worker exits when its control socket closes, so it
@@ -37,6 +38,7 @@ log = logging.getLogger("sbc.media.worker")
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF of each relay port
 CONTROL_LINE_LIMIT = 16 * 1024 * 1024  # one control message (an Update of many streams)
 TIMEOUT_CHECK = 1.0  # seconds between media timeout checks (at most; less for short timeouts)
+TOTALS_INTERVAL = 2.0  # seconds between two Totals reports of a worker (metrics)
 STOP_GRACE = 2.0  # seconds a worker has to exit after its control socket closed
 BIND_RETRIES = 20  # a port just closed may still be closing: retry its bind this often
 BIND_RETRY_DELAY = 0.005
@@ -85,8 +87,16 @@ class _Port6(_Port):
 
 
 class _Worker:
-    def __init__(self, conn: socket.socket, *, timeout: float, latch_window: float) -> None:
+    def __init__(
+        self,
+        conn: socket.socket,
+        *,
+        timeout: float,
+        latch_window: float,
+        totals_every: float = TOTALS_INTERVAL,
+    ) -> None:
         self.conn = conn
+        self.totals_every = totals_every
         self.engine = RelayEngine(timeout=timeout, latch_window=latch_window)
         self.transports: dict[int, _Datagrams] = {}
         self.check_every = min(TIMEOUT_CHECK, timeout / 2)
@@ -97,6 +107,7 @@ class _Worker:
             sock=self.conn, limit=CONTROL_LINE_LIMIT
         )
         timer = asyncio.create_task(self._timeouts())
+        totals = asyncio.create_task(self._totals())
         try:
             while line := await reader.readline():
                 try:
@@ -107,12 +118,13 @@ class _Worker:
                 await self._apply(msg)
         finally:
             timer.cancel()
+            totals.cancel()
             for transport in self.transports.values():
                 transport.close()
             self.transports.clear()
             self.writer.close()
 
-    async def _apply(self, msg: control.Command | control.Event) -> None:
+    async def _apply(self, msg: control.Command | control.Event | control.Totals) -> None:
         now = time.monotonic()
         if isinstance(msg, control.Update):
             await self._ports(self.engine.update(msg, now))
@@ -123,7 +135,7 @@ class _Worker:
         else:
             log.error("unexpected control message %s", type(msg).__name__)
 
-    def _send(self, event: control.Event) -> None:
+    def _send(self, event: control.Event | control.Totals) -> None:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(control.encode(event))
 
@@ -132,6 +144,12 @@ class _Worker:
             await asyncio.sleep(self.check_every)
             for event in self.engine.check_timeouts(time.monotonic()):
                 self._send(event)
+
+    async def _totals(self) -> None:
+        """The engine's counters for the metrics: at once, then every ``totals_every`` s."""
+        while True:
+            self._send(self.engine.totals())
+            await asyncio.sleep(self.totals_every)
 
     async def _ports(self, changes: PortChanges) -> None:
         for _bind, port in changes.close:
@@ -233,6 +251,8 @@ class MediaWorkers:
         self._readers: list[asyncio.Task[None]] = []
         self._closing = False
         self._pending: list[list[bytes]] = []  # per worker: encoded commands not yet written
+        # per worker: its latest Totals report (None until the first), for the metrics
+        self.totals: list[control.Totals | None] = []
         self._flush_scheduled = False
 
     @classmethod
@@ -267,6 +287,7 @@ class MediaWorkers:
                 reader, writer = await asyncio.open_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
                 self._writers.append(writer)
                 self._pending.append([])
+                self.totals.append(None)
                 self._readers.append(asyncio.create_task(self._read(index, reader)))
         except BaseException:
             await self.close()
@@ -281,6 +302,10 @@ class MediaWorkers:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
+
+    def running(self, worker: int) -> bool:
+        """Whether ``worker``'s control socket is still open (it exits when it closes)."""
+        return not self._writers[worker].is_closing()
 
     def send(self, worker: int, command: control.Command) -> None:
         """Queue ``command`` for ``worker`` (never blocks). Commands go out together once
@@ -311,7 +336,9 @@ class MediaWorkers:
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("media worker %d: bad event: %s", index, exc)
                     continue
-                if isinstance(event, control.Stats | control.Timeout):
+                if isinstance(event, control.Totals):
+                    self.totals[index] = event
+                elif isinstance(event, control.Stats | control.Timeout):
                     self._on_event(event)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             log.error("media worker %d: control socket: %s", index, exc)

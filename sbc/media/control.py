@@ -3,7 +3,8 @@
 It has the shape of rtpengine's "ng" protocol: the signalling side tells a worker what each
 call's streams are (``Update``: it covers offer and answer, sent again whenever an SDP
 changes them), removes a call (``Delete``), and hears back ``Timeout`` (no media for
-``[media] timeout`` seconds) and ``Stats`` (the answer to ``Delete``). The signalling side
+``[media] timeout`` seconds), ``Stats`` (the answer to ``Delete``) and, every few seconds,
+``Totals`` (the worker's counters since it started, for the metrics). The signalling side
 decides everything (ports, addresses, keys); a worker only binds the ports it is told and
 moves packets, so another media engine can sit behind the same messages.
 
@@ -110,6 +111,28 @@ class Timeout:
     idle: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Totals:
+    """A worker's counters since it started (every party of every session, ended or not)
+    and what it holds now; sent periodically for the metrics (docs/operations.md)."""
+
+    packets_in: int = 0  # accepted from parties (RTP and RTCP)
+    bytes_in: int = 0
+    packets_out: int = 0  # sent to parties
+    bytes_out: int = 0
+    dropped_source: int = 0  # from an address the call did not establish
+    srtp_failures: int = 0  # failed to authenticate or decrypt
+    no_session: int = 0  # on a port without a session
+    no_destination: int = 0  # the other party had no address (yet, or on hold)
+    invalid: int = 0  # not RTP/RTCP on a relayed (not passthrough) stream
+    protect_failures: int = 0  # SRTP protect refused
+    sessions: int = 0  # sessions now
+    ports: int = 0  # relay ports open now
+
+
+TOTALS_FIELDS = tuple(Totals.__dataclass_fields__)
+
+
 def stats_record(stats: Stats) -> list[dict[str, Any]]:
     """A session's statistics as the call record shows them (issue 5 item 7)."""
     return [
@@ -177,7 +200,7 @@ def _pstats_in(d: dict[str, Any]) -> PartyStats:
     )  # fmt: skip
 
 
-def encode(msg: Command | Event) -> bytes:
+def encode(msg: Command | Event | Totals) -> bytes:
     """One message as a JSON line."""
     body: dict[str, Any]
     if isinstance(msg, Update):
@@ -199,12 +222,14 @@ def encode(msg: Command | Event) -> bytes:
                 for s in msg.streams
             ],
         }  # fmt: skip
+    elif isinstance(msg, Totals):
+        body = {"type": "totals", **{name: getattr(msg, name) for name in TOTALS_FIELDS}}
     else:
         body = {"type": "timeout", "session": msg.session, "idle": msg.idle}
     return json.dumps(body, separators=(",", ":")).encode("ascii") + b"\n"
 
 
-def decode(line: bytes) -> Command | Event:
+def decode(line: bytes) -> Command | Event | Totals:
     """A JSON line back into its message; ValueError (or KeyError) if it is not one."""
     d = json.loads(line)
     kind = d["type"]
@@ -229,4 +254,6 @@ def decode(line: bytes) -> Command | Event:
         )
     if kind == "timeout":
         return Timeout(session=str(d["session"]), idle=float(d["idle"]))
+    if kind == "totals":
+        return Totals(**{name: int(d[name]) for name in TOTALS_FIELDS})
     raise ValueError(f"unknown media control message type {kind!r}")

@@ -37,7 +37,9 @@ issue 5 item 5) have no crypto: the bytes, including DTLS and STUN, pass unchang
 Statistics (issue 5 item 7): per party, packets and bytes in (accepted, as received) and out
 (as sent), RTP loss (RFC 3550 A.3) and interarrival jitter (RFC 3550 6.4.1, A.8) of the RTP
 it sent. The RTP clock rate for the jitter comes from the static payload type of the first
-packet of each SSRC (RFC 3551 6); dynamic payload types count as 8000 Hz.
+packet of each SSRC (RFC 3551 6); dynamic payload types count as 8000 Hz. ``totals()`` sums
+the counters of the engine's whole life for the metrics: those of parties gone (kept when
+a session or a stream ends) plus the live ones, so it costs nothing per packet.
 
 Timeouts (issue 5 item 6): every accepted packet of a session, and every Update, refreshes
 its last-activity time; a session in which some party ``sends`` and that saw nothing for
@@ -70,6 +72,12 @@ _CLOCK_RATES = {
     10: 44100, 11: 44100, 14: 90000, 25: 90000, 26: 90000, 28: 90000, 31: 90000, 32: 90000,
     33: 90000, 34: 90000, 6: 16000, 16: 11025, 17: 22050,
 }  # fmt: skip
+
+
+# The per-party counters that control.Totals sums (same names there and on _Leg).
+_LEG_COUNTERS = (
+    "packets_in", "bytes_in", "packets_out", "bytes_out", "dropped_source", "srtp_failures",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +445,8 @@ class RelayEngine:
         self.no_destination = 0  # the other party has no address yet (or is on hold)
         self.invalid = 0  # not RTP/RTCP on a non-passthrough stream
         self.protect_failures = 0  # SRTP protect refused (a duplicate, RFC 3711 9.1)
+        # the party counters (_LEG_COUNTERS) of legs gone, for totals()
+        self._retired = [0] * len(_LEG_COUNTERS)
 
     @property
     def sessions(self) -> int:
@@ -448,6 +458,27 @@ class RelayEngine:
 
     def local_ports(self) -> set[LocalPort]:
         return set(self._local)
+
+    def totals(self) -> control.Totals:
+        """Every counter since the engine started, and the sessions and ports it holds
+        (O(streams), for the periodic metrics report; nothing is added per packet)."""
+        sums = list(self._retired)
+        for session in self._sessions.values():
+            for legs in session.streams.values():
+                for leg in legs:
+                    for i, name in enumerate(_LEG_COUNTERS):
+                        sums[i] += getattr(leg, name)
+        return control.Totals(
+            **dict(zip(_LEG_COUNTERS, sums, strict=True)),
+            no_session=self.no_session, no_destination=self.no_destination,
+            invalid=self.invalid, protect_failures=self.protect_failures,
+            sessions=len(self._sessions), ports=len(self._ports),
+        )  # fmt: skip
+
+    def _retire(self, legs: tuple[_Leg, _Leg]) -> None:
+        for leg in legs:
+            for i, name in enumerate(_LEG_COUNTERS):
+                self._retired[i] += getattr(leg, name)
 
     # -- packets ------------------------------------------------------------------------
     def receive(self, port: int, data: bytes, src: Address, now: float) -> Out | None:
@@ -498,6 +529,9 @@ class RelayEngine:
                         )  # fmt: skip
                         continue
                     wanted[port] = (party.bind, handler)
+        for index, legs in session.streams.items():
+            if streams.get(index) is not legs:
+                self._retire(legs)  # a stream the Update closed: its counts stay in totals()
         session.streams = streams
         session.can_timeout = any(
             leg.party is not None and leg.party.sends for legs in streams.values() for leg in legs
@@ -510,6 +544,8 @@ class RelayEngine:
         found = self._sessions.pop(session, None)
         if found is None:
             return stats, PortChanges()
+        for legs in found.streams.values():
+            self._retire(legs)
         return stats, self._set_ports(found, {})
 
     def stats(self, session: str) -> control.Stats:
