@@ -27,12 +27,15 @@ bound (``max_sources`` caps it even then: the oldest entries go first).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = logging.getLogger("sbc.guard")
 
 # Method classes of the token buckets.
 REGISTER = "register"
@@ -170,7 +173,6 @@ class Guard:
         self.stats: Counter[str] = Counter()
         self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
 
-
     # -- per packet ----------------------------------------------------------------------
     def _source(self, ip: str, now: float) -> _Source:
         src = self._sources.get(ip)
@@ -233,6 +235,11 @@ class Guard:
         src.count = 0
         self.bans[ip] = src.ban_until
         self.stats[f"ban:{why}"] += 1
+        # One line per ban (a banned source's packets are dropped unread until it ends).
+        log.warning(
+            "banned %s for %g s: %s", ip, self.policy.ban_time, why,
+            extra={"source": ip, "reason": why},
+        )  # fmt: skip
 
     def banned(self, ip: str, now: float) -> bool:
         src = self._sources.get(ip)
