@@ -19,6 +19,7 @@ from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.guard import CLASSES, Bucket, GuardPolicy
 from sbc.features.keepalive import NatPolicy
+from sbc.io.admin import AdminServer
 from sbc.io.media_worker import MediaWorkers
 from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
 from sbc.media.control import Command as MediaCommand
@@ -226,10 +227,16 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         transports.rearm()
 
     writer: asyncio.Task[None] | None = None
+    admin: AdminServer | None = None
     try:
         workers = await MediaWorkers.start(
             count, timeout=config.media.timeout, latch_window=config.media.latch_window,
             on_event=on_media_event,
+        )  # fmt: skip
+        media_totals = workers.totals
+        admin = await AdminServer.start(
+            config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
+            media=lambda: media_totals,
         )  # fmt: skip
         access_tls = _tls(config.access.tls)
         core_tls = _tls(config.core.tls)
@@ -238,6 +245,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         for url in config.core.listen:
             core.add_listener("core", url.transport, await transports.listen(url, core_tls))
         transports.rearm()  # the first backend probes are due now
+        admin.listening = True  # /readyz
         log.info("ready", extra={"sbc": config.sbc.name})
         if config.calls.records is not None:
             writer = asyncio.create_task(_write_records(core, config.calls.records, stop))
@@ -245,6 +253,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     finally:
         if writer is not None:
             await writer
+        if admin is not None:
+            await admin.close()
         await transports.close()
         if workers is not None:
             await workers.close()

@@ -474,11 +474,11 @@ class B2bua:
                 call.counted_backend = target.backend
             if self.policy.no_answer_timeout > 0:
                 self._set_timer(call, "no_answer", now + self.policy.no_answer_timeout)
+            self.stats["calls_started"] += 1  # an INVITE call, to a backend, client or peer
         if target.backend is not None:
             # Nothing at all from the backend by then (not even 100 Trying): the next one.
             call.tried = (target.backend.name,)
             self._set_timer(call, "failover", now + self.relay.request_timeout)
-            self.stats["calls_started"] += 1
         log.info(
             "%s to %s", method, target.side,
             extra={"call": call.id, "call_id": call_id, "flow": str(target.flow)},
@@ -648,7 +648,7 @@ class B2bua:
         self._server.pop(a_tx, None)
         if call.method == "INVITE":
             self._start_retransmit(call, a_leg, a_tx, mapped, now)
-        log.info("call answered", extra={"call": call.id})
+        log.info("call answered", extra={"call": call.id, "call_id": call.a_request.call_id})
         return a_tx.respond(mapped, now)
 
     def _fork(self, call: Call, resp: Response) -> Leg:
@@ -1103,7 +1103,10 @@ class B2bua:
                 else:
                     self.records.append(self._record(call))
             self.stats["calls_ended"] += 1
-        log.info("call ended: %s", call.cause, extra={"call": call.id})
+        log.info(
+            "call ended: %s", call.cause,
+            extra={"call": call.id, "call_id": call.a_request.call_id},
+        )  # fmt: skip
 
     def _unindex(self, leg: Leg) -> None:
         if self._dialogs.get(leg.dialog.key) is leg:
@@ -1288,7 +1291,10 @@ class B2bua:
         self._work[tx] = _Initial(call)
         self._set_timer(call, "failover", now + self.relay.request_timeout)
         self.stats["failover"] += 1
-        log.info("%s failed over", call.method, extra={"call": call.id, "backend": nxt.name})
+        log.info(
+            "%s failed over", call.method,
+            extra={"call": call.id, "call_id": call.a_request.call_id, "backend": nxt.name},
+        )  # fmt: skip
         return out + sent
 
     def _rt_name(self, leg: Leg) -> str:
@@ -1433,7 +1439,10 @@ class B2bua:
             return self.media.offer(call.id, sides, toward_caller, body, ctype)
         except MediaRefused as exc:
             # An offer in a response cannot be refused with a status; it is not passed.
-            log.warning("media offer in a response refused: %s", exc, extra={"call": call.id})
+            log.warning(
+                "media offer in a response refused: %s", exc,
+                extra={"call": call.id, "call_id": call.a_request.call_id},
+            )  # fmt: skip
             return b""
 
 

@@ -1,13 +1,18 @@
-"""Command line: ``sbc run``, ``sbc check-config``, ``sbc gen-certs``, ``sbc --version``."""
+"""Command line: ``sbc run``, ``sbc check-config``, ``sbc gen-certs``, ``sbc status``,
+``sbc --version``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sbc import __version__
-from sbc.config import Config, ConfigError, load_config
+from sbc.config import AdminConfig, Config, ConfigError, HostPort, load_config
 
 __all__ = ["main"]
 
@@ -72,6 +77,82 @@ def _cmd_gen_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+STATUS_TIMEOUT = 5.0  # seconds for the admin API to answer ``sbc status``
+
+
+def _admin_url(args: argparse.Namespace) -> str | None:
+    """http://HOST:PORT of the admin API from --admin or the config's [admin] listen; a
+    wildcard listen address is reached on loopback."""
+    if args.admin is not None:
+        try:
+            where = HostPort.parse(args.admin)
+        except ValueError as exc:
+            print(f"sbc: error: --admin {args.admin}: {exc}", file=sys.stderr)
+            return None
+    elif args.config is not None:
+        config = _load(args.config)
+        if config is None:
+            return None
+        where = config.admin.listen
+    else:
+        where = AdminConfig().listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(where.host, where.host)
+    return f"http://{HostPort(host=host, port=where.port)}"
+
+
+def _fmt_status(report: dict[str, Any]) -> str:
+    regs, calls, bans = report["registrations"], report["calls"], report["bans"]
+    lines = [
+        f"{report['name']} (sbc {report['version']}): "
+        + ("ready" if report["ready"] else f"not ready: {report['reason']}"),
+        f"registrations: {regs['relayed']} relayed, {regs['local']} local",
+        f"calls: {calls['active']} active; {calls['started']} started, "
+        f"{calls['answered']} answered, {calls['ended']} ended, {calls['refused']} refused",
+    ]
+    backends = report["backends"]
+    if not backends:
+        lines.append("backends: none (embedded registrar)")
+    else:
+        up = sum(1 for b in backends if b["up"])
+        lines.append(f"backends: {up} of {len(backends)} up")
+        width = max(len(b["name"]) for b in backends)
+        for b in backends:
+            rtt = "-" if b["rtt_ms"] is None else f"{b['rtt_ms']:.1f} ms"
+            state = "up" if b["up"] else "down"
+            lines.append(
+                f"  {b['name']:<{width}}  {state:<4}  dialogs {b['dialogs']:<5}  rtt {rtt}"
+            )
+    lines.append(f"bans: {bans['active']} source(s) banned now")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    base = _admin_url(args)
+    if base is None:
+        return 1
+    url = f"{base}/status"
+    try:
+        # No proxy: the admin API is local (or on a management network), never proxied.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=STATUS_TIMEOUT) as response:
+            report = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return _error(f"{url} answered {exc.code} {exc.reason}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return _error(f"no answer from the SBC's admin API at {base}: {reason}")
+    except ValueError as exc:
+        return _error(f"{url} did not answer JSON: {exc}")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        try:
+            print(_fmt_status(report))
+        except (KeyError, TypeError, ValueError) as exc:
+            return _error(f"{url}: unexpected report ({exc!r})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbc", description="Session Border Controller")
     parser.add_argument("--version", action="version", version=f"sbc {__version__}")
@@ -104,6 +185,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     gen.add_argument("--force", action="store_true", help="overwrite existing files")
     gen.set_defaults(func=_cmd_gen_certs)
+
+    status = sub.add_parser(
+        "status", help="print registrations, calls and backends of a running SBC"
+    )
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "--admin", metavar="HOST:PORT", help="the admin API's address (default: from --config)"
+    )
+    where.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read [admin] listen from this config (default: 127.0.0.1:8080, its default)",
+    )
+    status.add_argument("--json", action="store_true", help="print the /status JSON as is")
+    status.set_defaults(func=_cmd_status)
     return parser
 
 

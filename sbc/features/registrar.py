@@ -256,6 +256,11 @@ class LocationService:
     def __len__(self) -> int:
         return sum(len(b) for b in self._aors.values())
 
+    def live(self, now: float) -> int:
+        """Bindings not expired at ``now`` (those expired are purged only when their AOR is
+        next used): what the metrics and ``sbc status`` show."""
+        return sum(b.expires_at > now for bs in self._aors.values() for b in bs.values())
+
     def register(
         self,
         *,
