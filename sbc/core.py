@@ -33,7 +33,14 @@ from sbc.features.guard import (
     credentials_user,
 )
 from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
-from sbc.features.sanity import ALLOW, KNOWN_METHODS, Rejection, check_request, fault_label
+from sbc.features.sanity import (
+    ALLOW,
+    KNOWN_METHODS,
+    Rejection,
+    check_request,
+    check_response,
+    fault_label,
+)
 from sbc.media.control import Event as MediaEvent
 from sbc.media.control import Timeout, stats_record
 from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
@@ -276,7 +283,13 @@ class SbcCore:
             return []
         self._stamp_via(msg, flow)
         resp = make_response(msg, exc.status, exc.reason, to_tag=_new_tag())
-        return [SendData(self._response_flow(msg, flow), self._finish(resp))]
+        data = self._finish(resp)
+        if len(data) > self.settings.limits.max_message_size or _unsafe_head(data):
+            # RFC 3261 8.2.6.2 copies Via, From, To, Call-ID and CSeq verbatim: an answer
+            # that would echo a bare CR, LF or NUL, or be too large to send, is not sent.
+            self.stats["unanswerable"] += 1
+            return []
+        return [SendData(self._response_flow(msg, flow), data)]
 
     def _handle(self, msg: Message, flow: Flow, now: float) -> list[Action]:
         if isinstance(msg, Response):
@@ -308,6 +321,11 @@ class SbcCore:
         return actions
 
     def _handle_response(self, resp: Response, now: float) -> list[Action]:
+        fault = check_response(resp)
+        if fault is not None:
+            # RFC 3261 18.1.2 / RFC 4475 3.1.2.5: a malformed response is discarded.
+            self.stats[f"dropped_response:{fault_label(fault)}"] += 1
+            return []
         try:
             tx, outputs = self.transactions.receive_response(resp, now=now)
         except ParseError as exc:
@@ -526,6 +544,14 @@ class SbcCore:
 def _auth_key(msg: Message) -> str:
     """Which request a response answers, for the guard's authentication count."""
     return f"{msg.get('call-id')}\n{msg.get('cseq')}"
+
+
+def _unsafe_head(data: bytes) -> bool:
+    """A header section with a bare CR or LF, or a NUL (RFC 3261 7.3.1, 25.1)."""
+    head = data.partition(b"\r\n\r\n")[0]
+    crlf = head.count(b"\r\n")
+    nul = head.count(b"\x00")
+    return head.count(b"\r") != crlf or head.count(b"\n") != crlf or nul != head.count(b"\\\x00")
 
 
 def _new_tag() -> str:

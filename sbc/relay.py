@@ -514,7 +514,8 @@ class BackendRelay:
         now: float,
     ) -> list[Output]:
         fwd = self._forwarded(req, flow, client)
-        if info is not None and info.client_expires > 0:
+        if info is not None and info.client_expires > 0 and info.contacts:
+            # RFC 3261 10.2.3: without Contact the REGISTER is a query; none is added.
             self._ask_backend_expiry(fwd, info.contacts)
         tx, out = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
         self._track(tx, _Relayed(

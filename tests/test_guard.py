@@ -181,6 +181,12 @@ def test_the_allow_list_is_never_banned_or_limited() -> None:
     assert not g.banned(HONEST, 1.0)
 
 
+def test_backends_and_peers_are_never_flood_banned() -> None:
+    g = Guard(policy(pike_density=5))
+    assert all(g.admit(BACKEND[0], CORE, 0.0) for _ in range(100))
+    assert not g.banned(BACKEND[0], 0.0)
+
+
 def test_token_bucket_per_method_class_with_retry_after() -> None:
     g = Guard(policy(rates={REGISTER: Bucket(2.0, 3), INVITE: Bucket(1.0, 1)}))
     assert [g.check_request(ATTACKER, REGISTER, 0.0, credentials=None) for _ in range(3)] == [

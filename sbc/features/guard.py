@@ -19,7 +19,8 @@ Sans-I/O like the rest of the core: every method takes ``now`` and returns a ver
   requests get 503 for a while instead of every request slowing down (RFC 3261 21.5.4);
 - a ceiling on the REGISTERs relayed to the backends (registrar protection).
 
-A source on the ``allow`` list is never banned, rate limited or locked out. State per
+A source on the ``allow`` list, a backend or a peer is never banned, rate limited or locked
+out. State per
 source is dropped once it is idle, so a scan from many addresses cannot grow it without
 bound (``max_sources`` caps it even then: the oldest entries go first).
 """
@@ -187,7 +188,9 @@ class Guard:
         if address is None:
             src = _Source(False, False, False, now)
         else:
-            trusted = _in(address, p.allow)
+            # Backends and peers are trusted too: banning one for its traffic would be an
+            # outage of everything behind it.
+            trusted = _in(address, p.allow) or ip.lower() in p.core_sources
             access_ok = trusted or (
                 (not p.access_allow or _in(address, p.access_allow))
                 and not _in(address, p.access_deny)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sbc.sip.headers import media_type
-from sbc.sip.message import ParseError, Request
+from sbc.sip.message import ParseError, Request, Response
 from sbc.sip.uri import SipUri, TelUri
 
 # RFC 3261 27.4 and the extensions' RFCs: methods the SBC knows.
@@ -103,6 +103,41 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
         if accepted and not accepted & {"application/sdp", "application/*", "*/*"}:
             return Rejection(406, "Not Acceptable", "not_acceptable", (("Accept", ACCEPT),))
     return None
+
+
+def check_response(resp: Response) -> str | None:
+    """Why ``resp`` must be discarded (a reason phrase naming the fault), or None.
+
+    RFC 3261 18.1.2 / 16.7 and RFC 4475 3.1.2.5, 3.1.2.19: a malformed response is dropped,
+    never answered or relayed. A response must carry Via, From, To, Call-ID and CSeq
+    (RFC 3261 8.2.6.2 copies them from the request), each single header once (7.3.1).
+    """
+    # RFC 3261 7.1: SIP/2.0 is the only version this element speaks.
+    if resp.version != "SIP/2.0":
+        return "Bad Version"
+    for key, name in _MANDATORY:
+        if key not in resp:
+            return f"Missing {name} Header"
+    try:
+        resp.via  # noqa: B018 - every via-parm parses (the SBC pops the top one)
+        resp.cseq  # noqa: B018
+        resp.call_id  # noqa: B018
+        resp.from_  # noqa: B018
+        resp.to  # noqa: B018
+        cseq = resp.cseq
+        if cseq is not None and cseq.method in _DIALOG_METHODS and 100 < resp.status < 300:
+            # RFC 3261 12.1.1 / 12.1.2: the Contact of a dialog-creating response is the
+            # remote target, "a SIP or SIPS URI"; the route set comes from Record-Route.
+            resp.name_addrs("record-route")
+            if any(c.sip_uri is None for c in resp.contact):
+                return "Bad Contact: not a SIP URI"
+    except ParseError as exc:
+        return exc.reason
+    return None
+
+
+# RFC 3261 12.1, RFC 6665 4.1.2.2: requests whose 1xx/2xx responses create dialogs.
+_DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE"})
 
 
 def fault_label(reason: str) -> str:

@@ -80,13 +80,31 @@ def _parse_head(head: str, limits: Limits) -> Message:
             _fields_slow(msg, lines, limits.max_header_line)
     if bad_start:
         raise ParseError(400, "Malformed Request-Line", message=msg)
+    crlf = head.count("\r\n")
+    if head.count("\r") != crlf or head.count("\n") != crlf:
+        # RFC 3261 7.3.1 / 25.1: a line ends with CRLF, and CR or LF appear nowhere else in
+        # a header section (folding is CRLF followed by WSP). A bare CR or LF would be
+        # passed on inside a value, and an element that also ends lines at a bare LF would
+        # read a header the SBC never saw (header injection towards the backend).
+        raise ParseError(400, "Bare CR or LF in Header", message=msg)
+    if "\x00" in head and head.count("\x00") != head.count("\\\x00"):
+        # RFC 3261 25.1: only a quoted-pair ("\" %x00-09 ...) may hold a NUL, as RFC 4475
+        # 3.1.1.2 does in a display name; TEXT-UTF8char, tokens and URIs never do (a URI
+        # escapes it as %00, RFC 4475 3.1.1.4). A bare NUL is refused: a backend written
+        # in C would truncate the value at it.
+        raise ParseError(400, "NUL in Header", message=msg)
     return msg
 
 
 def _fields_fast(msg: Message, lines: list[str]) -> bool:
     """The common case: every line is ``name: value`` with a known name, no folding."""
     pairs = [line.partition(":") for line in lines]
-    keys = list(map(_KNOWN_KEYS.get, [p[0] for p in pairs]))
+    names = [p[0] for p in pairs if p[1]]
+    if len(names) != len(pairs):
+        # A line without a colon is malformed even if it is a known name ("Call-ID"):
+        # the slow path says so (RFC 3261 7.3.1). Found by tests/test_fuzz.py.
+        return False
+    keys = list(map(_KNOWN_KEYS.get, names))
     # Keys are non-empty strings, so all() is "None not in keys" without comparing None
     # with every string.
     if not all(keys):
