@@ -22,12 +22,14 @@ import socket
 import subprocess
 import time
 import tomllib
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import sipwire
 from .conftest import (
@@ -40,6 +42,7 @@ from .conftest import (
     SbcProcess,
     SippResult,
     require,
+    sbc_command,
 )
 
 pytestmark = pytest.mark.interop
@@ -442,6 +445,25 @@ def assert_hidden(lab: Lab, caller: list[Message], callee: list[Message]) -> Non
             assert int(m_line) == 0 or int(m_line) in media_ports(lab), message.text
 
 
+def admin_get(sbc: SbcProcess, path: str) -> tuple[int, str]:
+    """GET ``path`` from the SBC's admin endpoint ([admin] listen): status and body."""
+    url = f"http://{HOST}:{sbc.extra_ports['admin']}{path}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5.0) as response:
+        return response.status, response.read().decode()
+
+
+def scrape(sbc: SbcProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics of the running SBC: every sample by (name, sorted labels)."""
+    status, text = admin_get(sbc, "/metrics")
+    assert status == 200, text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 # -- the calls ------------------------------------------------------------------------------
 def test_basic_call(lab: Lab) -> None:
     bob = lab.callee("call_basic_uas.xml")
@@ -472,6 +494,29 @@ def test_basic_call(lab: Lab) -> None:
     assert len(records) == 2, records
     assert [r["status"] for r in records] == [200, 200], records
     lab.assert_no_calls_left()
+    # Issue 7 item 2: the metrics of the running SBC show this test's registration (bob's,
+    # relayed to Kamailio) and its two calls (alice -> Kamailio, Kamailio -> bob), ended.
+    metrics = scrape(lab.sbc)
+    assert metrics[("sbc_registrations", (("mode", "relayed"),))] == 1, metrics
+    assert metrics[("sbc_register_requests_total", (("handling", "forwarded"),))] == 1
+    assert metrics[("sbc_calls_started_total", ())] == 2, metrics
+    assert metrics[("sbc_calls_answered_total", ())] == 2, metrics
+    assert metrics[("sbc_calls_ended_total", ())] == 2, metrics
+    assert metrics[("sbc_calls_active", ())] == 0, metrics
+    assert metrics[("sbc_backend_up", (("backend", lab.registrar.uri),))] == 1, metrics
+    assert metrics[("sbc_backend_dialogs", (("backend", lab.registrar.uri),))] == 0
+    assert metrics[("sbc_media_workers", ())] >= 1, metrics  # their totals are reported
+    assert admin_get(lab.sbc, "/readyz")[0] == 200
+    # ... and so does `sbc status`, reading the admin address from the SBC's config.
+    status = subprocess.run(
+        [*sbc_command(), "status", "--config", str(lab.sbc.config)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert "registrations: 1 relayed, 0 local" in lines, status.stdout
+    assert "calls: 0 active; 2 started, 2 answered, 2 ended, 0 refused" in lines, status.stdout
+    assert "backends: 1 of 1 up" in lines, status.stdout
 
 
 def test_busy(lab: Lab) -> None:
