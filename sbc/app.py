@@ -21,7 +21,13 @@ from sbc.features.guard import CLASSES, Bucket, GuardPolicy
 from sbc.features.keepalive import NatPolicy
 from sbc.io.admin import AdminServer
 from sbc.io.media_worker import MediaWorkers
-from sbc.io.sip_transport import SipTransports, StartupError, client_tls_context, tls_context
+from sbc.io.sip_transport import (
+    SipTransports,
+    StartupError,
+    TlsFiles,
+    client_tls_context,
+    tls_context,
+)
 from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
@@ -150,33 +156,49 @@ def backend_spec(uri_text: str, weight: int) -> BackendSpec:
 
 def peer_route(peer: Peer) -> PeerRoute:
     host, port, transport = _next_hop(peer.uri, "peer")
+    uri = parse_uri(peer.uri)
+    assert isinstance(uri, SipUri)
     return PeerRoute(
         name=peer.name, host=host, port=port, transport=transport,
         domains=frozenset(d.lower() for d in peer.domains), prefixes=peer.prefixes,
+        tls_name=peer.tls_name or uri.host_bare,  # the host as written, not as resolved
     )  # fmt: skip
 
 
-def _tls(cfg: TlsConfig) -> ssl.SSLContext | None:
+def _tls(cfg: TlsConfig, name: str, *, peers: bool = False) -> TlsFiles | None:
+    """The server context of one side, rebuilt when its files change. With ``peers`` a
+    client certificate is asked for (and verified against ``ca`` when given): peer SBCs
+    must show one that names them (issue 6 item 1)."""
     if cfg.certificate is None or cfg.private_key is None:
         return None
-    return tls_context(
-        str(cfg.certificate),
-        str(cfg.private_key),
-        str(cfg.ca) if cfg.ca else None,
-        verify=cfg.verify_clients,
-        min_version=cfg.min_version,
-        ciphers=cfg.ciphers,
-    )
+    certificate, private_key = str(cfg.certificate), str(cfg.private_key)
+    ca = str(cfg.ca) if cfg.ca else None
+
+    def build() -> ssl.SSLContext:
+        return tls_context(
+            certificate,
+            private_key,
+            ca,
+            verify=cfg.verify_clients,
+            min_version=cfg.min_version,
+            ciphers=cfg.ciphers,
+            ask_client_certificate=peers,
+        )
+
+    return TlsFiles(name, build, (cfg.certificate, cfg.private_key, cfg.ca))
 
 
-def _client_tls(cfg: TlsConfig) -> ssl.SSLContext:
-    return client_tls_context(
-        str(cfg.certificate) if cfg.certificate else None,
-        str(cfg.private_key) if cfg.private_key else None,
-        str(cfg.ca) if cfg.ca else None,
-        min_version=cfg.min_version,
-        ciphers=cfg.ciphers,
-    )
+def _client_tls(cfg: TlsConfig) -> TlsFiles:
+    def build() -> ssl.SSLContext:
+        return client_tls_context(
+            str(cfg.certificate) if cfg.certificate else None,
+            str(cfg.private_key) if cfg.private_key else None,
+            str(cfg.ca) if cfg.ca else None,
+            min_version=cfg.min_version,
+            ciphers=cfg.ciphers,
+        )
+
+    return TlsFiles("[core.tls] client", build, (cfg.certificate, cfg.private_key, cfg.ca))
 
 
 def media_policy(config: Config, workers: int) -> MediaPolicy:
@@ -238,8 +260,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
             media=lambda: media_totals,
         )  # fmt: skip
-        access_tls = _tls(config.access.tls)
-        core_tls = _tls(config.core.tls)
+        access_tls = _tls(config.access.tls, "[access.tls]")
+        core_tls = _tls(config.core.tls, "[core.tls]", peers=bool(config.peers))
+        if config.peers and config.core.tls.ca is None:
+            log.warning("[[peers]] without [core.tls] ca: no peer certificate can be verified")
         for url in config.access.listen:
             core.add_listener("access", url.transport, await transports.listen(url, access_tls))
         for url in config.core.listen:

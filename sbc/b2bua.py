@@ -140,6 +140,7 @@ class PeerRoute:
     transport: str = "tls"
     domains: frozenset[str] = frozenset()  # lower-case Request-URI hosts
     prefixes: tuple[str, ...] = ()  # Request-URI user part prefixes (numbers)
+    tls_name: str = ""  # the name its certificate carries (mutual TLS); "": ``host``
 
     def matches(self, uri: SipUri) -> bool:
         if uri.host_bare in self.domains:
@@ -364,6 +365,23 @@ class B2bua:
         return next((p for p in self.peers if p.matches(uri)), None)
 
     def route(
+        self, req: Request, flow: Flow, now: float, alive: Callable[[Flow], bool]
+    ) -> Target | Refusal:
+        where = self._route(req, flow, now, alive)
+        uri = req.uri
+        if (
+            isinstance(where, Target)
+            and where.flow.transport != "tls"
+            and isinstance(uri, SipUri)
+            and uri.secure
+        ):
+            # RFC 5630 5.3: a SIPS request is never sent on over a hop that is not TLS
+            # (no last-hop exception); 480 with warn-code 380 (RFC 5630 9).
+            self.stats["refused_sips_next_hop"] += 1
+            return Refusal(480, "SIPS Not Allowed", (("Warning", '380 sbc "SIPS Not Allowed"'),))
+        return where
+
+    def _route(
         self, req: Request, flow: Flow, now: float, alive: Callable[[Flow], bool]
     ) -> Target | Refusal:
         relay = self.relay

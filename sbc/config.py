@@ -416,6 +416,7 @@ class Backend:
 
 
 _DOMAIN = re.compile(r"[A-Za-z0-9.-]+")
+_TLS_NAME = re.compile(r"[A-Za-z0-9.:-]+")
 _PREFIX = re.compile(r"\+?[0-9*#]+")
 
 
@@ -429,8 +430,13 @@ class Peer:
     uri: str = field(metadata=rule(sip_uri))
     domains: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
+    # The name its certificate must carry (subject CN or subjectAltName, issue 6 item 1);
+    # unset: the host of ``uri`` as written.
+    tls_name: str | None = None
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.tls_name is not None and not _TLS_NAME.fullmatch(self.tls_name):
+            yield "tls_name", f"must be a host name or IP address, got {_show(self.tls_name)}"
         transport = _uri_transport(self.uri)
         if transport != "tls":
             yield "uri", f"peering is over TLS (sips: or ;transport=tls), got {transport}"

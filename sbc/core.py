@@ -137,6 +137,7 @@ class SbcCore:
             media=media,
         )
         self._framers: dict[Flow, StreamFramer] = {}
+        self._counted: set[Flow] = set()  # connections the guard counts for their source
         # Stream flows by last activity, oldest first (dicts keep insertion order).
         self._activity: dict[Flow, float] = {}
         self.stats: Counter[str] = Counter()
@@ -188,7 +189,11 @@ class SbcCore:
         return actions
 
     def connection_closed(self, flow: Flow) -> None:
-        if self._framers.pop(flow, None) is not None:
+        self._framers.pop(flow, None)
+        # The guard counted the connection when it was opened, whether or not it ever
+        # sent a byte; closing twice (by us, then reported lost) counts once.
+        if flow in self._counted:
+            self._counted.discard(flow)
             self.guard.connection_gone(flow.remote[0])
         self._activity.pop(flow, None)
 
@@ -214,10 +219,16 @@ class SbcCore:
     def connection_opened(self, flow: Flow, now: float) -> bool:
         """The I/O layer accepted a stream connection: False to close it at once (a banned
         source, or one over its connection limit, issue 6 item 3)."""
+        # A connection that never sends a byte is closed by the idle timeout too.
+        self._activity[flow] = now
         if not self.guard.active:
             return True
         ip = flow.remote[0]
-        return self.guard.admit(ip, self._side(flow), now) and self.guard.connection_opened(ip, now)
+        if self.guard.admit(ip, self._side(flow), now) and self.guard.connection_opened(ip, now):
+            self._counted.add(flow)
+            return True
+        self._activity.pop(flow, None)
+        return False
 
     def report_lag(self, lag: float, now: float) -> None:
         """The I/O layer's measure of its event loop's lateness (overload, issue 6 item 3)."""
@@ -363,6 +374,13 @@ class SbcCore:
             if self.calls.owns_server(target):
                 return out + self.calls.cancel(target, now)
             return out + target.respond(self._response(target.request, 487), now)
+        if flow.transport != "tls" and _asks_for_sips(req):
+            # RFC 5630 4 / RFC 3261 26.2.2 (as amended by RFC 5630 A): a SIPS Request-URI
+            # or top Route asks for TLS on every hop, and this hop was not TLS. 416: the
+            # scheme cannot be served over this transport (RFC 3261 8.2.2.1); a UAC must
+            # not retry it as sip: on its own (RFC 5630 5.1.1).
+            self.stats["rejected:sips_without_tls"] += 1
+            return tx.respond(self._response(req, 416, "SIPS Requires TLS"), now)
         to = req.to
         if (
             method == "OPTIONS"
@@ -539,6 +557,21 @@ class SbcCore:
         if via is None or via.wants_rport:
             return flow
         return flow.to((flow.remote[0], via.port or 5060))
+
+
+def _asks_for_sips(req: Request) -> bool:
+    """Whether the Request-URI, or the top Route the request goes to next, is sips:."""
+    uri = req.uri
+    if isinstance(uri, SipUri) and uri.secure:
+        return True
+    if "route" not in req:
+        return False
+    try:
+        routes = req.name_addrs("route")
+        top = routes[0].uri if routes else None
+    except (ParseError, ValueError):
+        return False  # the routing answers a malformed Route
+    return isinstance(top, SipUri) and top.secure
 
 
 def _auth_key(msg: Message) -> str:

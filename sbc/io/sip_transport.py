@@ -9,19 +9,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sbc.config import ListenUrl
 from sbc.core import Action, Close, SbcCore, SendData
+from sbc.features import peer_tls
 from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection to a backend
+HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
+LAG_INTERVAL = 0.25  # seconds between two measures of the event loop's lateness
+TLS_CHECK_INTERVAL = 3.0  # seconds between two looks at the certificate files' mtimes
 
 
 class StartupError(Exception):
@@ -32,6 +38,58 @@ def _addr(sockaddr: Any) -> Address:
     return (str(sockaddr[0]), int(sockaddr[1]))
 
 
+class TlsFiles:
+    """A TLS context and the files it was built from (issue 6 item 1: certificate and key
+    reloaded without a restart). ``check()`` rebuilds the context when a file changed;
+    new handshakes take ``context``, connections already up keep theirs. A context that
+    fails to build (a bad certificate, a key that does not fit) is logged and the old one
+    kept."""
+
+    def __init__(
+        self, name: str, build: Callable[[], ssl.SSLContext], files: tuple[Path | str | None, ...]
+    ) -> None:
+        self.name = name
+        self._build = build
+        self._files = tuple(str(f) for f in files if f)
+        self._stamps = self._stat()
+        self.context = build()  # StartupError at start: the SBC does not start
+
+    @classmethod
+    def fixed(cls, name: str, context: ssl.SSLContext) -> TlsFiles:
+        """A context without files to watch."""
+        return cls(name, lambda: context, ())
+
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    def check(self) -> bool:
+        """Reload if a file changed since the last look; True if a new context is in use.
+        A failed attempt is not repeated until a file changes again (one log line)."""
+        stamps = self._stat()
+        if stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        return self.reload()
+
+    def reload(self) -> bool:
+        try:
+            context = self._build()
+        except StartupError as exc:
+            log.error("%s: keeping the certificate in use: %s", self.name, exc)
+            return False
+        self.context = context
+        log.info("%s: certificate reloaded", self.name)
+        return True
+
+
 class SipTransports:
     """Owns every SIP socket and connection of the SBC and drives one ``SbcCore``."""
 
@@ -40,10 +98,21 @@ class SipTransports:
         core: SbcCore,
         *,
         clock: Callable[[], float] | None = None,
-        client_tls: ssl.SSLContext | None = None,
+        client_tls: TlsFiles | ssl.SSLContext | None = None,
     ) -> None:
         self.core = core
-        self.client_tls = client_tls  # for the connections the SBC opens over TLS
+        if isinstance(client_tls, ssl.SSLContext):
+            client_tls = TlsFiles.fixed("client TLS", client_tls)
+        self._client_tls = client_tls  # for the connections the SBC opens over TLS
+        self._tls_files: list[TlsFiles] = [client_tls] if client_tls is not None else []
+        # Peer SBCs by address: the names their certificates must carry (mutual TLS), and
+        # the name to verify when the SBC connects to one (RFC 5922 7).
+        self._peer_names: dict[str, set[str]] = {}
+        self._server_names: dict[tuple[str, Address], str] = {}
+        for peer in core.settings.peers:
+            name = peer.tls_name or peer.host
+            self._peer_names.setdefault(peer.host.lower(), set()).add(name)
+            self._server_names[(peer.transport, (peer.host, peer.port))] = name
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         # The only wall-clock read: the core's Date headers are "now" plus this offset.
@@ -59,9 +128,52 @@ class SipTransports:
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound: list[tuple[ListenUrl, Address]] = []  # (configured url, actual address)
         self._closing = False
+        self._lag_due = self._loop.time() + LAG_INTERVAL
+        self._lag_timer = self._loop.call_at(self._lag_due, self._measure_lag)
+        self._tls_timer = self._loop.call_later(TLS_CHECK_INTERVAL, self._check_tls)
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        return self._client_tls.context if self._client_tls is not None else None
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _measure_lag(self) -> None:
+        """How late this callback runs is how late the event loop runs everything: the
+        core answers new requests with 503 while it is too late (issue 6 item 3)."""
+        now = self._loop.time()
+        lag = max(0.0, now - self._lag_due)
+        try:
+            self.core.report_lag(lag, self._clock())
+        except Exception:
+            log.exception("overload report failed")
+        if lag > LAG_INTERVAL:
+            log.debug("event loop %.3f s late", lag)
+        self._lag_due = now + LAG_INTERVAL
+        self._lag_timer = self._loop.call_at(self._lag_due, self._measure_lag)
+
+    def _check_tls(self) -> None:
+        self.reload_tls(only_changed=True)
+        self._tls_timer = self._loop.call_later(TLS_CHECK_INTERVAL, self._check_tls)
+
+    def reload_tls(self, *, only_changed: bool = False) -> int:
+        """Load the certificates and keys of every TLS context again (the SIGHUP of a
+        reload calls this; a timer calls it with ``only_changed`` every few seconds).
+        New handshakes use them; open connections keep theirs. Returns how many contexts
+        were replaced; one that fails to load is logged and keeps the old certificate."""
+        done = 0
+        for files in self._tls_files:
+            if files.check() if only_changed else files.reload():
+                done += 1
+        return done
 
     # -- listeners ------------------------------------------------------------------------
-    async def listen(self, url: ListenUrl, tls: ssl.SSLContext | None = None) -> Address:
+    async def listen(self, url: ListenUrl, tls: TlsFiles | ssl.SSLContext | None = None) -> Address:
+        """Bind one listener. TLS listeners accept plain TCP and start TLS on each
+        connection themselves, after the per-source limits (issue 6 item 3)."""
+        if isinstance(tls, ssl.SSLContext):
+            tls = TlsFiles.fixed(f"{url}", tls)
+        if tls is not None and url.transport == "tls" and tls not in self._tls_files:
+            self._tls_files.append(tls)
         family = socket.AF_INET6 if ":" in url.host else socket.AF_INET
         try:
             if url.transport == "udp":
@@ -76,12 +188,18 @@ class SipTransports:
             else:
                 if url.transport == "tls" and tls is None:
                     raise StartupError(f"{url}: TLS listener without a TLS context")
+                files, name = tls if url.transport == "tls" else None, url.transport
+
+                def factory() -> asyncio.Protocol:
+                    if files is not None:
+                        return _TlsGate(self, files)
+                    return _StreamProtocol(self, name, accepted=True)
+
                 server = await self._loop.create_server(
-                    lambda: _StreamProtocol(self, url.transport),
+                    factory,
                     host=url.host,
                     port=url.port,
                     family=family,
-                    ssl=tls if url.transport == "tls" else None,
                     reuse_address=True,
                 )
                 self._servers.append(server)
@@ -98,6 +216,8 @@ class SipTransports:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        self._lag_timer.cancel()
+        self._tls_timer.cancel()
         for server in self._servers:
             server.close()
         for conn in list(self._conns.values()):
@@ -163,11 +283,12 @@ class SipTransports:
         try:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(
-                    lambda: _StreamProtocol(self, transport_name),
+                    lambda: _StreamProtocol(self, transport_name, accepted=False),
                     host=host,
                     port=port,
                     ssl=tls,
-                    server_hostname=host if tls is not None else None,
+                    # RFC 5922 7: a peer SBC is verified by its configured name.
+                    server_hostname=self._server_names.get(key, host) if tls is not None else None,
                 ),
                 timeout=CONNECT_TIMEOUT,
             )
@@ -232,11 +353,87 @@ class SipTransports:
         self._conns[conn_id] = conn
         return conn_id
 
+    def admit(self, conn: _StreamProtocol) -> bool:
+        """A connection accepted on a listener (still plain TCP for TLS listeners): the
+        per-source connection limit and ban list, then for TLS the per-source handshake
+        bucket, all before any byte of it is read (issue 6 item 3)."""
+        assert conn.flow is not None
+        now = self._clock()
+        try:
+            if not self.core.connection_opened(conn.flow, now):
+                log.debug("connection refused (source limit or ban): %s", conn.flow)
+                return False
+            if conn.name == "tls" and not self.core.guard.handshake_allowed(
+                conn.flow.remote[0], now
+            ):
+                log.debug("TLS handshake refused (source over its rate): %s", conn.flow)
+                return False
+        except Exception:
+            log.exception("admission of %s failed; closing it", conn.flow)
+            return False
+        return True
+
+    def accept_tls(self, raw: asyncio.Transport, tls: TlsFiles) -> None:
+        """A TCP connection accepted on a TLS listener, before any byte of it is read:
+        the per-source limits decide whether a handshake starts at all (issue 6 item 3).
+        The socket then leaves this plain transport (which never read from it) for a TLS
+        one whose handshake is bounded by HANDSHAKE_TIMEOUT."""
+        conn = _StreamProtocol(self, "tls", accepted=True)
+        local = _addr(raw.get_extra_info("sockname"))
+        remote = _addr(raw.get_extra_info("peername"))
+        conn.flow = Flow("tls", local, remote, self.register(conn))
+        if not self.admit(conn):
+            raw.abort()
+            self.unregister(conn)
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(raw.get_extra_info("socket").fileno()))
+        except OSError as exc:
+            log.warning("cannot take over the connection of %s: %s", conn.flow, exc)
+            raw.abort()
+            self.unregister(conn)
+            return
+        raw.abort()  # closes only its descriptor: the connection lives on in ``sock``
+        task = self._loop.create_task(self._handshake(conn, sock, tls.context))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handshake(
+        self, conn: _StreamProtocol, sock: socket.socket, context: ssl.SSLContext
+    ) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            # The loop owns the socket now and has closed it.
+            log.info("TLS handshake with %s failed: %s", conn.flow, str(exc) or repr(exc))
+            self.unregister(conn)
+
+    def _peer_certificate_ok(self, flow: Flow, transport: asyncio.BaseTransport) -> bool:
+        """A TLS connection from a peer SBC's address is its only if the certificate, which
+        the handshake verified against [core.tls] ca, names the peer ([[peers]] tls_name,
+        issue 6 item 1); else it is closed before a request on it is read."""
+        names = self._peer_names.get(flow.remote[0].lower())
+        if names is None:
+            return True
+        cert = transport.get_extra_info("peercert")
+        if peer_tls.matches(cert, names):
+            return True
+        shown = sorted(peer_tls.certificate_names(cert)) if cert else "no certificate"
+        log.warning(
+            "closing TLS connection from peer address %s: certificate names %s, expected %s",
+            flow, shown, " or ".join(sorted(names)),
+        )  # fmt: skip
+        self.core.stats["rejected:peer_certificate"] += 1
+        return False
+
     def unregister(self, conn: _StreamProtocol) -> None:
         for key in [k for k, c in self._outgoing.items() if c is conn]:
             del self._outgoing[key]
         if conn.flow is not None:
-            self._conns.pop(conn.flow.conn_id, None)
+            if self._conns.pop(conn.flow.conn_id, None) is None:
+                return  # already done (an aborted handshake reports its loss twice)
             if self._closing:  # shutting down: nothing more is sent
                 self.core.connection_closed(conn.flow)
             else:
@@ -260,22 +457,38 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 
 
 class _StreamProtocol(asyncio.Protocol):
-    def __init__(self, owner: SipTransports, transport_name: str) -> None:
+    """One TCP or TLS connection. The SBC's own connections (``accepted`` False) and TCP
+    ones get their flow in ``connection_made``; on a TLS listener the flow is made (and
+    admitted) when the TCP connection is accepted, and ``connection_made`` comes with the
+    TLS transport once the handshake is done."""
+
+    def __init__(self, owner: SipTransports, transport_name: str, *, accepted: bool) -> None:
         self.owner = owner
         self.name = transport_name
+        self.accepted = accepted
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        if self.flow is not None:  # TLS on a listener: admitted at accept, handshake done
+            if not self.owner._peer_certificate_ok(self.flow, transport):
+                self._refused = True
+                transport.close()
+            return
         conn_id = self.owner.register(self)
         local = _addr(transport.get_extra_info("sockname"))
         remote = _addr(transport.get_extra_info("peername"))
         self.flow = Flow(self.name, local, remote, conn_id)
         log.debug("connection from %s", self.flow)
+        if self.accepted and not self.owner.admit(self):
+            self._refused = True
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
-        self.owner.stream_data(self, data)
+        if not self._refused:
+            self.owner.stream_data(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.unregister(self)
@@ -285,9 +498,28 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+class _TlsGate(asyncio.Protocol):
+    """The protocol of a TLS listener's plain TCP connection: it lives only for the
+    ``connection_made`` call that admits the source and hands the socket over."""
+
+    def __init__(self, owner: SipTransports, tls: TlsFiles) -> None:
+        self.owner = owner
+        self.tls = tls
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self.owner.accept_tls(transport, self.tls)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("accepting a TLS connection failed")
+            transport.abort()  # type: ignore[attr-defined]
+
+
 def tls_context(certificate: str, private_key: str, ca: str | None, *, verify: bool,
-                min_version: str, ciphers: str | None) -> ssl.SSLContext:  # fmt: skip
-    """Server-side TLS context: TLS 1.2 minimum unless configured higher."""
+                min_version: str, ciphers: str | None,
+                ask_client_certificate: bool = False) -> ssl.SSLContext:  # fmt: skip
+    """Server-side TLS context: TLS 1.2 minimum unless configured higher. ``verify``
+    requires a client certificate from ``ca``; ``ask_client_certificate`` asks for one and
+    verifies it if given (peer SBCs must show theirs; other clients need none)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     try:
@@ -298,7 +530,12 @@ def tls_context(certificate: str, private_key: str, ca: str | None, *, verify: b
             ctx.set_ciphers(ciphers)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load TLS certificate {certificate}: {exc}") from None
-    ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    if verify:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif ask_client_certificate:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
