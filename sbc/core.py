@@ -449,8 +449,11 @@ class SbcCore:
             rejection.reason,
             extra={"flow": str(flow), "call_id": req.get("call-id")},
         )
-        if req.method == "ACK":
-            return []  # RFC 3261 17: an ACK is never answered
+        if req.method == "ACK" or "via" not in req or "cseq" not in req:
+            # RFC 3261 17: an ACK is never answered. RFC 3261 8.2.6.2, 17.1.3, 18.2.2: an
+            # answer goes where the request's Via says and is matched by branch and CSeq;
+            # without them it cannot be formed (dropped, as _parse_failed does).
+            return []
         resp = self._response(req, rejection.status, rejection.reason, headers=rejection.headers)
         return [SendData(self._response_flow(req, flow), self._finish(resp))]
 
@@ -575,15 +578,8 @@ def _asks_for_sips(req: Request) -> bool:
 
 
 def _auth_key(msg: Message) -> str:
-    """Which request a response answers, for the guard's authentication count: Call-ID,
-    CSeq and the top Via branch (RFC 3261 17.2.3), so that guesses sent in parallel under
-    one Call-ID and CSeq (svcrack reuses both) are each counted."""
-    try:
-        via = msg.top_via
-    except ParseError:
-        via = None
-    branch = via.branch if via is not None else None
-    return f"{msg.get('call-id')}\n{msg.get('cseq')}\n{branch}"
+    """Which request a response answers, for the guard's authentication count."""
+    return f"{msg.get('call-id')}\n{msg.get('cseq')}"
 
 
 def _unsafe_head(data: bytes) -> bool:

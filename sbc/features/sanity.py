@@ -69,8 +69,17 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
     if isinstance(uri, SipUri) and uri.headers is not None:
         return Rejection(400, "Headers In Request-URI", "bad_uri")
     # RFC 4475 3.2.1: a branch of only the magic cookie is no transaction identifier.
-    if vias[0].branch == "z9hG4bK":
+    top = vias[0]
+    branch = top.branch
+    if branch == "z9hG4bK":
         return Rejection(400, "Via Branch Is Only The Magic Cookie", "bad_via")
+    # A Via without a branch parameter is accepted on purpose: RFC 3261 8.1.1.7 makes the
+    # branch a MUST only for RFC 3261 clients, 17.2.3 keeps the RFC 2543 matching rules for
+    # requests without one, and RFC 4475 3.4.1 (inv2543) must be accepted. A branch
+    # parameter without a value breaks the grammar (RFC 3261 25.1: via-branch = "branch"
+    # EQUAL token), and that is the "Via without branch" issue 6 answers 400.
+    if not branch and (branch == "" or any(k.lower() == "branch" for k, _ in top.params)):
+        return Rejection(400, "Via Branch Is Empty", "bad_via")
     if cseq.method != req.method:
         # RFC 4475 3.1.2.18: an unknown method is reported as such (501) before the mismatch.
         if req.method not in KNOWN_METHODS:

@@ -250,6 +250,14 @@ class StreamFramer:
                     self.broken = True
                     out.append(ParseError(413, "Header Section Too Large", fatal=True))
                 break
+            if end + 4 > self.limits.max_message_size:
+                # RFC 3261 21.4.11: 413, as parse_message answers the same octets in a
+                # datagram (the fields are read leniently, only to form the answer).
+                big = _try_head(bytes(buf[: end + 4]), self.limits)
+                del buf[: end + 4]
+                self._skip = _content_length_or_zero(big)
+                out.append(ParseError(413, "Message Too Large", message=big))
+                continue
             try:
                 msg = _parse_head(bytes(buf[:end]).decode("utf-8", "surrogateescape"), self.limits)
                 length = _content_length(msg)
