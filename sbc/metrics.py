@@ -115,8 +115,8 @@ class SbcCollector(Collector):
         # -- registrations ---------------------------------------------------------------
         regs = GaugeMetricFamily(
             "sbc_registrations",
-            "Client registrations the SBC holds: relayed (cached for the backends' bindings, "
-            "issue 3) or local (the embedded registrar, without backends)",
+            "Client registrations the SBC holds: relayed (to a backend registrar; cached for "
+            "offload) or local (the embedded registrar, without backends)",
             labels=["mode"],
         )
         regs.add_metric(["relayed"], len(core.backends.registrations))
@@ -234,7 +234,8 @@ class SbcCollector(Collector):
             "sbc_bans", "Sources banned, by reason (flood: pike; auth: failed authentication)",
             labels=["reason"],
         )  # fmt: skip
-        for reason, value in sorted(_prefixed(guard, "ban:")):
+        reasons = {"flood": 0, "auth": 0} | dict(_prefixed(guard, "ban:"))
+        for reason, value in sorted(reasons.items()):
             bans.add_metric([reason], value)
         yield bans
         yield GaugeMetricFamily(

@@ -459,3 +459,24 @@ def test_every_log_line_about_a_call_names_its_ids(caplog: pytest.LogCaptureFixt
         out = json.loads(JsonFormatter().format(record))
         assert out["call_id"] == "call1@10.0.0.7", out
         assert out["call"] == lines[0].call, out  # type: ignore[attr-defined]
+
+
+def test_docs_list_every_metric_and_no_other() -> None:
+    """docs/operations.md names each metric the collector yields, and only those."""
+    import re
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    lab = Lab()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector(lab, [Totals()]))
+    text = generate_latest(registry).decode()
+    names = {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in text_string_to_metric_families(text)
+    }
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    for name in names:
+        assert f"`{name}" in doc, f"docs/operations.md misses {name}"
+    assert set(re.findall(r"\bsbc_[a-z_]+[a-z]", doc)) <= names

@@ -389,6 +389,22 @@ def test_failed_authentications_through_the_relay_ban_the_source() -> None:
     assert len(to_backend(core.receive_datagram(register(HONEST, 1), client(HONEST), now + 1))) == 1
 
 
+def test_parallel_guesses_under_one_call_id_and_cseq_are_each_counted() -> None:
+    """svcrack reuses its Call-ID and CSeq for every guess: the branch tells them apart."""
+    core = make_core(policy(auth_failures=3))
+    forwarded = []
+    for n in range(3):
+        guess = register(ATTACKER, 2, password=f"guess{n}").replace(
+            b"branch=z9hG4bK-r2", f"branch=z9hG4bK-g{n}".encode()
+        )
+        [fwd] = to_backend(core.receive_datagram(guess, client(ATTACKER), 1.0))
+        forwarded.append(fwd)
+    for fwd in forwarded:  # the three challenges come back after all three were sent
+        challenge = make_response(fwd, 401, to_tag="b1")
+        core.receive_datagram(bytes(challenge), Flow("udp", SBC_CORE, BACKEND), 1.5)
+    assert core.guard.banned(ATTACKER, 2.0)
+
+
 def test_backend_register_ceiling_through_the_relay() -> None:
     core = make_core(policy(backend_register_rate=Bucket(1.0, 2)))
     out = [core.receive_datagram(register(f"192.0.2.{n}", n, user=f"u{n}"), client(f"192.0.2.{n}"), 0.0)
