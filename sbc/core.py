@@ -578,8 +578,15 @@ def _asks_for_sips(req: Request) -> bool:
 
 
 def _auth_key(msg: Message) -> str:
-    """Which request a response answers, for the guard's authentication count."""
-    return f"{msg.get('call-id')}\n{msg.get('cseq')}"
+    """Which request a response answers, for the guard's authentication count: Call-ID,
+    CSeq and the top Via branch (RFC 3261 17.2.3), so that guesses sent in parallel under
+    one Call-ID and CSeq (svcrack reuses both) are each counted."""
+    try:
+        via = msg.top_via
+    except ParseError:
+        via = None
+    branch = via.branch if via is not None else None
+    return f"{msg.get('call-id')}\n{msg.get('cseq')}\n{branch}"
 
 
 def _unsafe_head(data: bytes) -> bool:
