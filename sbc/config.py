@@ -657,8 +657,8 @@ SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "VaxSIPUserAgent",
 class SecurityConfig:
     """The front door (issue 6): access lists, flood and brute-force bans, rate limits."""
 
-    # Trusted sources: never banned, rate limited or locked out (the SBC's own monitoring,
-    # an enterprise NAT with many phones).
+    # Trusted sources: never banned, rate limited, locked out or shed for overload (the
+    # SBC's own monitoring, an enterprise NAT with many phones).
     allow: tuple[Cidr, ...] = ()
     access_allow: tuple[Cidr, ...] = ()  # empty: everyone may use the access side
     access_deny: tuple[Cidr, ...] = ()

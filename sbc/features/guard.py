@@ -61,7 +61,7 @@ class GuardPolicy:
     """[security] of the config. The defaults here limit nothing (unit tests build cores
     without a policy); the config's defaults are the production ones."""
 
-    allow: tuple[Network, ...] = ()  # trusted: never banned, rate limited or locked out
+    allow: tuple[Network, ...] = ()  # trusted: never banned, limited, locked out or shed
     access_allow: tuple[Network, ...] = ()  # empty: every address may use the access side
     access_deny: tuple[Network, ...] = ()
     core_allow: tuple[Network, ...] = ()  # beyond the backends and peers
