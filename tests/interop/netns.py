@@ -446,8 +446,11 @@ def launch_sbc(netns: Namespace, workdir: Path, config_text: str) -> NsSbc:
     return NsSbc(proc=proc, netns=netns, config=config, stderr_path=stderr_path)
 
 
-def wait_sbc_ready(sbc: NsSbc, timeout: float = SBC_START_TIMEOUT) -> None:
-    """Until the log says ready and the access side answers OPTIONS with our Server header."""
+def wait_sbc_ready(
+    sbc: NsSbc, timeout: float = SBC_START_TIMEOUT, server: str = SERVER_HEADER
+) -> None:
+    """Until the log says ready and the access side answers OPTIONS with the Server header
+    ``server`` (the config's [sip] user_agent)."""
     deadline = time.monotonic() + timeout
     problem = "no 'ready' in the log"
     while time.monotonic() < deadline:
@@ -459,7 +462,7 @@ def wait_sbc_ready(sbc: NsSbc, timeout: float = SBC_START_TIMEOUT) -> None:
             except OSError as exc:
                 problem = f"OPTIONS after 'ready': {exc!r}"
             else:
-                if response.status == 200 and response.get("server") == SERVER_HEADER:
+                if response.status == 200 and response.get("server") == server:
                     return
                 problem = f"OPTIONS after 'ready' got {response.raw!r}"
         time.sleep(0.05)
