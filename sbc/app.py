@@ -11,10 +11,12 @@ import os
 import signal
 import socket
 import ssl
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sbc.b2bua import CallPolicy, PeerRoute
-from sbc.config import Config, Peer, RateConfig, TlsConfig
+from sbc.config import Config, ConfigError, Peer, RateConfig, TlsConfig, load_config
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.guard import CLASSES, Bucket, GuardPolicy
@@ -36,7 +38,7 @@ from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
 from sbc.sip.uri import SipUri, parse_uri
 
-__all__ = ["StartupError", "core_settings", "run", "serve"]
+__all__ = ["Signals", "StartupError", "core_settings", "restart_needed", "run", "serve"]
 
 log = logging.getLogger("sbc.app")
 
@@ -228,12 +230,82 @@ def media_workers(config: Config) -> int:
     return max(1, min(os.cpu_count() or 1, (high - low + 1) // 4))
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
-    """Start the media workers and every listener, run until ``stop`` is set, then close
-    everything."""
+# What a reload cannot change (issue 7 item 3): sockets, worker processes, the wire's own
+# rules and the log format; a new config that changes one of these is refused, and the
+# running one stays. Everything else (backends, limits, block lists, peers, certificates,
+# registration offload, log level) changes without dropping registrations or calls.
+RESTART_KEYS = (
+    "sbc", "access.listen", "core.listen", "admin", "media", "sip", "nat", "log.format",
+    "calls.records",
+)  # fmt: skip
+
+
+def _lookup(config: Config, key: str) -> object:
+    value: object = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys of ``RESTART_KEYS`` whose values differ between two configs."""
+    return [key for key in RESTART_KEYS if _lookup(old, key) != _lookup(new, key)]
+
+
+@dataclass
+class Signals:
+    """What the process's signals ask of a running SBC (set by ``run``'s handlers):
+    SIGHUP reloads the config; the first SIGTERM drains (no new calls, the others go on
+    up to [calls] drain_timeout, then BYE); a second SIGTERM, or SIGINT, stops at once."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reloads: int = 0
+    terminate: int = 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+        self.wake.set()
+
+    def term(self) -> None:
+        self.terminate += 1
+        self.wake.set()
+
+    def interrupt(self) -> None:
+        self.terminate += 2
+        self.wake.set()
+
+
+@dataclass
+class ReloadResult:
+    """The last reload, for /status and ``sbc reload``."""
+
+    generation: int = 0  # reloads tried
+    ok: bool = True
+    error: str | None = None
+    at: float | None = None  # wall clock
+    applied: int = 0  # reloads that took effect
+
+    def report(self) -> dict[str, object]:
+        return {
+            "generation": self.generation, "ok": self.ok, "error": self.error,
+            "at": self.at, "applied": self.applied,
+        }  # fmt: skip
+
+
+async def serve(
+    config: Config,
+    stop: asyncio.Event,
+    *,
+    path: str | Path | None = None,
+    signals: Signals | None = None,
+) -> None:
+    """Start the media workers and every listener, run until ``stop`` is set (or
+    ``signals`` asks to terminate: drain first), then close everything. ``path`` is the
+    config file a SIGHUP re-reads."""
     count = media_workers(config)
     loop = asyncio.get_running_loop()
     workers: MediaWorkers | None = None
+    signals = signals or Signals()
 
     def to_worker(worker: int, command: MediaCommand) -> None:
         if workers is not None:
@@ -250,6 +322,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 
     writer: asyncio.Task[None] | None = None
     admin: AdminServer | None = None
+    result = ReloadResult()
     try:
         workers = await MediaWorkers.start(
             count, timeout=config.media.timeout, latch_window=config.media.latch_window,
@@ -258,7 +331,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         media_totals = workers.totals
         admin = await AdminServer.start(
             config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
-            media=lambda: media_totals,
+            media=lambda: media_totals, reload=result.report,
         )  # fmt: skip
         access_tls = _tls(config.access.tls, "[access.tls]")
         core_tls = _tls(config.core.tls, "[core.tls]", peers=bool(config.peers))
@@ -273,9 +346,35 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         log.info("ready", extra={"sbc": config.sbc.name})
         if config.calls.records is not None:
             writer = asyncio.create_task(_write_records(core, config.calls.records, stop))
-        await stop.wait()
+
+        def reload() -> None:
+            nonlocal config
+            result.generation += 1
+            result.at = time.time()
+            try:
+                new = _reloaded(config, path, core, transports, (access_tls, core_tls), loop)
+            except (ConfigError, StartupError, ValueError) as exc:
+                reason = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
+                result.ok, result.error = False, reason
+                log.error("reload refused, the running config stays: %s", reason)
+                return
+            config = new
+            result.ok, result.error = True, None
+            result.applied += 1
+            log.info("config reloaded", extra={"sbc": config.sbc.name})
+
+        done = 0
+        while not stop.is_set() and not signals.terminate:
+            await _either(stop, signals.wake)
+            signals.wake.clear()
+            while done < signals.reloads:
+                done += 1
+                reload()
+        if signals.terminate and not stop.is_set():
+            await _drain(core, transports, signals, stop, config.calls.drain_timeout)
     finally:
         if writer is not None:
+            stop.set()
             await writer
         if admin is not None:
             await admin.close()
@@ -283,6 +382,84 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         if workers is not None:
             await workers.close()
         log.info("sbc stopped")
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+def _reloaded(
+    old: Config,
+    path: str | Path | None,
+    core: SbcCore,
+    transports: SipTransports,
+    servers: tuple[TlsFiles | None, TlsFiles | None],
+    loop: asyncio.AbstractEventLoop,
+) -> Config:
+    """Read ``path`` again and apply it, or raise with the reason (nothing changed then).
+    Everything that can fail (the file, the check, the restart-only keys, resolving host
+    names, loading certificates) is done before anything is changed."""
+    if path is None:
+        raise ValueError("the SBC was not started from a config file")
+    new = load_config(path)
+    restart = restart_needed(old, new)
+    if restart:
+        raise ValueError(f"{', '.join(restart)} changed: needs a restart")
+    settings = core_settings(new)
+    access_tls = _tls(new.access.tls, "[access.tls]")
+    core_tls = _tls(new.core.tls, "[core.tls]", peers=bool(new.peers))
+    client_tls = _client_tls(new.core.tls)
+    for running, fresh in zip(servers, (access_tls, core_tls), strict=True):
+        if running is not None and fresh is None:
+            raise ValueError("a TLS listener needs its certificate and key")
+    core.reconfigure(settings, loop.time())
+    transports.set_peers()
+    for running, fresh in zip(servers, (access_tls, core_tls), strict=True):
+        if running is not None and fresh is not None:
+            running.adopt(fresh)
+    client = transports.client_tls_files
+    if client is not None:
+        client.adopt(client_tls)
+    logging.getLogger().setLevel(new.log.level.upper())
+    transports.rearm()  # new backends are probed now
+    return new
+
+
+async def _drain(
+    core: SbcCore,
+    transports: SipTransports,
+    signals: Signals,
+    stop: asyncio.Event,
+    timeout: float,
+) -> None:
+    """SIGTERM (issue 7 item 3): no new calls (503 with Retry-After), the calls in
+    progress go on until they end or ``timeout`` passes; then BYE to every call still up,
+    and a moment for the BYEs to be answered. A second SIGTERM or SIGINT cuts it short."""
+    loop = asyncio.get_running_loop()
+    calls = core.calls.active_calls
+    if calls and timeout > 0:
+        core.drain()
+        log.info("draining: no new calls; %d in progress, up to %g s", calls, timeout)
+        deadline = loop.time() + timeout
+        while core.calls.active_calls and signals.terminate < 2 and not stop.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            signals.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signals.wake.wait(), min(0.2, left))
+    if core.calls.active_calls:
+        log.info("ending %d calls with BYE", core.calls.active_calls)
+        transports.run_actions(core.end_all_calls(loop.time()))
+    # The BYEs' transactions: answered, or given up after a short while.
+    until = loop.time() + 2.0
+    while core.calls.state_size()["work"] and loop.time() < until:
+        await asyncio.sleep(0.05)
 
 
 async def _write_records(core: SbcCore, path: Path, stop: asyncio.Event) -> None:
@@ -314,17 +491,23 @@ def _tune_gc() -> None:
     gc.set_threshold(gen0, gen1, 1000)
 
 
-def run(config: Config) -> int:
-    """Run the SBC until SIGTERM or SIGINT; returns the process exit code."""
+def run(config: Config, path: str | Path | None = None) -> int:
+    """Run the SBC until SIGTERM (drain, then stop) or SIGINT; SIGHUP re-reads ``path``.
+    Returns the process exit code."""
     _tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()
+        signals = Signals()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig, handler in (
+            (signal.SIGTERM, signals.term),
+            (signal.SIGINT, signals.interrupt),
+            (signal.SIGHUP, signals.reload),
+        ):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+                loop.add_signal_handler(sig, handler)
+        await serve(config, stop, path=path, signals=signals)
 
     try:
         import uvloop

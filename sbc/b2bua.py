@@ -298,19 +298,8 @@ class B2bua:
     ) -> None:
         self.transactions = transactions
         self.relay = relay
-        self.policy = policy
-        self.peers = peers
-        self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
-        header = policy.client_address_header
-        # What is not copied to the other leg, per side it goes to (issue 4 items 2 and 4).
-        base = LEG_HEADERS | {p for p in policy.strip_headers if not p.endswith("*")}
-        if header is not None:
-            base |= {header.lower()}  # only the SBC writes it; a client's copy is dropped
-        hidden = base | CORE_TOPOLOGY_HEADERS
-        self._skip = {CORE: frozenset(base), ACCESS: frozenset(hidden), PEER: frozenset(hidden)}
-        # A 3xx keeps its Contact list: the redirect targets are for the caller.
-        self._skip_3xx = {side: skip - {"contact"} for side, skip in self._skip.items()}
-        self._skip_prefixes = tuple(p[:-1] for p in policy.strip_headers if p.endswith("*"))
+        self.set_policy(policy, peers)
+        self.draining = False  # SIGTERM (issue 7 item 3): no new calls, the others go on
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
         self.calls: dict[str, Call] = {}
@@ -325,6 +314,24 @@ class B2bua:
         self.records: list[str] = []  # one JSON line per ended call (issue 4 item 6)
         self._awaiting_stats: dict[str, Call] = {}  # ended calls whose media stats are due
         self.stats: Counter[str] = Counter()
+
+    def set_policy(self, policy: CallPolicy, peers: tuple[PeerRoute, ...]) -> None:
+        """[calls] and [[peers]], at start and on a reload (issue 7 item 3): calls in
+        progress keep their legs; limits, stripped headers and peer routes apply to what
+        comes next."""
+        self.policy = policy
+        self.peers = peers
+        self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
+        header = policy.client_address_header
+        # What is not copied to the other leg, per side it goes to (issue 4 items 2 and 4).
+        base = LEG_HEADERS | {p for p in policy.strip_headers if not p.endswith("*")}
+        if header is not None:
+            base |= {header.lower()}  # only the SBC writes it; a client's copy is dropped
+        hidden = base | CORE_TOPOLOGY_HEADERS
+        self._skip = {CORE: frozenset(base), ACCESS: frozenset(hidden), PEER: frozenset(hidden)}
+        # A 3xx keeps its Contact list: the redirect targets are for the caller.
+        self._skip_3xx = {side: skip - {"contact"} for side, skip in self._skip.items()}
+        self._skip_prefixes = tuple(p[:-1] for p in policy.strip_headers if p.endswith("*"))
 
     @property
     def timers(self) -> Timers:
@@ -541,6 +548,9 @@ class B2bua:
         """Issue 4 item 5: 503 with Retry-After over the overall or per-source call limit."""
         p = self.policy
         retry = (("Retry-After", str(p.retry_after)),)
+        if self.draining:
+            # Shutting down (issue 7 item 3): RFC 3261 21.5.4, another SBC or later.
+            return Refusal(503, "Shutting Down", retry)
         if p.max_calls and self.active_calls >= p.max_calls:
             return Refusal(503, "Too Many Calls", retry)
         if p.max_calls_per_source and self._per_source[flow.remote[0]] >= p.max_calls_per_source:
@@ -1071,6 +1081,14 @@ class B2bua:
     def has_flow(self, flow: Flow) -> bool:
         """Whether a call still uses ``flow`` (its connection must not be closed as idle)."""
         return any(call.a_flow == flow or call.target.flow == flow for call in self.calls.values())
+
+    def end_all(self, cause: str, now: float) -> list[Output]:
+        """End every call (the drain deadline of a shutdown, issue 7 item 3): BYE on each
+        answered leg with Reason cause 503 (RFC 3326), unanswered ones abandoned."""
+        out: list[Output] = []
+        for call in list(self.calls.values()):
+            out += self._end_call(call, cause, now, code=503)
+        return out
 
     def end_calls_on_flow(self, flow: Flow, now: float) -> list[Output]:
         """A client flow failed (keep-alives unanswered, or its connection was lost): its

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sbc.app import run as run_app
 
     try:
-        return run_app(config)
+        return run_app(config, args.config)
     except StartupError as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
@@ -78,6 +81,7 @@ def _cmd_gen_certs(args: argparse.Namespace) -> int:
 
 
 STATUS_TIMEOUT = 5.0  # seconds for the admin API to answer ``sbc status``
+RELOAD_TIMEOUT = 5.0  # seconds for the SBC to report a reload
 
 
 def _admin_url(args: argparse.Namespace) -> str | None:
@@ -126,10 +130,8 @@ def _fmt_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    base = _admin_url(args)
-    if base is None:
-        return 1
+def _fetch_status(base: str) -> dict[str, Any] | str:
+    """The running SBC's /status JSON, or why it could not be had."""
     url = f"{base}/status"
     try:
         # No proxy: the admin API is local (or on a management network), never proxied.
@@ -137,20 +139,76 @@ def _cmd_status(args: argparse.Namespace) -> int:
         with opener.open(url, timeout=STATUS_TIMEOUT) as response:
             report = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return _error(f"{url} answered {exc.code} {exc.reason}")
+        return f"{url} answered {exc.code} {exc.reason}"
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return _error(f"no answer from the SBC's admin API at {base}: {reason}")
+        return f"no answer from the SBC's admin API at {base}: {reason}"
     except ValueError as exc:
-        return _error(f"{url} did not answer JSON: {exc}")
+        return f"{url} did not answer JSON: {exc}"
+    if not isinstance(report, dict):
+        return f"{url}: unexpected report"
+    return report
+
+
+def _running(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | None:
+    """The admin API's base URL and the running SBC's /status, or None (said why)."""
+    base = _admin_url(args)
+    if base is None:
+        return None
+    report = _fetch_status(base)
+    if isinstance(report, str):
+        _error(report)
+        return None
+    return base, report
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    running = _running(args)
+    if running is None:
+        return 1
+    base, report = running
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         try:
             print(_fmt_status(report))
         except (KeyError, TypeError, ValueError) as exc:
-            return _error(f"{url}: unexpected report ({exc!r})")
+            return _error(f"{base}/status: unexpected report ({exc!r})")
     return 0
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    """Check the config, then SIGHUP the running SBC (found through its admin API) and
+    report whether it took the new config or refused it, with the reason (issue 7 item 3).
+    """
+    if _load(args.config) is None:
+        return 1  # the errors are printed; the running SBC would refuse it as well
+    running = _running(args)
+    if running is None:
+        return 1
+    base, report = running
+    try:
+        pid = int(report["pid"])
+        before = int((report.get("reload") or {})["generation"])
+    except (KeyError, TypeError, ValueError):
+        return _error(f"{base}/status has no pid or reload state: an older SBC?")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        return _error(f"cannot signal the SBC (pid {pid}): {exc.strerror or exc}")
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _fetch_status(base)
+        if isinstance(now, str):
+            continue
+        state = now.get("reload") or {}
+        if int(state.get("generation", 0)) > before:
+            if state.get("ok"):
+                print(f"sbc: reloaded {args.config} (pid {pid})")
+                return 0
+            return _error(f"reload refused, the running config stays: {state.get('error')}")
+    return _error(f"the SBC (pid {pid}) did not report the reload within {RELOAD_TIMEOUT:g} s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,6 +258,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the /status JSON as is")
     status.set_defaults(func=_cmd_status)
+
+    reload = sub.add_parser(
+        "reload", help="check a config and make the running SBC take it (SIGHUP)"
+    )
+    reload.add_argument("--config", required=True, metavar="FILE", help="the SBC's config file")
+    reload.add_argument(
+        "--admin", metavar="HOST:PORT", help="the admin API's address (default: from --config)"
+    )
+    reload.set_defaults(func=_cmd_reload)
     return parser
 
 

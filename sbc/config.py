@@ -559,6 +559,9 @@ class CallsConfig:
     no_answer_timeout: float = field(default=180.0, metadata=rule(number(gt=0)))
     max_duration: float = field(default=0.0, metadata=rule(number(min=0)))  # 0: no limit
     retry_after: int = field(default=5, metadata=rule(integer(min=1)))
+    # SIGTERM: no new calls; calls in progress go on this long at most, then BYE. 0: BYE at
+    # once.
+    drain_timeout: float = field(default=30.0, metadata=rule(number(min=0)))
     # Header names removed from requests and responses in both directions; "P-*" matches
     # every header starting with "P-" (case-insensitive).
     strip_headers: tuple[str, ...] = ()

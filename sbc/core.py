@@ -142,6 +142,35 @@ class SbcCore:
         self._activity: dict[Flow, float] = {}
         self.stats: Counter[str] = Counter()
 
+    # -- reload and shutdown (issue 7 item 3) ---------------------------------------------
+    def reconfigure(self, settings: CoreSettings, now: float) -> None:
+        """Take a reloaded config's settings without dropping registrations or calls:
+        backends (kept ones keep their health), call limits and header lists, peers,
+        registration offload, the guard's lists and limits (bans stay). What binds sockets
+        or shapes the wire (listeners, timers, size limits) needs a restart: the app
+        refuses a reload that changes it."""
+        self.settings = settings
+        self.backends.balancer.reconfigure(
+            settings.backends, policy=settings.health, algorithm=settings.balance, now=now
+        )
+        self.backends.offload = settings.offload
+        self.backends.request_timeout = settings.request_timeout
+        self.calls.set_policy(settings.calls, settings.peers)
+        self.guard.set_policy(settings.security)
+        self.backends.register_gate = self.guard.backend_register if self.guard.active else None
+
+    def drain(self) -> None:
+        """SIGTERM: new calls get 503 (Retry-After); calls in progress go on."""
+        self.calls.draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self.calls.draining
+
+    def end_all_calls(self, now: float) -> list[Action]:
+        """The drain deadline: every call still up ends with BYE on both legs."""
+        return self._outputs(self.calls.end_all("shutdown", now), now)
+
     # -- input ----------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""

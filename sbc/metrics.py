@@ -12,6 +12,7 @@ docs/operations.md lists every metric and what it means.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -67,6 +68,8 @@ def readiness(core: SbcCore, listening: bool) -> tuple[bool, str]:
     embedded registrar serves). The reason, either way."""
     if not listening:
         return False, "listeners not bound"
+    if core.draining:
+        return False, "draining: shutting down, no new calls"
     backends = core.backends.balancer.backends
     if not backends:
         return True, "ready (embedded registrar, no backends)"
@@ -324,8 +327,10 @@ def status_report(
     name: str = "sbc",
     listening: bool = True,
     media: Sequence[Totals | None] = (),
+    reload: dict[str, object] | None = None,
 ) -> dict[str, Any]:
-    """The ``/status`` JSON: what ``sbc status`` prints."""
+    """The ``/status`` JSON: what ``sbc status`` prints (and ``sbc reload`` reads: the
+    process id to signal and the last reload's outcome)."""
     ready, reason = readiness(core, listening)
     stats = core.calls.stats
     bans = sorted(
@@ -336,6 +341,8 @@ def status_report(
     return {
         "name": name,
         "version": __version__,
+        "pid": os.getpid(),
+        "reload": reload,
         "ready": ready,
         "reason": reason,
         "registrations": {

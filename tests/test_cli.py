@@ -68,6 +68,19 @@ def test_run_stops_on_config_errors(bad_config: Path, capsys: pytest.CaptureFixt
     assert "core.bogus: unknown key" in capsys.readouterr().err
 
 
+def test_reload_checks_the_config_before_it_signals(
+    bad_config: Path, good_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken config is refused by `sbc reload` itself (no SBC is asked); a good one
+    with no SBC answering at the admin address is one clear line."""
+    assert main(["reload", "--config", str(bad_config)]) == 1
+    assert "core.bogus: unknown key" in capsys.readouterr().err
+    assert main(["reload", "--config", str(good_config), "--admin", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "sbc: error: no answer from the SBC's admin API at http://127.0.0.1:1"
+    )
+
+
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert main(["run"]) == 2
@@ -122,7 +135,7 @@ def test_run_passes_config_and_exit_code(
 ) -> None:
     seen: list[Config] = []
 
-    def run(config: Config) -> int:
+    def run(config: Config, path: str | None = None) -> int:
         seen.append(config)
         return 0
 
@@ -135,7 +148,7 @@ def test_run_passes_config_and_exit_code(
 def test_run_startup_error_is_one_line(
     good_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def run(config: Config) -> int:
+    def run(config: Config, path: str | None = None) -> int:
         raise sys.modules["sbc.app"].StartupError("cannot bind udp://127.0.0.1:5060: in use")
 
     fake_app(monkeypatch, run)

@@ -245,12 +245,47 @@ class Balancer:
         self.backends: tuple[BackendState, ...] = tuple(
             BackendState(spec, next_probe=now) for spec in specs
         )
+        self._index()
+
+    def _index(self) -> None:
         # nginx smooth weighted round robin: current_weight per backend, by index.
         self._wrr_current = [0] * len(self.backends)
         self._by_address: dict[tuple[str, int], list[BackendState]] = {}
         for backend in self.backends:
             key = (_address_key(backend.spec.host), backend.spec.port)
             self._by_address.setdefault(key, []).append(backend)
+
+    def reconfigure(
+        self,
+        specs: Sequence[BackendSpec],
+        *,
+        policy: HealthPolicy,
+        algorithm: str,
+        now: float,
+    ) -> None:
+        """A reloaded config (issue 7 item 3): a backend kept by name keeps its state
+        (up or down, dialogs, probe schedule) with its new spec (weight); a new one starts
+        up and is probed now; a removed one takes no new work (calls already on it keep
+        it until they end)."""
+        if algorithm not in self.ALGORITHMS:
+            raise ValueError(f"unknown balancing algorithm {algorithm!r}")
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate backend names")
+        old = {b.name: b for b in self.backends}
+        backends = []
+        for spec in specs:
+            state = old.get(spec.name)
+            where = (spec.host, spec.port, spec.transport)
+            if state is None or (state.spec.host, state.spec.port, state.spec.transport) != where:
+                state = BackendState(spec, next_probe=now)
+            else:
+                state.spec = spec
+            backends.append(state)
+        self.backends = tuple(backends)
+        self.policy = policy
+        self.algorithm = algorithm
+        self._index()
 
     # -- selection -------------------------------------------------------------------------
 

@@ -174,34 +174,47 @@ class Guard:
         self.stats: Counter[str] = Counter()
         self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
 
+    def set_policy(self, policy: GuardPolicy) -> None:
+        """A reloaded [security] (issue 7 item 3): what each known source may do is worked
+        out again; bans in force stay, and so do the buckets' levels."""
+        self.policy = policy
+        self.active = policy != NO_POLICY
+        for ip, src in self._sources.items():
+            fresh = self._judge(ip, src.last_seen)
+            src.trusted, src.access_ok, src.core_ok = fresh.trusted, fresh.access_ok, fresh.core_ok
+            if src.trusted and src.ban_until:
+                src.ban_until = 0.0  # now on the allow list: never banned
+                self.bans.pop(ip, None)
+
     # -- per packet ----------------------------------------------------------------------
+    def _judge(self, ip: str, now: float) -> _Source:
+        """A new source's standing under the policy: trusted, and allowed on each side."""
+        p = self.policy
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return _Source(False, False, False, now)
+        # Backends and peers are trusted too: banning one for its traffic would be an
+        # outage of everything behind it.
+        trusted = _in(address, p.allow) or ip.lower() in p.core_sources
+        access_ok = trusted or (
+            (not p.access_allow or _in(address, p.access_allow)) and not _in(address, p.access_deny)
+        )
+        core_ok = (
+            not p.restrict_core
+            or trusted
+            or ip.lower() in p.core_sources
+            or _in(address, p.core_allow)
+        )
+        return _Source(trusted, access_ok, core_ok, now)
+
     def _source(self, ip: str, now: float) -> _Source:
         src = self._sources.get(ip)
         if src is not None:
             src.last_seen = now
             return src
         p = self.policy
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            address = None
-        if address is None:
-            src = _Source(False, False, False, now)
-        else:
-            # Backends and peers are trusted too: banning one for its traffic would be an
-            # outage of everything behind it.
-            trusted = _in(address, p.allow) or ip.lower() in p.core_sources
-            access_ok = trusted or (
-                (not p.access_allow or _in(address, p.access_allow))
-                and not _in(address, p.access_deny)
-            )
-            core_ok = (
-                not p.restrict_core
-                or trusted
-                or ip.lower() in p.core_sources
-                or _in(address, p.core_allow)
-            )
-            src = _Source(trusted, access_ok, core_ok, now)
+        src = self._judge(ip, now)
         if len(self._sources) >= p.max_sources:
             self._evict(now)
         self._sources[ip] = src

@@ -60,10 +60,12 @@ class AdminServer:
         name: str = "sbc",
         media: Callable[[], Sequence[Totals | None]] = tuple,
         clock: Callable[[], float] | None = None,
+        reload: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self.core = core
         self.name = name
         self.media = media
+        self.reload = reload  # the last reload's outcome, for /status (issue 7 item 3)
         self.listening = False
         self._clock = clock
         self._server: asyncio.Server | None = None
@@ -89,10 +91,11 @@ class AdminServer:
         name: str = "sbc",
         media: Callable[[], Sequence[Totals | None]] = tuple,
         clock: Callable[[], float] | None = None,
+        reload: Callable[[], dict[str, object]] | None = None,
     ) -> AdminServer:
         """Bind ``host:port`` and serve; StartupError if it cannot be bound. ``clock``: the
         core's (default: the event loop's time, as the SIP transports use)."""
-        self = cls(core, name=name, media=media, clock=clock)
+        self = cls(core, name=name, media=media, clock=clock, reload=reload)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self._server = await asyncio.start_server(
@@ -207,7 +210,7 @@ class AdminServer:
         if path == "/status":
             report = status_report(
                 self.core, now=self.now(), name=self.name, listening=self.listening,
-                media=self.media(),
+                media=self.media(), reload=self.reload() if self.reload else None,
             )  # fmt: skip
             body = json.dumps(report, indent=1).encode() + b"\n"
             return HTTPStatus.OK, body, "application/json", {}

@@ -79,6 +79,14 @@ class TlsFiles:
         self._stamps = stamps
         return self.reload()
 
+    def adopt(self, other: TlsFiles) -> None:
+        """Take ``other``'s files and context (a reloaded config named other files or
+        settings, issue 7 item 3); listeners holding this object use them from the next
+        handshake."""
+        self._build, self._files = other._build, other._files
+        self._stamps, self.context = other._stamps, other.context
+        log.info("%s: TLS settings reloaded", self.name)
+
     def reload(self) -> bool:
         try:
             context = self._build()
@@ -109,10 +117,7 @@ class SipTransports:
         # the name to verify when the SBC connects to one (RFC 5922 7).
         self._peer_names: dict[str, set[str]] = {}
         self._server_names: dict[tuple[str, Address], str] = {}
-        for peer in core.settings.peers:
-            name = peer.tls_name or peer.host
-            self._peer_names.setdefault(peer.host.lower(), set()).add(name)
-            self._server_names[(peer.transport, (peer.host, peer.port))] = name
+        self.set_peers()
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         # The only wall-clock read: the core's Date headers are "now" plus this offset.
@@ -132,9 +137,23 @@ class SipTransports:
         self._lag_timer = self._loop.call_at(self._lag_due, self._measure_lag)
         self._tls_timer = self._loop.call_later(TLS_CHECK_INTERVAL, self._check_tls)
 
+    def set_peers(self) -> None:
+        """The peers' certificate names from the core's settings (at start and after a
+        reload): who may connect as a peer, and the name to verify when connecting."""
+        self._peer_names.clear()
+        self._server_names.clear()
+        for peer in self.core.settings.peers:
+            name = peer.tls_name or peer.host
+            self._peer_names.setdefault(peer.host.lower(), set()).add(name)
+            self._server_names[(peer.transport, (peer.host, peer.port))] = name
+
     @property
     def client_tls(self) -> ssl.SSLContext | None:
         return self._client_tls.context if self._client_tls is not None else None
+
+    @property
+    def client_tls_files(self) -> TlsFiles | None:
+        return self._client_tls
 
     # -- housekeeping ----------------------------------------------------------------------
     def _measure_lag(self) -> None:

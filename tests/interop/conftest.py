@@ -397,10 +397,17 @@ def _start(
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> str | None:
-    """SIGTERM, wait, then SIGKILL; a complaint if it had to be killed."""
+    """SIGTERM, wait, then SIGKILL; a complaint if it had to be killed. The first SIGTERM
+    drains (calls still up go on, up to [calls] drain_timeout); the second, a second later,
+    ends them at once: a test that leaves a call up must not wait for the drain."""
     if proc.poll() is not None:
         return None
     proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=1.0)
+        return None
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=STOP_TIMEOUT)
     except subprocess.TimeoutExpired:

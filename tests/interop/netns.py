@@ -478,6 +478,10 @@ def stop_sbc(sbc: NsSbc) -> list[str]:
     else:
         proc.send_signal(signal.SIGTERM)
         try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the second ends a drain (calls still up) at once
+        try:
             proc.wait(timeout=SBC_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
