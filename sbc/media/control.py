@@ -31,6 +31,23 @@ class SrtpKey:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CodecSpec:
+    """The codec a party sends and wants to receive on a transcoded stream (issue 8), as
+    its SDP negotiated it: the payload type and clock rate of its a=rtpmap (RFC 4566 6,
+    RFC 3551 6), the packet time it wants (a=ptime, default 20 ms) and its a=fmtp; and its
+    RFC 4733 telephone-event payload type, if it has one."""
+
+    name: str  # upper case: "PCMU", "PCMA", "G722", "OPUS"
+    pt: int
+    clock: int  # RTP clock rate: 8000 (PCMU, PCMA, G722: RFC 3551 4.5.2), 48000 (OPUS)
+    channels: int = 1
+    ptime: int = 20  # milliseconds of audio per packet sent to this party
+    fmtp: str = ""
+    dtmf_pt: int | None = None  # telephone-event payload type (RFC 4733 7.1.1)
+    dtmf_clock: int = 8000  # its clock rate (a=rtpmap:<pt> telephone-event/<rate>)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Party:
     """One party of a stream as the relay sees it: the local ports facing it, where its SDP
     says it receives, and the keys of that leg."""
@@ -46,6 +63,9 @@ class Party:
     # False: the party was offered SRTP and has not answered yet, so how it protects what it
     # sends is unknown: its packets are dropped (never relayed as if they were plain RTP).
     accept: bool = True
+    # Transcoded streams (issue 8): the codec of this party's leg; None on a stream whose
+    # legs share a codec (the payload passes untouched, payload types included).
+    codec: CodecSpec | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,12 +184,32 @@ def _key_in(value: Any) -> SrtpKey | None:
     return SrtpKey(suite=str(value["suite"]), key_salt=base64.b64decode(value["key"]))
 
 
+def _codec_out(c: CodecSpec | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "name": c.name, "pt": c.pt, "clock": c.clock, "channels": c.channels,
+        "ptime": c.ptime, "fmtp": c.fmtp, "dtmf_pt": c.dtmf_pt, "dtmf_clock": c.dtmf_clock,
+    }  # fmt: skip
+
+
+def _codec_in(d: Any) -> CodecSpec | None:
+    if d is None:
+        return None
+    return CodecSpec(
+        name=str(d["name"]), pt=int(d["pt"]), clock=int(d["clock"]),
+        channels=int(d["channels"]), ptime=int(d["ptime"]), fmtp=str(d["fmtp"]),
+        dtmf_pt=None if d["dtmf_pt"] is None else int(d["dtmf_pt"]),
+        dtmf_clock=int(d["dtmf_clock"]),
+    )  # fmt: skip
+
+
 def _party_out(p: Party) -> dict[str, Any]:
     return {
         "bind": p.bind, "port": p.port, "rtcp_mux": p.rtcp_mux,
         "remote": p.remote, "remote_rtcp": p.remote_rtcp,
         "recv_key": _key_out(p.recv_key), "send_key": _key_out(p.send_key), "sends": p.sends,
-        "accept": p.accept,
+        "accept": p.accept, "codec": _codec_out(p.codec),
     }  # fmt: skip
 
 
@@ -178,7 +218,7 @@ def _party_in(d: dict[str, Any]) -> Party:
         bind=str(d["bind"]), port=int(d["port"]), rtcp_mux=bool(d["rtcp_mux"]),
         remote=_addr(d["remote"]), remote_rtcp=_addr(d["remote_rtcp"]),
         recv_key=_key_in(d["recv_key"]), send_key=_key_in(d["send_key"]), sends=bool(d["sends"]),
-        accept=bool(d.get("accept", True)),
+        accept=bool(d.get("accept", True)), codec=_codec_in(d.get("codec")),
     )  # fmt: skip
 
 
