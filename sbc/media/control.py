@@ -30,6 +30,11 @@ class SrtpKey:
     key_salt: bytes
 
 
+# The codecs the workers transcode between (issue 8), by their a=rtpmap encoding names
+# upper-cased (RFC 3551 6; RFC 7587 for OPUS): sbc/media/codecs.py implements each.
+TRANSCODABLE = frozenset({"PCMU", "PCMA", "G722", "OPUS"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodecSpec:
     """The codec a party sends and wants to receive on a transcoded stream (issue 8), as
