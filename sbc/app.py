@@ -204,21 +204,23 @@ def _client_tls(cfg: TlsConfig) -> TlsFiles:
 
 
 def media_policy(config: Config, workers: int) -> MediaPolicy:
-    """The relay's addresses and SRTP policy per side (issue 5 item 4)."""
+    """The relay's addresses, SRTP policy and codecs per side (issue 5 item 4, issue 8)."""
     m = config.media
     access = m.access_address or m.address
     core = m.core_address or m.address
     return MediaPolicy(
         sides={
             "access": SideMedia(bind=access, advertise=m.advertise_address or access,
-                                srtp=m.access_srtp),
-            "core": SideMedia(bind=core, advertise=core, srtp=m.core_srtp),
-            "peer": SideMedia(bind=core, advertise=core, srtp=m.peer_srtp),
+                                srtp=m.access_srtp, codecs=m.access_codecs),
+            "core": SideMedia(bind=core, advertise=core, srtp=m.core_srtp, codecs=m.core_codecs),
+            "peer": SideMedia(bind=core, advertise=core, srtp=m.peer_srtp,
+                              codecs=m.peer_codecs or m.core_codecs),
         },
         ports=m.ports,
         workers=workers,
         suites=m.srtp_suites,
         srtp_passthrough=m.srtp_passthrough,
+        max_transcoded_calls=m.max_transcoded_calls,
     )  # fmt: skip
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from sbc import __version__
+from sbc.media.codec_policy import DEFAULT_CODECS
+from sbc.media.control import TRANSCODABLE
 from sbc.media.srtp import SUPPORTED_SUITES
 from sbc.sip.uri import SipUri, parse_uri
 
@@ -278,6 +280,24 @@ def code_ranges(raw: object, ctx: _Ctx) -> tuple[str, ...]:
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
             raise Invalid(f'must be a list of codes like ["200-299", "404"], got {_show(raw)}')
         out.append(item)
+    return tuple(out)
+
+
+def codec_list(raw: object, ctx: _Ctx) -> tuple[str, ...]:
+    """Transcodable codec names in order of preference (issue 8), upper-cased."""
+    names = ", ".join(f'"{n}"' for n in DEFAULT_CODECS)
+    if not isinstance(raw, list) or not raw:
+        raise Invalid(f"must be a list of codec names like [{names}], got {_show(raw)}")
+    out: list[str] = []
+    for item in raw:
+        name = item.strip().upper() if isinstance(item, str) else ""
+        if name == "TELEPHONE-EVENT":
+            raise Invalid("telephone-event is not listed: it always passes (RFC 4733)")
+        if name not in TRANSCODABLE:
+            raise Invalid(f"{_show(item)} is not a codec the SBC transcodes; choose from {names}")
+        if name in out:
+            raise Invalid(f"codec {_show(item)} is listed twice")
+        out.append(name)
     return tuple(out)
 
 
@@ -609,6 +629,13 @@ class MediaConfig:
     # true: an SDES offer's keys go end to end and the relay passes SRTP unchanged (the
     # parties protect their media from each other, the SBC only relays; issue 5 item 5).
     srtp_passthrough: bool = False
+    # Transcoding (issue 8): the transcodable codecs each side may be offered, in order;
+    # peers get core_codecs unless peer_codecs is set. Other codecs pass as offered.
+    access_codecs: tuple[str, ...] = field(default=DEFAULT_CODECS, metadata=rule(codec_list))
+    core_codecs: tuple[str, ...] = field(default=DEFAULT_CODECS, metadata=rule(codec_list))
+    peer_codecs: tuple[str, ...] | None = field(default=None, metadata=rule(codec_list))
+    # Calls with a transcoded stream at once; 0: no transcoding at all.
+    max_transcoded_calls: int = field(default=100, metadata=rule(integer(min=0)))
 
     def check(self) -> Iterator[tuple[str, str]]:
         if not self.srtp_suites:

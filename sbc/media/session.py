@@ -26,7 +26,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sbc.media.control import Command, Delete, Party, SrtpKey, Stream, Update
+from sbc.media import codec_policy
+from sbc.media.codec_policy import DEFAULT_CODECS, Offered
+from sbc.media.control import CodecSpec, Command, Delete, Party, SrtpKey, Stream, Update
 from sbc.media.srtp import SUPPORTED_SUITES
 from sbc.sdp.sdes import Crypto
 from sbc.sdp.sdp import Media, Origin, SdpError, Session
@@ -57,6 +59,9 @@ class SideMedia:
     bind: str  # local address of the relay ports on this side
     advertise: str  # the address written into SDP c= and o= towards this side
     srtp: str = "off"  # mandatory | optional | off (issue 5 item 4)
+    # Transcodable codecs this side may be offered, in order of preference (issue 8 item 1;
+    # names of control.TRANSCODABLE). Other codecs pass as offered.
+    codecs: tuple[str, ...] = DEFAULT_CODECS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +73,8 @@ class MediaPolicy:
     suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
     # SDES offers keep their keys end to end: SRTP is relayed unchanged (addresses only).
     srtp_passthrough: bool = False
+    # Calls with a transcoded stream at once (issue 8 item 4); 0: no transcoding at all.
+    max_transcoded_calls: int = 100
 
 
 class PortPool:
@@ -125,13 +132,14 @@ class _Party:
     offered: dict[int, Crypto] = field(default_factory=dict)  # our offer's crypto by tag
     proto: str = "RTP/AVP"  # the transport protocol of the party's last offer
     awaiting: bool = False  # offered SRTP, not answered yet: its packets are dropped
+    codec: CodecSpec | None = None  # this leg's codec while the stream is transcoded
 
     def spec(self, bind: str) -> Party:
         assert self.port is not None
         return Party(
             bind=bind, port=self.port, rtcp_mux=self.rtcp_mux, remote=self.remote,
             remote_rtcp=self.remote_rtcp, recv_key=self.recv_key, send_key=self.send_key,
-            sends=self.sends, accept=not self.awaiting,
+            sends=self.sends, accept=not self.awaiting, codec=self.codec,
         )  # fmt: skip
 
 
@@ -142,6 +150,7 @@ class _Stream:
     b: _Party
     passthrough: bool = False
     active: bool = True  # false: rejected (port 0), no ports
+    offered: Offered | None = None  # the last offer's codecs, for its answer (issue 8)
 
     def clone(self) -> _Stream:
         """A copy to restore if the offer is refused (cheaper than copy.deepcopy)."""
@@ -167,6 +176,9 @@ class MediaSession:
         self.sides = (a_side, b_side)
         self.streams: list[_Stream] = []
         self.saved: list[_Stream] | None = None  # state before the pending offer
+        # Holds one of [media] max_transcoded_calls: a stream is transcoded, or the pending
+        # offer added codecs an answerer may pick (issue 8 item 4).
+        self.transcoding = False
         self.origins = {
             "a": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
             "b": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
@@ -200,6 +212,7 @@ class MediaController:
         self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
         self._sink = sink
         self.sessions: dict[str, MediaSession] = {}
+        self.transcoded_calls = 0  # sessions holding a transcoding slot (issue 8 item 4)
 
     def state_size(self) -> dict[str, int]:
         """For leak checks: all zero when no call is up."""
@@ -265,6 +278,7 @@ class MediaController:
             sdp = None
         out = self._rewrite_answer(session, sdp, src, dst)
         session.saved = None
+        self._hold_slot(session, self._transcodes(session))
         self._update(session)
         return out
 
@@ -281,6 +295,7 @@ class MediaController:
                     self.pool.give(session.worker, party.port)
         session.streams = session.saved
         session.saved = None
+        self._hold_slot(session, self._transcodes(session))
         if any(s.active for s in session.streams):
             self._update(session)
         else:
@@ -292,6 +307,7 @@ class MediaController:
         session = self.sessions.pop(call, None)
         if session is None:
             return False
+        self._hold_slot(session, False)
         for stream in session.streams:
             for party in (stream.a, stream.b):
                 if party.port is not None:
@@ -325,6 +341,9 @@ class MediaController:
                 or any(m.has(n) for n in END_TO_END_KEYING)
                 or (self.policy.srtp_passthrough and m.has("crypto"))
             )
+            stream.offered = None
+            if not stream.passthrough and _transcodable_media(m):
+                self._offer_codecs(session, stream, m, src, dst_side)
             self._learn(sdp, m, me)
             me.rtcp_mux = m.has("rtcp-mux")
             me.proto = m.proto
@@ -408,6 +427,67 @@ class MediaController:
         me.offered = {chosen.tag: ours}
         me.send_key = SrtpKey(suite=ours.suite, key_salt=ours.key_salt)
 
+    def _offer_codecs(
+        self, session: MediaSession, stream: _Stream, m: Media, src: str, side: SideMedia
+    ) -> None:
+        """Issue 8 items 1 and 4: the offer's codecs filtered by the answerer's side list,
+        and that side's codecs added when none of them is left and the SBC can transcode
+        from one of the offerer's (RFC 3264 5.1, 6.1); the transcoding cap decides whether
+        it may."""
+        formats = codec_policy.formats_of(m)
+        if formats is None:
+            return
+        other: _Party = stream.b if src == "a" else stream.a
+        add = codec_policy.to_add(formats, side.codecs, other.codec)
+        cap = self.policy.max_transcoded_calls
+        if add and not session.transcoding and self.transcoded_calls >= cap:
+            # Over the cap the SBC adds nothing; an offer that only transcoding could meet
+            # is refused (488, RFC 3261 21.4.26) rather than degrading every call.
+            if not any(
+                not f.auxiliary and (not f.transcodable or f.name in side.codecs) for f in formats
+            ):
+                raise MediaRefused("Transcoding Capacity Reached" if cap else "No Common Codec")
+            add = []
+        added = codec_policy.rewrite_offer(m, formats, side.codecs, add, other.codec)
+        if added:
+            self._hold_slot(session, True)
+        stream.offered = Offered(
+            offerer=src, formats=tuple(formats), ptime=codec_policy.ptime_of(m), added=added
+        )
+
+    def _answer_codecs(
+        self, stream: _Stream, m: Media, me: _Party, other: _Party, dst: str, dst_side: str
+    ) -> None:
+        """Issue 8 item 1, RFC 3264 6.1: the answerer's codec is the first of its m-line. One
+        the offerer offered: the payload passes untouched (no codec on either party). One
+        the SBC added: the stream is transcoded between it and the offerer's best codec,
+        and the offerer is answered with its own codec."""
+        offered = stream.offered
+        formats = codec_policy.formats_of(m)
+        chosen = next((f for f in formats or () if not f.auxiliary), None)
+        ours = None
+        if offered is not None and offered.offerer == dst and chosen is not None:
+            ours = next((f for f in offered.added if f.name == chosen.name), None)
+        if (
+            ours is None or chosen is None or offered is None or stream.passthrough
+            or offered.has(chosen.name) or not _transcodable_media(m)
+        ):  # fmt: skip
+            me.codec = other.codec = None
+            return
+        if not chosen.clock:  # no a=rtpmap (RFC 4566 6 wants one): what the SBC offered
+            chosen = dataclasses.replace(chosen, clock=ours.clock, channels=ours.channels)
+        keep = other.codec.name if other.codec is not None else None
+        codec = codec_policy.best(offered.formats, self.policy.sides[dst_side].codecs, keep)
+        assert codec is not None  # the SBC adds codecs only for an offerer it transcodes
+        # RFC 4733: events on both legs if both have them (the relay maps PTs and clocks).
+        answered_dtmf = codec_policy.dtmf_for(formats or (), chosen.clock)
+        offered_dtmf = codec_policy.dtmf_for(offered.formats, codec.clock)
+        if answered_dtmf is None or offered_dtmf is None:
+            answered_dtmf = offered_dtmf = None
+        me.codec = codec_policy.spec(chosen, answered_dtmf, codec_policy.ptime_of(m))
+        other.codec = codec_policy.spec(codec, offered_dtmf, offered.ptime)
+        codec_policy.rewrite_answer(m, codec, offered_dtmf, offered.ptime)
+
     # -- answers ----------------------------------------------------------------------------
     def _rewrite_answer(
         self, session: MediaSession, sdp: Session | None, src: str, dst: str
@@ -427,6 +507,7 @@ class MediaController:
                 continue
             me: _Party = getattr(stream, src)
             other: _Party = getattr(stream, dst)
+            self._answer_codecs(stream, m, me, other, dst, sides[dst])
             self._learn(sdp, m, me)
             me.rtcp_mux = m.has("rtcp-mux")
             conn = sdp.media_connection(m)
@@ -498,6 +579,16 @@ class MediaController:
                     party.remote_rtcp = (addr, int(parts[0]))
         party.sends = direction in ("sendrecv", "sendonly") and m.port != 0
 
+    @staticmethod
+    def _transcodes(session: MediaSession) -> bool:
+        return any(s.active and s.a.codec is not None for s in session.streams)
+
+    def _hold_slot(self, session: MediaSession, hold: bool) -> None:
+        """Take or give back the session's place under max_transcoded_calls."""
+        if hold != session.transcoding:
+            session.transcoding = hold
+            self.transcoded_calls += 1 if hold else -1
+
     def _ports(self, session: MediaSession, stream: _Stream) -> None:
         for party in (stream.a, stream.b):
             if party.port is None:
@@ -508,7 +599,9 @@ class MediaController:
             if party.port is not None:
                 self.pool.give(session.worker, party.port)
                 party.port = None
+            party.codec = None
         stream.active = False
+        stream.offered = None
 
     def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
         """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE."""
@@ -556,6 +649,12 @@ def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
     elif held != _is_null(sdp.connection[1]):
         # This m-line's hold state differs from the session-level address: its own c=.
         m.connection = (family, "0.0.0.0" if held else address)
+
+
+def _transcodable_media(m: Media) -> bool:
+    """Audio over RTP: what the codec policy applies to (issue 8); video, T.38 and the
+    like pass as offered."""
+    return m.kind.lower() == "audio" and m.proto.upper() in RTP_PROTOS
 
 
 def _strip(m: Media) -> None:
