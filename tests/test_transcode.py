@@ -127,6 +127,18 @@ def test_g711_reference_codes() -> None:
     assert codecs.linear_to_alaw(-32768) == 0x2A
 
 
+def test_g711_direct_tables() -> None:
+    for src, dst, dec, enc in (
+        ("PCMU", "PCMA", codecs.ulaw_to_linear, codecs.linear_to_alaw),
+        ("PCMA", "PCMU", codecs.alaw_to_linear, codecs.linear_to_ulaw),
+    ):
+        direct = codecs.g711_direct(src, dst)
+        assert direct is not None
+        assert direct.decoder.decode(bytes(range(256))) == bytes(enc(dec(c)) for c in range(256))
+        assert direct.silence == bytes([enc(0)])
+    assert codecs.g711_direct("PCMA", "G722") is None
+
+
 def test_registry_covers_transcodable() -> None:
     assert set(codecs.CODECS) == TRANSCODABLE
     assert (codecs.CODECS["G722"].rate, codecs.CODECS["G722"].clock) == (16000, 8000)
@@ -314,6 +326,7 @@ def test_long_gap_with_reframing_keeps_input_timing() -> None:
     # frame 0 (0-240), the partial frame padded (240-480), then framing restarts at the
     # input's own timestamp 800 (5 * 160).
     assert [p[3] - got[0][3] for p in got] == [0, 240, 800, 1040]
+    assert got[1][5][80:] == b"\xd5" * 160  # A-law silence pads the frame (G.711 table 1)
 
 
 def test_silence_period_and_marker() -> None:

@@ -152,6 +152,44 @@ class G711Encoder:
         return [(out, len(out))]
 
 
+class G711Translate:
+    """PCMU <-> PCMA without linear PCM in between: each code mapped through a 256-entry
+    table (the decoder) and passed on as it is (the encoder); "samples" are dst's codes."""
+
+    def __init__(self, table: bytes) -> None:
+        self.rate = 8000
+        self._table = table
+
+    def decode(self, payload: bytes) -> bytes:
+        return payload.translate(self._table)
+
+    def encode(self, pcm: bytes) -> list[tuple[bytes, int]]:
+        return [(pcm, len(pcm))]
+
+
+@dataclass(frozen=True, slots=True)
+class G711Direct:
+    decoder: Decoder
+    encoder: Encoder
+    silence: bytes  # dst's code for a zero sample
+
+
+# Code to code through the linear value (decoded, then encoded by the tables above).
+ULAW_TO_ALAW = bytes(linear_to_alaw(ulaw_to_linear(c)) for c in range(256))
+ALAW_TO_ULAW = bytes(linear_to_ulaw(alaw_to_linear(c)) for c in range(256))
+
+
+def g711_direct(src: str, dst: str) -> G711Direct | None:
+    """The table path between PCMU and PCMA (one ``bytes.translate`` a packet), else None."""
+    if (src, dst) == ("PCMU", "PCMA"):
+        t = G711Translate(ULAW_TO_ALAW)
+        return G711Direct(t, t, bytes([linear_to_alaw(0)]))
+    if (src, dst) == ("PCMA", "PCMU"):
+        t = G711Translate(ALAW_TO_ULAW)
+        return G711Direct(t, t, bytes([linear_to_ulaw(0)]))
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # PyAV (FFmpeg) codecs: G.722 and Opus
 # ---------------------------------------------------------------------------------------

@@ -76,15 +76,25 @@ class Transcoder:
         self.ssrc = secrets.randbits(32) if ssrc is None else ssrc & _TS_MASK
         self._seq = secrets.randbits(16)
         self._ts0 = secrets.randbits(32)
-        self._decoder = codecs.CODECS[src.name].new_decoder(src)
-        rate = codecs.work_rate(src, dst)
         self._ptime = codecs.packet_ms(dst)
-        self._encoder = codecs.CODECS[dst.name].new_encoder(dst, rate, self._ptime)
+        rate = codecs.work_rate(src, dst)
+        direct = codecs.g711_direct(src.name, dst.name)
+        # The samples in flight: 16-bit PCM, or between PCMU and PCMA dst's G.711 codes
+        # straight from a 256-entry table (one octet a sample; silence is its code for 0).
+        self._decoder: codecs.Decoder
+        self._encoder: codecs.Encoder
+        if direct is not None:
+            self._decoder, self._encoder = direct.decoder, direct.encoder
+            self._width, self._silence = 1, direct.silence
+        else:
+            self._decoder = codecs.CODECS[src.name].new_decoder(src)
+            self._encoder = codecs.CODECS[dst.name].new_encoder(dst, rate, self._ptime)
+            self._width, self._silence = 2, b"\0\0"
         self._resampler = (
             codecs.Resampler(self._decoder.rate, rate) if self._decoder.rate != rate else None
         )
         self._rate = rate
-        self._frame_bytes = 2 * rate * self._ptime // 1000
+        self._frame_bytes = self._width * rate * self._ptime // 1000
         # Output timeline, in dst.clock ticks from _ts0 (unbounded): where the first sample
         # of ``_buf`` (PCM at ``rate`` not yet sent) goes.
         self._anchor = 0
@@ -180,7 +190,7 @@ class Transcoder:
         the input fed with the end of the buffered output."""
         if self._src_end is None:
             self._src_end = u
-        end = self._anchor + self._out_ticks(len(self._buf) // 2)
+        end = self._anchor + self._out_ticks(len(self._buf) // self._width)
         return end + (u - self._src_end) * self.dst.clock // self.src.clock
 
     # -- audio -----------------------------------------------------------------------------
@@ -202,29 +212,29 @@ class Transcoder:
         diff = u - self._src_end  # input ticks between the end of the last input and this
         if diff < 0:  # overlaps audio already taken: keep only what is new
             skip = -diff * src_rate // self.src.clock
-            if 2 * skip >= len(pcm):
+            if self._width * skip >= len(pcm):
                 self.late += 1
                 return []
-            pcm = pcm[2 * skip :]
+            pcm = pcm[self._width * skip :]
             u = self._src_end
         elif diff > 0 or marker:
             gap = diff * self.dst.clock // self.src.clock  # output ticks
             gap_samples = gap * self._rate // self.dst.clock
-            filled = len(self._buf) // 2
-            room = self._frame_bytes // 2 - filled if filled else 0
+            filled = len(self._buf) // self._width
+            room = self._frame_bytes // self._width - filled if filled else 0
             if not marker and gap_samples <= room:
                 # A short gap inside the frame being filled: silence keeps the timing.
-                self._buf += bytes(2 * gap_samples)
+                self._buf += self._silence * gap_samples
             else:
                 end = self._anchor + self._out_ticks(filled)
                 if filled:  # complete the frame before the gap with silence and send it
-                    self._buf += bytes(2 * room)
+                    self._buf += self._silence * room
                     out += self._emit()
                 # Framing restarts after the gap (RFC 3550 5.1: the timestamp jumps by it).
                 self._anchor = max(self._anchor, end + gap)
         if marker:  # RFC 3551 4.1: the first packet of a talkspurt
             self._marker = True
-        self._src_end = u + (len(pcm) // 2) * self.src.clock // src_rate
+        self._src_end = u + (len(pcm) // self._width) * self.src.clock // src_rate
         if self._resampler is not None:
             pcm = self._resampler.resample(pcm)
         self._buf += pcm
@@ -242,7 +252,7 @@ class Transcoder:
                 payloads = self._encoder.encode(frame)
             except codecs.CodecError:
                 self.failed += 1
-                self._anchor += self._out_ticks(size // 2)
+                self._anchor += self._out_ticks(size // self._width)
                 continue
             for payload, samples in payloads:
                 out.append(self._packet(self.dst.pt, self._anchor, payload))
@@ -280,10 +290,10 @@ class Transcoder:
         if self._event is None or self._event[0] != u:
             # A new event: audio held back for framing goes first (with silence to a whole
             # frame), so output timestamps keep the order of sequence numbers.
-            filled = len(self._buf) // 2
+            filled = len(self._buf) // self._width
             if filled:
-                room = self._frame_bytes // 2 - filled
-                self._buf += bytes(2 * room)
+                room = self._frame_bytes // self._width - filled
+                self._buf += self._silence * room
                 assert self._src_end is not None
                 self._src_end += room * self.src.clock // self._rate
                 out += self._emit()
