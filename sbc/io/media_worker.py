@@ -57,11 +57,12 @@ class _Datagrams(Protocol):
 class _Port(asyncio.DatagramProtocol):
     """One relay port: every datagram goes through the engine (the per-packet hot path)."""
 
-    __slots__ = ("_clock", "_out", "_receive", "port")
+    __slots__ = ("_clock", "_out", "_pending", "_receive", "port")
 
     def __init__(self, worker: _Worker, port: int) -> None:
         self.port = port
         self._receive = worker.engine.receive
+        self._pending = worker.engine.pending  # more packets of one (transcoding, issue 8)
         self._out = worker.transports
         self._clock = time.monotonic
 
@@ -71,6 +72,12 @@ class _Port(asyncio.DatagramProtocol):
             transport = self._out.get(out[0])
             if transport is not None:
                 transport.sendto(out[1], out[2])
+            if self._pending:
+                for port, packet, dest in self._pending:
+                    transport = self._out.get(port)
+                    if transport is not None:
+                        transport.sendto(packet, dest)
+                self._pending.clear()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a party that stopped listening: nothing to do.
@@ -142,8 +149,14 @@ class _Worker:
     async def _timeouts(self) -> None:
         while True:
             await asyncio.sleep(self.check_every)
-            for event in self.engine.check_timeouts(time.monotonic()):
+            now = time.monotonic()
+            for event in self.engine.check_timeouts(now):
                 self._send(event)
+            # The relay's own RTCP on transcoded streams (RFC 3550 6.4.1, 7.2).
+            for port, packet, dest in self.engine.reports(now, time.time()):
+                transport = self.transports.get(port)
+                if transport is not None:
+                    transport.sendto(packet, dest)
 
     async def _totals(self) -> None:
         """The engine's counters for the metrics: at once, then every ``totals_every`` s."""

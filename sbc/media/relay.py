@@ -41,6 +41,17 @@ packet of each SSRC (RFC 3551 6); dynamic payload types count as 8000 Hz. ``tota
 the counters of the engine's whole life for the metrics: those of parties gone (kept when
 a session or a stream ends) plus the live ones, so it costs nothing per packet.
 
+Transcoding (issue 8). A stream whose parties carry a ``codec`` (their legs share none)
+sends what X sends through a ``Transcoder`` (sbc/media/transcode.py) from X's codec to Y's:
+decoded, resampled, re-framed to Y's packet time and encoded, as the SBC's own RTP source
+towards Y (its SSRC, sequence and timestamps; RFC 4733 telephone-events mapped to Y's
+payload type). A translator that changes the payload terminates RTCP (RFC 3550 7.2): what
+X's RTCP says is of no use to Y, so it is counted and dropped, and the relay sends each
+party a sender report (with SDES CNAME, RFC 3550 6.4.1, 6.5.1) of what it sent that party,
+every ``RTCP_INTERVAL`` seconds (``reports``). One packet in may give several out (re-framing
+to a shorter packet time): the first is returned, the rest wait in ``pending`` for the
+caller to send at once.
+
 Timeouts (issue 5 item 6): every accepted packet of a session, and every Update, refreshes
 its last-activity time; a session in which some party ``sends`` and that saw nothing for
 ``timeout`` seconds is reported once (again only after another Update). A session whose
@@ -50,6 +61,7 @@ parties are all on hold (none ``sends``) never times out.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +69,7 @@ from typing import Protocol
 from sbc.media import control
 from sbc.media.control import Address
 from sbc.media.srtp import SrtpError, SrtpReceiver, SrtpSender
+from sbc.media.transcode import Transcoder
 
 log = logging.getLogger("sbc.media.relay")
 
@@ -65,6 +78,8 @@ Handler = Callable[[bytes, Address, float], Out | None]
 LocalPort = tuple[str, int]  # (bind address, port)
 
 MAX_DROPOUT = 3000  # RFC 3550 A.1: a larger sequence jump is a restart
+RTCP_INTERVAL = 5.0  # seconds between the relay's own sender reports (RFC 3550 6.2 minimum)
+NTP_EPOCH = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 3550 4
 SEEN_SSRCS = 64  # how many past SSRCs of a party are remembered for the SSRC-change rule
 
 # RFC 3551 6 table 4 and 5: clock rates of the static payload types that are not 8000 Hz.
@@ -104,6 +119,17 @@ class _Unusable:
         raise SrtpError("no usable SRTP key")
 
     protect_rtcp = protect
+
+
+class _Mute:
+    """Stands for a transcoder that could not be made: nothing passes (never the other
+    codec's payload under a wrong payload type)."""
+
+    def push(self, packet: bytes, now: float) -> list[bytes]:
+        return []
+
+    def sender_info(self) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0)
 
 
 class _Latch:
@@ -151,11 +177,11 @@ class _Leg:
     """One party of a stream: its ports, latches, SRTP contexts and statistics."""
 
     __slots__ = (
-        "base_seq", "bind", "bytes_in", "bytes_out", "clock", "cycles", "dropped_source",
-        "engine", "jitter", "last_arrival", "last_ts", "local", "lost_before", "max_seq",
-        "packets_in", "packets_out", "party", "passthrough", "peer", "port", "received",
-        "receiver", "rtcp", "rtcp_port", "rtp", "sender", "session", "srtp_failures", "ssrc",
-        "strict",
+        "base_seq", "bind", "bytes_in", "bytes_out", "clock", "codecs", "cycles",
+        "dropped_source", "engine", "jitter", "last_arrival", "last_ts", "local", "lost_before",
+        "max_seq", "next_report", "packets_in", "packets_out", "party", "passthrough", "peer",
+        "port", "received", "receiver", "rtcp", "rtcp_port", "rtp", "sender", "session",
+        "srtp_failures", "ssrc", "strict", "transcoder",
     )  # fmt: skip
 
     def __init__(self, session: _Session, local: set[LocalPort], engine: RelayEngine) -> None:
@@ -173,6 +199,11 @@ class _Leg:
         self.rtcp = _Latch()
         self.receiver: SrtpReceiver | None = None
         self.sender: _Sender | None = None
+        # Transcoding (issue 8): from this party's codec to the peer's, and when the relay
+        # next sends this party a sender report of what it sent it.
+        self.transcoder: Transcoder | _Mute | None = None
+        self.codecs: tuple[control.CodecSpec, control.CodecSpec] | None = None
+        self.next_report = 0.0
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self.dropped_source = self.srtp_failures = 0
         # RFC 3550 A.1 / A.3 / A.8 receiver state of the current SSRC
@@ -315,6 +346,8 @@ class _Leg:
         if dest is None:
             self.engine.no_destination += 1
             return None
+        if self.transcoder is not None:
+            return self._transcode(data, peer, dest, now)
         sender = peer.sender
         if sender is not None:
             try:
@@ -325,6 +358,85 @@ class _Leg:
         peer.packets_out += 1
         peer.bytes_out += len(data)
         return (peer.port, data, dest)
+
+    def _transcode(self, data: bytes, peer: _Leg, dest: Address, now: float) -> Out | None:
+        """The packets the transcoder makes of ``data`` for the peer: the first returned,
+        the others queued in the engine's ``pending``."""
+        assert self.transcoder is not None
+        first: Out | None = None
+        sender = peer.sender
+        for packet in self.transcoder.push(data, now):
+            if sender is not None:
+                try:
+                    packet = sender.protect(packet)
+                except SrtpError:
+                    self.engine.protect_failures += 1
+                    continue
+            peer.packets_out += 1
+            peer.bytes_out += len(packet)
+            out = (peer.port, packet, dest)
+            if first is None:
+                first = out
+            else:
+                self.engine.pending.append(out)
+        return first
+
+    def report(self, now: float, wall: float) -> Out | None:
+        """RFC 3550 6.4.1: the relay's sender report to this party of what it sent it (a
+        transcoded stream: its RTCP is the relay's own), with SDES CNAME (6.5.1) in one
+        compound packet (6.1); None when not due or nowhere to send."""
+        source = self.peer.transcoder  # what the relay sends this party
+        if source is None or now < self.next_report:
+            return None
+        self.next_report = now + RTCP_INTERVAL
+        dest = self.rtcp.dest
+        if dest is None:
+            return None
+        ssrc, packets, octets, rtp_ts = source.sender_info()
+        if not packets:
+            return None
+        ntp = wall + NTP_EPOCH
+        seconds = int(ntp)
+        fraction = int((ntp - seconds) * (1 << 32)) & 0xFFFFFFFF
+        sr = struct.pack(
+            "!BBHIIIIII", 0x80, 200, 6, ssrc, seconds & 0xFFFFFFFF, fraction,
+            rtp_ts & 0xFFFFFFFF, packets & 0xFFFFFFFF, octets & 0xFFFFFFFF,
+        )  # fmt: skip
+        cname = b"sbc@" + self.bind.encode()
+        item = bytes((1, len(cname))) + cname + b"\x00"  # CNAME, then the list's end
+        item += b"\x00" * (-len(item) % 4)
+        sdes = struct.pack("!BBHI", 0x81, 202, (4 + len(item)) // 4, ssrc) + item
+        packet = sr + sdes
+        if self.sender is not None:
+            try:
+                packet = self.sender.protect_rtcp(packet)
+            except SrtpError:
+                self.engine.protect_failures += 1
+                return None
+        self.packets_out += 1
+        self.bytes_out += len(packet)
+        return (self.rtcp_port, packet, dest)
+
+    def set_transcoder(self) -> None:
+        """After an Update: a transcoder from this party's codec to the peer's when both
+        have one (kept while neither codec changes: its SSRC and sequence go on)."""
+        mine = self.party.codec if self.party is not None else None
+        theirs = self.peer.party.codec if self.peer.party is not None else None
+        if mine is None or theirs is None or self.passthrough:
+            self.transcoder = None
+            self.codecs = None
+            return
+        if self.transcoder is not None and self.codecs == (mine, theirs):
+            return
+        self.codecs = (mine, theirs)
+        try:
+            self.transcoder = Transcoder(mine, theirs)
+        except Exception as exc:  # a codec the SDP side should not have chosen: never crash
+            log.error(
+                "session %s port %d: cannot transcode %s to %s: %s",
+                self.session.name, self.port, mine.name, theirs.name, exc,
+            )  # fmt: skip
+            self.transcoder = _Mute()
 
     def on_rtcp(self, data: bytes, src: Address, now: float) -> Out | None:
         size = len(data)
@@ -350,6 +462,8 @@ class _Leg:
         self.packets_in += 1
         self.bytes_in += size
         self.session.last = now
+        if self.transcoder is not None:
+            return None  # RFC 3550 7.2: a translator that re-encodes terminates RTCP
         peer = self.peer
         dest = peer.rtcp.dest
         if dest is None:
@@ -445,6 +559,9 @@ class RelayEngine:
         self.no_destination = 0  # the other party has no address yet (or is on hold)
         self.invalid = 0  # not RTP/RTCP on a non-passthrough stream
         self.protect_failures = 0  # SRTP protect refused (a duplicate, RFC 3711 9.1)
+        # Packets made by a transcoder beyond the one ``receive`` returned (re-framing to a
+        # shorter packet time): the caller sends them right after, and clears the list.
+        self.pending: list[Out] = []
         # the party counters (_LEG_COUNTERS) of legs gone, for totals()
         self._retired = [0] * len(_LEG_COUNTERS)
 
@@ -529,6 +646,9 @@ class RelayEngine:
                         )  # fmt: skip
                         continue
                     wanted[port] = (party.bind, handler)
+        for legs in streams.values():
+            for leg in legs:
+                leg.set_transcoder()
         for index, legs in session.streams.items():
             if streams.get(index) is not legs:
                 self._retire(legs)  # a stream the Update closed: its counts stay in totals()
@@ -561,6 +681,20 @@ class RelayEngine:
         )
 
     # -- timers -------------------------------------------------------------------------
+    def reports(self, now: float, wall: float) -> list[Out]:
+        """The relay's own RTCP sender reports due now on transcoded streams (``wall``:
+        the time of day, for the NTP timestamp). O(streams); the worker calls it about
+        once a second."""
+        out: list[Out] = []
+        for session in self._sessions.values():
+            for legs in session.streams.values():
+                for leg in legs:
+                    if leg.peer.transcoder is not None:
+                        report = leg.report(now, wall)
+                        if report is not None:
+                            out.append(report)
+        return out
+
     def check_timeouts(self, now: float) -> list[control.Timeout]:
         """Sessions idle for ``timeout`` seconds, each reported once."""
         out: list[control.Timeout] = []
