@@ -54,18 +54,18 @@ from . import media_check as mc
 from . import netns
 from .conftest import sbc_command
 from .netns import Namespace, NsRegistrar
-from .test_baresip import CTRL_FAILED
-from .test_media import (
+from .phones import (
     NOISE_RATIO,
     TONE_RATIO,
     CallSdps,
     Flow,
     MediaPhone,
-    _srtp_suite,
-    _talk,
     assert_recording,
     flow,
 )
+from .phones import srtp_suite as _srtp_suite
+from .phones import talk as _talk
+from .test_baresip import CTRL_FAILED
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -33,415 +33,56 @@ sent and received are read from it (the SBC does not log message bodies).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
-import json
-import re
-import socket
-import subprocess
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from . import media_check as mc
 from . import netns
-from .conftest import TCP, Certs, PortPool, RegistrarFactory, SbcFactory, require
-from .netns import Namespace
-from .test_baresip import CTRL_FAILED, MODULES, Baresip, BaresipError, _backends, _header
+from .conftest import Certs, RegistrarFactory, SbcFactory, require
+from .phones import (  # noqa: F401 - captures, linphones, phones and sox are fixtures
+    ALICE_HZ,
+    BOB_HZ,
+    CALL_TIMEOUT,
+    DOMAIN,
+    HOST,
+    MEDIA_SECONDS,
+    MIN_PACKETS,
+    NOISE_RATIO,
+    TONE_RATIO,
+    CallSdps,
+    Flow,
+    Linphone,
+    MediaPhone,
+    PhoneFactory,
+    Sdp,
+    account,
+    assert_heard,
+    assert_recording,
+    body,
+    captures,
+    flow,
+    linphones,
+    media_range,
+    media_records,
+    phones,
+    sox,
+    srtp_suite,
+    start_capture,
+    talk,
+)
+from .test_baresip import _backends
 from .test_nat import NatLabFactory, nat_lab  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.interop
 
-HOST = "127.0.0.1"
-DOMAIN = "example.com"
-ALICE_HZ = 1000.0
-BOB_HZ = 1500.0
-TONE_SECONDS = 30  # longer than any call: the test hangs up, not the end of the file
-MEDIA_SECONDS = 3.0  # how long each call lasts once both phones say it is established
-MIN_HEARD = 2.0  # seconds of audio each recording must hold at least
-CALL_TIMEOUT = 10.0
-LIFETIME = 45  # baresip -t: it quits by itself after this whatever the test does
-CAPTURE_SECONDS = 30  # tshark -a duration
-MIN_PACKETS = 50  # per direction of each leg in MEDIA_SECONDS (50 packets/s at ptime 20)
-TONE_RATIO = 0.9  # band-pass energy over total: the tone is about 1.0
-NOISE_RATIO = 0.3  # SRTP read as PCMU is noise: about 0.05 in a 200 Hz band
-RTP_PORTS = "61000-64999"  # the phones' RTP ports: above the ephemeral ports and every relay range
 NAT_MEDIA_PORTS = (20000, 20199)  # the SBC in its own namespace: no other SBC there
 NAT_UDP_TIMEOUT = 30  # seconds an idle UDP mapping lives in the NAT: longer than a test
-
-
-# -- the phones -------------------------------------------------------------------------------
-@dataclass
-class MediaPhone(Baresip):
-    """A baresip that plays a tone and records what it hears, maybe inside a namespace."""
-
-    name: str = ""
-    recdir: Path | None = None
-    ns: Namespace | None = None
-
-    def connect(self, timeout: float = 5.0) -> None:
-        if self.ns is None:
-            super().connect(timeout)
-            return
-        # ctrl_tcp listens on 127.0.0.1 inside the namespace: the socket must be made there.
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BaresipError(f"baresip exited with {self.proc.returncode}\n{self.explain()}")
-            sock = self.ns.new_socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.settimeout(0.5)
-            try:
-                sock.connect(("127.0.0.1", self.ctrl_port))
-                self.sock = sock
-                return
-            except OSError as exc:
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise BaresipError(
-                        f"ctrl_tcp not up in {self.ns.name} within {timeout} s: {exc}"
-                    ) from exc
-                time.sleep(0.05)
-
-    def recording(self) -> Path:
-        """The one recording of what this phone decoded in its call."""
-        assert self.recdir is not None
-        files = sorted(self.recdir.glob("*-dec.wav"))
-        assert len(files) == 1, f"{self.name}: recordings {files}\n{self.explain()}"
-        return files[0]
-
-    def sent(self, start: str, method: str) -> str:
-        """The first message with an SDP body starting with ``start`` whose CSeq method is
-        ``method`` in this phone's SIP trace (whole, with its trace line first)."""
-        for message in self.trace(start):
-            if _header(message, "CSeq").split()[-1] == method and _body(message).strip():
-                return message
-        raise AssertionError(f"{self.name}: no {start!r} ({method}) with SDP\n{self.explain()}")
-
-
-def _phone_config(
-    ctrl_port: int, address: str, tone: Path, recdir: Path, cafile: Path | None
-) -> str:
-    """A phone with no sound card: ``aufile`` plays ``tone`` into the call, ``sndfile``
-    writes what is decoded from it (and what is encoded) into ``recdir``; G.711 only."""
-    return f"""\
-poll_method		epoll
-sip_listen		{address}:0
-{f"sip_cafile		{cafile}" if cafile else ""}
-net_interface		{address}
-call_max_calls		1
-rtp_ports		{RTP_PORTS}
-audio_player		aufile,/dev/null
-audio_source		aufile,{tone}
-audio_alert		aufile,/dev/null
-module_path		{MODULES}
-module			g711.so
-module			srtp.so
-module			aufile.so
-module			sndfile.so
-snd_path		{recdir}
-module_tmp		uuid.so
-module_tmp		account.so
-module_app		menu.so
-module_app		ctrl_tcp.so
-ctrl_tcp_listen		127.0.0.1:{ctrl_port}
-"""
-
-
-PhoneFactory = Callable[..., MediaPhone]
-
-
-@pytest.fixture
-def sox() -> str:
-    return require("sox")
-
-
-@pytest.fixture
-def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
-    """``phones(name, hz=..., address="127.0.0.1", ns=None, cafile=None)`` starts a baresip
-    playing a tone of ``hz`` (made here with sox), connected to its control socket, inside
-    namespace ``ns`` if given. Each is stopped by its PID at teardown (``ip netns exec``
-    execs baresip: the PID is baresip's)."""
-    binary = require("baresip")
-    started: list[MediaPhone] = []
-
-    def start(
-        name: str,
-        *,
-        hz: float,
-        address: str = "127.0.0.1",
-        ns: Namespace | None = None,
-        cafile: Path | None = None,
-    ) -> MediaPhone:
-        confdir = tmp_path / f"phone-{name}"
-        recdir = confdir / "rec"
-        recdir.mkdir(parents=True)
-        tone = mc.make_tone(sox, confdir / f"tone-{hz:g}.wav", hz, TONE_SECONDS)
-        for attempt in range(3):
-            if ns is None:
-                pool = PortPool()
-                ctrl_port = pool.port("127.0.0.1", TCP)
-                pool.release()  # baresip binds it now
-            else:
-                ctrl_port = 4444 + attempt  # the namespace is this test's own
-            (confdir / "config").write_text(_phone_config(ctrl_port, address, tone, recdir, cafile))
-            (confdir / "accounts").write_text("")
-            log_path = confdir / f"baresip-{attempt}.log"
-            argv = [binary, "-f", str(confdir), "-t", str(LIFETIME), "-s"]
-            with log_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    ns.argv(*argv) if ns is not None else argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                )
-            phone = MediaPhone(
-                proc=proc,
-                confdir=confdir,
-                log_path=log_path,
-                ctrl_port=ctrl_port,
-                name=name,
-                recdir=recdir,
-                ns=ns,
-            )
-            started.append(phone)
-            try:
-                phone.wait_ready()
-                phone.connect()
-                return phone
-            except BaresipError as exc:
-                phone.stop()
-                if CTRL_FAILED not in phone.log() or attempt == 2:
-                    pytest.fail(str(exc))
-        raise AssertionError("unreachable")
-
-    try:
-        yield start
-    finally:
-        problems = []
-        for phone in started:
-            problem = phone.stop()
-            print(f"--- baresip {phone.name} ({phone.log_path}) ---\n{phone.explain()}")
-            if problem:
-                problems.append(f"{phone.name}: {problem}")
-        assert not problems, "\n".join(problems)
-
-
-def _account(
-    user: str, proxy: str, transport: str, *, srtp: bool = False, answer: bool = False
-) -> str:
-    """An account registering through the SBC at ``proxy`` (host:port) over ``transport``."""
-    param = f";transport={transport}" if transport != "udp" else ""
-    options = f';outbound="sip:{proxy}{param}";regint=600'
-    options += ";mediaenc=srtp-mand" if srtp else ""
-    options += ";answermode=auto" if answer else ""
-    return f"<sip:{user}@{DOMAIN}{param}>{options}"
-
-
-def _talk(alice: MediaPhone, bob: MediaPhone, seconds: float = MEDIA_SECONDS) -> float:
-    """alice calls bob (who answers by himself), they talk ``seconds``, alice hangs up;
-    how long the call took to be established."""
-    start = time.monotonic()
-    alice.command("dial", f"sip:bob@{DOMAIN}")
-    alice.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
-    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
-    setup = time.monotonic() - start
-    time.sleep(seconds)
-    alice.command("hangup")
-    alice.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
-    bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
-    return setup
-
-
-def _srtp_suite(phone: MediaPhone) -> str:
-    """The suite baresip says its leg uses (CALL_MENC: ``0,audio,SUITE``)."""
-    events = [e for e in phone.events if e.get("type") == "CALL_MENC"]
-    assert events, f"{phone.name}: no SRTP on its leg\n{phone.explain()}"
-    return str(events[-1]["param"]).split(",")[-1]
-
-
-def assert_heard(sox: str, phone: MediaPhone, hz: float) -> dict[str, float]:
-    """``phone`` recorded at least MIN_HEARD s of audio, and it is the tone ``hz``."""
-    return assert_recording(sox, phone.name, phone.recording(), hz, phone.explain)
-
-
-def assert_recording(
-    sox: str, name: str, recording: Path, hz: float, explain: Callable[[], str]
-) -> dict[str, float]:
-    assert recording.exists(), f"{name} recorded nothing\n{explain()}"
-    rate, _, seconds = mc.wav_info(recording)
-    assert seconds >= MIN_HEARD, f"{name} heard {seconds} s of audio\n{explain()}"
-    ratio = mc.band_energy_ratio(sox, recording, hz)
-    frequency = mc.dominant_frequency(mc.read_wav(recording), rate)
-    heard = {"seconds": seconds, "ratio": ratio, "frequency": frequency}
-    print(f"{name} heard: {heard}")
-    assert abs(frequency - hz) <= 10, f"{name} heard {heard}, not {hz} Hz"
-    assert ratio >= TONE_RATIO, f"{name} heard {heard}, not {hz} Hz"
-    return heard
-
-
-# -- SDP ----------------------------------------------------------------------------------------
-def _body(message: str) -> str:
-    parts = message.split("\n\n", 1)
-    return parts[1] if len(parts) == 2 else ""
-
-
-@dataclass(frozen=True)
-class Sdp:
-    address: str
-    port: int
-    proto: str
-    payload_types: tuple[int, ...]
-    cryptos: dict[int, tuple[str, bytes]]  # tag -> (suite, master key || salt)
-
-    @classmethod
-    def of(cls, message: str) -> Sdp:
-        body = _body(message)
-        conn = re.search(r"^c=IN IP[46] (\S+)", body, re.M)
-        media = re.search(r"^m=audio (\d+) (\S+) ([\d ]+)$", body, re.M)
-        assert conn and media, f"no audio in\n{body}"
-        cryptos = {
-            int(tag): (suite, base64.b64decode(key))
-            for tag, suite, key in re.findall(
-                r"^a=crypto:(\d+) (\S+) inline:([A-Za-z0-9+/=]+)", body, re.M
-            )
-        }
-        return cls(
-            address=conn[1],
-            port=int(media[1]),
-            proto=media[2],
-            payload_types=tuple(int(pt) for pt in media[3].split()),
-            cryptos=cryptos,
-        )
-
-    @property
-    def rtp(self) -> tuple[str, int]:
-        return (self.address, self.port)
-
-    def key(self, tag: int | None = None) -> tuple[str, bytes]:
-        """The one crypto line of an answer, or the offer's line with ``tag``."""
-        if tag is None:
-            assert len(self.cryptos) == 1, self.cryptos
-            return next(iter(self.cryptos.values()))
-        return self.cryptos[tag]
-
-
-@dataclass(frozen=True)
-class CallSdps:
-    """The four SDPs of a call alice -> bob, as the phones saw them."""
-
-    alice_offer: Sdp  # what alice sent
-    alice_answer: Sdp  # what alice received (from the SBC)
-    bob_offer: Sdp  # what bob received (from the SBC)
-    bob_answer: Sdp  # what bob sent
-
-    @classmethod
-    def of(cls, alice: MediaPhone, bob: MediaPhone) -> CallSdps:
-        return cls(
-            alice_offer=Sdp.of(alice.sent("INVITE sip:", "INVITE")),
-            alice_answer=Sdp.of(alice.sent("SIP/2.0 200", "INVITE")),
-            bob_offer=Sdp.of(bob.sent("INVITE sip:", "INVITE")),
-            bob_answer=Sdp.of(bob.sent("SIP/2.0 200", "INVITE")),
-        )
-
-    def chosen_tag(self, answer: Sdp) -> int:
-        (tag,) = answer.cryptos
-        return tag
-
-
-def media_range(sbc_config: Path) -> tuple[int, int]:
-    low, high = tomllib.loads(sbc_config.read_text())["media"]["ports"].split("-")
-    return int(low), int(high)
-
-
-# -- the wire -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Flow:
-    """The RTP packets of one direction of one leg, as captured."""
-
-    name: str
-    packets: list[mc.Rtp]
-    sources: set[tuple[str, int]]
-
-    def listen(self, tmp_path: Path, sox: str, hz: float, *, key: tuple[str, bytes] | None = None,
-               ) -> float:  # fmt: skip
-        """The payloads (decrypted with ``key`` if given) read as G.711 of the negotiated
-        payload type: the energy ratio of the tone ``hz``; 0.0 if nothing decrypts."""
-        packets = [p.raw for p in self.packets]
-        if key is not None:
-            packets = mc.srtp_unprotect(packets, key[0], key[1])
-        rtp = [r for r in map(mc.parse_rtp, packets) if r is not None]
-        if not rtp:
-            return 0.0
-        table = mc.G711.get(rtp[0].payload_type, mc.ULAW)
-        samples = mc.g711_decode((r.payload for r in rtp), table)
-        name = re.sub(r"\W+", "-", self.name)
-        wav = mc.write_wav(tmp_path / f"{name}{'-decrypted' if key else ''}.wav", samples)
-        return mc.band_energy_ratio(sox, wav, hz)
-
-
-def flow(datagrams: list[mc.Datagram], name: str, dst: tuple[str, int]) -> Flow:
-    """The RTP datagrams sent to ``dst`` (RTCP and non-RTP left out)."""
-    packets, sources = [], set()
-    for d in datagrams:
-        if d.dst == dst:
-            rtp = mc.parse_rtp(d.payload)
-            if rtp is not None:
-                packets.append(rtp)
-                sources.add(d.src)
-    return Flow(name, packets, sources)
-
-
-def start_capture(
-    tshark: str, tmp_path: Path, name: str, bpf: str, probe_to: tuple[str, int]
-) -> mc.Capture:
-    """tshark on ``lo``, returned once a probe datagram to ``probe_to`` (which ``bpf``
-    must match; nothing listens there yet) is in its file."""
-    capture = mc.Capture(tshark, "lo", bpf, tmp_path / f"{name}.pcap", duration=CAPTURE_SECONDS)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        capture.start(probe=lambda: sock.sendto(b"capture-probe", probe_to))
-    return capture
-
-
-@pytest.fixture
-def captures() -> Iterator[list[mc.Capture]]:
-    """Captures a test started: each is stopped by its PID at teardown, whatever happened."""
-    started: list[mc.Capture] = []
-    yield started
-    for capture in started:
-        capture.stop()
-
-
-# -- call records ---------------------------------------------------------------------------
-def media_records(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The ``count`` call records, waited for; each must carry the relay's statistics with
-    packets in and out for both parties of every stream (issue 5 item 7). The SBC writes a
-    record without them if they do not arrive within 2 s of the call's end: that is a bug."""
-    deadline = time.monotonic() + timeout
-    lines: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if len(lines) >= count:
-            break
-        time.sleep(0.1)
-    assert len(lines) == count, lines
-    for record in lines:
-        assert record["status"] == 200, record
-        media = record["media"]
-        assert media, f"call record without media statistics: {record}"
-        assert [s["index"] for s in media] == [0], record
-        for party in ("caller", "callee"):
-            stats = media[0][party]
-            assert stats["packets_in"] > 0 and stats["packets_out"] > 0, (party, record)
-            assert stats["bytes_in"] > 0 and stats["bytes_out"] > 0, (party, record)
-    print("call records:", json.dumps(lines, indent=1))
-    return lines
 
 
 # =========================================================================================
@@ -479,8 +120,8 @@ class SrtpCall:
 
 def srtp_access_call(
     sbc_factory: SbcFactory,
-    phones: PhoneFactory,
-    captures: list[mc.Capture],
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    captures: list[mc.Capture],  # noqa: F811 - the fixture imported above
     certs: Certs,
     tmp_path: Path,
 ) -> SrtpCall:
@@ -495,14 +136,14 @@ def srtp_access_call(
     proxy = f"127.0.0.1:{sbc.tls4}"
     alice = phones("alice", hz=ALICE_HZ, cafile=certs.ca)
     bob = phones("bob", hz=BOB_HZ, cafile=certs.ca)
-    bob.command("uanew", _account("bob", proxy, "tls", srtp=True, answer=True))
+    bob.command("uanew", account("bob", proxy, "tls", srtp=True, answer=True))
     bob.wait_event("REGISTER_OK")
-    alice.command("uanew", _account("alice", proxy, "tls", srtp=True))
+    alice.command("uanew", account("alice", proxy, "tls", srtp=True))
     alice.wait_event("REGISTER_OK")
 
     capture = start_capture(tshark, tmp_path, "lo", f"udp portrange {low}-{high}", (HOST, low))
     captures.append(capture)
-    setup = _talk(alice, bob)
+    setup = talk(alice, bob)
     assert capture.stop() == 0, capture.explain()
     print(f"call set up in {setup:.2f} s")
     sdps = CallSdps.of(alice, bob)
@@ -522,10 +163,10 @@ def srtp_access_call(
 
 def test_srtp_call_between_two_access_legs(
     sbc_factory: SbcFactory,
-    phones: PhoneFactory,
-    captures: list[mc.Capture],
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    captures: list[mc.Capture],  # noqa: F811 - the fixture imported above
     certs: Certs,
-    sox: str,
+    sox: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
     call = srtp_access_call(sbc_factory, phones, captures, certs, tmp_path)
@@ -544,7 +185,7 @@ def test_srtp_call_between_two_access_legs(
     }, "bob was offered one of alice's keys"
 
     # Each phone heard the other's tone: the relay decrypted and re-encrypted both ways.
-    assert _srtp_suite(call.alice) and _srtp_suite(call.bob)
+    assert srtp_suite(call.alice) and srtp_suite(call.bob)
     assert_heard(sox, call.bob, ALICE_HZ)
     assert_heard(sox, call.alice, BOB_HZ)
 
@@ -575,8 +216,8 @@ def test_srtp_call_between_two_access_legs(
 
 def test_relay_sends_only_what_it_decrypted(
     sbc_factory: SbcFactory,
-    phones: PhoneFactory,
-    captures: list[mc.Capture],
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    captures: list[mc.Capture],  # noqa: F811 - the fixture imported above
     certs: Certs,
     tmp_path: Path,
 ) -> None:
@@ -606,10 +247,10 @@ def test_relay_sends_only_what_it_decrypted(
 def test_srtp_access_plain_core(
     kamailio_registrars: RegistrarFactory,
     sbc_factory: SbcFactory,
-    phones: PhoneFactory,
-    captures: list[mc.Capture],
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    captures: list[mc.Capture],  # noqa: F811 - the fixture imported above
     certs: Certs,
-    sox: str,
+    sox: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
     """alice -(TLS, SRTP)-> SBC -(UDP, RTP)-> Kamailio -> SBC -(TLS, SRTP)-> bob: two calls in
@@ -625,15 +266,15 @@ def test_srtp_access_plain_core(
     proxy = f"127.0.0.1:{sbc.tls4}"
     alice = phones("alice", hz=ALICE_HZ, cafile=certs.ca)
     bob = phones("bob", hz=BOB_HZ, cafile=certs.ca)
-    bob.command("uanew", _account("bob", proxy, "tls", srtp=True, answer=True))
+    bob.command("uanew", account("bob", proxy, "tls", srtp=True, answer=True))
     bob.wait_event("REGISTER_OK")
-    alice.command("uanew", _account("alice", proxy, "tls", srtp=True))
+    alice.command("uanew", account("alice", proxy, "tls", srtp=True))
     alice.wait_event("REGISTER_OK")
 
     bpf = f"udp and (portrange {low}-{high} or port {registrar.port})"
     capture = start_capture(tshark, tmp_path, "lo", bpf, (HOST, low))
     captures.append(capture)
-    setup = _talk(alice, bob)
+    setup = talk(alice, bob)
     assert capture.stop() == 0, capture.explain()
     print(f"call set up in {setup:.2f} s (through Kamailio)")
 
@@ -702,138 +343,15 @@ def _first_sdp(messages: list[str], start: str) -> Sdp:
 # =========================================================================================
 # 3. linphone calls baresip
 # =========================================================================================
-@dataclass
-class Linphone:
-    """linphonec driven through its standard input (``soundcard use files``, ``play``,
-    ``record``, ``call``, ``terminate``, ``quit``); its output and log are files."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    out_path: Path
-    log_path: Path
-    recording: Path
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def explain(self) -> str:
-        states = "\n".join(re.findall(r"^.*moving from state.*$", self.log(), re.M))
-        return f"--- linphonec output ---\n{self.output()[-3000:]}\n--- states ---\n{states}"
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def wait_for(self, pattern: str, timeout: float = CALL_TIMEOUT) -> re.Match[str]:
-        """Until ``pattern`` is in its log (-d 6: every state change) or output."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log()) or re.search(pattern, self.output())
-            if match:
-                return match
-            if self.proc.poll() is not None or time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name}: no /{pattern}/\n{self.explain()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 5.0) -> str | None:
-        """``quit`` (it un-registers), wait; SIGKILL by PID if it stays."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.send("quit")
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-                return f"linphonec {self.name} not gone {timeout} s after quit; killed"
-        return None
-
-
-def _linphone_config(proxy: str, user: str, ca: Path) -> str:
-    """TLS only (random local port), SRTP mandatory (SDES), the server certificate checked
-    against ``ca`` and its name (the proxy is named ``localhost``: linphone does not match
-    IP addresses in a certificate)."""
-    return f"""\
-[sip]
-sip_port=0
-sip_tcp_port=0
-sip_tls_port=-1
-default_proxy=0
-root_ca={ca}
-verify_server_certs=1
-verify_server_cn=1
-media_encryption=srtp
-media_encryption_mandatory=1
-[rtp]
-audio_rtp_port={RTP_PORTS}
-[sound]
-echocancellation=0
-[misc]
-enable_call_history=0
-[proxy_0]
-reg_proxy=<sip:{proxy};transport=tls>
-reg_route=<sip:{proxy};transport=tls;lr>
-reg_identity=sip:{user}@{DOMAIN}
-reg_expires=600
-reg_sendregister=1
-"""
-
-
-@pytest.fixture
-def linphones(tmp_path: Path, sox: str) -> Iterator[Callable[..., Linphone]]:
-    """``linphones(name, hz=, proxy="localhost:PORT", ca=)`` starts a linphonec registering
-    through ``proxy`` over TLS, playing a tone of ``hz`` into its calls and recording what
-    it hears. Each is stopped at teardown (quit, else SIGKILL by PID)."""
-    binary = require("linphonec")
-    started: list[Linphone] = []
-
-    def start(name: str, *, hz: float, proxy: str, ca: Path) -> Linphone:
-        home = tmp_path / f"linphone-{name}"
-        (home / ".local" / "share" / "linphone").mkdir(parents=True)
-        rc = home / "linphonerc"
-        rc.write_text(_linphone_config(proxy, name, ca))
-        tone = mc.make_tone(sox, home / f"tone-{hz:g}.wav", hz, TONE_SECONDS)
-        recording = home / "heard.wav"
-        out_path, log_path = home / "linphonec.out", home / "linphonec.log"
-        with out_path.open("w") as out:
-            proc = subprocess.Popen(
-                [binary, "-c", str(rc), "-d", "6", "-l", str(log_path)],
-                stdin=subprocess.PIPE,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
-            )
-        phone = Linphone(name, proc, out_path, log_path, recording)
-        started.append(phone)
-        phone.send("soundcard use files")
-        phone.send(f"play {tone}")
-        phone.send(f"record {recording}")
-        return phone
-
-    try:
-        yield start
-    finally:
-        problems = []
-        for phone in started:
-            problem = phone.stop()
-            print(f"--- linphonec {phone.name} ---\n{phone.explain()}")
-            if problem:
-                problems.append(problem)
-        assert not problems, "\n".join(problems)
 
 
 def test_linphone_calls_baresip(
     sbc_factory: SbcFactory,
-    phones: PhoneFactory,
-    linphones: Callable[..., Linphone],
-    captures: list[mc.Capture],
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    linphones: Callable[..., Linphone],  # noqa: F811 - the fixture imported above
+    captures: list[mc.Capture],  # noqa: F811 - the fixture imported above
     certs: Certs,
-    sox: str,
+    sox: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
     """carol (linphonec 5.1, TLS by the name localhost, SRTP mandatory) calls bob (baresip,
@@ -846,7 +364,7 @@ def test_linphone_calls_baresip(
     )
     low, high = media_range(sbc.config)
     bob = phones("bob", hz=BOB_HZ, cafile=certs.ca)
-    bob.command("uanew", _account("bob", f"{HOST}:{sbc.tls4}", "tls", srtp=True, answer=True))
+    bob.command("uanew", account("bob", f"{HOST}:{sbc.tls4}", "tls", srtp=True, answer=True))
     bob.wait_event("REGISTER_OK")
     carol = linphones("carol", hz=ALICE_HZ, proxy=f"localhost:{sbc.tls4}", ca=certs.ca)
     carol.wait_for(r"to \[LinphoneRegistrationOk\]")
@@ -865,7 +383,7 @@ def test_linphone_calls_baresip(
     bob_offer = Sdp.of(bob.sent("INVITE sip:", "INVITE"))
     assert bob_offer.proto == "RTP/SAVP" and bob_offer.cryptos, bob_offer
     assert bob_offer.address == HOST and low <= bob_offer.port <= high, bob_offer
-    assert _srtp_suite(bob)
+    assert srtp_suite(bob)
     (record,) = media_records(records, 1)
 
     # carol's leg: she sends from where the relay latched; both directions are SRTP.
@@ -957,7 +475,11 @@ def nat_sbc(
     ],
     indirect=True,
 )
-def test_call_from_behind_nat(nat_sbc: NatSbc, phones: PhoneFactory, sox: str) -> None:
+def test_call_from_behind_nat(
+    nat_sbc: NatSbc,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+) -> None:
     """alice (192.168.77.2, in lan) behind the NAT (203.0.113.1) calls bob, who is beside
     the SBC (in core, 203.0.113.2). alice's SDP names her private address, which nothing in
     core can reach; the relay sends to where her packets come from (the NAT's mapping), so
@@ -967,12 +489,12 @@ def test_call_from_behind_nat(nat_sbc: NatSbc, phones: PhoneFactory, sox: str) -
     proxy = f"{netns.CORE_ADDRESS}:{netns.ACCESS_PORT}"
     alice = phones("alice", hz=ALICE_HZ, address=netns.LAN_CLIENT, ns=topology.lan)
     bob = phones("bob", hz=BOB_HZ, address=netns.CORE_ADDRESS, ns=topology.core)
-    bob.command("uanew", _account("bob", proxy, "udp", answer=True))
+    bob.command("uanew", account("bob", proxy, "udp", answer=True))
     bob.wait_event("REGISTER_OK")
-    alice.command("uanew", _account("alice", proxy, "udp"))
+    alice.command("uanew", account("alice", proxy, "udp"))
     alice.wait_event("REGISTER_OK")
 
-    setup = _talk(alice, bob)
+    setup = talk(alice, bob)
     print(f"call set up in {setup:.2f} s (backend: {nat_sbc.backend})")
 
     sdps = CallSdps.of(alice, bob)
@@ -981,7 +503,7 @@ def test_call_from_behind_nat(nat_sbc: NatSbc, phones: PhoneFactory, sox: str) -
     for sdp in (sdps.alice_answer, sdps.bob_offer):
         assert sdp.address == netns.CORE_ADDRESS and low <= sdp.port <= high, sdp
     bob_invite = bob.sent("INVITE sip:", "INVITE")
-    assert netns.LAN_CLIENT not in _body(bob_invite), bob_invite  # not in o= either
+    assert netns.LAN_CLIENT not in body(bob_invite), bob_invite  # not in o= either
 
     assert_heard(sox, bob, ALICE_HZ)
     assert_heard(sox, alice, BOB_HZ)
