@@ -212,6 +212,28 @@ def test_reoffer_keeps_ports_and_keys_bumps_the_version_and_a_refused_one_change
     assert h.ctl.state_size()["media_ports"] == 2
 
 
+def test_a_reoffer_keeps_the_sbcs_keys_towards_an_srtp_answerer() -> None:
+    """RFC 4568 7.1.4: hold and resume re-offer the keys in use; a phone that keeps its
+    own key (baresip 1.0 does) goes on decrypting what the relay sends it, and the leg is
+    never muted while the re-offer is pending (found by tests/interop/test_matrix.py)."""
+    h = Harness(policy(access="optional", core="mandatory"))
+    first = h.offer(PLAIN_OFFER)
+    offered = {Crypto.parse(v).tag: Crypto.parse(v) for v in first.media[0].attributes("crypto")}
+    answer = PLAIN_ANSWER.replace(b"RTP/AVP", b"RTP/SAVP").replace(
+        b"a=sendrecv", f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{KEY1}\r\na=sendrecv".encode()
+    )
+    h.answer(answer)
+    before = h.last_update().streams[0].b
+    hold = h.offer(PLAIN_OFFER.replace(b"a=sendrecv", b"a=sendonly"))
+    again = {Crypto.parse(v).tag: Crypto.parse(v) for v in hold.media[0].attributes("crypto")}
+    assert again[1] == offered[1]  # the answered tag: the same suite and key
+    pending = h.last_update().streams[0].b
+    assert pending.send_key == before.send_key and pending.recv_key == before.recv_key
+    assert pending.accept is True  # its packets keep flowing while the re-offer is pending
+    h.answer(answer.replace(b"a=sendrecv", b"a=recvonly"))
+    assert h.last_update().streams[0].b.send_key == before.send_key
+
+
 def test_rejected_and_added_streams_and_early_answer_changes() -> None:
     h = Harness()
     offer = PLAIN_OFFER + b"m=video 0 RTP/AVP 96\r\nm=application 9 TCP/BFCP *\r\n"

@@ -357,8 +357,13 @@ class MediaController:
             held = conn is not None and _is_null(conn[1])
             _strip(m)
             if not stream.passthrough and m.proto in RTP_PROTOS:
+                # A re-offer on an SRTP leg keeps the SBC's keys (RFC 4568 7.1.4: the
+                # session goes on with the same crypto when nothing changed), and the
+                # leg stays usable until the answer: a phone that keeps its own key (as
+                # baresip does) must still decrypt what the relay sends after a hold.
+                previous = other.offered
+                established = other.send_key is not None and other.recv_key is not None
                 other.offered = {}
-                other.send_key = None
                 other.awaiting = False
                 m.remove("crypto")
                 # mandatory: RTP/SAVP; optional: what the offerer used (SRTP, best-effort
@@ -366,14 +371,19 @@ class MediaController:
                 mirror = dst_side.srtp == "optional" and me.recv_key is not None
                 if dst_side.srtp == "off" or not (dst_side.srtp == "mandatory" or mirror):
                     m.proto = _avp(m.proto)
+                    other.send_key = None
                 else:
                     secure = dst_side.srtp == "mandatory" or "SAVP" in me.proto
                     m.proto = _savp(m.proto) if secure else _avp(m.proto)
                     for tag, suite in enumerate(self.policy.suites, start=1):
-                        crypto = Crypto.generate(tag, suite)
+                        old = previous.get(tag)
+                        same = old is not None and old.suite.upper() == suite.upper()
+                        crypto = old if same and old is not None else Crypto.generate(tag, suite)
                         other.offered[tag] = crypto
                         m.add("crypto", str(crypto))
-                    other.awaiting = True
+                    if not established:
+                        other.send_key = None
+                        other.awaiting = True
             stream.active = True
             usable += 1
             m.port = other.port

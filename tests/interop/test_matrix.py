@@ -95,20 +95,13 @@ class UndecryptableAfterReinvite(AssertionError):
 
 
 MAX_DECRYPT_ERRORS = 2  # RTP packets a phone may fail to decrypt in a whole call
-REKEY = (
-    "SBC bug: every re-INVITE offer the SBC sends bob carries fresh SDES keys (new "
-    "a=crypto:1 and :2 inline keys on each hold and resume) although the caller's key did "
-    "not change, and from then on the relay encrypts towards bob with the new key; baresip "
-    "1.0 keeps its first key and logs 'srtp: failed to decrypt RTP packet with 182 bytes "
-    "(Unknown error 217)' for every packet after the hold: bob no longer hears the caller. "
-    "RFC 4568 6.1 lets an offerer repeat a stream's key; keeping the leg's key on re-offers "
-    "when nothing changed would fix it"
-)
+# An SBC that re-keyed its leg on every re-INVITE made bob (baresip 1.0, which keeps its
+# first key) fail to decrypt everything after a hold: these cases caught it, and the
+# SBC now keeps a leg's keys on re-offers (RFC 4568 7.1.4; sbc/media/session.py).
 
 
 def _param(case: Case) -> Any:
-    marks = [pytest.mark.xfail(strict=True, raises=UndecryptableAfterReinvite, reason=REKEY)]
-    return pytest.param(case, id=case.id, marks=marks if case.srtp else [])
+    return pytest.param(case, id=case.id)
 
 
 CASES = [
@@ -471,8 +464,8 @@ def test_call_hold_resume_hangup(
     print(f"{case.id}: {summary}")
     assert to_caller <= HELD_SHARE * holding.expected, summary
 
-    # Last, as it fails in the SRTP cases (see REKEY): each phone decrypted what the SBC
-    # sent it, the re-INVITEs included (bob is baresip; a baresip or linphonec caller).
+    # Last: each phone decrypted what the SBC sent it, the re-INVITEs included (bob is
+    # baresip; a baresip or linphonec caller).
     errors = {"bob": rtp_decrypt_errors(bob), caller.name: caller.srtp_errors()}
     counts = {name: len(lines) for name, lines in errors.items()}
     if any(count > MAX_DECRYPT_ERRORS for count in counts.values()):
