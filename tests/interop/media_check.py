@@ -34,10 +34,19 @@ SOX_TIMEOUT = 30.0
 
 
 # -- sound files ---------------------------------------------------------------------------
-def make_tone(sox: str, path: Path, hz: float, seconds: float, volume: float = 0.5) -> Path:
-    """A sine of ``hz`` for ``seconds``: 8 kHz, mono, 16-bit WAV (baresip's aufile plays it)."""
+def make_tone(
+    sox: str,
+    path: Path,
+    hz: float,
+    seconds: float,
+    volume: float = 0.5,
+    rate: int = RATE,
+    channels: int = 1,
+) -> Path:
+    """A sine of ``hz`` for ``seconds``: 16-bit WAV, mono at 8 kHz unless told (baresip's
+    aufile plays it, and wants the sample rate and channels of the call's codec)."""
     proc = subprocess.run(
-        [sox, "-n", "-r", str(RATE), "-c", "1", "-b", "16", str(path),
+        [sox, "-n", "-r", str(rate), "-c", str(channels), "-b", "16", str(path),
          "synth", f"{seconds:g}", "sine", f"{hz:g}", "vol", f"{volume:g}"],
         capture_output=True, text=True, timeout=SOX_TIMEOUT,
     )  # fmt: skip
@@ -91,13 +100,17 @@ def sox_rms(sox: str, path: Path, *effects: str) -> float:
 
 def band_energy_ratio(sox: str, path: Path, hz: float, half_width: float = 100.0) -> float:
     """Energy within ``hz`` +- ``half_width`` (sox ``sinc`` band-pass) over the total energy:
-    close to 1 when the sound is that tone, a few percent for white noise."""
+    close to 1 when the sound is that tone, a few percent for white noise. A wideband or
+    stereo recording (G.722 at 16 kHz, Opus at 48 kHz) is measured on its first channel in
+    the telephone band, at 8 kHz: a 200 Hz wide sinc at 48 kHz needs a far longer filter
+    than sox's default and would attenuate the tone itself."""
     if wav_info(path)[2] == 0.0:
         return 0.0  # sox prints no statistics for an empty file
-    total = sox_rms(sox, path)
+    narrow = ("remix", "1", "rate", str(RATE))
+    total = sox_rms(sox, path, *narrow)
     if total == 0.0:
         return 0.0
-    band = sox_rms(sox, path, "sinc", f"{hz - half_width:g}-{hz + half_width:g}")
+    band = sox_rms(sox, path, *narrow, "sinc", f"{hz - half_width:g}-{hz + half_width:g}")
     return (band / total) ** 2
 
 

@@ -104,11 +104,26 @@ class MediaPhone(Baresip):
         raise AssertionError(f"{self.name}: no {start!r} ({method}) with SDP\n{self.explain()}")
 
 
+# baresip's codec modules by the codec names a test restricts a phone to, and the sample
+# rate its aufile source must have for that codec (baresip 1.0 does not resample a file).
+CODEC_MODULES = {"pcmu": "g711.so", "pcma": "g711.so", "g722": "g722.so", "opus": "opus.so"}
+CODEC_RATES = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
+CODEC_CHANNELS = {"opus": 2}  # baresip's opus/48000/2 takes stereo from aufile
+
+
 def phone_config(
-    ctrl_port: int, address: str, tone: Path, recdir: Path, cafile: Path | None
+    ctrl_port: int,
+    address: str,
+    tone: Path,
+    recdir: Path,
+    cafile: Path | None,
+    codecs: tuple[str, ...] = (),
 ) -> str:
     """A phone with no sound card: ``aufile`` plays ``tone`` into the call, ``sndfile``
-    writes what is decoded from it (and what is encoded) into ``recdir``; G.711 only."""
+    writes what is decoded from it (and what is encoded) into ``recdir``; G.711 only, or
+    the codec modules of ``codecs`` (the account's ``audio_codecs`` then picks among them)."""
+    modules = sorted({CODEC_MODULES[c.lower()] for c in codecs}) if codecs else ["g711.so"]
+    codec_lines = "".join(f"module\t\t\t{m}\n" for m in modules)
     return f"""\
 poll_method		epoll
 sip_listen		{address}:0
@@ -120,8 +135,7 @@ audio_player		aufile,/dev/null
 audio_source		aufile,{tone}
 audio_alert		aufile,/dev/null
 module_path		{MODULES}
-module			g711.so
-module			srtp.so
+{codec_lines}module			srtp.so
 module			aufile.so
 module			sndfile.so
 snd_path		{recdir}
@@ -143,7 +157,7 @@ def sox() -> str:
 
 @pytest.fixture
 def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
-    """``phones(name, hz=..., address="127.0.0.1", ns=None, cafile=None)`` starts a baresip
+    """``phones(name, hz=..., address="127.0.0.1", ns=None, cafile=None, codecs=())`` starts a baresip
     playing a tone of ``hz`` (made here with sox), connected to its control socket, inside
     namespace ``ns`` if given. Each is stopped by its PID at teardown (``ip netns exec``
     execs baresip: the PID is baresip's)."""
@@ -157,11 +171,16 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
         address: str = "127.0.0.1",
         ns: Namespace | None = None,
         cafile: Path | None = None,
+        codecs: tuple[str, ...] = (),
     ) -> MediaPhone:
         confdir = tmp_path / f"phone-{name}"
         recdir = confdir / "rec"
         recdir.mkdir(parents=True)
-        tone = mc.make_tone(sox, confdir / f"tone-{hz:g}.wav", hz, TONE_SECONDS)
+        rate = max((CODEC_RATES[c.lower()] for c in codecs), default=mc.RATE)
+        channels = max((CODEC_CHANNELS.get(c.lower(), 1) for c in codecs), default=1)
+        tone = mc.make_tone(
+            sox, confdir / f"tone-{hz:g}.wav", hz, TONE_SECONDS, rate=rate, channels=channels
+        )
         for attempt in range(3):
             if ns is None:
                 pool = PortPool()
@@ -169,7 +188,9 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
                 pool.release()  # baresip binds it now
             else:
                 ctrl_port = 4444 + attempt  # the namespace is this test's own
-            (confdir / "config").write_text(phone_config(ctrl_port, address, tone, recdir, cafile))
+            (confdir / "config").write_text(
+                phone_config(ctrl_port, address, tone, recdir, cafile, codecs)
+            )
             (confdir / "accounts").write_text("")
             log_path = confdir / f"baresip-{attempt}.log"
             argv = [binary, "-f", str(confdir), "-t", str(LIFETIME), "-s"]

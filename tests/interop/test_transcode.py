@@ -1,0 +1,98 @@
+"""Transcoding through the real SBC (issue 8, "How it is shown"): alice is a baresip that
+can only do Opus (or G.722), the core takes only G.711 A-law (``[media] core_codecs =
+["PCMA"]``), bob is a baresip that can only do PCMA. alice -> SBC -> Kamailio -> SBC -> bob:
+the SBC offers the core PCMA, transcodes alice's leg between her codec and PCMA in the
+media worker, and bob's leg passes PCMA through. Each phone hears the other's tone with its
+frequency intact (their recordings, checked with sox), the SDPs each phone got name only its
+own codec, and the call records carry the relay's counts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from .conftest import RegistrarFactory, SbcFactory
+from .phones import (  # noqa: F401 - phones and sox are fixtures
+    ALICE_HZ,
+    BOB_HZ,
+    CallSdps,
+    MediaPhone,
+    PhoneFactory,
+    account,
+    assert_heard,
+    body,
+    media_records,
+    phones,
+    sox,
+    talk,
+)
+from .test_baresip import _backends
+
+pytestmark = pytest.mark.interop
+
+# alice's codec: (baresip module name, its a=rtpmap as baresip's account names it)
+CALLER_CODECS = {"opus": "opus/48000/2", "g722": "G722/8000/1"}
+STATIC = {0: "pcmu", 8: "pcma", 9: "g722"}  # RFC 3551 6
+
+
+def audio_codecs(phone: MediaPhone, start: str) -> list[str]:
+    """The audio codecs (lower-case encoding names, in m-line order, telephone-event left
+    out) of the SDP in the INVITE or 200 (``start``) of ``phone``'s trace."""
+    text = body(phone.sent(start, "INVITE"))
+    m = re.search(r"^m=audio \d+ \S+ ([\d ]+)$", text, re.M)
+    assert m, text
+    names = {
+        int(pt): name.lower() for pt, name in re.findall(r"^a=rtpmap:(\d+) ([^/]+)/", text, re.M)
+    }
+    codecs = [names.get(int(pt), STATIC.get(int(pt), pt)) for pt in m[1].split()]
+    return [c for c in codecs if c != "telephone-event"]
+
+
+@pytest.mark.parametrize("codec", sorted(CALLER_CODECS))
+def test_a_caller_without_g711_talks_to_a_pcma_only_core(
+    codec: str,
+    kamailio_registrars: RegistrarFactory,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    (registrar,) = kamailio_registrars(1)
+    records = tmp_path / "calls.jsonl"
+    sbc = sbc_factory(
+        media='core_codecs = ["PCMA"]',
+        extra=_backends(registrar.uri) + f'\n[calls]\nrecords = "{records}"\n',
+    )
+    proxy = f"127.0.0.1:{sbc.udp4}"
+    alice = phones("alice", hz=ALICE_HZ, codecs=(codec,))
+    bob = phones("bob", hz=BOB_HZ, codecs=("pcma",))
+    bob.command("uanew", account("bob", proxy, "udp", answer=True) + ";audio_codecs=PCMA/8000/1")
+    bob.wait_event("REGISTER_OK")
+    alice.command("uanew", account("alice", proxy, "udp") + f";audio_codecs={CALLER_CODECS[codec]}")
+    alice.wait_event("REGISTER_OK")
+
+    setup = talk(alice, bob)
+    print(f"{codec} -> PCMA call set up in {setup:.2f} s")
+
+    # The SDPs: alice offered only her codec and got an answer naming it; bob was offered
+    # and answered PCMA (payload type 8) only.
+    name = CALLER_CODECS[codec].split("/")[0].lower()
+    assert audio_codecs(alice, "INVITE sip:") == [name]
+    assert audio_codecs(alice, "SIP/2.0 200") == [name]
+    assert audio_codecs(bob, "INVITE sip:") == ["pcma"]
+    assert audio_codecs(bob, "SIP/2.0 200") == ["pcma"]
+    sdps = CallSdps.of(alice, bob)
+    assert sdps.alice_answer.address == sdps.bob_offer.address == "127.0.0.1"  # the relay
+
+    # Each heard the other's tone through the transcoder: frequency within 10 Hz.
+    assert_heard(sox, bob, ALICE_HZ)
+    assert_heard(sox, alice, BOB_HZ)
+
+    # The relay moved packets both ways on every leg of both calls.
+    for record in media_records(records, 2):
+        for stream in record["media"]:
+            for party in ("caller", "callee"):
+                assert stream[party]["packets_in"] > 50, record
+                assert stream[party]["packets_out"] > 50, record
