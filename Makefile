@@ -72,6 +72,7 @@ bench: venv peers
 	$(VENV)/bin/python bench/register.py --out docs/performance.md
 	$(VENV)/bin/python bench/calls.py --out docs/performance.md
 	command -v rtpengine >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) rtpengine; }; $(VENV)/bin/python bench/media.py --out docs/performance.md
+	$(VENV)/bin/python bench/transcode.py --out docs/performance.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
