@@ -4,7 +4,8 @@ can only do Opus (or G.722), the core takes only G.711 A-law (``[media] core_cod
 the SBC offers the core PCMA, transcodes alice's leg between her codec and PCMA in the
 media worker, and bob's leg passes PCMA through. Each phone hears the other's tone with its
 frequency intact (their recordings, checked with sox), the SDPs each phone got name only its
-own codec, and the call records carry the relay's counts."""
+own codec, and the call records carry the relay's counts. Once more with alice over TLS
+with SRTP mandatory: her leg is decrypted, transcoded and re-encrypted."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RegistrarFactory, SbcFactory
+from .conftest import Certs, RegistrarFactory, SbcFactory
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -26,6 +27,7 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     media_records,
     phones,
     sox,
+    srtp_suite,
     talk,
 )
 from .test_baresip import _backends
@@ -50,15 +52,22 @@ def audio_codecs(phone: MediaPhone, start: str) -> list[str]:
     return [c for c in codecs if c != "telephone-event"]
 
 
-@pytest.mark.parametrize("codec", sorted(CALLER_CODECS))
+@pytest.mark.parametrize(
+    ("codec", "secure"), [("g722", False), ("opus", False), ("opus", True)],
+    ids=["g722", "opus", "opus-tls-srtp"],
+)  # fmt: skip
 def test_a_caller_without_g711_talks_to_a_pcma_only_core(
     codec: str,
+    secure: bool,
     kamailio_registrars: RegistrarFactory,
     sbc_factory: SbcFactory,
     phones: PhoneFactory,  # noqa: F811 - the fixture imported above
     sox: str,  # noqa: F811 - the fixture imported above
+    certs: Certs,
     tmp_path: Path,
 ) -> None:
+    """``secure``: alice over TLS with SRTP mandatory; her leg is decrypted, transcoded and
+    re-encrypted, the core leg stays plain RTP."""
     (registrar,) = kamailio_registrars(1)
     records = tmp_path / "calls.jsonl"
     sbc = sbc_factory(
@@ -66,11 +75,16 @@ def test_a_caller_without_g711_talks_to_a_pcma_only_core(
         extra=_backends(registrar.uri) + f'\n[calls]\nrecords = "{records}"\n',
     )
     proxy = f"127.0.0.1:{sbc.udp4}"
-    alice = phones("alice", hz=ALICE_HZ, codecs=(codec,))
+    alice = phones("alice", hz=ALICE_HZ, codecs=(codec,), cafile=certs.ca)
     bob = phones("bob", hz=BOB_HZ, codecs=("pcma",))
     bob.command("uanew", account("bob", proxy, "udp", answer=True) + ";audio_codecs=PCMA/8000/1")
     bob.wait_event("REGISTER_OK")
-    alice.command("uanew", account("alice", proxy, "udp") + f";audio_codecs={CALLER_CODECS[codec]}")
+    alice_account = (
+        account("alice", f"127.0.0.1:{sbc.tls4}", "tls", srtp=True)
+        if secure
+        else account("alice", proxy, "udp")
+    )
+    alice.command("uanew", alice_account + f";audio_codecs={CALLER_CODECS[codec]}")
     alice.wait_event("REGISTER_OK")
 
     setup = talk(alice, bob)
@@ -85,6 +99,10 @@ def test_a_caller_without_g711_talks_to_a_pcma_only_core(
     assert audio_codecs(bob, "SIP/2.0 200") == ["pcma"]
     sdps = CallSdps.of(alice, bob)
     assert sdps.alice_answer.address == sdps.bob_offer.address == "127.0.0.1"  # the relay
+    assert sdps.alice_answer.proto == ("RTP/SAVP" if secure else "RTP/AVP")
+    assert sdps.bob_offer.proto == "RTP/AVP"
+    if secure:
+        assert srtp_suite(alice), "alice's call is not SRTP"
 
     # Each heard the other's tone through the transcoder: frequency within 10 Hz.
     assert_heard(sox, bob, ALICE_HZ)
