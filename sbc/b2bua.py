@@ -36,6 +36,8 @@ from typing import Protocol
 
 from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
+from sbc.media import dtmf
+from sbc.media.control import Dtmf
 from sbc.media.session import MediaRefused
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
@@ -94,6 +96,9 @@ class MediaSeam(Protocol):
 
     def release(self, call: str) -> bool: ...  # True: statistics will follow (media_stats)
 
+    # A DTMF digit from SIP INFO: True if the relay sends it as RFC 4733 events instead.
+    def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool: ...
+
 
 class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
@@ -108,6 +113,9 @@ class PassThroughMedia:
         return None
 
     def release(self, call: str) -> bool:
+        return False
+
+    def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool:
         return False
 
 
@@ -564,6 +572,14 @@ class B2bua:
             return self._initial_response(work.call, resp, now)
         if isinstance(work, _Mapped):
             return self._mapped_response(work, resp, now)
+        if isinstance(work, _Own) and work.method == "INFO" and resp.status >= 300:
+            # Our own INFO (DTMF interworking) refused: 415/501 (the UA takes no such
+            # INFO, RFC 6086 4.2.2), 481 ... counted and logged; the call goes on.
+            self.stats["dtmf_info_failed"] += 1
+            log.warning(
+                "DTMF INFO answered %d %s", resp.status, resp.reason,
+                extra={"call": work.call.id},
+            )  # fmt: skip
         return []
 
     def _initial_response(self, call: Call, resp: Response, now: float) -> list[Output]:
@@ -812,6 +828,9 @@ class B2bua:
                 cause = f"{work.method} timed out"
                 out += self._end_call(call, cause, now, skip=work.dest, code=408)
             return out
+        if isinstance(work, _Own) and work.method == "INFO":
+            self.stats["dtmf_info_failed"] += 1
+            log.warning("DTMF INFO timed out", extra={"call": work.call.id})
         return []
 
     def forget(self, tx: ClientTransaction) -> None:
@@ -853,6 +872,13 @@ class B2bua:
         peer = leg.peer
         if method == "BYE":
             return self._bye(tx, req, leg, now)
+        if method == "INFO" and dtmf.is_dtmf(req.content_type) and call.confirmed is not None:
+            # Issue 8 item 2: a digit from a party without telephone-event, for one with it,
+            # goes on as RFC 4733 events; the INFO ends here (RFC 6086 4.2.2: 200).
+            digit = dtmf.parse(req.content_type, req.body)
+            if digit is not None and self.media.dtmf_info(call.id, leg.caller, *digit):
+                self.stats["dtmf_info_to_rtp"] += 1
+                return self._answer(tx, 200, None, (), now)
         if method == "INVITE":
             if leg.invite_out is not None or peer.invite_in is not None:
                 return self._answer(tx, 491, None, (), now)  # RFC 3261 14.2: glare
@@ -1155,6 +1181,26 @@ class B2bua:
             return []
         self.stats["calls_media_timeout"] += 1
         return self._end_call(call, "media timeout", now, code=408)
+
+    def media_dtmf(self, event: Dtmf, now: float) -> list[Output]:
+        """A digit one party sent as RFC 4733 events, the other party having none (issue 8
+        item 2): an INFO with an application/dtmf-relay body in the other party's dialog
+        (RFC 6086 4.1; RFC 3261 12.2.1.1: its CSeq, route set, remote target). Its 200 is
+        absorbed; a failure is counted (``on_response``)."""
+        call = self.calls.get(event.session)
+        if call is None or call.state == "ended" or call.confirmed is None:
+            return []
+        leg = call.confirmed[1] if event.party == "a" else call.confirmed[0]
+        info = leg.dialog.request("INFO")
+        self._add_via(info, leg.flow)
+        info.add("Max-Forwards", "70")
+        info.set_body(dtmf.body(event.digit, event.duration_ms), dtmf.DTMF_RELAY)
+        tx, out = self.transactions.send_request(
+            info, dest=leg.flow, reliable=leg.flow.reliable, now=now
+        )
+        self._work[tx] = _Own(call, "INFO")
+        self.stats["dtmf_rtp_to_info"] += 1
+        return out
 
     def media_stats(self, call_id: str, media: list[dict[str, object]]) -> None:
         """The relay's statistics of an ended call: its record is written with them."""

@@ -41,8 +41,8 @@ from sbc.features.sanity import (
     check_response,
     fault_label,
 )
+from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
-from sbc.media.control import Timeout, stats_record
 from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
@@ -235,9 +235,12 @@ class SbcCore:
 
     def media_event(self, event: MediaEvent, now: float) -> list[Action]:
         """What a media worker reports: a session without media (its call ends, issue 5
-        item 6), or the statistics of a deleted one (into the call record, item 7)."""
+        item 6), the statistics of a deleted one (into the call record, item 7), or a DTMF
+        digit for the other party as SIP INFO (issue 8 item 2)."""
         if isinstance(event, Timeout):
             return self._outputs(self.calls.media_timeout(event.session, now), now)
+        if isinstance(event, Dtmf):
+            return self._outputs(self.calls.media_dtmf(event, now), now)
         self.calls.media_stats(event.session, stats_record(event))
         return []
 

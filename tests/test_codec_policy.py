@@ -187,14 +187,17 @@ def test_events_are_added_at_the_clock_of_the_added_codec_and_mapped() -> None:
     h.assert_clean()
 
 
-def test_events_only_when_both_legs_have_them() -> None:
+def test_events_on_one_leg_interwork_with_info() -> None:
+    # Issue 8 item 2: the core answers without telephone-event; the caller keeps its own
+    # (the relay turns its events into SIP INFO and INFO into events towards it).
     h = Harness()
     h.offer(OPUS_OFFER)
     to_caller = h.answer(offer_sdp("audio 8", "a=rtpmap:8 PCMA/8000", host="10.1.0.50"))
-    assert to_caller.formats == ["96"] and rtpmaps(to_caller) == ["96 opus/48000/2"]
-    assert to_caller.attributes("fmtp") == ["96 stereo=1;sprop-stereo=1"]
+    assert to_caller.formats == ["96", "101"]
+    assert rtpmaps(to_caller) == ["96 opus/48000/2", "101 telephone-event/8000"]
+    assert to_caller.attributes("fmtp") == ["96 stereo=1;sprop-stereo=1", "101 0-15"]
     caller, core = h.codecs()
-    assert caller is not None and caller.dtmf_pt is None
+    assert caller is not None and (caller.dtmf_pt, caller.dtmf_clock) == (101, 8000)
     assert core is not None and core.dtmf_pt is None and core.ptime == 20  # no a=ptime: 20
     h.assert_clean()
     # An offer without events gets none added.

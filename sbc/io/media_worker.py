@@ -3,7 +3,8 @@
 Each worker is a child process (``python -m sbc.io.media_worker``) with its own event loop
 (uvloop when importable) and one ``RelayEngine``. The signalling process talks to it over an
 AF_UNIX socketpair, one JSON line per message (``sbc.media.control``): ``Update`` and
-``Delete`` go down, ``Stats`` (the answer to a Delete), ``Timeout`` and, every
+``Delete`` (and ``SendDtmf``) go down, ``Stats`` (the answer to a Delete), ``Timeout``,
+``Dtmf`` and, every
 ``TOTALS_INTERVAL`` seconds, ``Totals`` (for the metrics) come back. The worker
 binds and closes the UDP ports the engine's ``PortChanges`` name, one datagram endpoint per
 port, and moves packets: ``datagram_received`` -> ``engine.receive`` -> ``sendto`` on the
@@ -57,12 +58,14 @@ class _Datagrams(Protocol):
 class _Port(asyncio.DatagramProtocol):
     """One relay port: every datagram goes through the engine (the per-packet hot path)."""
 
-    __slots__ = ("_clock", "_out", "_pending", "_receive", "port")
+    __slots__ = ("_clock", "_events", "_out", "_pending", "_receive", "_worker", "port")
 
     def __init__(self, worker: _Worker, port: int) -> None:
         self.port = port
+        self._worker = worker
         self._receive = worker.engine.receive
         self._pending = worker.engine.pending  # more packets of one (transcoding, issue 8)
+        self._events = worker.engine.events  # DTMF seen for SIP INFO (issue 8 item 2)
         self._out = worker.transports
         self._clock = time.monotonic
 
@@ -78,6 +81,8 @@ class _Port(asyncio.DatagramProtocol):
                     if transport is not None:
                         transport.sendto(packet, dest)
                 self._pending.clear()
+            if self._events:
+                self._worker.report_events()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a party that stopped listening: nothing to do.
@@ -108,6 +113,22 @@ class _Worker:
         self.transports: dict[int, _Datagrams] = {}
         self.check_every = min(TIMEOUT_CHECK, timeout / 2)
         self.writer: asyncio.StreamWriter | None = None
+        self.dtmf_task: asyncio.Task[None] | None = None
+
+    def report_events(self) -> None:
+        """DTMF the engine saw (control.Dtmf) to the signalling process."""
+        for event in self.engine.events:
+            self._send(event)
+        self.engine.events.clear()
+
+    async def _send_dtmf(self) -> None:
+        """The SBC's own RFC 4733 packets (issue 8 item 2), each when it is due."""
+        while (due := self.engine.next_dtmf()) is not None:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            for port, packet, dest in self.engine.dtmf_due(time.monotonic()):
+                transport = self.transports.get(port)
+                if transport is not None:
+                    transport.sendto(packet, dest)
 
     async def run(self) -> None:
         reader, self.writer = await asyncio.open_connection(
@@ -126,6 +147,8 @@ class _Worker:
         finally:
             timer.cancel()
             totals.cancel()
+            if self.dtmf_task is not None:
+                self.dtmf_task.cancel()
             for transport in self.transports.values():
                 transport.close()
             self.transports.clear()
@@ -139,6 +162,11 @@ class _Worker:
             stats, changes = self.engine.delete(msg.session)
             self._send(stats)
             await self._ports(changes)
+        elif isinstance(msg, control.SendDtmf):
+            if self.engine.send_dtmf(msg, now) and (
+                self.dtmf_task is None or self.dtmf_task.done()
+            ):
+                self.dtmf_task = asyncio.create_task(self._send_dtmf())
         else:
             log.error("unexpected control message %s", type(msg).__name__)
 
@@ -351,7 +379,7 @@ class MediaWorkers:
                     continue
                 if isinstance(event, control.Totals):
                     self.totals[index] = event
-                elif isinstance(event, control.Stats | control.Timeout):
+                elif isinstance(event, control.Stats | control.Timeout | control.Dtmf):
                     self._on_event(event)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             log.error("media worker %d: control socket: %s", index, exc)

@@ -15,6 +15,11 @@ The rules, in short (docs/media.md "Transcoding" has them at length):
 - The answer (RFC 3264 6.1): the answerer's first codec. One the offerer offered: the media
   passes untouched. One the SBC added: the stream is transcoded; the offerer is answered
   with its own best codec (its payload type, a=rtpmap and a=fmtp from its offer).
+- DTMF interworking (issue 8 item 2): when the answerer picks a codec the offerer offered
+  but only one of the two has RFC 4733 telephone-event, the stream is still given codecs
+  on both parties (the same codec: the relay copies the payload under its own RTP header)
+  so that the relay can turn events into SIP INFO and SIP INFO into events in a sequence
+  space of its own. Such a stream does not count as transcoded (``transcodes``).
 """
 
 from __future__ import annotations
@@ -272,6 +277,35 @@ def rewrite_answer(m: Media, codec: Format, dtmf: Format | None, ptime: int | No
     m.remove("ptime")
     if ptime is not None:
         m.add("ptime", str(ptime))
+
+
+def dtmf_interworking(
+    offered: Offered, answer: Sequence[Format], chosen: Format
+) -> tuple[Format, Format | None, Format | None] | None:
+    """The answerer chose ``chosen``, a codec the offer has (no transcoding): when exactly
+    one of offer and answer has telephone-event (RFC 4733 7.1.1), the offerer's format of
+    that codec, the offerer's telephone-event and the answerer's (one of them None), for a
+    stream the relay runs for DTMF interworking; else None (both or neither have events:
+    the media passes untouched)."""
+    if not chosen.transcodable:
+        return None
+    codec = next((f for f in offered.formats if f.name == chosen.name), None)
+    if codec is None or (chosen.clock and codec.clock and chosen.clock != codec.clock):
+        return None
+    offered_dtmf = dtmf_for(offered.formats, codec.clock or 8000)
+    answered_dtmf = dtmf_for(answer, chosen.clock or codec.clock or 8000)
+    if (offered_dtmf is None) == (answered_dtmf is None):
+        return None
+    return codec, offered_dtmf, answered_dtmf
+
+
+def transcodes(a: CodecSpec | None, b: CodecSpec | None) -> bool:
+    """Whether a stream whose parties have these codecs is transcoded for
+    ``max_transcoded_calls`` (issue 8 item 4): not when both have the same codec (a stream
+    run only for DTMF interworking costs a header rewrite per packet, no codec)."""
+    if a is None or b is None:
+        return False
+    return (a.name, a.clock, a.channels) != (b.name, b.clock, b.channels)
 
 
 def spec(codec: Format, dtmf: Format | None, ptime: int | None) -> CodecSpec:

@@ -4,7 +4,9 @@ It has the shape of rtpengine's "ng" protocol: the signalling side tells a worke
 call's streams are (``Update``: it covers offer and answer, sent again whenever an SDP
 changes them), removes a call (``Delete``), and hears back ``Timeout`` (no media for
 ``[media] timeout`` seconds), ``Stats`` (the answer to ``Delete``) and, every few seconds,
-``Totals`` (the worker's counters since it started, for the metrics). The signalling side
+``Totals`` (the worker's counters since it started, for the metrics). DTMF interworking
+(issue 8 item 2) adds ``SendDtmf`` (send a digit as RFC 4733 events to a party) and
+``Dtmf`` (a digit a party sent as RFC 4733 events, for SIP INFO). The signalling side
 decides everything (ports, addresses, keys); a worker only binds the ports it is told and
 moves packets, so another media engine can sit behind the same messages.
 
@@ -158,6 +160,37 @@ class Totals:
 TOTALS_FIELDS = tuple(Totals.__dataclass_fields__)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dtmf:
+    """A DTMF event the relay saw end in a party's RFC 4733 telephone-events on a stream
+    whose other party has none (issue 8 item 2): the signalling side sends it on as SIP
+    INFO. ``digit`` is "0"-"9", "*", "#", "A"-"D" or "16" (flash), RFC 4733 3.2."""
+
+    session: str
+    index: int  # m-line of the stream
+    party: str  # "a" or "b": who sent the events
+    digit: str
+    duration_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendDtmf:
+    """Send a DTMF digit as RFC 4733 telephone-events to ``party`` of a transcoded stream
+    (it arrived from the other party as SIP INFO; issue 8 item 2)."""
+
+    session: str
+    index: int
+    party: str  # "a" or "b": who receives the events
+    digit: str
+    duration_ms: int
+
+
+# RFC 4733 3.2, table 3: the DTMF event codes.
+DTMF_EVENTS = {**{str(d): d for d in range(10)}, "*": 10, "#": 11, "A": 12, "B": 13, "C": 14,
+               "D": 15, "16": 16}  # fmt: skip
+DTMF_DIGITS = {code: digit for digit, code in DTMF_EVENTS.items()}
+
+
 def stats_record(stats: Stats) -> list[dict[str, Any]]:
     """A session's statistics as the call record shows them (issue 5 item 7)."""
     return [
@@ -166,8 +199,8 @@ def stats_record(stats: Stats) -> list[dict[str, Any]]:
     ]
 
 
-Command = Update | Delete
-Event = Stats | Timeout
+Command = Update | Delete | SendDtmf
+Event = Stats | Timeout | Dtmf
 
 
 # -- wire format -------------------------------------------------------------------------------
@@ -267,6 +300,12 @@ def encode(msg: Command | Event | Totals) -> bytes:
                 for s in msg.streams
             ],
         }  # fmt: skip
+    elif isinstance(msg, Dtmf | SendDtmf):
+        body = {
+            "type": "dtmf" if isinstance(msg, Dtmf) else "send_dtmf", "session": msg.session,
+            "index": msg.index, "party": msg.party, "digit": msg.digit,
+            "duration_ms": msg.duration_ms,
+        }  # fmt: skip
     elif isinstance(msg, Totals):
         body = {"type": "totals", **{name: getattr(msg, name) for name in TOTALS_FIELDS}}
     else:
@@ -299,6 +338,15 @@ def decode(line: bytes) -> Command | Event | Totals:
         )
     if kind == "timeout":
         return Timeout(session=str(d["session"]), idle=float(d["idle"]))
+    if kind in ("dtmf", "send_dtmf"):
+        party = str(d["party"])
+        if party not in ("a", "b"):
+            raise ValueError(f"bad party {party!r}")
+        cls = Dtmf if kind == "dtmf" else SendDtmf
+        return cls(
+            session=str(d["session"]), index=int(d["index"]), party=party,
+            digit=str(d["digit"]), duration_ms=int(d["duration_ms"]),
+        )  # fmt: skip
     if kind == "totals":
         return Totals(**{name: int(d[name]) for name in TOTALS_FIELDS})
     raise ValueError(f"unknown media control message type {kind!r}")

@@ -52,6 +52,12 @@ every ``RTCP_INTERVAL`` seconds (``reports``). One packet in may give several ou
 to a shorter packet time): the first is returned, the rest wait in ``pending`` for the
 caller to send at once.
 
+DTMF interworking (issue 8 item 2). On a transcoded stream whose receiving party has no
+telephone-event, the events the other party sends are reported (``events``, control.Dtmf,
+once per event) for SIP INFO; ``send_dtmf`` (control.SendDtmf, a digit that came as INFO)
+sends a party RFC 4733 events in the output stream of the transcoder towards it, packet by
+packet as they fall due (``next_dtmf`` / ``dtmf_due``).
+
 Timeouts (issue 5 item 6): every accepted packet of a session, and every Update, refreshes
 its last-activity time; a session in which some party ``sends`` and that saw nothing for
 ``timeout`` seconds is reported once (again only after another Update). A session whose
@@ -79,6 +85,13 @@ LocalPort = tuple[str, int]  # (bind address, port)
 
 MAX_DROPOUT = 3000  # RFC 3550 A.1: a larger sequence jump is a restart
 RTCP_INTERVAL = 5.0  # seconds between the relay's own sender reports (RFC 3550 6.2 minimum)
+# The SBC's own RFC 4733 events (a digit that came as SIP INFO, issue 8 item 2): an update
+# every 50 ms while the event lasts (RFC 4733 2.5.1.2), the end three times (2.5.1.4);
+# durations outside these bounds are brought into them; successive digits are this far apart.
+DTMF_INTERVAL = 0.05
+DTMF_MIN_MS = 40
+DTMF_MAX_MS = 5000
+DTMF_GAP = 0.05
 NTP_EPOCH = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix), RFC 3550 4
 SEEN_SSRCS = 64  # how many past SSRCs of a party are remembered for the SSRC-change rule
 
@@ -132,6 +145,47 @@ class _Mute:
         return (0, 0, 0, 0)
 
 
+class _DtmfJob:
+    """One digit the SBC sends as RFC 4733 events (2.5.1): from ``start``, an event packet
+    every DTMF_INTERVAL with the duration so far (the first marked, 2.5.1.2), then at
+    ``start + length`` the end packet three times with the whole duration (2.5.1.4). All
+    carry the event's start timestamp (2.3), taken when the first is sent."""
+
+    __slots__ = ("code", "done", "length", "next", "sent", "start", "target", "ticks",
+                 "transcoder")  # fmt: skip
+
+    def __init__(
+        self, target: _Leg, transcoder: Transcoder, code: int, length: float, start: float
+    ) -> None:
+        self.target = target  # the party the events go to
+        self.transcoder = transcoder  # the output stream towards it
+        self.code = code
+        self.length = length  # seconds
+        self.start = start
+        self.next = start  # when the next packet is due
+        self.sent = 0  # update packets sent
+        self.ticks: int | None = None  # the event's timestamp on the output timeline
+        self.done = False
+
+    def step(self, now: float) -> list[bytes]:
+        tr = self.transcoder
+        clock = tr.dst.dtmf_clock
+        if self.ticks is None:
+            self.ticks = tr.dtmf_start(now)
+        total = round(self.length * clock)
+        end = self.start + self.length
+        if self.next < end:
+            duration = min(round((self.sent + 1) * DTMF_INTERVAL * clock), total)
+            packet = tr.dtmf_packet(self.code, self.ticks, duration, end=False,
+                                    first=self.sent == 0)  # fmt: skip
+            self.sent += 1
+            self.next = min(self.start + self.sent * DTMF_INTERVAL, end)
+            return [packet]
+        self.done = True
+        return [tr.dtmf_packet(self.code, self.ticks, total, end=True, first=False)
+                for _ in range(3)]  # fmt: skip
+
+
 class _Latch:
     """Where one party's RTP (or RTCP) comes from and goes to."""
 
@@ -181,7 +235,7 @@ class _Leg:
         "dropped_source", "engine", "jitter", "last_arrival", "last_ts", "local", "lost_before",
         "max_seq", "next_report", "packets_in", "packets_out", "party", "passthrough", "peer",
         "port", "received", "receiver", "rtcp", "rtcp_port", "rtp", "sender", "session",
-        "srtp_failures", "ssrc", "strict", "transcoder",
+        "srtp_failures", "ssrc", "strict", "transcoder", "where",
     )  # fmt: skip
 
     def __init__(self, session: _Session, local: set[LocalPort], engine: RelayEngine) -> None:
@@ -202,6 +256,7 @@ class _Leg:
         # Transcoding (issue 8): from this party's codec to the peer's, and when the relay
         # next sends this party a sender report of what it sent it.
         self.transcoder: Transcoder | _Mute | None = None
+        self.where: tuple[int, str] = (0, "a")  # (stream index, "a"/"b"): for control.Dtmf
         self.codecs: tuple[control.CodecSpec, control.CodecSpec] | None = None
         self.next_report = 0.0
         self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
@@ -362,10 +417,23 @@ class _Leg:
     def _transcode(self, data: bytes, peer: _Leg, dest: Address, now: float) -> Out | None:
         """The packets the transcoder makes of ``data`` for the peer: the first returned,
         the others queued in the engine's ``pending``."""
-        assert self.transcoder is not None
+        transcoder = self.transcoder
+        assert transcoder is not None
         first: Out | None = None
         sender = peer.sender
-        for packet in self.transcoder.push(data, now):
+        packets = transcoder.push(data, now)
+        if isinstance(transcoder, Transcoder) and transcoder.detected:
+            # RFC 4733 events towards a party without them: SIP INFO (issue 8 item 2).
+            index, party = self.where
+            for code, ms in transcoder.detected:
+                digit = control.DTMF_DIGITS.get(code)
+                if digit is not None:
+                    self.engine.events.append(control.Dtmf(
+                        session=self.session.name, index=index, party=party, digit=digit,
+                        duration_ms=ms,
+                    ))  # fmt: skip
+            transcoder.detected.clear()
+        for packet in packets:
             if sender is not None:
                 try:
                     packet = sender.protect(packet)
@@ -380,6 +448,23 @@ class _Leg:
             else:
                 self.engine.pending.append(out)
         return first
+
+    def send(self, packet: bytes) -> Out | None:
+        """A plain RTP packet of the relay's own to this party (SRTP-protected on an SRTP
+        leg), or None if it has no address or protection failed."""
+        dest = self.rtp.dest
+        if dest is None:
+            self.engine.no_destination += 1
+            return None
+        if self.sender is not None:
+            try:
+                packet = self.sender.protect(packet)
+            except SrtpError:
+                self.engine.protect_failures += 1
+                return None
+        self.packets_out += 1
+        self.bytes_out += len(packet)
+        return (self.port, packet, dest)
 
     def report(self, now: float, wall: float) -> Out | None:
         """RFC 3550 6.4.1: the relay's sender report to this party of what it sent it (a
@@ -562,6 +647,10 @@ class RelayEngine:
         # Packets made by a transcoder beyond the one ``receive`` returned (re-framing to a
         # shorter packet time): the caller sends them right after, and clears the list.
         self.pending: list[Out] = []
+        # DTMF a party sent as RFC 4733 events towards one without them (issue 8 item 2):
+        # the caller reports them (control.Dtmf) and clears the list.
+        self.events: list[control.Dtmf] = []
+        self._dtmf: list[_DtmfJob] = []  # the SBC's own events being sent (send_dtmf)
         # the party counters (_LEG_COUNTERS) of legs gone, for totals()
         self._retired = [0] * len(_LEG_COUNTERS)
 
@@ -625,6 +714,7 @@ class RelayEngine:
                     _Leg(session, self._local, self),
                 )
                 legs[0].peer, legs[1].peer = legs[1], legs[0]
+                legs[0].where, legs[1].where = (spec.index, "a"), (spec.index, "b")
                 changed = True
             else:
                 a, b = legs[0].party, legs[1].party
@@ -694,6 +784,58 @@ class RelayEngine:
                         if report is not None:
                             out.append(report)
         return out
+
+    # -- DTMF from SIP INFO (issue 8 item 2) ---------------------------------------------
+    def send_dtmf(self, command: control.SendDtmf, now: float) -> bool:
+        """Start sending a digit as RFC 4733 events to ``command.party`` in the output
+        stream of the transcoder towards it (its SSRC, sequence numbers and timeline), after
+        the digits still being sent to that party; the packets come from ``dtmf_due``.
+        False (logged) if the stream has no such transcoder or the digit is not one."""
+        session = self._sessions.get(command.session)
+        legs = session.streams.get(command.index) if session is not None else None
+        code = control.DTMF_EVENTS.get(command.digit)
+        target = None if legs is None else legs[1] if command.party == "b" else legs[0]
+        transcoder = None if target is None else target.peer.transcoder
+        if (
+            target is None or code is None or not isinstance(transcoder, Transcoder)
+            or transcoder.dst.dtmf_pt is None
+        ):  # fmt: skip
+            log.warning(
+                "session %s stream %d: cannot send DTMF %r to party %s",
+                command.session, command.index, command.digit, command.party,
+            )  # fmt: skip
+            return False
+        ms = min(max(command.duration_ms, DTMF_MIN_MS), DTMF_MAX_MS)
+        start = now
+        for job in self._dtmf:
+            if job.target is target:
+                start = max(start, job.start + job.length + DTMF_GAP)
+        self._dtmf.append(_DtmfJob(target, transcoder, code, ms / 1000.0, start))
+        return True
+
+    def dtmf_due(self, now: float) -> list[Out]:
+        """The packets of the SBC's own events due by ``now`` (the worker calls it at
+        ``next_dtmf``)."""
+        out: list[Out] = []
+        for job in self._dtmf:
+            target = job.target
+            live = (
+                self._sessions.get(target.session.name) is target.session
+                and target.peer.transcoder is job.transcoder
+            )
+            while live and not job.done and job.next <= now:
+                for packet in job.step(now):
+                    sent = target.send(packet)
+                    if sent is not None:
+                        out.append(sent)
+            if not live:
+                job.done = True  # the stream changed or ended: the rest is not sent
+        self._dtmf = [job for job in self._dtmf if not job.done]
+        return out
+
+    def next_dtmf(self) -> float | None:
+        """When ``dtmf_due`` next has something to send."""
+        return min((job.next for job in self._dtmf), default=None)
 
     def check_timeouts(self, now: float) -> list[control.Timeout]:
         """Sessions idle for ``timeout`` seconds, each reported once."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
-from sbc.media.control import CodecSpec, Command, Delete, Party, SrtpKey, Stream, Update
+from sbc.media.control import CodecSpec, Command, Delete, Party, SendDtmf, SrtpKey, Stream, Update
 from sbc.media.srtp import SUPPORTED_SUITES
 from sbc.sdp.sdes import Crypto
 from sbc.sdp.sdp import Media, Origin, SdpError, Session
@@ -475,6 +475,20 @@ class MediaController:
         offered = stream.offered
         formats = codec_policy.formats_of(m)
         chosen = next((f for f in formats or () if not f.auxiliary), None)
+        if (
+            offered is not None and chosen is not None and offered.offerer == dst
+            and offered.has(chosen.name) and not stream.passthrough and _transcodable_media(m)
+        ):  # fmt: skip
+            # A shared codec, telephone-event on one side only: DTMF interworking.
+            dtmf = codec_policy.dtmf_interworking(offered, formats or (), chosen)
+            if dtmf is not None:
+                shared, offered_dtmf, answered_dtmf = dtmf
+                ptime = codec_policy.ptime_of(m)
+                chosen = dataclasses.replace(chosen, clock=chosen.clock or shared.clock)
+                me.codec = codec_policy.spec(chosen, answered_dtmf, ptime)
+                other.codec = codec_policy.spec(shared, offered_dtmf, offered.ptime)
+                codec_policy.rewrite_answer(m, shared, offered_dtmf, ptime)
+                return
         ours = None
         if offered is not None and offered.offerer == dst and chosen is not None:
             ours = next((f for f in offered.added if f.name == chosen.name), None)
@@ -489,11 +503,10 @@ class MediaController:
         keep = other.codec.name if other.codec is not None else None
         codec = codec_policy.best(offered.formats, self.policy.sides[dst_side].codecs, keep)
         assert codec is not None  # the SBC adds codecs only for an offerer it transcodes
-        # RFC 4733: events on both legs if both have them (the relay maps PTs and clocks).
+        # RFC 4733: events on the legs that have them; the relay maps PTs and clocks where
+        # both do, and interworks with SIP INFO where one does (issue 8 item 2).
         answered_dtmf = codec_policy.dtmf_for(formats or (), chosen.clock)
         offered_dtmf = codec_policy.dtmf_for(offered.formats, codec.clock)
-        if answered_dtmf is None or offered_dtmf is None:
-            answered_dtmf = offered_dtmf = None
         me.codec = codec_policy.spec(chosen, answered_dtmf, codec_policy.ptime_of(m))
         other.codec = codec_policy.spec(codec, offered_dtmf, offered.ptime)
         codec_policy.rewrite_answer(m, codec, offered_dtmf, offered.ptime)
@@ -591,7 +604,8 @@ class MediaController:
 
     @staticmethod
     def _transcodes(session: MediaSession) -> bool:
-        return any(s.active and s.a.codec is not None for s in session.streams)
+        return any(s.active and codec_policy.transcodes(s.a.codec, s.b.codec)
+                   for s in session.streams)  # fmt: skip
 
     def _hold_slot(self, session: MediaSession, hold: bool) -> None:
         """Take or give back the session's place under max_transcoded_calls."""
@@ -637,6 +651,29 @@ class MediaController:
             body = bytes(sdp)
         origin.last = body
         return body
+
+    def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool:
+        """A DTMF digit came as SIP INFO from one party (issue 8 item 2): True if a stream
+        of the call gives it to the other party as RFC 4733 events (that party has
+        telephone-event, the sender has none: the worker is told, control.SendDtmf); False
+        if the INFO is to be relayed as it is."""
+        session = self.sessions.get(call)
+        if session is None:
+            return False
+        src, dst = ("a", "b") if from_caller else ("b", "a")
+        for s in session.streams:
+            mine: CodecSpec | None = getattr(s, src).codec
+            theirs: CodecSpec | None = getattr(s, dst).codec
+            if (
+                s.active and mine is not None and theirs is not None
+                and mine.dtmf_pt is None and theirs.dtmf_pt is not None
+            ):  # fmt: skip
+                command = SendDtmf(
+                    session=call, index=s.index, party=dst, digit=digit, duration_ms=duration_ms
+                )
+                self._sink(session.worker, command)
+                return True
+        return False
 
     def _update(self, session: MediaSession) -> None:
         a_bind = self.policy.sides[session.sides[0]].bind

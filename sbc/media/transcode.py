@@ -16,6 +16,11 @@ late or duplicated packet) is cut off. The wall clock (``now``) only bridges a c
 sender's SSRC or a timestamp discontinuity, where the input timestamps mean nothing.
 
 RFC 4733 telephone-events are not decoded: they are renumbered into the output stream.
+Towards a party without telephone-event they are dropped and each event is noted once in
+``detected`` (the relay reports it for SIP INFO); ``dtmf_start`` / ``dtmf_packet`` make
+the SBC's own events towards the receiver in the output stream (a digit that came as SIP
+INFO). Between two parties of the same codec (a stream transcoded only for that DTMF
+interworking) the payload is copied, not decoded.
 """
 
 from __future__ import annotations
@@ -77,13 +82,18 @@ class Transcoder:
         self._seq = secrets.randbits(16)
         self._ts0 = secrets.randbits(32)
         self._ptime = codecs.packet_ms(dst)
-        rate = codecs.work_rate(src, dst)
-        direct = codecs.g711_direct(src.name, dst.name)
+        # The same codec on both sides (a stream transcoded only for DTMF interworking,
+        # issue 8 item 2): the payload is copied, only the RTP header is the SBC's own.
+        self.copy = (src.name, src.clock, src.channels) == (dst.name, dst.clock, dst.channels)
+        rate = src.clock if self.copy else codecs.work_rate(src, dst)
+        direct = None if self.copy else codecs.g711_direct(src.name, dst.name)
         # The samples in flight: 16-bit PCM, or between PCMU and PCMA dst's G.711 codes
         # straight from a 256-entry table (one octet a sample; silence is its code for 0).
-        self._decoder: codecs.Decoder
-        self._encoder: codecs.Encoder
-        if direct is not None:
+        self._decoder: codecs.Decoder | None = None
+        self._encoder: codecs.Encoder | None = None
+        if self.copy:
+            self._width, self._silence = 1, b""
+        elif direct is not None:
             self._decoder, self._encoder = direct.decoder, direct.encoder
             self._width, self._silence = 1, direct.silence
         else:
@@ -91,7 +101,9 @@ class Transcoder:
             self._encoder = codecs.CODECS[dst.name].new_encoder(dst, rate, self._ptime)
             self._width, self._silence = 2, b"\0\0"
         self._resampler = (
-            codecs.Resampler(self._decoder.rate, rate) if self._decoder.rate != rate else None
+            codecs.Resampler(self._decoder.rate, rate)
+            if self._decoder is not None and self._decoder.rate != rate
+            else None
         )
         self._rate = rate
         self._frame_bytes = self._width * rate * self._ptime // 1000
@@ -108,6 +120,10 @@ class Transcoder:
         self._in_ext = 0
         self._in_now = 0.0
         self._event: tuple[int, int] | None = None  # (input timestamp, output ticks)
+        # DTMF interworking (issue 8 item 2): events of a sender whose receiver has no
+        # telephone-event, as (event code, duration in ms), once each; the relay takes them.
+        self.detected: list[tuple[int, int]] = []
+        self._reported: tuple[int, int] | None = None  # (SSRC, timestamp) of the last one
         # What was sent: for RTCP SR (RFC 3550 6.4.1).
         self.packets_sent = 0
         self.octets_sent = 0
@@ -133,6 +149,8 @@ class Transcoder:
             return []
         try:
             if pt == self.src.pt:
+                if self.copy:
+                    return self._copy(marker, ts, ssrc, payload, now)
                 return self._audio(marker, ts, ssrc, payload, now)
             if self.src.dtmf_pt is not None and pt == self.src.dtmf_pt:
                 return self._telephone_event(marker, ts, ssrc, payload, now)
@@ -197,6 +215,7 @@ class Transcoder:
 
     def _audio(self, marker: bool, ts: int, ssrc: int, payload: bytes, now: float) -> list[bytes]:
         u = self._unwrap(ts, ssrc, now)
+        assert self._decoder is not None
         try:
             pcm = self._decoder.decode(payload)
         except codecs.CodecError:
@@ -241,6 +260,26 @@ class Transcoder:
         out += self._emit()
         return out
 
+    def _copy(self, marker: bool, ts: int, ssrc: int, payload: bytes, now: float) -> list[bytes]:
+        """The same codec both ways: the payload as it came, under the SBC's SSRC and
+        sequence numbers, its timestamp moved onto the output timeline (a gap stays a gap,
+        RFC 3550 5.1; a late packet keeps its earlier timestamp)."""
+        if not payload:
+            self.undecodable += 1
+            return []
+        u = self._unwrap(ts, ssrc, now)
+        if self._src_end is None:
+            self._src_end = u
+        ticks = self._anchor + (u - self._src_end)  # the same clock on both sides
+        if marker:
+            self._marker = True
+        span = _span(self.src, payload)
+        out = [self._packet(self.dst.pt, ticks, payload)]
+        if ticks + span > self._anchor:
+            self._anchor = ticks + span
+            self._src_end = u + span
+        return out
+
     def _emit(self) -> list[bytes]:
         """Every whole frame in the buffer, encoded and wrapped (RFC 3550 5.1)."""
         out: list[bytes] = []
@@ -248,6 +287,7 @@ class Transcoder:
         while len(self._buf) >= size:
             frame = bytes(self._buf[:size])
             del self._buf[:size]
+            assert self._encoder is not None
             try:
                 payloads = self._encoder.encode(frame)
             except codecs.CodecError:
@@ -275,15 +315,23 @@ class Transcoder:
     def _telephone_event(
         self, marker: bool, ts: int, ssrc: int, payload: bytes, now: float
     ) -> list[bytes]:
-        """RFC 4733 2.3: an event's packets share the timestamp of its start; 2.5.1.3: its
+        """RFC 4733 2.3: an event's packets share the timestamp of its start; 2.5.1.4: its
         end is sent three times. Renumbered into the output stream: dst's payload type, our
         SSRC and sequence numbers, the timestamp on the output timeline and the duration
         (2.3.5, in timestamp units of the event's clock) in dst's telephone-event clock."""
-        if self.dst.dtmf_pt is None:
-            self.dtmf_dropped += 1
-            return []
         if not payload or len(payload) % 4:  # 4 octets per event (RFC 4733 2.3)
             self.undecodable += 1
+            return []
+        if self.dst.dtmf_pt is None:
+            # DTMF interworking (issue 8 item 2): the receiver has no telephone-event, so
+            # the digit goes on as SIP INFO. RFC 4733 2.3, 2.5.1.4: all packets of an
+            # event share its start timestamp and its end (E bit) is sent three times;
+            # it is reported once, at the first end packet, with its whole duration.
+            self.dtmf_dropped += 1
+            if payload[1] & 0x80 and (ssrc, ts) != self._reported:
+                self._reported = (ssrc, ts)
+                duration = int.from_bytes(payload[2:4], "big")
+                self.detected.append((payload[0], duration * 1000 // (self.src.dtmf_clock or 8000)))
             return []
         u = self._unwrap(ts, ssrc, now)
         out: list[bytes] = []
@@ -306,3 +354,53 @@ class Transcoder:
             body[i + 2 : i + 4] = min(0xFFFF, duration * scale_num // scale_den).to_bytes(2, "big")
         out.append(self._packet(self.dst.dtmf_pt, ticks, bytes(body), marker=marker))
         return out
+
+    # -- events of the SBC's own (SIP INFO -> RFC 4733, issue 8 item 2) ------------------------
+
+    def dtmf_start(self, now: float) -> int:
+        """The output timeline tick at which an event starting ``now`` goes: where the audio
+        sent so far ends, moved on by the time since the last input (RFC 4733 2.3: the
+        event's timestamp is its start, on the stream's own timeline)."""
+        end = self._anchor + self._out_ticks(len(self._buf) // self._width)
+        if self._src_end is None:
+            return end
+        guess = self._in_ext + round(max(0.0, now - self._in_now) * self.src.clock)
+        return max(end, self._map(guess))
+
+    def dtmf_packet(
+        self, event: int, ticks: int, duration: int, *, end: bool, first: bool
+    ) -> bytes:
+        """One RFC 4733 2.3 event packet towards the receiver, in the output stream (the
+        SBC's SSRC, the next sequence number, 2.5.1.6): event code, E bit, volume 10
+        (-10 dBm0), ``duration`` in the receiver's telephone-event clock, the timestamp of
+        the event's start ``ticks``; the first packet of the event is marked (2.5.1.2)."""
+        assert self.dst.dtmf_pt is not None
+        flags = (0x80 if end else 0) | 10
+        payload = bytes((event & 0xFF, flags)) + min(duration, 0xFFFF).to_bytes(2, "big")
+        return self._packet(self.dst.dtmf_pt, ticks, payload, marker=first)
+
+
+def _span(codec: CodecSpec, payload: bytes) -> int:
+    """RTP clock ticks of audio in a payload of ``codec`` (RFC 3551 4.5.14: G.711 one octet
+    a sample and channel; 4.5.2: G.722 one octet a tick of its 8000 Hz clock; RFC 6716 3.1:
+    Opus by its TOC octet), else its packet time."""
+    name = codec.name
+    if name in ("PCMU", "PCMA"):
+        return len(payload) // max(1, codec.channels)
+    if name == "G722":
+        return len(payload)
+    if name == "OPUS" and payload:
+        toc = payload[0]
+        config = toc >> 3
+        if config < 12:  # SILK: 10, 20, 40, 60 ms
+            frame = (480, 960, 1920, 2880)[config & 3]
+        elif config < 16:  # hybrid: 10, 20 ms
+            frame = (480, 960)[config & 1]
+        else:  # CELT: 2.5, 5, 10, 20 ms
+            frame = (120, 240, 480, 960)[config & 3]
+        code = toc & 3
+        frames = (
+            1 if code == 0 else 2 if code < 3 else (payload[1] & 0x3F if len(payload) > 1 else 1)
+        )
+        return frames * frame * codec.clock // 48000
+    return codec.clock * codec.ptime // 1000
