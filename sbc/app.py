@@ -281,6 +281,7 @@ class Signals:
 class ReloadResult:
     """The last reload, for /status and ``sbc reload``."""
 
+    path: str | None = None  # the config file a reload re-reads (absolute)
     generation: int = 0  # reloads tried
     ok: bool = True
     error: str | None = None
@@ -289,8 +290,8 @@ class ReloadResult:
 
     def report(self) -> dict[str, object]:
         return {
-            "generation": self.generation, "ok": self.ok, "error": self.error,
-            "at": self.at, "applied": self.applied,
+            "path": self.path, "generation": self.generation, "ok": self.ok,
+            "error": self.error, "at": self.at, "applied": self.applied,
         }  # fmt: skip
 
 
@@ -324,7 +325,7 @@ async def serve(
 
     writer: asyncio.Task[None] | None = None
     admin: AdminServer | None = None
-    result = ReloadResult()
+    result = ReloadResult(path=str(Path(path).absolute()) if path is not None else None)
     try:
         workers = await MediaWorkers.start(
             count, timeout=config.media.timeout, latch_window=config.media.latch_window,
@@ -355,10 +356,13 @@ async def serve(
             result.at = time.time()
             try:
                 new = _reloaded(config, path, core, transports, (access_tls, core_tls), loop)
-            except (ConfigError, StartupError, ValueError) as exc:
+            except Exception as exc:  # whatever it is, the running config stays
                 reason = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
-                result.ok, result.error = False, reason
-                log.error("reload refused, the running config stays: %s", reason)
+                result.ok, result.error = False, reason or type(exc).__name__
+                if isinstance(exc, ConfigError | StartupError | ValueError):
+                    log.error("reload refused, the running config stays: %s", reason)
+                else:
+                    log.exception("reload failed, the running config stays")
                 return
             config = new
             result.ok, result.error = True, None

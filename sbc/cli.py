@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,15 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     if running is None:
         return 1
     base, report = running
+    host = urllib.parse.urlsplit(base).hostname or ""
+    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+        # The SBC is signalled by its process id: only one on this machine is the one.
+        return _error(f"sbc reload works on this machine's SBC (admin on loopback), not {base}")
+    started = (report.get("reload") or {}).get("path")
+    if started and Path(str(started)).resolve() != Path(args.config).resolve():
+        return _error(
+            f"the SBC re-reads the file it was started with, {started}, not {args.config}"
+        )
     try:
         pid = int(report["pid"])
         before = int((report.get("reload") or {})["generation"])
@@ -205,7 +215,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
         state = now.get("reload") or {}
         if int(state.get("generation", 0)) > before:
             if state.get("ok"):
-                print(f"sbc: reloaded {args.config} (pid {pid})")
+                print(f"sbc: reloaded {started or args.config} (pid {pid})")
                 return 0
             return _error(f"reload refused, the running config stays: {state.get('error')}")
     return _error(f"the SBC (pid {pid}) did not report the reload within {RELOAD_TIMEOUT:g} s")

@@ -11,6 +11,7 @@ answered by the SBC, and a proper final response for everything it cannot route 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections import Counter
@@ -156,7 +157,13 @@ class SbcCore:
         self.backends.offload = settings.offload
         self.backends.request_timeout = settings.request_timeout
         self.calls.set_policy(settings.calls, settings.peers)
-        self.guard.set_policy(settings.security)
+        # A backend or peer the reload removed still ends its calls and answers what was
+        # sent to it: the core side keeps taking its packets until a restart.
+        security = settings.security
+        if security.restrict_core:
+            kept = security.core_sources | self.guard.policy.core_sources
+            security = dataclasses.replace(security, core_sources=kept)
+        self.guard.set_policy(security)
         self.backends.register_gate = self.guard.backend_register if self.guard.active else None
 
     def drain(self) -> None:

@@ -12,7 +12,6 @@ docs/operations.md lists every metric and what it means.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -328,6 +327,7 @@ def status_report(
     listening: bool = True,
     media: Sequence[Totals | None] = (),
     reload: dict[str, object] | None = None,
+    pid: int | None = None,
 ) -> dict[str, Any]:
     """The ``/status`` JSON: what ``sbc status`` prints (and ``sbc reload`` reads: the
     process id to signal and the last reload's outcome)."""
@@ -341,7 +341,7 @@ def status_report(
     return {
         "name": name,
         "version": __version__,
-        "pid": os.getpid(),
+        "pid": pid,
         "reload": reload,
         "ready": ready,
         "reason": reason,

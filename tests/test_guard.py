@@ -474,3 +474,31 @@ def test_bad_security_config_names_the_key(security: dict[str, object], error: s
     with pytest.raises(ConfigError) as info:
         parse_config({"security": security}, source="sbc.toml")
     assert any(error in e for e in info.value.errors), info.value.errors
+
+
+def test_ipv4_senders_on_a_dual_stack_socket_are_judged_as_ipv4() -> None:
+    """RFC 4291 2.5.5.2: an IPv4 sender on a socket bound to :: arrives IPv4-mapped."""
+    g = Guard(policy(access_deny=(net("192.0.2.64/26"),)))
+    assert g.admit(f"::ffff:{BACKEND[0]}", CORE, 0.0)  # the backend, mapped
+    assert not g.admit(f"::ffff:{ATTACKER}", ACCESS, 0.0)  # the deny list still applies
+    assert g.admit(f"::ffff:{HONEST}", ACCESS, 0.0)
+
+
+def test_failure_records_of_made_up_user_names_are_swept() -> None:
+    g = Guard(policy(auth_user_failures=50, auth_window=60.0))
+    for i in range(500):
+        g.check_request(ATTACKER, REGISTER, 1.0, credentials=(f"k{i}", f"user{i}"))
+        g.auth_answer(f"k{i}", 401, 1.0)
+    assert g.state_size()["guard_users"] == 500
+    g.handle_timer(100.0)
+    assert g.state_size()["guard_users"] == 0
+
+
+def test_eviction_keeps_memory_bounded_even_when_every_source_is_banned() -> None:
+    g = Guard(policy(max_sources=100, pike_density=1, ban_time=1000.0))
+    for i in range(300):
+        ip = f"10.1.{i // 250}.{i % 250}"
+        g.admit(ip, ACCESS, 0.0)
+        g.admit(ip, ACCESS, 0.0)  # the second packet bans it
+    assert g.state_size()["guard_sources"] <= 100
+    assert len(g.bans) <= 100

@@ -126,3 +126,18 @@ def test_drain_refuses_new_calls_and_end_all_sends_bye_on_both_legs() -> None:
         (lab.from_backend if flow.remote == B1 else lab.from_client)(make_response(bye, 200))  # type: ignore[operator]
     assert lab.core.calls.active_calls == 0
     lab.assert_clean()
+
+
+def test_a_backend_removed_by_a_reload_is_still_heard_on_the_core_side() -> None:
+    """Its calls end through it (BYE, 200): the guard keeps taking its packets."""
+    lab = Lab()
+    core = lab.core
+    settings = core.settings
+    guard = GuardPolicy(core_sources=frozenset({B1[0]}), restrict_core=True, pike_density=1000)
+    core.reconfigure(replace(settings, security=guard), lab.now)
+    assert core.guard.admit(B1[0], "core", lab.now)
+    new_backend = replace(settings.backends[0], name="sip:b2", host=B2[0], port=B2[1])
+    moved = replace(guard, core_sources=frozenset({B2[0]}))
+    core.reconfigure(replace(settings, backends=(new_backend,), security=moved), lab.now)
+    assert core.guard.admit(B1[0], "core", lab.now) and core.guard.admit(B2[0], "core", lab.now)
+    assert not core.guard.admit("10.9.9.9", "core", lab.now)

@@ -28,6 +28,7 @@ bound (``max_sources`` caps it even then: the oldest entries go first).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import math
 import re
@@ -142,6 +143,23 @@ def credentials_user(value: str) -> str:
     return match.group(1) if match.group(1) is not None else match.group(2)
 
 
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A source address by value: an IPv4 sender on a dual-stack socket arrives as
+    ``::ffff:a.b.c.d`` (RFC 4291 2.5.5.2) and is judged as the IPv4 address it is; a zone
+    index is dropped. None if it is not an IP address."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _addresses(ips: frozenset[str]) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    return frozenset(a for a in map(_address, ips) if a is not None)
+
+
 def _in(address: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, ...]) -> bool:
     return any(address.version == net.version and address in net for net in nets)
 
@@ -164,6 +182,7 @@ class Guard:
         self.policy = policy
         # Whether anything is checked at all (the cores of unit tests check nothing).
         self.active = policy != NO_POLICY
+        self._core = _addresses(policy.core_sources)
         self._sources: dict[str, _Source] = {}  # by IP; oldest first seen first
         self._users: dict[str, list[float]] = {}  # user name -> failure times
         self._locked: dict[str, float] = {}  # user name -> locked until
@@ -179,6 +198,7 @@ class Guard:
         out again; bans in force stay, and so do the buckets' levels."""
         self.policy = policy
         self.active = policy != NO_POLICY
+        self._core = _addresses(policy.core_sources)
         for ip, src in self._sources.items():
             fresh = self._judge(ip, src.last_seen)
             src.trusted, src.access_ok, src.core_ok = fresh.trusted, fresh.access_ok, fresh.core_ok
@@ -190,22 +210,16 @@ class Guard:
     def _judge(self, ip: str, now: float) -> _Source:
         """A new source's standing under the policy: trusted, and allowed on each side."""
         p = self.policy
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        address = _address(ip)
+        if address is None:
             return _Source(False, False, False, now)
         # Backends and peers are trusted too: banning one for its traffic would be an
         # outage of everything behind it.
-        trusted = _in(address, p.allow) or ip.lower() in p.core_sources
+        trusted = _in(address, p.allow) or address in self._core
         access_ok = trusted or (
             (not p.access_allow or _in(address, p.access_allow)) and not _in(address, p.access_deny)
         )
-        core_ok = (
-            not p.restrict_core
-            or trusted
-            or ip.lower() in p.core_sources
-            or _in(address, p.core_allow)
-        )
+        core_ok = not p.restrict_core or trusted or _in(address, p.core_allow)
         return _Source(trusted, access_ok, core_ok, now)
 
     def _source(self, ip: str, now: float) -> _Source:
@@ -430,9 +444,18 @@ class Guard:
             del self.bans[ip]
         for user in [u for u, until in self._locked.items() if until <= now]:
             del self._locked[user]
+        # Failure times per user name: a sender makes the names up, so they go once out of
+        # the window (and the oldest first beyond max_sources).
+        window = self.policy.auth_window
+        for user in [u for u, t in self._users.items() if not t or now - t[-1] >= window]:
+            del self._users[user]
+        while len(self._users) > self.policy.max_sources:
+            self._users.pop(next(iter(self._users)))
 
     def _evict(self, now: float) -> None:
-        """At ``max_sources``: forget the oldest tenth that is not banned or connected."""
+        """At ``max_sources``: forget the tenth first seen longest ago, sparing banned and
+        connected sources while there are others; when only those are left, the oldest of
+        them go too (memory stays bounded whatever a flood of addresses does)."""
         target = max(1, len(self._sources) // 10)
         victims = []
         for ip, src in self._sources.items():
@@ -440,8 +463,11 @@ class Guard:
                 victims.append(ip)
                 if len(victims) >= target:
                     break
+        if not victims:
+            victims = list(itertools.islice(self._sources, target))
         for ip in victims:
             del self._sources[ip]
+            self.bans.pop(ip, None)
         self.stats["sources_evicted"] += len(victims)
 
     def state_size(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
@@ -211,6 +212,7 @@ class AdminServer:
             report = status_report(
                 self.core, now=self.now(), name=self.name, listening=self.listening,
                 media=self.media(), reload=self.reload() if self.reload else None,
+                pid=os.getpid(),
             )  # fmt: skip
             body = json.dumps(report, indent=1).encode() + b"\n"
             return HTTPStatus.OK, body, "application/json", {}
