@@ -290,3 +290,42 @@ async def test_ipv6_ports(start: Start) -> None:
     assert isinstance(stats, control.Stats) and stats.streams[0].a.latched == a_addr
     for s in phones:
         s.close()
+
+
+async def test_dtmf_both_ways_through_a_real_worker(start: Start) -> None:
+    """Issue 8 item 2: A has telephone-event, B not (PCMU both). A's events come back as
+    one control.Dtmf; a SendDtmf to A arrives as RFC 4733 packets in A's stream."""
+    workers, events = await start()
+    pa, pb = free_pairs(2)
+    phone_a, phone_b = Phone(), Phone()
+    with_te = control.CodecSpec(name="PCMU", pt=0, clock=8000, dtmf_pt=101)
+    without = control.CodecSpec(name="PCMU", pt=0, clock=8000)
+    workers.send(0, Update(session="call-d", streams=(Stream(
+        index=0,
+        a=Party(bind=HOST, port=pa, remote=phone_a.addr, codec=with_te),
+        b=Party(bind=HOST, port=pb, remote=phone_b.addr, codec=without),
+    ),)))  # fmt: skip
+    await until(lambda: all(is_bound(p) for p in (pa, pb)))
+    phone_a.send(rtp(1), pa)
+    data, _ = await phone_b.recv()
+    assert data[12:] == rtp(1)[12:] and data[8:12] != rtp(1)[8:12]  # copied, the SBC's SSRC
+    for n, (dur, end) in enumerate([(160, False), (640, True), (640, True), (640, True)]):
+        ev = bytes([7, (0x80 if end else 0) | 10]) + dur.to_bytes(2, "big")
+        phone_a.send(struct.pack("!BBHII", 0x80, 101, 2 + n, 320, 0x1234) + ev, pa)
+    await until(lambda: any(isinstance(e, control.Dtmf) for e in events))
+    assert [e for e in events if isinstance(e, control.Dtmf)] == [
+        control.Dtmf(session="call-d", index=0, party="a", digit="7", duration_ms=80)
+    ]
+    phone_b.send(rtp(1, ssrc=77), pb)
+    await phone_a.recv()
+    workers.send(0, control.SendDtmf(session="call-d", index=0, party="a", digit="4",
+                                     duration_ms=100))  # fmt: skip
+    got = [await phone_a.recv() for _ in range(5)]  # updates at 0, 50 ms; the end x3
+    payloads = [d[12:] for d, _ in got]
+    assert {d[1] & 0x7F for d, _ in got} == {101}
+    assert [p[0] for p in payloads] == [4] * 5 and [p[1] >> 7 for p in payloads] == [0, 0, 1, 1, 1]
+    assert int.from_bytes(payloads[-1][2:4], "big") == 800
+    workers.send(0, control.Delete(session="call-d"))
+    await until(lambda: any(isinstance(e, control.Stats) for e in events))
+    for phone in (phone_a, phone_b):
+        phone.sock.close()

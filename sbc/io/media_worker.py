@@ -81,8 +81,8 @@ class _Port(asyncio.DatagramProtocol):
                     if transport is not None:
                         transport.sendto(packet, dest)
                 self._pending.clear()
-            if self._events:
-                self._worker.report_events()
+        if self._events:  # DTMF seen (issue 8 item 2); its packet itself was not relayed
+            self._worker.report_events()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a party that stopped listening: nothing to do.
