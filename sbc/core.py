@@ -539,8 +539,13 @@ class SbcCore:
                 msg = out.message
                 if isinstance(msg, Response):
                     if msg.status >= 200 and self.guard.expects_auth_answers:
-                        # RFC 3261 22: the answer to a request with credentials.
-                        self.guard.auth_answer(_auth_key(msg), msg.status, now)
+                        # RFC 3261 22: the answer to a request with credentials; a new
+                        # challenge with stale=true (RFC 2617 3.2.1: the nonce expired,
+                        # the password was right) is no failure.
+                        status = msg.status
+                        if status in (401, 407) and _stale(msg):
+                            status = 0
+                        self.guard.auth_answer(_auth_key(msg), status, now)
                     data = self._finish(msg)
                 else:
                     data = bytes(msg)
@@ -614,6 +619,12 @@ def _asks_for_sips(req: Request) -> bool:
     except (ParseError, ValueError):
         return False  # the routing answers a malformed Route
     return isinstance(top, SipUri) and top.secure
+
+
+def _stale(resp: Response) -> bool:
+    """Whether a challenge says the credentials' nonce was stale (RFC 2617 3.2.1)."""
+    challenge = resp.get("www-authenticate") or resp.get("proxy-authenticate") or ""
+    return "stale=true" in challenge.lower().replace(" ", "").replace('"', "")
 
 
 def _auth_key(msg: Message) -> str:

@@ -502,3 +502,19 @@ def test_eviction_keeps_memory_bounded_even_when_every_source_is_banned() -> Non
         g.admit(ip, ACCESS, 0.0)  # the second packet bans it
     assert g.state_size()["guard_sources"] <= 100
     assert len(g.bans) <= 100
+
+
+def test_a_stale_nonce_challenge_is_not_a_failed_authentication() -> None:
+    """RFC 2617 3.2.1: stale=true says the password was right and the nonce old: phones
+    behind one NAT re-authenticating at nonce expiry must not get their NAT banned."""
+    core = make_core(policy(auth_failures=2))
+    for n in range(1, 5):
+        [fwd] = to_backend(
+            core.receive_datagram(
+                register(ATTACKER, n, password="right"), client(ATTACKER), float(n)
+            )
+        )
+        challenge = make_response(fwd, 401, to_tag="b1")
+        challenge.add("WWW-Authenticate", 'Digest realm="example.com", nonce="n9", stale=TRUE')
+        core.receive_datagram(bytes(challenge), Flow("udp", SBC_CORE, BACKEND), float(n))
+    assert not core.guard.banned(ATTACKER, 10.0) and core.guard.stats["auth_failure"] == 0

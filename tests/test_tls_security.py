@@ -40,11 +40,13 @@ PEER_CERT = {
 }
 
 
-def test_certificate_names_cover_cn_and_every_san_kind() -> None:
+def test_certificate_names_cover_every_san_kind_and_the_cn_only_without_sans() -> None:
     assert peer_tls.certificate_names(PEER_CERT) == {
-        "sbc.partner.example", "edge.partner.example", "2001:db8::1", "192.0.2.20",
-        "partner.example",
+        "edge.partner.example", "2001:db8::1", "192.0.2.20", "partner.example",
     }  # fmt: skip
+    # RFC 6125 6.4.4: the CN is a fallback for a certificate without SAN identities.
+    cn_only = {"subject": PEER_CERT["subject"]}
+    assert peer_tls.certificate_names(cn_only) == {"sbc.partner.example"}
     assert peer_tls.certificate_names(None) == set()
     assert peer_tls.certificate_names({}) == set()
 
@@ -52,7 +54,7 @@ def test_certificate_names_cover_cn_and_every_san_kind() -> None:
 @pytest.mark.parametrize(
     ("expected", "ok"),
     [
-        ("sbc.partner.example", True),  # subject CN
+        ("sbc.partner.example", False),  # subject CN: not beside SANs (RFC 6125 6.4.4)
         ("EDGE.partner.example.", True),  # SAN DNS, any case, trailing dot
         ("[2001:db8::1]", True),  # SAN IP, another spelling
         ("192.0.2.20", True),

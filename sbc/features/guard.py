@@ -329,7 +329,8 @@ class Guard:
 
     def auth_answer(self, key: str, status: int, now: float) -> None:
         """A final answer to a request that carried credentials: 401/407/403 count as a
-        failed authentication of its source and its user name; a 2xx forgets them."""
+        failed authentication of its source and its user name; a 2xx forgets them; any
+        other status (0: a stale-nonce challenge) only closes the request's record."""
         who = self._credentials.pop(key, None)
         if who is None:
             return

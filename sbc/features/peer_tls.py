@@ -16,8 +16,9 @@ PeerCert = Mapping[str, Any]  # the shape of ssl's getpeercert() result
 
 def certificate_names(cert: PeerCert | None) -> set[str]:
     """The identities a certificate carries, lower-case: its subjectAltName DNS names, IP
-    addresses (normalised) and the host parts of SIP/SIPS URIs (RFC 5922 7.1), plus the
-    subject's common names."""
+    addresses (normalised) and the host parts of SIP/SIPS URIs (RFC 5922 7.1); the
+    subject's common names only when it has no such subjectAltName (RFC 5922 7.1, RFC 6125
+    6.4.4: a CN is a fallback, never beside SANs)."""
     if not cert:
         return set()
     names: set[str] = set()
@@ -31,6 +32,8 @@ def certificate_names(cert: PeerCert | None) -> set[str]:
             # RFC 5922 7.1: a URI SAN names the SIP domain by its host part.
             host = text.split(":", 1)[1].split(";", 1)[0].rsplit("@", 1)[-1]
             names.add(host.lower())
+    if names:
+        return names
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
