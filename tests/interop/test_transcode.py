@@ -10,6 +10,7 @@ with SRTP mandatory: her leg is decrypted, transcoded and re-encrypted."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,41 @@ def test_a_caller_without_g711_talks_to_a_pcma_only_core(
             for party in ("caller", "callee"):
                 assert stream[party]["packets_in"] > 50, record
                 assert stream[party]["packets_out"] > 50, record
+
+
+DIGITS = "5#"
+
+
+def test_dtmf_digits_cross_the_transcoded_call(
+    kamailio_registrars: RegistrarFactory,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """RFC 4733 events through the transcoder: alice (Opus, telephone-event/48000) and bob
+    (PCMA, telephone-event/8000) each send digits (baresip ``sndcode``); the other side's
+    baresip reports each digit (CALL_DTMF_START with the digit). The SBC maps the payload
+    type and rescales the timestamps and durations between the clocks."""
+    (registrar,) = kamailio_registrars(1)
+    sbc = sbc_factory(media='core_codecs = ["PCMA"]', extra=_backends(registrar.uri))
+    proxy = f"127.0.0.1:{sbc.udp4}"
+    alice = phones("alice", hz=ALICE_HZ, codecs=("opus",))
+    bob = phones("bob", hz=BOB_HZ, codecs=("pcma",))
+    bob.command("uanew", account("bob", proxy, "udp", answer=True) + ";audio_codecs=PCMA/8000/1")
+    bob.wait_event("REGISTER_OK")
+    alice.command("uanew", account("alice", proxy, "udp") + ";audio_codecs=opus/48000/2")
+    alice.wait_event("REGISTER_OK")
+    alice.command("dial", "sip:bob@example.com")
+    alice.wait_event("CALL_ESTABLISHED", timeout=10.0)
+    bob.wait_event("CALL_ESTABLISHED", timeout=10.0)
+    for sender, receiver in ((alice, bob), (bob, alice)):
+        for i, digit in enumerate(DIGITS, start=1):
+            sender.command("sndcode", digit)
+            time.sleep(0.3)
+            sender.command("sndcode", "")  # baresip: an empty code ends the tone
+            receiver.wait_event("CALL_DTMF_START", timeout=5.0, count=i)
+        got = [e.get("param") for e in receiver.events if e.get("type") == "CALL_DTMF_START"]
+        assert got == list(DIGITS), f"{receiver.name} got {got}\n{receiver.explain()}"
+    alice.command("hangup")
+    alice.wait_event("CALL_CLOSED", timeout=10.0)
+    bob.wait_event("CALL_CLOSED", timeout=10.0)
