@@ -177,14 +177,19 @@ class _Worker:
     async def _timeouts(self) -> None:
         while True:
             await asyncio.sleep(self.check_every)
-            now = time.monotonic()
-            for event in self.engine.check_timeouts(now):
-                self._send(event)
-            # The relay's own RTCP on transcoded streams (RFC 3550 6.4.1, 7.2).
-            for port, packet, dest in self.engine.reports(now, time.time()):
-                transport = self.transports.get(port)
-                if transport is not None:
-                    transport.sendto(packet, dest)
+            try:
+                self._periodic(time.monotonic())
+            except Exception:  # one bad round must not end timeouts and RTCP for good
+                log.exception("media worker timer failed")
+
+    def _periodic(self, now: float) -> None:
+        for event in self.engine.check_timeouts(now):
+            self._send(event)
+        # The relay's own RTCP on transcoded streams (RFC 3550 6.4.1, 7.2).
+        for port, packet, dest in self.engine.reports(now, time.time()):
+            transport = self.transports.get(port)
+            if transport is not None:
+                transport.sendto(packet, dest)
 
     async def _totals(self) -> None:
         """The engine's counters for the metrics: at once, then every ``totals_every`` s."""
