@@ -5,7 +5,9 @@ the SBC offers the core PCMA, transcodes alice's leg between her codec and PCMA 
 media worker, and bob's leg passes PCMA through. Each phone hears the other's tone with its
 frequency intact (their recordings, checked with sox), the SDPs each phone got name only its
 own codec, and the call records carry the relay's counts. Once more with alice over TLS
-with SRTP mandatory: her leg is decrypted, transcoded and re-encrypted."""
+with SRTP mandatory: her leg is decrypted, transcoded and re-encrypted. DTMF (item 2):
+digits cross the transcoded call both ways as RFC 4733 events, and a digit reaches a
+callee without telephone-event as SIP INFO."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Certs, RegistrarFactory, SbcFactory
+from .conftest import Certs, RegistrarFactory, SbcFactory, require
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -32,6 +34,7 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     talk,
 )
 from .test_baresip import _backends
+from .test_calls import Lab, passed, received
 
 pytestmark = pytest.mark.interop
 
@@ -153,3 +156,39 @@ def test_dtmf_digits_cross_the_transcoded_call(
     alice.command("hangup")
     alice.wait_event("CALL_CLOSED", timeout=10.0)
     bob.wait_event("CALL_CLOSED", timeout=10.0)
+
+
+def test_dtmf_events_become_info_for_a_callee_without_telephone_event(
+    kamailio_registrars: RegistrarFactory,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """Item 2's interworking: alice (baresip, PCMU and telephone-event) presses 5; bob (a
+    SIPp UAS whose answer has PCMU alone) gets an INFO with application/dtmf-relay,
+    Signal=5, from the SBC, in his dialog."""
+    (registrar,) = kamailio_registrars(1)
+    records = tmp_path / "calls.jsonl"
+    sbc = sbc_factory(extra=_backends(registrar.uri) + f'\n[calls]\nrecords = "{records}"\n')
+    lab = Lab(sbc, registrar, records, tmp_path, require("sipp"))
+    try:
+        bob = lab.callee("call_info_dtmf_uas.xml", "bob", timeout=20.0)
+        alice = phones("alice", hz=ALICE_HZ)
+        alice.command("uanew", account("alice", f"127.0.0.1:{sbc.udp4}", "udp"))
+        alice.wait_event("REGISTER_OK")
+        alice.command("dial", "sip:bob@example.com")
+        alice.wait_event("CALL_ESTABLISHED", timeout=10.0)
+        time.sleep(0.5)
+        alice.command("sndcode", "5")
+        time.sleep(0.3)
+        alice.command("sndcode", "")
+        time.sleep(1.0)
+        alice.command("hangup")
+        alice.wait_event("CALL_CLOSED", timeout=10.0)
+        (b_msgs,) = passed(bob)
+        infos = [m for m in received(b_msgs) if m.method == "INFO"]
+        assert len(infos) == 1, [m.first_line for m in received(b_msgs)]
+        assert "Signal=5" in infos[0].body and "Duration=" in infos[0].body, infos[0].text
+    finally:
+        for sipp in lab.running:
+            sipp.stop()
