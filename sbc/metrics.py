@@ -53,6 +53,7 @@ _MEDIA_DROPS = {
     "no_destination": "no_destination",
     "invalid": "invalid",
     "protect_failures": "srtp_protect",
+    "transcode_dropped": "transcode",
 }
 
 
@@ -288,7 +289,8 @@ class SbcCollector(Collector):
             "sbc_media_dropped",
             "Media packets dropped: source (not from the call's latched or SDP address), "
             "no_session, no_destination (other party without an address or on hold), "
-            "invalid (not RTP), srtp_protect (SRTP protect refused)",
+            "invalid (not RTP), srtp_protect (SRTP protect refused), transcode (input a "
+            "transcoder could not use: undecodable, late, unknown payload type)",
             labels=["worker", "reason"],
         )
         srtp = CounterMetricFamily(

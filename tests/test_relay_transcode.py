@@ -128,3 +128,12 @@ def test_a_codec_the_relay_cannot_do_mutes_the_stream_instead_of_failing() -> No
     engine = transcoding(PCMU, CodecSpec(name="AMR", pt=96, clock=8000))
     assert engine.receive(PA, rtp(1, pt=0), A, 1.0) is None  # nothing under a wrong codec
     assert engine.reports(10.0, 1_700_000_000.0) == []
+
+
+def test_what_a_transcoder_cannot_use_is_counted_in_the_totals() -> None:
+    engine = transcoding()
+    engine.receive(PA, rtp(1, pt=0), A, 1.0)
+    engine.receive(PA, rtp(2, pt=96), A, 1.02)  # a payload type of neither codec
+    assert engine.totals().transcode_dropped == 1
+    engine.delete("s1")  # gone with its session, still in the totals
+    assert engine.totals().transcode_dropped == 1

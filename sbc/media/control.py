@@ -153,6 +153,7 @@ class Totals:
     no_destination: int = 0  # the other party had no address (yet, or on hold)
     invalid: int = 0  # not RTP/RTCP on a relayed (not passthrough) stream
     protect_failures: int = 0  # SRTP protect refused
+    transcode_dropped: int = 0  # input a transcoder could not use (undecodable, late, ...)
     sessions: int = 0  # sessions now
     ports: int = 0  # relay ports open now
 

@@ -502,17 +502,25 @@ class _Leg:
         self.bytes_out += len(packet)
         return (self.rtcp_port, packet, dest)
 
+    def transcode_dropped(self) -> int:
+        """Input this leg's transcoder could not use (undecodable, late, unknown payload
+        type, events the peer cannot take): the metrics' view of a failing transcoder."""
+        t = self.transcoder
+        return t.dropped if isinstance(t, Transcoder) else 0
+
     def set_transcoder(self) -> None:
         """After an Update: a transcoder from this party's codec to the peer's when both
         have one (kept while neither codec changes: its SSRC and sequence go on)."""
         mine = self.party.codec if self.party is not None else None
         theirs = self.peer.party.codec if self.peer.party is not None else None
         if mine is None or theirs is None or self.passthrough:
+            self.engine.transcode_dropped += self.transcode_dropped()
             self.transcoder = None
             self.codecs = None
             return
         if self.transcoder is not None and self.codecs == (mine, theirs):
             return
+        self.engine.transcode_dropped += self.transcode_dropped()  # the one replaced
         self.codecs = (mine, theirs)
         try:
             self.transcoder = Transcoder(mine, theirs)
@@ -644,6 +652,7 @@ class RelayEngine:
         self.no_destination = 0  # the other party has no address yet (or is on hold)
         self.invalid = 0  # not RTP/RTCP on a non-passthrough stream
         self.protect_failures = 0  # SRTP protect refused (a duplicate, RFC 3711 9.1)
+        self.transcode_dropped = 0  # what transcoders gone could not use (live: per leg)
         # Packets made by a transcoder beyond the one ``receive`` returned (re-framing to a
         # shorter packet time): the caller sends them right after, and clears the list.
         self.pending: list[Out] = []
@@ -669,15 +678,18 @@ class RelayEngine:
         """Every counter since the engine started, and the sessions and ports it holds
         (O(streams), for the periodic metrics report; nothing is added per packet)."""
         sums = list(self._retired)
+        transcode = self.transcode_dropped
         for session in self._sessions.values():
             for legs in session.streams.values():
                 for leg in legs:
                     for i, name in enumerate(_LEG_COUNTERS):
                         sums[i] += getattr(leg, name)
+                    transcode += leg.transcode_dropped()
         return control.Totals(
             **dict(zip(_LEG_COUNTERS, sums, strict=True)),
             no_session=self.no_session, no_destination=self.no_destination,
             invalid=self.invalid, protect_failures=self.protect_failures,
+            transcode_dropped=transcode,
             sessions=len(self._sessions), ports=len(self._ports),
         )  # fmt: skip
 
@@ -685,6 +697,7 @@ class RelayEngine:
         for leg in legs:
             for i, name in enumerate(_LEG_COUNTERS):
                 self._retired[i] += getattr(leg, name)
+            self.transcode_dropped += leg.transcode_dropped()
 
     # -- packets ------------------------------------------------------------------------
     def receive(self, port: int, data: bytes, src: Address, now: float) -> Out | None:
