@@ -1,0 +1,85 @@
+"""CPU per call of the sans-I/O core alone: no sockets, no event loop, no media worker.
+
+    .venv/bin/python bench/core_calls.py [--calls 2000] [--profile]
+
+Drives ``SbcCore`` with the B2BUA tests' call flow (tests/test_b2bua.py ``Lab``: an anchored
+call alice -> SBC -> backend: INVITE with SDP, 180, 200 with SDP, ACK, BYE, 200; the
+backend's answers made by the test helpers) and times only the core's own entry points
+(``receive_datagram``, ``handle_timer``, ``media_event``), so the figure is what one call
+costs the signalling process before any I/O. It bounds what bench/calls.py can reach on one
+core: 1 / (CPU per call) calls per second at best. ``--profile`` prints cProfile's top
+functions (cumulative) of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import test_b2bua as tb
+
+from sbc.core import SbcCore
+
+spent = [0.0]
+
+
+def _timed(name: str) -> None:
+    original: Callable[..., Any] = getattr(SbcCore, name)
+
+    def timed(self: SbcCore, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    setattr(SbcCore, name, timed)
+
+
+def run(calls: int) -> None:
+    lab = tb.Lab()
+    for n in range(1, calls + 1):
+        _, _, got = tb.establish(lab, n)
+        tb.alice_hangs_up(lab, got, 2, n)
+        if n % 50 == 0:
+            lab.run_until(lab.now + 0.5)
+            lab.seen.clear()
+    lab.run_until(lab.now + 40)
+    lab.assert_clean()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    ap.add_argument("--calls", type=int, default=2000, help="calls timed (2000)")
+    ap.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    args = ap.parse_args()
+    for name in ("receive_datagram", "handle_timer", "media_event"):
+        _timed(name)
+    run(200)  # warm-up
+    spent[0] = 0.0
+    wall = time.perf_counter()
+    run(args.calls)
+    wall = time.perf_counter() - wall
+    per_call = spent[0] / args.calls
+    print(
+        f"core CPU per call: {per_call * 1e6:.0f} us (at most {1 / per_call:,.0f} calls/s on "
+        f"one core); wall per call with the test peers: {wall / args.calls * 1e6:.0f} us"
+    )
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        run(args.calls)
+        profile.disable()
+        pstats.Stats(profile).sort_stats("cumulative").print_stats("sbc/", 40)
+
+
+if __name__ == "__main__":
+    main()
