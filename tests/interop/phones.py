@@ -38,7 +38,7 @@ import pytest
 from . import media_check as mc
 from .conftest import TCP, PortPool, require
 from .netns import Namespace
-from .test_baresip import CTRL_FAILED, MODULES, Baresip, BaresipError, _header
+from .test_baresip import MODULES, Baresip, BaresipError, _header, came_up, stop_all
 
 HOST = "127.0.0.1"
 DOMAIN = "example.com"
@@ -211,26 +211,14 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
                 ns=ns,
             )
             started.append(phone)
-            try:
-                phone.wait_ready()
-                phone.connect()
+            if came_up(phone, attempt):
                 return phone
-            except BaresipError as exc:
-                phone.stop()
-                if CTRL_FAILED not in phone.log() or attempt == 2:
-                    pytest.fail(str(exc))
         raise AssertionError("unreachable")
 
     try:
         yield start
     finally:
-        problems = []
-        for phone in started:
-            problem = phone.stop()
-            print(f"--- baresip {phone.name} ({phone.log_path}) ---\n{phone.explain()}")
-            if problem:
-                problems.append(f"{phone.name}: {problem}")
-        assert not problems, "\n".join(problems)
+        stop_all(started)
 
 
 def account(

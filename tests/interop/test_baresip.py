@@ -237,6 +237,33 @@ ctrl_tcp_listen		127.0.0.1:{ctrl_port}
 BaresipFactory = Callable[..., Baresip]
 
 
+def came_up(phone: Baresip, attempt: int, attempts: int = 3) -> bool:
+    """Whether a freshly started baresip answers on its control socket: True, or False to
+    start it again on another port (the free port was taken between the probe and its bind);
+    any other failure, or the last attempt, fails the test."""
+    try:
+        phone.wait_ready()
+        phone.connect()
+        return True
+    except BaresipError as exc:
+        phone.stop()
+        if CTRL_FAILED not in phone.log() or attempt == attempts - 1:
+            pytest.fail(str(exc))
+        return False
+
+
+def stop_all(phones: list[Baresip]) -> None:
+    """Stop each by its PID, print its events and log, and fail on any that misbehaved."""
+    problems = []
+    for phone in phones:
+        problem = phone.stop()
+        name = getattr(phone, "name", "")
+        print(f"--- baresip {name} ({phone.log_path}) ---\n{phone.explain()}")
+        if problem:
+            problems.append(f"{name}: {problem}" if name else problem)
+    assert not problems, "\n".join(problems)
+
+
 @pytest.fixture
 def baresip(tmp_path: Path) -> Iterator[BaresipFactory]:
     """``baresip(cafile=None)`` starts a baresip with no account, connected to its control
@@ -264,27 +291,14 @@ def baresip(tmp_path: Path) -> Iterator[BaresipFactory]:
                 )
             phone = Baresip(proc=proc, confdir=confdir, log_path=log_path, ctrl_port=ctrl_port)
             started.append(phone)
-            try:
-                phone.wait_ready()
-                phone.connect()
+            if came_up(phone, attempt):
                 return phone
-            except BaresipError as exc:
-                phone.stop()
-                # The free port can be taken between the probe and baresip's bind.
-                if CTRL_FAILED not in phone.log() or attempt == 2:
-                    pytest.fail(str(exc))
         raise AssertionError("unreachable")
 
     try:
         yield start
     finally:
-        problems = []
-        for phone in started:
-            problem = phone.stop()
-            print(f"--- baresip ({phone.log_path}) ---\n{phone.explain()}")
-            if problem:
-                problems.append(problem)
-        assert not problems, "\n".join(problems)
+        stop_all(started)
 
 
 def _backends(*uris: str) -> str:
