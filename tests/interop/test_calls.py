@@ -191,6 +191,37 @@ def _udp_bound(port: int) -> bool:
     return any(line.split()[1] == wanted for line in lines if len(line.split()) > 1)
 
 
+def register_via(
+    sbc: SbcProcess, user: str, port: int, *, source: str = HOST, expires: int = 600
+) -> sipwire.Response:
+    """A REGISTER for ``user`` through the SBC's UDP access port from ``source:port`` (where
+    the user's UAS will listen): the SBC sends the user's calls back there. Its final
+    response."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, port))
+        local = f"{source}:{port}"
+        tag = f"reg{port}"
+        lines = [
+            f"REGISTER sip:{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag}{time.monotonic_ns()};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
+            f"To: <sip:{user}@{DOMAIN}>",
+            f"Call-ID: {tag}-{user}@interop",
+            "CSeq: 1 REGISTER",
+            f"Contact: <sip:{user}@{local}>",
+            f"Expires: {expires}",
+            "Content-Length: 0",
+        ]
+        sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), (sbc.host4, sbc.udp4))
+        deadline = time.monotonic() + 5.0
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            response = sipwire.parse_response(sock.recvfrom(65535)[0])
+            if response.status >= 200:
+                return response
+
+
 @dataclass
 class Lab:
     """Kamailio behind the SBC, and the SIPp user agents of one test."""
@@ -217,29 +248,7 @@ class Lab:
     def register(self, user: str, port: int, *, expires: int = 600) -> sipwire.Response:
         """bob's REGISTER through the SBC from ``127.0.0.1:port`` (the port his UAS will
         listen on): the SBC sends his calls back to the address the REGISTER came from."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((HOST, port))
-            local = f"{HOST}:{port}"
-            tag = f"reg{port}"
-            lines = [
-                f"REGISTER sip:{DOMAIN} SIP/2.0",
-                f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag}{time.monotonic_ns()};rport",
-                "Max-Forwards: 70",
-                f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
-                f"To: <sip:{user}@{DOMAIN}>",
-                f"Call-ID: {tag}-{user}@interop",
-                "CSeq: 1 REGISTER",
-                f"Contact: <sip:{user}@{local}>",
-                f"Expires: {expires}",
-                "Content-Length: 0",
-            ]
-            sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), (HOST, self.sbc.udp4))
-            deadline = time.monotonic() + 5.0
-            while True:
-                sock.settimeout(max(0.01, deadline - time.monotonic()))
-                response = sipwire.parse_response(sock.recvfrom(65535)[0])
-                if response.status >= 200:
-                    return response
+        return register_via(self.sbc, user, port, expires=expires)
 
     def start(
         self,

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from .conftest import (
     SbcProcess,
     require,
 )
+from .test_calls import register_via
 
 pytestmark = pytest.mark.interop
 
@@ -187,34 +187,6 @@ def free_port(host: str) -> int:
     port = pool.port(host, UDP, TCP)
     pool.release()
     return port
-
-
-def register_from(source: str, sbc: SbcProcess, user: str, port: int) -> sipwire.Response:
-    """A REGISTER for ``user`` from ``source:port`` (where its UAS will listen) through the
-    SBC, which sends the user's calls back there."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((source, port))
-        local = f"{source}:{port}"
-        tag = f"reg{port}"
-        lines = [
-            f"REGISTER sip:{DOMAIN} SIP/2.0",
-            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag}{time.monotonic_ns()};rport",
-            "Max-Forwards: 70",
-            f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
-            f"To: <sip:{user}@{DOMAIN}>",
-            f"Call-ID: {tag}-{user}@interop",
-            "CSeq: 1 REGISTER",
-            f"Contact: <sip:{user}@{local}>",
-            "Expires: 600",
-            "Content-Length: 0",
-        ]
-        sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), (sbc.host4, sbc.udp4))
-        deadline = time.monotonic() + 5.0
-        while True:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            response = sipwire.parse_response(sock.recvfrom(65535)[0])
-            if response.status >= 200:
-                return response
 
 
 # -- SIPp in the background ---------------------------------------------------------------
@@ -653,7 +625,7 @@ def test_flood_is_banned_and_honest_clients_keep_working(
     pid = sbc.proc.pid
     # bob answers calls on CALLEE, where he registered from.
     bob_port = free_port(CALLEE)
-    assert register_from(CALLEE, sbc, "bob", bob_port).status == 200, sbc.log()
+    assert register_via(sbc, "bob", bob_port, source=CALLEE).status == 200, sbc.log()
     bob = fleet.start(
         "bob", "call_basic_uas.xml", CALLEE, port=bob_port, calls=HONEST_CALLS, timeout=25
     )
