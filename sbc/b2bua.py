@@ -38,11 +38,11 @@ from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
 from sbc.media import dtmf
 from sbc.media.control import Dtmf
-from sbc.media.session import MediaRefused
+from sbc.media.session import MediaRefused, TranscodeCounts
 from sbc.relay import BackendRelay
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
-from sbc.sip.flow import Flow, format_host
-from sbc.sip.headers import NameAddr
+from sbc.sip.flow import Flow, format_address, format_host
+from sbc.sip.headers import NameAddr, parse_name_addr
 from sbc.sip.message import ParseError, Request, Response, make_response
 from sbc.sip.transaction import (
     ClientTransaction,
@@ -99,6 +99,13 @@ class MediaSeam(Protocol):
     # A DTMF digit from SIP INFO: True if the relay sends it as RFC 4733 events instead.
     def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool: ...
 
+    # A Warning value saying why the pending offer may have been refused (488/606), or None.
+    def refused_warning(self, call: str) -> str | None: ...
+
+    def transcoded(self, call: str) -> int: ...  # the call's streams transcoded at some time
+
+    def transcoding(self) -> TranscodeCounts: ...
+
 
 class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
@@ -117,6 +124,15 @@ class PassThroughMedia:
 
     def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool:
         return False
+
+    def refused_warning(self, call: str) -> str | None:
+        return None
+
+    def transcoded(self, call: str) -> int:
+        return 0
+
+    def transcoding(self) -> TranscodeCounts:
+        return TranscodeCounts()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,8 +194,8 @@ class Leg:
     """One UA's side of a call: its dialog, the flow it is reached on, our Contact there."""
 
     __slots__ = (
-        "ack_pending", "ack_sent", "call", "caller", "contact", "dialog", "flow", "invite_cseq",
-        "invite_in", "invite_out", "peer", "retransmit", "side", "update_out",
+        "ack_dest", "ack_pending", "ack_sent", "call", "caller", "contact", "dialog", "flow",
+        "invite_cseq", "invite_in", "invite_out", "peer", "retransmit", "side", "update_out",
     )  # fmt: skip
 
     def __init__(
@@ -198,6 +214,7 @@ class Leg:
         self.update_out: ClientTransaction | None = None
         self.ack_pending: int | None = None  # UAC: a 2xx to this INVITE CSeq awaits our ACK
         self.ack_sent: Request | None = None  # UAC: the ACK sent (re-sent on 2xx retransmission)
+        self.ack_dest: Flow | None = None  # where that ACK went
         self.retransmit: _Retransmit | None = None  # UAS: our 2xx, until the ACK comes
 
     def __repr__(self) -> str:
@@ -256,6 +273,7 @@ class Call:
         self.tried: tuple[str, ...] = ()  # backends the request was sent to, in order
         self.timers: dict[str, int] = {}
         self.counted_backend: BackendState | None = None
+        self.transcoded = 0  # streams the media relay transcoded (the record)
 
     @property
     def source(self) -> str:
@@ -627,6 +645,7 @@ class B2bua:
         call.status = status
         if call.a_tx is not None and not call.cancelled and call.state != "ended":
             mapped = self._map_response(resp, call.a_request, call.a_side, call.a_tag, call, None)
+            self._media_warning(call, mapped)
             out += call.a_tx.respond(mapped, now)
         if call.state != "ended":
             self._finish(call, f"{status} {resp.reason}", now)
@@ -749,7 +768,7 @@ class B2bua:
         cseq = resp.cseq
         if ack is None or cseq is None or ack.cseq is None or ack.cseq.seq != cseq.seq:
             return []
-        return [Send(message=ack, dest=leg.flow)]
+        return [Send(message=ack, dest=leg.ack_dest or leg.flow)]
 
     def _mapped_response(self, work: _Mapped, resp: Response, now: float) -> list[Output]:
         status = resp.status
@@ -773,8 +792,6 @@ class B2bua:
         if ok and method in ("INVITE", "UPDATE"):
             dest.dialog.refresh_target(resp)  # RFC 3261 12.2.1.2, RFC 3311 5.2
             self._session_timer(call, resp, now)
-        if status >= 300 and method in ("INVITE", "UPDATE") and work.tx.request.body:
-            self.media.rejected(call.id)  # RFC 3264 8: a refused re-offer changes nothing
         mapped = self._map_response(
             resp,
             work.tx.request,
@@ -784,6 +801,9 @@ class B2bua:
             origin.contact,
             toward_caller=origin.caller,
         )
+        if status >= 300 and method in ("INVITE", "UPDATE") and work.tx.request.body:
+            self._media_warning(call, mapped)
+            self.media.rejected(call.id)  # RFC 3264 8: a refused re-offer changes nothing
         out: list[Output] = []
         if method == "INVITE" and ok:
             dest.ack_pending = work.cseq
@@ -890,8 +910,7 @@ class B2bua:
             if leg.update_out is not None or peer.update_out is not None:
                 return self._answer(tx, 491, None, (), now)  # RFC 3311 5.2: glare
             leg.dialog.refresh_target(req)
-        fwd = peer.dialog.request(method)
-        self._add_via(fwd, peer.flow)
+        fwd, dest = self._within(peer, method)
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
         if method in CONTACT_METHODS:
@@ -907,9 +926,7 @@ class B2bua:
         except MediaRefused as exc:
             return self._answer(tx, 488, str(exc), (), now)  # the call goes on as it was
         seq = fwd.cseq.seq if fwd.cseq is not None else 0
-        ctx, out = self.transactions.send_request(
-            fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
-        )
+        ctx, out = self.transactions.send_request(fwd, dest=dest, reliable=dest.reliable, now=now)
         self._work[ctx] = _Mapped(tx, leg, peer, method, seq)
         if method == "INVITE":
             leg.invite_in = tx
@@ -961,15 +978,12 @@ class B2bua:
         out = self._answer(tx, 200, None, (), now)
         if peer.ack_pending is not None:
             out += self._send_ack(peer, peer.ack_pending, None)  # RFC 3261 15: ACK, then BYE
-        fwd = peer.dialog.request("BYE")
-        self._add_via(fwd, peer.flow)
+        fwd, dest = self._within(peer, "BYE")
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))
         self._copy_headers(req, fwd, peer.side)
         self._copy_body(call, req, fwd, peer.caller)
-        ctx, sent = self.transactions.send_request(
-            fwd, dest=peer.flow, reliable=peer.flow.reliable, now=now
-        )
+        ctx, sent = self.transactions.send_request(fwd, dest=dest, reliable=dest.reliable, now=now)
         self._work[ctx] = _Own(call, "BYE")
         self.stats["in_dialog:BYE"] += 1
         self._finish(call, call.cause, now)
@@ -999,8 +1013,7 @@ class B2bua:
     def _send_ack(self, leg: Leg, cseq: int, source: Request | None) -> list[Output]:
         """The UAC core's ACK for a 2xx (RFC 3261 13.2.2.4): same CSeq number, the dialog's
         route set, a new branch; a late SDP answer in the caller's ACK is carried over."""
-        ack = leg.dialog.request("ACK", seq=cseq)
-        self._add_via(ack, leg.flow)
+        ack, dest = self._within(leg, "ACK", seq=cseq)
         mf = source.max_forwards if source is not None else None
         ack.add("Max-Forwards", str(70 if mf is None else max(mf - 1, 0)))  # RFC 3261 16.6
         if source is not None:
@@ -1009,8 +1022,9 @@ class B2bua:
         else:
             ack.add("Content-Length", "0")
         leg.ack_sent = ack
+        leg.ack_dest = dest
         leg.ack_pending = None
-        return [Send(message=ack, dest=leg.flow)]
+        return [Send(message=ack, dest=dest)]
 
     # -- CANCEL (RFC 3261 9) --------------------------------------------------------------
     def cancel(self, target: ServerTransaction, now: float) -> list[Output]:
@@ -1024,9 +1038,10 @@ class B2bua:
             ctx = peer.invite_out if peer is not None else None
             owner.invite_in = None
             if ctx is not None and peer is not None:
+                # RFC 3261 9.1: the CANCEL goes where the request it cancels went.
                 cancel = cancel_request(ctx.request)
                 c_tx, sent = self.transactions.send_request(
-                    cancel, dest=peer.flow, reliable=peer.flow.reliable, now=now
+                    cancel, dest=ctx.dest, reliable=ctx.reliable, now=now
                 )
                 self._work[c_tx] = _Own(owner.call, "CANCEL")
                 out += sent
@@ -1093,14 +1108,11 @@ class B2bua:
         return out
 
     def _send_bye(self, call: Call, leg: Leg, now: float, *, reason: str) -> list[Output]:
-        bye = leg.dialog.request("BYE")
-        self._add_via(bye, leg.flow)
+        bye, dest = self._within(leg, "BYE")
         bye.add("Max-Forwards", "70")
         bye.add("Reason", reason)  # RFC 3326
         bye.add("Content-Length", "0")
-        tx, out = self.transactions.send_request(
-            bye, dest=leg.flow, reliable=leg.flow.reliable, now=now
-        )
+        tx, out = self.transactions.send_request(bye, dest=dest, reliable=dest.reliable, now=now)
         self._work[tx] = _Own(call, "BYE")
         return out
 
@@ -1155,6 +1167,7 @@ class B2bua:
             if call.counted_backend is not None:
                 self.relay.balancer.dialog_ended(call.counted_backend)
                 call.counted_backend = None
+            call.transcoded = self.media.transcoded(call.id)
             stats_follow = self.media.release(call.id)
             if self.policy.keep_records:
                 if stats_follow:
@@ -1191,13 +1204,10 @@ class B2bua:
         if call is None or call.state == "ended" or call.confirmed is None:
             return []
         leg = call.confirmed[1] if event.party == "a" else call.confirmed[0]
-        info = leg.dialog.request("INFO")
-        self._add_via(info, leg.flow)
+        info, dest = self._within(leg, "INFO")
         info.add("Max-Forwards", "70")
         info.set_body(dtmf.body(event.digit, event.duration_ms), dtmf.DTMF_RELAY)
-        tx, out = self.transactions.send_request(
-            info, dest=leg.flow, reliable=leg.flow.reliable, now=now
-        )
+        tx, out = self.transactions.send_request(info, dest=dest, reliable=dest.reliable, now=now)
         self._work[tx] = _Own(call, "INFO")
         self.stats["dtmf_rtp_to_info"] += 1
         return out
@@ -1235,6 +1245,7 @@ class B2bua:
             "cause": call.cause,
             "backend": call.target.backend.name if call.target.backend else None,
             "legs": legs,
+            "transcoded_streams": call.transcoded,
             "media": media,
         }, separators=(",", ":"))  # fmt: skip
 
@@ -1432,6 +1443,53 @@ class B2bua:
                        hashlib.sha256)  # fmt: skip
         return mac.hexdigest()[:24]
 
+    def _within(self, leg: Leg, method: str, *, seq: int | None = None) -> tuple[Request, Flow]:
+        """A request within the dialog of ``leg`` (RFC 3261 12.2.1.1) with our Via, and the
+        flow it goes out on.
+
+        A client (access side) is reached over its own flow whatever its Contact says: the
+        NAT binding or connection it registered or called from (RFC 5626 5.3, RFC 3581).
+        Towards the core and peers the request follows the route set, else the remote
+        target (12.2.1.1). A next hop that is this SBC itself (a call from one of its
+        clients to another that went out to a registrar which did not record-route, and
+        came back in) is handed to the SBC's own matching leg without leaving it. Any other
+        next hop is reached through the leg's backend or peer as an outbound proxy, with its
+        URI pre-loaded as a loose Route when the route set is empty (8.1.2), so that a proxy
+        that did not record-route still forwards the request to the target instead of
+        taking it for itself."""
+        req = leg.dialog.request(method, seq=seq)
+        dest = self._next_hop(leg, req)
+        self._add_via(req, dest)
+        return req, dest
+
+    def _next_hop(self, leg: Leg, req: Request) -> Flow:
+        flow = leg.flow
+        if leg.side == ACCESS:
+            return flow
+        dialog = leg.dialog
+        if dialog.route_set:
+            try:
+                uri = parse_name_addr(dialog.route_set[0], check_uri=False).sip_uri
+            except ParseError:
+                return flow
+        else:
+            uri = req.uri if isinstance(req.uri, SipUri) else None
+        if uri is None:
+            return flow
+        port = uri.port or (5061 if uri.secure or flow.transport == "tls" else 5060)
+        hop = (uri.host_bare, port)
+        if hop == flow.remote:
+            return flow
+        own = self.relay.own_core_address(hop)
+        if own is not None:
+            self.stats["looped_in_dialog"] += 1
+            return Flow(flow.transport, flow.local, own)
+        if not dialog.route_set:
+            transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
+            req.add("Route", f"<sip:{format_address(flow.remote)}{transport};lr>")
+            self.stats["route_preloaded"] += 1
+        return flow
+
     def _add_via(self, req: Request, flow: Flow) -> None:
         local = self.relay.advertised(flow)
         req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
@@ -1500,6 +1558,16 @@ class B2bua:
             body = self._response_body(call, resp, request, body, toward_caller)
         out.set_body(body)
         return out
+
+    def _media_warning(self, call: Call, resp: Response) -> None:
+        """A 488 or 606 to an offer (RFC 3261 21.4.26, 21.6.4) gets the SBC's own Warning
+        saying why (the answerer's Warning names a core host and is not passed to clients):
+        no codec the SBC transcodes, the cap, or no codec the answerer takes."""
+        if resp.status not in (488, 606):
+            return
+        warning = self.media.refused_warning(call.id)
+        if warning is not None:
+            resp.add("Warning", warning)
 
     def _response_body(
         self, call: Call, resp: Response, request: Request, body: bytes, toward_caller: bool

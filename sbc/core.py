@@ -71,6 +71,8 @@ DEFAULT_HEALTH = HealthPolicy()
 # relays end to end (reliable provisionals, RFC 3262; session timers, RFC 4028) and those
 # of registration (Path, RFC 3327; outbound, RFC 5626).
 SUPPORTED: frozenset[str] = frozenset({"100rel", "timer", "path", "outbound"})
+# How many messages to this SBC itself may be received inside one another (_loop_back).
+_MAX_LOOP_DEPTH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class SbcCore:
         # Stream flows by last activity, oldest first (dicts keep insertion order).
         self._activity: dict[Flow, float] = {}
         self.stats: Counter[str] = Counter()
+        self._loop_depth = 0  # messages to this SBC itself being received (_loop_back)
 
     # -- reload and shutdown (issue 7 item 3) ---------------------------------------------
     def reconfigure(self, settings: CoreSettings, now: float) -> None:
@@ -550,7 +553,10 @@ class SbcCore:
                 else:
                     data = bytes(msg)
                 assert isinstance(out.dest, Flow)
-                actions.append(SendData(out.dest, data))
+                if self.backends.own_core_address(out.dest.remote) is not None:
+                    actions += self._loop_back(data, out.dest, now)
+                else:
+                    actions.append(SendData(out.dest, data))
             elif isinstance(out, ResponseReceived):
                 if self.calls.owns(out.transaction):
                     events = self.calls.on_response(out.transaction, out.response, now)
@@ -571,6 +577,27 @@ class SbcCore:
                 else:
                     self.calls.server_gone(out.transaction)
         return actions
+
+    def _loop_back(self, data: bytes, dest: Flow, now: float) -> list[Action]:
+        """A message for this SBC itself: a request within a call that left through the core
+        and came back in (the remote target is one of our core addresses) or the response to
+        one. It is received at once on the listener it names, as if it had come from the
+        socket that sent it, without a round trip through the kernel or a backend. Bounded:
+        a loop inside a loop is legitimate (a BYE and its answer); deeper is a fault."""
+        if self._loop_depth >= _MAX_LOOP_DEPTH:
+            self.stats["loop_dropped"] += 1
+            log.warning("message to this SBC itself dropped: loop too deep")
+            return []
+        flow = Flow(dest.transport, dest.remote, dest.local)
+        self.stats["looped"] += 1
+        self._loop_depth += 1
+        try:
+            msg = parse_message(data, limits=self.settings.limits, datagram=True)
+            return self._handle(msg, flow, now)
+        except ParseError as exc:
+            return self._parse_failed(exc, flow)
+        finally:
+            self._loop_depth -= 1
 
     # -- transport rules ------------------------------------------------------------------
     @staticmethod

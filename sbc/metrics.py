@@ -319,6 +319,23 @@ class SbcCollector(Collector):
             sessions.add_metric([w], t.sessions)
             ports.add_metric([w], t.ports)
         yield from (packets, octets, drops, srtp, sessions, ports)
+        # Transcoding, as the signalling process decided it (docs/media.md).
+        counts = self.core.calls.media.transcoding()
+        yield GaugeMetricFamily(
+            "sbc_transcoding_streams",
+            "Media streams transcoded now (the two legs have different codecs)",
+            value=counts.streams,
+        )
+        yield CounterMetricFamily(
+            "sbc_transcoded_streams",
+            "Media streams that were transcoded, since the start",
+            value=counts.streams_total,
+        )
+        yield GaugeMetricFamily(
+            "sbc_transcoding_calls",
+            "Calls holding a place under [media] max_transcoded_calls now",
+            value=counts.calls,
+        )
 
 
 def status_report(

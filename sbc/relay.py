@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import heapq
+import ipaddress
 import itertools
 import logging
 import random
@@ -192,6 +193,19 @@ class BackendRelay:
         """A core-side listener the SBC sends from (the I/O layer reports what it bound)."""
         self._sockets.setdefault((transport, ":" in address[0]), address)
         self._core_locals.add(address)
+
+    def own_core_address(self, address: Address) -> Address | None:
+        """The core-side listener at ``address`` (host compared by value, so an IPv6
+        address written another way still matches), or None if it is not this SBC's."""
+        host, port = address
+        try:
+            wanted = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        for local in self._core_locals:
+            if local[1] == port and ipaddress.ip_address(local[0]) == wanted:
+                return local
+        return None
 
     def advertised(self, flow: Flow) -> str:
         """host:port the SBC names itself by on ``flow`` (Via, Contact): ``[sbc]

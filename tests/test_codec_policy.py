@@ -7,7 +7,18 @@ import dataclasses
 import json
 
 import pytest
-from test_b2bua import ALICE, B1, Lab, ack_for, alice_hangs_up, invite, only, reply
+from test_b2bua import (
+    ALICE,
+    ANSWER_SDP,
+    B1,
+    SDP,
+    Lab,
+    ack_for,
+    alice_hangs_up,
+    invite,
+    only,
+    reply,
+)
 from test_b2bua import media_policy as b2bua_media_policy
 
 from sbc.app import media_policy
@@ -158,13 +169,76 @@ def test_a_shared_codec_is_offered_alone_and_nothing_is_transcoded() -> None:
     h.assert_clean()
 
 
-def test_defaults_pass_every_offer_as_it_was() -> None:
+def test_defaults_append_the_missing_codecs_behind_the_offerers() -> None:
     h = Harness(policy(core=DEFAULT_CODECS))
     to_core = h.offer(OPUS_OFFER)
-    assert to_core.formats == ["96", "101"] and any(kind == "b" for kind, _ in to_core.lines)
+    # The caller's Opus first (its PT), then the list's codecs it lacks (static PTs), then
+    # its telephone-event; the b= sized for Opus goes.
+    assert to_core.formats == ["96", "9", "0", "8", "101"]
+    assert rtpmaps(to_core) == [
+        "96 opus/48000/2", "9 G722/8000", "0 PCMU/8000", "8 PCMA/8000",
+        "101 telephone-event/8000",
+    ]  # fmt: skip
+    assert not any(kind == "b" for kind, _ in to_core.lines)
+    # A shared codec may still be picked: no slot is held while the answer is pending.
     assert h.ctl.transcoded_calls == 0
+    # The callee takes the caller's Opus: nothing is transcoded.
     h.answer(OPUS_OFFER.replace(b"192.168.1.20", b"10.1.0.50"))
-    assert h.codecs() == (None, None)
+    assert h.codecs() == (None, None) and h.ctl.transcoding().streams == 0
+    assert h.ctl.transcoded("c1") == 0
+    h.assert_clean()
+
+
+@pytest.mark.parametrize(
+    ("caller", "callee"),
+    [("PCMU", "PCMA"), ("PCMA", "PCMU"), ("OPUS", "PCMA"), ("G722", "PCMU"), ("PCMU", "OPUS")],
+)
+def test_a_callee_without_the_callers_codec_gets_one_the_sbc_transcodes(
+    caller: str, callee: str
+) -> None:
+    """The default lists: a callee that lacks the caller's only codec picks one the SBC
+    appended, and the stream is transcoded between the two."""
+    h = Harness(policy(core=DEFAULT_CODECS))
+    pts = {"PCMU": 0, "PCMA": 8, "G722": 9, "OPUS": 111}
+    rtpmap = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/8000",
+              "OPUS": "opus/48000/2"}  # fmt: skip
+    offer = offer_sdp(f"audio {pts[caller]}", f"a=rtpmap:{pts[caller]} {rtpmap[caller]}")
+    to_core = h.offer(offer)
+    names = [r.split()[1].split("/")[0].upper() for r in rtpmaps(to_core)]
+    assert names[0] == caller and sorted(names) == sorted(DEFAULT_CODECS), names
+    added = next(r for r in rtpmaps(to_core) if r.split()[1].upper().startswith(callee))
+    pt = added.split()[0]
+    h.answer(offer_sdp(f"audio {pt}", f"a=rtpmap:{added}", host="10.1.0.50"))
+    a, b = h.codecs()
+    assert a is not None and b is not None and (a.name, b.name) == (caller, callee)
+    assert h.ctl.transcoding().streams == 1 and h.ctl.transcoded("c1") == 1
+    assert h.ctl.transcoded_calls == 1
+    h.assert_clean()
+    assert h.ctl.transcoding().streams_total == 1
+
+
+def test_why_an_offer_was_refused_is_a_305_warning() -> None:
+    h = Harness(policy(core=DEFAULT_CODECS, cap=1))
+    # G.729 alone: nothing the SBC can transcode, nothing added.
+    h.offer(offer_sdp("audio 18", "a=rtpmap:18 G729/8000"))
+    assert h.ctl.refused_warning("c1") == (
+        '305 sbc "Incompatible media format: no offered codec (G729) is one the SBC transcodes"'
+    )
+    h.ctl.rejected("c1")
+    assert h.ctl.refused_warning("c1") is None and h.ctl.state_size()["media_ports"] == 0
+    # PCMU with the others appended, and the answerer still took none.
+    h.offer(offer_sdp("audio 0", "a=rtpmap:0 PCMU/8000"), call="c2")
+    assert h.ctl.refused_warning("c2") == (
+        '305 sbc "Incompatible media format: the answerer takes none of PCMU OPUS G722 PCMA"'
+    )
+    # At the cap (c3 transcodes), c4's offer goes on without anything added.
+    h.offer(OPUS_OFFER, call="c3")
+    h.answer(PCMA_ANSWER, call="c3")
+    assert h.ctl.transcoded_calls == 1
+    assert h.offer(offer_sdp("audio 0", "a=rtpmap:0 PCMU/8000"), call="c4").formats == ["0"]
+    assert h.ctl.refused_warning("c4") == (
+        '305 sbc "Incompatible media format: transcoding capacity reached (offered: PCMU)"'
+    )
     h.assert_clean()
 
 
@@ -215,8 +289,8 @@ def test_the_sides_list_order_and_the_offerers_best_codec() -> None:
         "a=rtpmap:96 opus/48000/2",
         "a=rtpmap:96 opus/48000/2",
     )
-    # G.722 (9) is offered, so it is kept; nothing is added.
-    assert h.offer(offer).formats == ["9"]
+    # G.722 (9) is offered, so it is kept, and PCMA, which it lacks, is appended.
+    assert h.offer(offer).formats == ["9", "8"]
     h.assert_clean()
     # Without G.722: the core's list in its order, G.722 first (static PT 9).
     to_core = h.offer(offer.replace(b" 9\r\n", b"\r\n"))
@@ -318,11 +392,15 @@ def test_reoffers_on_a_transcoded_call_keep_the_legs_codecs() -> None:
     assert h.codecs() == (OPUS_LEG, PCMA_LEG) and h.ctl.transcoded_calls == 1
 
     # A re-offer from the core (PCMA only): the caller's side allows PCMA, so it is offered
-    # first, and the caller's Opus (its PT 96 again) is added so the call keeps working.
+    # first, the caller's Opus (its PT 96 again) is appended first so the call keeps
+    # working, then the rest of the caller's side's list.
     core_offer = PCMA_ANSWER.replace(b"a=ptime:30\r\n", b"")
     to_caller = h.offer(core_offer, toward_caller=True)
-    assert to_caller.formats == ["8", "96", "101"]
-    assert rtpmaps(to_caller) == ["8 PCMA/8000", "96 opus/48000/2", "101 telephone-event/8000"]
+    assert to_caller.formats == ["8", "96", "9", "0", "101"]
+    assert rtpmaps(to_caller) == [
+        "8 PCMA/8000", "96 opus/48000/2", "9 G722/8000", "0 PCMU/8000",
+        "101 telephone-event/8000",
+    ]  # fmt: skip
     to_core = h.answer(OPUS_OFFER, toward_caller=False)
     assert to_core.formats == ["8", "101"] and rtpmaps(to_core)[0] == "8 PCMA/8000"
     caller, core = h.codecs()
@@ -431,3 +509,45 @@ def test_config_keys_and_their_errors() -> None:
         with pytest.raises(ConfigError) as exc:
             parse_config({"media": raw}, source="t")
         assert exc.value.errors[0].startswith(f"t: {reason}"), exc.value.errors
+
+
+G729_SDP = (
+    "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n"
+    "m=audio 4000 RTP/AVP 18\r\na=rtpmap:18 G729/8000\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (G729_SDP, "no offered codec (G729) is one the SBC transcodes"),
+        (OPUS_SDP, "the answerer takes none of OPUS PCMA"),
+    ],
+    ids=["untranscodable", "none-taken"],
+)
+def test_a_488_from_the_callee_says_why_and_leaves_no_media_behind(body: str, why: str) -> None:
+    """RFC 3261 21.4.26: the callee's 488 reaches the caller with the SBC's Warning (305,
+    20.43) instead of the core's, and the caller's relay ports are given back."""
+    lab = b2bua_lab(cap=10)
+    _, fwd = only(lab.from_client(invite(1, body=body)), Request)
+    assert lab.media is not None and lab.media.state_size()["media_ports"] == 2
+    [got] = [m for f, m in lab.from_backend(reply(fwd, 488)) if f == ALICE]
+    assert isinstance(got, Response) and got.status == 488
+    assert got.field_values("warning") == [f'305 sbc "Incompatible media format: {why}"']
+    assert lab.media.state_size() == {"media_sessions": 0, "media_ports": 0}
+    lab.assert_clean()
+
+
+def test_the_call_record_counts_transcoded_streams() -> None:
+    lab = b2bua_lab(cap=10)
+    for n, (body, transcoded) in enumerate([(OPUS_SDP, 1), (SDP, 0)], start=1):
+        _, fwd = only(lab.from_client(invite(n, body=body)), Request)
+        answer = PCMA_ANSWER.decode() if transcoded else ANSWER_SDP
+        _, got = only(lab.from_backend(reply(fwd, 200, sdp=answer)), Response)
+        lab.from_client(ack_for(got, n=n))
+        assert lab.media is not None and lab.media.transcoding().streams == transcoded
+        alice_hangs_up(lab, got, 2, n=n)
+    records = [json.loads(r) for r in lab.core.calls.records]
+    assert [r["transcoded_streams"] for r in records] == [1, 0]
+    assert lab.media is not None and lab.media.transcoding().streams_total == 1
+    lab.assert_clean()

@@ -243,7 +243,7 @@ PLAIN_ANSWER = offer_sdp("audio 0", "a=rtpmap:0 PCMU/8000", host="10.1.0.50", po
 def test_policy_gives_codecs_when_dtmf_support_differs() -> None:
     h = Harness(policy(core=("PCMU", "PCMA")))
     to_core = h.offer(TE_OFFER)
-    assert to_core.formats == ["0", "101"]  # the shared codec: nothing added
+    assert to_core.formats == ["0", "8", "101"]  # PCMA appended behind the caller's PCMU
     to_caller = h.answer(PLAIN_ANSWER)
     # The caller is answered with its own telephone-event: it may send events (to INFO).
     assert to_caller.formats == ["0", "101"]

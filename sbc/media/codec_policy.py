@@ -1,21 +1,22 @@
-"""Codec policy (issue 8 items 1 and 4): which codecs each leg of a call is offered, and
-whether an answered stream is transcoded. Sans-I/O; ``session.MediaController`` calls it.
+"""Codec policy: which codecs each leg of a call is offered, and whether an answered
+stream is transcoded. Sans-I/O; ``session.MediaController`` calls it.
 
-The rules, in short (docs/media.md "Transcoding" has them at length):
+The rules, in short (docs/media.md "Transcoding" has them at length and says why):
 
 - Each side has an ordered list of the transcodable codecs it may be offered
   (``[media] access_codecs`` / ``core_codecs`` / ``peer_codecs``). An offer towards a side
   keeps the offerer's codecs that list allows, in the offerer's order and with its payload
   types (RFC 3264 5.1, 6.1); codecs the SBC cannot transcode (G.729, Speex, video ...) and
   the auxiliary formats (RFC 4733 telephone-event, RFC 3389 CN) pass as offered.
-- Transcoding only when needed: only when none of the side's codecs is left after that
-  filter does the SBC add the side's codecs (in the list's order, with free payload types),
-  so the answerer can pick one the SBC transcodes from the offerer's best codec; with them
-  a telephone-event of their clock rate if the offerer had telephone-event.
+- Behind the offerer's codecs the SBC appends the side's codecs the offer lacks (in the
+  list's order, with free payload types), when the offerer has a codec it can transcode
+  from: an answerer that shares a codec with the offerer takes it (RFC 3264 6.1: the answer
+  keeps the offer's order), one that shares none finds a codec the SBC can bridge. With
+  them a telephone-event of their clock rate if the offerer had telephone-event.
 - The answer (RFC 3264 6.1): the answerer's first codec. One the offerer offered: the media
   passes untouched. One the SBC added: the stream is transcoded; the offerer is answered
   with its own best codec (its payload type, a=rtpmap and a=fmtp from its offer).
-- DTMF interworking (issue 8 item 2): when the answerer picks a codec the offerer offered
+- DTMF interworking: when the answerer picks a codec the offerer offered
   but only one of the two has RFC 4733 telephone-event, the stream is still given codecs
   on both parties (the same codec: the relay copies the payload under its own RTP header)
   so that the relay can turn events into SIP INFO and SIP INFO into events in a sequence
@@ -56,8 +57,8 @@ DTMF_FMTP = "0-16"  # RFC 4733 3.2: DTMF digits 0-9 * # A-D and flash
 DYNAMIC = range(96, 128)  # RFC 3551 3: dynamic payload types
 ALL_PTS = set(range(128))  # RFC 3550 5.1: PT is 7 bits
 DEFAULT_PTIME = 20  # ms; RFC 3551 4.5: the default packetization of the audio codecs
-# The codecs a side may be offered, in order, unless [media] says otherwise (issue 8 item 1):
-# all the transcodable ones, so calls whose legs share a codec are offered what they were.
+# The codecs a side may be offered, in order, unless [media] says otherwise: all the
+# transcodable ones, best quality first.
 DEFAULT_CODECS = ("OPUS", "G722", "PCMU", "PCMA")
 
 
@@ -98,6 +99,7 @@ class Offered:
     formats: tuple[Format, ...]
     ptime: int | None
     added: tuple[Format, ...]  # codecs (not telephone-event) the SBC added
+    at_cap: bool = False  # the transcoding cap kept the SBC from adding codecs
 
     def has(self, name: str) -> bool:
         return any(f.name == name for f in self.formats)
@@ -177,19 +179,26 @@ def dtmf_for(formats: Iterable[Format], clock: int) -> Format | None:
 def to_add(
     formats: Sequence[Format], allowed: Sequence[str], current: CodecSpec | None
 ) -> list[str]:
-    """Names of the codecs the SBC should add to an offer towards a side whose list is
-    ``allowed``: nothing if the offerer has no codec the SBC can transcode from; the list
-    if none of it survives the filter; and, on a transcoded stream (``current``: the
-    answerer's codec now), its codec if gone, so a re-offer keeps the legs' codecs."""
+    """Names of the codecs the SBC adds behind the offer's towards a side whose list is
+    ``allowed``: nothing if the offerer has no codec the SBC can transcode from; else every
+    codec of the list the offer lacks, in the list's order, so that an answerer that takes
+    none of the offerer's codecs finds one the SBC can bridge; on a transcoded stream
+    (``current``: the answerer's codec now) that codec first, so a re-offer keeps it."""
     if not any(f.transcodable for f in formats):
         return []
-    left = {f.name for f in formats if f.name in allowed}
+    offered = {f.name for f in formats}
     names: list[str] = []
-    if current is not None and current.name in allowed and current.name not in left:
+    if current is not None and current.name in allowed and current.name not in offered:
         names.append(current.name)
-    if not left:
-        names.extend(n for n in allowed if n not in names)
+    names.extend(n for n in allowed if n not in offered and n not in names)
     return names
+
+
+def needs_transcoding(formats: Sequence[Format], allowed: Sequence[str]) -> bool:
+    """Whether only transcoding can meet an offer towards a side whose list is ``allowed``:
+    none of its codecs (transcodable ones the list allows, or ones the SBC passes as they
+    are) is left for that side."""
+    return not any(not f.auxiliary and (not f.transcodable or f.name in allowed) for f in formats)
 
 
 def _free_pt(used: set[int], prefer: Sequence[int | None]) -> int | None:
@@ -300,8 +309,8 @@ def dtmf_interworking(
 
 
 def transcodes(a: CodecSpec | None, b: CodecSpec | None) -> bool:
-    """Whether a stream whose parties have these codecs is transcoded for
-    ``max_transcoded_calls`` (issue 8 item 4): not when both have the same codec (a stream
+    """Whether a stream whose parties have these codecs is transcoded (it counts against
+    ``max_transcoded_calls``): not when both have the same codec (a stream
     run only for DTMF interworking costs a header rewrite per packet, no codec)."""
     if a is None or b is None:
         return False

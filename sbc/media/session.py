@@ -47,6 +47,13 @@ ICE_ATTRIBUTES = (
 RTP_PROTOS = frozenset({"RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF"})
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TranscodeCounts:
+    calls: int = 0  # calls holding a place under max_transcoded_calls now
+    streams: int = 0  # streams transcoded now
+    streams_total: int = 0  # streams that were transcoded, since the start
+
+
 class MediaRefused(Exception):
     """An offer the SBC cannot take (488 Not Acceptable Here, RFC 3261 21.4.26); str() is
     the reason phrase."""
@@ -177,8 +184,9 @@ class MediaSession:
         self.streams: list[_Stream] = []
         self.saved: list[_Stream] | None = None  # state before the pending offer
         # Holds one of [media] max_transcoded_calls: a stream is transcoded, or the pending
-        # offer added codecs an answerer may pick (issue 8 item 4).
+        # offer can only be met by a codec the SBC added.
         self.transcoding = False
+        self.transcoded: set[int] = set()  # m-line indices transcoded at some time
         self.origins = {
             "a": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
             "b": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
@@ -212,7 +220,8 @@ class MediaController:
         self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
         self._sink = sink
         self.sessions: dict[str, MediaSession] = {}
-        self.transcoded_calls = 0  # sessions holding a transcoding slot (issue 8 item 4)
+        self.transcoded_calls = 0  # sessions holding a place under max_transcoded_calls
+        self.transcoded_streams_total = 0  # streams that were transcoded, since the start
 
     def state_size(self) -> dict[str, int]:
         """For leak checks: all zero when no call is up."""
@@ -279,6 +288,13 @@ class MediaController:
         out = self._rewrite_answer(session, sdp, src, dst)
         session.saved = None
         self._hold_slot(session, self._transcodes(session))
+        for stream in session.streams:
+            if (
+                stream.active and stream.index not in session.transcoded
+                and codec_policy.transcodes(stream.a.codec, stream.b.codec)
+            ):  # fmt: skip
+                session.transcoded.add(stream.index)
+                self.transcoded_streams_total += 1
         self._update(session)
         return out
 
@@ -315,6 +331,42 @@ class MediaController:
                     party.port = None
         self._sink(session.worker, Delete(session=call))
         return True
+
+    def transcoded(self, call: str) -> int:
+        """How many of the call's streams were transcoded at some time (its record)."""
+        session = self.sessions.get(call)
+        return 0 if session is None else len(session.transcoded)
+
+    def transcoding(self) -> TranscodeCounts:
+        """What /metrics shows of transcoding now and since the start."""
+        streams = sum(
+            1 for session in self.sessions.values() for s in session.streams
+            if s.active and codec_policy.transcodes(s.a.codec, s.b.codec)
+        )  # fmt: skip
+        total = self.transcoded_streams_total
+        return TranscodeCounts(calls=self.transcoded_calls, streams=streams, streams_total=total)
+
+    def refused_warning(self, call: str) -> str | None:
+        """Why an answerer may have refused the pending offer with 488 or 606: a Warning
+        value with warn-code 305, Incompatible media format (RFC 3261 20.43, 21.4.26), or
+        None if the call has no pending offer the codec policy looked at."""
+        session = self.sessions.get(call)
+        if session is None or session.saved is None:
+            return None
+        for stream in session.streams:
+            offered = stream.offered
+            if offered is None:
+                continue
+            names = [_token(f.name or str(f.pt)) for f in offered.formats if not f.auxiliary]
+            if not any(f.transcodable for f in offered.formats):
+                why = f"no offered codec ({' '.join(names)}) is one the SBC transcodes"
+            elif offered.at_cap:
+                why = f"transcoding capacity reached (offered: {' '.join(names)})"
+            else:
+                tried = names + [f.name for f in offered.added]
+                why = f"the answerer takes none of {' '.join(tried)}"
+            return f'305 sbc "Incompatible media format: {why}"'
+        return None
 
     # -- offers -----------------------------------------------------------------------------
     def _rewrite_offer(self, session: MediaSession, sdp: Session, src: str, dst: str) -> bytes:
@@ -440,30 +492,32 @@ class MediaController:
     def _offer_codecs(
         self, session: MediaSession, stream: _Stream, m: Media, src: str, side: SideMedia
     ) -> None:
-        """Issue 8 items 1 and 4: the offer's codecs filtered by the answerer's side list,
-        and that side's codecs added when none of them is left and the SBC can transcode
-        from one of the offerer's (RFC 3264 5.1, 6.1); the transcoding cap decides whether
-        it may."""
+        """The offer's codecs filtered by the answerer's side list, with that side's codecs
+        the offer lacks appended when the SBC can transcode from one of the offerer's (RFC
+        3264 5.1, 6.1); the transcoding cap decides whether it may."""
         formats = codec_policy.formats_of(m)
         if formats is None:
             return
         other: _Party = stream.b if src == "a" else stream.a
         add = codec_policy.to_add(formats, side.codecs, other.codec)
+        only_transcoding = codec_policy.needs_transcoding(formats, side.codecs)
         cap = self.policy.max_transcoded_calls
-        if add and not session.transcoding and self.transcoded_calls >= cap:
+        at_cap = not session.transcoding and self.transcoded_calls >= cap
+        if add and at_cap:
             # Over the cap the SBC adds nothing; an offer that only transcoding could meet
             # is refused (488, RFC 3261 21.4.26) rather than degrading every call.
-            if not any(
-                not f.auxiliary and (not f.transcodable or f.name in side.codecs) for f in formats
-            ):
+            if only_transcoding:
                 raise MediaRefused("Transcoding Capacity Reached" if cap else "No Common Codec")
             add = []
         added = codec_policy.rewrite_offer(m, formats, side.codecs, add, other.codec)
-        if added:
+        if added and only_transcoding:
+            # The answer can only be transcoded: the slot is held while it is pending. An
+            # offer that keeps a shared codec holds none until an answer picks an added one.
             self._hold_slot(session, True)
         stream.offered = Offered(
-            offerer=src, formats=tuple(formats), ptime=codec_policy.ptime_of(m), added=added
-        )
+            offerer=src, formats=tuple(formats), ptime=codec_policy.ptime_of(m), added=added,
+            at_cap=bool(at_cap and cap),
+        )  # fmt: skip
 
     def _answer_codecs(
         self, stream: _Stream, m: Media, me: _Party, other: _Party, dst: str, dst_side: str
@@ -685,6 +739,11 @@ class MediaController:
             if s.active and s.a.port is not None and s.b.port is not None
         )  # fmt: skip
         self._sink(session.worker, Update(session=session.call, streams=streams))
+
+
+def _token(name: str) -> str:
+    """A codec name as it may appear in a Warning's quoted text (RFC 3261 25.1 qdtext)."""
+    return "".join(c for c in name if c.isascii() and (c.isalnum() or c in "-._/"))[:32]
 
 
 def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
