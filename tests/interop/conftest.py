@@ -613,6 +613,7 @@ def sipp(tmp_path: Path, certs: Certs) -> SippRunner:
 # KAMAILIO_XLOG=1 in the environment makes them log one line per request and reply.
 # =========================================================================================
 KAMAILIO_CFG = HERE.parents[1] / "docker" / "kamailio" / "kamailio.cfg"
+KAMAILIO_NO_RR_CFG = KAMAILIO_CFG.with_name("kamailio-no-rr.cfg")
 KAMAILIO_SERVER = "kamailio-backend"  # server_header in kamailio.cfg
 KAMAILIO_START_TIMEOUT = 10.0
 KAMAILIO_STOP_TIMEOUT = 10.0
@@ -687,9 +688,12 @@ class Registrar:
         kamailio: str,
         kamcmd: str,
         auth_password: str | None = None,
+        record_route: bool = True,
     ) -> None:
         self.index = index
         self.auth_password = auth_password  # digest auth on (kamailio.cfg WITH_AUTH)
+        # False: kamailio-no-rr.cfg, a proxy that stays out of the dialogs it sets up.
+        self.record_route = record_route
         self.port = port
         self.rundir = rundir  # short: a Unix socket path must stay under 108 bytes
         self.log_path = log_path
@@ -724,7 +728,7 @@ class Registrar:
     def command(self) -> list[str]:
         return [
             self.kamailio,
-            "-f", str(KAMAILIO_CFG),
+            "-f", str(KAMAILIO_CFG if self.record_route else KAMAILIO_NO_RR_CFG),
             "-DD", "-E",
             "-Y", str(self.rundir),
             "-P", str(self.pid_file),
@@ -965,7 +969,9 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
     root = Path(tempfile.mkdtemp(prefix="kam-"))
     started: list[Registrar] = []
 
-    def new(index: int, attempt: int, auth_password: str | None = None) -> Registrar:
+    def new(
+        index: int, attempt: int, auth_password: str | None = None, record_route: bool = True
+    ) -> Registrar:
         pool = PortPool()
         port = pool.port("127.0.0.1", UDP, TCP)
         pool.release()  # Kamailio binds it now
@@ -977,11 +983,14 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
             kamailio,
             kamcmd,
             auth_password,
+            record_route,
         )
 
-    def start(n: int = 2, *, auth_password: str | None = None) -> list[Registrar]:
+    def start(
+        n: int = 2, *, auth_password: str | None = None, record_route: bool = True
+    ) -> list[Registrar]:
         # All n start at once (each takes about 0.5 s to come up), then each is waited for.
-        group = [new(len(started) + i, 0, auth_password) for i in range(n)]
+        group = [new(len(started) + i, 0, auth_password, record_route) for i in range(n)]
         for registrar in group:
             registrar.launch()
         for i, registrar in enumerate(group):
@@ -995,7 +1004,7 @@ def kamailio_registrars(tmp_path: Path) -> Iterator[RegistrarFactory]:
                         for other in group[i + 1 :]:
                             other._terminate()
                         pytest.fail(str(exc))
-                registrar = new(registrar.index, attempt, auth_password)
+                registrar = new(registrar.index, attempt, auth_password, record_route)
                 registrar.launch()
             group[i] = registrar
             started.append(registrar)

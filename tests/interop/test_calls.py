@@ -356,13 +356,15 @@ LabFactory = Callable[..., Lab]
 def lab_factory(
     kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory, tmp_path: Path
 ) -> Iterator[LabFactory]:
-    """``lab_factory(extra="...", media="...")``: one Kamailio behind a real SBC (``extra``
-    adds config sections, ``media`` [media] keys), with call records on; every SIPp started through it is stopped at teardown."""
+    """``lab_factory(extra="...", media="...", record_route=True)``: one Kamailio behind a
+    real SBC (``extra`` adds config sections, ``media`` [media] keys; ``record_route=False``:
+    kamailio-no-rr.cfg), with call records on; every SIPp started through it is stopped at
+    teardown."""
     binary = require("sipp")
     labs: list[Lab] = []
 
-    def make(*, extra: str = "", media: str = "") -> Lab:
-        (registrar,) = kamailio_registrars(1)
+    def make(*, extra: str = "", media: str = "", record_route: bool = True) -> Lab:
+        (registrar,) = kamailio_registrars(1, record_route=record_route)
         records = tmp_path / f"calls-{len(labs)}.jsonl"
         sbc = sbc_factory(
             extra=f'\n[[core.backends]]\nuri = "{registrar.uri}"\n'
