@@ -106,8 +106,9 @@ class MediaPhone(Baresip):
 
 # baresip's codec modules by the codec names a test restricts a phone to, and the sample
 # rate its aufile source must have for that codec (baresip 1.0 does not resample a file).
-CODEC_MODULES = {"pcmu": "g711.so", "pcma": "g711.so", "g722": "g722.so", "opus": "opus.so"}
-CODEC_RATES = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000}
+CODEC_MODULES = {"pcmu": "g711.so", "pcma": "g711.so", "g722": "g722.so", "opus": "opus.so",
+                 "gsm": "gsm.so"}  # fmt: skip
+CODEC_RATES = {"pcmu": 8000, "pcma": 8000, "g722": 16000, "opus": 48000, "gsm": 8000}
 CODEC_CHANNELS = {"opus": 2}  # baresip's opus/48000/2 takes stereo from aufile
 
 
