@@ -350,15 +350,19 @@ async def serve(
         if config.calls.records is not None:
             writer = asyncio.create_task(_write_records(core, config.calls.records, stop))
 
-        def reload() -> None:
+        async def reload() -> None:
+            # The status shows a reload once it is over (generation counts finished tries).
             nonlocal config
-            result.generation += 1
-            result.at = time.time()
+            started = time.time()
+            servers = (access_tls, core_tls)
             try:
-                new = _reloaded(config, path, core, transports, (access_tls, core_tls), loop)
+                ready = await loop.run_in_executor(None, _prepare_reload, config, path, servers)
+                new = _apply_reload(ready, core, transports, servers, loop.time())
             except Exception as exc:  # whatever it is, the running config stays
                 reason = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
                 result.ok, result.error = False, reason or type(exc).__name__
+                result.generation += 1
+                result.at = started
                 if isinstance(exc, ConfigError | StartupError | ValueError):
                     log.error("reload refused, the running config stays: %s", reason)
                 else:
@@ -367,6 +371,8 @@ async def serve(
             config = new
             result.ok, result.error = True, None
             result.applied += 1
+            result.generation += 1
+            result.at = started
             log.info("config reloaded", extra={"sbc": config.sbc.name})
 
         done = 0
@@ -375,7 +381,7 @@ async def serve(
             signals.wake.clear()
             while done < signals.reloads:
                 done += 1
-                reload()
+                await reload()
         if signals.terminate and not stop.is_set():
             await _drain(core, transports, signals, stop, config.calls.drain_timeout)
     finally:
@@ -399,17 +405,23 @@ async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
             task.cancel()
 
 
-def _reloaded(
-    old: Config,
-    path: str | Path | None,
-    core: SbcCore,
-    transports: SipTransports,
-    servers: tuple[TlsFiles | None, TlsFiles | None],
-    loop: asyncio.AbstractEventLoop,
-) -> Config:
-    """Read ``path`` again and apply it, or raise with the reason (nothing changed then).
-    Everything that can fail (the file, the check, the restart-only keys, resolving host
-    names, loading certificates) is done before anything is changed."""
+@dataclass(frozen=True, slots=True)
+class _Reload:
+    """A config read again and checked, with what it resolved and loaded: ready to apply."""
+
+    config: Config
+    settings: CoreSettings
+    servers: tuple[TlsFiles | None, TlsFiles | None]  # access, core
+    client: TlsFiles
+
+
+def _prepare_reload(
+    old: Config, path: str | Path | None, running: tuple[TlsFiles | None, TlsFiles | None]
+) -> _Reload:
+    """Read ``path`` again and do everything that can fail (the file, the check, the
+    restart-only keys, resolving host names, loading certificates), or raise with the
+    reason. Blocking (file reads, getaddrinfo): run off the event loop; touches nothing
+    that is running."""
     if path is None:
         raise ValueError("the SBC was not started from a config file")
     new = load_config(path)
@@ -420,20 +432,31 @@ def _reloaded(
     access_tls = _tls(new.access.tls, "[access.tls]")
     core_tls = _tls(new.core.tls, "[core.tls]", peers=bool(new.peers))
     client_tls = _client_tls(new.core.tls)
-    for running, fresh in zip(servers, (access_tls, core_tls), strict=True):
-        if running is not None and fresh is None:
+    for current, fresh in zip(running, (access_tls, core_tls), strict=True):
+        if current is not None and fresh is None:
             raise ValueError("a TLS listener needs its certificate and key")
-    core.reconfigure(settings, loop.time())
+    return _Reload(new, settings, (access_tls, core_tls), client_tls)
+
+
+def _apply_reload(
+    ready: _Reload,
+    core: SbcCore,
+    transports: SipTransports,
+    running: tuple[TlsFiles | None, TlsFiles | None],
+    now: float,
+) -> Config:
+    """Apply a prepared reload on the event loop (nothing here can fail or block)."""
+    core.reconfigure(ready.settings, now)
     transports.set_peers()
-    for running, fresh in zip(servers, (access_tls, core_tls), strict=True):
-        if running is not None and fresh is not None:
-            running.adopt(fresh)
+    for current, fresh in zip(running, ready.servers, strict=True):
+        if current is not None and fresh is not None:
+            current.adopt(fresh)
     client = transports.client_tls_files
     if client is not None:
-        client.adopt(client_tls)
-    logging.getLogger().setLevel(new.log.level.upper())
+        client.adopt(ready.client)
+    logging.getLogger().setLevel(ready.config.log.level.upper())
     transports.rearm()  # new backends are probed now
-    return new
+    return ready.config
 
 
 async def _drain(

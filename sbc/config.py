@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Final, Literal, Union, get_args, get_origin, g
 from sbc import __version__
 from sbc.media.codec_policy import DEFAULT_CODECS
 from sbc.media.control import TRANSCODABLE
-from sbc.media.srtp import SUPPORTED_SUITES
+from sbc.sdp.sdes import SUPPORTED_SUITES
 from sbc.sip.uri import SipUri, parse_uri
 
 __all__ = [

@@ -15,11 +15,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sbc.media.control import SrtpKey
 from sbc.media.srtp import (
     KEY_SALT_LENGTHS,
-    SUPPORTED_SUITES,
+    PROFILES,
     SrtpError,
     SrtpReceiver,
     SrtpSender,
 )
+from sbc.sdp.sdes import SUPPORTED_SUITES
 
 # RFC 3711 B.3 master key and salt; libsrtp's srtp_driver.c uses the same key||salt.
 MASTER_KEY = bytes.fromhex("E1F97A0D3E018BE0D64FA32C06DE4139")
@@ -85,12 +86,16 @@ def model_protect_rtcp(packet: bytes, srtcp_index: int) -> bytes:
 
 
 def test_supported_suites_and_key_lengths() -> None:
-    assert set(SUPPORTED_SUITES) == {
-        "AES_CM_128_HMAC_SHA1_80",
-        "AES_CM_128_HMAC_SHA1_32",
-        "AEAD_AES_128_GCM",
-        "AEAD_AES_256_GCM",
-    }
+    assert (
+        set(PROFILES)
+        == set(SUPPORTED_SUITES)
+        == {
+            "AES_CM_128_HMAC_SHA1_80",
+            "AES_CM_128_HMAC_SHA1_32",
+            "AEAD_AES_128_GCM",
+            "AEAD_AES_256_GCM",
+        }
+    )
     assert KEY_SALT_LENGTHS == {
         "AES_CM_128_HMAC_SHA1_80": 30,  # RFC 3711 8.2
         "AES_CM_128_HMAC_SHA1_32": 30,

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
 from sbc.media.control import CodecSpec, Command, Delete, Party, SendDtmf, SrtpKey, Stream, Update
-from sbc.media.srtp import SUPPORTED_SUITES
-from sbc.sdp.sdes import Crypto
+from sbc.sdp.sdes import SUPPORTED_SUITES, Crypto
 from sbc.sdp.sdp import Media, Origin, SdpError, Session
 
 log = logging.getLogger("sbc.media")

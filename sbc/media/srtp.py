@@ -16,23 +16,21 @@ from __future__ import annotations
 import pylibsrtp
 
 from sbc.media.control import SrtpKey
+from sbc.sdp.sdes import SUITES, SUPPORTED_SUITES
 
-# RFC 4568 6.2 and RFC 7714 14.2 crypto-suite names -> libsrtp profiles. pylibsrtp has no
-# AES_256_CM_HMAC_SHA1_* (RFC 6188) and F8 profile, so those are not offered or accepted.
-SUPPORTED_SUITES: dict[str, int] = {
+# RFC 4568 6.2 and RFC 7714 14.2 crypto-suite names -> libsrtp profiles, for the suites
+# sdes.SUPPORTED_SUITES names.
+PROFILES: dict[str, int] = {
     "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
     "AES_CM_128_HMAC_SHA1_32": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
     "AEAD_AES_128_GCM": pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
     "AEAD_AES_256_GCM": pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
 }
+assert tuple(PROFILES) == SUPPORTED_SUITES
 
-# Master key || master salt lengths in bytes: RFC 3711 8.2 (128-bit key, 112-bit salt),
-# RFC 7714 12 (AEAD: 128/256-bit key, 96-bit salt).
+# Master key || master salt lengths in bytes (RFC 3711 8.2, RFC 7714 12).
 KEY_SALT_LENGTHS: dict[str, int] = {
-    "AES_CM_128_HMAC_SHA1_80": 16 + 14,
-    "AES_CM_128_HMAC_SHA1_32": 16 + 14,
-    "AEAD_AES_128_GCM": 16 + 12,
-    "AEAD_AES_256_GCM": 32 + 12,
+    name: SUITES[name].key_len + SUITES[name].salt_len for name in SUPPORTED_SUITES
 }
 
 # pylibsrtp copies each packet into a 1,500-byte buffer per Session and refuses to protect a
@@ -51,7 +49,7 @@ class SrtpError(Exception):
 
 
 def _session(key: SrtpKey, ssrc_type: int, allow_repeat_tx: bool) -> pylibsrtp.Session:
-    profile = SUPPORTED_SUITES.get(key.suite)
+    profile = PROFILES.get(key.suite)
     if profile is None:
         raise SrtpError(f"unsupported SRTP crypto suite {key.suite!r}")
     if len(key.key_salt) != KEY_SALT_LENGTHS[key.suite]:

@@ -44,6 +44,16 @@ SUITES: dict[str, Suite] = {
 }
 
 
+# The suites the media relay encrypts and decrypts (libsrtp through pylibsrtp, which has no
+# AES_256_CM_HMAC_SHA1_* of RFC 6188 and no F8 profile): the only ones offered or accepted.
+SUPPORTED_SUITES: tuple[str, ...] = (
+    "AES_CM_128_HMAC_SHA1_80",
+    "AES_CM_128_HMAC_SHA1_32",
+    "AEAD_AES_128_GCM",
+    "AEAD_AES_256_GCM",
+)
+
+
 def find_suite(name: str) -> Suite | None:
     """The known suite of that name; ABNF literals are case-insensitive (RFC 5234 2.3)."""
     return SUITES.get(name.upper())
