@@ -107,7 +107,7 @@ def _bucket(cfg: RateConfig) -> Bucket:
 
 
 def guard_policy(config: Config, core_sources: set[str]) -> GuardPolicy:
-    """[security] as the guard's policy (issue 6); ``core_sources``: backend and peer IPs."""
+    """[security] as the guard's policy; ``core_sources``: backend and peer IPs."""
     sec = config.security
     return GuardPolicy(
         allow=tuple(c.network for c in sec.allow),
@@ -170,7 +170,7 @@ def peer_route(peer: Peer) -> PeerRoute:
 def _tls(cfg: TlsConfig, name: str, *, peers: bool = False) -> TlsFiles | None:
     """The server context of one side, rebuilt when its files change. With ``peers`` a
     client certificate is asked for (and verified against ``ca`` when given): peer SBCs
-    must show one that names them (issue 6 item 1)."""
+    must show one that names them."""
     if cfg.certificate is None or cfg.private_key is None:
         return None
     certificate, private_key = str(cfg.certificate), str(cfg.private_key)
@@ -204,7 +204,7 @@ def _client_tls(cfg: TlsConfig) -> TlsFiles:
 
 
 def media_policy(config: Config, workers: int) -> MediaPolicy:
-    """The relay's addresses, SRTP policy and codecs per side (issue 5 item 4, issue 8)."""
+    """The relay's addresses, SRTP policy and codecs per side."""
     m = config.media
     access = m.access_address or m.address
     core = m.core_address or m.address
@@ -232,7 +232,7 @@ def media_workers(config: Config) -> int:
     return max(1, min(os.cpu_count() or 1, (high - low + 1) // 4))
 
 
-# What a reload cannot change (issue 7 item 3): sockets, worker processes, the wire's own
+# What a reload cannot change: sockets, worker processes, the wire's own
 # rules and the log format; a new config that changes one of these is refused, and the
 # running one stays. Everything else (backends, limits, block lists, peers, certificates,
 # registration offload, log level) changes without dropping registrations or calls.
@@ -466,7 +466,7 @@ async def _drain(
     stop: asyncio.Event,
     timeout: float,
 ) -> None:
-    """SIGTERM (issue 7 item 3): no new calls (503 with Retry-After), the calls in
+    """SIGTERM: no new calls (503 with Retry-After), the calls in
     progress go on until they end or ``timeout`` passes; then BYE to every call still up,
     and a moment for the BYEs to be answered. A second SIGTERM or SIGINT cuts it short."""
     loop = asyncio.get_running_loop()
@@ -492,7 +492,7 @@ async def _drain(
 
 
 async def _write_records(core: SbcCore, path: Path, stop: asyncio.Event) -> None:
-    """Append the call records (one JSON line per call, issue 4 item 6) every half second,
+    """Append the call records (one JSON line per call) every half second,
     off the signalling path, and once more when stopping."""
     records = core.calls.records
     while True:

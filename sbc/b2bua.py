@@ -1,10 +1,10 @@
 """Calls through the SBC: a back-to-back user agent (sans-I/O).
 
-Every call is two dialogs joined by the SBC (issue 4): the leg it received the request on
+Every call is two dialogs joined by the SBC: the leg it received the request on
 and the leg it sends its own request on, each with its own Call-ID, tags, CSeq space, Via,
 Contact and route set (RFC 3261 12 per leg; the SBC is a UAS on one and a UAC on the
 other, RFC 3261 6 "back-to-back user agent"). Requests and responses are mapped between
-the legs; nothing that names the far side's topology crosses over (issue 4 item 4).
+the legs; nothing that names the far side's topology crosses over.
 
 - ``route`` decides where a new request goes: from a client to a backend (the balancer),
   from a backend to a registered client (the flow token in our Path, RFC 5626 5.3), or,
@@ -14,7 +14,7 @@ the legs; nothing that names the far side's topology crosses over (issue 4 item 
 - ``in_dialog`` / ``receive_ack`` / ``cancel`` handle what arrives within a call.
 - Each fork of the core leg (a new To tag, RFC 3261 13.2.2.4) gets its own early dialog on
   the other leg; the first 2xx wins, a later 2xx from another fork is ACKed and BYEd.
-- The SDP passes through ``MediaSeam`` (the media relay of issue 5 fills it in).
+- The SDP passes through ``MediaSeam`` (the media relay fills it in).
 
 The core feeds it client-transaction events (``on_response``, ``on_timeout``, ``forget``)
 and timers (``next_deadline``, ``handle_timer``); it returns transaction outputs.
@@ -62,7 +62,7 @@ log = logging.getLogger("sbc.calls")
 
 ACCESS = "access"
 CORE = "core"
-PEER = "peer"  # another SBC, reached over TLS (issue 4 item 1)
+PEER = "peer"  # another SBC, reached over TLS
 
 # Methods whose request creates a dialog through the SBC (RFC 3261 12, RFC 6665, RFC 3515).
 DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
@@ -75,14 +75,14 @@ LEG_HEADERS = frozenset({
     "via", "from", "to", "call-id", "cseq", "contact", "record-route", "route",
     "max-forwards", "content-length", "path", "service-route", "rack",
 })  # fmt: skip
-# Header fields that can name the core's hosts, removed towards clients (topology hiding,
-# issue 4 item 4): the SBC puts its own Server; Warning names the warn-agent (RFC 3261
+# Header fields that can name the core's hosts, removed towards clients (topology hiding):
+# the SBC puts its own Server; Warning names the warn-agent (RFC 3261
 # 20.43); Error-Info points into the core (20.18).
 CORE_TOPOLOGY_HEADERS = frozenset({"server", "warning", "error-info"})
 
 
 class MediaSeam(Protocol):
-    """Where the SDP of each offer and answer is rewritten for the media relay (issue 5):
+    """Where the SDP of each offer and answer is rewritten for the media relay:
     ``sides`` are the caller's and the callee's side, ``toward_caller`` the direction.
     ``offer`` raises MediaRefused for an offer that cannot be met (answered 488)."""
 
@@ -137,7 +137,7 @@ class PassThroughMedia:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallPolicy:
-    """[calls]: admission limits, timeouts and header stripping (issue 4 item 5)."""
+    """[calls]: admission limits, timeouts and header stripping."""
 
     max_calls: int = 0  # concurrent calls in all; 0: no limit
     max_calls_per_source: int = 0  # per source address of the caller; 0: no limit
@@ -325,7 +325,7 @@ class B2bua:
         self.transactions = transactions
         self.relay = relay
         self.set_policy(policy, peers)
-        self.draining = False  # SIGTERM (issue 7 item 3): no new calls, the others go on
+        self.draining = False  # SIGTERM: no new calls, the others go on
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
         self.calls: dict[str, Call] = {}
@@ -337,19 +337,19 @@ class B2bua:
         self._seq = itertools.count()
         self._per_source: Counter[str] = Counter()
         self.active_calls = 0  # INVITE calls not ended (admission, metrics)
-        self.records: list[str] = []  # one JSON line per ended call (issue 4 item 6)
+        self.records: list[str] = []  # one JSON line per ended call
         self._awaiting_stats: dict[str, Call] = {}  # ended calls whose media stats are due
         self.stats: Counter[str] = Counter()
 
     def set_policy(self, policy: CallPolicy, peers: tuple[PeerRoute, ...]) -> None:
-        """[calls] and [[peers]], at start and on a reload (issue 7 item 3): calls in
+        """[calls] and [[peers]], at start and on a reload: calls in
         progress keep their legs; limits, stripped headers and peer routes apply to what
         comes next."""
         self.policy = policy
         self.peers = peers
         self._peer_hosts = {(p.transport, p.host.lower()) for p in peers}
         header = policy.client_address_header
-        # What is not copied to the other leg, per side it goes to (issue 4 items 2 and 4).
+        # What is not copied to the other leg, per side it goes to.
         base = LEG_HEADERS | {p for p in policy.strip_headers if not p.endswith("*")}
         if header is not None:
             base |= {header.lower()}  # only the SBC writes it; a client's copy is dropped
@@ -384,7 +384,7 @@ class B2bua:
     def owns_server(self, tx: ServerTransaction) -> bool:
         return tx in self._server
 
-    # -- routing (issue 4 item 1) ---------------------------------------------------------
+    # -- routing -----------------------------------------------------------------------------
     def side_of(self, flow: Flow) -> str:
         """Which side a flow is on: a peer SBC, the core (backends), or the access side."""
         if (flow.transport, flow.remote[0].lower()) in self._peer_hosts:
@@ -436,7 +436,7 @@ class B2bua:
             return Target(client, req.uri_text, ACCESS)
         if relay.balancer.backends:
             # From a client: to the backend holding the caller's registration, which is the
-            # one its AOR hashes to (issue 3 item 1), unless another algorithm is configured.
+            # one its AOR hashes to, unless another algorithm is configured.
             frm = req.from_
             aor = (aor_of(frm) if frm is not None else None) or req.uri_text
             backend = relay.balancer.pick_for_dialog(aor)
@@ -444,7 +444,7 @@ class B2bua:
             if backend is None or out is None:
                 retry = (("Retry-After", "10"),)
                 return Refusal(503, "No Backend Available", retry)
-            # The Request-URI the client authenticated is kept (issue 4 item 1).
+            # The Request-URI the client authenticated is kept.
             return Target(out, req.uri_text, CORE, backend)
         found = relay.local_target(req, now)
         if found is None:
@@ -454,7 +454,7 @@ class B2bua:
             return Refusal(430, "Flow Failed")
         return Target(client, str(contact) if contact is not None else req.uri_text, ACCESS)
 
-    # -- a new request (issue 4 item 1) ---------------------------------------------------
+    # -- a new request -----------------------------------------------------------------------
     def start(
         self, tx: ServerTransaction, req: Request, flow: Flow, target: Target, now: float
     ) -> list[Output]:
@@ -497,7 +497,7 @@ class B2bua:
             fwd.set("Replaces", self._map_replaces(replaces, target.flow))
         header = self.policy.client_address_header
         if header is not None and a_side == ACCESS and target.side == CORE:
-            # Issue 4 item 4: the backend sees the SBC, and the client's address only here.
+            # Topology hiding: the backend sees the SBC, and the client's address only here.
             host, port = flow.remote
             fwd.add(header, f"{format_host(host)}:{port};transport={flow.transport}")
         try:
@@ -571,11 +571,11 @@ class B2bua:
         return f"{other.call_id};to-tag={new_to};from-tag={new_from}{extra}"
 
     def _admit(self, flow: Flow) -> Refusal | None:
-        """Issue 4 item 5: 503 with Retry-After over the overall or per-source call limit."""
+        """503 with Retry-After over the overall or per-source call limit."""
         p = self.policy
         retry = (("Retry-After", str(p.retry_after)),)
         if self.draining:
-            # Shutting down (issue 7 item 3): RFC 3261 21.5.4, another SBC or later.
+            # Shutting down: RFC 3261 21.5.4, another SBC or later.
             return Refusal(503, "Shutting Down", retry)
         if p.max_calls and self.active_calls >= p.max_calls:
             return Refusal(503, "Too Many Calls", retry)
@@ -583,7 +583,7 @@ class B2bua:
             return Refusal(503, "Too Many Calls From Source", retry)
         return None
 
-    # -- responses to what we sent --------------------------------------------------------
+    # -- responses to what we sent -----------------------------------------------------------
     def on_response(self, tx: ClientTransaction, resp: Response, now: float) -> list[Output]:
         work = self._work.get(tx)
         if isinstance(work, _Initial):
@@ -716,7 +716,7 @@ class B2bua:
 
     def _fork(self, call: Call, resp: Response) -> Leg:
         """A response with a new To tag: an early dialog on the callee's leg, and one with a
-        To tag of its own on the caller's leg (issue 4 item 3)."""
+        To tag of its own on the caller's leg."""
         assert call.b_request is not None
         tag = resp.to.tag if resp.to is not None else ""
         b_dialog = uac_dialog(call.b_request, resp)
@@ -828,7 +828,7 @@ class B2bua:
             call = work.call
             out: list[Output] = []
             if call.target.backend is not None:
-                # Issue 3 item 7: a transaction timeout towards a backend is a failure.
+                # A transaction timeout towards a backend is a failure.
                 out += self.relay.report_failure(
                     call.target.backend, f"{call.method} timed out", now
                 )
@@ -859,7 +859,7 @@ class B2bua:
     def server_gone(self, tx: ServerTransaction) -> None:
         self._server.pop(tx, None)
 
-    # -- requests within a call (issue 4 item 2) ------------------------------------------
+    # -- requests within a call --------------------------------------------------------------
     @staticmethod
     def _dialog_key(req: Request) -> DialogKey | None:
         """The dialog a request within one names, as seen by us (RFC 3261 12.2.2): Call-ID,
@@ -893,7 +893,7 @@ class B2bua:
         if method == "BYE":
             return self._bye(tx, req, leg, now)
         if method == "INFO" and dtmf.is_dtmf(req.content_type) and call.confirmed is not None:
-            # Issue 8 item 2: a digit from a party without telephone-event, for one with it,
+            # DTMF interworking: a digit from a party without telephone-event, for one with it,
             # goes on as RFC 4733 events; the INFO ends here (RFC 6086 4.2.2: 200).
             digit = dtmf.parse(req.content_type, req.body)
             if digit is not None and self.media.dtmf_info(call.id, leg.caller, *digit):
@@ -1026,7 +1026,7 @@ class B2bua:
         leg.ack_pending = None
         return [Send(message=ack, dest=dest)]
 
-    # -- CANCEL (RFC 3261 9) --------------------------------------------------------------
+    # -- CANCEL (RFC 3261 9) -----------------------------------------------------------------
     def cancel(self, target: ServerTransaction, now: float) -> list[Output]:
         """The caller CANCELed an INVITE we forwarded: 487 to it at once (RFC 3261 9.2) and a
         CANCEL on the other leg (9.1). A 2xx that crosses it is ACKed and BYEd."""
@@ -1081,11 +1081,11 @@ class B2bua:
         self._work[tx] = _Own(call, "CANCEL")
         return out
 
-    # -- ending calls ---------------------------------------------------------------------
+    # -- ending calls ------------------------------------------------------------------------
     def _end_call(
         self, call: Call, cause: str, now: float, *, skip: Leg | None = None, code: int = 200
     ) -> list[Output]:
-        """End a call from the SBC: BYE on each confirmed leg (issue 4 item 5: one leg died,
+        """End a call from the SBC: BYE on each confirmed leg (one leg died,
         or a limit was reached), or 408/CANCEL if it was never answered."""
         if call.state == "ended":
             return []
@@ -1121,7 +1121,7 @@ class B2bua:
         return any(call.a_flow == flow or call.target.flow == flow for call in self.calls.values())
 
     def end_all(self, cause: str, now: float) -> list[Output]:
-        """End every call (the drain deadline of a shutdown, issue 7 item 3): BYE on each
+        """End every call (the drain deadline of a shutdown): BYE on each
         answered leg with Reason cause 503 (RFC 3326), unanswered ones abandoned."""
         out: list[Output] = []
         for call in list(self.calls.values()):
@@ -1130,7 +1130,7 @@ class B2bua:
 
     def end_calls_on_flow(self, flow: Flow, now: float) -> list[Output]:
         """A client flow failed (keep-alives unanswered, or its connection was lost): its
-        calls end, the other leg with BYE (or CANCEL if not answered yet; issue 4 item 5)."""
+        calls end, the other leg with BYE (or CANCEL if not answered yet)."""
         out: list[Output] = []
         for call in list(self.calls.values()):
             legs = [leg for leg in call.legs if leg.flow == flow]
@@ -1171,7 +1171,7 @@ class B2bua:
             stats_follow = self.media.release(call.id)
             if self.policy.keep_records:
                 if stats_follow:
-                    # The relay's statistics go into the record (issue 5 item 7); it is
+                    # The relay's statistics go into the record; it is
                     # written without them if they do not come within two seconds.
                     self._awaiting_stats[call.id] = call
                     self._set_timer(call, "record", now + 2.0)
@@ -1188,7 +1188,7 @@ class B2bua:
             del self._dialogs[leg.dialog.key]
 
     def media_timeout(self, call_id: str, now: float) -> list[Output]:
-        """The relay saw no media for [media] timeout seconds (issue 5 item 6): BYE both legs."""
+        """The relay saw no media for [media] timeout seconds: BYE both legs."""
         call = self.calls.get(call_id)
         if call is None or call.state == "ended":
             return []
@@ -1196,8 +1196,8 @@ class B2bua:
         return self._end_call(call, "media timeout", now, code=408)
 
     def media_dtmf(self, event: Dtmf, now: float) -> list[Output]:
-        """A digit one party sent as RFC 4733 events, the other party having none (issue 8
-        item 2): an INFO with an application/dtmf-relay body in the other party's dialog
+        """A digit one party sent as RFC 4733 events, the other party having none: an
+        INFO with an application/dtmf-relay body in the other party's dialog
         (RFC 6086 4.1; RFC 3261 12.2.1.1: its CSeq, route set, remote target). Its 200 is
         absorbed; a failure is counted (``on_response``)."""
         call = self.calls.get(event.session)
@@ -1220,7 +1220,7 @@ class B2bua:
             self.records.append(self._record(call, media))
 
     def _record(self, call: Call, media: list[dict[str, object]] | None = None) -> str:
-        """One JSON line per call (issue 4 item 6), with its media statistics (issue 5)."""
+        """One JSON line per call, with its media statistics."""
         legs = [
             {"side": call.a_side, "call_id": call.a_request.call_id, "flow": str(call.a_flow)},
             {
@@ -1249,7 +1249,7 @@ class B2bua:
             "media": media,
         }, separators=(",", ":"))  # fmt: skip
 
-    # -- timers ---------------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------
     def _set_timer(self, call: Call, name: str, deadline: float) -> None:
         seq = next(self._seq)
         call.timers[name] = seq
@@ -1351,8 +1351,8 @@ class B2bua:
 
     def _failover(self, call: Call, now: float) -> list[Output]:
         """The backend sent nothing at all within request_timeout: it counts a failure and
-        the request goes to the next backend of the caller's AOR order (issue 3 item 7 for
-        calls: the caller does not wait for timer B on a dead backend)."""
+        the request goes to the next backend of the caller's AOR order (a transaction
+        timeout is a failure: the caller does not wait for timer B on a dead backend)."""
         backend, b_tx, b_request = call.target.backend, call.b_tx, call.b_request
         if backend is None or b_tx is None or b_request is None or call.state == "ended":
             return []
@@ -1427,7 +1427,7 @@ class B2bua:
         seconds = int(value) if value is not None and value.isdigit() else 3600
         self._set_timer(call, "expires", now + seconds + 32)
 
-    # -- building messages ----------------------------------------------------------------
+    # -- building messages -------------------------------------------------------------------
     def _answer(
         self,
         tx: ServerTransaction,
@@ -1502,13 +1502,13 @@ class B2bua:
         return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
 
     def _copy_headers(self, src: Request | Response, dst: Request | Response, to_side: str) -> None:
-        """Unknown and end-to-end headers pass (issue 4 item 2), minus the leg's own and the
+        """Unknown and end-to-end headers pass, minus the leg's own and the
         configured strip list."""
         src.copy_fields_to(dst, skip=self._skip[to_side], skip_prefixes=self._skip_prefixes)
 
     def _copy_body(self, call: Call, src: Request, dst: Request, toward_caller: bool) -> None:
         """The body of a request; an SDP offer or answer goes through the media relay
-        (issue 5; RFC 3264 and RFC 3262 5 / RFC 3311 for where offers and answers may be).
+        (RFC 3264 and RFC 3262 5 / RFC 3311 for where offers and answers may be).
         Raises MediaRefused for an offer that cannot be met."""
         body = src.body
         if body and (call.method != "INVITE" or call.state == "ended"):

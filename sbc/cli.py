@@ -180,7 +180,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_reload(args: argparse.Namespace) -> int:
     """Check the config, then SIGHUP the running SBC (found through its admin API) and
-    report whether it took the new config or refused it, with the reason (issue 7 item 3).
+    report whether it took the new config or refused it, with the reason.
     """
     if _load(args.config) is None:
         return 1  # the errors are printed; the running SBC would refuse it as well

@@ -284,7 +284,7 @@ def code_ranges(raw: object, ctx: _Ctx) -> tuple[str, ...]:
 
 
 def codec_list(raw: object, ctx: _Ctx) -> tuple[str, ...]:
-    """Transcodable codec names in order of preference (issue 8), upper-cased."""
+    """Transcodable codec names in order of preference, upper-cased."""
     names = ", ".join(f'"{n}"' for n in DEFAULT_CODECS)
     if not isinstance(raw, list) or not raw:
         raise Invalid(f"must be a list of codec names like [{names}], got {_show(raw)}")
@@ -442,7 +442,7 @@ _PREFIX = re.compile(r"\+?[0-9*#]+")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Peer:
-    """A peer SBC (SBC-to-SBC peering, issue 4 item 1): calls whose Request-URI has one of
+    """A peer SBC (SBC-to-SBC peering): calls whose Request-URI has one of
     ``domains`` as host, or a user part starting with one of ``prefixes``, go to ``uri``
     over TLS; requests from its address are taken as from a trusted peer."""
 
@@ -450,7 +450,7 @@ class Peer:
     uri: str = field(metadata=rule(sip_uri))
     domains: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
-    # The name its certificate must carry (subject CN or subjectAltName, issue 6 item 1);
+    # The name its certificate must carry (subject CN or subjectAltName);
     # unset: the host of ``uri`` as written.
     tls_name: str | None = None
 
@@ -483,7 +483,7 @@ class CoreConfig:
     listen: tuple[ListenUrl, ...] = (ListenUrl(transport="udp", host="127.0.0.1", port=5080),)
     tls: TlsConfig = field(default_factory=TlsConfig)
     backends: tuple[Backend, ...] = ()
-    # Backend health (issue 3 item 7): OPTIONS probes, thresholds, codes that mean "alive".
+    # Backend health: OPTIONS probes, thresholds, codes that mean "alive".
     probe_interval: float = field(default=5.0, metadata=rule(number(gt=0)))
     probe_failures: int = field(default=3, metadata=rule(integer(min=1)))
     probe_successes: int = field(default=2, metadata=rule(integer(min=1)))
@@ -528,7 +528,7 @@ class ClientExpires:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RegistrationConfig:
-    """Registration offload (issue 3 item 2): short expiry to clients, long to backends."""
+    """Registration offload: short expiry to clients, long to backends."""
 
     client_expires: ClientExpires = field(default_factory=ClientExpires)
     backend_expires: int = field(default=3600, metadata=rule(integer(min=60)))
@@ -549,7 +549,7 @@ class RegistrationConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class NatConfig:
-    """Keep-alives towards clients behind NAT (issue 3 item 5)."""
+    """Keep-alives towards clients behind NAT."""
 
     keepalive_interval: float = field(default=20.0, metadata=rule(number(gt=0)))
     keepalive_method: Literal["options", "crlf"] = "options"
@@ -572,7 +572,7 @@ _HEADER_PATTERN = re.compile(r"[A-Za-z0-9!%'`.+_~-]+\*?")
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CallsConfig:
-    """Calls through the B2BUA (issue 4 items 2, 5 and 6)."""
+    """Calls through the B2BUA."""
 
     max_calls: int = field(default=0, metadata=rule(integer(min=0)))  # 0: no limit
     max_calls_per_source: int = field(default=0, metadata=rule(integer(min=0)))
@@ -609,7 +609,7 @@ SRTP_SUITES = tuple(SUPPORTED_SUITES)
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MediaConfig:
-    """The RTP/SRTP relay (issue 5)."""
+    """The RTP/SRTP relay."""
 
     # Local address of the relay ports; access_address / core_address override it per side.
     address: str = field(default="127.0.0.1", metadata=rule(text(_check_ip)))
@@ -627,9 +627,9 @@ class MediaConfig:
     peer_srtp: SrtpPolicy = "optional"
     srtp_suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
     # true: an SDES offer's keys go end to end and the relay passes SRTP unchanged (the
-    # parties protect their media from each other, the SBC only relays; issue 5 item 5).
+    # parties protect their media from each other, the SBC only relays).
     srtp_passthrough: bool = False
-    # Transcoding (issue 8): the transcodable codecs each side may be offered, in order;
+    # Transcoding: the transcodable codecs each side may be offered, in order;
     # peers get core_codecs unless peer_codecs is set. Other codecs pass as offered.
     access_codecs: tuple[str, ...] = field(default=DEFAULT_CODECS, metadata=rule(codec_list))
     core_codecs: tuple[str, ...] = field(default=DEFAULT_CODECS, metadata=rule(codec_list))
@@ -679,13 +679,13 @@ class RateConfig:
     burst: int = field(default=1, metadata=rule(integer(min=1)))
 
 
-# The User-Agents of common SIP scanners, dropped without an answer (issue 6 item 4).
+# The User-Agents of common SIP scanners, dropped without an answer.
 SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "VaxSIPUserAgent", "pplsip")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SecurityConfig:
-    """The front door (issue 6): access lists, flood and brute-force bans, rate limits."""
+    """The front door: access lists, flood and brute-force bans, rate limits."""
 
     # Trusted sources: never banned, rate limited, locked out or shed for overload (the
     # SBC's own monitoring, an enterprise NAT with many phones).

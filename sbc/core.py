@@ -111,7 +111,7 @@ class CoreSettings:
     calls: CallPolicy = DEFAULT_POLICY
     peers: tuple[PeerRoute, ...] = ()
     public_address: str | None = None  # [sbc] public_address: named towards clients
-    security: GuardPolicy = NO_POLICY  # [security] (issue 6); the default checks nothing
+    security: GuardPolicy = NO_POLICY  # [security]; the default checks nothing
 
 
 class SbcCore:
@@ -146,7 +146,7 @@ class SbcCore:
         self.stats: Counter[str] = Counter()
         self._loop_depth = 0  # messages to this SBC itself being received (_loop_back)
 
-    # -- reload and shutdown (issue 7 item 3) ---------------------------------------------
+    # -- reload and shutdown -----------------------------------------------------------------
     def reconfigure(self, settings: CoreSettings, now: float) -> None:
         """Take a reloaded config's settings without dropping registrations or calls:
         backends (kept ones keep their health), call limits and header lists, peers,
@@ -181,7 +181,7 @@ class SbcCore:
         """The drain deadline: every call still up ends with BYE on both legs."""
         return self._outputs(self.calls.end_all("shutdown", now), now)
 
-    # -- input ----------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------------
     def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
         if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
@@ -239,14 +239,14 @@ class SbcCore:
     def connection_lost(self, flow: Flow, now: float) -> list[Action]:
         """The I/O layer reports a stream connection gone (closed by the peer, reset, or
         closed by us). The SBC cannot open one back to a client behind NAT, so the calls
-        over it end: the other leg gets BYE, or CANCEL if unanswered (issue 4 item 5)."""
+        over it end: the other leg gets BYE, or CANCEL if unanswered."""
         self.connection_closed(flow)
         return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
 
     def media_event(self, event: MediaEvent, now: float) -> list[Action]:
-        """What a media worker reports: a session without media (its call ends, issue 5
-        item 6), the statistics of a deleted one (into the call record, item 7), or a DTMF
-        digit for the other party as SIP INFO (issue 8 item 2)."""
+        """What a media worker reports: a session without media (its call ends), the
+        statistics of a deleted one (into the call record), or a DTMF
+        digit for the other party as SIP INFO."""
         if isinstance(event, Timeout):
             return self._outputs(self.calls.media_timeout(event.session, now), now)
         if isinstance(event, Dtmf):
@@ -260,7 +260,7 @@ class SbcCore:
 
     def connection_opened(self, flow: Flow, now: float) -> bool:
         """The I/O layer accepted a stream connection: False to close it at once (a banned
-        source, or one over its connection limit, issue 6 item 3)."""
+        source, or one over its connection limit)."""
         # A connection that never sends a byte is closed by the idle timeout too.
         self._activity[flow] = now
         if not self.guard.active:
@@ -273,7 +273,7 @@ class SbcCore:
         return False
 
     def report_lag(self, lag: float, now: float) -> None:
-        """The I/O layer's measure of its event loop's lateness (overload, issue 6 item 3)."""
+        """The I/O layer's measure of its event loop's lateness (overload)."""
         self.guard.report_lag(lag, now)
 
     def add_listener(self, side: str, transport: str, address: Address) -> None:
@@ -320,7 +320,7 @@ class SbcCore:
             self.connection_closed(flow)
         return actions
 
-    # -- messages -------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------
     def _parse_failed(self, exc: ParseError, flow: Flow) -> list[Action]:
         """Answer a malformed request if a response can be formed; drop anything else."""
         self.stats[f"rejected:{fault_label(exc.reason)}"] += 1
@@ -349,7 +349,7 @@ class SbcCore:
             return self._handle_response(msg, now)
         assert isinstance(msg, Request)
         if self.guard.active and self.guard.blocked_agent(msg.get("user-agent")):
-            return []  # a scanner: no answer at all (issue 6 item 4)
+            return []  # a scanner: no answer at all
         self._stamp_via(msg, flow)
         rejection = check_request(msg, supported=SUPPORTED)
         if rejection is not None:
@@ -473,7 +473,7 @@ class SbcCore:
         return flow.transport == "udp" or flow in self._framers
 
     def _flows_failed(self, now: float) -> list[Action]:
-        """Client flows the keep-alives found dead: their calls end (issue 4 item 5)."""
+        """Client flows the keep-alives found dead: their calls end."""
         failed = self.backends.failed_flows
         actions: list[Action] = []
         while failed:
@@ -599,7 +599,7 @@ class SbcCore:
         finally:
             self._loop_depth -= 1
 
-    # -- transport rules ------------------------------------------------------------------
+    # -- transport rules ---------------------------------------------------------------------
     @staticmethod
     def _stamp_via(req: Request, flow: Flow) -> None:
         """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via (if it parses)."""

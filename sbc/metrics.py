@@ -1,4 +1,4 @@
-"""What the admin API shows (issue 7 item 2): Prometheus metrics and the ``/status`` report.
+"""What the admin API shows: Prometheus metrics and the ``/status`` report.
 
 Both read the core's live state when asked (a scrape, a ``sbc status``): nothing is counted
 on the signalling path for them. The core keeps its own counters anyway (``stats`` Counters
@@ -35,7 +35,7 @@ _CALL_COUNTERS = {
     "calls_ended": ("sbc_calls_ended", "INVITE calls ended, answered or not"),
 }  # fmt: skip
 _CALL_REFUSED = {"calls_refused": "limit", "calls_refused_media": "media"}
-# REGISTER handling by the registration relay (issue 3); the rest: sbc_registrar_events_total.
+# REGISTER handling by the registration relay; the rest: sbc_registrar_events_total.
 _REGISTERS = {
     "register_forwarded": "forwarded",
     "register_offloaded": "offloaded",
@@ -115,7 +115,7 @@ class SbcCollector(Collector):
             value=int(readiness(core, self.listening())[0]),
         )
 
-        # -- registrations ---------------------------------------------------------------
+        # -- registrations -------------------------------------------------------------------
         regs = GaugeMetricFamily(
             "sbc_registrations",
             "Client registrations the SBC holds: relayed (to a backend registrar; cached for "
@@ -146,7 +146,7 @@ class SbcCollector(Collector):
                 events.add_metric([key], value)
         yield events
 
-        # -- calls -----------------------------------------------------------------------
+        # -- calls ---------------------------------------------------------------------------
         calls = core.calls
         yield GaugeMetricFamily(
             "sbc_calls_active", "INVITE calls in progress (ringing or answered)",
@@ -175,7 +175,7 @@ class SbcCollector(Collector):
                 call_events.add_metric([key], value)
         yield call_events
 
-        # -- backends --------------------------------------------------------------------
+        # -- backends ------------------------------------------------------------------------
         backends = core.backends.balancer.backends
         up = GaugeMetricFamily(
             "sbc_backend_up", "1 while the backend is up (health probes)", labels=["backend"]
@@ -201,7 +201,7 @@ class SbcCollector(Collector):
                 rtt.add_metric([b.name], b.last_rtt)
         yield from (up, dialogs, rtt, failures)
 
-        # -- rejections and the guard ----------------------------------------------------
+        # -- rejections and the guard --------------------------------------------------------
         rejected = CounterMetricFamily(
             "sbc_rejected",
             "Requests answered with an error instead of being relayed, by the filter that "
@@ -266,7 +266,7 @@ class SbcCollector(Collector):
                 sip_events.add_metric([key], value)
         yield sip_events
 
-        # -- media -----------------------------------------------------------------------
+        # -- media ---------------------------------------------------------------------------
         yield from self._media()
 
     def _media(self) -> Iterator[Metric]:

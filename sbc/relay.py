@@ -1,7 +1,7 @@
 """The core side: health probes to the backends and requests relayed to them (sans-I/O).
 
 ``BackendRelay`` is a transaction user of the core's client transactions. It sends OPTIONS
-probes (issue 3 item 7) and forwards REGISTERs to the backend that the balancer picks for
+probes and forwards REGISTERs to the backend that the balancer picks for
 the AOR, as a stateful proxy (RFC 3261 16) that adds a Path naming the client's flow
 (RFC 3327, RFC 5626 5.2), and relays the answers back to the client's server transaction.
 """
@@ -85,7 +85,7 @@ class _RegisterInfo:
     contacts: tuple[NameAddr, ...]
     flow: Flow
     client_expires: int  # what the client will be granted (0: a de-registration)
-    nat: bool = False  # the client is behind NAT (issue 3 item 4)
+    nat: bool = False  # the client is behind NAT
     outbound: bool = False  # the client uses SIP outbound (RFC 5626)
 
 
@@ -163,7 +163,7 @@ class BackendRelay:
     ) -> None:
         self.transactions = transactions
         # Asked before a client's REGISTER goes to a backend: seconds to wait (503 with
-        # Retry-After) when the backends' REGISTER ceiling is reached (issue 6 item 6).
+        # Retry-After) when the backends' REGISTER ceiling is reached.
         self.register_gate = register_gate
         self.balancer = balancer
         self.respond = respond
@@ -227,7 +227,7 @@ class BackendRelay:
             return None
         return Flow(transport, local, address)
 
-    # -- timers: health probes (issue 3 item 7) ---------------------------------------------
+    # -- timers: health probes ---------------------------------------------------------------
     def next_deadline(self) -> float | None:
         if not self._sockets:
             return None
@@ -268,7 +268,7 @@ class BackendRelay:
             out += sent
         return out
 
-    # -- work with a deadline of its own: a heap, stale entries skipped lazily --------------
+    # -- work with a deadline of its own: a heap, stale entries skipped lazily ---------------
     def _track(self, tx: ClientTransaction, work: _Probe | _Keepalive | _Relayed) -> None:
         self._work[tx] = work
         if work.deadline is not None:
@@ -290,8 +290,8 @@ class BackendRelay:
 
     def _overdue(self, now: float) -> list[Output]:
         """Work whose own deadline passed: a probe or keep-alive unanswered within its
-        interval failed (so detection takes about interval x failures, not failures x timer F,
-        issue 3 item 7); a relayed REGISTER with no answer at all fails over."""
+        interval failed (so detection takes about interval x failures, not failures x timer F);
+        a relayed REGISTER with no answer at all fails over."""
         out: list[Output] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
@@ -346,7 +346,7 @@ class BackendRelay:
 
     def _health(self, change: HealthChange | None, now: float) -> list[Output]:
         """Log a backend going down or up; a backend going down has its registrations
-        recovered on the others (issue 3 item 7)."""
+        recovered on the others."""
         if change is None:
             return []
         self.events.append(change)
@@ -360,7 +360,7 @@ class BackendRelay:
                 out += self._recover(reg, now)
         return out
 
-    # -- keep-alives towards clients behind NAT (issue 3 item 5) -----------------------------
+    # -- keep-alives towards clients behind NAT ----------------------------------------------
     def _keepalive_timers(self, now: float) -> list[Output | RawSend]:
         out: list[Output | RawSend] = []
         for flow in self.keepalives.due(now):
@@ -383,12 +383,12 @@ class BackendRelay:
         return req
 
     def report_failure(self, backend: BackendState, reason: str, now: float) -> list[Output]:
-        """A request towards ``backend`` timed out: one failure (issue 3 item 7)."""
+        """A request towards ``backend`` timed out: one failure."""
         return self._health(self.balancer.request_failed(backend, now=now, reason=reason), now)
 
     def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
-        removed here and at the backends (issue 3 items 3 and 5); the owner ends its calls
+        removed here and at the backends; the owner ends its calls
         (``failed_flows``)."""
         self.failed_flows.append(flow)
         self.keepalives.unwatch(flow)
@@ -402,7 +402,7 @@ class BackendRelay:
         self.stats["keepalive_dead"] += 1
         return out
 
-    # -- requests from a backend to a registered client (issue 3 item 6) --------------------
+    # -- requests from a backend to a registered client --------------------------------------
     def is_core_flow(self, flow: Flow) -> bool:
         """From a core-side listener, or over a connection the SBC opened to a backend."""
         if flow.local in self._sockets.values():
@@ -425,7 +425,7 @@ class BackendRelay:
         """Whether a registration (relayed or local) still reaches its client over ``flow``."""
         return self.registrations.has_flow(flow) or self.location.has_flow(flow)
 
-    # -- the embedded registrar (issue 3 item 9) -------------------------------------------
+    # -- the embedded registrar --------------------------------------------------------------
     def register_locally(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
     ) -> list[Output]:
@@ -455,7 +455,7 @@ class BackendRelay:
 
     @staticmethod
     def _behind_nat(req: Request, contacts: tuple[NameAddr, ...], client: Flow) -> bool:
-        """Issue 3 item 4, for a UDP client (keep-alives are for UDP NAT bindings)."""
+        """Whether a UDP client is behind a NAT (keep-alives are for UDP NAT bindings)."""
         via = req.top_via
         if client.transport != "udp" or via is None:
             return False
@@ -477,7 +477,7 @@ class BackendRelay:
             return None
         return bindings[0].flow, bindings[0].contact.uri
 
-    # -- REGISTER relay (issue 3 items 1-3) ------------------------------------------------
+    # -- REGISTER relay (docs/registration.md) -----------------------------------------------
     def relay_register(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
     ) -> list[Output]:
@@ -541,8 +541,8 @@ class BackendRelay:
 
     def _failover(self, tx: ClientTransaction, work: _Relayed, now: float) -> list[Output]:
         """A relayed REGISTER got no answer at all within request_timeout: the backend counts
-        a failure and the REGISTER goes to the next backend in the AOR's order (issue 3 item
-        7: transaction timeouts are failures; the client is not left waiting for timer F)."""
+        a failure and the REGISTER goes to the next backend in the AOR's order (a
+        transaction timeout is a failure; the client is not left waiting for timer F)."""
         assert work.backend is not None and work.request is not None and work.client is not None
         out = self.transactions.terminate(tx)
         out += self._health(self.balancer.request_failed(
@@ -612,7 +612,7 @@ class BackendRelay:
         return req
 
     def _deregister(self, reg: CachedRegistration, now: float) -> list[Output]:
-        """The client stopped refreshing: remove its binding at the backend (item 3), so the
+        """The client stopped refreshing: remove its binding at the backend, so the
         backend stops routing calls into a dead NAT binding."""
         backend = next((b for b in self.balancer.backends if b.name == reg.backend), None)
         flow = self.flow_to(backend) if backend is not None else None
@@ -627,7 +627,7 @@ class BackendRelay:
         return out
 
     def _recover(self, reg: CachedRegistration, now: float) -> list[Output]:
-        """Registration recovery (issue 3 item 7): the binding's backend went down, so the SBC
+        """Registration recovery: the binding's backend went down, so the SBC
         registers it on the backend the AOR now hashes to, from its cache, without waiting
         for the client. A fresh Call-ID (RFC 3261 10.3 step 7: a binding with another Call-ID
         is updated) keeps its CSeq clear of the client's later refreshes."""
@@ -672,7 +672,7 @@ class BackendRelay:
         fwd.add("Path", f"<sip:{self.tokens.encode(client)}@{local};lr>", first=True)
         return fwd
 
-    # -- transaction events -----------------------------------------------------------------
+    # -- transaction events ------------------------------------------------------------------
     def on_response(self, event: ResponseReceived, now: float) -> list[Output]:
         work = self._work.get(event.transaction)
         resp = event.response
@@ -792,7 +792,7 @@ class BackendRelay:
         if isinstance(work, _Keepalive):
             return self._flow_failed(work.flow, now) if self.keepalives.failed(work.flow) else []
         if isinstance(work, _Relayed):
-            # Issue 3 item 7: a timeout towards a backend counts as a failure; RFC 3261 16.7
+            # A timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.
             assert work.backend is not None
             out = self._health(self.balancer.request_failed(

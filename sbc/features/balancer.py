@@ -1,4 +1,4 @@
-"""Backend selection, health probing and load balancing (issue 3 items 1, 7 and 8).
+"""Backend selection, health probing and load balancing.
 
 Sans-I/O: the balancer sends nothing and reads no clock. The caller asks which backends are
 due for an OPTIONS probe (``probes_due(now)``), sends them, and reports each outcome
@@ -63,7 +63,7 @@ TRANSPORTS = frozenset({"udp", "tcp", "tls"})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthPolicy:
-    """Probe timing and thresholds (issue 3 item 7; the ``[core] probe_*`` keys)."""
+    """Probe timing and thresholds (the ``[core] probe_*`` keys)."""
 
     probe_interval: float = 5.0  # seconds between OPTIONS probes to each backend
     probe_failures: int = 3  # consecutive failed probes before a backend is marked down
@@ -263,7 +263,7 @@ class Balancer:
         algorithm: str,
         now: float,
     ) -> None:
-        """A reloaded config (issue 7 item 3): a backend kept by name keeps its state
+        """A reloaded config: a backend kept by name keeps its state
         (up or down, dialogs, probe schedule) with its new spec (weight); a new one starts
         up and is probed now; a removed one takes no new work (calls already on it keep
         it until they end)."""
@@ -287,7 +287,7 @@ class Balancer:
         self.algorithm = algorithm
         self._index()
 
-    # -- selection -------------------------------------------------------------------------
+    # -- selection ---------------------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[int, BackendState]]:
         """UP backends that may take new work (weight > 0), with their index."""
@@ -375,7 +375,7 @@ class Balancer:
                 return backend
         return None
 
-    # -- health ----------------------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------------
 
     def is_alive_reply(self, status: int) -> bool:
         """Whether a final response ``status`` to a probe counts as alive."""
@@ -424,7 +424,7 @@ class Balancer:
         self, backend: BackendState, *, now: float, reason: str
     ) -> HealthChange | None:
         """A transaction towards ``backend`` timed out (RFC 3261 17.1.1.2 Timer B,
-        17.1.2.2 Timer F): one failure, as a failed probe (issue 3 item 7)."""
+        17.1.2.2 Timer F): one failure, as a failed probe."""
         return self._failure(backend, reason or "request timed out")
 
     def _failure(self, backend: BackendState, reason: str) -> HealthChange | None:

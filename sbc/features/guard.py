@@ -1,4 +1,4 @@
-"""The SBC's front door (issue 6): who may talk to it, how fast, and who is banned.
+"""The SBC's front door: who may talk to it, how fast, and who is banned.
 
 Sans-I/O like the rest of the core: every method takes ``now`` and returns a verdict. One
 ``Guard`` holds, per source IP address:
@@ -194,7 +194,7 @@ class Guard:
         self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
 
     def set_policy(self, policy: GuardPolicy) -> None:
-        """A reloaded [security] (issue 7 item 3): what each known source may do is worked
+        """A reloaded [security]: what each known source may do is worked
         out again; bans in force stay, and so do the buckets' levels."""
         self.policy = policy
         self.active = policy != NO_POLICY
@@ -206,7 +206,7 @@ class Guard:
                 src.ban_until = 0.0  # now on the allow list: never banned
                 self.bans.pop(ip, None)
 
-    # -- per packet ----------------------------------------------------------------------
+    # -- per packet --------------------------------------------------------------------------
     def _judge(self, ip: str, now: float) -> _Source:
         """A new source's standing under the policy: trusted, and allowed on each side."""
         p = self.policy
@@ -275,7 +275,7 @@ class Guard:
         src = self._sources.get(ip)
         return src is not None and src.ban_until > now
 
-    # -- per request ---------------------------------------------------------------------
+    # -- per request -------------------------------------------------------------------------
     def blocked_agent(self, user_agent: str | None) -> bool:
         """A scanner's User-Agent (substring, case-insensitive): drop without an answer."""
         if not user_agent or not self.policy.user_agent_block:
@@ -366,7 +366,7 @@ class Guard:
     def expects_auth_answers(self) -> bool:
         return bool(self._credentials)
 
-    # -- registrar protection ------------------------------------------------------------
+    # -- registrar protection ----------------------------------------------------------------
     def backend_register(self, now: float) -> int:
         """A REGISTER about to be relayed to a backend: 0 if it may go, else the seconds
         to put in Retry-After (the backends' REGISTER ceiling is reached)."""
@@ -379,7 +379,7 @@ class Guard:
             return math.ceil(wait)
         return 0
 
-    # -- connections ---------------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------
     def connection_opened(self, ip: str, now: float) -> bool:
         """A TCP/TLS connection accepted from ``ip``: False to close it at once."""
         src = self._source(ip, now)
@@ -414,7 +414,7 @@ class Guard:
             return False
         return True
 
-    # -- load ----------------------------------------------------------------------------
+    # -- load --------------------------------------------------------------------------------
     def report_lag(self, lag: float, now: float) -> None:
         """The I/O layer's measure of how late its event loop runs timers."""
         p = self.policy
@@ -426,7 +426,7 @@ class Guard:
     def overloaded(self, now: float) -> bool:
         return self._overloaded_until > now
 
-    # -- housekeeping --------------------------------------------------------------------
+    # -- housekeeping ------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         return self._next_sweep if self._sources else None
 

@@ -15,7 +15,7 @@ import struct
 
 from sbc.sip.flow import Address, Flow
 
-# -- NAT detection (issue 3 item 4) -----------------------------------------------------------
+# -- NAT detection ---------------------------------------------------------------------------
 
 # RFC 1918, RFC 6598 (CGN shared space), link-local, and the IPv6 equivalents (ULA, link-local).
 _PRIVATE = tuple(
@@ -40,7 +40,7 @@ def behind_nat(
     source: Address, via_host: str, via_port: int | None, contact_hosts: list[str]
 ) -> bool:
     """A client is behind NAT if its packets come from another address than its Via says,
-    or its Contact is another address than the source or in private space (issue 3 item 4)."""
+    or its Contact is another address than the source or in private space."""
     src_host, src_port = source
     if via_host.lower() != src_host.lower() or (via_port or 5060) != src_port:
         return True
@@ -164,7 +164,7 @@ def stun_binding_response(data: bytes, source: Address) -> bytes | None:
 
 
 class NatPolicy:
-    """[nat]: how keep-alives are sent (issue 3 item 5)."""
+    """[nat]: how keep-alives are sent."""
 
     __slots__ = ("failures", "interval", "method")
 

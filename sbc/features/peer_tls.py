@@ -1,4 +1,4 @@
-"""Who a TLS peer is (issue 6 item 1): the names in a verified certificate, matched against
+"""Who a TLS peer is: the names in a verified certificate, matched against
 the name configured for a peer SBC ([[peers]] tls_name).
 
 Sans-I/O: it reads the dictionary ``ssl.SSLSocket.getpeercert()`` returns (the certificate

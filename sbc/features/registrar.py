@@ -75,7 +75,7 @@ def client_expires_for(transport: str, udp: int, tcp: int, tls: int) -> int:
     return udp if transport == "udp" else tls if transport == "tls" else tcp
 
 
-# -- registration offload (issue 3 item 2) ----------------------------------------------------
+# -- registration offload --------------------------------------------------------------------
 
 
 def contact_expires(contact: NameAddr, default: int) -> int:
@@ -126,7 +126,7 @@ class CachedRegistration:
 
 
 class RegistrationStore(Protocol):
-    """Where the registrations the SBC relayed live (issue 3 item 10). The default keeps
+    """Where the registrations the SBC relayed live. The default keeps
     them in memory (``MemoryRegistrationStore``); another store (shared, persistent) only
     has to provide these."""
 
@@ -148,7 +148,7 @@ def may_answer_locally(
     expires: int,
     now: float,
 ) -> bool:
-    """Registration offload (issue 3 item 2): may the SBC answer this re-REGISTER itself?
+    """Registration offload: may the SBC answer this re-REGISTER itself?
 
     Only a refresh of the same registration (the caller looked it up by AOR, Call-ID and
     flow) with a higher CSeq, a non-zero expiry and the same contact set, while the backend
@@ -211,7 +211,7 @@ class MemoryRegistrationStore:
         return None
 
     def expired(self, now: float) -> list[CachedRegistration]:
-        """Remove and return the registrations whose client stopped refreshing (item 3)."""
+        """Remove and return the registrations whose client stopped refreshing."""
         out = []
         while (top := self._live_top()) is not None and top[0] <= now:
             heapq.heappop(self._heap)
@@ -224,7 +224,7 @@ class MemoryRegistrationStore:
         return None if top is None else top[0]
 
 
-# -- embedded registrar, when no backend is configured (issue 3 item 9) ----------------------
+# -- embedded registrar, when no backend is configured ---------------------------------------
 
 
 class LocalBinding:

@@ -77,7 +77,7 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
     # branch a MUST only for RFC 3261 clients, 17.2.3 keeps the RFC 2543 matching rules for
     # requests without one, and RFC 4475 3.4.1 (inv2543) must be accepted. A branch
     # parameter without a value breaks the grammar (RFC 3261 25.1: via-branch = "branch"
-    # EQUAL token), and that is the "Via without branch" issue 6 answers 400.
+    # EQUAL token), and that is a "Via without branch", answered 400.
     if not branch and (branch == "" or any(k.lower() == "branch" for k, _ in top.params)):
         return Rejection(400, "Via Branch Is Empty", "bad_via")
     if cseq.method != req.method:

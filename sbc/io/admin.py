@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint on ``[admin] listen`` (issue 7 item 2): a small asyncio server.
+"""The admin HTTP endpoint on ``[admin] listen``: a small asyncio server.
 
     GET /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
     GET /healthz   200 while the process and its event loop run
@@ -66,7 +66,7 @@ class AdminServer:
         self.core = core
         self.name = name
         self.media = media
-        self.reload = reload  # the last reload's outcome, for /status (issue 7 item 3)
+        self.reload = reload  # the last reload's outcome, for /status
         self.listening = False
         self._clock = clock
         self._server: asyncio.Server | None = None

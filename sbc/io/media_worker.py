@@ -1,4 +1,4 @@
-"""Media worker processes (issue 5 item 8) and the signalling side's handle on them.
+"""Media worker processes and the signalling side's handle on them.
 
 Each worker is a child process (``python -m sbc.io.media_worker``) with its own event loop
 (uvloop when importable) and one ``RelayEngine``. The signalling process talks to it over an
@@ -52,7 +52,7 @@ class _Datagrams(Protocol):
     def close(self) -> None: ...
 
 
-# -- the worker process ------------------------------------------------------------------------
+# -- the worker process ----------------------------------------------------------------------
 
 
 class _Port(asyncio.DatagramProtocol):
@@ -64,8 +64,8 @@ class _Port(asyncio.DatagramProtocol):
         self.port = port
         self._worker = worker
         self._receive = worker.engine.receive
-        self._pending = worker.engine.pending  # more packets of one (transcoding, issue 8)
-        self._events = worker.engine.events  # DTMF seen for SIP INFO (issue 8 item 2)
+        self._pending = worker.engine.pending  # more packets of one (transcoding)
+        self._events = worker.engine.events  # DTMF seen for SIP INFO
         self._out = worker.transports
         self._clock = time.monotonic
 
@@ -81,7 +81,7 @@ class _Port(asyncio.DatagramProtocol):
                     if transport is not None:
                         transport.sendto(packet, dest)
                 self._pending.clear()
-        if self._events:  # DTMF seen (issue 8 item 2); its packet itself was not relayed
+        if self._events:  # DTMF seen; its packet itself was not relayed
             self._worker.report_events()
 
     def error_received(self, exc: Exception) -> None:
@@ -122,7 +122,7 @@ class _Worker:
         self.engine.events.clear()
 
     async def _send_dtmf(self) -> None:
-        """The SBC's own RFC 4733 packets (issue 8 item 2), each when it is due."""
+        """The SBC's own RFC 4733 packets, each when it is due."""
         while (due := self.engine.next_dtmf()) is not None:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             for port, packet, dest in self.engine.dtmf_due(time.monotonic()):
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
 
 
-# -- the signalling side -----------------------------------------------------------------------
+# -- the signalling side ---------------------------------------------------------------------
 
 
 def _log_settings() -> tuple[str, str]:

@@ -39,7 +39,7 @@ def _addr(sockaddr: Any) -> Address:
 
 
 class TlsFiles:
-    """A TLS context and the files it was built from (issue 6 item 1: certificate and key
+    """A TLS context and the files it was built from (certificate and key
     reloaded without a restart). ``check()`` rebuilds the context when a file changed;
     new handshakes take ``context``, connections already up keep theirs. A context that
     fails to build (a bad certificate, a key that does not fit) is logged and the old one
@@ -81,7 +81,7 @@ class TlsFiles:
 
     def adopt(self, other: TlsFiles) -> None:
         """Take ``other``'s files and context (a reloaded config named other files or
-        settings, issue 7 item 3); listeners holding this object use them from the next
+        settings); listeners holding this object use them from the next
         handshake."""
         self._build, self._files = other._build, other._files
         self._stamps, self.context = other._stamps, other.context
@@ -155,10 +155,10 @@ class SipTransports:
     def client_tls_files(self) -> TlsFiles | None:
         return self._client_tls
 
-    # -- housekeeping ----------------------------------------------------------------------
+    # -- housekeeping ------------------------------------------------------------------------
     def _measure_lag(self) -> None:
         """How late this callback runs is how late the event loop runs everything: the
-        core answers new requests with 503 while it is too late (issue 6 item 3)."""
+        core answers new requests with 503 while it is too late."""
         now = self._loop.time()
         lag = max(0.0, now - self._lag_due)
         try:
@@ -185,10 +185,10 @@ class SipTransports:
                 done += 1
         return done
 
-    # -- listeners ------------------------------------------------------------------------
+    # -- listeners ---------------------------------------------------------------------------
     async def listen(self, url: ListenUrl, tls: TlsFiles | ssl.SSLContext | None = None) -> Address:
         """Bind one listener. TLS listeners accept plain TCP and start TLS on each
-        connection themselves, after the per-source limits (issue 6 item 3)."""
+        connection themselves, after the per-source limits."""
         if isinstance(tls, ssl.SSLContext):
             tls = TlsFiles.fixed(f"{url}", tls)
         if tls is not None and url.transport == "tls" and tls not in self._tls_files:
@@ -246,7 +246,7 @@ class SipTransports:
         for server in self._servers:
             await server.wait_closed()
 
-    # -- core plumbing --------------------------------------------------------------------
+    # -- core plumbing -----------------------------------------------------------------------
     def run_actions(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, SendData):
@@ -375,7 +375,7 @@ class SipTransports:
     def admit(self, conn: _StreamProtocol) -> bool:
         """A connection accepted on a listener (still plain TCP for TLS listeners): the
         per-source connection limit and ban list, then for TLS the per-source handshake
-        bucket, all before any byte of it is read (issue 6 item 3)."""
+        bucket, all before any byte of it is read."""
         assert conn.flow is not None
         now = self._clock()
         try:
@@ -394,7 +394,7 @@ class SipTransports:
 
     def accept_tls(self, raw: asyncio.Transport, tls: TlsFiles) -> None:
         """A TCP connection accepted on a TLS listener, before any byte of it is read:
-        the per-source limits decide whether a handshake starts at all (issue 6 item 3).
+        the per-source limits decide whether a handshake starts at all.
         The socket then leaves this plain transport (which never read from it) for a TLS
         one whose handshake is bounded by HANDSHAKE_TIMEOUT."""
         conn = _StreamProtocol(self, "tls", accepted=True)
@@ -431,8 +431,8 @@ class SipTransports:
 
     def _peer_certificate_ok(self, flow: Flow, transport: asyncio.BaseTransport) -> bool:
         """A TLS connection from a peer SBC's address is its only if the certificate, which
-        the handshake verified against [core.tls] ca, names the peer ([[peers]] tls_name,
-        issue 6 item 1); else it is closed before a request on it is read."""
+        the handshake verified against [core.tls] ca, names the peer ([[peers]] tls_name);
+        else it is closed before a request on it is read."""
         names = self._peer_names.get(flow.remote[0].lower())
         if names is None:
             return True

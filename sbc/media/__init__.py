@@ -1,1 +1,1 @@
-"""Media: the relay sessions of each call (issue 5); see control.py for the worker seam."""
+"""Media: the relay sessions of each call; see control.py for the worker seam."""

@@ -1,4 +1,4 @@
-"""The audio codecs the media workers transcode between (issue 8), sans-I/O.
+"""The audio codecs the media workers transcode between, sans-I/O.
 
 Each codec of ``control.TRANSCODABLE`` has an entry in ``CODECS``: its audio sample rate, its
 RTP clock rate and a factory of encoders and decoders working on 16-bit mono linear PCM in

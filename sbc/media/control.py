@@ -1,14 +1,14 @@
-"""The control interface between the signalling process and the media workers (issue 5 item 8).
+"""The control interface between the signalling process and the media workers.
 
 It has the shape of rtpengine's "ng" protocol: the signalling side tells a worker what each
 call's streams are (``Update``: it covers offer and answer, sent again whenever an SDP
 changes them), removes a call (``Delete``), and hears back ``Timeout`` (no media for
 ``[media] timeout`` seconds), ``Stats`` (the answer to ``Delete``) and, every few seconds,
 ``Totals`` (the worker's counters since it started, for the metrics). DTMF interworking
-(issue 8 item 2) adds ``SendDtmf`` (send a digit as RFC 4733 events to a party) and
-``Dtmf`` (a digit a party sent as RFC 4733 events, for SIP INFO). The signalling side
-decides everything (ports, addresses, keys); a worker only binds the ports it is told and
-moves packets, so another media engine can sit behind the same messages.
+adds ``SendDtmf`` (send a digit as RFC 4733 events to a party) and ``Dtmf`` (a digit a
+party sent as RFC 4733 events, for SIP INFO). The signalling side decides everything
+(ports, addresses, keys); a worker only binds the ports it is told and moves packets, so
+another media engine can sit behind the same messages.
 
 On the wire each message is one JSON object per line (``encode`` / ``decode``); keys are
 base64. Nothing here does I/O.
@@ -32,14 +32,14 @@ class SrtpKey:
     key_salt: bytes
 
 
-# The codecs the workers transcode between (issue 8), by their a=rtpmap encoding names
+# The codecs the workers transcode between, by their a=rtpmap encoding names
 # upper-cased (RFC 3551 6; RFC 7587 for OPUS): sbc/media/codecs.py implements each.
 TRANSCODABLE = frozenset({"PCMU", "PCMA", "G722", "OPUS"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodecSpec:
-    """The codec a party sends and wants to receive on a transcoded stream (issue 8), as
+    """The codec a party sends and wants to receive on a transcoded stream, as
     its SDP negotiated it: the payload type and clock rate of its a=rtpmap (RFC 4566 6,
     RFC 3551 6), the packet time it wants (a=ptime, default 20 ms) and its a=fmtp; and its
     RFC 4733 telephone-event payload type, if it has one."""
@@ -70,7 +70,7 @@ class Party:
     # False: the party was offered SRTP and has not answered yet, so how it protects what it
     # sends is unknown: its packets are dropped (never relayed as if they were plain RTP).
     accept: bool = True
-    # Transcoded streams (issue 8): the codec of this party's leg; None on a stream whose
+    # Transcoded streams: the codec of this party's leg; None on a stream whose
     # legs share a codec (the payload passes untouched, payload types included).
     codec: CodecSpec | None = None
 
@@ -132,7 +132,7 @@ class Stats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeout:
-    """No media from a sending party of the session for ``idle`` seconds (issue 5 item 6)."""
+    """No media from a sending party of the session for ``idle`` seconds."""
 
     session: str
     idle: float
@@ -164,7 +164,7 @@ TOTALS_FIELDS = tuple(Totals.__dataclass_fields__)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Dtmf:
     """A DTMF event the relay saw end in a party's RFC 4733 telephone-events on a stream
-    whose other party has none (issue 8 item 2): the signalling side sends it on as SIP
+    whose other party has none: the signalling side sends it on as SIP
     INFO. ``digit`` is "0"-"9", "*", "#", "A"-"D" or "16" (flash), RFC 4733 3.2."""
 
     session: str
@@ -177,7 +177,7 @@ class Dtmf:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendDtmf:
     """Send a DTMF digit as RFC 4733 telephone-events to ``party`` of a transcoded stream
-    (it arrived from the other party as SIP INFO; issue 8 item 2)."""
+    (it arrived from the other party as SIP INFO)."""
 
     session: str
     index: int
@@ -193,7 +193,7 @@ DTMF_DIGITS = {code: digit for digit, code in DTMF_EVENTS.items()}
 
 
 def stats_record(stats: Stats) -> list[dict[str, Any]]:
-    """A session's statistics as the call record shows them (issue 5 item 7)."""
+    """A session's statistics as the call record shows them."""
     return [
         {"index": s.index, "caller": _pstats_out(s.a), "callee": _pstats_out(s.b)}
         for s in stats.streams
@@ -204,7 +204,7 @@ Command = Update | Delete | SendDtmf
 Event = Stats | Timeout | Dtmf
 
 
-# -- wire format -------------------------------------------------------------------------------
+# -- wire format -----------------------------------------------------------------------------
 
 
 def _addr(value: Any) -> Address | None:

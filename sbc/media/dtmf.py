@@ -1,4 +1,4 @@
-"""DTMF in SIP INFO bodies (issue 8 item 2), sans-I/O: what the SBC reads from an INFO and
+"""DTMF in SIP INFO bodies, sans-I/O: what the SBC reads from an INFO and
 writes into one when it interworks with RFC 4733 telephone-events.
 
 RFC 6086 defines the INFO method but no DTMF package body; the formats here are de-facto

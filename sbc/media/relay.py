@@ -1,4 +1,4 @@
-"""The media relay's data plane (issue 5 items 2, 3, 5, 6, 7): sans-I/O, one per worker.
+"""The media relay's data plane: sans-I/O, one per worker.
 
 ``RelayEngine`` applies the control messages (``control.Update`` / ``control.Delete``) and
 relays packets: ``receive(port, data, src, now)`` returns ``(local port, bytes, destination)``
@@ -12,7 +12,7 @@ other party Y's port of the same kind (RTCP through Y's RTP port if Y uses rtcp-
 Y's latched address, or else the address Y's SDP gave (RTCP: a=rtcp, RFC 3605, or RTP port
 + 1). The relay sends nowhere else: no reflection to the source, no open relay.
 
-Latching (symmetric RTP, RFC 4961; issue 5 item 2). A party's RTP and its RTCP (unless
+Latching (symmetric RTP, RFC 4961). A party's RTP and its RTCP (unless
 rtcp-mux: one address for both) each have a latched source address:
 - a packet from the latched address is accepted;
 - before anything is latched, a packet from exactly the address of the party's SDP (RTCP:
@@ -31,17 +31,17 @@ A changed SDP address clears the party's latch (the new address is the destinati
 SRTP (RFC 3711, SDES re-keying per leg, RFC 4568): what X sends is unprotected with X's key
 (``recv_key``); a failure drops the packet (``srtp_failures``) and never latches; what goes
 to Y is protected with the SBC's key towards Y (``send_key``). Either side may be plain
-(RTP<->SRTP interworking). ``passthrough`` streams (keys end to end: DTLS-SRTP, MIKEY, ZRTP;
-issue 5 item 5) have no crypto: the bytes, including DTLS and STUN, pass unchanged.
+(RTP<->SRTP interworking). ``passthrough`` streams (keys end to end: DTLS-SRTP, MIKEY, ZRTP)
+have no crypto: the bytes, including DTLS and STUN, pass unchanged.
 
-Statistics (issue 5 item 7): per party, packets and bytes in (accepted, as received) and out
+Statistics: per party, packets and bytes in (accepted, as received) and out
 (as sent), RTP loss (RFC 3550 A.3) and interarrival jitter (RFC 3550 6.4.1, A.8) of the RTP
 it sent. The RTP clock rate for the jitter comes from the static payload type of the first
 packet of each SSRC (RFC 3551 6); dynamic payload types count as 8000 Hz. ``totals()`` sums
 the counters of the engine's whole life for the metrics: those of parties gone (kept when
 a session or a stream ends) plus the live ones, so it costs nothing per packet.
 
-Transcoding (issue 8). A stream whose parties carry a ``codec`` (their legs share none)
+Transcoding. A stream whose parties carry a ``codec`` (their legs share none)
 sends what X sends through a ``Transcoder`` (sbc/media/transcode.py) from X's codec to Y's:
 decoded, resampled, re-framed to Y's packet time and encoded, as the SBC's own RTP source
 towards Y (its SSRC, sequence and timestamps; RFC 4733 telephone-events mapped to Y's
@@ -52,13 +52,13 @@ every ``RTCP_INTERVAL`` seconds (``reports``). One packet in may give several ou
 to a shorter packet time): the first is returned, the rest wait in ``pending`` for the
 caller to send at once.
 
-DTMF interworking (issue 8 item 2). On a transcoded stream whose receiving party has no
+DTMF interworking. On a transcoded stream whose receiving party has no
 telephone-event, the events the other party sends are reported (``events``, control.Dtmf,
 once per event) for SIP INFO; ``send_dtmf`` (control.SendDtmf, a digit that came as INFO)
 sends a party RFC 4733 events in the output stream of the transcoder towards it, packet by
 packet as they fall due (``next_dtmf`` / ``dtmf_due``).
 
-Timeouts (issue 5 item 6): every accepted packet of a session, and every Update, refreshes
+Timeouts: every accepted packet of a session, and every Update, refreshes
 its last-activity time; a session in which some party ``sends`` and that saw nothing for
 ``timeout`` seconds is reported once (again only after another Update). A session whose
 parties are all on hold (none ``sends``) never times out.
@@ -85,7 +85,7 @@ LocalPort = tuple[str, int]  # (bind address, port)
 
 MAX_DROPOUT = 3000  # RFC 3550 A.1: a larger sequence jump is a restart
 RTCP_INTERVAL = 5.0  # seconds between the relay's own sender reports (RFC 3550 6.2 minimum)
-# The SBC's own RFC 4733 events (a digit that came as SIP INFO, issue 8 item 2): an update
+# The SBC's own RFC 4733 events (a digit that came as SIP INFO): an update
 # every 50 ms while the event lasts (RFC 4733 2.5.1.2), the end three times (2.5.1.4);
 # durations outside these bounds are brought into them; successive digits are this far apart.
 DTMF_INTERVAL = 0.05
@@ -253,7 +253,7 @@ class _Leg:
         self.rtcp = _Latch()
         self.receiver: SrtpReceiver | None = None
         self.sender: _Sender | None = None
-        # Transcoding (issue 8): from this party's codec to the peer's, and when the relay
+        # Transcoding: from this party's codec to the peer's, and when the relay
         # next sends this party a sender report of what it sent it.
         self.transcoder: Transcoder | _Mute | None = None
         self.where: tuple[int, str] = (0, "a")  # (stream index, "a"/"b"): for control.Dtmf
@@ -269,7 +269,7 @@ class _Leg:
         self.last_arrival = 0.0
         self.jitter = 0.0
 
-    # -- control ------------------------------------------------------------------------
+    # -- control -----------------------------------------------------------------------------
     def configure(self, party: control.Party, passthrough: bool, window_until: float) -> bool:
         """Apply the party's description; True if its keys are usable."""
         old = self.party
@@ -339,7 +339,7 @@ class _Leg:
             latched=self.rtp.addr,
         )  # fmt: skip
 
-    # -- packets ------------------------------------------------------------------------
+    # -- packets -----------------------------------------------------------------------------
     def on_unusable(self, data: bytes, src: Address, now: float) -> Out | None:
         self.srtp_failures += 1
         return None
@@ -423,7 +423,7 @@ class _Leg:
         sender = peer.sender
         packets = transcoder.push(data, now)
         if isinstance(transcoder, Transcoder) and transcoder.detected:
-            # RFC 4733 events towards a party without them: SIP INFO (issue 8 item 2).
+            # RFC 4733 events towards a party without them: SIP INFO.
             index, party = self.where
             for code, ms in transcoder.detected:
                 digit = control.DTMF_DIGITS.get(code)
@@ -656,7 +656,7 @@ class RelayEngine:
         # Packets made by a transcoder beyond the one ``receive`` returned (re-framing to a
         # shorter packet time): the caller sends them right after, and clears the list.
         self.pending: list[Out] = []
-        # DTMF a party sent as RFC 4733 events towards one without them (issue 8 item 2):
+        # DTMF a party sent as RFC 4733 events towards one without them:
         # the caller reports them (control.Dtmf) and clears the list.
         self.events: list[control.Dtmf] = []
         self._dtmf: list[_DtmfJob] = []  # the SBC's own events being sent (send_dtmf)
@@ -699,7 +699,7 @@ class RelayEngine:
                 self._retired[i] += getattr(leg, name)
             self.transcode_dropped += leg.transcode_dropped()
 
-    # -- packets ------------------------------------------------------------------------
+    # -- packets -----------------------------------------------------------------------------
     def receive(self, port: int, data: bytes, src: Address, now: float) -> Out | None:
         """A datagram ``data`` from ``src`` arrived on local ``port``: what to send, if any,
         as (local port to send from, bytes, destination)."""
@@ -709,7 +709,7 @@ class RelayEngine:
             return None
         return handler(data, src, now)
 
-    # -- control ------------------------------------------------------------------------
+    # -- control -----------------------------------------------------------------------------
     def update(self, update: control.Update, now: float) -> PortChanges:
         session = self._sessions.get(update.session)
         if session is None:
@@ -783,7 +783,7 @@ class RelayEngine:
             ),
         )
 
-    # -- timers -------------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------
     def reports(self, now: float, wall: float) -> list[Out]:
         """The relay's own RTCP sender reports due now on transcoded streams (``wall``:
         the time of day, for the NTP timestamp). O(streams); the worker calls it about
@@ -798,7 +798,7 @@ class RelayEngine:
                             out.append(report)
         return out
 
-    # -- DTMF from SIP INFO (issue 8 item 2) ---------------------------------------------
+    # -- DTMF from SIP INFO ------------------------------------------------------------------
     def send_dtmf(self, command: control.SendDtmf, now: float) -> bool:
         """Start sending a digit as RFC 4733 events to ``command.party`` in the output
         stream of the transcoder towards it (its SSRC, sequence numbers and timeline), after
@@ -869,7 +869,7 @@ class RelayEngine:
         ]
         return min(due) if due else None
 
-    # -- ports --------------------------------------------------------------------------
+    # -- ports -------------------------------------------------------------------------------
     def _set_ports(self, session: _Session, wanted: dict[int, tuple[str, Handler]]) -> PortChanges:
         opened: list[LocalPort] = []
         closed: list[LocalPort] = []

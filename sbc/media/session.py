@@ -1,5 +1,5 @@
 """Media anchoring: every offer and answer is rewritten so that all media flows through the
-SBC's relay (issue 5 items 1, 3, 4 and 5). Sans-I/O.
+SBC's relay. Sans-I/O.
 
 Each call has a ``MediaSession``: per m-line a ``_Stream`` with two parties, ``a`` on the
 caller's leg and ``b`` on the callee's. For each party the SBC holds a pair of relay ports
@@ -35,8 +35,8 @@ from sbc.sdp.sdp import Media, Origin, SdpError, Session
 log = logging.getLogger("sbc.media")
 
 SRTP_POLICIES = ("mandatory", "optional", "off")
-# Attributes that name end-to-end keying: the SBC then relays the packets untouched (issue 5
-# item 5): DTLS-SRTP (RFC 5763 5), MIKEY (RFC 4567), ZRTP (RFC 6189 8).
+# Attributes that name end-to-end keying: the SBC then relays the packets untouched:
+# DTLS-SRTP (RFC 5763 5), MIKEY (RFC 4567), ZRTP (RFC 6189 8).
 END_TO_END_KEYING = ("fingerprint", "key-mgmt", "zrtp-hash")
 # ICE (RFC 8839 5) is removed: the parties are to use the relay, not each other.
 ICE_ATTRIBUTES = (
@@ -64,9 +64,9 @@ class SideMedia:
 
     bind: str  # local address of the relay ports on this side
     advertise: str  # the address written into SDP c= and o= towards this side
-    srtp: str = "off"  # mandatory | optional | off (issue 5 item 4)
-    # Transcodable codecs this side may be offered, in order of preference (issue 8 item 1;
-    # names of control.TRANSCODABLE). Other codecs pass as offered.
+    srtp: str = "off"  # mandatory | optional | off
+    # Transcodable codecs this side may be offered, in order of preference (names
+    # of control.TRANSCODABLE). Other codecs pass as offered.
     codecs: tuple[str, ...] = DEFAULT_CODECS
 
 
@@ -79,7 +79,7 @@ class MediaPolicy:
     suites: tuple[str, ...] = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
     # SDES offers keep their keys end to end: SRTP is relayed unchanged (addresses only).
     srtp_passthrough: bool = False
-    # Calls with a transcoded stream at once (issue 8 item 4); 0: no transcoding at all.
+    # Calls with a transcoded stream at once; 0: no transcoding at all.
     max_transcoded_calls: int = 100
 
 
@@ -156,7 +156,7 @@ class _Stream:
     b: _Party
     passthrough: bool = False
     active: bool = True  # false: rejected (port 0), no ports
-    offered: Offered | None = None  # the last offer's codecs, for its answer (issue 8)
+    offered: Offered | None = None  # the last offer's codecs, for its answer
 
     def clone(self) -> _Stream:
         """A copy to restore if the offer is refused (cheaper than copy.deepcopy)."""
@@ -226,7 +226,7 @@ class MediaController:
         """For leak checks: all zero when no call is up."""
         return {"media_sessions": len(self.sessions), "media_ports": self.pool.in_use}
 
-    # -- the seam ---------------------------------------------------------------------------
+    # -- the seam ----------------------------------------------------------------------------
     def offer(
         self,
         call: str,
@@ -367,7 +367,7 @@ class MediaController:
             return f'305 sbc "Incompatible media format: {why}"'
         return None
 
-    # -- offers -----------------------------------------------------------------------------
+    # -- offers ------------------------------------------------------------------------------
     def _rewrite_offer(self, session: MediaSession, sdp: Session, src: str, dst: str) -> bytes:
         sides = dict(zip(("a", "b"), session.sides, strict=True))
         src_side = self.policy.sides[sides[src]]
@@ -385,7 +385,7 @@ class MediaController:
                 m.port = 0
                 _strip(m)
                 continue
-            # Keys end to end (issue 5 item 5): keying the SBC cannot take part in, or SDES
+            # Keys end to end: keying the SBC cannot take part in, or SDES
             # keys the policy leaves to the parties (srtp_passthrough).
             stream.passthrough = (
                 session_keying
@@ -521,7 +521,7 @@ class MediaController:
     def _answer_codecs(
         self, stream: _Stream, m: Media, me: _Party, other: _Party, dst: str, dst_side: str
     ) -> None:
-        """Issue 8 item 1, RFC 3264 6.1: the answerer's codec is the first of its m-line. One
+        """RFC 3264 6.1: the answerer's codec is the first of its m-line. One
         the offerer offered: the payload passes untouched (no codec on either party). One
         the SBC added: the stream is transcoded between it and the offerer's best codec,
         and the offerer is answered with its own codec."""
@@ -557,14 +557,14 @@ class MediaController:
         codec = codec_policy.best(offered.formats, self.policy.sides[dst_side].codecs, keep)
         assert codec is not None  # the SBC adds codecs only for an offerer it transcodes
         # RFC 4733: events on the legs that have them; the relay maps PTs and clocks where
-        # both do, and interworks with SIP INFO where one does (issue 8 item 2).
+        # both do, and interworks with SIP INFO where one does.
         answered_dtmf = codec_policy.dtmf_for(formats or (), chosen.clock)
         offered_dtmf = codec_policy.dtmf_for(offered.formats, codec.clock)
         me.codec = codec_policy.spec(chosen, answered_dtmf, codec_policy.ptime_of(m))
         other.codec = codec_policy.spec(codec, offered_dtmf, offered.ptime)
         codec_policy.rewrite_answer(m, codec, offered_dtmf, offered.ptime)
 
-    # -- answers ----------------------------------------------------------------------------
+    # -- answers -----------------------------------------------------------------------------
     def _rewrite_answer(
         self, session: MediaSession, sdp: Session | None, src: str, dst: str
     ) -> bytes:
@@ -629,7 +629,7 @@ class MediaController:
         me.send_key = None
         me.offered = {}
 
-    # -- shared -----------------------------------------------------------------------------
+    # -- shared ------------------------------------------------------------------------------
     @staticmethod
     def _relayable(m: Media) -> bool:
         """UDP media only: RTP profiles and UDPTL (T.38); TCP media (RFC 4145) is refused."""
@@ -706,7 +706,7 @@ class MediaController:
         return body
 
     def dtmf_info(self, call: str, from_caller: bool, digit: str, duration_ms: int) -> bool:
-        """A DTMF digit came as SIP INFO from one party (issue 8 item 2): True if a stream
+        """A DTMF digit came as SIP INFO from one party: True if a stream
         of the call gives it to the other party as RFC 4733 events (that party has
         telephone-event, the sender has none: the worker is told, control.SendDtmf); False
         if the INFO is to be relayed as it is."""
@@ -757,7 +757,7 @@ def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
 
 
 def _transcodable_media(m: Media) -> bool:
-    """Audio over RTP: what the codec policy applies to (issue 8); video, T.38 and the
+    """Audio over RTP: what the codec policy applies to; video, T.38 and the
     like pass as offered."""
     return m.kind.lower() == "audio" and m.proto.upper() in RTP_PROTOS
 

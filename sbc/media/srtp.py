@@ -1,6 +1,6 @@
 """SRTP and SRTCP contexts of one relay leg over libsrtp (pylibsrtp).
 
-The relay re-keys per leg (RFC 4568 SDES, issue 5 item 3): what a party sends is checked and
+The relay re-keys per leg (RFC 4568 SDES): what a party sends is checked and
 decrypted with its own master key (``SrtpReceiver``), and what the relay sends to a party is
 encrypted with the key the SBC offered it (``SrtpSender``). A context covers every SSRC of its
 direction: libsrtp's "any inbound"/"any outbound" templates clone a per-SSRC stream on the

@@ -1,4 +1,4 @@
-"""One direction of a transcoded RTP stream (issue 8), sans-I/O: plain RTP packets in, plain
+"""One direction of a transcoded RTP stream, sans-I/O: plain RTP packets in, plain
 RTP packets out; SRTP, sockets and RTCP stay with the relay.
 
 The transcoder is an RTP source of its own (RFC 3550 7.1: a translator that changes the
@@ -82,8 +82,9 @@ class Transcoder:
         self._seq = secrets.randbits(16)
         self._ts0 = secrets.randbits(32)
         self._ptime = codecs.packet_ms(dst)
-        # The same codec on both sides (a stream transcoded only for DTMF interworking,
-        # issue 8 item 2): the payload is copied, only the RTP header is the SBC's own.
+        # The same codec on both sides (a stream run only for DTMF interworking, RFC 4733
+        # events on one side, SIP INFO on the other): the payload is copied, only the RTP
+        # header is the SBC's own.
         self.copy = (src.name, src.clock, src.channels) == (dst.name, dst.clock, dst.channels)
         rate = src.clock if self.copy else codecs.work_rate(src, dst)
         direct = None if self.copy else codecs.g711_direct(src.name, dst.name)
@@ -120,7 +121,7 @@ class Transcoder:
         self._in_ext = 0
         self._in_now = 0.0
         self._event: tuple[int, int] | None = None  # (input timestamp, output ticks)
-        # DTMF interworking (issue 8 item 2): events of a sender whose receiver has no
+        # DTMF interworking: events of a sender whose receiver has no
         # telephone-event, as (event code, duration in ms), once each; the relay takes them.
         self.detected: list[tuple[int, int]] = []
         self._reported: tuple[int, int] | None = None  # (SSRC, timestamp) of the last one
@@ -136,7 +137,7 @@ class Transcoder:
         self.dtmf_dropped = 0  # telephone-events towards a party without them
         self.failed = 0  # anything else that went wrong inside push()
 
-    # -- the API ---------------------------------------------------------------------------
+    # -- the API -----------------------------------------------------------------------------
 
     def push(self, packet: bytes, now: float) -> list[bytes]:
         """One plain RTP packet (RFC 3550 5.1 header parsed here, CSRCs/extension/padding
@@ -173,7 +174,7 @@ class Transcoder:
             + self.dtmf_dropped + self.failed
         )  # fmt: skip
 
-    # -- input timeline --------------------------------------------------------------------
+    # -- input timeline ----------------------------------------------------------------------
 
     def _unwrap(self, ts: int, ssrc: int, now: float) -> int:
         """The input timestamp on the unbounded input timeline (RFC 3550 A.1's extension of
@@ -211,7 +212,7 @@ class Transcoder:
         end = self._anchor + self._out_ticks(len(self._buf) // self._width)
         return end + (u - self._src_end) * self.dst.clock // self.src.clock
 
-    # -- audio -----------------------------------------------------------------------------
+    # -- audio -------------------------------------------------------------------------------
 
     def _audio(self, marker: bool, ts: int, ssrc: int, payload: bytes, now: float) -> list[bytes]:
         u = self._unwrap(ts, ssrc, now)
@@ -310,7 +311,7 @@ class Transcoder:
         self._last_ts = ts
         return header + payload
 
-    # -- RFC 4733 telephone-events ---------------------------------------------------------
+    # -- RFC 4733 telephone-events -----------------------------------------------------------
 
     def _telephone_event(
         self, marker: bool, ts: int, ssrc: int, payload: bytes, now: float
@@ -323,7 +324,7 @@ class Transcoder:
             self.undecodable += 1
             return []
         if self.dst.dtmf_pt is None:
-            # DTMF interworking (issue 8 item 2): the receiver has no telephone-event, so
+            # DTMF interworking: the receiver has no telephone-event, so
             # the digit goes on as SIP INFO. RFC 4733 2.3, 2.5.1.4: all packets of an
             # event share its start timestamp and its end (E bit) is sent three times;
             # it is reported once, at the first end packet, with its whole duration.
@@ -355,7 +356,7 @@ class Transcoder:
         out.append(self._packet(self.dst.dtmf_pt, ticks, bytes(body), marker=marker))
         return out
 
-    # -- events of the SBC's own (SIP INFO -> RFC 4733, issue 8 item 2) ------------------------
+    # -- events of the SBC's own (SIP INFO -> RFC 4733) --------------------------------------
 
     def dtmf_start(self, now: float) -> int:
         """The output timeline tick at which an event starting ``now`` goes: where the audio

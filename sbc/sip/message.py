@@ -85,7 +85,7 @@ class Message:
         self._raw = raw  # the exact octets this message was parsed from, while unmodified
         self._cache: dict[str, Any] = {}
 
-    # -- generic header access ------------------------------------------------------------
+    # -- generic header access ---------------------------------------------------------------
     def _touch(self, key: str) -> None:
         self._raw = None
         self._cache.pop(key, None)
@@ -245,7 +245,7 @@ class Message:
         self._replace(i, value)
         self._touch(key)
 
-    # -- typed views (parsed on first use, cached) ----------------------------------------
+    # -- typed views (parsed on first use, cached) -------------------------------------------
     # Each property looks in the cache itself and calls one helper on a miss: a message is
     # parsed for every packet and its routing headers are read once each, so the layers
     # between the attribute and the header's parse function are kept few.
@@ -390,7 +390,7 @@ class Message:
             self.remove("content-type")
         self._raw = None
 
-    # -- serialization --------------------------------------------------------------------
+    # -- serialization -----------------------------------------------------------------------
     def start_line(self) -> str:
         raise NotImplementedError
 
@@ -565,7 +565,7 @@ def parsed_response(status: int, reason: str, version: str, start: str) -> Respo
     return msg
 
 
-# -- parsers of the typed views (module level: no closure per access) ---------------------
+# -- parsers of the typed views (module level: no closure per access) ------------------------
 
 
 def _all_vias(msg: Message) -> tuple[Via, ...]:

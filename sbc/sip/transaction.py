@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-# -- configuration ------------------------------------------------------------------------
+# -- configuration ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +123,7 @@ class Timers:
 DEFAULT_TIMERS = Timers()
 
 
-# -- states, dispositions, outputs --------------------------------------------------------
+# -- states, dispositions, outputs -----------------------------------------------------------
 
 
 class TransactionState(enum.Enum):
@@ -186,7 +186,7 @@ ClientKey: TypeAlias = tuple[str, str]
 _S = TransactionState
 
 
-# -- helpers that build requests ----------------------------------------------------------
+# -- helpers that build requests -------------------------------------------------------------
 
 
 def new_branch() -> str:
@@ -257,7 +257,7 @@ def cancel_request(invite: Request) -> Request:
     return cancel
 
 
-# -- matching keys ------------------------------------------------------------------------
+# -- matching keys ---------------------------------------------------------------------------
 
 
 def _server_key(request: Request, method: str) -> ServerKey:
@@ -300,7 +300,7 @@ def _ack_key_2543(request: Request) -> ServerKey:
     )
 
 
-# -- transactions -------------------------------------------------------------------------
+# -- transactions ----------------------------------------------------------------------------
 
 
 class _Transaction:
@@ -709,7 +709,7 @@ class NonInviteClientTransaction(ClientTransaction):
         return []
 
 
-# -- the layer ----------------------------------------------------------------------------
+# -- the layer -------------------------------------------------------------------------------
 
 
 class TransactionLayer:
@@ -729,7 +729,7 @@ class TransactionLayer:
     def __len__(self) -> int:
         return len(self._servers) + len(self._clients)
 
-    # -- server side ----------------------------------------------------------------------
+    # -- server side -------------------------------------------------------------------------
     def receive_request(
         self, request: Request, *, dest: object, reliable: bool, now: float
     ) -> tuple[RequestDisposition, ServerTransaction | None, list[Output]]:
@@ -780,7 +780,7 @@ class TransactionLayer:
         tx = self._servers.get(_server_key(cancel, "INVITE"))
         return tx if isinstance(tx, InviteServerTransaction) else None
 
-    # -- client side ----------------------------------------------------------------------
+    # -- client side -------------------------------------------------------------------------
     def send_request(
         self, request: Request, *, dest: object, reliable: bool, now: float
     ) -> tuple[ClientTransaction, list[Output]]:
@@ -824,7 +824,7 @@ class TransactionLayer:
             return []
         return transaction._terminate()
 
-    # -- timers ---------------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """The earliest armed timer over all transactions, or None."""
         heap = self._heap
