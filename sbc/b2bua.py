@@ -23,9 +23,7 @@ and timers (``next_deadline``, ``handle_timer``); it returns transaction outputs
 from __future__ import annotations
 
 import hashlib
-import heapq
 import hmac
-import itertools
 import json
 import logging
 import secrets
@@ -34,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sbc.deadlines import Deadlines
 from sbc.features.balancer import BackendState
 from sbc.features.registrar import aor_of
 from sbc.media import dtmf
@@ -271,7 +270,7 @@ class Call:
         self.cause = ""
         self.status: int | None = None
         self.tried: tuple[str, ...] = ()  # backends the request was sent to, in order
-        self.timers: dict[str, int] = {}
+        self.timers: set[str] = set()  # the names of its armed timers (B2bua._deadlines)
         self.counted_backend: BackendState | None = None
         self.transcoded = 0  # streams the media relay transcoded (the record)
 
@@ -333,8 +332,7 @@ class B2bua:
         self._b_pending: dict[tuple[str, str], Call] = {}  # (Call-ID, our From tag) of leg B
         self._server: dict[ServerTransaction, Call | Leg] = {}  # INVITEs we may see CANCELed
         self._work: dict[ClientTransaction, Work] = {}
-        self._heap: list[tuple[float, int, Call, str]] = []
-        self._seq = itertools.count()
+        self._deadlines: Deadlines[tuple[Call, str]] = Deadlines()
         self._per_source: Counter[str] = Counter()
         self.active_calls = 0  # INVITE calls not ended (admission, metrics)
         self.records: list[str] = []  # one JSON line per ended call
@@ -376,6 +374,7 @@ class B2bua:
             "work": len(self._work),
             "sources": len(self._per_source),
             "awaiting_stats": len(self._awaiting_stats),
+            "timers": self._deadlines.entries,
         }
 
     def owns(self, tx: ClientTransaction) -> bool:
@@ -1147,7 +1146,7 @@ class B2bua:
         for leg in call.legs:
             self._unindex(leg)
             leg.retransmit = None
-        call.timers.clear()
+        self._stop_timers(call)
         # INVITE client transactions still without a final answer (a CANCEL or BYE the far
         # end ignored) are ended after 64*T1, like a proxy's timer C (RFC 3261 9.1, 16.6).
         self._set_timer(call, "guard", now + self.timers.timer_b)
@@ -1251,35 +1250,28 @@ class B2bua:
 
     # -- timers ------------------------------------------------------------------------------
     def _set_timer(self, call: Call, name: str, deadline: float) -> None:
-        seq = next(self._seq)
-        call.timers[name] = seq
-        heapq.heappush(self._heap, (deadline, seq, call, name))
+        call.timers.add(name)
+        self._deadlines.set((call, name), deadline)
 
     def _cancel_timer(self, call: Call, name: str) -> None:
-        call.timers.pop(name, None)
+        call.timers.discard(name)
+        self._deadlines.cancel((call, name))
 
     def _stop_timers(self, call: Call) -> None:
         for leg in call.legs:
             leg.retransmit = None
+        for name in call.timers:
+            self._deadlines.cancel((call, name))
         call.timers.clear()
 
     def next_deadline(self) -> float | None:
-        heap = self._heap
-        while heap:
-            deadline, seq, call, name = heap[0]
-            if call.timers.get(name) == seq:
-                return deadline
-            heapq.heappop(heap)
-        return None
+        return self._deadlines.next_deadline()
 
     def handle_timer(self, now: float) -> list[Output]:
         out: list[Output] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, seq, call, name = heapq.heappop(heap)
-            if call.timers.get(name) != seq:
-                continue
-            del call.timers[name]
+        while (due := self._deadlines.pop_due(now)) is not None:
+            call, name = due
+            call.timers.discard(name)
             out += self._on_timer(call, name, now)
         return out
 

@@ -9,9 +9,7 @@ the AOR, as a stateful proxy (RFC 3261 16) that adds a Path naming the client's 
 from __future__ import annotations
 
 import email.utils
-import heapq
 import ipaddress
-import itertools
 import logging
 import random
 import secrets
@@ -19,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sbc.deadlines import Deadlines
 from sbc.features.balancer import BackendState, BackendUp, Balancer, HealthChange
 from sbc.features.keepalive import KeepaliveTable, NatPolicy, behind_nat
 from sbc.features.registrar import (
@@ -115,6 +114,9 @@ class _Recovery:
     call_id: str
 
 
+_Work = _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OffloadPolicy:
     """[registration]: expiry towards clients (per transport) and towards backends."""
@@ -180,11 +182,8 @@ class BackendRelay:
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
         self._core_locals: set[Address] = set()  # every core-side listener
         self.public_address = public_address
-        self._work: dict[
-            ClientTransaction, _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
-        ] = {}
-        self._deadlines: list[tuple[float, int, ClientTransaction]] = []
-        self._seq = itertools.count()
+        self._work: dict[ClientTransaction, _Work] = {}
+        self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # work with a deadline
         self.stats: Counter[str] = Counter()
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
         self.failed_flows: list[Flow] = []  # client flows found dead, for the owner
@@ -268,39 +267,28 @@ class BackendRelay:
             out += sent
         return out
 
-    # -- work with a deadline of its own: a heap, stale entries skipped lazily ---------------
+    # -- work with a deadline of its own ------------------------------------------------
     def _track(self, tx: ClientTransaction, work: _Probe | _Keepalive | _Relayed) -> None:
         self._work[tx] = work
         if work.deadline is not None:
-            heapq.heappush(self._deadlines, (work.deadline, next(self._seq), tx))
+            self._deadlines.set(tx, work.deadline)
 
-    def _live(
-        self, entry: tuple[float, int, ClientTransaction]
-    ) -> _Probe | _Keepalive | _Relayed | None:
-        work = self._work.get(entry[2])
-        if isinstance(work, _Probe | _Keepalive | _Relayed) and work.deadline == entry[0]:
-            return work
-        return None
+    def _done(self, tx: ClientTransaction) -> _Work | None:
+        """The work of a transaction that ended, forgotten with its deadline."""
+        self._deadlines.cancel(tx)
+        return self._work.pop(tx, None)
 
     def _next_work_deadline(self) -> float | None:
-        heap = self._deadlines
-        while heap and self._live(heap[0]) is None:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        return self._deadlines.next_deadline()
 
     def _overdue(self, now: float) -> list[Output]:
         """Work whose own deadline passed: a probe or keep-alive unanswered within its
         interval failed (so detection takes about interval x failures, not failures x timer F);
         a relayed REGISTER with no answer at all fails over."""
         out: list[Output] = []
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            work = self._live(entry)
-            if work is None:
-                continue
-            tx = entry[2]
-            del self._work[tx]
+        while (tx := self._deadlines.pop_due(now)) is not None:
+            work = self._work.pop(tx)
+            assert isinstance(work, _Probe | _Keepalive | _Relayed)
             if isinstance(work, _Relayed):
                 out += self._failover(tx, work, now)
                 continue
@@ -679,7 +667,7 @@ class BackendRelay:
         if work is None or (resp.status < 200 and isinstance(work, _Probe)):
             return []
         if isinstance(work, _Probe):
-            del self._work[event.transaction]
+            self._done(event.transaction)
             ok = self.balancer.is_alive_reply(resp.status)
             log.debug("probe answered %d", resp.status, extra={"backend": work.backend.name})
             return self._health(self.balancer.probe_result(
@@ -687,23 +675,23 @@ class BackendRelay:
                 reason=f"probe answered {resp.status}"), now)  # fmt: skip
         if isinstance(work, _Deregister):
             if resp.status >= 200:
-                del self._work[event.transaction]
+                self._done(event.transaction)
             return []
         if isinstance(work, _Recovery):
             if resp.status >= 200:
-                del self._work[event.transaction]
+                self._done(event.transaction)
                 self._recovered(work, resp, now)
             return []
         if isinstance(work, _Keepalive):
             if resp.status >= 200:  # any answer, even 405 or 501, shows the client is there
-                del self._work[event.transaction]
+                self._done(event.transaction)
                 self.keepalives.answered(work.flow)
             return []
         work.deadline = None  # the backend answered: it is alive, no failover
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:
-            del self._work[event.transaction]
+            self._done(event.transaction)
         try:
             out = self._relayed_response(resp)
             if work.register is not None and work.backend is not None and 200 <= resp.status < 300:
@@ -783,7 +771,7 @@ class BackendRelay:
         )
 
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
-        work = self._work.pop(tx, None)
+        work = self._done(tx)
         if isinstance(work, _Probe):
             return self._health(self.balancer.probe_result(
                 work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
@@ -801,4 +789,4 @@ class BackendRelay:
         return []
 
     def forget(self, tx: ClientTransaction) -> None:
-        self._work.pop(tx, None)
+        self._done(tx)

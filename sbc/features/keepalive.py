@@ -8,11 +8,10 @@ datagram) and gives up on a flow after ``keepalive_failures`` unanswered OPTIONS
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
-import itertools
 import struct
 
+from sbc.deadlines import Deadlines
 from sbc.sip.flow import Address, Flow
 
 # -- NAT detection ---------------------------------------------------------------------------
@@ -66,8 +65,7 @@ class KeepaliveTable:
         self.interval = interval
         self.max_failures = failures
         self._flows: dict[Flow, _FlowState] = {}
-        self._heap: list[tuple[float, int, Flow]] = []
-        self._seq = itertools.count()
+        self._deadlines: Deadlines[Flow] = Deadlines()  # each flow's next keep-alive
 
     def __len__(self) -> int:
         return len(self._flows)
@@ -80,11 +78,12 @@ class KeepaliveTable:
         state = self._flows.get(flow)
         if state is None:
             state = self._flows[flow] = _FlowState(now + self.interval, target)
-            heapq.heappush(self._heap, (state.next_at, next(self._seq), flow))
+            self._deadlines.set(flow, state.next_at)
         state.target = target
 
     def unwatch(self, flow: Flow) -> None:
         self._flows.pop(flow, None)
+        self._deadlines.cancel(flow)
 
     def target(self, flow: Flow) -> str | None:
         state = self._flows.get(flow)
@@ -93,15 +92,12 @@ class KeepaliveTable:
     def due(self, now: float) -> list[Flow]:
         """Flows to send a keep-alive to now; each is rescheduled one interval later."""
         out: list[Flow] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, _, flow = heapq.heappop(heap)
-            state = self._flows.get(flow)
-            if state is None or state.next_at != at:
-                continue  # unwatched, or a stale entry
+        while (flow := self._deadlines.pop_due(now)) is not None:
             out.append(flow)
+        for flow in out:
+            state = self._flows[flow]
             state.next_at = now + self.interval
-            heapq.heappush(heap, (state.next_at, next(self._seq), flow))
+            self._deadlines.set(flow, state.next_at)
         return out
 
     def answered(self, flow: Flow) -> None:
@@ -118,14 +114,7 @@ class KeepaliveTable:
         return state.failures >= self.max_failures
 
     def next_deadline(self) -> float | None:
-        heap = self._heap
-        while heap:
-            at, _, flow = heap[0]
-            state = self._flows.get(flow)
-            if state is not None and state.next_at == at:
-                return at
-            heapq.heappop(heap)
-        return None
+        return self._deadlines.next_deadline()
 
 
 # -- STUN binding on the SIP port (RFC 5626 4.4.2, RFC 5389) ---------------------------------

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import hmac
-import itertools
 import secrets
 from collections import Counter
 from collections.abc import Iterator
 from typing import Protocol
 
+from sbc.deadlines import Deadlines
 from sbc.sip.flow import Flow
 from sbc.sip.headers import NameAddr
 from sbc.sip.uri import SipUri
@@ -169,9 +168,7 @@ class MemoryRegistrationStore:
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str, Flow], CachedRegistration] = {}
-        # (client_expires_at, seq, key): a heap with stale entries skipped lazily.
-        self._heap: list[tuple[float, int, tuple[str, str, Flow]]] = []
-        self._seq = itertools.count()
+        self._expiries: Deadlines[tuple[str, str, Flow]] = Deadlines()  # client expiries
         self._per_flow: Counter[Flow] = Counter()
 
     def __len__(self) -> int:
@@ -192,36 +189,27 @@ class MemoryRegistrationStore:
         if key not in self._by_key:
             self._per_flow[reg.flow] += 1
         self._by_key[key] = reg
-        heapq.heappush(self._heap, (reg.client_expires_at, next(self._seq), key))
+        self._expiries.set(key, reg.client_expires_at)
 
     def drop(self, reg: CachedRegistration) -> None:
-        if self._by_key.pop((reg.aor, reg.call_id, reg.flow), None) is not None:
+        key = (reg.aor, reg.call_id, reg.flow)
+        self._expiries.cancel(key)
+        if self._by_key.pop(key, None) is not None:
             self._per_flow[reg.flow] -= 1
             if not self._per_flow[reg.flow]:
                 del self._per_flow[reg.flow]
 
-    def _live_top(self) -> tuple[float, CachedRegistration] | None:
-        heap = self._heap
-        while heap:
-            at, _, key = heap[0]
-            reg = self._by_key.get(key)
-            if reg is not None and reg.client_expires_at == at:
-                return at, reg
-            heapq.heappop(heap)  # dropped or refreshed since: stale
-        return None
-
     def expired(self, now: float) -> list[CachedRegistration]:
         """Remove and return the registrations whose client stopped refreshing."""
         out = []
-        while (top := self._live_top()) is not None and top[0] <= now:
-            heapq.heappop(self._heap)
-            self.drop(top[1])
-            out.append(top[1])
+        while (key := self._expiries.pop_due(now)) is not None:
+            reg = self._by_key[key]
+            self.drop(reg)
+            out.append(reg)
         return out
 
     def next_deadline(self) -> float | None:
-        top = self._live_top()
-        return None if top is None else top[0]
+        return self._expiries.next_deadline()
 
 
 # -- embedded registrar, when no backend is configured ---------------------------------------

@@ -21,11 +21,11 @@ A transaction that reaches Terminated is removed from the layer and reported wit
 from __future__ import annotations
 
 import enum
-import heapq
 import secrets
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from sbc.deadlines import Deadlines
 from sbc.sip.headers import MAGIC_COOKIE
 from sbc.sip.message import Request, Response, make_response
 
@@ -320,7 +320,7 @@ class _Transaction:
         self.dest = dest
         self.reliable = reliable
         self.state = state
-        self._timers: dict[TimerName, tuple[float, int]] = {}  # name -> (deadline, seq)
+        self._timers: dict[TimerName, float] = {}  # armed timers: name -> deadline
 
     @property
     def timers(self) -> Timers:
@@ -328,15 +328,16 @@ class _Transaction:
 
     def pending_timers(self) -> dict[str, float]:
         """Armed timers by name (A, B, ... , "trying") and their deadlines."""
-        return {name: deadline for name, (deadline, _) in self._timers.items()}
+        return {str(name): deadline for name, deadline in self._timers.items()}
 
     def _set_timer(self, name: TimerName, deadline: float) -> None:
-        self._layer._schedule(self, name, deadline)
+        self._timers[name] = deadline
+        self._layer._deadlines.set((self, name), deadline)
 
     def _cancel_timer(self, *names: TimerName) -> None:
         for name in names:
             if self._timers.pop(name, None) is not None:
-                self._layer._stale += 1
+                self._layer._deadlines.cancel((self, name))
 
     def _terminate(self) -> list[Output]:
         self.state = _S.TERMINATED
@@ -720,11 +721,7 @@ class TransactionLayer:
         self._servers: dict[ServerKey, ServerTransaction] = {}
         self._acks_2543: dict[ServerKey, InviteServerTransaction] = {}
         self._clients: dict[ClientKey, ClientTransaction] = {}
-        # Timer heap with lazy invalidation: an entry is live while the transaction still
-        # maps the timer name to the entry's sequence number.
-        self._heap: list[tuple[float, int, TimerName, _Transaction]] = []
-        self._seq = 0
-        self._stale = 0
+        self._deadlines: Deadlines[tuple[_Transaction, TimerName]] = Deadlines()
 
     def __len__(self) -> int:
         return len(self._servers) + len(self._clients)
@@ -827,48 +824,22 @@ class TransactionLayer:
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """The earliest armed timer over all transactions, or None."""
-        heap = self._heap
-        while heap:
-            deadline, seq, name, tx = heap[0]
-            live = tx._timers.get(name)
-            if live is not None and live[1] == seq:
-                return deadline
-            heapq.heappop(heap)
-            self._stale -= 1
-        return None
+        return self._deadlines.next_deadline()
 
     def handle_timer(self, now: float) -> list[Output]:
         """Fire every timer due at ``now``, in deadline order."""
         out: list[Output] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, seq, name, tx = heapq.heappop(heap)
-            live = tx._timers.get(name)
-            if live is None or live[1] != seq:
-                self._stale -= 1
-                continue
+        deadlines = self._deadlines
+        while (due := deadlines.pop_due(now)) is not None:
+            tx, name = due
             del tx._timers[name]
             out.extend(tx._on_timer(name, now))
         return out
 
-    def _schedule(self, tx: _Transaction, name: TimerName, deadline: float) -> None:
-        if name in tx._timers:
-            self._stale += 1
-        self._seq += 1
-        tx._timers[name] = (deadline, self._seq)
-        heapq.heappush(self._heap, (deadline, self._seq, name, tx))
-        if self._stale > 1024 and 2 * self._stale > len(self._heap):
-            self._compact()
-
-    def _compact(self) -> None:
-        # In place: handle_timer may be iterating over this very list.
-        self._heap[:] = [
-            entry
-            for entry in self._heap
-            if (live := entry[3]._timers.get(entry[2])) is not None and live[1] == entry[1]
-        ]
-        heapq.heapify(self._heap)
-        self._stale = 0
+    @property
+    def timer_entries(self) -> int:
+        """Timer entries held, cancelled ones included (for leak checks)."""
+        return self._deadlines.entries
 
     def _remove(self, tx: _Transaction) -> None:
         if isinstance(tx, ServerTransaction):
