@@ -34,6 +34,7 @@ from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.relay import OffloadPolicy
+from sbc.sides import ACCESS, CORE, PEER
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers
 from sbc.sip.uri import SipUri, parse_uri
@@ -210,10 +211,10 @@ def media_policy(config: Config, workers: int) -> MediaPolicy:
     core = m.core_address or m.address
     return MediaPolicy(
         sides={
-            "access": SideMedia(bind=access, advertise=m.advertise_address or access,
+            ACCESS: SideMedia(bind=access, advertise=m.advertise_address or access,
                                 srtp=m.access_srtp, codecs=m.access_codecs),
-            "core": SideMedia(bind=core, advertise=core, srtp=m.core_srtp, codecs=m.core_codecs),
-            "peer": SideMedia(bind=core, advertise=core, srtp=m.peer_srtp,
+            CORE: SideMedia(bind=core, advertise=core, srtp=m.core_srtp, codecs=m.core_codecs),
+            PEER: SideMedia(bind=core, advertise=core, srtp=m.peer_srtp,
                               codecs=m.peer_codecs or m.core_codecs),
         },
         ports=m.ports,
@@ -341,9 +342,9 @@ async def serve(
         if config.peers and config.core.tls.ca is None:
             log.warning("[[peers]] without [core.tls] ca: no peer certificate can be verified")
         for url in config.access.listen:
-            core.add_listener("access", url.transport, await transports.listen(url, access_tls))
+            core.add_listener(ACCESS, url.transport, await transports.listen(url, access_tls))
         for url in config.core.listen:
-            core.add_listener("core", url.transport, await transports.listen(url, core_tls))
+            core.add_listener(CORE, url.transport, await transports.listen(url, core_tls))
         transports.rearm()  # the first backend probes are due now
         admin.listening = True  # /readyz
         log.info("ready", extra={"sbc": config.sbc.name})

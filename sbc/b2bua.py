@@ -39,6 +39,7 @@ from sbc.media import dtmf
 from sbc.media.control import Dtmf
 from sbc.media.session import MediaRefused, TranscodeCounts
 from sbc.relay import BackendRelay
+from sbc.sides import ACCESS, CORE, PEER, Side
 from sbc.sip.dialog import Dialog, DialogKey, uac_dialog, uas_dialog, without_tag
 from sbc.sip.flow import Flow, format_address, format_host
 from sbc.sip.headers import NameAddr, parse_name_addr
@@ -59,9 +60,6 @@ from sbc.sip.uri import SipUri
 
 log = logging.getLogger("sbc.calls")
 
-ACCESS = "access"
-CORE = "core"
-PEER = "peer"  # another SBC, reached over TLS
 
 # Methods whose request creates a dialog through the SBC (RFC 3261 12, RFC 6665, RFC 3515).
 DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
@@ -85,10 +83,10 @@ class MediaSeam(Protocol):
     ``sides`` are the caller's and the callee's side, ``toward_caller`` the direction.
     ``offer`` raises MediaRefused for an offer that cannot be met (answered 488)."""
 
-    def offer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+    def offer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
               content_type: str | None) -> bytes: ...  # fmt: skip
 
-    def answer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+    def answer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
                content_type: str | None) -> bytes: ...  # fmt: skip
 
     def rejected(self, call: str) -> None: ...
@@ -109,7 +107,7 @@ class MediaSeam(Protocol):
 class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
 
-    def offer(self, call: str, sides: tuple[str, str], toward_caller: bool, body: bytes,
+    def offer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
               content_type: str | None) -> bytes:  # fmt: skip
         return body
 
@@ -178,7 +176,7 @@ class Target:
 
     flow: Flow
     uri: str
-    side: str
+    side: Side
     backend: BackendState | None = None
 
 
@@ -198,7 +196,7 @@ class Leg:
     )  # fmt: skip
 
     def __init__(
-        self, call: Call, side: str, flow: Flow, dialog: Dialog, contact: str, caller: bool
+        self, call: Call, side: Side, flow: Flow, dialog: Dialog, contact: str, caller: bool
     ) -> None:
         self.call = call
         self.caller = caller  # the caller's leg (the dialog the call came in on)
@@ -241,7 +239,7 @@ class Call:
         call_id: str,
         method: str,
         a_flow: Flow,
-        a_side: str,
+        a_side: Side,
         a_tx: ServerTransaction,
         a_request: Request,
         target: Target,
@@ -384,7 +382,7 @@ class B2bua:
         return tx in self._server
 
     # -- routing -----------------------------------------------------------------------------
-    def side_of(self, flow: Flow) -> str:
+    def side_of(self, flow: Flow) -> Side:
         """Which side a flow is on: a peer SBC, the core (backends), or the access side."""
         if (flow.transport, flow.remote[0].lower()) in self._peer_hosts:
             return PEER
@@ -1493,7 +1491,9 @@ class B2bua:
         transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
         return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
 
-    def _copy_headers(self, src: Request | Response, dst: Request | Response, to_side: str) -> None:
+    def _copy_headers(
+        self, src: Request | Response, dst: Request | Response, to_side: Side
+    ) -> None:
         """Unknown and end-to-end headers pass, minus the leg's own and the
         configured strip list."""
         src.copy_fields_to(dst, skip=self._skip[to_side], skip_prefixes=self._skip_prefixes)
@@ -1521,7 +1521,7 @@ class B2bua:
         self,
         resp: Response,
         request: Request,
-        to_side: str,
+        to_side: Side,
         to_tag: str,
         call: Call,
         contact: str | None,

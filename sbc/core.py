@@ -22,8 +22,6 @@ from sbc import __version__
 from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
-    ACCESS,
-    CORE,
     INVITE,
     NO_POLICY,
     OTHER,
@@ -45,6 +43,7 @@ from sbc.features.sanity import (
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
 from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
+from sbc.sides import ACCESS, CORE, Side
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
@@ -254,7 +253,7 @@ class SbcCore:
         self.calls.media_stats(event.session, stats_record(event))
         return []
 
-    def _side(self, flow: Flow) -> str:
+    def _side(self, flow: Flow) -> Side:
         """The guard's side of a flow: peers and backends are the core side."""
         return ACCESS if self.calls.side_of(flow) == ACCESS else CORE
 
@@ -276,9 +275,9 @@ class SbcCore:
         """The I/O layer's measure of its event loop's lateness (overload)."""
         self.guard.report_lag(lag, now)
 
-    def add_listener(self, side: str, transport: str, address: Address) -> None:
-        """The I/O layer reports each socket it bound ("access" or "core" side)."""
-        if side == "core":
+    def add_listener(self, side: Side, transport: str, address: Address) -> None:
+        """The I/O layer reports each socket it bound, and on which side."""
+        if side == CORE:
             self.backends.add_core_socket(transport, address)
 
     def next_deadline(self) -> float | None:

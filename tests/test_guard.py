@@ -14,8 +14,6 @@ from sbc.config import ConfigError, parse_config
 from sbc.core import Close, CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec
 from sbc.features.guard import (
-    ACCESS,
-    CORE,
     INVITE,
     OTHER,
     REGISTER,
@@ -24,6 +22,7 @@ from sbc.features.guard import (
     GuardPolicy,
     credentials_user,
 )
+from sbc.sides import ACCESS, CORE
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message

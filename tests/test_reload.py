@@ -14,7 +14,8 @@ from sbc.app import restart_needed
 from sbc.b2bua import CallPolicy
 from sbc.config import parse_config
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
-from sbc.features.guard import ACCESS, Guard, GuardPolicy
+from sbc.features.guard import Guard, GuardPolicy
+from sbc.sides import ACCESS
 from sbc.sip.message import Request, Response, make_response
 
 B2 = ("10.1.0.11", 5070)

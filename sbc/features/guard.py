@@ -35,6 +35,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from sbc.sides import ACCESS, Side
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("sbc.guard")
@@ -44,9 +46,6 @@ REGISTER = "register"
 INVITE = "invite"
 OTHER = "other"
 CLASSES = (REGISTER, INVITE, OTHER)
-
-ACCESS = "access"
-CORE = "core"
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +233,7 @@ class Guard:
         self._sources[ip] = src
         return src
 
-    def admit(self, ip: str, side: str, now: float) -> bool:
+    def admit(self, ip: str, side: Side, now: float) -> bool:
         """Whether a packet (a datagram, or data on a connection) from ``ip`` arriving on
         ``side`` is looked at; False: drop it unparsed."""
         src = self._source(ip, now)
