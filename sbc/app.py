@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sbc.b2bua import CallPolicy, PeerRoute
+from sbc.calls import CallPolicy, PeerRoute
 from sbc.config import Config, ConfigError, Peer, RateConfig, TlsConfig, load_config
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
-from sbc.b2bua import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
+from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
     INVITE,

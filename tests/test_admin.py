@@ -130,7 +130,7 @@ def test_calls_started_counts_invite_calls_whatever_their_target() -> None:
 
 
 def test_refused_calls_are_counted_by_reason() -> None:
-    from sbc.b2bua import CallPolicy
+    from sbc.calls import CallPolicy
 
     lab = Lab(policy=CallPolicy(max_calls=1))
     c = collector(lab)

@@ -12,7 +12,7 @@ import json
 
 from sipdata import sip
 
-from sbc.b2bua import CallPolicy, PeerRoute
+from sbc.calls import CallPolicy, PeerRoute
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.media.control import Command, Delete, PartyStats, Stats, StreamStats, Timeout, Update

@@ -21,7 +21,7 @@ SANS_IO = (
     "sbc.sdp.sdes",
     "sbc.media.codec_policy",
     "sbc.media.session",
-    "sbc.b2bua",
+    "sbc.calls",
     "sbc.core",
 )
 

@@ -12,7 +12,7 @@ import os
 
 from test_b2bua import Lab, alice_hangs_up, establish
 
-from sbc.b2bua import Call, CallPolicy
+from sbc.calls import Call, CallPolicy
 
 # 10,000 calls take about 35 s here; SBC_LEAK_CALLS=100000 runs the hundred thousand (about
 # 6 minutes; docs/performance.md has the result).

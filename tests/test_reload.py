@@ -11,7 +11,7 @@ import pytest
 from test_b2bua import ALICE, B1, Lab, byes, establish, in_dialog, invite, only
 
 from sbc.app import restart_needed
-from sbc.b2bua import CallPolicy
+from sbc.calls import CallPolicy
 from sbc.config import parse_config
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import Guard, GuardPolicy

@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 from test_b2bua import ALICE, CORE_TLS, Lab, invite, only
 
-from sbc.b2bua import PeerRoute
+from sbc.calls import PeerRoute
 from sbc.certs import generate_dev_certs
 from sbc.config import ListenUrl
 from sbc.core import CoreSettings, SbcCore
