@@ -1,386 +1,44 @@
-"""Typed configuration: TOML -> frozen dataclasses, checked by a small schema walker.
-
-Each section is one dataclass. The walker maps TOML keys to fields by name and converts
-values by field type (str, int, float, bool, Literal, X | None, tuple[X, ...], nested
-dataclasses, classes with a ``parse(str)`` classmethod). A field may instead name its own
-parser in its metadata (``field(metadata=rule(parser))``); a parser raises ``Invalid(reason)``.
-Cross-field checks live in an optional ``check()`` method yielding ``(key, reason)``.
-
-A new section is one dataclass plus one field on ``Config``.
-"""
+"""The config schema: one frozen dataclass per section, ``Config`` holding them, and
+``parse_config`` / ``load_config``. A new section is one dataclass plus one field on
+``Config``."""
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-import json
-import os
 import re
-import socket
 import tomllib
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal
 
 from sbc import __version__
+from sbc.config.values import (
+    Cidr,
+    ConfigError,
+    HostPort,
+    ListenUrl,
+    _bracket,
+    _check_host,
+    _check_ip,
+    _Ctx,
+    _show,
+    code_ranges,
+    codec_list,
+    file_path,
+    integer,
+    number,
+    output_path,
+    port_range,
+    rule,
+    sip_uri,
+    text,
+)
+from sbc.config.walker import (
+    _build,
+)
 from sbc.media.codec_policy import DEFAULT_CODECS
-from sbc.media.control import TRANSCODABLE
 from sbc.sdp.sdes import SUPPORTED_SUITES
 from sbc.sip.uri import SipUri, parse_uri
-
-__all__ = [
-    "AccessConfig",
-    "AdminConfig",
-    "Backend",
-    "Config",
-    "ConfigError",
-    "CoreConfig",
-    "HostPort",
-    "Invalid",
-    "ListenUrl",
-    "LogConfig",
-    "MediaConfig",
-    "SbcConfig",
-    "SipConfig",
-    "TlsConfig",
-    "Transport",
-    "file_path",
-    "integer",
-    "load_config",
-    "number",
-    "parse_config",
-    "port_range",
-    "rule",
-    "sip_uri",
-    "text",
-]
-
-Transport = Literal["udp", "tcp", "tls"]
-_DEFAULT_PORTS: Final[dict[str, int]] = {"udp": 5060, "tcp": 5060, "tls": 5061}
-
-
-class ConfigError(Exception):
-    """All problems found in one config; ``errors`` holds one ``"<file>: <key>: <reason>"`` each."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-class Invalid(Exception):
-    """Raised by a field parser; ``reason`` completes ``"<file>: <key>: "``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class _Ctx:
-    base_dir: Path | None
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    def error(self, path: str, reason: str) -> None:
-        self.errors.append((path, reason))
-
-
-Parser = Callable[[object, _Ctx], object]
-
-
-def rule(parser: Parser) -> dict[str, Parser]:
-    """Field metadata naming the parser for that field."""
-    return {"parse": parser}
-
-
-# --- value display and small parsers ---------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        text = json.dumps(value, ensure_ascii=False, default=str)
-        return text if len(text) <= 60 else "an array"
-    return str(value)
-
-
-def _is_int(raw: object) -> bool:
-    return isinstance(raw, int) and not isinstance(raw, bool)
-
-
-def integer(*, min: int | None = None, max: int | None = None) -> Parser:
-    if min is not None and max is not None:
-        what = f"an integer between {min} and {max}"
-    elif min is not None:
-        what = f"an integer >= {min}"
-    elif max is not None:
-        what = f"an integer <= {max}"
-    else:
-        what = "an integer"
-
-    def parse(raw: object, ctx: _Ctx) -> int:
-        if not _is_int(raw):
-            raise Invalid(f"must be {what}, got {_show(raw)}")
-        assert isinstance(raw, int)
-        if (min is not None and raw < min) or (max is not None and raw > max):
-            raise Invalid(f"must be {what}, got {_show(raw)}")
-        return raw
-
-    return parse
-
-
-def number(*, gt: float | None = None, min: float | None = None) -> Parser:
-    """Seconds and the like: int or float, returned as float."""
-    what = "a number"
-    if gt is not None:
-        what += f" > {gt:g}"
-    elif min is not None:
-        what += f" >= {min:g}"
-
-    def parse(raw: object, ctx: _Ctx) -> float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise Invalid(f"must be {what}, got {_show(raw)}")
-        value = float(raw)
-        if value != value or (gt is not None and value <= gt) or (min is not None and value < min):
-            raise Invalid(f"must be {what}, got {_show(raw)}")
-        return value
-
-    return parse
-
-
-def text(check: Callable[[str], str | None] | None = None, *, what: str = "a string") -> Parser:
-    """Non-empty string; ``check`` returns a reason or None."""
-
-    def parse(raw: object, ctx: _Ctx) -> str:
-        if not isinstance(raw, str) or not raw:
-            raise Invalid(f"must be {what}, got {_show(raw)}")
-        if check is not None and (reason := check(raw)) is not None:
-            raise Invalid(f"{reason}, got {_show(raw)}")
-        return raw
-
-    return parse
-
-
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_hostname(value: str) -> bool:
-    name = value[:-1] if value.endswith(".") else value
-    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _check_ip(value: str) -> str | None:
-    return None if _is_ip(value) else "must be an IP address"
-
-
-def _check_host(value: str) -> str | None:
-    return None if _is_ip(value) or _is_hostname(value) else "must be an IP address or hostname"
-
-
-def _split_host_port(value: str, *, default_port: int | None) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6][:port]`` -> (host without brackets, port); ValueError(reason)."""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ValueError("missing ']' after IPv6 address")
-        host, rest = value[1:end], value[end + 1 :]
-        if not _is_ip(host) or ":" not in host:
-            raise ValueError("brackets must hold an IPv6 address")
-    else:
-        if value.count(":") > 1:
-            raise ValueError("an IPv6 address must be in brackets, e.g. [::1]:5060")
-        host, colon, port_text = value.partition(":")
-        rest = colon + port_text
-    if not host:
-        raise ValueError("missing host")
-    if not rest:
-        if default_port is None:
-            raise ValueError("missing port")
-        return host, default_port
-    if not rest.startswith(":") or not rest[1:].isdigit() or not rest[1:].isascii():
-        raise ValueError("port must be a number after ':'")
-    port = int(rest[1:])
-    if port > 65535:
-        raise ValueError("port must be 0-65535")
-    return host, port
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-
-
-def _ip_literal(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ValueError("host must be an IP address (IPv6 in brackets)") from None
-
-
-def _path(raw: object, ctx: _Ctx) -> Path:
-    """A path from the config; relative paths are taken from the config file's directory."""
-    if not isinstance(raw, str) or not raw:
-        raise Invalid(f"must be a file path, got {_show(raw)}")
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = (ctx.base_dir or Path.cwd()) / path
-    return Path(os.path.normpath(path))
-
-
-def file_path(raw: object, ctx: _Ctx) -> Path:
-    """Existing file; relative paths are taken from the config file's directory."""
-    path = _path(raw, ctx)
-    if not path.is_file():
-        raise Invalid(f"file not found: {path}")
-    return path
-
-
-def port_range(raw: object, ctx: _Ctx) -> tuple[int, int]:
-    if not isinstance(raw, str):
-        raise Invalid(f'must be a port range "LOW-HIGH", got {_show(raw)}')
-    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", raw)
-    if m is None:
-        raise Invalid(f'must be a port range "LOW-HIGH", got {_show(raw)}')
-    low, high = int(m[1]), int(m[2])
-    if not (1024 <= low <= 65535 and 1024 <= high <= 65535):
-        raise Invalid(f"ports must be within 1024-65535, got {_show(raw)}")
-    if low >= high:
-        raise Invalid(f"low port must be below high port, got {_show(raw)}")
-    if low % 2:
-        raise Invalid(f"low port must be even (RTP uses even ports), got {_show(raw)}")
-    return low, high
-
-
-def code_ranges(raw: object, ctx: _Ctx) -> tuple[str, ...]:
-    """SIP status codes as a list of "NNN" or "NNN-MMM" strings (100-699)."""
-    if not isinstance(raw, list) or not raw:
-        raise Invalid(f'must be a list of codes like ["200-299", "404"], got {_show(raw)}')
-    out = []
-    for item in raw:
-        m = re.fullmatch(r"([1-6]\d\d)(?:-([1-6]\d\d))?", item) if isinstance(item, str) else None
-        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
-            raise Invalid(f'must be a list of codes like ["200-299", "404"], got {_show(raw)}')
-        out.append(item)
-    return tuple(out)
-
-
-def codec_list(raw: object, ctx: _Ctx) -> tuple[str, ...]:
-    """Transcodable codec names in order of preference, upper-cased."""
-    names = ", ".join(f'"{n}"' for n in DEFAULT_CODECS)
-    if not isinstance(raw, list) or not raw:
-        raise Invalid(f"must be a list of codec names like [{names}], got {_show(raw)}")
-    out: list[str] = []
-    for item in raw:
-        name = item.strip().upper() if isinstance(item, str) else ""
-        if name == "TELEPHONE-EVENT":
-            raise Invalid("telephone-event is not listed: it always passes (RFC 4733)")
-        if name not in TRANSCODABLE:
-            raise Invalid(f"{_show(item)} is not a codec the SBC transcodes; choose from {names}")
-        if name in out:
-            raise Invalid(f"codec {_show(item)} is listed twice")
-        out.append(name)
-    return tuple(out)
-
-
-def sip_uri(raw: object, ctx: _Ctx) -> str:
-    """A sip:/sips: URI, parsed with the SIP layer's own parser; kept as the string given.
-
-    A host name is resolved (A/AAAA) when the SBC starts; RFC 3263 NAPTR/SRV is not done.
-    """
-    if not isinstance(raw, str):
-        raise Invalid(f'must be a SIP URI like "sip:10.0.0.1:5060", got {_show(raw)}')
-    try:
-        uri = parse_uri(raw)
-    except ValueError as exc:
-        raise Invalid(f"{exc}, got {_show(raw)}") from None
-    if not isinstance(uri, SipUri):
-        raise Invalid(f"must start with sip: or sips:, got {_show(raw)}")
-    if not (_is_ip(uri.host_bare) or _is_hostname(uri.host_bare)):
-        raise Invalid(f"host must be an IP address or hostname, got {_show(raw)}")
-    if uri.port == 0:
-        raise Invalid(f"port must be 1-65535, got {_show(raw)}")
-    transport = uri.transport
-    if transport not in (None, "udp", "tcp", "tls"):
-        raise Invalid(f"transport must be udp, tcp or tls, got {_show(raw)}")
-    return raw
-
-
-# --- value types -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ListenUrl:
-    """``udp://127.0.0.1:5060``, ``tls://[::1]:5061``; host is an IP literal, no brackets.
-
-    Port 0 asks the OS for a free port (tests); the port defaults to 5060 (5061 for tls).
-    """
-
-    transport: Transport
-    host: str
-    port: int
-
-    noun: ClassVar[str] = 'a listen URL like "udp://127.0.0.1:5060"'
-
-    @classmethod
-    def parse(cls, value: str) -> ListenUrl:
-        scheme, sep, rest = value.partition("://")
-        if not sep:
-            raise ValueError('must look like "udp://HOST:PORT"')
-        transport = scheme.lower()
-        if transport not in _DEFAULT_PORTS:
-            raise ValueError("scheme must be udp, tcp or tls")
-        host, port = _split_host_port(rest, default_port=_DEFAULT_PORTS[transport])
-        t: Transport = "udp" if transport == "udp" else "tcp" if transport == "tcp" else "tls"
-        return cls(transport=t, host=_ip_literal(host), port=port)
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return _family(self.host)
-
-    def __str__(self) -> str:
-        return f"{self.transport}://{_bracket(self.host)}:{self.port}"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class HostPort:
-    """``127.0.0.1:8080`` or ``[::1]:8080``; host is an IP literal, no brackets."""
-
-    host: str
-    port: int
-
-    noun: ClassVar[str] = 'an address like "127.0.0.1:8080"'
-
-    @classmethod
-    def parse(cls, value: str) -> HostPort:
-        host, port = _split_host_port(value, default_port=None)
-        return cls(host=_ip_literal(host), port=port)
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return _family(self.host)
-
-    def __str__(self) -> str:
-        return f"{_bracket(self.host)}:{self.port}"
-
 
 # --- sections ----------------------------------------------------------------------------------
 
@@ -556,17 +214,6 @@ class NatConfig:
     keepalive_failures: int = field(default=3, metadata=rule(integer(min=1)))
 
 
-def output_path(raw: object, ctx: _Ctx) -> Path:
-    """A file the SBC writes (appends to): its directory must exist; relative paths are taken
-    from the config file's directory."""
-    path = _path(raw, ctx)
-    if not path.parent.is_dir():
-        raise Invalid(f"directory not found: {path.parent}")
-    if path.is_dir():
-        raise Invalid(f"is a directory: {path}")
-    return path
-
-
 _HEADER_PATTERN = re.compile(r"[A-Za-z0-9!%'`.+_~-]+\*?")
 
 
@@ -651,26 +298,6 @@ class MediaConfig:
             yield "ports", f"range holds {pairs} RTP/RTCP port pairs; needs 2 per worker at least"
 
 
-@dataclass(frozen=True, slots=True)
-class Cidr:
-    """An address or network for the access lists: ``"10.0.0.0/8"``, ``"192.0.2.7"``,
-    ``"2001:db8::/32"`` (host bits set are refused: a typo, not a network)."""
-
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
-
-    noun: ClassVar[str] = 'an address or network like "10.0.0.0/8"'
-
-    @classmethod
-    def parse(cls, value: str) -> Cidr:
-        try:
-            return cls(ipaddress.ip_network(value.strip(), strict=True))
-        except ValueError as exc:
-            raise ValueError(f"not an address or network ({exc})") from None
-
-    def __str__(self) -> str:
-        return str(self.network)
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RateConfig:
     """A token bucket: ``rate`` per second (0: no limit), up to ``burst`` at once."""
@@ -723,7 +350,7 @@ class SecurityConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AdminConfig:
-    listen: HostPort = HostPort(host="127.0.0.1", port=8080)
+    listen: HostPort = HostPort(host="127.0.0.1", port=8080)  # noqa: RUF009 (frozen)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -800,125 +427,6 @@ class Config:
                 )
             else:
                 seen[where] = key
-
-
-# --- the walker --------------------------------------------------------------------------------
-
-_FAILED: Final = object()
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _join(path: str, key: str) -> str:
-    key = key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
-    return f"{path}.{key}" if path else key
-
-
-def _describe(tp: Any) -> str:
-    noun = getattr(tp, "noun", None)
-    if isinstance(noun, str):
-        return noun
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    return {str: "a string", bool: "true or false", int: "an integer", float: "a number"}.get(
-        tp, str(tp)
-    )
-
-
-def _convert(tp: Any, raw: object, path: str, ctx: _Ctx) -> object:
-    """Convert by type; errors go to ``ctx``, returning ``_FAILED``."""
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin in (Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"config walker cannot handle type {tp!r}")
-        return _convert(rest[0], raw, path, ctx)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and not hasattr(tp, "parse"):
-        return _build(tp, raw, path, ctx)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if not isinstance(raw, list):
-            each = _describe(args[0])
-            ctx.error(path, f"must be an array, each item {each}, got {_show(raw)}")
-            return _FAILED
-        items = [_convert(args[0], item, f"{path}[{i}]", ctx) for i, item in enumerate(raw)]
-        return _FAILED if any(item is _FAILED for item in items) else tuple(items)
-    try:
-        return _scalar(tp, raw)
-    except Invalid as exc:
-        ctx.error(path, exc.reason)
-        return _FAILED
-
-
-def _scalar(tp: Any, raw: object) -> object:
-    if get_origin(tp) is Literal:
-        if raw in get_args(tp) and type(raw) in {type(a) for a in get_args(tp)}:
-            return raw
-        allowed = ", ".join(_show(a) for a in get_args(tp))
-        raise Invalid(f"must be one of {allowed}, got {_show(raw)}")
-    if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-    elif tp is int:
-        if _is_int(raw):
-            return raw
-    elif tp is float:
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            return float(raw)
-    elif tp is str:
-        if isinstance(raw, str):
-            return raw
-    elif callable(getattr(tp, "parse", None)):
-        if isinstance(raw, str):
-            try:
-                return tp.parse(raw)
-            except ValueError as exc:
-                raise Invalid(f"{exc}, got {_show(raw)}") from None
-    else:
-        raise TypeError(f"config walker cannot handle type {tp!r}")
-    raise Invalid(f"must be {_describe(tp)}, got {_show(raw)}")
-
-
-def _build(cls: type[Any], raw: object, path: str, ctx: _Ctx) -> object:
-    """Build dataclass ``cls`` from a TOML table, then run its ``check()``."""
-    if not isinstance(raw, Mapping):
-        ctx.error(path, f"must be a table, got {_show(raw)}")
-        return _FAILED
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = [f.name for f in fields]
-    for key in raw:
-        if key not in names:
-            ctx.error(_join(path, str(key)), f"unknown key; allowed: {', '.join(names)}")
-    hints = get_type_hints(cls)
-    values: dict[str, object] = {}
-    ok = True
-    for f in fields:
-        key_path = _join(path, f.name)
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                ctx.error(key_path, "required key is missing")
-                ok = False
-            continue
-        parser = f.metadata.get("parse")
-        if parser is not None:
-            try:
-                value = parser(raw[f.name], ctx)
-            except Invalid as exc:
-                ctx.error(key_path, exc.reason)
-                value = _FAILED
-        else:
-            value = _convert(hints[f.name], raw[f.name], key_path, ctx)
-        if value is _FAILED:
-            ok = False
-        else:
-            values[f.name] = value
-    if not ok:
-        return _FAILED
-    obj = cls(**values)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        for key, reason in check():
-            ctx.error(f"{path}.{key}" if path else key, reason)
-    return obj
 
 
 # --- entry points ------------------------------------------------------------------------------
