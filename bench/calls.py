@@ -45,15 +45,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
-import datetime as dt
-import os
-import platform
 import re
-import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,33 +56,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from register import (
-    KAMAILIO_CFG,
+from harness import (
+    DOMAIN,
     BenchError,
     Kamailio,
+    Sbc,
     cpu_seconds,
+    environment,
     free_port,
     pinned,
-    sbc_command,
+    print_sbc_logs,
     sip_exchange,
+    sipp_command,
+    sipp_ms,
+    sipp_stats,
 )
-from report import (
-    ROOT,
-    children_cpu_seconds,
-    choose_cpus,
-    command_line,
-    cpu_model,
-    dist_version,
-    git_rev,
-    sipp_stamp,
-    stop_process,
-    tool_version,
-    write_section,
-)
+from report import children_cpu_seconds, choose_cpus, sipp_stamp, stop_process, write_section
 
-SCENARIOS = ROOT / "bench" / "scenarios"
-HOST = "127.0.0.1"
-DOMAIN = "example.com"
 CLIENT_EXPIRES = 3600  # the binding of bob at the SBC outlives the run
 BACKEND_EXPIRES = 7200  # must exceed every client_expires (unused: no backends)
 # The relay's ports (each call anchors its SDP: two RTP/RTCP pairs per call): a wide range
@@ -96,20 +80,20 @@ BACKEND_EXPIRES = 7200  # must exceed every client_expires (unused: no backends)
 # (each held until its transactions time out) do not run it out and turn into 488s.
 MEDIA_PORTS = "10000-32000"
 LADDER = (100, 200, 300, 400, 500, 700, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
-KAMAILIO_SHM_MB = 1024  # -m: the default 64 MB runs out at about 500 calls/s
+# Kamailio's shared memory (-m), MB: its transactions stay 5 s after a call (tm wait timer),
+# and at about 500 calls/s the default 64 MB runs out ("could not allocate shared memory
+# from shm pool", then 500 answers).
+KAMAILIO_SHM_MB = 1024
 MAX_FAILED = 0.001  # a step passes with fewer than 0.1 % failed calls
 MIN_PACE = 0.95  # ... and SIPp reaching 95 % of the rate asked (in runs of 10 s or more)
 MAX_RETRANS_SHORT = 0.01  # a short run passes with retransmissions for under 1 % of calls
 PACED_RUN = 10.0  # seconds: in a shorter run the last calls' retransmissions skew the pace
 RECV_TIMEOUT_MS = 4000  # a call waiting longer than this for any message fails
-START_TIMEOUT = 15.0
 SETTLE_TIMEOUT = 15.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-SIPP = shutil.which("sipp") or "sipp"
 
 
 # ---------------------------------------------------------------------------------------
-# Small helpers: REGISTER from a given port, memory, stopping processes
+# Small helpers: REGISTER from a given port, socket drops, memory, idleness
 # ---------------------------------------------------------------------------------------
 
 
@@ -117,35 +101,15 @@ def register_bob(target_port: int, contact_port: int, expires: int) -> int | Non
     """REGISTER bob from 127.0.0.1:``contact_port`` (Contact sip:bob@ that address) at the
     registrar on ``target_port``; the final status, or None. The socket is closed after, so
     SIPp UAS can take the port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, contact_port))
-        local = f"{HOST}:{contact_port}"
-        tag = secrets.token_hex(6)
-        aor = f"sip:bob@{DOMAIN}"
-        msg = "\r\n".join([
-            f"REGISTER sip:{DOMAIN} SIP/2.0",
-            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag};rport",
-            "Max-Forwards: 70",
-            f"From: <{aor}>;tag={tag}",
-            f"To: <{aor}>",
-            f"Call-ID: {tag}@bench-calls",
-            "CSeq: 1 REGISTER",
-            f"Contact: <sip:bob@{local}>",
-            f"Expires: {expires}",
-            "Content-Length: 0",
-        ])  # fmt: skip
-        sock.sendto((msg + "\r\n\r\n").encode(), (HOST, target_port))
-        deadline = time.monotonic() + 2.0
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                data = sock.recv(65535)
-            except (TimeoutError, ConnectionRefusedError):
-                return None
-            m = re.match(rb"SIP/2\.0 (\d{3}) ", data)
-            if m and int(m.group(1)) >= 200:
-                return int(m.group(1))
-    return None
+    return sip_exchange(
+        target_port,
+        "REGISTER",
+        "bob",
+        2.0,
+        local_port=contact_port,
+        uri=f"sip:{DOMAIN}",
+        expires=expires,
+    )
 
 
 def udp_drops(port: int) -> int:
@@ -178,116 +142,8 @@ def settle(cpu: Callable[[], float]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# The systems under test and the callee
+# The callee (the systems under test, Kamailio and the SBC, are in bench/harness.py)
 # ---------------------------------------------------------------------------------------
-
-
-class BigKamailio(Kamailio):
-    """bench/register.py's Kamailio with KAMAILIO_SHM_MB of shared memory: its transactions
-    stay 5 s after a call (tm wait timer), and at about 500 calls/s the default 64 MB runs
-    out ("could not allocate shared memory from shm pool", then 500 answers)."""
-
-    def start(self) -> None:
-        cmd = [
-            shutil.which("kamailio") or "kamailio",
-            "-f", str(KAMAILIO_CFG),
-            "-DD", "-E",
-            "-m", str(KAMAILIO_SHM_MB),
-            "-Y", str(self.rundir),
-            "-P", str(self.rundir / "kamailio.pid"),
-            "-l", f"udp:{HOST}:{self.port}",
-            "-A", f'CTL_SOCKET="unix:{self.ctl}"',
-        ]  # fmt: skip
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                pinned(cmd, self.cpu),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # its children share its process group
-            )
-
-    def errors(self) -> list[str]:
-        return [line for line in self.log().splitlines() if "ERROR" in line]
-
-
-class Sbc:
-    """``sbc run`` without backends, UDP only, on free loopback ports."""
-
-    def __init__(self, workdir: Path, cpu: int | None, taken: set[int]) -> None:
-        self.cpu = cpu
-        self.port = free_port(taken=taken)
-        core_port = free_port(taken=taken)
-        admin_port = free_port(socket.SOCK_STREAM, taken=taken)
-        self.config = workdir / "sbc.toml"
-        self.log_path = workdir / "sbc.log"
-        self.config.write_text(
-            f"""\
-[sbc]
-name = "bench"
-
-[access]
-listen = ["udp://{HOST}:{self.port}"]
-
-[core]
-listen = ["udp://{HOST}:{core_port}"]
-
-[admin]
-listen = "{HOST}:{admin_port}"
-
-[log]
-level = "warning"
-
-[registration]
-backend_expires = {BACKEND_EXPIRES}
-
-[registration.client_expires]
-udp = {CLIENT_EXPIRES}
-
-[media]
-ports = "{MEDIA_PORTS}"
-workers = 1
-
-[security]
-allow = ["{HOST}"]
-"""
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exit_code: int | None = None
-
-    def start(self) -> None:
-        cmd = [*sbc_command(), "run", "--config", str(self.config)]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                pinned(cmd, self.cpu), stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-
-    def wait_ready(self) -> None:
-        """Until it answers OPTIONS (logging at warning, it does not say "ready")."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"sbc run exited with {self.proc.returncode}:\n{self.log()}")
-            if sip_exchange(self.port, "OPTIONS", None, 0.5) is not None:
-                return
-            time.sleep(0.05)
-        raise BenchError(f"sbc run not ready within {START_TIMEOUT} s:\n{self.log()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.exit_code is None:
-            self.exit_code = stop_process(self.proc)
-
-    def cpu_seconds(self) -> float:
-        return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
 
 
 class Uas:
@@ -300,18 +156,12 @@ class Uas:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [
-            SIPP,
-            "-sf", str(SCENARIOS / "call_uas.xml"),
-            "-t", "u1",
-            "-i", HOST,
-            "-p", str(self.port),
+        cmd = sipp_command(
+            "call_uas.xml", self.port, self.dir,
             "-m", "100000000",
             "-timeout", str(self.life),
-            "-nostdin",
             "-buff_size", str(4 << 20),
-            "-trace_err", "-error_file", str(self.dir / "errors.log"),
-        ]  # fmt: skip
+        )  # fmt: skip
         with (self.dir / "screen.log").open("wb") as out:
             self.proc = subprocess.Popen(
                 pinned(cmd, self.cpu), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out,
@@ -398,21 +248,6 @@ class Step:
         return "fail: " + "; ".join(why)
 
 
-def _stats(path: Path) -> list[dict[str, str]]:
-    """The rows of SIPp's ``-stf`` file (``;``-separated, header row first)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f, delimiter=";") if row]
-    return [dict(zip(rows[0], row, strict=False)) for row in rows[1:]]
-
-
-def _duration(value: str) -> float:
-    """SIPp's ``HH:MM:SS:usec`` in milliseconds."""
-    h, m, s, us = (int(x) for x in value.split(":"))
-    return (h * 3600 + m * 60 + s) * 1000 + us / 1000
-
-
 @dataclass
 class Running:
     """A SIPp UAC run in progress, with the counters read when it started."""
@@ -452,13 +287,8 @@ class Caller:
 
     def command(self, run_dir: Path, rate: int, calls: int, hold_ms: int) -> list[str]:
         timeout = int(calls / rate + hold_ms / 1000 + 3 * RECV_TIMEOUT_MS / 1000) + 10
-        return [
-            SIPP,
-            f"{HOST}:{self.target_port}",
-            "-sf", str(SCENARIOS / "call_uac.xml"),
-            "-t", "u1",
-            "-i", HOST,
-            "-p", str(free_port(taken={self.target_port, self.uas.port})),
+        return sipp_command(
+            "call_uac.xml", free_port(taken={self.target_port, self.uas.port}), run_dir,
             "-m", str(calls),
             "-r", str(rate),
             "-rp", "1000",
@@ -466,11 +296,10 @@ class Caller:
             "-recv_timeout", str(RECV_TIMEOUT_MS),
             "-timeout", str(timeout),
             "-timeout_error",
-            "-nostdin",
             "-buff_size", str(4 << 20),
             "-trace_stat", "-stf", str(run_dir / "stat.csv"), "-fd", "1",
-            "-trace_err", "-error_file", str(run_dir / "errors.log"),
-        ]  # fmt: skip
+            target=self.target_port,
+        )  # fmt: skip
 
     def start(self, rate: int, calls: int, hold_ms: int = 0) -> Running:
         self.count += 1
@@ -500,7 +329,7 @@ class Caller:
         wall = time.perf_counter() - r.t0
         sipp_cpu = self.uas.cpu_seconds() + children_cpu_seconds() - r.sipp_cpu0
         sut_busy = (self.sut_cpu() - r.sut_cpu0) / wall if self.sut_cpu else None
-        rows = _stats(r.run_dir / "stat.csv")
+        rows = sipp_stats(r.run_dir / "stat.csv")
         if not rows:
             screen = (r.run_dir / "screen.log").read_text(errors="replace")[-2000:]
             raise BenchError(
@@ -519,8 +348,8 @@ class Caller:
             failed=int(last["FailedCall(C)"]),
             retransmissions=int(last["Retransmissions(C)"]),
             elapsed=sipp_stamp(last["CurrentTime"]) - sipp_stamp(last["StartTime"]),
-            call_ms=_duration(last["CallLength(C)"]),
-            setup_ms=_duration(last["ResponseTime1(C)"]),
+            call_ms=sipp_ms(last["CallLength(C)"]),
+            setup_ms=sipp_ms(last["ResponseTime1(C)"]),
             sut_busy=sut_busy,
             sipp_busy=sipp_cpu / wall,
             sut_drops=udp_drops(self.target_port) - r.sut_drops0,
@@ -677,7 +506,7 @@ def held_calls(caller: Caller, sbc: Sbc, args: argparse.Namespace) -> Held:
     deadline = running.t0 + open_s + RECV_TIMEOUT_MS / 1000
     while time.perf_counter() < deadline and running.proc.poll() is None:
         time.sleep(0.25)
-        rows = _stats(running.run_dir / "stat.csv")
+        rows = sipp_stats(running.run_dir / "stat.csv")
         if rows and int(rows[-1]["TotalCallCreated"]) >= n:
             break
     time.sleep(1.5)
@@ -686,7 +515,7 @@ def held_calls(caller: Caller, sbc: Sbc, args: argparse.Namespace) -> Held:
     busy_held = (sbc.cpu_seconds() - c0) / (time.perf_counter() - w0)
     rss_held = rss_kib(sbc.pid)
     sampled_at = time.perf_counter() - running.t0
-    rows = _stats(running.run_dir / "stat.csv")
+    rows = sipp_stats(running.run_dir / "stat.csv")
     current = int(rows[-1]["CurrentCall"]) if rows else 0
     run = caller.finish(running)
     if sampled_at >= hold_ms / 1000 - 0.5:
@@ -975,7 +804,14 @@ class Bench:
         """A fresh ``sbc run`` with bob registered and SIPp UAS listening as bob."""
         workdir = self.workdir / name
         workdir.mkdir()
-        sbc = Sbc(workdir, self.sut_cpu, self.taken)
+        sbc = Sbc(
+            workdir,
+            self.sut_cpu,
+            self.taken,
+            client_expires=CLIENT_EXPIRES,
+            backend_expires=BACKEND_EXPIRES,
+            tables=f'\n[media]\nports = "{MEDIA_PORTS}"\nworkers = 1\n',
+        )
         self.started.append(sbc)
         sbc.start()
         sbc.wait_ready()
@@ -1025,7 +861,9 @@ class Bench:
             print("\n".join(lines[-20:]))
 
     def via_kamailio(self) -> None:
-        kam = BigKamailio("K", free_port(taken=self.taken), self.workdir / "kam", self.sut_cpu)
+        kam = Kamailio(
+            "K", free_port(taken=self.taken), self.workdir / "kam", self.sut_cpu, KAMAILIO_SHM_MB
+        )
         self.started.append(kam)
         kam.start()
         kam.wait_ready()
@@ -1056,18 +894,7 @@ class Bench:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def env(self) -> dict[str, str]:
-        return {
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu_model(),
-            "pinning": self.pinning,
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "sbc": dist_version("sbc") + git_rev(),
-            "uvloop": dist_version("uvloop"),
-            "sipp": tool_version([SIPP, "-v"], r"SIPp v(\S+?)\.?\s"),
-            "kamailio": tool_version(["kamailio", "-v"], r"kamailio (\S+)"),
-            "command": command_line(),
-            "pinned": "yes" if self.peer_cpu is not None else "",
-        }
+        return environment(self.pinning) | {"pinned": "yes" if self.peer_cpu is not None else ""}
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Setup], dict[str, str]]:
@@ -1080,9 +907,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Setup], dict[str, str]]:
         bench.via_sbc()
         bench.via_kamailio()
     except BaseException:
-        for proc in bench.started:
-            if isinstance(proc, Sbc) and proc.proc is not None and proc.log().strip():
-                print(f"--- sbc run log ---\n{proc.log()[-3000:]}", file=sys.stderr)
+        print_sbc_logs(bench.started)
         raise
     finally:
         bench.close()

@@ -43,17 +43,9 @@ file (created, or appended if the markers are missing).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import datetime as dt
-import os
-import platform
-import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,305 +54,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from report import (
-    ROOT,
-    children_cpu_seconds,
-    choose_cpus,
-    command_line,
-    cpu_model,
-    dist_version,
-    git_rev,
-    sipp_stamp,
-    tool_version,
-    write_section,
+from harness import (
+    DOMAIN,
+    START_TIMEOUT,
+    BenchError,
+    Kamailio,
+    Sbc,
+    environment,
+    free_port,
+    pinned,
+    print_sbc_logs,
+    sip_exchange,
+    sipp_command,
+    sipp_stats,
 )
+from report import children_cpu_seconds, choose_cpus, sipp_stamp, write_section
 
-SCENARIOS = ROOT / "bench" / "scenarios"
-KAMAILIO_CFG = ROOT / "docker" / "kamailio" / "kamailio.cfg"
-HOST = "127.0.0.1"
-DOMAIN = "example.com"
 CLIENT_EXPIRES = 60
 BACKEND_EXPIRES = 3600
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(RuntimeError):
-    """Something did not start, a SIPp run failed, or a check did not hold."""
-
-
-# ---------------------------------------------------------------------------------------
-# Small helpers: ports, SIP over UDP, CPU time
-# ---------------------------------------------------------------------------------------
-
-
-def free_port(kind: int = socket.SOCK_DGRAM, taken: set[int] | None = None) -> int:
-    """A port free on 127.0.0.1 for UDP and TCP (bind port 0), not in ``taken``."""
-    taken = taken if taken is not None else set()
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as first:
-            first.bind((HOST, 0))
-            port = int(first.getsockname()[1])
-            other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
-            try:
-                with socket.socket(socket.AF_INET, other) as second:
-                    second.bind((HOST, port))
-            except OSError:
-                continue
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise BenchError("no free port on 127.0.0.1")
-
-
-def sip_exchange(port: int, method: str, user: str | None, timeout: float = 1.0) -> int | None:
-    """One OPTIONS (no user) or REGISTER (``user``) over UDP; the final status, or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        local = f"{HOST}:{sock.getsockname()[1]}"
-        tag = secrets.token_hex(6)
-        aor = f"sip:{user or 'bench'}@{DOMAIN}"
-        lines = [
-            f"{method} sip:{HOST}:{port} SIP/2.0",
-            f"Via: SIP/2.0/UDP {local};branch=z9hG4bK{tag};rport",
-            "Max-Forwards: 70",
-            f"From: <{aor}>;tag={tag}",
-            f"To: <{aor}>",
-            f"Call-ID: {tag}@bench-ready",
-            f"CSeq: 1 {method}",
-        ]
-        if method == "REGISTER":
-            lines += [f"Contact: <sip:{user}@{local}>", f"Expires: {BACKEND_EXPIRES}"]
-        lines.append("Content-Length: 0")
-        sock.sendto(("\r\n".join(lines) + "\r\n\r\n").encode(), (HOST, port))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
-            try:
-                data = sock.recv(65535)
-            except (TimeoutError, ConnectionRefusedError):
-                return None
-            m = re.match(rb"SIP/2\.0 (\d{3}) ", data)
-            if m and int(m.group(1)) >= 200:
-                return int(m.group(1))
-    return None
-
-
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(process group, utime+stime in clock ticks) of one process, or None if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return int(fields[2]), int(fields[11]) + int(fields[12])
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) of one process."""
-    stat = _proc_stat(pid)
-    return 0.0 if stat is None else stat[1] / CLK_TCK
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time of every live process in a process group (Kamailio and its children)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None and stat[0] == pgid:
-                total += stat[1]
-    return total / CLK_TCK
-
-
-def pinned(cmd: list[str], cpu: int | None) -> list[str]:
-    return cmd if cpu is None else ["taskset", "-c", str(cpu), *cmd]
-
-
-def sbc_command() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m sbc``."""
-    script = Path(sys.executable).with_name("sbc")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sbc"]
-
-
-def _terminate(proc: subprocess.Popen[bytes], *, group: bool = False) -> int | None:
-    """SIGTERM by PID, wait, then SIGKILL (the process group for Kamailio, whose group is
-    its own: start_new_session); the exit code, None if it had to be killed."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=STOP_TIMEOUT)
-        if not group:
-            return code
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline:  # its children must be gone too
-            os.killpg(proc.pid, 0)
-            time.sleep(0.02)
-    except ProcessLookupError:
-        return proc.returncode
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        if group:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STOP_TIMEOUT)
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# The processes: Kamailio, the SBC, SIPp
-# ---------------------------------------------------------------------------------------
-
-
-class Kamailio:
-    """One Kamailio registrar on 127.0.0.1 (UDP), in the foreground in its own session."""
-
-    def __init__(self, name: str, port: int, rundir: Path, cpu: int | None) -> None:
-        self.name, self.port, self.rundir, self.cpu = name, port, rundir, cpu
-        rundir.mkdir(parents=True)
-        self.ctl = rundir / "ctl.sock"  # a Unix socket path must stay under 108 bytes
-        self.log_path = rundir / "kamailio.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [
-            shutil.which("kamailio") or "kamailio",
-            "-f", str(KAMAILIO_CFG),
-            "-DD", "-E",
-            "-Y", str(self.rundir),
-            "-P", str(self.rundir / "kamailio.pid"),
-            "-l", f"udp:{HOST}:{self.port}",
-            "-A", f'CTL_SOCKET="unix:{self.ctl}"',
-        ]  # fmt: skip
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                pinned(cmd, self.cpu),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # its children share its process group
-            )
-
-    def wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"kamailio {self.name} exited:\n{self.log()}")
-            if self.ctl.exists() and sip_exchange(self.port, "OPTIONS", None, 0.5) == 200:
-                return
-            time.sleep(0.05)
-        raise BenchError(f"kamailio {self.name} not ready in {START_TIMEOUT} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _terminate(self.proc, group=True)
-
-    def cpu_seconds(self) -> float:
-        return 0.0 if self.proc is None else group_cpu_seconds(self.proc.pid)
-
-    def stats(self, group: str) -> dict[str, int]:
-        proc = subprocess.run(
-            ["kamcmd", "-s", f"unix:{self.ctl}", "stats.get_statistics", f"{group}:"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if proc.returncode != 0 or proc.stdout.startswith("error:"):
-            raise BenchError(f"kamcmd on kamailio {self.name}: {proc.stdout}{proc.stderr}")
-        return {k: int(v) for k, v in re.findall(r"^(\S+) = (-?\d+)\s*$", proc.stdout, re.M)}
-
-    def registers_received(self) -> int:
-        return self.stats("core")["core:rcv_requests_register"]
-
-    def registered_users(self) -> int:
-        return self.stats("usrloc")["usrloc:registered_users"]
-
-
-class Sbc:
-    """``sbc run`` with one backend, UDP only, on free loopback ports."""
-
-    def __init__(self, workdir: Path, backend: Kamailio, cpu: int | None, profile: Path | None):
-        self.cpu, self.profile = cpu, profile
-        taken = {backend.port}
-        self.port = free_port(taken=taken)
-        self.core_port = free_port(taken=taken)
-        self.admin_port = free_port(socket.SOCK_STREAM, taken=taken)
-        self.config = workdir / "sbc.toml"
-        self.log_path = workdir / "sbc.log"
-        self.config.write_text(
-            f"""\
-[sbc]
-name = "bench"
-
-[access]
-listen = ["udp://{HOST}:{self.port}"]
-
-[core]
-listen = ["udp://{HOST}:{self.core_port}"]
-
-[[core.backends]]
-uri = "sip:{HOST}:{backend.port}"
-
-[admin]
-listen = "{HOST}:{self.admin_port}"
-
-[log]
-level = "warning"
-
-[registration]
-backend_expires = {BACKEND_EXPIRES}
-
-[registration.client_expires]
-udp = {CLIENT_EXPIRES}
-
-[security]
-allow = ["{HOST}"]
-backend_register = {{ rate = 0 }}
-"""
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exit_code: int | None = None
-
-    def start(self) -> None:
-        cmd = [*sbc_command(), "run", "--config", str(self.config)]
-        if self.profile is not None:
-            cmd = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", "sbc"]
-            cmd += ["run", "--config", str(self.config)]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                pinned(cmd, self.cpu), stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-
-    def wait_ready(self) -> None:
-        """Until it answers OPTIONS (logging at warning, it does not say "ready")."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"sbc run exited with {self.proc.returncode}:\n{self.log()}")
-            if sip_exchange(self.port, "OPTIONS", None, 0.5) is not None:
-                return
-            time.sleep(0.05)
-        raise BenchError(f"sbc run not ready within {START_TIMEOUT} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.exit_code is None:
-            self.exit_code = _terminate(self.proc)
-
-    def cpu_seconds(self) -> float:
-        return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
 
 
 def warm_up(port: int, what: str) -> None:
@@ -368,7 +79,7 @@ def warm_up(port: int, what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     status = None
     while time.monotonic() < deadline:
-        status = sip_exchange(port, "REGISTER", "warmup", 1.0)
+        status = sip_exchange(port, "REGISTER", "warmup", 1.0, expires=BACKEND_EXPIRES)
         if status == 200:
             return
         time.sleep(0.2)
@@ -387,15 +98,6 @@ class SippRun:
     @property
     def rate(self) -> float:
         return self.registers / self.elapsed
-
-
-def _stats(path: Path) -> dict[str, str]:
-    """The last row of SIPp's ``-stf`` file (``;``-separated, header row first)."""
-    if not path.exists():
-        return {}
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f, delimiter=";") if row]
-    return dict(zip(rows[0], rows[-1], strict=False)) if len(rows) >= 2 else {}
 
 
 def sipp(
@@ -417,13 +119,8 @@ def sipp(
     run_dir = workdir / name
     run_dir.mkdir()
     stf, err = run_dir / "stat.csv", run_dir / "errors.log"
-    cmd = [
-        shutil.which("sipp") or "sipp",
-        f"{HOST}:{port}",
-        "-sf", str(SCENARIOS / scenario),
-        "-t", "u1",
-        "-i", HOST,
-        "-p", str(local_port),
+    cmd = sipp_command(
+        scenario, local_port, run_dir,
         "-inf", str(users_csv),
         "-cid_str", f"%u-{cid}@bench",
         "-m", str(users),
@@ -432,11 +129,10 @@ def sipp(
         "-l", str(args.limit),
         "-timeout", str(args.sipp_timeout),
         "-timeout_error",
-        "-nostdin",
         "-trace_stat", "-stf", str(stf),
-        "-trace_err", "-error_file", str(err),
         *extra,
-    ]  # fmt: skip
+        target=port,
+    )  # fmt: skip
     cpu0 = children_cpu_seconds()
     t0 = time.perf_counter()
     try:
@@ -453,7 +149,8 @@ def sipp(
         raise BenchError(f"sipp {name} did not finish within {args.sipp_timeout + 10} s") from exc
     wall = time.perf_counter() - t0
     sipp_cpu = children_cpu_seconds() - cpu0
-    stats = _stats(stf)
+    rows = sipp_stats(stf)
+    stats = rows[-1] if rows else {}
     ok = int(stats.get("SuccessfulCall(C)", -1))
     failed = int(stats.get("FailedCall(C)", -1))
     if proc.returncode != 0 or ok != users or failed != 0:
@@ -740,7 +437,16 @@ def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
             kam.start()
         for kam in (kam_direct, kam_backend):
             kam.wait_ready()
-        sbc = Sbc(workdir, kam_backend, sbc_cpu, args.profile)
+        sbc = Sbc(
+            workdir,
+            sbc_cpu,
+            {kam_backend.port},
+            client_expires=CLIENT_EXPIRES,
+            backend_expires=BACKEND_EXPIRES,
+            backend=kam_backend.port,
+            security="backend_register = { rate = 0 }\n",
+            profile=args.profile,
+        )
         started.append(sbc)
         sbc.start()
         sbc.wait_ready()
@@ -780,27 +486,14 @@ def run(args: argparse.Namespace) -> tuple[Target, Target, dict[str, str]]:
         if log.strip():
             print(f"--- sbc run log (warnings) ---\n{log[-2000:]}")
     except BaseException:
-        for proc in started:
-            if isinstance(proc, Sbc) and proc.proc is not None and proc.log().strip():
-                print(f"--- sbc run log ---\n{proc.log()[-3000:]}", file=sys.stderr)
+        print_sbc_logs(started)
         raise
     finally:
         for proc in reversed(started):
             proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    env = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
-        "pinning": pinning,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "sbc": dist_version("sbc") + git_rev(),
-        "uvloop": dist_version("uvloop"),
-        "sipp": tool_version(["sipp", "-v"], r"SIPp v(\S+?)\.?\s"),
-        "kamailio": tool_version(["kamailio", "-v"], r"kamailio (\S+)"),
-        "command": command_line(),
-        "shared": "yes" if peer_cpu is not None else "",
-    }
+    env = environment(pinning) | {"shared": "yes" if peer_cpu is not None else ""}
     return direct, via, env
 
 

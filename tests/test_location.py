@@ -97,7 +97,8 @@ def test_make_run_style_core_registers_and_delivers_messages() -> None:
 
 
 def test_embedded_registrar_never_leaks_on_mutated_traffic() -> None:
-    """Seeded mutations of REGISTERs and MESSAGEs to registered users, over UDP and TCP."""
+    """Seeded mutations of REGISTERs and MESSAGEs to registered users, over UDP and TCP:
+    what reaches the registered client parses, and no transaction is left behind."""
     import random
 
     from sbc.core import Close, SendData
@@ -140,10 +141,9 @@ def test_embedded_registrar_never_leaks_on_mutated_traffic() -> None:
                 and a.data.startswith(b"MESSAGE")
                 and rng.random() < 0.5
             ):
-                try:
-                    req = parse_message(a.data)
-                except Exception:
-                    continue
+                # What the registrar relays is well-formed SIP whatever it received: it
+                # parses (a ParseError here fails the test).
+                req = parse_message(a.data)
                 if isinstance(req, Request):
                     core.receive_datagram(bytes(make_response(req, 200, to_tag="a")), CLIENT, now)
     for t in (now + 100.0, now + 200.0, now + 400.0):

@@ -138,6 +138,17 @@ class PortPool:
 UDP, TCP = socket.SOCK_DGRAM, socket.SOCK_STREAM
 
 
+def udp_bound(host: str, port: int) -> bool:
+    """Whether a socket is bound to UDP ``host``:``port`` (an IPv4 address, or any address
+    on that port), from /proc/net/udp: a look that takes no port away from a program that is
+    about to bind it, as a test bind would."""
+    # The kernel prints the address as the hex of its 32-bit value in host byte order.
+    packed = int.from_bytes(socket.inet_aton(host), sys.byteorder)
+    wanted = {f"{packed:08X}:{port:04X}", f"00000000:{port:04X}"}
+    table = Path("/proc/net/udp").read_text().splitlines()[1:]
+    return any(row.split()[1] in wanted for row in table)
+
+
 # -- certificates -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Certs:

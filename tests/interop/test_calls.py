@@ -43,6 +43,7 @@ from .conftest import (
     SippResult,
     require,
     sbc_command,
+    udp_bound,
 )
 
 pytestmark = pytest.mark.interop
@@ -181,16 +182,6 @@ def _stats(path: Path) -> dict[str, str]:
     return dict(zip(rows[0], rows[-1], strict=False)) if len(rows) >= 2 else {}
 
 
-def _udp_bound(port: int) -> bool:
-    """Whether something listens on UDP 127.0.0.1:port (read from /proc/net/udp)."""
-    wanted = f"0100007F:{port:04X}"
-    try:
-        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
-    except OSError:
-        return True  # cannot tell: assume it is (the scenario fails loudly if not)
-    return any(line.split()[1] == wanted for line in lines if len(line.split()) > 1)
-
-
 def register_via(
     sbc: SbcProcess, user: str, port: int, *, source: str = HOST, expires: int = 600
 ) -> sipwire.Response:
@@ -296,7 +287,7 @@ class Lab:
         sipp = Sipp(name, proc, workdir, port, timeout)
         self.running.append(sipp)
         deadline = time.monotonic() + 5.0
-        while not _udp_bound(port):
+        while not udp_bound(HOST, port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 out, err = proc.communicate(timeout=5)
                 pytest.fail(f"sipp {name} did not start on port {port}:\n{out}{err}")

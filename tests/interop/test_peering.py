@@ -14,12 +14,12 @@ import json
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import UDP, PortPool, SbcFactory, SippRunner, require
+from .conftest import UDP, PortPool, SbcFactory, SippRunner, require, udp_bound
+from .test_matrix import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -49,14 +49,18 @@ def _register_from(port: int, sbc_port: int, user: str, domain: str) -> str:
 
 
 def _records(path: Path, count: int) -> list[dict[str, object]]:
-    deadline = time.monotonic() + 3.0
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count:
-            break
-        time.sleep(0.1)
-    return [json.loads(line) for line in lines]
+    """The call records in ``path`` once ``count`` are written (they are flushed every
+    0.5 s)."""
+
+    def lines() -> list[str]:
+        return path.read_text().splitlines() if path.exists() else []
+
+    wait_until(
+        f"{count} call record(s) in {path.name}",
+        lambda: len(lines()) >= count,
+        lambda: "\n".join(lines()),
+    )
+    return [json.loads(line) for line in lines()]
 
 
 def test_call_to_a_peer_domain_crosses_to_the_peer_sbc_over_tls(
@@ -123,7 +127,12 @@ domains = ["partner.example"]
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.3)  # SIPp binds its port
+        wait_until(
+            f"sipp UAS listening on 127.0.0.1:{uas_port}",
+            lambda: udp_bound("127.0.0.1", uas_port) or uas.poll() is not None,
+            lambda: uas_log.read_text() if uas_log.exists() else "",
+        )
+        assert uas.poll() is None, f"sipp UAS exited with {uas.returncode}"
         result = sipp("peer_uac.xml", "127.0.0.1", home.udp4, timeout=15)
         result.assert_all_passed(1)
         assert uas.wait(timeout=10) == 0, uas_log.read_text() if uas_log.exists() else ""
