@@ -33,7 +33,7 @@ from sbc.io.sip_transport import (
 from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
-from sbc.relay import OffloadPolicy
+from sbc.registration import OffloadPolicy
 from sbc.sides import ACCESS, CORE, PEER
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers

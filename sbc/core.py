@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
+from sbc.backends import Backends
 from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
@@ -42,7 +43,7 @@ from sbc.features.sanity import (
 )
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
-from sbc.relay import DEFAULT_OFFLOAD, BackendRelay, OffloadPolicy, RawSend
+from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
 from sbc.sides import ACCESS, CORE, Side
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
@@ -118,22 +119,32 @@ class SbcCore:
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
         self.guard = Guard(settings.security)
-        self.backends = BackendRelay(
+        # Transaction users of client transactions: the B2BUA (calls), the registration
+        # proxy and the backends' health probes; each says which transactions it owns.
+        self.backends = Backends(
             transactions=self.transactions,
             balancer=Balancer(
                 settings.backends, policy=settings.health, algorithm=settings.balance
             ),
-            respond=self._respond,
             server_header=settings.server_header,
-            offload=settings.offload,
-            nat=settings.nat,
             request_timeout=settings.request_timeout,
             public_address=settings.public_address,
+        )
+        self.registration = RegistrationProxy(
+            transactions=self.transactions,
+            backends=self.backends,
+            respond=self._respond,
+            offload=settings.offload,
+            nat=settings.nat,
             register_gate=self.guard.backend_register if self.guard.active else None,
         )
+        # A backend that goes down has its registrations recovered on the others.
+        self.backends.on_down = self.registration.recover
         self.calls = B2bua(
             transactions=self.transactions,
-            relay=self.backends,
+            backends=self.backends,
+            registration=self.registration,
+            respond=self._respond,
             policy=settings.calls,
             peers=settings.peers,
             media=media,
@@ -156,7 +167,7 @@ class SbcCore:
         self.backends.balancer.reconfigure(
             settings.backends, policy=settings.health, algorithm=settings.balance, now=now
         )
-        self.backends.offload = settings.offload
+        self.registration.offload = settings.offload
         self.backends.request_timeout = settings.request_timeout
         self.calls.set_policy(settings.calls, settings.peers)
         # A backend or peer the reload removed still ends its calls and answers what was
@@ -166,7 +177,18 @@ class SbcCore:
             kept = security.core_sources | self.guard.policy.core_sources
             security = dataclasses.replace(security, core_sources=kept)
         self.guard.set_policy(security)
-        self.backends.register_gate = self.guard.backend_register if self.guard.active else None
+        self.registration.register_gate = self.guard.backend_register if self.guard.active else None
+
+    @property
+    def wall_offset(self) -> float:
+        """Epoch minus monotonic time, set by the I/O layer: Date headers and call records
+        are in wall-clock time, everything else in the monotonic ``now``."""
+        return self.registration.wall_offset
+
+    @wall_offset.setter
+    def wall_offset(self, offset: float) -> None:
+        self.registration.wall_offset = offset
+        self.calls.wall_offset = offset
 
     def drain(self) -> None:
         """SIGTERM: new calls get 503 (Retry-After); calls in progress go on."""
@@ -286,6 +308,7 @@ class SbcCore:
             for d in (
                 self.transactions.next_deadline(),
                 self.backends.next_deadline(),
+                self.registration.next_deadline(),
                 self.calls.next_deadline(),
                 self.guard.next_deadline(),
             )
@@ -299,6 +322,7 @@ class SbcCore:
     def handle_timer(self, now: float) -> list[Action]:
         actions = self._outputs(self.transactions.handle_timer(now), now)
         actions += self._outputs(self.backends.handle_timer(now), now)
+        actions += self._outputs(self.registration.handle_timer(now), now)
         actions += self._outputs(self.calls.handle_timer(now), now)
         actions += self._flows_failed(now)
         self.guard.handle_timer(now)
@@ -307,7 +331,7 @@ class SbcCore:
             flow, seen = next(iter(self._activity.items()))
             if seen + idle > now:
                 break
-            if self.backends.has_flow(flow) or self.calls.has_flow(flow):
+            if self.registration.has_flow(flow) or self.calls.has_flow(flow):
                 # A registered client's connection is how the SBC reaches it (RFC 5626 5.3):
                 # kept while its registration, or a call over it, lives.
                 del self._activity[flow]
@@ -448,8 +472,8 @@ class SbcCore:
                 )
         if method == "REGISTER":
             if self.settings.backends:
-                return self.backends.relay_register(tx, req, flow, now)
-            return self.backends.register_locally(tx, req, flow, now)
+                return self.registration.forward(tx, req, flow, now)
+            return self.registration.register_locally(tx, req, flow, now)
         # Everything else starts a call or a transaction of its own through the B2BUA.
         where = self.calls.route(req, flow, now, self._alive)
         if isinstance(where, Refusal):
@@ -473,7 +497,7 @@ class SbcCore:
 
     def _flows_failed(self, now: float) -> list[Action]:
         """Client flows the keep-alives found dead: their calls end."""
-        failed = self.backends.failed_flows
+        failed = self.registration.failed_flows
         actions: list[Action] = []
         while failed:
             actions += self._outputs(self.calls.end_calls_on_flow(failed.pop(), now), now)
@@ -531,8 +555,9 @@ class SbcCore:
         return bytes(resp)
 
     def _outputs(self, outputs: Sequence[Output | RawSend], now: float) -> list[Action]:
-        """Transaction outputs to actions; TU events go to the work that started the
-        client transaction (a probe or a relayed request)."""
+        """Transaction outputs to actions; the events of a client transaction go to the
+        transaction user that started it (``owns``): the B2BUA, the registration proxy or
+        the backends' probes."""
         actions: list[Action] = []
         for out in outputs:
             if isinstance(out, RawSend):
@@ -557,21 +582,27 @@ class SbcCore:
                 else:
                     actions.append(SendData(out.dest, data))
             elif isinstance(out, ResponseReceived):
-                if self.calls.owns(out.transaction):
-                    events = self.calls.on_response(out.transaction, out.response, now)
-                else:
-                    events = self.backends.on_response(out, now)
-                actions += self._outputs(events, now)
+                started = out.transaction
+                if self.calls.owns(started):
+                    events = self.calls.on_response(started, out.response, now)
+                    actions += self._outputs(events, now)
+                elif self.registration.owns(started):
+                    actions += self._outputs(self.registration.on_response(out, now), now)
+                elif self.backends.owns(started):
+                    actions += self._outputs(self.backends.on_response(out, now), now)
             elif isinstance(out, TransactionTimeout):
                 tx = out.transaction
                 if isinstance(tx, ClientTransaction):
                     if self.calls.owns(tx):
                         actions += self._outputs(self.calls.on_timeout(tx, now), now)
-                    else:
+                    elif self.registration.owns(tx):
+                        actions += self._outputs(self.registration.on_timeout(tx, now), now)
+                    elif self.backends.owns(tx):
                         actions += self._outputs(self.backends.on_timeout(tx, now), now)
             elif isinstance(out, TransactionTerminated):
                 if isinstance(out.transaction, ClientTransaction):
                     self.calls.forget(out.transaction)
+                    self.registration.forget(out.transaction)
                     self.backends.forget(out.transaction)
                 else:
                     self.calls.server_gone(out.transaction)

@@ -6,10 +6,11 @@ Each layer (transactions, calls, the registration proxy ...) keeps its timers in
 layer arms one timer for the core's earliest and calls ``handle_timer(now)`` when it fires.
 
 A heap with lazy deletion: setting a timer is O(log n); cancelling one only forgets it, and
-the heap entry is dropped when it comes to the top, or all at once when the cancelled entries
-outnumber the live ones, or when no timer is live at all. So a cancelled timer never keeps
-its owner (a finished call, a terminated transaction) alive for long, and once every timer
-has fired or been cancelled the structure holds nothing.
+the heap entry is dropped when it comes to the top, or all at once when a cancellation
+leaves the cancelled entries outnumbering the live ones, or when no timer is live at all.
+So a cancelled timer never keeps its owner (a finished call, a terminated transaction)
+alive for long, and once every timer has fired or been cancelled the structure holds
+nothing.
 """
 
 from __future__ import annotations
@@ -22,27 +23,33 @@ K = TypeVar("K", bound=Hashable)
 
 
 class Deadlines(Generic[K]):
-    __slots__ = ("_heap", "_live", "_seq")
+    __slots__ = ("_heap", "_live", "_seq", "_stale")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, K]] = []
         self._live: dict[K, int] = {}  # key -> sequence number of its heap entry
         self._seq = 0
+        self._stale = 0  # cancellations since the last compaction (entries left behind)
 
     def set(self, key: K, deadline: float) -> None:
-        """Arm the timer ``key`` for ``deadline`` (replacing it if it was armed)."""
-        self._seq += 1
-        self._live[key] = self._seq
-        heapq.heappush(self._heap, (deadline, self._seq, key))
-        if len(self._heap) > 64 and len(self._heap) > 2 * len(self._live):
-            self._compact()
+        """Arm the timer ``key`` for ``deadline`` (replacing it if it was armed: the old
+        entry is skipped when it comes to the top, or dropped by a compaction)."""
+        seq = self._seq = self._seq + 1
+        self._live[key] = seq
+        heapq.heappush(self._heap, (deadline, seq, key))
 
     def cancel(self, key: K) -> bool:
         """Disarm ``key``; whether it was armed."""
-        if self._live.pop(key, None) is None:
+        live = self._live
+        if live.pop(key, None) is None:
             return False
-        if not self._live:
+        if not live:
             self._heap.clear()  # every entry left is a cancelled one
+            self._stale = 0
+        else:
+            self._stale += 1
+            if self._stale > 64 and self._stale > len(live):
+                self._compact()
         return True
 
     def __contains__(self, key: K) -> bool:
@@ -83,3 +90,4 @@ class Deadlines(Generic[K]):
         live = self._live
         self._heap[:] = [entry for entry in self._heap if live.get(entry[2]) == entry[1]]
         heapq.heapify(self._heap)
+        self._stale = 0

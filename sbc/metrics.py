@@ -2,7 +2,7 @@
 
 Both read the core's live state when asked (a scrape, a ``sbc status``): nothing is counted
 on the signalling path for them. The core keeps its own counters anyway (``stats`` Counters
-of the core, the B2BUA, the registration relay and the guard; the balancer's backend states;
+of the core, the B2BUA, the registration proxy and the guard; the balancer's backend states;
 the registration stores); the media workers report their totals every few seconds
 (``control.Totals``), kept per worker by ``MediaWorkers``. The core is single-threaded:
 ``collect`` and ``status_report`` run on its event loop, between two of its turns.
@@ -35,7 +35,7 @@ _CALL_COUNTERS = {
     "calls_ended": ("sbc_calls_ended", "INVITE calls ended, answered or not"),
 }  # fmt: skip
 _CALL_REFUSED = {"calls_refused": "limit", "calls_refused_media": "media"}
-# REGISTER handling by the registration relay; the rest: sbc_registrar_events_total.
+# REGISTER handling by the registration proxy; the rest: sbc_registrar_events_total.
 _REGISTERS = {
     "register_forwarded": "forwarded",
     "register_offloaded": "offloaded",
@@ -122,10 +122,10 @@ class SbcCollector(Collector):
             "offload) or local (the embedded registrar, without backends)",
             labels=["mode"],
         )
-        regs.add_metric(["relayed"], len(core.backends.registrations))
-        regs.add_metric(["local"], core.backends.location.live(now))
+        regs.add_metric(["relayed"], len(core.registration.registrations))
+        regs.add_metric(["local"], core.registration.location.live(now))
         yield regs
-        relay_stats = core.backends.stats
+        register_stats = core.registration.stats
         registers = CounterMetricFamily(
             "sbc_register_requests",
             "Client REGISTERs by how they were handled: forwarded to a backend, answered by "
@@ -133,15 +133,15 @@ class SbcCollector(Collector):
             labels=["handling"],
         )
         for key, handling in _REGISTERS.items():
-            registers.add_metric([handling], relay_stats[key])
+            registers.add_metric([handling], register_stats[key])
         yield registers
         events = CounterMetricFamily(
             "sbc_registrar_events",
-            "Other events of the registration relay (failover, expiry, recovery, dead NAT "
+            "Other events of the registration proxy (failover, expiry, recovery, dead NAT "
             "keep-alive ...), by the core's counter name",
             labels=["event"],
         )
-        for key, value in sorted(relay_stats.items()):
+        for key, value in sorted(register_stats.items()):
             if key not in _REGISTERS:
                 events.add_metric([key], value)
         yield events
@@ -365,8 +365,8 @@ def status_report(
         "ready": ready,
         "reason": reason,
         "registrations": {
-            "relayed": len(core.backends.registrations),
-            "local": core.backends.location.live(now),
+            "relayed": len(core.registration.registrations),
+            "local": core.registration.location.live(now),
         },
         "calls": {
             "active": core.calls.active_calls,

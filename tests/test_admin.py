@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sipdata import sip
 from test_b2bua import ALICE, ANSWER_SDP, Lab, alice_hangs_up, establish, invite, only
-from test_relay import REGISTER
+from test_registration import REGISTER
 
 from sbc.cli import main
 from sbc.core import CoreSettings, SbcCore

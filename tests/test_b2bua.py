@@ -159,7 +159,11 @@ class Lab:
         if self.media is not None:
             assert self.media.state_size() == {"media_sessions": 0, "media_ports": 0}
         layer = self.core.transactions
-        mine = [tx for tx in layer._clients.values() if tx not in self.core.backends._work]
+        mine = [
+            tx
+            for tx in layer._clients.values()
+            if not (self.core.registration.owns(tx) or self.core.backends.owns(tx))
+        ]
         assert mine == [] and not layer._servers, (mine, layer._servers)
 
     def assert_hidden(self) -> None:

@@ -382,9 +382,9 @@ def test_core_never_crashes_on_mutated_input() -> None:
 
 
 def test_registered_connections_are_not_closed_as_idle() -> None:
-    from test_relay import B1, CORE, REGISTER, make_core
+    from test_registration import B1, CORE, REGISTER, make_core
 
-    from sbc.relay import OffloadPolicy
+    from sbc.registration import OffloadPolicy
 
     core = make_core(B1, offload=OffloadPolicy(client_tcp=3000, backend_expires=7200))
     tcp = Flow("tcp", SBC, ("192.0.2.7", 40000), conn_id=3)
@@ -394,6 +394,6 @@ def test_registered_connections_are_not_closed_as_idle() -> None:
     ok = make_response(fwd, 200, to_tag="r")  # type: ignore[arg-type]
     ok.add("Contact", "<sip:tina@10.0.0.7:5060>;expires=3600")
     core.receive_datagram(bytes(ok), Flow("udp", CORE, B1), 0.0)
-    assert core.backends.registrations.has_flow(tcp)
+    assert core.registration.registrations.has_flow(tcp)
     closes = [a for a in core.handle_timer(400.0) if isinstance(a, Close)]
     assert closes == []  # past tcp_idle_timeout (300 s), but the client is registered on it

@@ -45,7 +45,7 @@ from test_b2bua import (
     only,
     reply,
 )
-from test_relay import REGISTER
+from test_registration import REGISTER
 
 from sbc.core import SUPPORTED, Close, SendData
 from sbc.features.sanity import check_request
@@ -362,7 +362,11 @@ class FuzzLab(Lab):
 
     def state(self) -> dict[str, int]:
         layer = self.core.transactions
-        mine = [tx for tx in layer._clients.values() if tx not in self.core.backends._work]
+        mine = [
+            tx
+            for tx in layer._clients.values()
+            if not (self.core.registration.owns(tx) or self.core.backends.owns(tx))
+        ]
         size = dict(self.core.calls.state_size())
         size.update(
             clients=len(mine),

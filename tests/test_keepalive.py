@@ -7,7 +7,7 @@ import os
 import struct
 
 from sipdata import sip
-from test_relay import B1, CLIENT, CORE, REGISTER, answer, make_core, sent
+from test_registration import B1, CLIENT, CORE, REGISTER, answer, make_core, sent
 
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec
@@ -20,7 +20,7 @@ from sbc.features.keepalive import (
     is_stun,
     stun_binding_response,
 )
-from sbc.relay import OffloadPolicy
+from sbc.registration import OffloadPolicy
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, Response, make_response
 
@@ -119,7 +119,7 @@ def test_options_keepalives_until_the_client_stops_answering() -> None:
     # A long client expiry, so that only the keep-alives can find the client gone.
     core = make_core(B1, offload=OffloadPolicy(client_udp=600))
     register_nated(core, 0.0)
-    assert CLIENT in core.backends.keepalives
+    assert CLIENT in core.registration.keepalives
     # Every 20 s an OPTIONS to the client's public address; answered: keep going.
     for t in (20.0, 40.0):
         msgs = [(f, m) for f, m in sent(core.handle_timer(t)) if isinstance(m, Request)]
@@ -140,7 +140,7 @@ def test_options_keepalives_until_the_client_stops_answering() -> None:
                 answer(core, msg, 200, now, B1)  # the backend stays up
     [req] = dereg
     assert req.get("expires") == "0" and 100.0 <= now <= 121.0
-    assert CLIENT not in core.backends.keepalives and len(core.backends.registrations) == 0
+    assert CLIENT not in core.registration.keepalives and len(core.registration.registrations) == 0
 
 
 def test_crlf_keepalives() -> None:

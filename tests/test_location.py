@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sipdata import sip
-from test_relay import ACCESS, CLIENT, REGISTER, sent
+from test_registration import ACCESS, CLIENT, REGISTER, sent
 
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.registrar import LocationService, RegisterRefused

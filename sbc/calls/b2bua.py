@@ -26,6 +26,7 @@ import logging
 import secrets
 from collections import Counter
 
+from sbc.backends import Backends
 from sbc.calls.dialogs import Dialogs
 from sbc.calls.mapping import Mapping
 from sbc.calls.model import (
@@ -53,7 +54,7 @@ from sbc.calls.teardown import Teardown
 from sbc.calls.timers import CallTimers
 from sbc.deadlines import Deadlines
 from sbc.media.session import MediaRefused
-from sbc.relay import BackendRelay
+from sbc.registration import RegistrationProxy
 from sbc.sides import ACCESS, CORE, PEER
 from sbc.sip.dialog import DialogKey, uac_dialog, uas_dialog
 from sbc.sip.flow import Flow, format_host
@@ -62,6 +63,7 @@ from sbc.sip.transaction import (
     ClientTransaction,
     InviteServerTransaction,
     Output,
+    Respond,
     Send,
     ServerTransaction,
     Timers,
@@ -76,14 +78,19 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         self,
         *,
         transactions: TransactionLayer,
-        relay: BackendRelay,
+        backends: Backends,
+        registration: RegistrationProxy,
+        respond: Respond,
         policy: CallPolicy = DEFAULT_POLICY,
         peers: tuple[PeerRoute, ...] = (),
         media: MediaSeam | None = None,
         key: bytes | None = None,
     ) -> None:
         self.transactions = transactions
-        self.relay = relay
+        self.backends = backends  # flows to backends and peers, the balancer, health
+        self.registration = registration  # flows to registered clients
+        self._respond = respond  # answers built by the core
+        self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (call records)
         self.set_policy(policy, peers)
         self.draining = False  # SIGTERM: no new calls, the others go on
         self.media: MediaSeam = media or PassThroughMedia()
@@ -210,7 +217,7 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
             self._per_source[call.source] += 1
             self.active_calls += 1
             if target.backend is not None:
-                self.relay.balancer.dialog_started(target.backend)
+                self.backends.balancer.dialog_started(target.backend)
                 call.counted_backend = target.backend
             if self.policy.no_answer_timeout > 0:
                 self._set_timer(call, "no_answer", now + self.policy.no_answer_timeout)
@@ -218,7 +225,7 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         if target.backend is not None:
             # Nothing at all from the backend by then (not even 100 Trying): the next one.
             call.tried = (target.backend.name,)
-            self._set_timer(call, "failover", now + self.relay.request_timeout)
+            self._set_timer(call, "failover", now + self.backends.request_timeout)
         log.info(
             "%s to %s", method, target.side,
             extra={"call": call.id, "call_id": call_id, "flow": str(target.flow)},
@@ -470,7 +477,7 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
             out: list[Output] = []
             if call.target.backend is not None:
                 # A transaction timeout towards a backend is a failure.
-                out += self.relay.report_failure(
+                out += self.backends.report_failure(
                     call.target.backend, f"{call.method} timed out", now
                 )
             if call.a_tx is not None and not call.cancelled and call.state != "ended":
@@ -508,4 +515,4 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         headers: tuple[tuple[str, str], ...],
         now: float,
     ) -> list[Output]:
-        return self.relay.respond(tx, status, reason, headers, now)
+        return self._respond(tx, status, reason, headers, now)

@@ -150,12 +150,24 @@ class Refusal:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """Where a leg's requests within the dialog go (RFC 3261 12.2.1.1), for one route set
+    (its first route) and remote target: the flow, and a Route to pre-load (8.1.2)."""
+
+    route0: str
+    target: str
+    dest: Flow
+    preload: str | None
+
+
 class Leg:
     """One UA's side of a call: its dialog, the flow it is reached on, our Contact there."""
 
     __slots__ = (
         "ack_dest", "ack_pending", "ack_sent", "call", "caller", "contact", "dialog", "flow",
-        "invite_cseq", "invite_in", "invite_out", "peer", "retransmit", "side", "update_out",
+        "hop", "invite_cseq", "invite_in", "invite_out", "peer", "retransmit", "side",
+        "update_out",
     )  # fmt: skip
 
     def __init__(
@@ -176,6 +188,7 @@ class Leg:
         self.ack_sent: Request | None = None  # UAC: the ACK sent (re-sent on 2xx retransmission)
         self.ack_dest: Flow | None = None  # where that ACK went
         self.retransmit: _Retransmit | None = None  # UAS: our 2xx, until the ACK comes
+        self.hop: NextHop | None = None  # where requests within the dialog went last
 
     def __repr__(self) -> str:
         return f"<Leg {self.side} {self.dialog.key}>"

@@ -40,7 +40,7 @@ class Records:
             },
         ]
         frm, to = call.a_request.from_, call.a_request.to
-        wall = self.relay.wall_offset
+        wall = self.wall_offset
         ended = call.ended if call.ended is not None else call.started
         answered = call.answered
         return json.dumps({

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sbc.calls.model import (
     Call,
     Leg,
+    NextHop,
     PeerRoute,
     Refusal,
     Target,
@@ -27,7 +28,7 @@ from sbc.sip.message import ParseError, Request
 from sbc.sip.transaction import (
     new_branch,
 )
-from sbc.sip.uri import SipUri
+from sbc.sip.uri import SipUri, parse_uri
 
 log = logging.getLogger("sbc.calls")
 
@@ -42,7 +43,7 @@ class Routing:
         """Which side a flow is on: a peer SBC, the core (backends), or the access side."""
         if (flow.transport, flow.remote[0].lower()) in self._peer_hosts:
             return PEER
-        return CORE if self.relay.is_core_flow(flow) else ACCESS
+        return CORE if self.backends.is_core_flow(flow) else ACCESS
 
     def _peer_for(self: B2bua, req: Request) -> PeerRoute | None:
         uri = req.uri
@@ -70,36 +71,36 @@ class Routing:
     def _route(
         self: B2bua, req: Request, flow: Flow, now: float, alive: Callable[[Flow], bool]
     ) -> Target | Refusal:
-        relay = self.relay
+        backends, registration = self.backends, self.registration
         side = self.side_of(flow)
         peer = self._peer_for(req) if side != PEER else None
         if peer is not None:
             # SBC-to-SBC peering: the Request-URI's domain or number belongs to a peer.
-            out = relay.flow_for(peer.transport, (peer.host, peer.port))
+            out = backends.flow_for(peer.transport, (peer.host, peer.port))
             if out is None:
                 return Refusal(503, "No Route To Peer", (("Retry-After", "10"),))
             return Target(out, req.uri_text, PEER)
         if side == CORE:
             # From a backend: our Path in the top Route names the registered client's flow.
-            client = relay.client_flow(req)
+            client = registration.client_flow(req)
             if client is None:
                 return Refusal(404, "Not Found")
-            if not alive(client) or not relay.has_flow(client):
+            if not alive(client) or not registration.has_flow(client):
                 return Refusal(430, "Flow Failed")  # RFC 5626 5.3
             return Target(client, req.uri_text, ACCESS)
-        if relay.balancer.backends:
+        if backends.balancer.backends:
             # From a client: to the backend holding the caller's registration, which is the
             # one its AOR hashes to, unless another algorithm is configured.
             frm = req.from_
             aor = (aor_of(frm) if frm is not None else None) or req.uri_text
-            backend = relay.balancer.pick_for_dialog(aor)
-            out = relay.flow_to(backend) if backend is not None else None
+            backend = backends.balancer.pick_for_dialog(aor)
+            out = backends.flow_to(backend) if backend is not None else None
             if backend is None or out is None:
                 retry = (("Retry-After", "10"),)
                 return Refusal(503, "No Backend Available", retry)
             # The Request-URI the client authenticated is kept.
             return Target(out, req.uri_text, CORE, backend)
-        found = relay.local_target(req, now)
+        found = registration.local_target(req, now)
         if found is None:
             return Refusal(404, "Not Found")
         client, contact = found
@@ -146,31 +147,47 @@ class Routing:
         if leg.side == ACCESS:
             return flow
         dialog = leg.dialog
-        if dialog.route_set:
-            try:
-                uri = parse_name_addr(dialog.route_set[0], check_uri=False).sip_uri
-            except ParseError:
-                return flow
-        else:
-            uri = req.uri if isinstance(req.uri, SipUri) else None
-        if uri is None:
-            return flow
-        port = uri.port or (5061 if uri.secure or flow.transport == "tls" else 5060)
-        hop = (uri.host_bare, port)
-        if hop == flow.remote:
-            return flow
-        own = self.relay.own_core_address(hop)
-        if own is not None:
-            self.stats["looped_in_dialog"] += 1
-            return Flow(flow.transport, flow.local, own)
-        if not dialog.route_set:
-            transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
-            req.add("Route", f"<sip:{format_address(flow.remote)}{transport};lr>")
+        route0 = dialog.route_set[0] if dialog.route_set else ""
+        hop = leg.hop
+        if hop is None or hop.route0 != route0 or hop.target != dialog.remote_target:
+            # Worked out once per route set and remote target (a target refresh changes it).
+            dest, preload = self._resolve_hop(leg, route0)
+            hop = leg.hop = NextHop(route0, dialog.remote_target, dest, preload)
+        if hop.preload is not None:
+            req.add("Route", hop.preload)
             self.stats["route_preloaded"] += 1
-        return flow
+        elif hop.dest is not flow:
+            self.stats["looped_in_dialog"] += 1
+        return hop.dest
+
+    def _resolve_hop(self: B2bua, leg: Leg, route0: str) -> tuple[Flow, str | None]:
+        """The flow towards the first route, else the remote target, and the Route to
+        pre-load (or None)."""
+        flow = leg.flow
+        try:
+            if route0:
+                uri = parse_name_addr(route0, check_uri=False).sip_uri
+            else:
+                parsed = parse_uri(leg.dialog.remote_target)
+                uri = parsed if isinstance(parsed, SipUri) else None
+        except ParseError:
+            return flow, None
+        if uri is None:
+            return flow, None
+        port = uri.port or (5061 if uri.secure or flow.transport == "tls" else 5060)
+        address = (uri.host_bare, port)
+        if address == flow.remote:
+            return flow, None
+        own = self.backends.own_core_address(address)
+        if own is not None:
+            return Flow(flow.transport, flow.local, own), None
+        if route0:
+            return flow, None
+        transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
+        return flow, f"<sip:{format_address(flow.remote)}{transport};lr>"
 
     def _add_via(self: B2bua, req: Request, flow: Flow) -> None:
-        local = self.relay.advertised(flow)
+        local = self.backends.advertised(flow)
         req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
                 first=True)  # fmt: skip
 
@@ -178,7 +195,7 @@ class Routing:
         """Our Contact on a leg: the SBC's address on that side; the user part names the
         call (RFC 3261 8.1.1.8: a URI that reaches this UA for the dialog)."""
         transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
-        return f"<sip:{call.id}@{self.relay.advertised(flow)}{transport}>"
+        return f"<sip:{call.id}@{self.backends.advertised(flow)}{transport}>"
 
     def _derive(self: B2bua, *parts: str) -> str:
         mac = hmac.new(self._key, "\x00".join(parts).encode("utf-8", "surrogateescape"),

@@ -142,7 +142,7 @@ class Teardown:
             if self._per_source[src] <= 0:
                 del self._per_source[src]
             if call.counted_backend is not None:
-                self.relay.balancer.dialog_ended(call.counted_backend)
+                self.backends.balancer.dialog_ended(call.counted_backend)
                 call.counted_backend = None
             call.transcoded = self.media.transcoded(call.id)
             stats_follow = self.media.release(call.id)

@@ -138,11 +138,11 @@ class CallTimers:
             return []
         self._work.pop(b_tx, None)
         out = self.transactions.terminate(b_tx)
-        out += self.relay.report_failure(backend, f"{call.method} unanswered", now)
+        out += self.backends.report_failure(backend, f"{call.method} unanswered", now)
         frm = call.a_request.from_
         aor = (aor_of(frm) if frm is not None else None) or call.a_request.uri_text
-        nxt = self.relay.balancer.pick_for_aor(aor, exclude=call.tried)
-        flow = self.relay.flow_to(nxt) if nxt is not None else None
+        nxt = self.backends.balancer.pick_for_aor(aor, exclude=call.tried)
+        flow = self.backends.flow_to(nxt) if nxt is not None else None
         if nxt is None or flow is None:
             if call.a_tx is not None:
                 out += self._answer(call.a_tx, 503, "No Backend Available", _RETRY, now)
@@ -154,15 +154,15 @@ class CallTimers:
         if "contact" in fwd:
             fwd.set("Contact", self._contact(call, flow))
         if call.counted_backend is not None:
-            self.relay.balancer.dialog_ended(call.counted_backend)
-            self.relay.balancer.dialog_started(nxt)
+            self.backends.balancer.dialog_ended(call.counted_backend)
+            self.backends.balancer.dialog_started(nxt)
             call.counted_backend = nxt
         call.target = Target(flow, call.target.uri, CORE, nxt)
         call.tried = (*call.tried, nxt.name)
         tx, sent = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
         call.b_request, call.b_tx = fwd, tx
         self._work[tx] = _Initial(call)
-        self._set_timer(call, "failover", now + self.relay.request_timeout)
+        self._set_timer(call, "failover", now + self.backends.request_timeout)
         self.stats["failover"] += 1
         log.info(
             "%s failed over", call.method,

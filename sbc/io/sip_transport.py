@@ -121,7 +121,7 @@ class SipTransports:
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
         # The only wall-clock read: the core's Date headers are "now" plus this offset.
-        core.backends.wall_offset = time.time() - self._clock()
+        core.wall_offset = time.time() - self._clock()
         self._udp: dict[Address, asyncio.DatagramTransport] = {}
         self._conns: dict[int, _StreamProtocol] = {}
         self._servers: list[asyncio.Server] = []

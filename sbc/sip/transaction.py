@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -850,3 +851,11 @@ class TransactionLayer:
                 del self._acks_2543[ack_key]
         elif isinstance(tx, ClientTransaction) and self._clients.get(tx.key) is tx:
             del self._clients[tx.key]
+
+
+# How a transaction user answers a server transaction through the core, which builds the
+# response (RFC 3261 8.2.6: To tag, copied headers): (server transaction, status, reason or
+# None for the default phrase, extra headers, now) -> outputs.
+Respond: TypeAlias = Callable[
+    [ServerTransaction, int, str | None, tuple[tuple[str, str], ...], float], list[Output]
+]

@@ -1,15 +1,18 @@
-"""The core side: health probes to the backends and requests relayed to them (sans-I/O).
+"""Client registrations: REGISTERs forwarded to the backends, or the embedded registrar.
 
-``BackendRelay`` is a transaction user of the core's client transactions. It sends OPTIONS
-probes and forwards REGISTERs to the backend that the balancer picks for
-the AOR, as a stateful proxy (RFC 3261 16) that adds a Path naming the client's flow
-(RFC 3327, RFC 5626 5.2), and relays the answers back to the client's server transaction.
+``RegistrationProxy`` is a transaction user of the core's client transactions. It forwards
+a client's REGISTER to the backend that the balancer picks for the AOR as a stateful proxy
+(RFC 3261 16) that adds a Path naming the client's flow (RFC 3327, RFC 5626 5.2), and
+passes the answers back to the client's server transaction. Around that
+(docs/registration.md): registration offload (unchanged re-REGISTERs answered from its
+cache), failover to the next backend, de-registration of clients that stopped refreshing,
+recovery of the registrations of a backend that went down, and keep-alives to clients
+behind NAT. Without backends, REGISTERs go to the embedded registrar (RFC 3261 10.3).
 """
 
 from __future__ import annotations
 
 import email.utils
-import ipaddress
 import logging
 import random
 import secrets
@@ -17,9 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sbc.backends import Backends
 from sbc.deadlines import Deadlines
-from sbc.features.balancer import BackendState, BackendUp, Balancer, HealthChange
-from sbc.features.keepalive import KeepaliveTable, NatPolicy, behind_nat
+from sbc.features.balancer import BackendState
+from sbc.features.keepalive import NatPolicy, behind_nat
 from sbc.features.registrar import (
     CachedRegistration,
     FlowTokens,
@@ -34,12 +38,14 @@ from sbc.features.registrar import (
     contact_key,
     may_answer_locally,
 )
-from sbc.sip.flow import Address, Flow, format_address, format_host
+from sbc.registration.keepalives import NatKeepalives, RawSend
+from sbc.sip.flow import Flow, format_address, format_host
 from sbc.sip.headers import NameAddr
 from sbc.sip.message import ParseError, Request, Response
 from sbc.sip.transaction import (
     ClientTransaction,
     Output,
+    Respond,
     ResponseReceived,
     ServerTransaction,
     TransactionLayer,
@@ -47,36 +53,12 @@ from sbc.sip.transaction import (
 )
 from sbc.sip.uri import SipUri, Uri
 
-log = logging.getLogger("sbc.relay")
-
-# (server transaction, status, reason or None, extra headers, now) -> outputs
-Respond = Callable[
-    [ServerTransaction, int, str | None, tuple[tuple[str, str], ...], float], list[Output]
-]
-
-
-@dataclass(slots=True)
-class _Probe:
-    backend: BackendState
-    sent_at: float
-    deadline: float  # no answer by then: a failed probe (not after timer F's 32 s)
-
-
-@dataclass(slots=True)
-class _Relayed:
-    server_tx: ServerTransaction
-    backend: BackendState | None
-    register: _RegisterInfo | None = None
-    # Failover (REGISTER to backends): no answer at all by ``deadline`` -> the next backend.
-    deadline: float | None = None
-    request: Request | None = None  # the client's request, to forward again
-    client: Flow | None = None
-    tried: tuple[str, ...] = ()
+log = logging.getLogger("sbc.registration")
 
 
 @dataclass(slots=True, kw_only=True)
 class _RegisterInfo:
-    """What a relayed REGISTER asked, to cache and rewrite its answer."""
+    """What a forwarded REGISTER asked, to cache and rewrite its answer."""
 
     aor: str
     call_id: str
@@ -89,22 +71,20 @@ class _RegisterInfo:
 
 
 @dataclass(slots=True)
-class _Deregister:
+class _Forwarded:
+    """A client's REGISTER forwarded to a backend."""
+
+    server_tx: ServerTransaction
     backend: BackendState
+    register: _RegisterInfo | None  # None: "Contact: *", the backend decides
+    request: Request  # the client's request, to forward again
+    client: Flow
+    tried: tuple[str, ...]  # backends it went to, the last one now
 
 
 @dataclass(slots=True)
-class _Keepalive:
-    flow: Flow
-    deadline: float  # unanswered by then: one keep-alive failure
-
-
-@dataclass(frozen=True, slots=True)
-class RawSend:
-    """Octets to send as they are (a CRLF keep-alive, RFC 5626 4.4.1)."""
-
-    flow: Flow
-    data: bytes
+class _Deregister:
+    backend: BackendState
 
 
 @dataclass(slots=True)
@@ -114,7 +94,7 @@ class _Recovery:
     call_id: str
 
 
-_Work = _Probe | _Relayed | _Deregister | _Recovery | _Keepalive
+_Work = _Forwarded | _Deregister | _Recovery
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,233 +126,93 @@ def _requested_expires(req: Request) -> int:
     return min((contact_expires(c, default) for c in req.contact), default=default)
 
 
-class BackendRelay:
+class RegistrationProxy:
     def __init__(
         self,
         *,
         transactions: TransactionLayer,
-        balancer: Balancer,
+        backends: Backends,
         respond: Respond,
-        server_header: str,
         offload: OffloadPolicy = DEFAULT_OFFLOAD,
         nat: NatPolicy | None = None,
-        request_timeout: float = 4.0,
-        public_address: str | None = None,
         store: RegistrationStore | None = None,
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
         register_gate: Callable[[float], int] | None = None,
     ) -> None:
         self.transactions = transactions
+        self.backends = backends
+        self.respond = respond
         # Asked before a client's REGISTER goes to a backend: seconds to wait (503 with
         # Retry-After) when the backends' REGISTER ceiling is reached.
         self.register_gate = register_gate
-        self.balancer = balancer
-        self.respond = respond
-        self.server_header = server_header
         self.offload = offload
-        self.request_timeout = request_timeout
         self.tokens = tokens or FlowTokens()
         self.registrations: RegistrationStore = store or MemoryRegistrationStore()
         self.location = LocationService()  # the embedded registrar, without backends
-        self.nat = nat or NatPolicy()
-        self.keepalives = KeepaliveTable(interval=self.nat.interval, failures=self.nat.failures)
+        self.keepalives = NatKeepalives(
+            transactions=transactions,
+            backends=backends,
+            policy=nat or NatPolicy(),
+            on_dead=self._flow_failed,
+        )
         self._rng = rng or random.Random()
         self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
-        self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
-        self._core_locals: set[Address] = set()  # every core-side listener
-        self.public_address = public_address
         self._work: dict[ClientTransaction, _Work] = {}
-        self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # work with a deadline
+        self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # forwarded, unanswered
         self.stats: Counter[str] = Counter()
-        self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
         self.failed_flows: list[Flow] = []  # client flows found dead, for the owner
 
-    def add_core_socket(self, transport: str, address: Address) -> None:
-        """A core-side listener the SBC sends from (the I/O layer reports what it bound)."""
-        self._sockets.setdefault((transport, ":" in address[0]), address)
-        self._core_locals.add(address)
-
-    def own_core_address(self, address: Address) -> Address | None:
-        """The core-side listener at ``address`` (host compared by value, so an IPv6
-        address written another way still matches), or None if it is not this SBC's."""
-        host, port = address
-        try:
-            wanted = ipaddress.ip_address(host)
-        except ValueError:
-            return None
-        for local in self._core_locals:
-            if local[1] == port and ipaddress.ip_address(local[0]) == wanted:
-                return local
-        return None
-
-    def advertised(self, flow: Flow) -> str:
-        """host:port the SBC names itself by on ``flow`` (Via, Contact): ``[sbc]
-        public_address`` towards clients when configured, else the listener's address."""
-        if self.public_address is not None and flow.local not in self._core_locals:
-            return format_address((self.public_address, flow.local[1]))
-        return format_address(flow.local)
-
-    def flow_to(self, backend: BackendState) -> Flow | None:
-        return self.flow_for(backend.transport, backend.address)
-
-    def flow_for(self, transport: str, address: Address) -> Flow | None:
-        """The flow to a backend or peer: from a core-side listener of its transport and
-        address family (named in our Via). Over TCP and TLS the flow has no connection yet
-        (conn_id 0): the I/O layer opens one (TLS with the core side's certificate) and
-        reuses it."""
-        local = self._sockets.get((transport, ":" in address[0]))
-        if local is None:
-            return None
-        return Flow(transport, local, address)
-
-    # -- timers: health probes ---------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        if not self._sockets:
+        if not self.backends.listening:
             return None
-        deadlines = []
-        if (top := self._next_work_deadline()) is not None:
-            deadlines.append(top)
-        for nxt in (
-            self.balancer.next_deadline(),
-            self.registrations.next_deadline(),
-            self.keepalives.next_deadline(),
-        ):
-            if nxt is not None:
-                deadlines.append(nxt)
+        deadlines = [
+            d
+            for d in (
+                self._deadlines.next_deadline(),
+                self.registrations.next_deadline(),
+                self.keepalives.next_deadline(),
+            )
+            if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Output | RawSend]:
         out: list[Output | RawSend] = []
-        if not self._sockets:
+        if not self.backends.listening:
             return out
-        out += self._overdue(now)
-        out += self._keepalive_timers(now)
+        while (tx := self._deadlines.pop_due(now)) is not None:
+            work = self._work.pop(tx)
+            assert isinstance(work, _Forwarded)
+            out += self._failover(tx, work, now)
+        out += self.keepalives.handle_timer(now)
         for reg in self.registrations.expired(now):
             out += self._deregister(reg, now)
             if not self.has_flow(reg.flow):
                 self.keepalives.unwatch(reg.flow)
-        for backend in self.balancer.probes_due(now):
-            flow = self.flow_to(backend)
-            if flow is None:
-                out += self._health(self.balancer.probe_result(
-                    backend, ok=False, now=now, reason="no socket towards it"), now)  # fmt: skip
-                continue
-            tx, sent = self.transactions.send_request(
-                self._probe_request(backend, flow), dest=flow, reliable=flow.reliable, now=now
-            )
-            log.debug("probe sent", extra={"backend": backend.name})
-            timeout = min(self.balancer.policy.probe_interval, self.transactions.timers.timer_f)
-            self._track(tx, _Probe(backend, now, now + timeout))
-            out += sent
         return out
-
-    # -- work with a deadline of its own ------------------------------------------------
-    def _track(self, tx: ClientTransaction, work: _Probe | _Keepalive | _Relayed) -> None:
-        self._work[tx] = work
-        if work.deadline is not None:
-            self._deadlines.set(tx, work.deadline)
 
     def _done(self, tx: ClientTransaction) -> _Work | None:
         """The work of a transaction that ended, forgotten with its deadline."""
         self._deadlines.cancel(tx)
         return self._work.pop(tx, None)
 
-    def _next_work_deadline(self) -> float | None:
-        return self._deadlines.next_deadline()
+    # -- client flows ------------------------------------------------------------------------
+    def client_flow(self, req: Request) -> Flow | None:
+        """The client flow named by the top Route, if it is one of our Path URIs (RFC 3327
+        5.3: the registrar puts the Path in a Route of requests for the user)."""
+        routes = req.name_addrs("route")
+        uri = routes[0].sip_uri if routes else None
+        if uri is None or uri.user is None or uri.port is None:
+            return None
+        if not self.backends.sends_from(uri.host_bare, uri.port):
+            return None
+        return self.tokens.decode(uri.user)
 
-    def _overdue(self, now: float) -> list[Output]:
-        """Work whose own deadline passed: a probe or keep-alive unanswered within its
-        interval failed (so detection takes about interval x failures, not failures x timer F);
-        a relayed REGISTER with no answer at all fails over."""
-        out: list[Output] = []
-        while (tx := self._deadlines.pop_due(now)) is not None:
-            work = self._work.pop(tx)
-            assert isinstance(work, _Probe | _Keepalive | _Relayed)
-            if isinstance(work, _Relayed):
-                out += self._failover(tx, work, now)
-                continue
-            out += self.transactions.terminate(tx)
-            if isinstance(work, _Probe):
-                out += self._health(self.balancer.probe_result(
-                    work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
-            elif self.keepalives.failed(work.flow):
-                out += self._flow_failed(work.flow, now)
-        return out
-
-    def _probe_request(self, backend: BackendState, flow: Flow) -> Request:
-        target = f"sip:{format_address(backend.address)}"
-        req = self._own_request(
-            "OPTIONS", target, flow, from_uri=f"sip:probe@{format_address(flow.local)}"
-        )
-        req.add("Content-Length", "0")
-        return req
-
-    def _own_request(
-        self,
-        method: str,
-        target: str,
-        flow: Flow,
-        *,
-        from_uri: str,
-        to_uri: str | None = None,
-        call_id: str | None = None,
-        cseq: int = 1,
-    ) -> Request:
-        """A request the SBC originates on ``flow`` (RFC 3261 8.1.1: the mandatory headers;
-        a Via with a fresh branch asking for rport, RFC 3581)."""
-        local = self.advertised(flow)
-        req = Request(method, target)
-        req.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport")
-        req.add("Max-Forwards", "70")
-        req.add("From", f"<{from_uri}>;tag={secrets.token_hex(6)}")
-        req.add("To", f"<{to_uri or target}>")
-        req.add("Call-ID", call_id or f"{secrets.token_hex(10)}@{format_host(flow.local[0])}")
-        req.add("CSeq", f"{cseq} {method}")
-        req.add("User-Agent", self.server_header)
-        return req
-
-    def _health(self, change: HealthChange | None, now: float) -> list[Output]:
-        """Log a backend going down or up; a backend going down has its registrations
-        recovered on the others."""
-        if change is None:
-            return []
-        self.events.append(change)
-        if isinstance(change, BackendUp):
-            log.info("backend up", extra={"backend": change.backend.name})
-            return []
-        log.warning("backend down: %s", change.reason, extra={"backend": change.backend.name})
-        out: list[Output] = []
-        for reg in self.registrations:
-            if reg.backend == change.backend.name:
-                out += self._recover(reg, now)
-        return out
-
-    # -- keep-alives towards clients behind NAT ----------------------------------------------
-    def _keepalive_timers(self, now: float) -> list[Output | RawSend]:
-        out: list[Output | RawSend] = []
-        for flow in self.keepalives.due(now):
-            if self.nat.method == "crlf":
-                out.append(RawSend(flow, b"\r\n\r\n"))
-                continue
-            target = self.keepalives.target(flow) or f"sip:{format_host(flow.remote[0])}"
-            tx, sent = self.transactions.send_request(
-                self._keepalive_request(flow, target), dest=flow, reliable=False, now=now
-            )
-            timeout = min(self.nat.interval, self.transactions.timers.timer_f)
-            self._track(tx, _Keepalive(flow, now + timeout))
-            out += sent
-        return out
-
-    def _keepalive_request(self, flow: Flow, target: str) -> Request:
-        from_uri = f"sip:keepalive@{self.advertised(flow)}"
-        req = self._own_request("OPTIONS", target, flow, from_uri=from_uri)
-        req.add("Content-Length", "0")
-        return req
-
-    def report_failure(self, backend: BackendState, reason: str, now: float) -> list[Output]:
-        """A request towards ``backend`` timed out: one failure."""
-        return self._health(self.balancer.request_failed(backend, now=now, reason=reason), now)
+    def has_flow(self, flow: Flow) -> bool:
+        """Whether a registration (forwarded or local) still reaches its client over ``flow``."""
+        return self.registrations.has_flow(flow) or self.location.has_flow(flow)
 
     def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
@@ -389,29 +229,6 @@ class BackendRelay:
         log.info("client unreachable; its bindings are removed", extra={"flow": str(flow)})
         self.stats["keepalive_dead"] += 1
         return out
-
-    # -- requests from a backend to a registered client --------------------------------------
-    def is_core_flow(self, flow: Flow) -> bool:
-        """From a core-side listener, or over a connection the SBC opened to a backend."""
-        if flow.local in self._sockets.values():
-            return True
-        host, port = flow.remote
-        return flow.reliable and self.balancer.by_address(host, port) is not None
-
-    def client_flow(self, req: Request) -> Flow | None:
-        """The client flow named by the top Route, if it is one of our Path URIs (RFC 3327
-        5.3: the registrar puts the Path in a Route of requests for the user)."""
-        routes = req.name_addrs("route")
-        uri = routes[0].sip_uri if routes else None
-        if uri is None or uri.user is None or uri.port is None:
-            return None
-        if (uri.host_bare, uri.port) not in {(h.lower(), p) for h, p in self._sockets.values()}:
-            return None
-        return self.tokens.decode(uri.user)
-
-    def has_flow(self, flow: Flow) -> bool:
-        """Whether a registration (relayed or local) still reaches its client over ``flow``."""
-        return self.registrations.has_flow(flow) or self.location.has_flow(flow)
 
     # -- the embedded registrar --------------------------------------------------------------
     def register_locally(
@@ -433,7 +250,7 @@ class BackendRelay:
             return self.respond(server_tx, exc.status, exc.reason, (), now)
         self.stats["register_local"] += 1
         if asked and self._behind_nat(req, contacts, client):
-            self._watch(client, contacts, now)
+            self.keepalives.watch(client, contacts, now)
         headers: list[tuple[str, str]] = []
         if bindings:
             listed = ", ".join(str(c.with_param("expires", str(s))) for c, s in bindings)
@@ -450,11 +267,6 @@ class BackendRelay:
         hosts = [c.sip_uri.host for c in contacts if c.sip_uri is not None]
         return behind_nat(client.remote, via.host_bare, via.port, hosts)
 
-    def _watch(self, flow: Flow, contacts: tuple[NameAddr, ...], now: float) -> None:
-        """Start keep-alives to a client behind NAT; OPTIONS go to its first contact."""
-        target = next((str(c.uri) for c in contacts if c.uri is not None), None)
-        self.keepalives.watch(flow, target or f"sip:{format_host(flow.remote[0])}", now)
-
     def local_target(self, req: Request, now: float) -> tuple[Flow, Uri | None] | None:
         """The flow and contact of a user registered here that ``req`` is addressed to."""
         uri = req.uri
@@ -465,10 +277,15 @@ class BackendRelay:
             return None
         return bindings[0].flow, bindings[0].contact.uri
 
-    # -- REGISTER relay (docs/registration.md) -----------------------------------------------
-    def relay_register(
+    def _date(self, now: float) -> str:
+        return email.utils.formatdate(now + self.wall_offset, usegmt=True)  # RFC 3261 20.17
+
+    # -- REGISTER to the backends (docs/registration.md) -------------------------------------
+    def forward(
         self, server_tx: ServerTransaction, req: Request, client: Flow, now: float
     ) -> list[Output]:
+        """A client's REGISTER: answered from the cache (offload) or forwarded to the
+        backend the balancer picks for its AOR."""
         to, cseq, call_id = req.to, req.cseq, req.call_id
         aor = aor_of(to) if to is not None else None
         if aor is None or cseq is None or call_id is None:
@@ -496,8 +313,8 @@ class BackendRelay:
         if wait:
             retry = (("Retry-After", str(wait)),)
             return self.respond(server_tx, 503, "Registrar Busy", retry, now)
-        backend = self.balancer.pick_for_aor(aor)
-        flow = self.flow_to(backend) if backend is not None else None
+        backend = self.backends.balancer.pick_for_aor(aor)
+        flow = self.backends.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
             # RFC 3261 21.5.4: no backend can take it now; the client retries later.
             retry = (("Retry-After", "10"),)
@@ -520,26 +337,24 @@ class BackendRelay:
             # RFC 3261 10.2.3: without Contact the REGISTER is a query; none is added.
             self._ask_backend_expiry(fwd, info.contacts)
         tx, out = self.transactions.send_request(fwd, dest=flow, reliable=flow.reliable, now=now)
-        self._track(tx, _Relayed(
-            server_tx, backend, info, deadline=now + self.request_timeout, request=req,
-            client=client, tried=(*tried, backend.name),
-        ))  # fmt: skip
+        self._work[tx] = _Forwarded(server_tx, backend, info, req, client, (*tried, backend.name))
+        # Failover: no final answer by then -> the next backend.
+        self._deadlines.set(tx, now + self.backends.request_timeout)
         self.stats["register_forwarded"] += 1
         return out
 
-    def _failover(self, tx: ClientTransaction, work: _Relayed, now: float) -> list[Output]:
-        """A relayed REGISTER got no answer at all within request_timeout: the backend counts
-        a failure and the REGISTER goes to the next backend in the AOR's order (a
+    def _failover(self, tx: ClientTransaction, work: _Forwarded, now: float) -> list[Output]:
+        """A forwarded REGISTER got no answer at all within request_timeout: the backend
+        counts a failure and the REGISTER goes to the next backend in the AOR's order (a
         transaction timeout is a failure; the client is not left waiting for timer F)."""
-        assert work.backend is not None and work.request is not None and work.client is not None
         out = self.transactions.terminate(tx)
-        out += self._health(self.balancer.request_failed(
-            work.backend, now=now, reason="REGISTER unanswered"), now)  # fmt: skip
+        out += self.backends.report_failure(work.backend, "REGISTER unanswered", now)
         aor = work.register.aor if work.register is not None else None
         to = work.request.to
         aor = aor or (aor_of(to) if to is not None else None)
-        backend = self.balancer.pick_for_aor(aor, exclude=work.tried) if aor else None
-        flow = self.flow_to(backend) if backend is not None else None
+        balancer = self.backends.balancer
+        backend = balancer.pick_for_aor(aor, exclude=work.tried) if aor else None
+        flow = self.backends.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
             return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)
         self.stats["register_failover"] += 1
@@ -577,9 +392,20 @@ class BackendRelay:
         headers = (("Contact", contacts), ("Date", self._date(now)))
         return self.respond(server_tx, 200, None, headers, now)
 
-    def _date(self, now: float) -> str:
-        return email.utils.formatdate(now + self.wall_offset, usegmt=True)  # RFC 3261 20.17
+    def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
+        """RFC 3261 16.6: copy, Max-Forwards - 1, our Via on top; RFC 3327 4.1: our Path."""
+        fwd = req.copy()
+        mf = req.max_forwards
+        fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
+        local = format_address(flow.local)
+        fwd.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
+                first=True)  # fmt: skip
+        # The Path URI's user part is the client's flow token (RFC 5626 5.2); ;lr makes the
+        # registrar put it in a Route that comes back here (RFC 3327 5.3).
+        fwd.add("Path", f"<sip:{self.tokens.encode(client)}@{local};lr>", first=True)
+        return fwd
 
+    # -- REGISTERs of the SBC's own: de-registration and recovery ----------------------------
     def _own_register(
         self, reg: CachedRegistration, flow: Flow, *, call_id: str, cseq: int, expires: int
     ) -> Request:
@@ -588,7 +414,7 @@ class BackendRelay:
         local = format_address(flow.local)
         scheme, _, rest = reg.aor.partition(":")
         domain = f"{scheme}:{rest.rpartition('@')[2]}"  # RFC 3261 10.2: the registrar's domain
-        req = self._own_request(
+        req = self.backends.own_request(
             "REGISTER", domain, flow, from_uri=reg.aor, to_uri=reg.aor, call_id=call_id, cseq=cseq
         )
         value = str(expires)
@@ -602,8 +428,9 @@ class BackendRelay:
     def _deregister(self, reg: CachedRegistration, now: float) -> list[Output]:
         """The client stopped refreshing: remove its binding at the backend, so the
         backend stops routing calls into a dead NAT binding."""
-        backend = next((b for b in self.balancer.backends if b.name == reg.backend), None)
-        flow = self.flow_to(backend) if backend is not None else None
+        balancer = self.backends.balancer
+        backend = next((b for b in balancer.backends if b.name == reg.backend), None)
+        flow = self.backends.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
             return []
         call_id = reg.backend_call_id or reg.call_id
@@ -614,13 +441,21 @@ class BackendRelay:
         log.info("client stopped refreshing; de-registering", extra={"aor": reg.aor})
         return out
 
+    def recover(self, backend: BackendState, now: float) -> list[Output]:
+        """``backend`` went down: its cached registrations are registered on the others."""
+        out: list[Output] = []
+        for reg in self.registrations:
+            if reg.backend == backend.name:
+                out += self._recover(reg, now)
+        return out
+
     def _recover(self, reg: CachedRegistration, now: float) -> list[Output]:
         """Registration recovery: the binding's backend went down, so the SBC
         registers it on the backend the AOR now hashes to, from its cache, without waiting
         for the client. A fresh Call-ID (RFC 3261 10.3 step 7: a binding with another Call-ID
         is updated) keeps its CSeq clear of the client's later refreshes."""
-        backend = self.balancer.pick_for_aor(reg.aor)
-        flow = self.flow_to(backend) if backend is not None else None
+        backend = self.backends.balancer.pick_for_aor(reg.aor)
+        flow = self.backends.flow_to(backend) if backend is not None else None
         if backend is None or flow is None:
             log.warning("no backend to recover a registration on", extra={"aor": reg.aor})
             return []
@@ -647,32 +482,18 @@ class BackendRelay:
         reg.backend_expires_at = now + granted
         log.info("registration recovered", extra={"aor": reg.aor, "backend": reg.backend})
 
-    def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
-        """RFC 3261 16.6: copy, Max-Forwards - 1, our Via on top; RFC 3327 4.1: our Path."""
-        fwd = req.copy()
-        mf = req.max_forwards
-        fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
-        local = format_address(flow.local)
-        fwd.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
-                first=True)  # fmt: skip
-        # The Path URI's user part is the client's flow token (RFC 5626 5.2); ;lr makes the
-        # registrar put it in a Route that comes back here (RFC 3327 5.3).
-        fwd.add("Path", f"<sip:{self.tokens.encode(client)}@{local};lr>", first=True)
-        return fwd
-
     # -- transaction events ------------------------------------------------------------------
+    def owns(self, tx: ClientTransaction) -> bool:
+        return tx in self._work or self.keepalives.owns(tx)
+
     def on_response(self, event: ResponseReceived, now: float) -> list[Output]:
+        if self.keepalives.owns(event.transaction):
+            self.keepalives.on_response(event)
+            return []
         work = self._work.get(event.transaction)
         resp = event.response
-        if work is None or (resp.status < 200 and isinstance(work, _Probe)):
+        if work is None:
             return []
-        if isinstance(work, _Probe):
-            self._done(event.transaction)
-            ok = self.balancer.is_alive_reply(resp.status)
-            log.debug("probe answered %d", resp.status, extra={"backend": work.backend.name})
-            return self._health(self.balancer.probe_result(
-                work.backend, ok=ok, now=now, rtt=now - work.sent_at,
-                reason=f"probe answered {resp.status}"), now)  # fmt: skip
         if isinstance(work, _Deregister):
             if resp.status >= 200:
                 self._done(event.transaction)
@@ -682,32 +503,28 @@ class BackendRelay:
                 self._done(event.transaction)
                 self._recovered(work, resp, now)
             return []
-        if isinstance(work, _Keepalive):
-            if resp.status >= 200:  # any answer, even 405 or 501, shows the client is there
-                self._done(event.transaction)
-                self.keepalives.answered(work.flow)
-            return []
-        work.deadline = None  # the backend answered: it is alive, no failover
+        # A provisional answer leaves the failover deadline armed: only a final one ends it.
         if resp.status == 100:
             return []  # RFC 3261 16.7 step 5: a 100 Trying is not forwarded
         if resp.status >= 200:
             self._done(event.transaction)
         try:
-            out = self._relayed_response(resp)
-            if work.register is not None and work.backend is not None and 200 <= resp.status < 300:
+            out = self._response_to_client(resp)
+            if work.register is not None and 200 <= resp.status < 300:
                 self._registered(work.register, work.backend, out, now)
         except ParseError as exc:
-            # A response we cannot relay (malformed Via, Contact ...): the client still gets a
-            # final answer, or its server transaction would wait forever (RFC 3261 16.7 10).
+            # A response we cannot pass back (malformed Via, Contact ...): the client still
+            # gets a final answer, or its server transaction would wait forever (RFC 3261
+            # 16.7 10).
             self.stats["bad_relayed_response"] += 1
-            log.info("cannot relay a %d: %s", resp.status, exc.reason)
+            log.info("cannot pass back a %d: %s", resp.status, exc.reason)
             if resp.status < 200:
                 return []
             return self.respond(work.server_tx, 502, "Bad Gateway", (), now)
         return work.server_tx.respond(out, now)
 
     @staticmethod
-    def _relayed_response(resp: Response) -> Response:
+    def _response_to_client(resp: Response) -> Response:
         """RFC 3261 16.7 step 3: remove our Via. Headers that describe the core are not passed
         to clients (topology hiding): the Path the registrar echoes (the SBC's core side),
         Service-Route (RFC 3608: core proxies; the client's requests reach the SBC, which
@@ -721,7 +538,7 @@ class BackendRelay:
     def _registered(
         self, info: _RegisterInfo, backend: BackendState, resp: Response, now: float
     ) -> None:
-        """A 2xx to a relayed REGISTER: cache it for offload and tell the client its own
+        """A 2xx to a forwarded REGISTER: cache it for offload and tell the client its own
         (short) expiry instead of the backend's."""
         if info.client_expires == 0:
             reg = self.registrations.get(info.aor, info.call_id, info.flow)
@@ -732,7 +549,7 @@ class BackendRelay:
         try:
             granted = resp.contact
         except ParseError:
-            return  # a 200 we cannot read: relayed as it is, not cached
+            return  # a 200 we cannot read: passed back as it is, not cached
         default = _int_or(resp.get("expires"), self.offload.backend_expires)
         backend_expiry = min(
             (contact_expires(c, default) for c in granted if contact_key(c) in mine),
@@ -752,10 +569,10 @@ class BackendRelay:
         if "expires" in resp:
             resp.set("Expires", str(client_expiry))
         if info.nat:
-            self._watch(info.flow, info.contacts, now)
+            self.keepalives.watch(info.flow, info.contacts, now)
         if info.outbound:
             # RFC 5626 4.4.1 / 5.4: how often the client should send its own keep-alives.
-            resp.set("Flow-Timer", str(int(self.nat.interval)))
+            resp.set("Flow-Timer", str(int(self.keepalives.policy.interval)))
         self.registrations.store(
             CachedRegistration(
                 aor=info.aor,
@@ -771,22 +588,17 @@ class BackendRelay:
         )
 
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
+        if self.keepalives.owns(tx):
+            return self.keepalives.on_timeout(tx, now)
         work = self._done(tx)
-        if isinstance(work, _Probe):
-            return self._health(self.balancer.probe_result(
-                work.backend, ok=False, now=now, reason="probe timed out"), now)  # fmt: skip
-        if isinstance(work, _Deregister | _Recovery):
-            return []
-        if isinstance(work, _Keepalive):
-            return self._flow_failed(work.flow, now) if self.keepalives.failed(work.flow) else []
-        if isinstance(work, _Relayed):
+        if isinstance(work, _Forwarded):
             # A timeout towards a backend counts as a failure; RFC 3261 16.7
             # step 6 / 16.8: the proxy answers 408 itself.
-            assert work.backend is not None
-            out = self._health(self.balancer.request_failed(
-                work.backend, now=now, reason=f"{tx.request.method} timed out"), now)  # fmt: skip
+            reason = f"{tx.request.method} timed out"
+            out = self.backends.report_failure(work.backend, reason, now)
             return out + self.respond(work.server_tx, 408, "Backend Timeout", (), now)
         return []
 
     def forget(self, tx: ClientTransaction) -> None:
         self._done(tx)
+        self.keepalives.forget(tx)

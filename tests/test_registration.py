@@ -1,4 +1,5 @@
-"""Backend probes and REGISTER relay through the sans-I/O core (fake clock)."""
+"""REGISTERs through the SBC to the backends (the registration proxy) and the backends'
+health probes, through the sans-I/O core (fake clock)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sipdata import sip
 from sbc.core import CoreSettings, SbcCore, SendData
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.registrar import FlowTokens, aor_of
-from sbc.relay import OffloadPolicy
+from sbc.registration import OffloadPolicy
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr
 from sbc.sip.message import Request, Response, make_response
@@ -101,7 +102,7 @@ def test_unanswered_probes_take_a_backend_down_and_register_avoids_it() -> None:
     assert to.remote == ("192.0.2.7", 40000)
 
 
-def test_register_is_relayed_with_path_and_answer_comes_back() -> None:
+def test_register_is_forwarded_with_path_and_answer_comes_back() -> None:
     core = make_core(B1)
     for flow, probe in sent(core.handle_timer(0.0)):
         answer(core, probe, 200, 0.0, flow.remote)
@@ -114,7 +115,7 @@ def test_register_is_relayed_with_path_and_answer_comes_back() -> None:
     [path] = fwd.name_addrs("path")
     assert path.sip_uri is not None and path.sip_uri.lr and path.sip_uri.port == 5080
     assert path.sip_uri.user is not None
-    assert core.backends.tokens.decode(path.sip_uri.user) == CLIENT  # RFC 5626 flow token
+    assert core.registration.tokens.decode(path.sip_uri.user) == CLIENT  # RFC 5626 flow token
     # Registration offload: the backend is asked for the long expiry, spread 3240-3600 s.
     [contact] = fwd.contact
     asked = int(contact.param("expires") or 0)
@@ -134,7 +135,7 @@ def test_register_is_relayed_with_path_and_answer_comes_back() -> None:
     assert isinstance(again, Response) and again.status == 200
 
 
-def test_challenge_is_relayed_unchanged() -> None:
+def test_challenge_is_passed_back_unchanged() -> None:
     core = make_core(B1)
     reg = sip(REGISTER.format(n=2, user="bob"))
     [(_, fwd)] = sent(core.receive_datagram(reg, CLIENT, 0.0))
@@ -237,7 +238,7 @@ def test_unchanged_refresh_is_answered_by_the_sbc() -> None:
         and str(resp.contact[0].uri) == "sip:dave@10.0.0.7:5060"
     )
     assert "service-route" not in resp and resp.get("date")  # core topology stays hidden
-    assert core.backends.stats["register_offloaded"] == 1
+    assert core.registration.stats["register_offloaded"] == 1
 
 
 @pytest.mark.parametrize(
@@ -314,7 +315,7 @@ def test_client_that_stops_refreshing_is_deregistered_at_the_backend() -> None:
         req.contact[0].param("expires") == "0"
         and str(req.contact[0].uri) == "sip:frank@10.0.0.7:5060"
     )
-    assert len(core.backends.registrations) == 0
+    assert len(core.registration.registrations) == 0
 
 
 def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
@@ -355,11 +356,11 @@ def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
     )
     [path] = req.name_addrs("path")
     assert path.sip_uri is not None and path.sip_uri.user is not None
-    assert core.backends.tokens.decode(path.sip_uri.user) == CLIENT
+    assert core.registration.tokens.decode(path.sip_uri.user) == CLIENT
     ok = make_response(req, 200, to_tag="rec")
     ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
     sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, B2), now))
-    [reg] = [r for r in core.backends.registrations if r.aor == f"sip:{user}@example.com"]
+    [reg] = [r for r in core.registration.registrations if r.aor == f"sip:{user}@example.com"]
     assert reg.backend == "sip:127.0.0.1:5071"
 
 
@@ -383,7 +384,7 @@ def test_requests_from_the_backend_reach_the_client_over_its_flow() -> None:
     B2BUA (issue 4) sends it with its own ids, so nothing of the core reaches the client."""
     core = make_core(B1)
     registered(core, "alice", 1, 0.0)
-    route = f"<sip:{core.backends.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
+    route = f"<sip:{core.registration.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
     msg = sip(MESSAGE.format(n=1, route=route, method="MESSAGE"))
     [(flow, fwd)] = sent(core.receive_datagram(msg, Flow("udp", CORE, B1), 1.0))
     assert flow == CLIENT and isinstance(fwd, Request) and fwd.method == "MESSAGE"
@@ -402,7 +403,7 @@ def test_requests_for_a_gone_flow_get_430_and_forged_tokens_404() -> None:
     core = make_core(B1)
     registered(core, "alice", 1, 0.0)
     gone = Flow("udp", ACCESS, ("192.0.2.99", 1234))  # no registration uses it
-    route = f"<sip:{core.backends.tokens.encode(gone)}@127.0.0.1:5080;lr>"
+    route = f"<sip:{core.registration.tokens.encode(gone)}@127.0.0.1:5080;lr>"
     [(_, resp)] = sent(
         core.receive_datagram(
             sip(MESSAGE.format(n=2, route=route, method="MESSAGE")), Flow("udp", CORE, B1), 1.0
@@ -440,10 +441,10 @@ def test_unanswered_register_fails_over_to_the_next_backend() -> None:
     ok.add("Contact", "<sip:gina@10.0.0.7:5060>;expires=3600")
     [(to, resp)] = sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, other), now))
     assert to.remote == CLIENT.remote and isinstance(resp, Response) and resp.status == 200
-    assert core.backends.stats["register_failover"] == 1
+    assert core.registration.stats["register_failover"] == 1
 
 
-def test_relay_never_crashes_on_mutated_traffic() -> None:
+def test_registration_never_crashes_on_mutated_traffic() -> None:
     """Seeded mutations of REGISTERs, backend answers and backend requests, on both sides:
     the core answers, relays or drops, never raises, sends the backends only what its own
     parser reads back, and leaves only its own periodic probes and keep-alives in flight."""
@@ -451,7 +452,7 @@ def test_relay_never_crashes_on_mutated_traffic() -> None:
 
     rng = random.Random(3327)
     core = make_core(B1, B2, failures=2)
-    route = f"<sip:{core.backends.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
+    route = f"<sip:{core.registration.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
     seeds = [
         sip(REGISTER.format(n=1, user="fuzz")),
         sip(MESSAGE.format(n=1, route=route, method="MESSAGE")),
@@ -490,7 +491,7 @@ def test_relay_never_crashes_on_mutated_traffic() -> None:
     core.handle_timer(now + 2000.0)
     # What is left: this round's OPTIONS probes (2 backends) and keep-alives (1 client flow).
     assert len(core.transactions) <= 3
-    assert {type(w).__name__ for w in core.backends._work.values()} <= {"_Probe", "_Keepalive"}
+    assert not core.registration._work  # no REGISTER of its own or a client's left
 
 
 def test_a_tls_backend_is_reached_from_the_core_tls_listener() -> None:
