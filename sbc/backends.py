@@ -79,9 +79,17 @@ class Backends:
         address of its Via and Path towards the backends."""
         return (host, port) in {(h.lower(), p) for h, p in self._sockets.values()}
 
+    def is_listener(self, address: Address) -> bool:
+        """Whether ``address`` is exactly one of our core-side listeners, as the SBC itself
+        writes it (a flow it made towards itself, ``own_core_address``): a set lookup, for
+        every message sent."""
+        return address in self._core_locals
+
     def own_core_address(self, address: Address) -> Address | None:
         """The core-side listener at ``address`` (host compared by value, so an IPv6
         address written another way still matches), or None if it is not this SBC's."""
+        if address in self._core_locals:
+            return address
         host, port = address
         try:
             wanted = ipaddress.ip_address(host)

@@ -577,7 +577,7 @@ class SbcCore:
                 else:
                     data = bytes(msg)
                 assert isinstance(out.dest, Flow)
-                if self.backends.own_core_address(out.dest.remote) is not None:
+                if self.backends.is_listener(out.dest.remote):
                     actions += self._loop_back(data, out.dest, now)
                 else:
                     actions.append(SendData(out.dest, data))
