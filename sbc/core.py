@@ -5,8 +5,11 @@ a flow, ``connection_closed`` when a stream ends and ``handle_timer`` at ``next_
 it executes the returned ``Send`` and ``Close`` actions. Nothing here reads a clock or
 touches a socket.
 
-This first version terminates SIP for the SBC itself: sanity filter, transactions, OPTIONS
-answered by the SBC, and a proper final response for everything it cannot route yet.
+A message goes through the stages of docs/architecture.md in order: the guard, framing,
+the sanity filter, the transport rules (received/rport), the transactions, and the
+transaction user (what the SBC answers itself, REGISTER to the registration proxy,
+everything else to the calls). About 720 lines: the stages and the dispatch of the
+transaction users' events live here until the pipeline is its own module.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ import ipaddress
 
 import pytest
 from sipdata import sip
+from test_registration import sent
 
 from sbc.app import guard_policy
 from sbc.config import ConfigError, parse_config
-from sbc.core import Close, CoreSettings, SbcCore, SendData
+from sbc.core import Close, CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec
 from sbc.features.guard import (
     INVITE,
@@ -25,7 +26,6 @@ from sbc.features.guard import (
 from sbc.sides import ACCESS, CORE
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, Response, make_response
-from sbc.sip.parser import parse_message
 
 SBC_ACCESS = ("127.0.0.1", 5060)
 SBC_CORE = ("127.0.0.1", 5080)
@@ -123,16 +123,6 @@ def register(ip: str, n: int, user: str = "alice", password: str | None = None) 
 
 def invite(ip: str, n: int) -> bytes:
     return sip(INVITE_MSG.format(ip=ip, n=n))
-
-
-def sent(actions: list[object]) -> list[tuple[Flow, Request | Response]]:
-    out = []
-    for a in actions:
-        assert isinstance(a, SendData)
-        msg = parse_message(a.data)
-        assert isinstance(msg, Request | Response)
-        out.append((a.flow, msg))
-    return out
 
 
 def statuses(actions: list[object]) -> list[int]:

@@ -1,5 +1,9 @@
 """The media relay's data plane: sans-I/O, one per worker.
 
+Why one module of about 890 lines: it is the per-packet path (latching, SRTP, RTCP,
+statistics, transcoding hand-off, timeouts); kept together so that the hot loop reads in
+one place and pays no lookups across modules for each packet.
+
 ``RelayEngine`` applies the control messages (``control.Update`` / ``control.Delete``) and
 relays packets: ``receive(port, data, src, now)`` returns ``(local port, bytes, destination)``
 to send, or None. Sockets are the caller's: ``update`` and ``delete`` say which local ports

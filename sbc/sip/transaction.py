@@ -16,6 +16,11 @@ State machines (RFC 3261 figures 5-8, as corrected by RFC 6026 figures 3-4):
 
 A transaction that reaches Terminated is removed from the layer and reported with a
 ``TransactionTerminated`` output so that the TU can drop its references.
+
+Why one module of about 860 lines: the four state machines share their timers, their
+outputs and the layer that matches requests, ACKs, CANCELs and responses to them (RFC 3261
+17.1.3, 17.2.3); a reader checking one against the RFC's figures needs the others and the
+matching beside it. (Writing the transitions as one table per kind is still to do.)
 """
 
 from __future__ import annotations
