@@ -315,10 +315,15 @@ async def serve(
         if workers is not None:
             workers.send(worker, command)
 
-    core = SbcCore(
-        core_settings(config), media=MediaController(media_policy(config, count), to_worker)
+    records: list[str] = []  # call records waiting for the writer (one JSON line each)
+    keep = config.calls.records is not None
+    core = SbcCore(core_settings(config), media=MediaController(media_policy(config, count)))
+    transports = SipTransports(
+        core,
+        client_tls=_client_tls(config.core.tls),
+        to_media=to_worker,
+        to_records=records.append if keep else None,
     )
-    transports = SipTransports(core, client_tls=_client_tls(config.core.tls))
 
     def on_media_event(event: MediaEvent) -> None:
         transports.run_actions(core.media_event(event, loop.time()))
@@ -349,7 +354,7 @@ async def serve(
         admin.listening = True  # /readyz
         log.info("ready", extra={"sbc": config.sbc.name})
         if config.calls.records is not None:
-            writer = asyncio.create_task(_write_records(core, config.calls.records, stop))
+            writer = asyncio.create_task(_write_records(records, config.calls.records, stop))
 
         async def reload() -> None:
             # The status shows a reload once it is over (generation counts finished tries).
@@ -492,10 +497,10 @@ async def _drain(
         await asyncio.sleep(0.05)
 
 
-async def _write_records(core: SbcCore, path: Path, stop: asyncio.Event) -> None:
-    """Append the call records (one JSON line per call) every half second,
-    off the signalling path, and once more when stopping."""
-    records = core.calls.records
+async def _write_records(records: list[str], path: Path, stop: asyncio.Event) -> None:
+    """Append the call records (one JSON line per call, returned by the core as
+    ``CallRecord`` actions) every half second, off the signalling path, and once more when
+    stopping."""
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)

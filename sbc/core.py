@@ -15,11 +15,13 @@ transaction users' events live here until the pipeline is its own module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from sbc import __version__
 from sbc.backends import Backends
@@ -44,6 +46,7 @@ from sbc.features.sanity import (
     check_response,
     fault_label,
 )
+from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
@@ -93,7 +96,45 @@ class Close:
     flow: Flow
 
 
-Action = SendData | Close
+@dataclass(frozen=True, slots=True)
+class ToMediaWorker:
+    """Give ``command`` to media worker ``worker`` (control.py: an update, a delete, a DTMF
+    digit to send), in the order the actions come."""
+
+    worker: int
+    command: MediaCommand
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One ended call's record, a JSON line (docs/calls.md), for the records file."""
+
+    line: str
+
+
+Action = SendData | Close | ToMediaWorker | CallRecord
+
+_Entry = TypeVar("_Entry", bound=Callable[..., list[Action]])
+
+
+def _with_effects(entry: _Entry) -> _Entry:
+    """An entry point of the core returns every effect of what it did: the sends and
+    closes, then the commands for the media workers and the call records that came of it
+    (the media seam and the calls collect them while they work)."""
+
+    @functools.wraps(entry)
+    def wrapper(self: SbcCore, *args: Any, **kwargs: Any) -> list[Action]:
+        actions = entry(self, *args, **kwargs)
+        commands = self.calls.media.take_commands()
+        if commands:
+            actions += [ToMediaWorker(worker, command) for worker, command in commands]
+        records = self.calls.records
+        if records:
+            actions += [CallRecord(line) for line in records]
+            records.clear()
+        return actions
+
+    return cast(_Entry, wrapper)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,11 +242,13 @@ class SbcCore:
     def draining(self) -> bool:
         return self.calls.draining
 
+    @_with_effects
     def end_all_calls(self, now: float) -> list[Action]:
         """The drain deadline: every call still up ends with BYE on both legs."""
         return self._outputs(self.calls.end_all("shutdown", now), now)
 
     # -- input -------------------------------------------------------------------------------
+    @_with_effects
     def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
         if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
@@ -224,6 +267,7 @@ class SbcCore:
         except ParseError as exc:
             return self._parse_failed(exc, flow)
 
+    @_with_effects
     def receive_stream(self, data: bytes, flow: Flow, now: float) -> list[Action]:
         """Octets from a TCP/TLS connection; framing errors close only this connection."""
         if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
@@ -260,6 +304,7 @@ class SbcCore:
             self.guard.connection_gone(flow.remote[0])
         self._activity.pop(flow, None)
 
+    @_with_effects
     def connection_lost(self, flow: Flow, now: float) -> list[Action]:
         """The I/O layer reports a stream connection gone (closed by the peer, reset, or
         closed by us). The SBC cannot open one back to a client behind NAT, so the calls
@@ -267,6 +312,7 @@ class SbcCore:
         self.connection_closed(flow)
         return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
 
+    @_with_effects
     def media_event(self, event: MediaEvent, now: float) -> list[Action]:
         """What a media worker reports: a session without media (its call ends), the
         statistics of a deleted one (into the call record), or a DTMF
@@ -322,6 +368,7 @@ class SbcCore:
             deadlines.append(oldest + self.settings.tcp_idle_timeout)
         return min(deadlines) if deadlines else None
 
+    @_with_effects
     def handle_timer(self, now: float) -> list[Action]:
         actions = self._outputs(self.transactions.handle_timer(now), now)
         actions += self._outputs(self.backends.handle_timer(now), now)

@@ -13,7 +13,7 @@ import json
 from sipdata import sip
 
 from sbc.calls import CallPolicy, PeerRoute
-from sbc.core import CoreSettings, SbcCore, SendData
+from sbc.core import CallRecord, CoreSettings, SbcCore, SendData, ToMediaWorker
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.media.control import Command, Delete, PartyStats, Stats, StreamStats, Timeout, Update
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
@@ -84,7 +84,8 @@ class Lab:
     ) -> None:
         media = media or MEDIA
         self.media_commands: list[tuple[int, Command]] = []
-        self.media: MediaController | None = MediaController(media, self._to_worker)
+        self.media: MediaController | None = MediaController(media)
+        self.records: list[str] = []  # the call records the core returned (CallRecord)
         self.worker_answers = worker_answers  # a Delete is answered with Stats, as a worker does
         self._deleted: list[str] = []
         specs = tuple(
@@ -120,9 +121,13 @@ class Lab:
             self._deleted.append(command.session)
 
     def _sent(self, actions: list[object]) -> list[tuple[Flow, Message]]:
+        actions = self._effects(actions)
         while self._deleted:  # the worker's answer to Delete, after the SBC's turn
             session = self._deleted.pop()
-            assert self.core.media_event(Stats(session=session, streams=()), self.now) == []
+            after = self._effects(
+                self.core.media_event(Stats(session=session, streams=()), self.now)
+            )
+            assert after == [], after
         out = []
         for a in actions:
             assert isinstance(a, SendData)
@@ -131,6 +136,19 @@ class Lab:
             side = "access" if a.flow.local == ACCESS else "core"
             self.seen.append((side, msg)) if hasattr(self, "seen") else None
         return out
+
+    def _effects(self, actions: list[object]) -> list[object]:
+        """The core's actions other than sends: media commands go to the fake worker,
+        call records to ``records``; the sends are returned."""
+        sends = []
+        for a in actions:
+            if isinstance(a, ToMediaWorker):
+                self._to_worker(a.worker, a.command)
+            elif isinstance(a, CallRecord):
+                self.records.append(a.line)
+            else:
+                sends.append(a)
+        return sends
 
     def tick(self, dt: float = 0.01) -> None:
         self.now += dt
@@ -340,7 +358,7 @@ def test_basic_call_both_legs_independent_and_hidden() -> None:
     assert str(bye_a.uri) == "sip:alice@10.0.0.7:5060" and bye_a.call_id == "call1@10.0.0.7"
     assert bye_a.from_ is not None and bye_a.from_.tag == got.to.tag
     assert lab.from_client(make_response(bye_a, 200)) == []  # alice's 200 ends her BYE
-    [record] = [json.loads(r) for r in lab.core.calls.records]
+    [record] = [json.loads(r) for r in lab.records]
     assert record["status"] == 200 and record["cause"] == "BYE from callee"
     assert record["backend"] == "sip:b1" and record["answer"] is not None
     lab.assert_hidden()
@@ -361,7 +379,7 @@ def test_caller_hangs_up_and_2xx_is_retransmitted_until_acked() -> None:
     assert bytes(ack2) == bytes(ack)
     bye = alice_hangs_up(lab, got, 2)
     assert bye.cseq is not None and bye.cseq.seq == 2  # the core leg's own CSeq space
-    assert json.loads(lab.core.calls.records[0])["cause"] == "BYE from caller"
+    assert json.loads(lab.records[0])["cause"] == "BYE from caller"
     lab.assert_hidden()
     lab.assert_clean()
 
@@ -413,7 +431,7 @@ def test_digest_challenge_passes_and_retry_keeps_the_core_call_id() -> None:
     out = lab.from_backend(reply(retry, 486))
     _, busy = only([(f, m) for f, m in out if isinstance(m, Response)], Response)
     assert isinstance(busy, Response) and busy.status == 486
-    assert [json.loads(r)["status"] for r in lab.core.calls.records] == [407, 486]
+    assert [json.loads(r)["status"] for r in lab.records] == [407, 486]
     lab.assert_clean()
 
 
@@ -435,7 +453,7 @@ def test_cancel_before_answer_and_the_200_that_crosses_it() -> None:
     assert all(f.remote == B1 for f, _ in out)
     [bye] = [m for _, m in out if isinstance(m, Request) and m.method == "BYE"]
     lab.from_backend(make_response(bye, 200))
-    record = json.loads(lab.core.calls.records[0])
+    record = json.loads(lab.records[0])
     assert record["cause"] == "487 Request Terminated" and record["answer"] is None
     lab.assert_clean()
 
@@ -688,7 +706,7 @@ def test_invite_fails_over_when_the_backend_is_silent() -> None:
     record_backend = flow.remote
     _, _ack = only(lab.from_client(ack_for(got)), Request)
     alice_hangs_up(lab, got, 2)
-    [record] = [json.loads(r) for r in lab.core.calls.records]
+    [record] = [json.loads(r) for r in lab.records]
     assert record["backend"] == ("sip:b2" if record_backend == b2 else "sip:b1")
     lab.assert_clean()
 
@@ -1107,13 +1125,13 @@ def test_sdp_is_anchored_on_both_legs_and_the_relay_follows_the_call() -> None:
     # The relay's statistics, once the call is over, go into its record.
     alice_hangs_up(lab, got, 3)
     assert (0, Delete(session=call_id)) in lab.media_commands
-    assert lab.core.calls.records == []  # waiting for the worker's statistics
+    assert lab.records == []  # waiting for the worker's statistics
     stats = Stats(
         session=call_id,
         streams=(StreamStats(index=0, a=PartyStats(packets_in=50), b=PartyStats(packets_in=49)),),
     )
-    lab.core.media_event(stats, lab.now)
-    [record] = [json.loads(r) for r in lab.core.calls.records]
+    lab._sent(lab.core.media_event(stats, lab.now))
+    [record] = [json.loads(r) for r in lab.records]
     assert record["media"][0]["caller"]["packets_in"] == 50
     assert record["media"][0]["callee"]["packets_in"] == 49
     lab.assert_hidden()
@@ -1127,7 +1145,7 @@ def test_an_offer_against_the_media_policy_gets_488_and_nothing_reaches_the_core
     assert flow == ALICE and isinstance(resp, Response)
     assert (resp.status, resp.reason) == (488, "SRTP Required")
     assert not [m for f, m in out if f.remote == B1]
-    [record] = [json.loads(r) for r in lab.core.calls.records] or [None]
+    [record] = [json.loads(r) for r in lab.records] or [None]
     assert record is None  # refused before a call existed
     lab.assert_clean()
 
@@ -1140,6 +1158,6 @@ def test_no_media_ends_the_call_with_bye_on_both_legs_and_stats_may_never_come()
     assert sorted(f.remote for f, _ in byes(out)) == sorted([ALICE.remote, B1])
     assert all((m.get("reason") or "").startswith("SIP;cause=408") for _, m in byes(out))
     lab.run_until(lab.now + 3.0)  # no statistics from the worker: written without them
-    [record] = [json.loads(r) for r in lab.core.calls.records]
+    [record] = [json.loads(r) for r in lab.records]
     assert record["cause"] == "media timeout" and record["media"] is None
     lab.assert_clean()

@@ -89,8 +89,14 @@ def policy(
 
 class Harness:
     def __init__(self, pol: MediaPolicy | None = None) -> None:
-        self.sent: list[tuple[int, Command]] = []
-        self.ctl = MediaController(pol or policy(), lambda w, c: self.sent.append((w, c)))
+        self._sent: list[tuple[int, Command]] = []
+        self.ctl = MediaController(pol or policy())
+
+    @property
+    def sent(self) -> list[tuple[int, Command]]:
+        """Every command for the workers so far (what the core would return as actions)."""
+        self._sent += self.ctl.take_commands()
+        return self._sent
 
     def update(self, call: str = "c1") -> Update:
         for _worker, cmd in reversed(self.sent):
@@ -477,7 +483,7 @@ def test_an_opus_call_to_a_pcma_core_through_the_b2bua_and_the_cap() -> None:
     assert (resp.status, resp.reason) == (488, "Transcoding Capacity Reached")
     assert not [m for f, m in out if f.remote == B1]
     alice_hangs_up(lab, got, 2)
-    assert [json.loads(r) for r in lab.core.calls.records]
+    assert [json.loads(r) for r in lab.records]
     lab.assert_clean()
     assert lab.media is not None and lab.media.transcoded_calls == 0
 
@@ -547,7 +553,7 @@ def test_the_call_record_counts_transcoded_streams() -> None:
         lab.from_client(ack_for(got, n=n))
         assert lab.media is not None and lab.media.transcoding().streams == transcoded
         alice_hangs_up(lab, got, 2, n=n)
-    records = [json.loads(r) for r in lab.core.calls.records]
+    records = [json.loads(r) for r in lab.records]
     assert [r["transcoded_streams"] for r in records] == [1, 0]
     assert lab.media is not None and lab.media.transcoding().streams_total == 1
     lab.assert_clean()

@@ -332,9 +332,11 @@ class FuzzLab(Lab):
         super().__init__(request_timeout=4.0, failures=1_000_000)
 
     def _sent(self, actions: list[object]) -> list[tuple[Flow, Message]]:
+        actions = self._effects(actions)
         while self._deleted:  # the media worker's answer to Delete (as Lab does)
             session = self._deleted.pop()
-            assert self.core.media_event(Stats(session=session, streams=()), self.now) == []
+            event = Stats(session=session, streams=())
+            assert self._effects(self.core.media_event(event, self.now)) == []
         out = []
         for a in actions:
             assert isinstance(a, SendData | Close), a
@@ -357,7 +359,8 @@ class FuzzLab(Lab):
                 if pos >= len(data) or Close(ALICE_TCP) in actions:
                     break  # the I/O layer reads nothing more from a connection it closed
             self.core.connection_closed(ALICE_TCP)
-        self._sent(actions)  # type: ignore[arg-type]
+        actions = self._effects(actions)  # type: ignore[arg-type]  # media commands, records
+        self._sent(actions)
         return actions  # type: ignore[return-value]
 
     def state(self) -> dict[str, int]:

@@ -76,8 +76,14 @@ PLAIN_OFFER = sdp(
 
 class Harness:
     def __init__(self, pol: MediaPolicy | None = None) -> None:
-        self.sent: list[tuple[int, Command]] = []
-        self.ctl = MediaController(pol or policy(), lambda w, c: self.sent.append((w, c)))
+        self._sent: list[tuple[int, Command]] = []
+        self.ctl = MediaController(pol or policy())
+
+    @property
+    def sent(self) -> list[tuple[int, Command]]:
+        """Every command for the workers so far (what the core would return as actions)."""
+        self._sent += self.ctl.take_commands()
+        return self._sent
 
     def last_update(self) -> Update:
         _worker, cmd = self.sent[-1]
@@ -323,7 +329,6 @@ def fixture_controller(core_srtp: str) -> MediaController:
             },
             ports=(30000, 30099),
         ),
-        lambda w, c: None,
     )
 
 

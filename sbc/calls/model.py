@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sbc.features.balancer import BackendState
+from sbc.media.control import Command
 from sbc.media.session import TranscodeCounts
 from sbc.sides import Side
 from sbc.sip.dialog import Dialog, without_tag
@@ -66,6 +67,8 @@ class MediaSeam(Protocol):
 
     def transcoding(self) -> TranscodeCounts: ...
 
+    def take_commands(self) -> list[tuple[int, Command]]: ...  # for the media workers
+
 
 class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
@@ -93,6 +96,9 @@ class PassThroughMedia:
 
     def transcoding(self) -> TranscodeCounts:
         return TranscodeCounts()
+
+    def take_commands(self) -> list[tuple[int, Command]]:
+        return []
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

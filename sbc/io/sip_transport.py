@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from sbc.config import ListenUrl
-from sbc.core import Action, Close, SbcCore, SendData
+from sbc.core import Action, Close, SbcCore, SendData, ToMediaWorker
 from sbc.features import peer_tls
+from sbc.media.control import Command as MediaCommand
 from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
@@ -107,8 +108,13 @@ class SipTransports:
         *,
         clock: Callable[[], float] | None = None,
         client_tls: TlsFiles | ssl.SSLContext | None = None,
+        to_media: Callable[[int, MediaCommand], None] | None = None,
+        to_records: Callable[[str], None] | None = None,
     ) -> None:
         self.core = core
+        # Where the core's other actions go: the media workers, the call records file.
+        self._to_media = to_media
+        self._to_records = to_records
         if isinstance(client_tls, ssl.SSLContext):
             client_tls = TlsFiles.fixed("client TLS", client_tls)
         self._client_tls = client_tls  # for the connections the SBC opens over TLS
@@ -255,6 +261,11 @@ class SipTransports:
                 conn = self._conns.get(action.flow.conn_id)
                 if conn is not None:
                     conn.close()
+            elif isinstance(action, ToMediaWorker):
+                if self._to_media is not None:
+                    self._to_media(action.worker, action.command)
+            elif self._to_records is not None:
+                self._to_records(action.line)
         self._arm_timer()
 
     def _send(self, flow: Flow, data: bytes) -> None:

@@ -11,8 +11,9 @@ caller's leg and ``b`` on the callee's. For each party the SBC holds a pair of r
 party's SDP gave, and the SRTP keys of that leg: the party's own a=crypto (what it sends is
 decrypted with it) and a fresh one of the SBC's (what the relay sends it is encrypted with
 it; RFC 4568 6.1: each side's key protects what that side sends). The other leg's key is
-never forwarded. What the workers must do is sent to them as ``control.Update`` through
-``sink``; which worker owns a call follows from the port subrange its ports come from.
+never forwarded. What the workers must do becomes a ``control.Update`` (``Delete``,
+``SendDtmf``) that the core takes (``take_commands``) and returns as an action; which worker
+owns a call follows from the port subrange its ports come from.
 
 Offer/answer (RFC 3264): an offer from one party is rewritten towards the other with the
 SBC's ports, address and keys on that side; the answer comes back rewritten likewise. The
@@ -27,7 +28,6 @@ import dataclasses
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sbc.media import codec_policy
@@ -218,10 +218,12 @@ def _avp(proto: str) -> str:
 class MediaController:
     """The B2BUA's media seam: rewrites SDP, keeps the sessions, drives the workers."""
 
-    def __init__(self, policy: MediaPolicy, sink: Callable[[int, Command], None]) -> None:
+    def __init__(self, policy: MediaPolicy) -> None:
         self.policy = policy
         self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
-        self._sink = sink
+        # Commands for the workers, (worker, command) in order, until the core takes them
+        # (``take_commands``) and returns them with the actions of the call that caused them.
+        self._outbox: list[tuple[int, Command]] = []
         self.sessions: dict[str, MediaSession] = {}
         self.transcoded_calls = 0  # sessions holding a place under max_transcoded_calls
         self.transcoded_streams_total = 0  # streams that were transcoded, since the start
@@ -229,6 +231,11 @@ class MediaController:
     def state_size(self) -> dict[str, int]:
         """For leak checks: all zero when no call is up."""
         return {"media_sessions": len(self.sessions), "media_ports": self.pool.in_use}
+
+    def take_commands(self) -> list[tuple[int, Command]]:
+        """The commands for the workers since the last call, in order."""
+        out, self._outbox = self._outbox, []
+        return out
 
     # -- the seam ----------------------------------------------------------------------------
     def offer(
@@ -332,7 +339,7 @@ class MediaController:
                 if party.port is not None:
                     self.pool.give(session.worker, party.port)
                     party.port = None
-        self._sink(session.worker, Delete(session=call))
+        self._outbox.append((session.worker, Delete(session=call)))
         return True
 
     def transcoded(self, call: str) -> int:
@@ -728,7 +735,7 @@ class MediaController:
                 command = SendDtmf(
                     session=call, index=s.index, party=dst, digit=digit, duration_ms=duration_ms
                 )
-                self._sink(session.worker, command)
+                self._outbox.append((session.worker, command))
                 return True
         return False
 
@@ -741,7 +748,7 @@ class MediaController:
             for s in session.streams
             if s.active and s.a.port is not None and s.b.port is not None
         )  # fmt: skip
-        self._sink(session.worker, Update(session=session.call, streams=streams))
+        self._outbox.append((session.worker, Update(session=session.call, streams=streams)))
 
 
 def _token(name: str) -> str:
