@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Transcoding cost: transcoded calls per core and CPU per call (issue 8), for the codec
+"""Transcoding cost: transcoded calls per core and CPU per call, for the codec
 pairs the SBC transcodes between, through the engine the media workers run
 (``sbc.media.transcode.Transcoder``).
 

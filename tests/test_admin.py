@@ -1,4 +1,4 @@
-"""The admin API (issue 7 item 2): the Prometheus collector reads the core's live state, the
+"""The admin API: the Prometheus collector reads the core's live state, the
 HTTP server answers /metrics, /healthz, /readyz and /status and refuses everything else, and
 ``sbc status`` prints what /status says (or fails in one line when nothing answers)."""
 

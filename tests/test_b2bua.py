@@ -1,4 +1,4 @@
-"""Calls through the B2BUA (issue 4), driven through the sans-I/O core with a fake clock.
+"""Calls through the B2BUA, driven through the sans-I/O core with a fake clock.
 
 The client ("alice", behind NAT at 192.0.2.7) and the backend (B1) are played by the test:
 every message each side receives is parsed and checked, and every test ends with no call,
@@ -63,7 +63,7 @@ def media_policy(access_srtp: str = "optional") -> MediaPolicy:
     )
 
 
-# Every call of these tests is anchored (issue 5), and every test ends with no relay port
+# Every call of these tests is anchored, and every test ends with no relay port
 # or media session left (``assert_clean``).
 MEDIA = media_policy()
 
@@ -171,7 +171,7 @@ class Lab:
         return out
 
     def assert_clean(self) -> None:
-        """Issue 4 item 5: no dialog or transaction state outlives its call."""
+        """No dialog or transaction state outlives its call."""
         self.run_until(self.now + 40.0)
         assert self.core.calls.state_size() == dict.fromkeys(self.core.calls.state_size(), 0)
         if self.media is not None:
@@ -185,8 +185,8 @@ class Lab:
         assert mine == [] and not layer._servers, (mine, layer._servers)
 
     def assert_hidden(self) -> None:
-        """Issue 4 item 4: no header the client received names the core; with the media
-        relay (issue 5) no SDP either."""
+        """No header the client received names the core; with the media
+        relay no SDP either."""
         for side, msg in self.seen:
             if side != "access":
                 continue
@@ -319,7 +319,7 @@ def test_basic_call_both_legs_independent_and_hidden() -> None:
     assert fwd.contact[0].sip_uri is not None and fwd.contact[0].sip_uri.host == CORE[0]
     assert fwd.max_forwards == 69 and f"c=IN IP4 {CORE[0]}".encode() in fwd.body
     assert fwd.get("x-custom") == "kept" and fwd.get("user-agent") == "softphone/1.0"
-    # The backend sees the SBC, not the client's (private) addresses (issue 4 item 4).
+    # The backend sees the SBC, not the client's (private) addresses.
     head = bytes(fwd).decode().partition("\r\n\r\n")[0]
     assert "10.0.0.7" not in head and "192.0.2.7" not in head, head
 
@@ -685,7 +685,7 @@ def test_call_from_the_backend_reaches_the_registered_client_over_its_flow() -> 
 
 
 def test_invite_fails_over_when_the_backend_is_silent() -> None:
-    """Issue 3 item 7 for calls: no answer at all within request_timeout (4 s) from the
+    """No answer at all within request_timeout (4 s) from the
     AOR's backend: the INVITE goes to the next backend, with the same ids."""
     b2 = ("10.1.0.11", 5070)
     lab = Lab(backends=(B1, b2))
@@ -743,7 +743,7 @@ def test_random_call_traffic_never_crashes_and_leaves_nothing_behind() -> None:
     """Seeded random traffic on both sides (new calls, answers with random statuses and
     tags, ACK, BYE, re-INVITE, CANCEL, mutated copies of all of them, time passing): the
     core never raises, and once the calls' limits and timers have run out no call, dialog or
-    transaction state is left (issue 4 item 5)."""
+    transaction state is left."""
     import random
 
     rng = random.Random(3261)
@@ -1024,7 +1024,7 @@ def test_an_ended_call_is_freed_without_the_cyclic_collector() -> None:
 
 
 def test_a_lost_client_connection_ends_its_calls_and_an_active_one_is_not_idle_closed() -> None:
-    """Issue 4 item 5: a TCP client's call; the connection is kept past the idle timeout
+    """A TCP client's call; the connection is kept past the idle timeout
     while the call lives (the SBC cannot open one back to a client behind NAT), and when it
     is lost the other leg gets BYE at once."""
     from sbc.core import Close
@@ -1079,7 +1079,7 @@ def media_lab(access_srtp: str = "optional", *, worker_answers: bool = True) -> 
 
 
 def test_sdp_is_anchored_on_both_legs_and_the_relay_follows_the_call() -> None:
-    """Issue 5 item 1 through the B2BUA: each side's SDP names only the SBC's side; the
+    """Each side's SDP names only the SBC's side; the
     worker gets the session, its changes, and its end."""
     lab = media_lab(worker_answers=False)
     _, fwd = only(lab.from_client(invite()), Request)

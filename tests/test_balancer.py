@@ -1,4 +1,4 @@
-"""Backend balancer (issue 3 items 1, 7 and 8) driven by explicit ``now`` values."""
+"""Backend balancer driven by explicit ``now`` values."""
 
 from __future__ import annotations
 

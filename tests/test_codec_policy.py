@@ -1,4 +1,4 @@
-"""Codec policy and the transcoding cap (issue 8 items 1 and 4): what each leg is offered,
+"""Codec policy and the transcoding cap: what each leg is offered,
 when the SBC transcodes, and what the media workers are told."""
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_events_are_added_at_the_clock_of_the_added_codec_and_mapped() -> None:
 
 
 def test_events_on_one_leg_interwork_with_info() -> None:
-    # Issue 8 item 2: the core answers without telephone-event; the caller keeps its own
+    # The core answers without telephone-event; the caller keeps its own
     # (the relay turns its events into SIP INFO and INFO into events towards it).
     h = Harness()
     h.offer(OPUS_OFFER)

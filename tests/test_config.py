@@ -406,7 +406,7 @@ def test_default_config_file_loads(tmp_path: Path) -> None:
     assert c.access.tls.certificate == tmp_path / "certs" / "server.pem"
     assert c.access.tls.ca == tmp_path / "certs" / "ca.pem"
     assert [str(u) for u in c.core.listen] == ["udp://127.0.0.1:5080"]
-    assert c.core.backends == ()  # no backend: the embedded registrar (issue 3 item 9)
+    assert c.core.backends == ()  # no backend: the embedded registrar
     assert c.media.ports == (20000, 30000)
     assert str(c.admin.listen) == "127.0.0.1:8080"
 
@@ -433,7 +433,7 @@ def test_documentation_lists_every_key() -> None:
     walk(Config, "")
 
 
-# --- backend health, registration offload, NAT (issue 3) ----------------------------------
+# --- backend health, registration offload, NAT ----------------------------------
 
 
 def test_issue3_defaults_and_values() -> None:

@@ -1,4 +1,4 @@
-"""Every example in the docs is checked (issue 7 item 5): each TOML example is a config
+"""Every example in the docs is checked: each TOML example is a config
 the SBC accepts, the `sbc check-config` error example is what the SBC prints, and the
 Prometheus scrape example is valid YAML."""
 

@@ -1,4 +1,4 @@
-"""DTMF interworking (issue 8 item 2): RFC 4733 telephone-events on one leg, SIP INFO
+"""DTMF interworking: RFC 4733 telephone-events on one leg, SIP INFO
 (application/dtmf-relay) on the other. The wire messages, the INFO bodies, the same-codec
 transcoder, detection of events, the relay's own events, the codec policy and the B2BUA."""
 

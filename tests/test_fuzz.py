@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the sans-I/O core (issue 6, "How it is shown": fuzzing).
+"""Property-based fuzzing of the sans-I/O core ("How it is shown": fuzzing).
 
 Valid messages (an INVITE with SDP, a REGISTER, OPTIONS, MESSAGE, requests within an
 established call, a backend's responses, and the RFC 4475 valid set) are mutated in the

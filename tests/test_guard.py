@@ -1,4 +1,4 @@
-"""The front door (issue 6): access lists, flood bans, rate limits, failed-authentication
+"""The front door: access lists, flood bans, rate limits, failed-authentication
 bans, the User-Agent block list, connection limits, overload and the backends' REGISTER
 ceiling; the guard alone and through the sans-I/O core (fake clock)."""
 

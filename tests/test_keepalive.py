@@ -1,4 +1,4 @@
-"""NAT detection, keep-alives to NATed clients and STUN on the SIP port (issue 3 items 4-5)."""
+"""NAT detection, keep-alives to NATed clients and STUN on the SIP port."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded registrar used when no backend is configured (issue 3 item 9, RFC 3261 10.3)."""
+"""The embedded registrar used when no backend is configured (RFC 3261 10.3)."""
 
 from __future__ import annotations
 

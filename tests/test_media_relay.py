@@ -520,7 +520,7 @@ def test_a_party_that_has_not_answered_an_srtp_offer_is_not_relayed() -> None:
 
 
 def test_totals_count_live_and_ended_sessions_and_dropped_streams() -> None:
-    """totals() (the metrics, issue 7): the counters of every party the engine ever had,
+    """totals() (the metrics): the counters of every party the engine ever had,
     those gone with a Delete or with a stream an Update closed included."""
     engine = RelayEngine()
     assert engine.totals() == control.Totals()

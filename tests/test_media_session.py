@@ -1,4 +1,4 @@
-"""Media anchoring (issue 5 items 1, 3, 4, 5): the SDP each party receives names only the
+"""Media anchoring: the SDP each party receives names only the
 SBC, each leg has its own SRTP keys, and the workers are told exactly what to relay."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_srtp_offer_from_a_client_becomes_plain_rtp_to_the_core_and_back() -> No
     h = Harness()
     to_core = h.offer(SRTP_OFFER)
     [m] = to_core.media
-    # Issue 5 item 1: only the SBC's core address and port; no ICE, no a=rtcp naming alice.
+    # Only the SBC's core address and port; no ICE, no a=rtcp naming alice.
     assert to_core.connection == ("IP4", CORE_IP) and m.connection in (None, ("IP4", CORE_IP))
     assert str(to_core.origin).endswith(f"IN IP4 {CORE_IP}")
     assert m.proto == "RTP/AVP" and not m.has("crypto")  # core_srtp = off (interworking)
@@ -250,7 +250,7 @@ def test_rejected_and_added_streams_and_early_answer_changes() -> None:
     early = PLAIN_ANSWER + b"m=video 0 RTP/AVP 96\r\nm=application 0 TCP/BFCP *\r\n"
     h.answer(early)
     assert h.last_update().streams[0].b.remote == ("10.1.0.50", 5000)
-    # 183 from an announcement server, then the callee's 200 from elsewhere (issue 4 item 3).
+    # 183 from an announcement server, then the callee's 200 from elsewhere.
     final = early.replace(b"10.1.0.50", b"10.1.0.77").replace(b"5000", b"6000")
     to_alice = h.answer(final)
     assert h.last_update().streams[0].b.remote == ("10.1.0.77", 6000)

@@ -297,7 +297,7 @@ async def test_ipv6_ports(start: Start) -> None:
 
 
 async def test_dtmf_both_ways_through_a_real_worker(start: Start) -> None:
-    """Issue 8 item 2: A has telephone-event, B not (PCMU both). A's events come back as
+    """A has telephone-event, B not (PCMU both). A's events come back as
     one control.Dtmf; a SendDtmf to A arrives as RFC 4733 packets in A's stream."""
     workers, events = await start()
     pa, pb = free_pairs(2)

@@ -200,7 +200,7 @@ def test_aor() -> None:
 
 
 def test_dead_backend_is_detected_within_interval_times_failures() -> None:
-    """Issue 3 item 7: unanswered probes fail after probe_interval, not after timer F."""
+    """Unanswered probes fail after probe_interval, not after timer F."""
     core = make_core(B1, failures=3)
     down_at = None
     now = 0.0
@@ -275,7 +275,7 @@ def test_refresh_from_another_flow_goes_to_the_backend() -> None:
 
 
 def test_offload_ratio_over_two_hours() -> None:
-    """Issue 3 item 2: client_expires 60, backend_expires 3600: the backend sees at most 1/50."""
+    """Client_expires 60, backend_expires 3600: the backend sees at most 1/50."""
     core = make_core(B1)
     backend_registers = 0
     total = 0
@@ -319,7 +319,7 @@ def test_client_that_stops_refreshing_is_deregistered_at_the_backend() -> None:
 
 
 def test_registrations_of_a_dead_backend_are_recovered_on_another() -> None:
-    """Issue 3 item 7: the SBC re-registers the bindings it cached on the surviving backend."""
+    """The SBC re-registers the bindings it cached on the surviving backend."""
     core = make_core(B1, B2, failures=1)
     for flow, probe in sent(core.handle_timer(0.0)):
         answer(core, probe, 200, 0.0, flow.remote)
@@ -380,8 +380,8 @@ hi"""
 
 
 def test_requests_from_the_backend_reach_the_client_over_its_flow() -> None:
-    """Issue 3 item 6: the Path's flow token routes a request to the client's NAT flow; the
-    B2BUA (issue 4) sends it with its own ids, so nothing of the core reaches the client."""
+    """The Path's flow token routes a request to the client's NAT flow; the
+    B2BUA sends it with its own ids, so nothing of the core reaches the client."""
     core = make_core(B1)
     registered(core, "alice", 1, 0.0)
     route = f"<sip:{core.registration.tokens.encode(CLIENT)}@127.0.0.1:5080;lr>"
@@ -495,7 +495,7 @@ def test_registration_never_crashes_on_mutated_traffic() -> None:
 
 
 def test_a_tls_backend_is_reached_from_the_core_tls_listener() -> None:
-    """Backends over TLS (issue 6 item 1, optional): the flow names the core side's TLS
+    """Backends over TLS (optional): the flow names the core side's TLS
     listener and no connection yet (conn_id 0): the I/O layer connects with the client TLS
     context ([core.tls]: CA-verified, our certificate presented)."""
     spec = BackendSpec(name="sips:b1", host=B1[0], port=5061, transport="tls")

@@ -1,4 +1,4 @@
-"""Transcoded streams in the relay engine (issue 8): packets go through the transcoder
+"""Transcoded streams in the relay engine: packets go through the transcoder
 towards the peer (SRTP on either leg as on any other stream), extra packets of re-framing
 wait in ``pending``, the parties' RTCP is terminated and the relay sends its own sender
 reports. The transcoder itself: tests/test_transcode.py."""

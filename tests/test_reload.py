@@ -1,4 +1,4 @@
-"""Reload and drain in the sans-I/O core (issue 7 item 3): a reloaded config changes
+"""Reload and drain in the sans-I/O core: a reloaded config changes
 backends, limits and lists without dropping calls, registrations or bans; a drain refuses
 new calls and ends the rest with BYE. The real process: tests/interop/test_reload.py."""
 

@@ -1,4 +1,4 @@
-"""The sanity filter of issue 6 item 2, fault by fault, on the datagram and the stream path
+"""The sanity filter (docs/security.md), fault by fault, on the datagram and the stream path
 of a core with a backend; and the RFC 4475 invalid set against that core.
 
 Every malformed request is answered with the status and a reason phrase naming the fault,

@@ -1,4 +1,4 @@
-"""Issue 6 items 1 and 3, the TLS side: peer certificate names (sans-I/O), SIPS on every hop
+"""The TLS side of the front door: peer certificate names (sans-I/O), SIPS on every hop
 (RFC 5630), the core's per-source connection count, and the asyncio edge in-process: per-
 source connection and handshake limits acting before the handshake, mutual TLS with peer
 SBCs, certificate reload, and the event loop's lateness reported as overload."""

@@ -1,4 +1,4 @@
-"""The transcoding engine (issue 8): sbc/media/codecs.py and sbc/media/transcode.py."""
+"""The transcoding engine: sbc/media/codecs.py and sbc/media/transcode.py."""
 
 from __future__ import annotations
 

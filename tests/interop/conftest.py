@@ -615,7 +615,7 @@ def sipp(tmp_path: Path, certs: Certs) -> SippRunner:
 
 
 # =========================================================================================
-# Kamailio registrars (issue 3: registration offload and backend failover; issue 7: the lab)
+# Kamailio registrars (registration offload and backend failover; the lab)
 #
 # Real Kamailio 5.6 instances on free loopback ports, all running docker/kamailio/kamailio.cfg
 # (the same file the docker-compose lab mounts). Each instance has its own run dir (-Y), pid

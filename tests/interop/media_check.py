@@ -1,4 +1,4 @@
-"""Checks on real audio and real packets for the media relay's interop tests (issue 5).
+"""Checks on real audio and real packets for the media relay's interop tests.
 
 - Tones: ``make_tone()`` writes a sine WAV with sox (8 kHz, mono, 16-bit: what G.711 carries).
 - What a softphone heard: ``band_energy_ratio()`` (sox: the energy left after a band-pass

@@ -414,7 +414,7 @@ def captures() -> Iterator[list[mc.Capture]]:
 # -- call records ---------------------------------------------------------------------------
 def media_records(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The ``count`` call records, waited for; each must carry the relay's statistics with
-    packets in and out for both parties of every stream (issue 5 item 7). The SBC writes a
+    packets in and out for both parties of every stream. The SBC writes a
     record without them if they do not arrive within 2 s of the call's end: that is a bug."""
     deadline = time.monotonic() + timeout
     lines: list[dict[str, Any]] = []

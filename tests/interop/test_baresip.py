@@ -1,4 +1,4 @@
-"""A real softphone (baresip 1.0) registers through the real SBC to a real Kamailio (issue 3).
+"""A real softphone (baresip 1.0) registers through the real SBC to a real Kamailio.
 
 baresip runs as a subprocess with its own config dir (``-f``), no audio device (the ``aufile``
 source/player on /dev/null, no audio driver module loaded), a bounded life (``-t``) and the
@@ -452,7 +452,7 @@ REFRESH_REGINT = 4
 def test_baresip_refreshes_are_offloaded(
     kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory, baresip: BaresipFactory
 ) -> None:
-    """Issue 3 item 2 with a real client: baresip asks for a short expiry and refreshes on its
+    """Baresip asks for a short expiry and refreshes on its
     own; the SBC answers the unchanged refreshes itself, so Kamailio sees only the first
     REGISTER (and the final de-REGISTER)."""
     (registrar,) = kamailio_registrars(1)

@@ -1,4 +1,4 @@
-"""Two real softphones call each other through the real SBC and a real Kamailio (issue 4).
+"""Two real softphones call each other through the real SBC and a real Kamailio.
 
 alice and bob are baresip 1.0 processes (see test_baresip.py for how they are driven), each
 registered through the SBC to one Kamailio. alice dials bob: her INVITE reaches the SBC's
@@ -72,9 +72,9 @@ def test_baresip_alice_calls_bob_through_the_sbc(
     backend: bool,
 ) -> None:
     """With a password, Kamailio challenges (401 to REGISTER, 407 to INVITE) and the
-    credentials pass through the SBC unchanged (issue 4 item 1). Without a backend the SBC
-    is the registrar and the call is one B2BUA call between two access legs (issue 3 item
-    9: two softphones call each other with nothing else installed)."""
+    credentials pass through the SBC unchanged. Without a backend the SBC
+    is the registrar and the call is one B2BUA call between two access legs (two
+    softphones call each other with nothing else installed)."""
     registrar = kamailio_registrars(1, auth_password=password)[0] if backend else None
     records = tmp_path / "calls.jsonl"
     backends = _backends(registrar.uri) if registrar is not None else ""
@@ -109,7 +109,7 @@ def test_baresip_alice_calls_bob_through_the_sbc(
     assert _header(invite_sent, "Call-ID") != _header(invite_got, "Call-ID")
     alice_tag = re.search(r"tag=([^;>\s]+)", _header(invite_sent, "From"))
     assert alice_tag and alice_tag.group(1) not in invite_got
-    # Nothing of the core in any header either phone received (issue 4 item 4).
+    # Nothing of the core in any header either phone received.
     core_port = sbc.extra_ports["core"]
     kam_port = registrar.port if registrar is not None else core_port
     for phone in (alice, bob):

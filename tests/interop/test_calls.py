@@ -1,4 +1,4 @@
-"""Calls through the real SBC and a real Kamailio, between SIPp user agents (issue 4).
+"""Calls through the real SBC and a real Kamailio, between SIPp user agents.
 
 alice is a SIPp UAC sending to the SBC's access side; bob is a SIPp UAS. bob's REGISTER goes
 through the SBC to Kamailio from the UDP port the UAS then listens on, so the SBC sends
@@ -10,7 +10,7 @@ Each side's SIPp scenario (scenarios/call_*.xml) fails on any message it does no
 each side's message log (``-trace_msg``) is then parsed to check what crossed: bob never
 sees alice's Call-ID or tags, and neither side sees anything of the core (Kamailio's port,
 the SBC's core port) in a header, and every SDP names only the SBC's relay ports (topology
-hiding, issue 4 item 4; media anchoring, issue 5 item 1). At the end of each test the SBC holds no call: every call it
+hiding; media anchoring). At the end of each test the SBC holds no call: every call it
 started is logged as ended, and its call records say how.
 """
 
@@ -417,9 +417,9 @@ def sdp_port(message: Message) -> int:
 
 
 def assert_hidden(lab: Lab, caller: list[Message], callee: list[Message]) -> None:
-    """Topology hiding (issue 4 item 4): bob never sees alice's Call-ID or tags, nor alice
+    """Topology hiding: bob never sees alice's Call-ID or tags, nor alice
     bob's; neither sees Kamailio or the SBC's core side in any header; every SDP either
-    receives has its m= ports in the SBC's relay range (issue 5 item 1)."""
+    receives has its m= ports in the SBC's relay range."""
     core = [f"{HOST}:{lab.registrar.port}", f"{HOST}:{lab.sbc.extra_ports['core']}"]
     core_ports = [f":{lab.registrar.port}", f":{lab.sbc.extra_ports['core']}"]
     for own, other in ((caller, callee), (callee, caller)):
@@ -479,7 +479,7 @@ def test_basic_call(lab: Lab) -> None:
     assert invite.header("From").startswith('"Alice" <sip:alice@example.com>')
     assert invite.header("To") == "<sip:bob@example.com>"
     assert int(invite.header("Max-Forwards")) < 70  # decremented, loops stay detectable
-    # The SDP is anchored both ways (issue 5 item 1): each side sees the SBC's relay port
+    # The SDP is anchored both ways: each side sees the SBC's relay port
     # and origin, with the other side's codecs.
     offer = sent(a_msgs)[0]
     answer = next(m for m in sent(b_msgs) if m.status == 200)
@@ -501,7 +501,7 @@ def test_basic_call(lab: Lab) -> None:
     assert len(records) == 2, records
     assert [r["status"] for r in records] == [200, 200], records
     lab.assert_no_calls_left()
-    # Issue 7 item 2: the metrics of the running SBC show this test's registration (bob's,
+    # The metrics of the running SBC show this test's registration (bob's,
     # relayed to Kamailio) and its two calls (alice -> Kamailio, Kamailio -> bob), ended.
     metrics = scrape(lab.sbc)
     assert metrics[("sbc_registrations", (("mode", "relayed"),))] == 1, metrics
@@ -742,7 +742,7 @@ MEDIA_TIMEOUT = 3.0
 
 
 def test_media_timeout_ends_a_silent_call(lab_factory: LabFactory) -> None:
-    """Issue 5 item 6: the SIPp calls send no RTP, so with [media] timeout = 3 s the relay
+    """The SIPp calls send no RTP, so with [media] timeout = 3 s the relay
     reports the call silent and the SBC ends it with BYE on both sides (Reason: cause 408,
     "media timeout"), about 3 s after the answer (the workers look once a second)."""
     lab = lab_factory(media=f"timeout = {MEDIA_TIMEOUT:g}")

@@ -1,6 +1,6 @@
 """The Kamailio registrar harness against real Kamailio 5.6, with no SBC in between.
 
-Issue 3 shows registration offload and backend failover with two real Kamailio registrars;
+The SBC is shown to offload registrations and fail over between two real Kamailio registrars;
 these tests prove the backends themselves first: docker/kamailio/kamailio.cfg registers,
 stores Path, routes a request for a user along its Path, answers the health probe, restarts
 on the same ports, and two instances keep separate bindings; and the fixture reads them back

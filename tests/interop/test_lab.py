@@ -1,4 +1,4 @@
-"""`make lab` in CI (issue 7): the lab driver (tests/interop/lab.py) run as `make lab` runs it,
+"""`make lab` in CI: the lab driver (tests/interop/lab.py) run as `make lab` runs it,
 its report checked; and stopped half-way, it leaves nothing behind."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The interop matrix (issue 7 item 4): real softphones through a real ``sbc run``.
+"""The interop matrix: real softphones through a real ``sbc run``.
 
 Each case is one call: {baresip -> baresip, linphonec -> baresip} x {UDP, TLS} x {SRTP,
 plain RTP}. The SBC is its own registrar (no backend: one B2BUA call between two access

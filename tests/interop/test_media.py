@@ -1,4 +1,4 @@
-"""Real softphones talk through the SBC's media relay (issue 5, "How it is shown").
+"""Real softphones talk through the SBC's media relay ("How it is shown").
 
 alice and bob are baresip 1.0 processes (driven over ctrl_tcp, as in test_baresip.py), each
 playing a tone of its own from a WAV made by sox (``aufile``: alice 1 kHz, bob 1.5 kHz) and

@@ -1,4 +1,4 @@
-"""TLS against the real ``sbc run`` (issue 6 items 1 and 3): mutual TLS with a peer SBC,
+"""TLS against the real ``sbc run``: mutual TLS with a peer SBC,
 per-source connection and handshake limits that act before the handshake, and the
 certificate reloaded without a restart.
 

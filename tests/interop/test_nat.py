@@ -1,4 +1,4 @@
-"""A client behind a real kernel NAT registers through the SBC (issue 3, items 4-5), and is
+"""A client behind a real kernel NAT registers through the SBC (items 4-5), and is
 called over the NAT mapping of its REGISTER.
 
 Three network namespaces (tests/interop/netns.py): ``lan`` holds the client
@@ -136,7 +136,7 @@ def test_nat_binding_expires_without_keepalives(nat_lab: NatLabFactory) -> None:
 
 
 def test_keepalives_keep_the_nat_binding_open(nat_lab: NatLabFactory) -> None:
-    """Issue 3 item 5: the SBC's OPTIONS keep-alives keep the NAT mapping past its UDP timeout,
+    """The SBC's OPTIONS keep-alives keep the NAT mapping past its UDP timeout,
     so the client stays reachable from the SBC's address and port."""
     lab = nat_lab(udp_timeout=UDP_TIMEOUT, extra="\n[nat]\nkeepalive_interval = 2.0\n")
     client = lab.client()
@@ -214,7 +214,7 @@ def finish_caller(proc: subprocess.Popen[str], workdir: Path) -> tuple[int, str,
 def test_incoming_call_reaches_the_client_behind_nat(
     nat_lab: NatLabFactory, tmp_path: Path
 ) -> None:
-    """Issue 3: a call from the core side reaches a client behind the kernel NAT over the
+    """A call from the core side reaches a client behind the kernel NAT over the
     mapping its REGISTER opened (SBC -> Kamailio -> SBC -> NAT -> client); the client
     answers, ACK and BYE cross the same way, and the client sees nothing of the core."""
     records = tmp_path / "calls.jsonl"

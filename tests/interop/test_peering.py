@@ -1,4 +1,4 @@
-"""SBC-to-SBC peering over TLS between two real SBCs (issue 4 item 1).
+"""SBC-to-SBC peering over TLS between two real SBCs.
 
 SBC "home" has a ``[[peers]]`` entry for partner.example pointing at SBC "partner"'s core TLS
 port; "partner" runs without backends, so its embedded registrar holds bob, a SIPp UAS.

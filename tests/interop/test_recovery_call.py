@@ -1,4 +1,4 @@
-"""A call to a user whose backend died, after the SBC recovered his registration (issue 3).
+"""A call to a user whose backend died, after the SBC recovered his registration.
 
 Two real Kamailio registrars behind the real SBC. bob (a SIPp UAS) registers through the
 SBC with test_calls.py's port trick and lands on the backend his AOR hashes to, X. X is

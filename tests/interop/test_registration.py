@@ -1,4 +1,4 @@
-"""Registration through the real SBC to two real Kamailio registrars (issue 3).
+"""Registration through the real SBC to two real Kamailio registrars.
 
 SIPp registers users through ``sbc run``; the SBC spreads them over the backends by a hash
 of the AOR, adds a Path with a flow token, tells clients a short expiry and the backends a
@@ -121,7 +121,7 @@ def wait_for_log(sbc: object, text: str, seconds: float) -> None:
 def test_message_from_the_backend_reaches_the_registered_client(
     kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory
 ) -> None:
-    """Issue 3 item 6: Kamailio routes by the stored Path; the SBC sends over the client's flow."""
+    """Kamailio routes by the stored Path; the SBC sends over the client's flow."""
     (registrar,) = kamailio_registrars(1)
     sbc = sbc_factory(extra=backends_config(registrar.uri))
     with sipwire.udp_socket(sbc.host4) as client, sipwire.udp_socket(sbc.host4) as sender:

@@ -1,4 +1,4 @@
-"""Reload and shutdown of the real ``sbc run`` (issue 7 item 3), with Kamailio behind it and
+"""Reload and shutdown of the real ``sbc run``, with Kamailio behind it and
 SIPp user agents (a call alice -> bob crosses the SBC twice, so it is 2 calls to the SBC): a call in progress survives a good reload and a broken one; a backend added
 by a reload takes traffic; SIGTERM drains: new calls get 503, the call in progress goes on
 until [calls] drain_timeout, then both legs get BYE and the process exits 0."""

@@ -1,4 +1,4 @@
-"""The SBC as the provider's front door, attacked for real (issue 6 items 3, 4 and 6).
+"""The SBC as the provider's front door, attacked for real.
 
 A real Kamailio registrar is the backend (with digest authentication where the attack is a
 password guess); the attackers and the honest clients are real programs on loopback

@@ -1,6 +1,6 @@
 """SIPp against the real ``sbc run``: OPTIONS on every transport, malformed then valid.
 
-Issue 2, "How it is shown": OPTIONS over UDP, TCP and TLS, and a SIPp scenario that sends a
+OPTIONS over UDP, TCP and TLS, and a SIPp scenario that sends a
 malformed message and then a valid one and expects 400 then 200.
 """
 

@@ -1,4 +1,4 @@
-"""Transcoding through the real SBC (issue 8, "How it is shown"): alice is a baresip that
+"""Transcoding through the real SBC ("How it is shown"): alice is a baresip that
 can only do Opus (or G.722), the core takes only G.711 A-law (``[media] core_codecs =
 ["PCMA"]``), bob is a baresip that can only do PCMA. alice -> SBC -> Kamailio -> SBC -> bob:
 the SBC offers the core PCMA, transcodes alice's leg between her codec and PCMA in the
