@@ -170,7 +170,7 @@ class Routing:
             else:
                 parsed = parse_uri(leg.dialog.remote_target)
                 uri = parsed if isinstance(parsed, SipUri) else None
-        except ParseError:
+        except (ParseError, ValueError):  # not a SIP URI we can read: the leg's flow
             return flow, None
         if uri is None:
             return flow, None
