@@ -186,4 +186,3 @@ def test_a_record_routed_dialog_uses_the_route_set_and_no_preloaded_route() -> N
     [bye] = requests_to(lab.from_client(in_dialog("BYE", got, 2)), FROM_B1)
     lab.from_backend(make_response(bye, 200))
     lab.assert_clean()
-
