@@ -160,10 +160,10 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
             refusal = self._admit(flow)
             if refusal is not None:
                 self.stats["calls_refused"] += 1
-                return self._answer(tx, refusal.status, refusal.reason, refusal.headers, now)
+                return self._respond(tx, refusal.status, refusal.reason, refusal.headers, now)
         frm, to, cseq, call_id = req.from_, req.to, req.cseq, req.call_id
         if frm is None or to is None or cseq is None or call_id is None:
-            return self._answer(tx, 400, "Missing Dialog Headers", (), now)
+            return self._respond(tx, 400, "Missing Dialog Headers", (), now)
         call = Call(
             call_id=secrets.token_hex(8), method=method, a_flow=flow, a_side=a_side, a_tx=tx,
             a_request=req, target=target, now=now,
@@ -201,7 +201,7 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         except MediaRefused as exc:
             self.media.release(call.id)
             self.stats["calls_refused_media"] += 1
-            return self._answer(tx, 488, str(exc), (), now)  # RFC 3261 21.4.26
+            return self._respond(tx, 488, str(exc), (), now)  # RFC 3261 21.4.26
         b_tx, out = self.transactions.send_request(
             fwd, dest=target.flow, reliable=target.flow.reliable, now=now
         )
@@ -482,13 +482,13 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
                 )
             if call.a_tx is not None and not call.cancelled and call.state != "ended":
                 reason = "Backend Timeout" if call.target.side == CORE else "Client Timeout"
-                out += self._answer(call.a_tx, 408, reason, (), now)
+                out += self._respond(call.a_tx, 408, reason, (), now)
             if call.state != "ended":
                 self._finish(call, "timeout", now)
             return out
         if isinstance(work, _Mapped) and not work.final:
             call = work.origin.call
-            out = self._answer(work.tx, 408, "Request Timeout", (), now)
+            out = self._respond(work.tx, 408, "Request Timeout", (), now)
             if work.method == "INVITE":
                 work.dest.invite_out = None
                 work.origin.invite_in = None
@@ -506,13 +506,3 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
 
     def server_gone(self, tx: ServerTransaction) -> None:
         self._server.pop(tx, None)
-
-    def _answer(
-        self,
-        tx: ServerTransaction,
-        status: int,
-        reason: str | None,
-        headers: tuple[tuple[str, str], ...],
-        now: float,
-    ) -> list[Output]:
-        return self._respond(tx, status, reason, headers, now)

@@ -57,17 +57,17 @@ class Dialogs:
     ) -> list[Output]:
         key, cseq = self._dialog_key(req), req.cseq
         if key is None or cseq is None:
-            return self._answer(tx, 400, "Missing Dialog Headers", (), now)
+            return self._respond(tx, 400, "Missing Dialog Headers", (), now)
         leg = self._dialogs.get(key)
         if leg is None and req.method == "NOTIFY":
             leg = self._notify_fork(req, *key)
         if leg is None or leg.call.state == "ended" or leg.peer is None:
             # RFC 3261 12.2.2: no such dialog.
-            return self._answer(tx, 481, None, (), now)
+            return self._respond(tx, 481, None, (), now)
         call = leg.call
         method = req.method
         if not leg.dialog.accept_remote_cseq(cseq.seq):
-            return self._answer(tx, 500, "CSeq Out of Order", (), now)  # RFC 3261 12.2.2
+            return self._respond(tx, 500, "CSeq Out of Order", (), now)  # RFC 3261 12.2.2
         peer = leg.peer
         if method == "BYE":
             return self._bye(tx, req, leg, now)
@@ -77,17 +77,17 @@ class Dialogs:
             digit = dtmf.parse(req.content_type, req.body)
             if digit is not None and self.media.dtmf_info(call.id, leg.caller, *digit):
                 self.stats["dtmf_info_to_rtp"] += 1
-                return self._answer(tx, 200, None, (), now)
+                return self._respond(tx, 200, None, (), now)
         if method == "INVITE":
             if leg.invite_out is not None or peer.invite_in is not None:
-                return self._answer(tx, 491, None, (), now)  # RFC 3261 14.2: glare
+                return self._respond(tx, 491, None, (), now)  # RFC 3261 14.2: glare
             if leg.invite_in is not None or leg.retransmit is not None:
                 retry = (("Retry-After", str(secrets.randbelow(10) + 1)),)
-                return self._answer(tx, 500, "Previous INVITE Pending", retry, now)  # 14.2
+                return self._respond(tx, 500, "Previous INVITE Pending", retry, now)  # 14.2
             leg.dialog.refresh_target(req)
         if method == "UPDATE":
             if leg.update_out is not None or peer.update_out is not None:
-                return self._answer(tx, 491, None, (), now)  # RFC 3311 5.2: glare
+                return self._respond(tx, 491, None, (), now)  # RFC 3311 5.2: glare
             leg.dialog.refresh_target(req)
         fwd, dest = self._within(peer, method)
         mf = req.max_forwards
@@ -97,13 +97,13 @@ class Dialogs:
         if method == "PRACK":
             rack = _mapped_rack(req.get("rack"), peer.invite_cseq)
             if rack is None:
-                return self._answer(tx, 400, "Bad RAck", (), now)
+                return self._respond(tx, 400, "Bad RAck", (), now)
             fwd.add("RAck", rack)  # RFC 3262 7.2, the CSeq number of this leg's INVITE
         self._copy_headers(req, fwd, peer.side)
         try:
             self._copy_body(call, req, fwd, peer.caller)
         except MediaRefused as exc:
-            return self._answer(tx, 488, str(exc), (), now)  # the call goes on as it was
+            return self._respond(tx, 488, str(exc), (), now)  # the call goes on as it was
         seq = fwd.cseq.seq if fwd.cseq is not None else 0
         ctx, out = self.transactions.send_request(fwd, dest=dest, reliable=dest.reliable, now=now)
         self._work[ctx] = _Mapped(tx, leg, peer, method, seq)
@@ -147,7 +147,7 @@ class Dialogs:
         assert peer is not None
         if call.confirmed is None:
             # A BYE on an early dialog (RFC 3261 15): the caller gives up, or the callee does.
-            out = self._answer(tx, 200, None, (), now)
+            out = self._respond(tx, 200, None, (), now)
             if call.forks.get(leg.dialog.remote_tag) is not leg:  # the caller's leg
                 out += self._abandon(call, 487, "Request Terminated", now)
             else:
@@ -158,7 +158,7 @@ class Dialogs:
         # far end that may be gone (and a proxy in between, with a 5 s timer of its own, does
         # not turn a slow far end into a 408).
         call.cause = "BYE from " + ("caller" if leg is call.confirmed[0] else "callee")
-        out = self._answer(tx, 200, None, (), now)
+        out = self._respond(tx, 200, None, (), now)
         if peer.ack_pending is not None:
             out += self._send_ack(peer, peer.ack_pending, None)  # RFC 3261 15: ACK, then BYE
         fwd, dest = self._within(peer, "BYE")
@@ -215,7 +215,7 @@ class Dialogs:
         owner = self._server.pop(target, None)
         if isinstance(owner, Leg):
             # A re-INVITE: answered 487; the CANCEL goes to the re-INVITE we sent.
-            out = self._answer(target, 487, None, (), now)
+            out = self._respond(target, 487, None, (), now)
             peer = owner.peer
             ctx = peer.invite_out if peer is not None else None
             owner.invite_in = None
@@ -229,7 +229,7 @@ class Dialogs:
                 out += sent
             return out
         if owner is None:
-            return self._answer(target, 487, None, (), now)
+            return self._respond(target, 487, None, (), now)
         self.stats["calls_cancelled"] += 1
         return self._abandon(owner, 487, "Request Terminated", now)
 

@@ -37,7 +37,7 @@ class Teardown:
         call.cancelled = True
         call.status = call.status or status  # what the caller was answered (records)
         if call.a_tx is not None:
-            out += self._answer(call.a_tx, status, reason, (), now)
+            out += self._respond(call.a_tx, status, reason, (), now)
             self._server.pop(call.a_tx, None)
             call.a_tx = None
         if cancel:

@@ -110,7 +110,7 @@ class CallTimers:
                 continue
             work = self._work.pop(tx, None)
             if isinstance(work, _Mapped) and not work.final:
-                out += self._answer(work.tx, 487, None, (), now)
+                out += self._respond(work.tx, 487, None, (), now)
             out += self.transactions.terminate(tx)
             self.stats["invite_abandoned"] += 1
         self._dismantle(call)
@@ -145,7 +145,7 @@ class CallTimers:
         flow = self.backends.flow_to(nxt) if nxt is not None else None
         if nxt is None or flow is None:
             if call.a_tx is not None:
-                out += self._answer(call.a_tx, 503, "No Backend Available", _RETRY, now)
+                out += self._respond(call.a_tx, 503, "No Backend Available", _RETRY, now)
             self._finish(call, "no backend answered", now)
             return out
         fwd = b_request.copy()

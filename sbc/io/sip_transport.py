@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sbc.config import ListenUrl
-from sbc.core import Action, Close, SbcCore, SendData, ToMediaWorker
+from sbc.core import Action, CallRecord, Close, SbcCore, SendData, ToMediaWorker
 from sbc.features import peer_tls
 from sbc.media.control import Command as MediaCommand
 from sbc.sip.flow import Address, Flow, format_address
@@ -264,7 +264,7 @@ class SipTransports:
             elif isinstance(action, ToMediaWorker):
                 if self._to_media is not None:
                     self._to_media(action.worker, action.command)
-            elif self._to_records is not None:
+            elif isinstance(action, CallRecord) and self._to_records is not None:
                 self._to_records(action.line)
         self._arm_timer()
 

@@ -412,18 +412,23 @@ def captures() -> Iterator[list[mc.Capture]]:
 
 
 # -- call records ---------------------------------------------------------------------------
+def read_records(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The SBC's call records in ``path`` once there are ``count`` (or what there is after
+    ``timeout``: the records are written every half second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if len(lines) >= count or time.monotonic() >= deadline:
+            return lines
+        time.sleep(0.1)
+
+
 def media_records(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The ``count`` call records, waited for; each must carry the relay's statistics with
     packets in and out for both parties of every stream. The SBC writes a
     record without them if they do not arrive within 2 s of the call's end: that is a bug."""
-    deadline = time.monotonic() + timeout
-    lines: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        text = path.read_text() if path.exists() else ""
-        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if len(lines) >= count:
-            break
-        time.sleep(0.1)
+    lines = read_records(path, count, timeout)
     assert len(lines) == count, lines
     for record in lines:
         assert record["status"] == 200, record

@@ -35,6 +35,7 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     assert_heard,
     body,
     phones,
+    read_records,
     sox,
     srtp_suite,
     talk,
@@ -95,6 +96,7 @@ class Call:
     sbc: SbcProcess
     alice: MediaPhone
     bob: MediaPhone
+    records: Path  # the SBC's call records file
 
 
 @pytest.fixture
@@ -109,7 +111,8 @@ def start_call(
     it if the case says so, and alice and bob registered with the case's codecs."""
 
     def start(case: Case) -> Call:
-        extra = f'\n[calls]\nrecords = "{tmp_path / "calls.jsonl"}"\n'
+        records = tmp_path / "calls.jsonl"
+        extra = f'\n[calls]\nrecords = "{records}"\n'
         if case.backend:
             (registrar,) = kamailio_registrars(1)
             extra += _backends(registrar.uri)
@@ -127,7 +130,7 @@ def start_call(
         line = account("alice", proxy, transport, srtp=case.secure)
         alice.command("uanew", f"{line};audio_codecs={codecs}")
         alice.wait_event("REGISTER_OK")
-        return Call(sbc, alice, bob)
+        return Call(sbc, alice, bob, records)
 
     return start
 
@@ -139,19 +142,6 @@ def transcoded(sbc: SbcProcess) -> tuple[float, float]:
         metrics[("sbc_transcoded_streams_total", ())],
         metrics[("sbc_transcoding_streams", ())],
     )
-
-
-def records(sbc: SbcProcess, count: int, timeout: float = 5.0) -> list[dict[str, object]]:
-    import json
-
-    path = Path(re.search(r'records = "([^"]+)"', sbc.config.read_text())[1])  # type: ignore[index]
-    deadline = time.monotonic() + timeout
-    while True:
-        text = path.read_text() if path.exists() else ""
-        found = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -178,7 +168,7 @@ def test_the_sbc_transcodes_for_a_callee_without_the_callers_codec(
     # One stream was transcoded (the caller's leg), and the records say so.
     assert transcoded(call.sbc) == (1, 0)
     legs = 2 if case.backend else 1
-    found = records(call.sbc, legs)
+    found = read_records(call.records, legs)
     assert sorted(r["transcoded_streams"] for r in found) == [0] * (legs - 1) + [1], found
 
 
@@ -232,7 +222,7 @@ def test_a_shared_codec_is_not_transcoded(
     assert_heard(sox, call.alice, BOB_HZ)
     assert_heard(sox, call.bob, ALICE_HZ)
     assert transcoded(call.sbc) == (0, 0)
-    assert [r["transcoded_streams"] for r in records(call.sbc, 2)] == [0, 0]
+    assert [r["transcoded_streams"] for r in read_records(call.records, 2)] == [0, 0]
 
 
 @pytest.mark.parametrize("backend", [False, True], ids=["embedded", "kamailio"])
