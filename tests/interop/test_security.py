@@ -679,7 +679,7 @@ def test_flood_is_banned_and_honest_clients_keep_working(
         calls=HONEST_CALLS, rate=HONEST_RATE, timeout=40, extra=("-inf", str(users)),
     )  # fmt: skip
     calling = fleet.start(
-        "alice", "call_basic_uac.xml", HONEST, remote=(sbc.host4, sbc.udp4),
+        "alice", "call_honest_uac.xml", HONEST, remote=(sbc.host4, sbc.udp4),
         calls=HONEST_CALLS, rate=HONEST_RATE, timeout=40, extra=("-s", "bob"),
     )  # fmt: skip
     time.sleep(1.0)  # part of the scenario: the flood starts with the honest load under way
