@@ -317,7 +317,12 @@ async def serve(
 
     records: list[str] = []  # call records waiting for the writer (one JSON line each)
     keep = config.calls.records is not None
-    core = SbcCore(core_settings(config), media=MediaController(media_policy(config, count)))
+    core = SbcCore(
+        core_settings(config),
+        media=MediaController(media_policy(config, count)),
+        # The only wall-clock read: Date headers and call records are "now" plus this.
+        wall_offset=time.time() - loop.time(),
+    )
     transports = SipTransports(
         core,
         client_tls=_client_tls(config.core.tls),
@@ -472,29 +477,36 @@ async def _drain(
     stop: asyncio.Event,
     timeout: float,
 ) -> None:
-    """SIGTERM: no new calls (503 with Retry-After), the calls in
-    progress go on until they end or ``timeout`` passes; then BYE to every call still up,
-    and a moment for the BYEs to be answered. A second SIGTERM or SIGINT cuts it short."""
+    """SIGTERM: no new calls (503 with Retry-After), the calls in progress go on until they
+    end (the core returns ``Drained``) or ``timeout`` passes; then BYE to every call still
+    up, and a moment for the BYEs to be answered. A second SIGTERM or SIGINT cuts it short."""
     loop = asyncio.get_running_loop()
     calls = core.calls.active_calls
+    transports.run_actions(core.drain(loop.time()))
     if calls and timeout > 0:
-        core.drain()
         log.info("draining: no new calls; %d in progress, up to %g s", calls, timeout)
         deadline = loop.time() + timeout
-        while core.calls.active_calls and signals.terminate < 2 and not stop.is_set():
+        while not transports.drained.is_set() and signals.terminate < 2 and not stop.is_set():
             left = deadline - loop.time()
             if left <= 0:
                 break
             signals.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signals.wake.wait(), min(0.2, left))
+            await _first_of(left, transports.drained, signals.wake, stop)
     if core.calls.active_calls:
         log.info("ending %d calls with BYE", core.calls.active_calls)
         transports.run_actions(core.end_all_calls(loop.time()))
     # The BYEs' transactions: answered, or given up after a short while.
-    until = loop.time() + 2.0
-    while core.calls.state_size()["work"] and loop.time() < until:
-        await asyncio.sleep(0.05)
+    await _first_of(2.0, transports.drained)
+
+
+async def _first_of(timeout: float, *events: asyncio.Event) -> None:
+    """Until one of ``events`` is set, at most ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _write_records(records: list[str], path: Path, stop: asyncio.Event) -> None:

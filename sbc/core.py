@@ -1,29 +1,28 @@
 """The SBC's sans-I/O core: bytes and ``now`` in, actions and the next deadline out.
 
 The I/O layer (sbc/io/) calls ``receive_datagram`` / ``receive_stream`` with what arrived on
-a flow, ``connection_closed`` when a stream ends and ``handle_timer`` at ``next_deadline()``;
-it executes the returned ``Send`` and ``Close`` actions. Nothing here reads a clock or
-touches a socket.
+a flow, ``connection_lost`` when a stream ends, ``media_event`` with what a media worker
+reports and ``handle_timer`` at ``next_deadline()``; it executes the returned actions
+(sbc/actions.py). Nothing here reads a clock or touches a socket: wall-clock time (Date
+headers, call records) is ``now`` plus the ``wall_offset`` the core was made with.
 
-A message goes through the stages of docs/architecture.md in order: the guard, framing,
-the sanity filter, the transport rules (received/rport), the transactions, and the
-transaction user (what the SBC answers itself, REGISTER to the registration proxy,
-everything else to the calls). About 720 lines: the stages and the dispatch of the
-transaction users' events live here until the pipeline is its own module.
+A received message goes through the stages of sbc/pipeline.py (guard, framing, sanity,
+transport rules, transactions) to the transaction user here: what the SBC answers itself,
+REGISTER to the registration proxy, everything else to the calls; the events of client
+transactions go to the part that started them (``_outputs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 from sbc import __version__
+from sbc.actions import Action, CallRecord, Close, Drained, SendData, ToMediaWorker, with_effects
 from sbc.backends import Backends
 from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
@@ -37,28 +36,20 @@ from sbc.features.guard import (
     Limited,
     credentials_user,
 )
-from sbc.features.keepalive import NatPolicy, is_stun, stun_binding_response
-from sbc.features.sanity import (
-    ALLOW,
-    KNOWN_METHODS,
-    Rejection,
-    check_request,
-    check_response,
-    fault_label,
-)
-from sbc.media.control import Command as MediaCommand
+from sbc.features.keepalive import NatPolicy
+from sbc.features.sanity import ALLOW, KNOWN_METHODS
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
+from sbc.pipeline import SUPPORTED, Pipeline
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
 from sbc.sides import ACCESS, CORE, Side
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
-from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer, parse_message
+from sbc.sip.parser import DEFAULT_LIMITS, Limits, StreamFramer
 from sbc.sip.transaction import (
     DEFAULT_TIMERS,
     ClientTransaction,
     Output,
-    RequestDisposition,
     ResponseReceived,
     Send,
     ServerTransaction,
@@ -72,69 +63,6 @@ from sbc.sip.uri import SipUri
 log = logging.getLogger("sbc.core")
 
 DEFAULT_HEALTH = HealthPolicy()
-
-# Extensions a request may require of the SBC (Require, RFC 3261 20.32): those the B2BUA
-# relays end to end (reliable provisionals, RFC 3262; session timers, RFC 4028) and those
-# of registration (Path, RFC 3327; outbound, RFC 5626).
-SUPPORTED: frozenset[str] = frozenset({"100rel", "timer", "path", "outbound"})
-# How many messages to this SBC itself may be received inside one another (_loop_back).
-_MAX_LOOP_DEPTH = 4
-
-
-@dataclass(frozen=True, slots=True)
-class SendData:
-    """Send ``data`` on ``flow`` (for UDP: from flow.local to flow.remote)."""
-
-    flow: Flow
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the stream connection of ``flow``."""
-
-    flow: Flow
-
-
-@dataclass(frozen=True, slots=True)
-class ToMediaWorker:
-    """Give ``command`` to media worker ``worker`` (control.py: an update, a delete, a DTMF
-    digit to send), in the order the actions come."""
-
-    worker: int
-    command: MediaCommand
-
-
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """One ended call's record, a JSON line (docs/calls.md), for the records file."""
-
-    line: str
-
-
-Action = SendData | Close | ToMediaWorker | CallRecord
-
-_Entry = TypeVar("_Entry", bound=Callable[..., list[Action]])
-
-
-def _with_effects(entry: _Entry) -> _Entry:
-    """An entry point of the core returns every effect of what it did: the sends and
-    closes, then the commands for the media workers and the call records that came of it
-    (the media seam and the calls collect them while they work)."""
-
-    @functools.wraps(entry)
-    def wrapper(self: SbcCore, *args: Any, **kwargs: Any) -> list[Action]:
-        actions = entry(self, *args, **kwargs)
-        commands = self.calls.media.take_commands()
-        if commands:
-            actions += [ToMediaWorker(worker, command) for worker, command in commands]
-        records = self.calls.records
-        if records:
-            actions += [CallRecord(line) for line in records]
-            records.clear()
-        return actions
-
-    return cast(_Entry, wrapper)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,8 +86,16 @@ class CoreSettings:
     security: GuardPolicy = NO_POLICY  # [security]; the default checks nothing
 
 
-class SbcCore:
-    def __init__(self, settings: CoreSettings, media: MediaSeam | None = None) -> None:
+class SbcCore(Pipeline):
+    """The composition of the core's parts, its entry points besides input (connections,
+    timers, media events, reload, drain) and the transaction user (what the SBC answers
+    itself, and which part takes a request or a client transaction's event)."""
+
+    def __init__(
+        self, settings: CoreSettings, media: MediaSeam | None = None, *, wall_offset: float = 0.0
+    ) -> None:
+        """``wall_offset``: epoch minus the I/O layer's monotonic clock, read once when the
+        core is made (Date headers and call records are in wall-clock time)."""
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
         self.guard = Guard(settings.security)
@@ -181,6 +117,7 @@ class SbcCore:
             offload=settings.offload,
             nat=settings.nat,
             register_gate=self.guard.backend_register if self.guard.active else None,
+            wall_offset=wall_offset,
         )
         # A backend that goes down has its registrations recovered on the others.
         self.backends.on_down = self.registration.recover
@@ -192,6 +129,7 @@ class SbcCore:
             policy=settings.calls,
             peers=settings.peers,
             media=media,
+            wall_offset=wall_offset,
         )
         self._framers: dict[Flow, StreamFramer] = {}
         self._counted: set[Flow] = set()  # connections the guard counts for their source
@@ -199,6 +137,7 @@ class SbcCore:
         self._activity: dict[Flow, float] = {}
         self.stats: Counter[str] = Counter()
         self._loop_depth = 0  # messages to this SBC itself being received (_loop_back)
+        self._drained = False  # the Drained action was returned
 
     # -- reload and shutdown -----------------------------------------------------------------
     def reconfigure(self, settings: CoreSettings, now: float) -> None:
@@ -223,78 +162,38 @@ class SbcCore:
         self.guard.set_policy(security)
         self.registration.register_gate = self.guard.backend_register if self.guard.active else None
 
-    @property
-    def wall_offset(self) -> float:
-        """Epoch minus monotonic time, set by the I/O layer: Date headers and call records
-        are in wall-clock time, everything else in the monotonic ``now``."""
-        return self.registration.wall_offset
-
-    @wall_offset.setter
-    def wall_offset(self, offset: float) -> None:
-        self.registration.wall_offset = offset
-        self.calls.wall_offset = offset
-
-    def drain(self) -> None:
-        """SIGTERM: new calls get 503 (Retry-After); calls in progress go on."""
+    @with_effects
+    def drain(self, now: float) -> list[Action]:
+        """SIGTERM: new calls get 503 (Retry-After); calls in progress go on. ``Drained``
+        comes back, from this or a later entry point, once the last one has ended."""
         self.calls.draining = True
+        return []
 
     @property
     def draining(self) -> bool:
         return self.calls.draining
 
-    @_with_effects
+    @with_effects
     def end_all_calls(self, now: float) -> list[Action]:
         """The drain deadline: every call still up ends with BYE on both legs."""
         return self._outputs(self.calls.end_all("shutdown", now), now)
 
-    # -- input -------------------------------------------------------------------------------
-    @_with_effects
-    def receive_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
-        """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
-        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
-            return []  # banned or not allowed: dropped before it is parsed
-        if is_stun(data):
-            # RFC 5626 4.4.2: STUN binding requests on the SIP port are answered.
-            self.stats["stun"] += 1
-            answer = stun_binding_response(data, flow.remote)
-            return [SendData(flow, answer)] if answer is not None else []
-        if not data.strip(b"\r\n\x00 "):
-            self.stats["keepalive"] += 1  # RFC 5626 4.4.1 CRLF keep-alive (also RFC 3261 7.5)
-            return []
-        try:
-            msg = parse_message(data, limits=self.settings.limits, datagram=True)
-            return self._handle(msg, flow, now)
-        except ParseError as exc:
-            return self._parse_failed(exc, flow)
-
-    @_with_effects
-    def receive_stream(self, data: bytes, flow: Flow, now: float) -> list[Action]:
-        """Octets from a TCP/TLS connection; framing errors close only this connection."""
-        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
-            self.connection_closed(flow)
-            return [Close(flow)]
-        framer = self._framers.get(flow)
-        if framer is None:
-            framer = self._framers[flow] = StreamFramer(self.settings.limits)
-        self._activity.pop(flow, None)
-        self._activity[flow] = now
-        actions: list[Action] = []
-        for item in framer.feed(data):
-            if isinstance(item, bytes):
-                actions.append(SendData(flow, b"\r\n"))  # RFC 5626 3.5.1 pong
-            elif isinstance(item, ParseError):
-                actions += self._parse_failed(item, flow)
-                if item.fatal:
-                    actions.append(Close(flow))
-                    self.connection_closed(flow)
-                    break
-            else:
-                try:
-                    actions += self._handle(item, flow, now)
-                except ParseError as exc:
-                    actions += self._parse_failed(exc, flow)
+    def _effects(self, actions: list[Action]) -> list[Action]:
+        """After an entry point's own actions, the effects its parts collected while they
+        worked: commands for the media workers, call records, and the drain's end."""
+        commands = self.calls.media.take_commands()
+        if commands:
+            actions += [ToMediaWorker(worker, command) for worker, command in commands]
+        records = self.calls.records
+        if records:
+            actions += [CallRecord(line) for line in records]
+            records.clear()
+        if self.calls.draining and not self._drained and self.calls.idle():
+            self._drained = True
+            actions.append(Drained())
         return actions
 
+    # -- connections, media, timers -----------------------------------------------------------
     def connection_closed(self, flow: Flow) -> None:
         self._framers.pop(flow, None)
         # The guard counted the connection when it was opened, whether or not it ever
@@ -304,7 +203,7 @@ class SbcCore:
             self.guard.connection_gone(flow.remote[0])
         self._activity.pop(flow, None)
 
-    @_with_effects
+    @with_effects
     def connection_lost(self, flow: Flow, now: float) -> list[Action]:
         """The I/O layer reports a stream connection gone (closed by the peer, reset, or
         closed by us). The SBC cannot open one back to a client behind NAT, so the calls
@@ -312,7 +211,7 @@ class SbcCore:
         self.connection_closed(flow)
         return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
 
-    @_with_effects
+    @with_effects
     def media_event(self, event: MediaEvent, now: float) -> list[Action]:
         """What a media worker reports: a session without media (its call ends), the
         statistics of a deleted one (into the call record), or a DTMF
@@ -368,7 +267,7 @@ class SbcCore:
             deadlines.append(oldest + self.settings.tcp_idle_timeout)
         return min(deadlines) if deadlines else None
 
-    @_with_effects
+    @with_effects
     def handle_timer(self, now: float) -> list[Action]:
         actions = self._outputs(self.transactions.handle_timer(now), now)
         actions += self._outputs(self.backends.handle_timer(now), now)
@@ -394,73 +293,6 @@ class SbcCore:
         return actions
 
     # -- messages ----------------------------------------------------------------------------
-    def _parse_failed(self, exc: ParseError, flow: Flow) -> list[Action]:
-        """Answer a malformed request if a response can be formed; drop anything else."""
-        self.stats[f"rejected:{fault_label(exc.reason)}"] += 1
-        msg = exc.message
-        log.info("malformed message: %s", exc.reason, extra={"flow": str(flow)})
-        if (
-            exc.status == 0
-            or not isinstance(msg, Request)
-            or msg.method == "ACK"
-            or "via" not in msg
-            or "cseq" not in msg
-        ):
-            return []
-        self._stamp_via(msg, flow)
-        resp = make_response(msg, exc.status, exc.reason, to_tag=_new_tag())
-        data = self._finish(resp)
-        if len(data) > self.settings.limits.max_message_size or _unsafe_head(data):
-            # RFC 3261 8.2.6.2 copies Via, From, To, Call-ID and CSeq verbatim: an answer
-            # that would echo a bare CR, LF or NUL, or be too large to send, is not sent.
-            self.stats["unanswerable"] += 1
-            return []
-        return [SendData(self._response_flow(msg, flow), data)]
-
-    def _handle(self, msg: Message, flow: Flow, now: float) -> list[Action]:
-        if isinstance(msg, Response):
-            return self._handle_response(msg, now)
-        assert isinstance(msg, Request)
-        if self.guard.active and self.guard.blocked_agent(msg.get("user-agent")):
-            return []  # a scanner: no answer at all
-        self._stamp_via(msg, flow)
-        rejection = check_request(msg, supported=SUPPORTED)
-        if rejection is not None:
-            return self._reject(msg, rejection, flow)
-        dest = self._response_flow(msg, flow)
-        disposition, tx, outputs = self.transactions.receive_request(
-            msg, dest=dest, reliable=flow.reliable, now=now
-        )
-        actions = self._outputs(outputs, now)
-        if disposition is RequestDisposition.ACK_TO_TU:
-            # RFC 3261 13.2.2.4 / RFC 6026: the ACK for a 2xx goes to the dialog's owner.
-            return actions + self._outputs(self.calls.receive_ack(msg, now), now)
-        if disposition is RequestDisposition.NEW and tx is not None:
-            try:
-                actions += self._outputs(self._handle_request(tx, msg, flow, now), now)
-            except ParseError as exc:
-                # A header only the routing reads was malformed: answer through the
-                # transaction, which would otherwise wait for an answer forever.
-                self.stats[f"rejected:{fault_label(exc.reason)}"] += 1
-                resp = self._response(msg, exc.status or 400, exc.reason)
-                actions += self._outputs(tx.respond(resp, now), now)
-        return actions
-
-    def _handle_response(self, resp: Response, now: float) -> list[Action]:
-        fault = check_response(resp)
-        if fault is not None:
-            # RFC 3261 18.1.2 / RFC 4475 3.1.2.5: a malformed response is discarded.
-            self.stats[f"dropped_response:{fault_label(fault)}"] += 1
-            return []
-        try:
-            tx, outputs = self.transactions.receive_response(resp, now=now)
-        except ParseError as exc:
-            # RFC 3261 18.1.2 / RFC 4475 3.1.2.5: a malformed response is discarded.
-            self.stats[f"dropped_response:{fault_label(exc.reason)}"] += 1
-            return []
-        if tx is None:
-            self.stats["stray_response"] += 1  # RFC 3261 18.1.2: no match, discard
-        return self._outputs(outputs, now)
 
     def _respond(
         self,
@@ -554,24 +386,6 @@ class SbcCore:
         self.backends.events.clear()  # nobody reads backend transitions yet (logged)
         return actions
 
-    def _reject(self, req: Request, rejection: Rejection, flow: Flow) -> list[Action]:
-        """Stateless rejection of a request that failed the sanity filter (RFC 3261 8.2)."""
-        self.stats[f"rejected:{rejection.label}"] += 1
-        log.info(
-            "rejecting %s: %d %s",
-            req.method,
-            rejection.status,
-            rejection.reason,
-            extra={"flow": str(flow), "call_id": req.get("call-id")},
-        )
-        if req.method == "ACK" or "via" not in req or "cseq" not in req:
-            # RFC 3261 17: an ACK is never answered. RFC 3261 8.2.6.2, 17.1.3, 18.2.2: an
-            # answer goes where the request's Via says and is matched by branch and CSeq;
-            # without them it cannot be formed (dropped, as _parse_failed does).
-            return []
-        resp = self._response(req, rejection.status, rejection.reason, headers=rejection.headers)
-        return [SendData(self._response_flow(req, flow), self._finish(resp))]
-
     def _response(
         self,
         req: Request,
@@ -658,59 +472,7 @@ class SbcCore:
                     self.calls.server_gone(out.transaction)
         return actions
 
-    def _loop_back(self, data: bytes, dest: Flow, now: float) -> list[Action]:
-        """A message for this SBC itself: a request within a call that left through the core
-        and came back in (the remote target is one of our core addresses) or the response to
-        one. It is received at once on the listener it names, as if it had come from the
-        socket that sent it, without a round trip through the kernel or a backend. Bounded:
-        a loop inside a loop is legitimate (a BYE and its answer); deeper is a fault."""
-        if self._loop_depth >= _MAX_LOOP_DEPTH:
-            self.stats["loop_dropped"] += 1
-            log.warning("message to this SBC itself dropped: loop too deep")
-            return []
-        flow = Flow(dest.transport, dest.remote, dest.local)
-        self.stats["looped"] += 1
-        self._loop_depth += 1
-        try:
-            msg = parse_message(data, limits=self.settings.limits, datagram=True)
-            return self._handle(msg, flow, now)
-        except ParseError as exc:
-            return self._parse_failed(exc, flow)
-        finally:
-            self._loop_depth -= 1
-
     # -- transport rules ---------------------------------------------------------------------
-    @staticmethod
-    def _stamp_via(req: Request, flow: Flow) -> None:
-        """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via (if it parses)."""
-        try:
-            via = req.top_via
-        except ParseError:
-            return
-        if via is None:
-            return
-        host, port = flow.remote
-        if via.wants_rport:
-            req.set_top_via(via.with_params({"received": host, "rport": str(port)}))
-        elif via.host_bare != host.lower():
-            req.set_top_via(via.with_param("received", host))
-
-    @staticmethod
-    def _response_flow(req: Request, flow: Flow) -> Flow:
-        """Where responses go (RFC 3261 18.2.2, RFC 3581 4).
-
-        Streams: the connection the request came on. UDP: the source address, at the rport
-        if the client asked for it, else at the Via sent-by port (default 5060).
-        """
-        if flow.reliable:
-            return flow
-        try:
-            via = req.via[0] if "via" in req else None
-        except ParseError:
-            via = None
-        if via is None or via.wants_rport:
-            return flow
-        return flow.to((flow.remote[0], via.port or 5060))
 
 
 def _asks_for_sips(req: Request) -> bool:
@@ -744,18 +506,6 @@ def _auth_key(msg: Message) -> str:
         via = None
     branch = via.branch if via is not None else None
     return f"{msg.get('call-id')}\n{msg.get('cseq')}\n{branch}"
-
-
-def _unsafe_head(data: bytes) -> bool:
-    """A header section with a bare CR or LF, or a NUL (RFC 3261 7.3.1, 25.1)."""
-    head = data.partition(b"\r\n\r\n")[0]
-    crlf = head.count(b"\r\n")
-    nul = head.count(b"\x00")
-    return head.count(b"\r") != crlf or head.count(b"\n") != crlf or nul != head.count(b"\\\x00")
-
-
-def _new_tag() -> str:
-    return secrets.token_hex(6)
 
 
 def _tag_for(req: Request) -> str:

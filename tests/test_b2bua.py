@@ -12,8 +12,9 @@ import json
 
 from sipdata import sip
 
+from sbc.actions import CallRecord, Drained, SendData, ToMediaWorker
 from sbc.calls import CallPolicy, PeerRoute
-from sbc.core import CallRecord, CoreSettings, SbcCore, SendData, ToMediaWorker
+from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.media.control import Command, Delete, PartyStats, Stats, StreamStats, Timeout, Update
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
@@ -88,6 +89,7 @@ class Lab:
         self.records: list[str] = []  # the call records the core returned (CallRecord)
         self.worker_answers = worker_answers  # a Delete is answered with Stats, as a worker does
         self._deleted: list[str] = []
+        self.drained = 0  # Drained actions seen
         specs = tuple(
             BackendSpec(name=f"sip:b{i}", host=h, port=p, transport="udp")
             for i, (h, p) in enumerate(backends, start=1)
@@ -139,13 +141,15 @@ class Lab:
 
     def _effects(self, actions: list[object]) -> list[object]:
         """The core's actions other than sends: media commands go to the fake worker,
-        call records to ``records``; the sends are returned."""
+        call records to ``records``, Drained is counted; the sends are returned."""
         sends = []
         for a in actions:
             if isinstance(a, ToMediaWorker):
                 self._to_worker(a.worker, a.command)
             elif isinstance(a, CallRecord):
                 self.records.append(a.line)
+            elif isinstance(a, Drained):
+                self.drained += 1
             else:
                 sends.append(a)
         return sends
@@ -1027,7 +1031,7 @@ def test_a_lost_client_connection_ends_its_calls_and_an_active_one_is_not_idle_c
     """A TCP client's call; the connection is kept past the idle timeout
     while the call lives (the SBC cannot open one back to a client behind NAT), and when it
     is lost the other leg gets BYE at once."""
-    from sbc.core import Close
+    from sbc.actions import Close
 
     lab = Lab()
     lab.core.settings = dataclasses.replace(lab.core.settings, tcp_idle_timeout=30.0)

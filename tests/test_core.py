@@ -8,7 +8,8 @@ import pytest
 from sipdata import rfc4475, rfc4475_names, rfc5118, rfc5118_names, sip
 
 from sbc import __version__
-from sbc.core import Close, CoreSettings, SbcCore, SendData
+from sbc.actions import Close, SendData
+from sbc.core import CoreSettings, SbcCore
 from sbc.sip.flow import Flow
 from sbc.sip.message import ParseError, Response, make_response
 from sbc.sip.parser import Limits, parse_message

@@ -47,9 +47,10 @@ from test_b2bua import (
 )
 from test_registration import REGISTER
 
-from sbc.core import SUPPORTED, Close, SendData
+from sbc.actions import Close, SendData
 from sbc.features.sanity import check_request
 from sbc.media.control import Stats
+from sbc.pipeline import SUPPORTED
 from sbc.sip.flow import Flow
 from sbc.sip.message import Message, ParseError, Request, Response
 from sbc.sip.parser import Limits, parse_message

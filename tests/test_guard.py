@@ -10,9 +10,10 @@ import pytest
 from sipdata import sip
 from test_registration import sent
 
+from sbc.actions import Close
 from sbc.app import guard_policy
 from sbc.config import ConfigError, parse_config
-from sbc.core import Close, CoreSettings, SbcCore
+from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec
 from sbc.features.guard import (
     INVITE,

@@ -9,7 +9,8 @@ import struct
 from sipdata import sip
 from test_registration import B1, CLIENT, CORE, REGISTER, answer, make_core, sent
 
-from sbc.core import CoreSettings, SbcCore, SendData
+from sbc.actions import SendData
+from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec
 from sbc.features.keepalive import (
     STUN_MAGIC,

@@ -101,7 +101,7 @@ def test_embedded_registrar_never_leaks_on_mutated_traffic() -> None:
     what reaches the registered client parses, and no transaction is left behind."""
     import random
 
-    from sbc.core import Close, SendData
+    from sbc.actions import Close, SendData
 
     rng = random.Random(5626)
     core = SbcCore(CoreSettings(local_hosts=frozenset({"127.0.0.1"})))

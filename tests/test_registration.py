@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from sipdata import sip
 
-from sbc.core import CoreSettings, SbcCore, SendData
+from sbc.actions import SendData
+from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.registrar import FlowTokens, aor_of
 from sbc.registration import OffloadPolicy

@@ -1,6 +1,6 @@
 """Transcoded streams in the relay engine: packets go through the transcoder
 towards the peer (SRTP on either leg as on any other stream), extra packets of re-framing
-wait in ``pending``, the parties' RTCP is terminated and the relay sends its own sender
+come back as one ``Burst``, the parties' RTCP is terminated and the relay sends its own sender
 reports. The transcoder itself: tests/test_transcode.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import struct
 from test_media_relay import BIND, PA, PB, A, B, key, party, rtcp, rtp, update
 
 from sbc.media.control import CodecSpec
-from sbc.media.relay import RTCP_INTERVAL, RelayEngine
+from sbc.media.relay import RTCP_INTERVAL, Burst, RelayEngine
 from sbc.media.srtp import SrtpReceiver
 
 PCMU = CodecSpec(name="PCMU", pt=0, clock=8000)
@@ -50,14 +50,16 @@ def test_a_transcoded_packet_is_the_relays_own_in_the_peers_codec() -> None:
     assert header(back[1])[0] == 0 and header(back[1])[3] not in (0x2222, heads[0][3])
 
 
-def test_reframing_to_a_shorter_packet_time_queues_the_rest_in_pending() -> None:
+def test_reframing_to_a_shorter_packet_time_returns_a_burst() -> None:
     engine = transcoding(PCMU, PCMA_10)
     out = engine.receive(PA, rtp(1, pt=0), A, 1.0)
-    assert out is not None and len(out[1]) == 12 + 80  # 10 ms
-    assert len(engine.pending) == 1 and len(engine.pending[0][1]) == 12 + 80
-    first, second = header(out[1]), header(engine.pending[0][1])
+    assert isinstance(out, Burst) and out.dtmf == ()
+    assert [(port, len(data), dest) for port, data, dest in out.packets] == [
+        (PB, 12 + 80, B),  # 10 ms each
+        (PB, 12 + 80, B),
+    ]
+    first, second = (header(data) for _, data, _ in out.packets)
     assert second[1] == (first[1] + 1) & 0xFFFF and second[2] == first[2] + 80
-    engine.pending.clear()
 
 
 def test_srtp_on_the_receiving_leg_protects_transcoded_packets() -> None:

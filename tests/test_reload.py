@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from test_b2bua import ALICE, B1, Lab, byes, establish, in_dialog, invite, only
 
+from sbc.actions import Drained
 from sbc.app import restart_needed
 from sbc.calls import CallPolicy
 from sbc.config import parse_config
@@ -110,7 +111,7 @@ def test_reconfigure_applies_limits_and_backends_without_dropping_the_call() -> 
 def test_drain_refuses_new_calls_and_end_all_sends_bye_on_both_legs() -> None:
     lab = Lab()
     establish(lab, n=1)
-    lab.core.drain()
+    assert not any(isinstance(a, Drained) for a in lab.core.drain(lab.now))
     assert lab.core.draining
     _, refused = only(lab.from_client(invite(2)), Response)
     assert isinstance(refused, Response)
@@ -127,6 +128,14 @@ def test_drain_refuses_new_calls_and_end_all_sends_bye_on_both_legs() -> None:
         (lab.from_backend if flow.remote == B1 else lab.from_client)(make_response(bye, 200))  # type: ignore[operator]
     assert lab.core.calls.active_calls == 0
     lab.assert_clean()
+    # The last BYE answered: the core said once that the drain is over.
+    assert lab.drained == 1
+
+
+def test_drain_without_calls_is_over_at_once() -> None:
+    lab = Lab()
+    assert [a for a in lab.core.drain(lab.now) if isinstance(a, Drained)] == [Drained()]
+    assert not any(isinstance(a, Drained) for a in lab.core.handle_timer(lab.now + 1))
 
 
 def test_a_backend_removed_by_a_reload_is_still_heard_on_the_core_side() -> None:

@@ -13,7 +13,7 @@ from test_b2bua import ALICE, B1, invite
 from test_core import RFC4475_ANSWERS
 from test_fuzz import ALICE_TCP, ECHO_LIMITS, FuzzLab, summary, to_backend
 
-from sbc.core import Close, SendData
+from sbc.actions import Close, SendData
 from sbc.sip.message import Response
 from sbc.sip.parser import parse_message
 

@@ -85,12 +85,13 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         peers: tuple[PeerRoute, ...] = (),
         media: MediaSeam | None = None,
         key: bytes | None = None,
+        wall_offset: float = 0.0,
     ) -> None:
         self.transactions = transactions
         self.backends = backends  # flows to backends and peers, the balancer, health
         self.registration = registration  # flows to registered clients
         self._respond = respond  # answers built by the core
-        self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (call records)
+        self.wall_offset = wall_offset  # epoch - monotonic (call records)
         self.set_policy(policy, peers)
         self.draining = False  # SIGTERM: no new calls, the others go on
         self.media: MediaSeam = media or PassThroughMedia()
@@ -144,6 +145,10 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
             "awaiting_stats": len(self._awaiting_stats),
             "timers": self._deadlines.entries,
         }
+
+    def idle(self) -> bool:
+        """No call in progress and none of their transactions unfinished (the drain's end)."""
+        return not self.active_calls and not self._work
 
     def owns(self, tx: ClientTransaction) -> bool:
         return tx in self._work

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from sbc.media import control
-from sbc.media.relay import PortChanges, RelayEngine
+from sbc.media.relay import Burst, PortChanges, RelayEngine
 
 log = logging.getLogger("sbc.media.worker")
 
@@ -58,31 +58,31 @@ class _Datagrams(Protocol):
 class _Port(asyncio.DatagramProtocol):
     """One relay port: every datagram goes through the engine (the per-packet hot path)."""
 
-    __slots__ = ("_clock", "_events", "_out", "_pending", "_receive", "_worker", "port")
+    __slots__ = ("_clock", "_out", "_receive", "_worker", "port")
 
     def __init__(self, worker: _Worker, port: int) -> None:
         self.port = port
         self._worker = worker
         self._receive = worker.engine.receive
-        self._pending = worker.engine.pending  # more packets of one (transcoding)
-        self._events = worker.engine.events  # DTMF seen for SIP INFO
         self._out = worker.transports
         self._clock = time.monotonic
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         out = self._receive(self.port, data, addr, self._clock())
-        if out is not None:
+        if out is None:
+            return
+        if type(out) is tuple:  # one packet: the hot path
             transport = self._out.get(out[0])
             if transport is not None:
                 transport.sendto(out[1], out[2])
-            if self._pending:
-                for port, packet, dest in self._pending:
-                    transport = self._out.get(port)
-                    if transport is not None:
-                        transport.sendto(packet, dest)
-                self._pending.clear()
-        if self._events:  # DTMF seen; its packet itself was not relayed
-            self._worker.report_events()
+            return
+        assert isinstance(out, Burst)  # transcoding: several packets, DTMF for SIP INFO
+        for port, packet, dest in out.packets:
+            transport = self._out.get(port)
+            if transport is not None:
+                transport.sendto(packet, dest)
+        for event in out.dtmf:
+            self._worker.send_event(event)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a party that stopped listening: nothing to do.
@@ -115,11 +115,9 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.dtmf_task: asyncio.Task[None] | None = None
 
-    def report_events(self) -> None:
-        """DTMF the engine saw (control.Dtmf) to the signalling process."""
-        for event in self.engine.events:
-            self._send(event)
-        self.engine.events.clear()
+    def send_event(self, event: control.Dtmf) -> None:
+        """DTMF the engine saw, for the signalling process (SIP INFO)."""
+        self._send(event)
 
     async def _send_dtmf(self) -> None:
         """The SBC's own RFC 4733 packets, each when it is due."""

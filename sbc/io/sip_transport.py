@@ -12,13 +12,13 @@ import logging
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sbc.actions import Action, CallRecord, Close, Drained, SendData, ToMediaWorker
 from sbc.config import ListenUrl
-from sbc.core import Action, CallRecord, Close, SbcCore, SendData, ToMediaWorker
+from sbc.core import SbcCore
 from sbc.features import peer_tls
 from sbc.media.control import Command as MediaCommand
 from sbc.sip.flow import Address, Flow, format_address
@@ -126,8 +126,8 @@ class SipTransports:
         self.set_peers()
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
-        # The only wall-clock read: the core's Date headers are "now" plus this offset.
-        core.wall_offset = time.time() - self._clock()
+        # The core returned Drained: draining, its last call and transaction are over.
+        self.drained = asyncio.Event()
         self._udp: dict[Address, asyncio.DatagramTransport] = {}
         self._conns: dict[int, _StreamProtocol] = {}
         self._servers: list[asyncio.Server] = []
@@ -264,8 +264,11 @@ class SipTransports:
             elif isinstance(action, ToMediaWorker):
                 if self._to_media is not None:
                     self._to_media(action.worker, action.command)
-            elif isinstance(action, CallRecord) and self._to_records is not None:
-                self._to_records(action.line)
+            elif isinstance(action, CallRecord):
+                if self._to_records is not None:
+                    self._to_records(action.line)
+            elif isinstance(action, Drained):
+                self.drained.set()
         self._arm_timer()
 
     def _send(self, flow: Flow, data: bytes) -> None:

@@ -53,14 +53,14 @@ payload type). A translator that changes the payload terminates RTCP (RFC 3550 7
 X's RTCP says is of no use to Y, so it is counted and dropped, and the relay sends each
 party a sender report (with SDES CNAME, RFC 3550 6.4.1, 6.5.1) of what it sent that party,
 every ``RTCP_INTERVAL`` seconds (``reports``). One packet in may give several out (re-framing
-to a shorter packet time): the first is returned, the rest wait in ``pending`` for the
-caller to send at once.
+to a shorter packet time): ``receive`` then returns a ``Burst`` of them, to be sent at once.
 
 DTMF interworking. On a transcoded stream whose receiving party has no
-telephone-event, the events the other party sends are reported (``events``, control.Dtmf,
-once per event) for SIP INFO; ``send_dtmf`` (control.SendDtmf, a digit that came as INFO)
-sends a party RFC 4733 events in the output stream of the transcoder towards it, packet by
-packet as they fall due (``next_dtmf`` / ``dtmf_due``).
+telephone-event, the events the other party sends are reported (in the ``Burst`` that
+``receive`` returns, control.Dtmf, once per event) for SIP INFO; ``send_dtmf``
+(control.SendDtmf, a digit that came as INFO) sends a party RFC 4733 events in the output
+stream of the transcoder towards it, packet by packet as they fall due (``next_dtmf`` /
+``dtmf_due``).
 
 Timeouts: every accepted packet of a session, and every Update, refreshes
 its last-activity time; a session in which some party ``sends`` and that saw nothing for
@@ -83,8 +83,23 @@ from sbc.media.transcode import Transcoder
 
 log = logging.getLogger("sbc.media.relay")
 
-Out = tuple[int, bytes, Address]
-Handler = Callable[[bytes, Address, float], Out | None]
+Out = tuple[int, bytes, Address]  # (local port to send from, datagram, destination)
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """What one received packet gave besides a single ``Out`` (only on transcoded streams):
+    several packets (re-framing to a shorter packet time), to be sent in order, and the
+    DTMF digits detected in it for SIP INFO (control.Dtmf, for the signalling process)."""
+
+    packets: tuple[Out, ...]
+    dtmf: tuple[control.Dtmf, ...] = ()
+
+
+# What ``receive`` returns: nothing, one packet to send (the hot path: no allocation beyond
+# the tuple), or a Burst.
+Result = Out | Burst | None
+Handler = Callable[[bytes, Address, float], Result]
 LocalPort = tuple[str, int]  # (bind address, port)
 
 MAX_DROPOUT = 3000  # RFC 3550 A.1: a larger sequence jump is a restart
@@ -344,18 +359,18 @@ class _Leg:
         )  # fmt: skip
 
     # -- packets -----------------------------------------------------------------------------
-    def on_unusable(self, data: bytes, src: Address, now: float) -> Out | None:
+    def on_unusable(self, data: bytes, src: Address, now: float) -> Result:
         self.srtp_failures += 1
         return None
 
-    def on_mux(self, data: bytes, src: Address, now: float) -> Out | None:
+    def on_mux(self, data: bytes, src: Address, now: float) -> Result:
         # RFC 5761 4: an RTP/RTCP packet (first byte 128..191) whose second byte is in
         # 192..223 is RTCP (RTCP packet types 192..223 = RTP payload types 64..95 + marker).
         if len(data) > 1 and 191 < data[1] < 224 and 127 < data[0] < 192:
             return self.on_rtcp(data, src, now)
         return self.on_rtp(data, src, now)
 
-    def on_rtp(self, data: bytes, src: Address, now: float) -> Out | None:
+    def on_rtp(self, data: bytes, src: Address, now: float) -> Result:
         size = len(data)
         if src == self.rtp.addr:
             receiver = self.receiver
@@ -418,25 +433,26 @@ class _Leg:
         peer.bytes_out += len(data)
         return (peer.port, data, dest)
 
-    def _transcode(self, data: bytes, peer: _Leg, dest: Address, now: float) -> Out | None:
-        """The packets the transcoder makes of ``data`` for the peer: the first returned,
-        the others queued in the engine's ``pending``."""
+    def _transcode(self, data: bytes, peer: _Leg, dest: Address, now: float) -> Result:
+        """The packets the transcoder makes of ``data`` for the peer: one alone as it is,
+        several (or DTMF detected) as a Burst."""
         transcoder = self.transcoder
         assert transcoder is not None
-        first: Out | None = None
         sender = peer.sender
         packets = transcoder.push(data, now)
+        dtmf: list[control.Dtmf] = []
         if isinstance(transcoder, Transcoder) and transcoder.detected:
             # RFC 4733 events towards a party without them: SIP INFO.
             index, party = self.where
             for code, ms in transcoder.detected:
                 digit = control.DTMF_DIGITS.get(code)
                 if digit is not None:
-                    self.engine.events.append(control.Dtmf(
+                    dtmf.append(control.Dtmf(
                         session=self.session.name, index=index, party=party, digit=digit,
                         duration_ms=ms,
                     ))  # fmt: skip
             transcoder.detected.clear()
+        outs: list[Out] = []
         for packet in packets:
             if sender is not None:
                 try:
@@ -446,12 +462,10 @@ class _Leg:
                     continue
             peer.packets_out += 1
             peer.bytes_out += len(packet)
-            out = (peer.port, packet, dest)
-            if first is None:
-                first = out
-            else:
-                self.engine.pending.append(out)
-        return first
+            outs.append((peer.port, packet, dest))
+        if dtmf or len(outs) > 1:
+            return Burst(tuple(outs), tuple(dtmf))
+        return outs[0] if outs else None
 
     def send(self, packet: bytes) -> Out | None:
         """A plain RTP packet of the relay's own to this party (SRTP-protected on an SRTP
@@ -535,7 +549,7 @@ class _Leg:
             )  # fmt: skip
             self.transcoder = _Mute()
 
-    def on_rtcp(self, data: bytes, src: Address, now: float) -> Out | None:
+    def on_rtcp(self, data: bytes, src: Address, now: float) -> Result:
         size = len(data)
         latch = self.rtcp
         if src == latch.addr:
@@ -657,12 +671,6 @@ class RelayEngine:
         self.invalid = 0  # not RTP/RTCP on a non-passthrough stream
         self.protect_failures = 0  # SRTP protect refused (a duplicate, RFC 3711 9.1)
         self.transcode_dropped = 0  # what transcoders gone could not use (live: per leg)
-        # Packets made by a transcoder beyond the one ``receive`` returned (re-framing to a
-        # shorter packet time): the caller sends them right after, and clears the list.
-        self.pending: list[Out] = []
-        # DTMF a party sent as RFC 4733 events towards one without them:
-        # the caller reports them (control.Dtmf) and clears the list.
-        self.events: list[control.Dtmf] = []
         self._dtmf: list[_DtmfJob] = []  # the SBC's own events being sent (send_dtmf)
         # the party counters (_LEG_COUNTERS) of legs gone, for totals()
         self._retired = [0] * len(_LEG_COUNTERS)
@@ -704,9 +712,9 @@ class RelayEngine:
             self.transcode_dropped += leg.transcode_dropped()
 
     # -- packets -----------------------------------------------------------------------------
-    def receive(self, port: int, data: bytes, src: Address, now: float) -> Out | None:
+    def receive(self, port: int, data: bytes, src: Address, now: float) -> Result:
         """A datagram ``data`` from ``src`` arrived on local ``port``: what to send, if any,
-        as (local port to send from, bytes, destination)."""
+        as (local port to send from, bytes, destination), or a Burst (transcoding)."""
         handler = self._ports.get(port)
         if handler is None:
             self.no_session += 1

@@ -139,6 +139,7 @@ class RegistrationProxy:
         tokens: FlowTokens | None = None,
         rng: random.Random | None = None,
         register_gate: Callable[[float], int] | None = None,
+        wall_offset: float = 0.0,
     ) -> None:
         self.transactions = transactions
         self.backends = backends
@@ -157,7 +158,7 @@ class RegistrationProxy:
             on_dead=self._flow_failed,
         )
         self._rng = rng or random.Random()
-        self.wall_offset = 0.0  # epoch - monotonic, set by the I/O layer (Date headers)
+        self.wall_offset = wall_offset  # epoch - monotonic (Date headers)
         self._work: dict[ClientTransaction, _Work] = {}
         self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # forwarded, unanswered
         self.stats: Counter[str] = Counter()
