@@ -1,14 +1,17 @@
 """CPU per call of the sans-I/O core alone: no sockets, no event loop, no media worker.
 
-    .venv/bin/python bench/core_calls.py [--calls 2000] [--profile]
+    .venv/bin/python bench/core_calls.py [--calls 2000] [--rounds 3] [--default-gc] [--profile]
 
 Drives ``SbcCore`` with the B2BUA tests' call flow (tests/test_b2bua.py ``Lab``: an anchored
 call alice -> SBC -> backend: INVITE with SDP, 180, 200 with SDP, ACK, BYE, 200; the
 backend's answers made by the test helpers) and times only the core's own entry points
 (``receive_datagram``, ``handle_timer``, ``media_event``), so the figure is what one call
 costs the signalling process before any I/O. It bounds what bench/calls.py can reach on one
-core: 1 / (CPU per call) calls per second at best. ``--profile`` prints cProfile's top
-functions (cumulative) of the same run.
+core: 1 / (CPU per call) calls per second at best. The time is the CPU time of this
+process's thread (CLOCK_THREAD_CPUTIME_ID) spent inside those entry points, with the
+garbage collector set as the running SBC sets it (``sbc.app.tune_gc``; ``--default-gc``
+leaves Python's defaults); the figure is the median of ``--rounds`` rounds. ``--profile``
+prints cProfile's top functions (cumulative) of one more run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import test_b2bua as tb
 
+from sbc.app import tune_gc
 from sbc.core import SbcCore
 
 spent = [0.0]
@@ -35,11 +40,11 @@ def _timed(name: str) -> None:
     original: Callable[..., Any] = getattr(SbcCore, name)
 
     def timed(self: SbcCore, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = time.thread_time()
         try:
             return original(self, *args, **kwargs)
         finally:
-            spent[0] += time.perf_counter() - start
+            spent[0] += time.thread_time() - start
 
     setattr(SbcCore, name, timed)
 
@@ -60,18 +65,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     ap.add_argument("--calls", type=int, default=2000, help="calls timed (2000)")
     ap.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported (3)")
+    ap.add_argument("--default-gc", action="store_true", help="Python's GC defaults, not the SBC's")
     args = ap.parse_args()
     for name in ("receive_datagram", "handle_timer", "media_event"):
         _timed(name)
-    run(200)  # warm-up
-    spent[0] = 0.0
-    wall = time.perf_counter()
-    run(args.calls)
-    wall = time.perf_counter() - wall
-    per_call = spent[0] / args.calls
+    run(200)  # warm-up: imports, caches
+    if not args.default_gc:
+        tune_gc()
+    per_call: list[float] = []
+    walls: list[float] = []
+    for _ in range(args.rounds):
+        spent[0] = 0.0
+        wall = time.perf_counter()
+        run(args.calls)
+        walls.append((time.perf_counter() - wall) / args.calls)
+        per_call.append(spent[0] / args.calls)
+    cpu = statistics.median(per_call)
+    rounds = ", ".join(f"{x * 1e6:.0f}" for x in per_call)
+    gc_mode = "default GC" if args.default_gc else "the SBC's GC settings"
     print(
-        f"core CPU per call: {per_call * 1e6:.0f} us (at most {1 / per_call:,.0f} calls/s on "
-        f"one core); wall per call with the test peers: {wall / args.calls * 1e6:.0f} us"
+        f"core CPU per call: {cpu * 1e6:.0f} us, median of {args.rounds} rounds ({rounds}) "
+        f"of {args.calls} calls with {gc_mode} (at most {1 / cpu:,.0f} calls/s on one core); "
+        f"wall per call with the test peers: {statistics.median(walls) * 1e6:.0f} us"
     )
     if args.profile:
         profile = cProfile.Profile()

@@ -527,7 +527,7 @@ async def _write_records(records: list[str], path: Path, stop: asyncio.Event) ->
             return
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """The SBC's per-message objects die by reference counting (calls break their cycles
     when they end), so the cyclic collector only has to catch strays: everything loaded at
     start is frozen out of its scans, and full collections, whose pause grows with every
@@ -541,7 +541,7 @@ def _tune_gc() -> None:
 def run(config: Config, path: str | Path | None = None) -> int:
     """Run the SBC until SIGTERM (drain, then stop) or SIGINT; SIGHUP re-reads ``path``.
     Returns the process exit code."""
-    _tune_gc()
+    tune_gc()
 
     async def main() -> None:
         stop = asyncio.Event()
