@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sbc.media import session as session_module
 from sbc.media.control import Command, Delete, SrtpKey, Update
 from sbc.media.session import MediaController, MediaPolicy, MediaRefused, SideMedia
 from sbc.sdp.sdes import Crypto
@@ -317,7 +318,7 @@ def predictable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         secrets, "token_bytes", lambda n: bytes((next(counter) * 7 + i) % 256 for i in range(n))
     )
-    monkeypatch.setattr(secrets, "randbelow", lambda n: next(ids) % n)
+    monkeypatch.setattr(session_module, "_origin_ids", lambda: tuple(next(ids) for _ in range(4)))
 
 
 def fixture_controller(core_srtp: str) -> MediaController:

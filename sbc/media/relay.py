@@ -1,13 +1,13 @@
 """The media relay's data plane: sans-I/O, one per worker.
 
-Why one module of about 890 lines: it is the per-packet path (latching, SRTP, RTCP,
+Why one module of about 900 lines: it is the per-packet path (latching, SRTP, RTCP,
 statistics, transcoding hand-off, timeouts); kept together so that the hot loop reads in
 one place and pays no lookups across modules for each packet.
 
 ``RelayEngine`` applies the control messages (``control.Update`` / ``control.Delete``) and
 relays packets: ``receive(port, data, src, now)`` returns ``(local port, bytes, destination)``
-to send, or None. Sockets are the caller's: ``update`` and ``delete`` say which local ports
-to open and close.
+to send, a ``Burst``, or None. Sockets are the caller's: ``update`` and ``delete`` say which
+local ports to open and close.
 
 Forwarding. Each stream has two parties; a packet that arrives on party X's RTP port, on its
 RTCP port (RTP port + 1, RFC 3550 11) or, when X uses rtcp-mux, on its RTP port with a
@@ -96,9 +96,7 @@ class Burst:
     dtmf: tuple[control.Dtmf, ...] = ()
 
 
-# What ``receive`` returns: nothing, one packet to send (the hot path: no allocation beyond
-# the tuple), or a Burst.
-Result = Out | Burst | None
+Result = Out | Burst | None  # what ``receive`` returns; one Out is the hot path
 Handler = Callable[[bytes, Address, float], Result]
 LocalPort = tuple[str, int]  # (bind address, port)
 

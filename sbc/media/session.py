@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,19 +34,22 @@ from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
 from sbc.media.control import CodecSpec, Command, Delete, Party, SendDtmf, SrtpKey, Stream, Update
 from sbc.sdp.sdes import SUPPORTED_SUITES, Crypto
-from sbc.sdp.sdp import Media, Origin, SdpError, Session
+from sbc.sdp.sdp import Line, Media, Origin, SdpError, Session
 
 log = logging.getLogger("sbc.media")
 
 SRTP_POLICIES = ("mandatory", "optional", "off")
 # Attributes that name end-to-end keying: the SBC then relays the packets untouched:
 # DTLS-SRTP (RFC 5763 5), MIKEY (RFC 4567), ZRTP (RFC 6189 8).
-END_TO_END_KEYING = ("fingerprint", "key-mgmt", "zrtp-hash")
+END_TO_END_KEYING = frozenset({"fingerprint", "key-mgmt", "zrtp-hash"})
 # ICE (RFC 8839 5) is removed: the parties are to use the relay, not each other.
-ICE_ATTRIBUTES = (
+ICE_ATTRIBUTES = frozenset({
     "candidate", "ice-ufrag", "ice-pwd", "ice-options", "ice-lite", "ice-mismatch",
     "remote-candidates", "end-of-candidates", "ice-pacing",
-)  # fmt: skip
+})  # fmt: skip
+# What names the far party's network in a media description: ICE, and a=rtcp with its
+# address (the SBC's RTCP port is RTP + 1, the RFC 3550 default).
+_FAR_NETWORK = ICE_ATTRIBUTES | {"rtcp"}
 RTP_PROTOS = frozenset({"RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF"})
 
 
@@ -190,10 +193,19 @@ class MediaSession:
         # offer can only be met by a codec the SBC added.
         self.transcoding = False
         self.transcoded: set[int] = set()  # m-line indices transcoded at some time
-        self.origins = {
-            "a": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
-            "b": _Origin(str(secrets.randbelow(2**62)), secrets.randbelow(2**20)),
-        }
+        a_id, a_version, b_id, b_version = _origin_ids()
+        self.origins = {"a": _Origin(str(a_id), a_version), "b": _Origin(str(b_id), b_version)}
+
+
+def _origin_ids() -> tuple[int, int, int, int]:
+    """The o= session id and first version towards each party (RFC 4566 5.2: a session id
+    unique enough, a version that only grows), from one read of the random source."""
+    r = int.from_bytes(os.urandom(21), "big")  # 2 x (62 + 20) bits
+    return r & _ID_MASK, (r >> 62) & _VERSION_MASK, (r >> 82) & _ID_MASK, r >> 144
+
+
+_ID_MASK = 2**62 - 1
+_VERSION_MASK = 2**20 - 1
 
 
 def _is_sdp(content_type: str | None) -> bool:
@@ -383,7 +395,7 @@ class MediaController:
         sides = dict(zip(("a", "b"), session.sides, strict=True))
         src_side = self.policy.sides[sides[src]]
         dst_side = self.policy.sides[sides[dst]]
-        session_keying = any(sdp.has(name) for name in END_TO_END_KEYING)
+        session_keying = bool(_attribute_names(sdp.lines) & END_TO_END_KEYING)
         usable = 0
         for i, m in enumerate(sdp.media):
             if i >= len(session.streams):
@@ -398,10 +410,11 @@ class MediaController:
                 continue
             # Keys end to end: keying the SBC cannot take part in, or SDES
             # keys the policy leaves to the parties (srtp_passthrough).
+            names = _attribute_names(m.lines)
             stream.passthrough = (
                 session_keying
-                or any(m.has(n) for n in END_TO_END_KEYING)
-                or (self.policy.srtp_passthrough and m.has("crypto"))
+                or bool(names & END_TO_END_KEYING)
+                or (self.policy.srtp_passthrough and "crypto" in names)
             )
             stream.offered = None
             if not stream.passthrough and _transcodable_media(m):
@@ -693,10 +706,10 @@ class MediaController:
 
     def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
         """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE."""
-        for name in ICE_ATTRIBUTES:
-            sdp.remove(name)
+        _drop_attributes(sdp.lines, ICE_ATTRIBUTES)
         family = "IP6" if ":" in side.advertise else "IP4"
-        if sdp.connection is not None and not _is_null(sdp.connection[1]):
+        conn = sdp.connection
+        if conn is not None and not _is_null(conn[1]):
             sdp.connection = (family, side.advertise)
         # s= may name the far side's product (s=Asterisk): the SBC's own session name.
         sdp.lines = [("s", "-") if kind == "s" else (kind, v) for kind, v in sdp.lines]
@@ -760,9 +773,10 @@ def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
     """The media's c=: the SBC's address (0.0.0.0 kept for hold, RFC 3264 8.4), at the
     level where the party put it (the session-level c= is rewritten in ``_finish``)."""
     family = "IP6" if ":" in address else "IP4"
-    if m.connection is not None or sdp.connection is None:
+    session_conn = sdp.connection
+    if session_conn is None or m.connection is not None:
         m.connection = (family, "0.0.0.0" if held else address)
-    elif held != _is_null(sdp.connection[1]):
+    elif held != _is_null(session_conn[1]):
         # This m-line's hold state differs from the session-level address: its own c=.
         m.connection = (family, "0.0.0.0" if held else address)
 
@@ -776,6 +790,18 @@ def _transcodable_media(m: Media) -> bool:
 def _strip(m: Media) -> None:
     """What names the far party's network is not passed on: ICE, a=rtcp with its address
     (the SBC's RTCP port is RTP + 1, the RFC 3550 default), and ptime-neutral extras stay."""
-    for name in ICE_ATTRIBUTES:
-        m.remove(name)
-    m.remove("rtcp")
+    _drop_attributes(m.lines, _FAR_NETWORK)
+
+
+def _attribute_names(lines: list[Line]) -> set[str]:
+    """The names of the a= lines (a=name or a=name:value, RFC 4566 5.13)."""
+    return {value.partition(":")[0] for kind, value in lines if kind == "a"}
+
+
+def _drop_attributes(lines: list[Line], names: frozenset[str]) -> None:
+    """Remove every a=name and a=name:value line whose name is in ``names``, in one pass;
+    the list is left as it is when there is none (the common case)."""
+    if any(kind == "a" and value.partition(":")[0] in names for kind, value in lines):
+        lines[:] = [
+            line for line in lines if line[0] != "a" or line[1].partition(":")[0] not in names
+        ]
