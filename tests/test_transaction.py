@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -10,6 +11,7 @@ from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message
 from sbc.sip.transaction import (
     ClientTransaction,
+    Event,
     InviteClientTransaction,
     InviteServerTransaction,
     NonInviteClientTransaction,
@@ -19,6 +21,7 @@ from sbc.sip.transaction import (
     ResponseReceived,
     Send,
     ServerTransaction,
+    TimerName,
     Timers,
     TransactionLayer,
     TransactionState,
@@ -897,3 +900,162 @@ def test_many_transactions_next_deadline_is_the_minimum() -> None:
     timeouts = only([o for _, o in events], TransactionTimeout)
     assert len(terminated) == 3000 and len(timeouts) == 3
     assert len(layer) == 0 and layer.next_deadline() is None
+
+
+# -- the transition tables against the RFC figures --------------------------------------------
+
+E = Event
+# Every arc of each figure: (state, event) -> next state. RFC 3261 figure 5 as replaced by
+# RFC 6026 8.4 (INVITE client), figure 6, figure 7 as replaced by RFC 6026 8.7 (INVITE
+# server), figure 8. "200-699" arcs of figures 6 and 8 are the 2xx and the 300-699 events.
+RFC_ARCS: dict[type, dict[tuple[TransactionState, Event], TransactionState]] = {
+    InviteClientTransaction: {
+        (S.CALLING, E.TIMER_A): S.CALLING,
+        (S.CALLING, E.TIMER_B): S.TERMINATED,
+        (S.CALLING, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.CALLING, E.RECV_1XX): S.PROCEEDING,
+        (S.CALLING, E.RECV_2XX): S.ACCEPTED,
+        (S.CALLING, E.RECV_300_699): S.COMPLETED,
+        (S.PROCEEDING, E.RECV_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.RECV_2XX): S.ACCEPTED,
+        (S.PROCEEDING, E.RECV_300_699): S.COMPLETED,
+        (S.COMPLETED, E.RECV_300_699): S.COMPLETED,
+        (S.COMPLETED, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.COMPLETED, E.TIMER_D): S.TERMINATED,
+        (S.ACCEPTED, E.RECV_2XX): S.ACCEPTED,
+        (S.ACCEPTED, E.TIMER_M): S.TERMINATED,
+    },
+    NonInviteClientTransaction: {
+        **{
+            (state, event): target
+            for state in (S.TRYING, S.PROCEEDING)
+            for event, target in (
+                (E.TIMER_E, state),
+                (E.TIMER_F, S.TERMINATED),
+                (E.TRANSPORT_ERROR, S.TERMINATED),
+                (E.RECV_1XX, S.PROCEEDING),
+                (E.RECV_2XX, S.COMPLETED),
+                (E.RECV_300_699, S.COMPLETED),
+            )
+        },
+        (S.COMPLETED, E.TIMER_K): S.TERMINATED,
+    },
+    InviteServerTransaction: {
+        (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
+        (S.PROCEEDING, E.TU_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.TU_2XX): S.ACCEPTED,
+        (S.PROCEEDING, E.TU_300_699): S.COMPLETED,
+        (S.PROCEEDING, E.TRANSPORT_ERROR): S.PROCEEDING,  # RFC 6026: inform the TU, stay
+        (S.COMPLETED, E.REQUEST): S.COMPLETED,
+        (S.COMPLETED, E.TIMER_G): S.COMPLETED,
+        (S.COMPLETED, E.ACK): S.CONFIRMED,
+        (S.COMPLETED, E.TIMER_H): S.TERMINATED,
+        (S.COMPLETED, E.TRANSPORT_ERROR): S.COMPLETED,  # RFC 6026: inform the TU, stay
+        (S.CONFIRMED, E.TIMER_I): S.TERMINATED,
+        (S.ACCEPTED, E.REQUEST): S.ACCEPTED,
+        (S.ACCEPTED, E.ACK): S.ACCEPTED,
+        (S.ACCEPTED, E.TU_2XX): S.ACCEPTED,
+        (S.ACCEPTED, E.TRANSPORT_ERROR): S.ACCEPTED,  # RFC 6026: inform the TU, stay
+        (S.ACCEPTED, E.TIMER_L): S.TERMINATED,
+    },
+    NonInviteServerTransaction: {
+        (S.TRYING, E.TU_1XX): S.PROCEEDING,
+        (S.TRYING, E.TU_2XX): S.COMPLETED,
+        (S.TRYING, E.TU_300_699): S.COMPLETED,
+        (S.PROCEEDING, E.REQUEST): S.PROCEEDING,
+        (S.PROCEEDING, E.TU_1XX): S.PROCEEDING,
+        (S.PROCEEDING, E.TU_2XX): S.COMPLETED,
+        (S.PROCEEDING, E.TU_300_699): S.COMPLETED,
+        (S.PROCEEDING, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.COMPLETED, E.REQUEST): S.COMPLETED,
+        (S.COMPLETED, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.COMPLETED, E.TIMER_J): S.TERMINATED,
+    },
+}
+
+# What the tables do beyond the figures, each for a reason in the RFC's text or the TU's
+# needs. TRANSPORT_ERROR is also how the TU gives a transaction up
+# (TransactionLayer.terminate: request_timeout failover, RFC 3261 9.1), so it leads to
+# Terminated from every state, where RFC 6026 8.7 keeps an INVITE server transaction alive.
+EXTRA_ARCS: dict[type, dict[tuple[TransactionState, Event], TransactionState]] = {
+    InviteClientTransaction: {
+        (S.PROCEEDING, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.ACCEPTED, E.TRANSPORT_ERROR): S.TERMINATED,
+    },
+    NonInviteClientTransaction: {(S.COMPLETED, E.TRANSPORT_ERROR): S.TERMINATED},
+    InviteServerTransaction: {
+        (S.PROCEEDING, E.TIMER_TRYING): S.PROCEEDING,  # RFC 3261 17.2.1: 100 Trying
+        (S.CONFIRMED, E.ACK): S.CONFIRMED,  # RFC 3261 17.2.1: absorbs further ACKs
+        (S.PROCEEDING, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.COMPLETED, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.CONFIRMED, E.TRANSPORT_ERROR): S.TERMINATED,
+        (S.ACCEPTED, E.TRANSPORT_ERROR): S.TERMINATED,
+    },
+    NonInviteServerTransaction: {(S.TRYING, E.TRANSPORT_ERROR): S.TERMINATED},
+}
+
+KINDS = list(RFC_ARCS)
+
+
+def arcs(kind: type) -> dict[tuple[TransactionState, Event], TransactionState]:
+    """The kind's compiled table as (state, event) -> next state."""
+    return {
+        (state, event): target
+        for state, row in kind._rows.items()
+        for event, (target, _, _) in row.items()
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_table_has_every_arc_of_the_rfc_figure_and_nothing_else(kind: type) -> None:
+    table = arcs(kind)
+    rfc, extra = RFC_ARCS[kind], EXTRA_ARCS[kind]
+    missing = set(rfc) - set(table)
+    assert not missing, f"arcs of the RFC figure not in the table: {missing}"
+    unexplained = set(table) - set(rfc) - set(extra)
+    assert not unexplained, f"arcs in the table the RFC figure does not have: {unexplained}"
+    expected = {**rfc, **extra}
+    assert {pair: table[pair] for pair in expected} == expected
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_table_states_are_reachable_and_terminated_is_final(kind: type) -> None:
+    rows = kind._rows
+    # Terminated has no way out; every row entry points at the row of its next state.
+    assert rows[S.TERMINATED] == {}
+    for row in rows.values():
+        for target, target_row, effect in row.values():
+            assert target_row is rows[target]
+            assert getattr(kind, effect.__name__) is effect  # an effect of this kind
+    used = {s for s, row in rows.items() if row} | {t for (_, _), t in arcs(kind).items()}
+    reached, todo = {kind._INITIAL}, [kind._INITIAL]
+    while todo:
+        for target, _, _ in rows[todo.pop()].values():
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert reached == used, f"unreachable: {used - reached}"
+    # And every state leads to Terminated.
+    for start in used:
+        seen, todo = {start}, [start]
+        while todo:
+            for target, _, _ in rows[todo.pop()].values():
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        assert S.TERMINATED in seen, start
+
+
+def test_initial_states_and_timer_events() -> None:
+    layer = TransactionLayer()
+    for method, reliable in (("INVITE", False), ("OPTIONS", True)):
+        client, _ = layer.send_request(request(method), dest=DEST, reliable=reliable, now=0.0)
+        _, server, _ = layer.receive_request(request(method), dest=DEST, reliable=True, now=0.0)
+        assert server is not None
+        for tx in (client, server):
+            assert state(tx) is type(tx)._INITIAL
+            layer.terminate(tx)
+    assert len(layer) == 0
+    # A timer's event carries the timer's name, as pending_timers() shows it.
+    timers = {e.value for e in Event if e.name.startswith("TIMER_")}
+    assert timers == set(get_args(TimerName))

@@ -5,22 +5,17 @@ monotonic origin) and returns a list of outputs: messages to send (to an opaque 
 TU supplied), responses and failures for the TU, and terminations. The owner arms one timer
 at ``next_deadline()`` and calls ``handle_timer(now)`` when it expires.
 
-State machines (RFC 3261 figures 5-8, as corrected by RFC 6026 figures 3-4):
-
-    INVITE client      Calling -> Proceeding -> Completed (300-699, timer D) -> Terminated
-                       Calling/Proceeding -> Accepted (2xx, timer M) -> Terminated
-    non-INVITE client  Trying -> Proceeding -> Completed (timer K) -> Terminated
-    INVITE server      Proceeding -> Completed (300-699, timers G, H) -> Confirmed (ACK,
-                       timer I) -> Terminated;  Proceeding -> Accepted (2xx, timer L) -> Terminated
-    non-INVITE server  Trying -> Proceeding -> Completed (timer J) -> Terminated
-
+Each kind of transaction is one transition table, ``_TABLE`` at the end of its class, headed by
+the RFC figure it implements (RFC 3261 figures 5-8; 5 and 7 as replaced by RFC 6026 8.4,
+8.7): (state, ``Event``) -> (next state, effect). ``_fire`` looks the event up, moves the
+state, then runs the effect; an event with no entry in the current state is discarded.
 A transaction that reaches Terminated is removed from the layer and reported with a
 ``TransactionTerminated`` output so that the TU can drop its references.
 
-Why one module of about 860 lines: the four state machines share their timers, their
+Why one module of about 900 lines: the four state machines share their timers, their
 outputs and the layer that matches requests, ACKs, CANCELs and responses to them (RFC 3261
 17.1.3, 17.2.3); a reader checking one against the RFC's figures needs the others and the
-matching beside it. (Writing the transitions as one table per kind is still to do.)
+matching beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ import enum
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 from sbc.deadlines import Deadlines
 from sbc.sip.headers import MAGIC_COOKIE
@@ -192,6 +187,51 @@ ClientKey: TypeAlias = tuple[str, str]
 _S = TransactionState
 
 
+class Event(enum.Enum):
+    """What moves a transaction: the arcs of RFC 3261 figures 5-8 and RFC 6026 8.4, 8.7."""
+
+    __hash__ = object.__hash__  # members are singletons: one C-level hash per table lookup
+
+    REQUEST = "request retransmitted"  # server: the request again (RFC 3261 17.2.1, 17.2.2)
+    ACK = "ACK"  # INVITE server: an ACK matching the transaction (RFC 3261 17.2.3)
+    TU_1XX, TU_2XX, TU_300_699 = "1xx from TU", "2xx from TU", "300-699 from TU"
+    RECV_1XX, RECV_2XX, RECV_300_699 = "1xx received", "2xx received", "300-699 received"
+    # Timers (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1, 17.2.2; RFC 6026 7.1, 7.2), valued by their
+    # name in pending_timers(); "trying": 100 Trying if the TU is silent 200 ms (17.2.1).
+    TIMER_A, TIMER_B, TIMER_D, TIMER_E, TIMER_F, TIMER_G = "A", "B", "D", "E", "F", "G"
+    TIMER_H, TIMER_I, TIMER_J, TIMER_K, TIMER_L, TIMER_M = "H", "I", "J", "K", "L", "M"
+    TIMER_TRYING = "trying"
+    # A transport error (RFC 3261 17.1.4, 17.2.4) or the TU giving the transaction up
+    # (TransactionLayer.terminate, e.g. RFC 3261 9.1): Terminated from every state.
+    TRANSPORT_ERROR = "transport error"
+
+
+_TIMER_EVENTS: dict[str, Event] = {e.value: e for e in Event if e.name.startswith("TIMER_")}
+# The events the hot paths fire, as module names (an Enum class attribute lookup is slow).
+_REQUEST, _ACK, _TRANSPORT_ERROR = Event.REQUEST, Event.ACK, Event.TRANSPORT_ERROR
+_TU_1XX, _TU_2XX, _TU_300_699 = Event.TU_1XX, Event.TU_2XX, Event.TU_300_699
+_RECV_1XX, _RECV_2XX, _RECV_300_699 = Event.RECV_1XX, Event.RECV_2XX, Event.RECV_300_699
+_ANY = None  # the state of a table entry that every state with a row shares
+
+_Public: TypeAlias = "ClientTransaction | ServerTransaction"
+# A transition table: (state or _ANY, event) -> (next state, effect), where an effect is
+# (transaction, now, the response of a response event or None) -> outputs.
+_Effect: TypeAlias = Callable[[Any, float, Response | None], list[Output]]
+_Table: TypeAlias = dict[tuple[TransactionState | None, Event], tuple[TransactionState, _Effect]]
+# A state's row of a compiled table: event -> (next state, its row, effect).
+_Row: TypeAlias = "dict[Event, tuple[TransactionState, _Row, _Effect]]"
+
+
+def _compile(table: _Table) -> dict[TransactionState, _Row]:
+    """Rows per state, each entry holding the next state's row: ``_fire`` hashes one event."""
+    rows: dict[TransactionState, _Row] = {state: {} for state in TransactionState}
+    states = {state for state, _ in table if state is not None}
+    for (state, event), (target, effect) in table.items():
+        for source in states if state is None else (state,):
+            rows[source][event] = (target, rows[target], effect)
+    return rows
+
+
 # -- helpers that build requests -------------------------------------------------------------
 
 
@@ -310,23 +350,42 @@ def _ack_key_2543(request: Request) -> ServerKey:
 
 
 class _Transaction:
-    __slots__ = ("_layer", "_timers", "dest", "reliable", "request", "state")
+    __slots__ = (
+        "_interval",
+        "_layer",
+        "_row",
+        "_timers",
+        "dest",
+        "key",
+        "last_response",
+        "reliable",
+        "request",
+        "state",
+    )
+
+    _INITIAL: ClassVar[TransactionState]  # where the kind's table starts
+    _rows: ClassVar[dict[TransactionState, _Row]]  # the kind's table, compiled
 
     def __init__(
         self,
         layer: TransactionLayer,
         request: Request,
         *,
+        key: ServerKey | ClientKey,
         dest: object,
         reliable: bool,
-        state: TransactionState,
+        state: TransactionState | None = None,
     ) -> None:
         self._layer = layer
         self.request = request
+        self.key = key
         self.dest = dest
         self.reliable = reliable
-        self.state = state
+        self.state = state = self._INITIAL if state is None else state
+        self._row = self._rows[state]  # the current state's row of the table
         self._timers: dict[TimerName, float] = {}  # armed timers: name -> deadline
+        self.last_response: Response | None = None
+        self._interval = 0.0  # current timer A, E or G interval
 
     @property
     def timers(self) -> Timers:
@@ -335,6 +394,17 @@ class _Transaction:
     def pending_timers(self) -> dict[str, float]:
         """Armed timers by name (A, B, ... , "trying") and their deadlines."""
         return {str(name): deadline for name, deadline in self._timers.items()}
+
+    def _start(self, now: float) -> list[Output]:
+        return []  # entering the initial state; RFC 3261 17.2.2: a non-INVITE server waits
+
+    def _fire(self, event: Event, now: float, response: Response | None = None) -> list[Output]:
+        """One step: move to the next state, then run the effect; no entry: discarded."""
+        step = self._row.get(event)
+        if step is None:
+            return []
+        self.state, self._row, effect = step
+        return effect(self, now, response)
 
     def _set_timer(self, name: TimerName, deadline: float) -> None:
         self._timers[name] = deadline
@@ -345,17 +415,18 @@ class _Transaction:
             if self._timers.pop(name, None) is not None:
                 self._layer._deadlines.cancel((self, name))
 
-    def _terminate(self) -> list[Output]:
-        self.state = _S.TERMINATED
+    # Effects shared by the kinds: (self, now, response) -> outputs, run after the move.
+    def _terminate(self, now: float, response: Response | None) -> list[Output]:
         self._cancel_timer(*list(self._timers))
         self._layer._remove(self)
-        return [TransactionTerminated(transaction=self._as_output())]
+        return [TransactionTerminated(transaction=cast(_Public, self))]
 
-    def _as_output(self) -> ClientTransaction | ServerTransaction:
-        raise NotImplementedError
+    def _timeout(self, now: float, response: Response | None) -> list[Output]:
+        # Timer B, F (RFC 3261 17.1.1.2, 17.1.2.2) or H (17.2.1): tell the TU.
+        return [TransactionTimeout(transaction=cast(_Public, self)), *self._terminate(now, None)]
 
-    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
-        raise NotImplementedError
+    def _absorb(self, now: float, response: Response | None) -> list[Output]:
+        return []  # an arc labelled "-" in the RFC's figure
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.request.method} {self.state.value}>"
@@ -364,44 +435,31 @@ class _Transaction:
 class ServerTransaction(_Transaction):
     """A server transaction (RFC 3261 17.2). The TU answers through ``respond``."""
 
-    __slots__ = ("key", "last_response")
-
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        request: Request,
-        *,
-        key: ServerKey,
-        dest: object,
-        reliable: bool,
-        state: TransactionState,
-    ) -> None:
-        super().__init__(layer, request, dest=dest, reliable=reliable, state=state)
-        self.key = key
-        self.last_response: Response | None = None
+    __slots__ = ()
+    key: ServerKey
 
     def respond(self, response: Response, now: float) -> list[Output]:
         """Send a response from the TU. Responses the state does not allow are discarded
         (RFC 3261 17.2.2: further finals in Completed) and give no output."""
-        raise NotImplementedError
+        status = response.status
+        event = _TU_1XX if status < 200 else _TU_2XX if status < 300 else _TU_300_699
+        return self._fire(event, now, response)
 
-    def _as_output(self) -> ServerTransaction:
-        return self
+    def _send_response(self, now: float, response: Response | None) -> list[Output]:
+        assert response is not None
+        self.last_response = response
+        return [Send(message=response, dest=self.dest)]
 
-    def _start(self, now: float) -> list[Output]:
-        raise NotImplementedError
-
-    def _on_retransmission(self, now: float) -> list[Output]:
-        raise NotImplementedError
-
-    def _send(self, response: Response) -> Send:
-        return Send(message=response, dest=self.dest)
+    def _resend(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.2.1, 17.2.2: a retransmitted request gets the most recent response.
+        last = self.last_response
+        return [] if last is None else [Send(message=last, dest=self.dest)]
 
 
 class InviteServerTransaction(ServerTransaction):
     """RFC 3261 17.2.1 with the RFC 6026 7.1 Accepted state."""
 
-    __slots__ = ("_ack_key", "_g_interval")
+    __slots__ = ("_ack_key",)
 
     def __init__(
         self,
@@ -412,8 +470,7 @@ class InviteServerTransaction(ServerTransaction):
         dest: object,
         reliable: bool,
     ) -> None:
-        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.PROCEEDING)
-        self._g_interval = 0.0
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable)
         # RFC 2543 ACK matching key, kept from creation (the TU may edit the request later).
         self._ack_key: ServerKey | None = None if key[0] == "3261" else _ack_key_2543(request)
 
@@ -421,65 +478,20 @@ class InviteServerTransaction(ServerTransaction):
         # RFC 3261 17.2.1: 100 Trying unless the TU answers within 200 ms.
         delay = self.timers.trying_delay
         if delay <= 0:
-            return self._send_trying()
+            return self._send_trying(now, None)
         self._set_timer("trying", now + delay)
         return []
 
-    def _send_trying(self) -> list[Output]:
-        self.last_response = make_response(self.request, 100)
-        return [self._send(self.last_response)]
-
-    def respond(self, response: Response, now: float) -> list[Output]:
-        status = response.status
-        if self.state is _S.PROCEEDING:
-            self._cancel_timer("trying")
-            self.last_response = response
-            out: list[Output] = [self._send(response)]
-            if status < 200:
-                return out  # RFC 3261 17.2.1: provisional, stay in Proceeding
-            if status < 300:
-                # RFC 6026 7.1: 2xx -> Accepted, timer L; the TU retransmits the 2xx itself.
-                self.state = _S.ACCEPTED
-                self._set_timer("L", now + self.timers.timer_l)
-                return out
-            # RFC 3261 17.2.1: 300-699 -> Completed; timer G (unreliable only) and timer H.
-            self.state = _S.COMPLETED
-            if not self.reliable:
-                self._g_interval = self.timers.t1
-                self._set_timer("G", now + self._g_interval)
-            self._set_timer("H", now + self.timers.timer_h)
-            return out
-        if self.state is _S.ACCEPTED and 200 <= status < 300:
-            # RFC 6026 7.1: 2xx retransmissions from the TU go to the transport in Accepted.
-            self.last_response = response
-            return [self._send(response)]
-        return []
-
-    def _on_retransmission(self, now: float) -> list[Output]:
-        if self.state is _S.PROCEEDING:
-            # RFC 3261 17.2.1: re-send the most recent provisional response, if any.
-            return [] if self.last_response is None else [self._send(self.last_response)]
-        if self.state is _S.COMPLETED and self.last_response is not None:
-            # RFC 3261 17.2.1: re-send the final response.
-            return [self._send(self.last_response)]
-        # Confirmed: absorbed. Accepted: absorbed (RFC 6026 7.1).
-        return []
-
     def _on_ack(self, now: float) -> tuple[RequestDisposition, list[Output]]:
-        if self.state is _S.COMPLETED:
-            # RFC 3261 17.2.1: ACK -> Confirmed, stop G and H, start I (0 on reliable).
-            self.state = _S.CONFIRMED
-            self._cancel_timer("G", "H")
-            wait = self.timers.timer_i(self.reliable)
-            if wait <= 0:
-                return RequestDisposition.ACK_ABSORBED, self._terminate()
-            self._set_timer("I", now + wait)
-            return RequestDisposition.ACK_ABSORBED, []
-        if self.state is _S.CONFIRMED:
-            return RequestDisposition.ACK_ABSORBED, []  # RFC 3261 17.2.1: absorb further ACKs
+        # Where the ACK went: to the TU in Accepted (RFC 6026 7.1), absorbed in Completed and
+        # Confirmed (RFC 3261 17.2.1), stray before any final response (no ACK arc there).
         if self.state is _S.ACCEPTED:
-            return RequestDisposition.ACK_TO_TU, []  # RFC 6026 7.1: passed to the TU
-        return RequestDisposition.STRAY, []  # no final response sent yet
+            disposition = RequestDisposition.ACK_TO_TU
+        elif _ACK in self._row:
+            disposition = RequestDisposition.ACK_ABSORBED
+        else:
+            disposition = RequestDisposition.STRAY
+        return disposition, self._fire(_ACK, now)
 
     def _ack_tag_matches(self, ack: Request) -> bool:
         """RFC 3261 17.2.3 (RFC 2543 ACK): the To tag equals that of the response sent."""
@@ -489,20 +501,67 @@ class InviteServerTransaction(ServerTransaction):
         got = ack.to
         return (None if sent is None else sent.tag) == (None if got is None else got.tag)
 
-    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
-        if name == "trying":
-            return self._send_trying() if self.state is _S.PROCEEDING else []
-        if name == "G" and self.state is _S.COMPLETED and self.last_response is not None:
-            # RFC 3261 17.2.1: retransmit, interval doubles up to T2.
-            self._g_interval = min(2 * self._g_interval, self.timers.t2)
-            self._set_timer("G", now + self._g_interval)
-            return [self._send(self.last_response)]
-        if name == "H" and self.state is _S.COMPLETED:
-            # RFC 3261 17.2.1: the ACK never came; tell the TU.
-            return [TransactionTimeout(transaction=self), *self._terminate()]
-        if name in ("I", "L"):
-            return self._terminate()  # RFC 3261 17.2.1 timer I; RFC 6026 7.1 timer L
+    def _send_trying(self, now: float, response: Response | None) -> list[Output]:
+        self.last_response = make_response(self.request, 100)
+        return [Send(message=self.last_response, dest=self.dest)]
+
+    def _answer(self, now: float, response: Response | None) -> list[Output]:
+        self._cancel_timer("trying")  # the TU answered: no 100 Trying of our own
+        return self._send_response(now, response)
+
+    def _accept(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 6026 7.1: timer L; the TU retransmits the 2xx itself.
+        out = self._answer(now, response)
+        self._set_timer("L", now + self.timers.timer_l)
+        return out
+
+    def _reject(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.2.1: timer G (unreliable only) and timer H.
+        out = self._answer(now, response)
+        if not self.reliable:
+            self._interval = self.timers.t1
+            self._set_timer("G", now + self._interval)
+        self._set_timer("H", now + self.timers.timer_h)
+        return out
+
+    def _retransmit(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.2.1: timer G re-sends the final response, its interval doubling up to T2.
+        if self.last_response is None:
+            return []
+        self._interval = min(2 * self._interval, self.timers.t2)
+        self._set_timer("G", now + self._interval)
+        return [Send(message=self.last_response, dest=self.dest)]
+
+    def _confirm(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.2.1: stop G and H, start I (zero on reliable transports: fires at once).
+        self._cancel_timer("G", "H")
+        wait = self.timers.timer_i(self.reliable)
+        if wait <= 0:
+            return self._fire(Event.TIMER_I, now)
+        self._set_timer("I", now + wait)
         return []
+
+    # RFC 3261 figure 7 as replaced by RFC 6026 8.7.
+    _INITIAL = _S.PROCEEDING
+    _TABLE: ClassVar[_Table] = {
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
+        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, ServerTransaction._resend),
+        (_S.PROCEEDING, Event.TIMER_TRYING): (_S.PROCEEDING, _send_trying),
+        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, _answer),
+        (_S.PROCEEDING, Event.TU_2XX): (_S.ACCEPTED, _accept),
+        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, _reject),
+        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, ServerTransaction._resend),
+        (_S.COMPLETED, Event.TIMER_G): (_S.COMPLETED, _retransmit),
+        (_S.COMPLETED, Event.ACK): (_S.CONFIRMED, _confirm),
+        (_S.COMPLETED, Event.TIMER_H): (_S.TERMINATED, _Transaction._timeout),
+        (_S.CONFIRMED, Event.ACK): (_S.CONFIRMED, _Transaction._absorb),  # RFC 3261 17.2.1
+        (_S.CONFIRMED, Event.TIMER_I): (_S.TERMINATED, _Transaction._terminate),
+        (_S.ACCEPTED, Event.REQUEST): (_S.ACCEPTED, _Transaction._absorb),
+        (_S.ACCEPTED, Event.ACK): (_S.ACCEPTED, _Transaction._absorb),  # to the TU: _on_ack
+        (_S.ACCEPTED, Event.TU_2XX): (_S.ACCEPTED, ServerTransaction._send_response),
+        (_S.ACCEPTED, Event.TIMER_L): (_S.TERMINATED, _Transaction._terminate),
+    }
+    _rows = _compile(_TABLE)
 
 
 class NonInviteServerTransaction(ServerTransaction):
@@ -510,83 +569,49 @@ class NonInviteServerTransaction(ServerTransaction):
 
     __slots__ = ()
 
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        request: Request,
-        *,
-        key: ServerKey,
-        dest: object,
-        reliable: bool,
-    ) -> None:
-        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.TRYING)
-
-    def _start(self, now: float) -> list[Output]:
-        return []
-
-    def respond(self, response: Response, now: float) -> list[Output]:
-        if self.state not in (_S.TRYING, _S.PROCEEDING):
-            return []  # RFC 3261 17.2.2: further finals in Completed are discarded
-        self.last_response = response
-        out: list[Output] = [self._send(response)]
-        if response.status < 200:
-            self.state = _S.PROCEEDING
-            return out
-        # RFC 3261 17.2.2: final -> Completed, timer J (64*T1 unreliable, 0 reliable).
-        self.state = _S.COMPLETED
+    def _complete(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.2.2: timer J (64*T1 unreliable; zero reliable: fires at once).
+        out = self._send_response(now, response)
         wait = self.timers.timer_j(self.reliable)
         if wait <= 0:
-            return out + self._terminate()
+            return out + self._fire(Event.TIMER_J, now)
         self._set_timer("J", now + wait)
         # Kept 32 s only to absorb retransmissions: no need for the parsed views.
         self.request.release_views()
+        assert response is not None
         response.release_views()
         return out
 
-    def _on_retransmission(self, now: float) -> list[Output]:
-        # RFC 3261 17.2.2: absorbed in Trying; the last response is re-sent otherwise.
-        if self.state is _S.TRYING or self.last_response is None:
-            return []
-        return [self._send(self.last_response)]
-
-    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
-        if name == "J":
-            return self._terminate()
-        return []
+    # RFC 3261 figure 8. Discarded: the request again in Trying, the TU's responses in Completed.
+    _INITIAL = _S.TRYING
+    _TABLE: ClassVar[_Table] = {
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
+        (_S.TRYING, Event.TU_1XX): (_S.PROCEEDING, ServerTransaction._send_response),
+        (_S.TRYING, Event.TU_2XX): (_S.COMPLETED, _complete),
+        (_S.TRYING, Event.TU_300_699): (_S.COMPLETED, _complete),
+        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, ServerTransaction._resend),
+        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, ServerTransaction._send_response),
+        (_S.PROCEEDING, Event.TU_2XX): (_S.COMPLETED, _complete),
+        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, _complete),
+        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, ServerTransaction._resend),
+        (_S.COMPLETED, Event.TIMER_J): (_S.TERMINATED, _Transaction._terminate),
+    }
+    _rows = _compile(_TABLE)
 
 
 class ClientTransaction(_Transaction):
     """A client transaction (RFC 3261 17.1). Created by ``TransactionLayer.send_request``."""
 
-    __slots__ = ("_interval", "key", "last_response")
+    __slots__ = ()
+    key: ClientKey
 
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        request: Request,
-        *,
-        key: ClientKey,
-        dest: object,
-        reliable: bool,
-        state: TransactionState,
-    ) -> None:
-        super().__init__(layer, request, dest=dest, reliable=reliable, state=state)
-        self.key = key
-        self.last_response: Response | None = None
-        self._interval = 0.0  # current timer A / E interval
-
-    def _as_output(self) -> ClientTransaction:
-        return self
-
-    def _start(self, now: float) -> list[Output]:
-        raise NotImplementedError
-
-    def _on_response(self, response: Response, now: float) -> list[Output]:
-        raise NotImplementedError
-
-    def _received(self, response: Response) -> ResponseReceived:
+    def _received(self, response: Response | None) -> ResponseReceived:
+        assert response is not None
         self.last_response = response
         return ResponseReceived(transaction=self, response=response)
+
+    def _pass_up(self, now: float, response: Response | None) -> list[Output]:
+        return [self._received(response)]
 
 
 class InviteClientTransaction(ClientTransaction):
@@ -603,7 +628,7 @@ class InviteClientTransaction(ClientTransaction):
         dest: object,
         reliable: bool,
     ) -> None:
-        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.CALLING)
+        super().__init__(layer, request, key=key, dest=dest, reliable=reliable)
         self.ack: Request | None = None  # the ACK sent for a 300-699 final (RFC 3261 17.1.1.3)
 
     def _start(self, now: float) -> list[Output]:
@@ -614,66 +639,64 @@ class InviteClientTransaction(ClientTransaction):
         self._set_timer("B", now + self.timers.timer_b)
         return [Send(message=self.request, dest=self.dest)]
 
-    def _on_response(self, response: Response, now: float) -> list[Output]:
-        status = response.status
-        if self.state in (_S.CALLING, _S.PROCEEDING):
-            # RFC 3261 17.1.1.2: any response stops A; B only fires in Calling.
-            self._cancel_timer("A", "B")
-            if status < 200:
-                self.state = _S.PROCEEDING
-                return [self._received(response)]
-            if status < 300:
-                # RFC 6026 7.2: 2xx -> Accepted, timer M; the TU (UAC core) sends the ACK.
-                self.state = _S.ACCEPTED
-                self._set_timer("M", now + self.timers.timer_m)
-                return [self._received(response)]
-            # RFC 3261 17.1.1.2: 300-699 -> Completed; ACK, pass the response up, timer D.
-            self.state = _S.COMPLETED
-            self.ack = non2xx_ack(self.request, response)
-            out: list[Output] = [Send(message=self.ack, dest=self.dest), self._received(response)]
-            wait = self.timers.timer_d(self.reliable)
-            if wait <= 0:
-                return out + self._terminate()
-            self._set_timer("D", now + wait)
-            return out
-        if self.state is _S.COMPLETED:
-            if status >= 300 and self.ack is not None:
-                # RFC 3261 17.1.1.2: a retransmitted final is ACKed again, not passed up.
-                return [Send(message=self.ack, dest=self.dest)]
-            return []
-        if self.state is _S.ACCEPTED and 200 <= status < 300:
-            # RFC 6026 7.2 / 8.4: every further 2xx goes to the TU.
-            return [self._received(response)]
-        return []
+    def _retransmit(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.1.2: timer A re-sends the INVITE and doubles its interval.
+        self._interval *= 2
+        self._set_timer("A", now + self._interval)
+        return [Send(message=self.request, dest=self.dest)]
 
-    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
-        if name == "A" and self.state is _S.CALLING:
-            # RFC 3261 17.1.1.2: retransmit, double the interval.
-            self._interval *= 2
-            self._set_timer("A", now + self._interval)
-            return [Send(message=self.request, dest=self.dest)]
-        if name == "B" and self.state is _S.CALLING:
-            return [TransactionTimeout(transaction=self), *self._terminate()]
-        if name in ("D", "M"):
-            return self._terminate()  # RFC 3261 17.1.1.2 timer D; RFC 6026 7.2 timer M
-        return []
+    def _proceed(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.1.2: any response stops A; B only fires in Calling.
+        self._cancel_timer("A", "B")
+        return [self._received(response)]
+
+    def _accept(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 6026 7.2: timer M; the TU (UAC core) sends the ACK.
+        self._cancel_timer("A", "B")
+        self._set_timer("M", now + self.timers.timer_m)
+        return [self._received(response)]
+
+    def _complete(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.1.2: ACK, pass the response up, timer D (zero reliable: fires at once).
+        assert response is not None
+        self._cancel_timer("A", "B")
+        self.ack = non2xx_ack(self.request, response)
+        out: list[Output] = [Send(message=self.ack, dest=self.dest), self._received(response)]
+        wait = self.timers.timer_d(self.reliable)
+        if wait <= 0:
+            return out + self._fire(Event.TIMER_D, now)
+        self._set_timer("D", now + wait)
+        return out
+
+    def _ack_again(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.1.2: a retransmitted final is ACKed again, not passed up.
+        return [] if self.ack is None else [Send(message=self.ack, dest=self.dest)]
+
+    # RFC 3261 figure 5 as replaced by RFC 6026 8.4. Absorbed: 1xx, 2xx in Completed; 1xx,
+    # 300-699 in Accepted.
+    _INITIAL = _S.CALLING
+    _TABLE: ClassVar[_Table] = {
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
+        (_S.CALLING, Event.TIMER_A): (_S.CALLING, _retransmit),
+        (_S.CALLING, Event.TIMER_B): (_S.TERMINATED, _Transaction._timeout),
+        (_S.CALLING, Event.RECV_1XX): (_S.PROCEEDING, _proceed),
+        (_S.CALLING, Event.RECV_2XX): (_S.ACCEPTED, _accept),
+        (_S.CALLING, Event.RECV_300_699): (_S.COMPLETED, _complete),
+        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, _proceed),
+        (_S.PROCEEDING, Event.RECV_2XX): (_S.ACCEPTED, _accept),
+        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, _complete),
+        (_S.COMPLETED, Event.RECV_300_699): (_S.COMPLETED, _ack_again),
+        (_S.COMPLETED, Event.TIMER_D): (_S.TERMINATED, _Transaction._terminate),
+        (_S.ACCEPTED, Event.RECV_2XX): (_S.ACCEPTED, ClientTransaction._pass_up),
+        (_S.ACCEPTED, Event.TIMER_M): (_S.TERMINATED, _Transaction._terminate),
+    }
+    _rows = _compile(_TABLE)
 
 
 class NonInviteClientTransaction(ClientTransaction):
     """RFC 3261 17.1.2."""
 
     __slots__ = ()
-
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        request: Request,
-        *,
-        key: ClientKey,
-        dest: object,
-        reliable: bool,
-    ) -> None:
-        super().__init__(layer, request, key=key, dest=dest, reliable=reliable, state=_S.TRYING)
 
     def _start(self, now: float) -> list[Output]:
         # RFC 3261 17.1.2.2: timer E (unreliable only) at T1, timer F at 64*T1.
@@ -683,37 +706,46 @@ class NonInviteClientTransaction(ClientTransaction):
         self._set_timer("F", now + self.timers.timer_f)
         return [Send(message=self.request, dest=self.dest)]
 
-    def _on_response(self, response: Response, now: float) -> list[Output]:
-        if self.state not in (_S.TRYING, _S.PROCEEDING):
-            return []  # RFC 3261 17.1.2.2: retransmitted responses absorbed in Completed
-        if response.status < 200:
-            self.state = _S.PROCEEDING
-            return [self._received(response)]
-        # RFC 3261 17.1.2.2: final -> Completed, timer K (T4 unreliable, 0 reliable).
-        self.state = _S.COMPLETED
+    def _retransmit(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.2.2: timer E in Trying: re-send, the interval doubling up to T2.
+        self._interval = min(2 * self._interval, self.timers.t2)
+        self._set_timer("E", now + self._interval)
+        return [Send(message=self.request, dest=self.dest)]
+
+    def _retransmit_t2(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.2.2: timer E in Proceeding: re-send every T2.
+        self._interval = self.timers.t2
+        self._set_timer("E", now + self._interval)
+        return [Send(message=self.request, dest=self.dest)]
+
+    def _complete(self, now: float, response: Response | None) -> list[Output]:
+        # RFC 3261 17.1.2.2: timer K (T4 unreliable; zero reliable: fires at once).
         self._cancel_timer("E", "F")
         self.request.release_views()  # kept only for matching retransmitted responses
         out: list[Output] = [self._received(response)]
         wait = self.timers.timer_k(self.reliable)
         if wait <= 0:
-            return out + self._terminate()
+            return out + self._fire(Event.TIMER_K, now)
         self._set_timer("K", now + wait)
         return out
 
-    def _on_timer(self, name: TimerName, now: float) -> list[Output]:
-        if name == "E" and self.state in (_S.TRYING, _S.PROCEEDING):
-            # RFC 3261 17.1.2.2: in Trying the interval doubles up to T2; in Proceeding it is T2.
-            if self.state is _S.TRYING:
-                self._interval = min(2 * self._interval, self.timers.t2)
-            else:
-                self._interval = self.timers.t2
-            self._set_timer("E", now + self._interval)
-            return [Send(message=self.request, dest=self.dest)]
-        if name == "F" and self.state in (_S.TRYING, _S.PROCEEDING):
-            return [TransactionTimeout(transaction=self), *self._terminate()]
-        if name == "K":
-            return self._terminate()
-        return []
+    # RFC 3261 figure 6. Responses in Completed are absorbed.
+    _INITIAL = _S.TRYING
+    _TABLE: ClassVar[_Table] = {
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
+        (_S.TRYING, Event.TIMER_E): (_S.TRYING, _retransmit),
+        (_S.TRYING, Event.TIMER_F): (_S.TERMINATED, _Transaction._timeout),
+        (_S.TRYING, Event.RECV_1XX): (_S.PROCEEDING, ClientTransaction._pass_up),
+        (_S.TRYING, Event.RECV_2XX): (_S.COMPLETED, _complete),
+        (_S.TRYING, Event.RECV_300_699): (_S.COMPLETED, _complete),
+        (_S.PROCEEDING, Event.TIMER_E): (_S.PROCEEDING, _retransmit_t2),
+        (_S.PROCEEDING, Event.TIMER_F): (_S.TERMINATED, _Transaction._timeout),
+        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, ClientTransaction._pass_up),
+        (_S.PROCEEDING, Event.RECV_2XX): (_S.COMPLETED, _complete),
+        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, _complete),
+        (_S.COMPLETED, Event.TIMER_K): (_S.TERMINATED, _Transaction._terminate),
+    }
+    _rows = _compile(_TABLE)
 
 
 # -- the layer -------------------------------------------------------------------------------
@@ -747,7 +779,7 @@ class TransactionLayer:
         key = _server_key(request, request.method)
         tx = self._servers.get(key)
         if tx is not None:
-            return RequestDisposition.RETRANSMISSION, tx, tx._on_retransmission(now)
+            return RequestDisposition.RETRANSMISSION, tx, tx._fire(_REQUEST, now)
         new: ServerTransaction
         if request.method == "INVITE":
             invite_tx = InviteServerTransaction(
@@ -818,14 +850,14 @@ class TransactionLayer:
         tx = self._clients.get((via.branch, cseq.method))
         if tx is None:
             return None, []
-        return tx, tx._on_response(response, now)
+        status = response.status
+        event = _RECV_1XX if status < 200 else _RECV_2XX if status < 300 else _RECV_300_699
+        return tx, tx._fire(event, now, response)
 
     def terminate(self, transaction: ClientTransaction | ServerTransaction) -> list[Output]:
         """Remove a transaction at once, e.g. after a transport failure (RFC 3261 17.1.4,
         17.2.4) or 64*T1 after a CANCEL that never got its 487 (RFC 3261 9.1)."""
-        if transaction.state is _S.TERMINATED:
-            return []
-        return transaction._terminate()
+        return transaction._fire(_TRANSPORT_ERROR, 0.0)  # ignored once Terminated
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -839,7 +871,7 @@ class TransactionLayer:
         while (due := deadlines.pop_due(now)) is not None:
             tx, name = due
             del tx._timers[name]
-            out.extend(tx._on_timer(name, now))
+            out.extend(tx._fire(_TIMER_EVENTS[name], now))
         return out
 
     @property
