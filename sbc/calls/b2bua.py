@@ -507,7 +507,33 @@ class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
         return []
 
     def forget(self, tx: ClientTransaction) -> None:
-        self._work.pop(tx, None)
+        """A client transaction is over (terminated). When it is a call's first INVITE,
+        nothing more comes of it (a forked 2xx after timer M is stray, RFC 6026 8.4): an
+        established call keeps only the few header fields it still reads of the two
+        INVITEs (records, the index of the callee's leg), not the whole messages."""
+        work = self._work.pop(tx, None)
+        if isinstance(work, _Initial) and work.call.b_tx is tx:
+            call = work.call
+            call.b_tx = None
+            if call.state == "confirmed" and call.method == "INVITE":
+                call.a_request = _skeleton(call.a_request)
+                if call.b_request is not None:
+                    call.b_request = _skeleton(call.b_request)
 
     def server_gone(self, tx: ServerTransaction) -> None:
         self._server.pop(tx, None)
+
+
+# What an established call still reads of its INVITEs: the call record (Call-ID, From,
+# To), the index of its legs (the core leg's Call-ID and From tag).
+_KEPT_FIELDS = ("Call-ID", "From", "To", "CSeq")
+
+
+def _skeleton(req: Request) -> Request:
+    """``req`` with only the header fields of ``_KEPT_FIELDS`` and no body."""
+    slim = Request(req.method, req.uri_text)
+    for name in _KEPT_FIELDS:
+        value = req.get(name)
+        if value is not None:
+            slim.add(name, value)
+    return slim
