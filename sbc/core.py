@@ -138,6 +138,9 @@ class SbcCore(Pipeline):
         self.stats: Counter[str] = Counter()
         self._loop_depth = 0  # messages to this SBC itself being received (_loop_back)
         self._drained = False  # the Drained action was returned
+        # The guard's verdict on the datagram being handled, when the registration refresh
+        # path asked it already (Pipeline._refresh): the full path answers it as it is.
+        self._guard_verdict: Limited | None = None
 
     # -- reload and shutdown -----------------------------------------------------------------
     def reconfigure(self, settings: CoreSettings, now: float) -> None:
@@ -151,6 +154,7 @@ class SbcCore(Pipeline):
             settings.backends, policy=settings.health, algorithm=settings.balance, now=now
         )
         self.registration.offload = settings.offload
+        self.registration.refreshes.clear()  # their answers follow the old policies
         self.backends.request_timeout = settings.request_timeout
         self.calls.set_policy(settings.calls, settings.peers)
         # A backend or peer the reload removed still ends its calls and answers what was
@@ -365,6 +369,9 @@ class SbcCore(Pipeline):
 
     def _guard_request(self, req: Request, flow: Flow, now: float) -> Limited | None:
         """Rate limits, overload and locked users for a new out-of-dialog request."""
+        if self._guard_verdict is not None:
+            verdict, self._guard_verdict = self._guard_verdict, None
+            return verdict
         if self._side(flow) != ACCESS:
             return None  # backends and peers are limited by the access control only
         method = req.method

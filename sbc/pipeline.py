@@ -17,8 +17,10 @@ import secrets
 from typing import TYPE_CHECKING
 
 from sbc.actions import Action, Close, SendData, with_effects
+from sbc.features.guard import REGISTER, credentials_user
 from sbc.features.keepalive import is_stun, stun_binding_response
 from sbc.features.sanity import Rejection, check_request, check_response, fault_label
+from sbc.sides import ACCESS
 from sbc.sip.flow import Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import StreamFramer, parse_message
@@ -55,11 +57,53 @@ class Pipeline:
         if not data.strip(b"\r\n\x00 "):
             self.stats["keepalive"] += 1  # RFC 5626 4.4.1 CRLF keep-alive (also RFC 3261 7.5)
             return []
+        # Registration offload: a refresh like one answered before, known by its octets
+        # (sbc/registration/refresh.py), is answered without parsing.
+        if self.registration.refreshes and data.startswith(b"REGISTER "):
+            refreshed = self._refresh(data, flow, now)
+            if refreshed is not None:
+                return refreshed
         try:
             msg = parse_message(data, limits=self.settings.limits, datagram=True)
-            return self._handle(msg, flow, now)
+            actions = self._handle(msg, flow, now)
         except ParseError as exc:
             return self._parse_failed(exc, flow)
+        finally:
+            self._guard_verdict = None
+        answered = self.registration.answered
+        if answered is not None:  # a refresh answered locally: the template of the next
+            self.registration.answered = None
+            self.registration.refreshes.learn(data, flow, *answered)
+        return actions
+
+    def _refresh(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action] | None:
+        """The answer to a refresh recognised by its template, after the guard's rate
+        limits, as the full path would ask them (``_guard_request``); None: the full path
+        takes the datagram (and answers a limited one with the guard's verdict)."""
+        found = self.registration.refresh_candidate(data, flow, now)
+        if found is None:
+            return None
+        template, cut = found
+        again = cut.branch == template.branch and cut.cseq == template.cseq
+        if cut.branch == b"z9hG4bK":
+            return None  # RFC 4475 3.2.1: the sanity filter answers 400
+        key = None
+        if self.guard.active and not again and self._side(flow) == ACCESS:
+            credentials = None
+            if cut.credentials is not None:
+                key = f"refresh {flow} {cut.branch!r}"  # closed by the answer below
+                user = credentials_user(cut.credentials.decode("utf-8", "replace"))
+                credentials = (key, user)
+            limited = self.guard.check_request(
+                flow.remote[0], REGISTER, now, credentials=credentials
+            )
+            if limited is not None:
+                self._guard_verdict = limited
+                return None
+        dest, answer = self.registration.refresh(template, cut, now)
+        if key is not None:
+            self.guard.auth_answer(key, 200, now)
+        return [SendData(dest, answer)]
 
     @with_effects
     def receive_stream(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:

@@ -9,6 +9,8 @@ from sipdata import sip
 from sbc.actions import SendData
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
+from sbc.features.guard import NO_POLICY, Bucket, GuardPolicy
+from sbc.features.guard import REGISTER as REGISTER_CLASS
 from sbc.features.registrar import FlowTokens, aor_of
 from sbc.registration import OffloadPolicy
 from sbc.sip.flow import Flow
@@ -38,7 +40,10 @@ Content-Length: 0
 
 
 def make_core(
-    *backends: tuple[str, int], failures: int = 3, offload: OffloadPolicy | None = None
+    *backends: tuple[str, int],
+    failures: int = 3,
+    offload: OffloadPolicy | None = None,
+    security: GuardPolicy = NO_POLICY,
 ) -> SbcCore:
     specs = tuple(
         BackendSpec(name=f"sip:{h}:{p}", host=h, port=p, transport="udp") for h, p in backends
@@ -49,6 +54,7 @@ def make_core(
             backends=specs,
             health=HealthPolicy(probe_interval=5.0, probe_failures=failures, probe_successes=2),
             offload=offload or OffloadPolicy(),
+            security=security,
         )
     )
     core.add_listener("access", "udp", ACCESS)
@@ -508,3 +514,126 @@ def test_a_tls_backend_is_reached_from_the_core_tls_listener() -> None:
     assert flow == Flow("tls", ("127.0.0.1", 5081), (B1[0], 5061))
     assert isinstance(probe, Request) and probe.via[0].transport == "TLS"
     assert probe.via[0].port == 5081
+
+
+# -- refreshes answered from a template (sbc/registration/refresh.py) ----------------------
+
+
+def refresh(core: SbcCore, n: int, now: float, *, user: str = "dave", data: bytes | None = None):  # type: ignore[no-untyped-def]
+    """One refresh of ``user`` from CLIENT: what the SBC sent, parsed."""
+    return sent(core.receive_datagram(data or sip(REGISTER.format(n=n, user=user)), CLIENT, now))
+
+
+def templated(user: str = "dave") -> SbcCore:
+    """``user`` registered through B1, and one refresh answered by the SBC: the template."""
+    core = make_core(B1)
+    registered(core, user, 1, 0.0)
+    [(_, first)] = refresh(core, 2, 50.0, user=user)
+    assert isinstance(first, Response) and first.status == 200
+    assert core.registration.stats["register_templated"] == 0
+    assert len(core.registration.refreshes) == 1
+    return core
+
+
+def test_later_refreshes_are_answered_from_the_template_without_parsing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    core = templated()
+    slow = core.receive_datagram  # the answer the full path gives, for comparison
+    import sbc.pipeline
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(sbc.pipeline, "parse_message", no_parse)
+    [(to, resp)] = sent(slow(sip(REGISTER.format(n=3, user="dave")), CLIENT, 100.0))
+    assert to == CLIENT and isinstance(resp, Response) and resp.status == 200
+    # What the full path answers (test_unchanged_refresh_is_answered_by_the_sbc), with this
+    # request's branch, From tag and CSeq.
+    assert resp.via[0].branch == "z9hG4bK-reg3" and resp.via[0].received == "192.0.2.7"
+    assert resp.from_ is not None and resp.from_.tag == "f3"
+    assert resp.get("cseq") == "3 REGISTER" and resp.get("call-id") == "reg-dave@10.0.0.7"
+    assert resp.contact[0].param("expires") == "60" and resp.get("date")
+    assert resp.get("server") == "sbc/0.1.0" and "service-route" not in resp
+    stats = core.registration.stats
+    assert (stats["register_templated"], stats["register_offloaded"]) == (1, 2)
+    # The registration is refreshed as by the full path: its client expiry moved on.
+    [reg] = list(core.registration.registrations)
+    assert reg.cseq == 3 and reg.client_expires_at == 160.0
+
+
+def test_a_retransmitted_refresh_gets_the_same_octets_and_changes_nothing() -> None:
+    core = templated()
+    data = sip(REGISTER.format(n=3, user="dave"))
+    first = core.receive_datagram(data, CLIENT, 100.0)
+    again = core.receive_datagram(data, CLIENT, 101.5)
+    assert [a.data for a in first] == [a.data for a in again]  # type: ignore[attr-defined]
+    [reg] = list(core.registration.registrations)
+    assert reg.client_expires_at == 160.0 and core.registration.stats["register_templated"] == 1
+    assert core.registration.stats["register_retransmitted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "outcome"),
+    [
+        (lambda r: r.replace(b"10.0.0.7:5060>", b"10.0.0.8:5060>"), "backend"),  # new contact
+        (lambda r: r.replace(b"Expires: 3600", b"Expires: 0"), "backend"),  # de-registration
+        (lambda r: r.replace(b"CSeq: 3 REGISTER", b"CSeq: 2 REGISTER"), "backend"),  # old CSeq
+        # Another field changed: the full path parses it and answers (offload) itself.
+        (lambda r: r.replace(b"Max-Forwards: 70", b"Max-Forwards: 69"), 200),
+        (lambda r: r.replace(b"branch=z9hG4bK-reg3", b"branch=z9hG4bK"), 400),  # RFC 4475 3.2.1
+    ],
+)
+def test_anything_but_a_plain_refresh_takes_the_full_path(change: object, outcome: object) -> None:
+    core = templated()
+    [(flow, msg)] = refresh(core, 3, 100.0, data=change(sip(REGISTER.format(n=3, user="dave"))))  # type: ignore[operator]
+    assert core.registration.stats["register_templated"] == 0
+    if outcome == "backend":
+        assert isinstance(msg, Request) and flow.remote == B1
+    else:
+        assert isinstance(msg, Response) and msg.status == outcome
+
+
+def test_digest_refreshes_with_new_credentials_use_the_template() -> None:
+    """RFC 3261 22.4: each refresh carries a new nc and response; the SBC does not check
+    them on an offloaded refresh (the backend did when the binding was made)."""
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0)
+    for n in (2, 3, 4):
+        auth = f'Authorization: Digest username="dave", realm="example.com", nonce="abc", uri="sip:example.com", response="{n:032x}", nc={n:08x}, cnonce="c{n}", qop=auth\n'
+        data = sip(REGISTER.format(n=n, user="dave").replace("Expires:", auth + "Expires:"))
+        [(_, resp)] = refresh(core, n, 50.0 * n, data=data)
+        assert isinstance(resp, Response) and resp.status == 200
+        assert resp.get("cseq") == f"{n} REGISTER"
+    assert core.registration.stats["register_templated"] == 2
+
+
+def test_an_expired_or_stale_registration_is_not_answered_from_its_template() -> None:
+    core = templated()
+    # The client stopped refreshing: its registration expired (de-registered at B1).
+    core.handle_timer(200.0)
+    assert not core.registration.refreshes
+    [(flow, msg)] = refresh(core, 3, 201.0)
+    assert isinstance(msg, Request) and flow.remote == B1
+    # A backend binding about to expire is refreshed at the backend, not locally.
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0, backend_expires=400)
+    refresh(core, 2, 50.0)  # answered locally: 400 - 50 >= 2 * 60
+    [(flow, msg)] = refresh(core, 3, 300.0)
+    assert isinstance(msg, Request) and flow.remote == B1
+    assert core.registration.stats["register_templated"] == 0
+
+
+def test_the_guard_limits_templated_refreshes_once() -> None:
+    """The REGISTER rate limit holds for refreshes answered from a template: a limited one
+    gets the guard's 503 from the full path, counted once."""
+    core = make_core(B1, security=GuardPolicy(rates={REGISTER_CLASS: Bucket(0.001, 2)}))
+    registered(core, "dave", 1, 0.0)  # one token
+    [(_, first)] = refresh(core, 2, 50.0)  # the other: answered locally, the template
+    assert isinstance(first, Response) and first.status == 200
+    assert len(core.registration.refreshes) == 1
+    [(_, limited)] = refresh(core, 3, 51.0)
+    assert isinstance(limited, Response) and limited.status == 503
+    assert limited.get("retry-after") is not None
+    assert core.guard.stats["rejected:rate_register"] == 1
+    assert core.registration.stats["register_templated"] == 0

@@ -39,6 +39,7 @@ from sbc.features.registrar import (
     may_answer_locally,
 )
 from sbc.registration.keepalives import NatKeepalives, RawSend
+from sbc.registration.refresh import Cut, RefreshTemplates, Template
 from sbc.sip.flow import Flow, format_address, format_host
 from sbc.sip.headers import NameAddr
 from sbc.sip.message import ParseError, Request, Response
@@ -47,6 +48,7 @@ from sbc.sip.transaction import (
     Output,
     Respond,
     ResponseReceived,
+    Send,
     ServerTransaction,
     TransactionLayer,
     new_branch,
@@ -159,6 +161,11 @@ class RegistrationProxy:
         )
         self._rng = rng or random.Random()
         self.wall_offset = wall_offset  # epoch - monotonic (Date headers)
+        # Refreshes answered from templates before parsing (refresh.py), and what the last
+        # local answer was, for the pipeline to learn a template from.
+        self.refreshes = RefreshTemplates()
+        self.answered: tuple[CachedRegistration, bytes, Flow] | None = None
+        self._date_cache: tuple[int, bytes] = (-1, b"")
         self._work: dict[ClientTransaction, _Work] = {}
         self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # forwarded, unanswered
         self.stats: Counter[str] = Counter()
@@ -189,6 +196,7 @@ class RegistrationProxy:
             out += self._failover(tx, work, now)
         out += self.keepalives.handle_timer(now)
         for reg in self.registrations.expired(now):
+            self.refreshes.drop(reg)
             out += self._deregister(reg, now)
             if not self.has_flow(reg.flow):
                 self.keepalives.unwatch(reg.flow)
@@ -220,6 +228,7 @@ class RegistrationProxy:
         removed here and at the backends; the owner ends its calls
         (``failed_flows``)."""
         self.failed_flows.append(flow)
+        self.refreshes.drop_flow(flow)
         self.keepalives.unwatch(flow)
         self.location.drop_flow(flow)
         out: list[Output] = []
@@ -391,7 +400,54 @@ class RegistrationProxy:
         self.stats["register_offloaded"] += 1
         contacts = ", ".join(str(c.with_param("expires", str(granted))) for c in reg.contacts)
         headers = (("Contact", contacts), ("Date", self._date(now)))
-        return self.respond(server_tx, 200, None, headers, now)
+        out = self.respond(server_tx, 200, None, headers, now)
+        if reg.flow.transport == "udp":
+            for sent in out:
+                if isinstance(sent, Send) and isinstance(sent.message, Response):
+                    # The octets the core sends (it adds Server when absent), as a template
+                    # for the next refreshes of this registration.
+                    answer = sent.message
+                    if "server" not in answer:
+                        answer.add("Server", self.backends.server_header)
+                    assert isinstance(sent.dest, Flow)
+                    self.answered = (reg, bytes(answer), sent.dest)
+        return out
+
+    # -- refreshes answered from templates (refresh.py) --------------------------------------
+    def refresh_candidate(self, data: bytes, flow: Flow, now: float) -> tuple[Template, Cut] | None:
+        """The template ``data`` refreshes, when the SBC may answer it as it did before:
+        a retransmission of the last one answered, or a higher CSeq while the registration
+        is still the cached one and its backend binding stays fresh (may_answer_locally)."""
+        found = self.refreshes.match(data, flow)
+        if found is None:
+            return None
+        template, cut = found
+        if cut.branch == template.branch and cut.cseq == template.cseq:
+            return found
+        reg = template.reg
+        if self.registrations.get(reg.aor, reg.call_id, reg.flow) is not reg:
+            self.refreshes.drop(reg)
+            return None
+        if cut.cseq <= reg.cseq or reg.backend_expires_at - now < 2 * template.granted:
+            return None
+        return found
+
+    def refresh(self, template: Template, cut: Cut, now: float) -> tuple[Flow, bytes]:
+        """Answer a refresh ``refresh_candidate`` found: the 200, and where it goes."""
+        if cut.branch == template.branch and cut.cseq == template.cseq:
+            self.stats["register_retransmitted"] += 1
+            return template.dest, template.last
+        reg = template.reg
+        reg.cseq = cut.cseq
+        reg.client_expires = template.granted
+        reg.client_expires_at = now + template.granted
+        self.registrations.store(reg)
+        self.stats["register_offloaded"] += 1
+        self.stats["register_templated"] += 1
+        second = int(now + self.wall_offset)
+        if second != self._date_cache[0]:
+            self._date_cache = (second, self._date(now).encode())
+        return template.dest, self.refreshes.answer(template, cut, self._date_cache[1])
 
     def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
         """RFC 3261 16.6: copy, Max-Forwards - 1, our Via on top; RFC 3327 4.1: our Path."""

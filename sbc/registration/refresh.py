@@ -1,0 +1,204 @@
+"""Offloaded re-REGISTERs answered from a template, before the message is parsed.
+
+A client refreshes its registration by sending the same REGISTER again: the same octets but
+for the top Via's branch (a new transaction, RFC 3261 8.1.1.7), the From tag (8.1.1.3: new
+in each request outside a dialog, though many clients keep theirs), the CSeq number (10.2.4:
+one higher) and, with digest, its credentials (22.4: a new nc, cnonce and response). Once
+the registration proxy has answered one refresh itself (registration offload), it keeps, for
+that client's UDP flow, the request without those parts and its own 200 cut around what
+changes in the answer (the branch, the From tag, the CSeq number, the Date). A later
+datagram from the flow that is the same request but for those parts, with a higher CSeq, is
+answered by splicing them into the 200, as long as the registration is still the cached one and its
+backend binding stays fresh (``may_answer_locally``): no parse, no transaction. The same
+branch and CSeq again (a retransmission) gets the same octets again, as its transaction
+would send them (RFC 3261 17.2.2). Anything else, including every change of a header field,
+takes the full path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sbc.features.registrar import CachedRegistration
+from sbc.sip.flow import Flow
+
+__all__ = ["Cut", "RefreshTemplates", "Template", "cut_request"]
+
+# The top Via's branch value (RFC 3261 20.42, 8.1.1.7: a token, 25.1), within one line.
+_BRANCH = re.compile(
+    rb"\r\n(?:via|v)[ \t]*:[^\r\n]*?;[ \t]*branch[ \t]*=[ \t]*([A-Za-z0-9.!%*_+`'~-]+)", re.I
+)
+# The From tag (RFC 3261 8.1.1.3: a new one in each request outside a dialog, so a refresh may
+# have its own).
+_FROM_TAG = re.compile(
+    rb"\r\n(?:from|f)[ \t]*:[^\r\n]*?;[ \t]*tag[ \t]*=[ \t]*([A-Za-z0-9.!%*_+`'~-]+)", re.I
+)
+# The CSeq number of a REGISTER (RFC 3261 20.16); the method text stays in the template.
+_CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*(\d{1,9})[ \t]+REGISTER[ \t]*\r\n", re.I)
+# Credentials, with any folded lines (RFC 3261 20.7, 20.28).
+_CREDENTIALS = re.compile(
+    rb"\r\n(?:authorization|proxy-authorization)[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.I
+)
+_DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r\n]*)", re.I)
+
+# What a request is compared by: its octets without the parts that change between refreshes.
+Shape = tuple[bytes, ...]
+# Templates kept per flow: a phone with several lines may refresh each over one socket.
+_PER_FLOW = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """A REGISTER taken apart: its shape, its branch, From tag and CSeq number, and its
+    credentials (the first Authorization or Proxy-Authorization value; None without)."""
+
+    shape: Shape
+    branch: bytes
+    from_tag: bytes
+    cseq: int
+    credentials: bytes | None
+
+
+def cut_request(data: bytes) -> Cut | None:
+    """``data`` (one datagram) as a REGISTER's shape, or None if it does not look like one
+    whose refreshes can be recognised (no branch, no CSeq, overlapping parts)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    branch = _BRANCH.search(data, 0, end)
+    from_tag = _FROM_TAG.search(data, 0, end)
+    cseq = _CSEQ.search(data, 0, end + 2)
+    if branch is None or from_tag is None or cseq is None:
+        return None
+    spans = [branch.span(1), from_tag.span(1), cseq.span(1)]
+    credentials: bytes | None = None
+    for match in _CREDENTIALS.finditer(data, 0, end):
+        spans.append(match.span())
+        if credentials is None:
+            credentials = match.group().partition(b":")[2].strip()
+    spans.sort()
+    pieces: list[bytes] = []
+    pos = 0
+    for start, stop in spans:
+        if start < pos:
+            return None
+        pieces.append(data[pos:start])
+        pos = stop
+    pieces.append(data[pos:])
+    return Cut(tuple(pieces), branch.group(1), from_tag.group(1), int(cseq.group(1)), credentials)
+
+
+@dataclass(slots=True)
+class Template:
+    """What the SBC answered to one refresh of a registration over a flow."""
+
+    shape: Shape
+    reg: CachedRegistration
+    granted: int  # the expiry the answer gives the client (its Contact's expires)
+    answer: tuple[bytes, ...]  # the 200 around its variable parts, in order
+    slots: tuple[str, ...]  # what goes between them: "branch", "from_tag", "cseq", "date"
+    dest: Flow  # where the answers go (RFC 3261 18.2.2 for this flow and Via)
+    branch: bytes  # of the last request answered
+    cseq: int
+    last: bytes  # the last answer sent (a retransmission gets it again)
+
+
+class RefreshTemplates:
+    """The templates of the client flows whose refreshes the SBC answers itself."""
+
+    def __init__(self) -> None:
+        self._by_flow: dict[Flow, list[Template]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(templates) for templates in self._by_flow.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._by_flow)
+
+    def learn(
+        self, data: bytes, flow: Flow, reg: CachedRegistration, answer: bytes, dest: Flow
+    ) -> bool:
+        """Keep ``data``, a REGISTER the SBC answered itself with ``answer`` (sent to
+        ``dest``), as the template of the flow's next refreshes of ``reg``."""
+        cut = cut_request(data)
+        parts = _cut_answer(answer)
+        if cut is None or parts is None:
+            return False
+        pieces, slots = parts
+        template = Template(
+            shape=cut.shape, reg=reg, granted=reg.client_expires, answer=pieces, slots=slots,
+            dest=dest, branch=cut.branch, cseq=cut.cseq, last=answer,
+        )  # fmt: skip
+        templates = self._by_flow.setdefault(flow, [])
+        templates[:] = [t for t in templates if t.reg is not reg and t.shape != cut.shape]
+        templates.append(template)
+        del templates[:-_PER_FLOW]
+        return True
+
+    def match(self, data: bytes, flow: Flow) -> tuple[Template, Cut] | None:
+        """The template ``data`` is a refresh of, if any (the caller checks the rest)."""
+        templates = self._by_flow.get(flow)
+        if not templates:
+            return None
+        cut = cut_request(data)
+        if cut is None:
+            return None
+        for template in templates:
+            if template.shape == cut.shape:
+                return template, cut
+        return None
+
+    def answer(self, template: Template, cut: Cut, date: bytes) -> bytes:
+        """The 200 for ``cut``, from its template; remembered for a retransmission."""
+        values = {
+            "branch": cut.branch, "from_tag": cut.from_tag, "cseq": str(cut.cseq).encode(),
+            "date": date,
+        }  # fmt: skip
+        out = [template.answer[0]]
+        for slot, piece in zip(template.slots, template.answer[1:], strict=True):
+            out.append(values[slot])
+            out.append(piece)
+        answer = b"".join(out)
+        template.branch, template.cseq, template.last = cut.branch, cut.cseq, answer
+        return answer
+
+    def drop(self, reg: CachedRegistration) -> None:
+        """The registration is gone (expired, removed, changed by its backend)."""
+        templates = self._by_flow.get(reg.flow)
+        if templates is None:
+            return
+        templates[:] = [t for t in templates if t.reg is not reg]
+        if not templates:
+            del self._by_flow[reg.flow]
+
+    def drop_flow(self, flow: Flow) -> None:
+        self._by_flow.pop(flow, None)
+
+    def clear(self) -> None:
+        self._by_flow.clear()
+
+
+def _cut_answer(answer: bytes) -> tuple[tuple[bytes, ...], tuple[str, ...]] | None:
+    """The SBC's 200 cut around its branch, From tag, CSeq number and Date value."""
+    end = answer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    found = [
+        ("branch", _BRANCH.search(answer, 0, end)),
+        ("from_tag", _FROM_TAG.search(answer, 0, end)),
+        ("cseq", _CSEQ.search(answer, 0, end + 2)),
+        ("date", _DATE.search(answer, 0, end)),
+    ]
+    spans = sorted((m.span(1), slot) for slot, m in found if m is not None)
+    if len(spans) != len(found):
+        return None
+    pieces: list[bytes] = []
+    pos = 0
+    for (start, stop), _ in spans:
+        if start < pos:
+            return None
+        pieces.append(answer[pos:start])
+        pos = stop
+    pieces.append(answer[pos:])
+    return tuple(pieces), tuple(slot for _, slot in spans)
