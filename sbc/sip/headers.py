@@ -7,7 +7,7 @@ Parsing functions raise ``ValueError`` naming the fault; the message layer turns
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from sbc.sip import grammar
 from sbc.sip.uri import SipUri, Uri, parse_uri, sip_uri_from_parts
@@ -267,17 +267,25 @@ def parse_via_parm(text: str) -> Via:
         rport = _param(parsed, "rport")
         if rport and not rport.isdigit():
             raise ValueError("Via rport is not a number")
+    protocol = "SIP/2.0" if name == "SIP" else f"{name}/{version}"
+    if _NATIVE_VIA:
+        return Via(
+            transport=transport.upper(), host=host, port=port_n, params=parsed, protocol=protocol
+        )
     # Via(transport=..., host=..., ...) without the keyword-argument call.
     via = _new_via(Via)
     via.transport = transport.upper()
     via.host = host
     via.port = port_n
     via.params = parsed
-    via.protocol = "SIP/2.0" if name == "SIP" else f"{name}/{version}"
+    via.protocol = protocol
     return via
 
 
 _new_via = object.__new__
+# Compiled by mypyc, Via is a native class: only its constructor makes one (a direct C call
+# there, the keyword arguments resolved at build time), and object.__new__ refuses it.
+_NATIVE_VIA: Final = Via.__new__ is not object.__new__
 
 
 def parse_via(value: str) -> tuple[Via, ...]:
@@ -392,6 +400,7 @@ class NameAddr:
 
 
 _new_name_addr = object.__new__
+_NATIVE_NAME_ADDR: Final = NameAddr.__new__ is not object.__new__  # compiled: see _NATIVE_VIA
 
 
 def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
@@ -405,10 +414,14 @@ def parse_name_addr(value: str, *, check_uri: bool = True) -> NameAddr:
         groups = m.groups()
         if groups[6] is not None and int(groups[6]) > 65535:
             raise ValueError("port out of range in URI")
+        params_text = groups[9]
+        if _NATIVE_NAME_ADDR:
+            na = NameAddr(uri=groups[1], display_name=groups[0], params_text=params_text)
+            na._uri_parts = groups[2:9]  # the URI is built from its parts on first use
+            return na
         # What NameAddr(uri=groups[1], display_name=groups[0], params_text=groups[9]) makes,
         # without the keyword-argument call: the URI is built from its parts on first use.
         na = _new_name_addr(NameAddr)
-        params_text = groups[9]
         na._params = None if params_text else ()
         na._params_text = params_text
         na._uri_parts = groups[2:9]

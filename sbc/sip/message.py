@@ -9,7 +9,7 @@ carrying the status the SBC answers with (RFC 3261 8.2, 16.3).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from sbc.sip.headers import (
     LIST_HEADERS,
@@ -61,6 +61,8 @@ class HeaderField(NamedTuple):
     raw: str | None  # exact original line(s) including folding; None once modified
 
 
+# Not in a header view's cache. The locals that may hold it are left untyped (Any): compiled
+# by mypyc, a typed local is checked on assignment, and the sentinel is no Via or NameAddr.
 _MISSING: Any = object()
 
 
@@ -287,7 +289,7 @@ class Message:
     @property
     def top_via(self) -> Via | None:
         """The first via-parm (RFC 3261 18.2.2 routes responses by it); only it is parsed."""
-        v: Via | None = self._cache.get("top-via", _MISSING)
+        v = self._cache.get("top-via", _MISSING)
         if v is _MISSING:
             try:
                 value = self._pairs[self._keys.index("via")][2].strip(" \t")
@@ -299,7 +301,8 @@ class Message:
                 except ValueError as exc:
                     raise ParseError(400, f"Bad Via: {exc}", message=self) from None
             self._cache["top-via"] = v
-        return v
+        view: Via | None = v
+        return view
 
     @property
     def via(self) -> tuple[Via, ...]:
@@ -309,39 +312,44 @@ class Message:
 
     @property
     def call_id(self) -> str | None:
-        v: str | None = self._cache.get("call-id", _MISSING)
+        v = self._cache.get("call-id", _MISSING)
         if v is _MISSING:
             v = self._parse_single("call-id", "Call-ID", _check_call_id)
-        return v
+        view: str | None = v
+        return view
 
     @property
     def cseq(self) -> CSeq | None:
-        v: CSeq | None = self._cache.get("cseq", _MISSING)
+        v = self._cache.get("cseq", _MISSING)
         if v is _MISSING:
             v = self._parse_single("cseq", "CSeq", parse_cseq)
-        return v
+        view: CSeq | None = v
+        return view
 
     @property
     def from_(self) -> NameAddr | None:
-        v: NameAddr | None = self._cache.get("from", _MISSING)
+        v = self._cache.get("from", _MISSING)
         if v is _MISSING:
             v = self._parse_single("from", "From", parse_name_addr)
-        return v
+        view: NameAddr | None = v
+        return view
 
     @property
     def to(self) -> NameAddr | None:
-        v: NameAddr | None = self._cache.get("to", _MISSING)
+        v = self._cache.get("to", _MISSING)
         if v is _MISSING:
             v = self._parse_single("to", "To", parse_name_addr)
-        return v
+        view: NameAddr | None = v
+        return view
 
     def name_addrs(self, name: str) -> tuple[NameAddr, ...]:
         """Contact, Route, Record-Route, Path, Service-Route as parsed name-addrs."""
         key = header_key(name)
-        v: tuple[NameAddr, ...] = self._cache.get(key, _MISSING)
+        v = self._cache.get(key, _MISSING)
         if v is _MISSING:
             v = self._parse_name_addrs(key)
-        return v
+        view: tuple[NameAddr, ...] = v
+        return view
 
     def _parse_name_addrs(self, key: str) -> tuple[NameAddr, ...]:
         keys = self._keys
@@ -364,17 +372,19 @@ class Message:
 
     @property
     def contact(self) -> tuple[NameAddr, ...]:
-        v: tuple[NameAddr, ...] = self._cache.get("contact", _MISSING)
+        v = self._cache.get("contact", _MISSING)
         if v is _MISSING:
             v = self._parse_name_addrs("contact")
-        return v
+        view: tuple[NameAddr, ...] = v
+        return view
 
     @property
     def max_forwards(self) -> int | None:
-        v: int | None = self._cache.get("max-forwards", _MISSING)
+        v = self._cache.get("max-forwards", _MISSING)
         if v is _MISSING:
             v = self._parse_single("max-forwards", "Max-Forwards", _parse_max_forwards)
-        return v
+        view: int | None = v
+        return view
 
     @property
     def content_type(self) -> str | None:
@@ -529,11 +539,17 @@ class Response(Message):
 
 
 _new_message = object.__new__
+# Compiled by mypyc, Request and Response are native classes: only their constructors make
+# one (a direct C call there, the keyword arguments resolved at build time), and
+# object.__new__ refuses them.
+_NATIVE_MESSAGE: Final = Request.__new__ is not object.__new__
 
 
 def parsed_request(method: str, uri_text: str, version: str, start: str) -> Request:
     """What Request(method, uri_text, version=version, start=start) makes, for the parser
     (once per received request): slots set directly, no keyword-argument calls."""
+    if _NATIVE_MESSAGE:
+        return Request(method, uri_text, version=version, start=start)
     msg: Request = _new_message(Request)
     msg._keys = []
     msg._pairs = []
@@ -551,6 +567,8 @@ def parsed_request(method: str, uri_text: str, version: str, start: str) -> Requ
 
 def parsed_response(status: int, reason: str, version: str, start: str) -> Response:
     """What Response(status, reason, version=version, start=start) makes, for the parser."""
+    if _NATIVE_MESSAGE:
+        return Response(status, reason, version=version, start=start)
     msg: Response = _new_message(Response)
     msg._keys = []
     msg._pairs = []

@@ -7,6 +7,7 @@ Content-Length on streams, datagram truncation), RFC 5626 3.5.1 (CRLF keep-alive
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sbc.sip import grammar
 from sbc.sip.headers import header_key
@@ -214,7 +215,7 @@ class StreamFramer:
     resynchronised and the caller must close the connection.
     """
 
-    KEEPALIVE = b"\r\n\r\n"
+    KEEPALIVE: ClassVar[bytes] = b"\r\n\r\n"
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits

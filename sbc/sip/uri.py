@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Final
 from urllib.parse import unquote
 
 from sbc.sip import grammar
@@ -170,6 +171,16 @@ def sip_uri_from_parts(
         port_n = int(port)
         if port_n > 65535:
             raise ValueError("port out of range in URI")
+    if _NATIVE_URI:
+        return SipUri(
+            scheme=scheme,
+            user=user,
+            password=password,
+            host=host,
+            port=port_n,
+            params_text=params or "",
+            headers=headers[1:] if headers else None,
+        )
     # SipUri(scheme=..., ..., params_text=params) without the keyword-argument call: every
     # name-addr read from a message (To, Contact, Route ...) builds its URI here.
     uri = _new_uri(SipUri)
@@ -185,6 +196,9 @@ def sip_uri_from_parts(
 
 
 _new_uri = object.__new__
+# Compiled by mypyc, SipUri is a native class: only its constructor makes one (a direct C call
+# there, the keyword arguments resolved at build time), and object.__new__ refuses it.
+_NATIVE_URI: Final = SipUri.__new__ is not object.__new__
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
