@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import itertools
 import secrets
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sbc.media import session as session_module
 from sbc.media.control import Command, Delete, SrtpKey, Update
-from sbc.media.session import MediaController, MediaPolicy, MediaRefused, SideMedia
+from sbc.media.session import MediaController, MediaPolicy, MediaRefused, OriginIds, SideMedia
 from sbc.sdp.sdes import Crypto
 from sbc.sdp.sdp import Session
 
@@ -318,7 +319,13 @@ def predictable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         secrets, "token_bytes", lambda n: bytes((next(counter) * 7 + i) % 256 for i in range(n))
     )
-    monkeypatch.setattr(session_module, "_origin_ids", lambda: tuple(next(ids) for _ in range(4)))
+    monkeypatch.setattr(
+        sys.modules[__name__], "ORIGIN_IDS", lambda: (next(ids), next(ids), next(ids), next(ids))
+    )
+
+
+# The o= ids of the controllers fixture_controller makes (None: random ones).
+ORIGIN_IDS: Callable[[], OriginIds] | None = None
 
 
 def fixture_controller(core_srtp: str) -> MediaController:
@@ -330,6 +337,7 @@ def fixture_controller(core_srtp: str) -> MediaController:
             },
             ports=(30000, 30099),
         ),
+        origin_ids=ORIGIN_IDS,
     )
 
 

@@ -17,6 +17,7 @@ from sbc.config import parse_config
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import Guard, GuardPolicy
 from sbc.sides import ACCESS
+from sbc.sides import CORE as CORE_SIDE
 from sbc.sip.message import Request, Response, make_response
 
 B2 = ("10.1.0.11", 5070)
@@ -145,9 +146,11 @@ def test_a_backend_removed_by_a_reload_is_still_heard_on_the_core_side() -> None
     settings = core.settings
     guard = GuardPolicy(core_sources=frozenset({B1[0]}), restrict_core=True, pike_density=1000)
     core.reconfigure(replace(settings, security=guard), lab.now)
-    assert core.guard.admit(B1[0], "core", lab.now)
+    assert core.guard.admit(B1[0], CORE_SIDE, lab.now)
     new_backend = replace(settings.backends[0], name="sip:b2", host=B2[0], port=B2[1])
     moved = replace(guard, core_sources=frozenset({B2[0]}))
     core.reconfigure(replace(settings, backends=(new_backend,), security=moved), lab.now)
-    assert core.guard.admit(B1[0], "core", lab.now) and core.guard.admit(B2[0], "core", lab.now)
-    assert not core.guard.admit("10.9.9.9", "core", lab.now)
+    assert core.guard.admit(B1[0], CORE_SIDE, lab.now) and core.guard.admit(
+        B2[0], CORE_SIDE, lab.now
+    )
+    assert not core.guard.admit("10.9.9.9", CORE_SIDE, lab.now)

@@ -35,6 +35,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import ClassVar
 
 __all__ = [
     "DEFAULT_REPLY_CODES",
@@ -220,7 +221,7 @@ def hrw_score(aor: str, backend: BackendState) -> float:
 class Balancer:
     """Chooses backends and tracks their health; see the module docstring."""
 
-    ALGORITHMS = ("aor-hash", "weighted-round-robin", "least-calls")
+    ALGORITHMS: ClassVar[tuple[str, ...]] = ("aor-hash", "weighted-round-robin", "least-calls")
 
     def __init__(
         self,

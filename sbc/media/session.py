@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sbc.media import codec_policy
@@ -182,8 +183,14 @@ class _Origin:
     last: bytes = b""
 
 
+# The o= session id and first version towards each party: (a id, a version, b id, b version).
+OriginIds = tuple[int, int, int, int]
+
+
 class MediaSession:
-    def __init__(self, call: str, worker: int, a_side: str, b_side: str) -> None:
+    def __init__(
+        self, call: str, worker: int, a_side: str, b_side: str, origin_ids: OriginIds
+    ) -> None:
         self.call = call
         self.worker = worker
         self.sides = (a_side, b_side)
@@ -193,11 +200,11 @@ class MediaSession:
         # offer can only be met by a codec the SBC added.
         self.transcoding = False
         self.transcoded: set[int] = set()  # m-line indices transcoded at some time
-        a_id, a_version, b_id, b_version = _origin_ids()
+        a_id, a_version, b_id, b_version = origin_ids
         self.origins = {"a": _Origin(str(a_id), a_version), "b": _Origin(str(b_id), b_version)}
 
 
-def _origin_ids() -> tuple[int, int, int, int]:
+def _origin_ids() -> OriginIds:
     """The o= session id and first version towards each party (RFC 4566 5.2: a session id
     unique enough, a version that only grows), from one read of the random source."""
     r = int.from_bytes(os.urandom(21), "big")  # 2 x (62 + 20) bits
@@ -230,9 +237,12 @@ def _avp(proto: str) -> str:
 class MediaController:
     """The B2BUA's media seam: rewrites SDP, keeps the sessions, drives the workers."""
 
-    def __init__(self, policy: MediaPolicy) -> None:
+    def __init__(
+        self, policy: MediaPolicy, *, origin_ids: Callable[[], OriginIds] | None = None
+    ) -> None:
         self.policy = policy
         self.pool = PortPool(policy.ports[0], policy.ports[1], policy.workers)
+        self._origin_ids = origin_ids or _origin_ids  # tests give predictable ones
         # Commands for the workers, (worker, command) in order, until the core takes them
         # (``take_commands``) and returns them with the actions of the call that caused them.
         self._outbox: list[tuple[int, Command]] = []
@@ -268,7 +278,7 @@ class MediaController:
             raise MediaRefused(f"Bad SDP: {exc}") from None
         session = self.sessions.get(call)
         if session is None:
-            session = MediaSession(call, self.pool.pick_worker(), *sides)
+            session = MediaSession(call, self.pool.pick_worker(), *sides, self._origin_ids())
             self.sessions[call] = session
         src, dst = ("b", "a") if toward_caller else ("a", "b")
         session.saved = [stream.clone() for stream in session.streams]

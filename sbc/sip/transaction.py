@@ -31,26 +31,12 @@ from sbc.sip.headers import MAGIC_COOKIE
 from sbc.sip.message import Request, Response, make_response
 
 __all__ = [
-    "DEFAULT_TIMERS",
-    "ClientTransaction",
-    "InviteClientTransaction",
-    "InviteServerTransaction",
-    "NonInviteClientTransaction",
-    "NonInviteServerTransaction",
-    "Output",
-    "RequestDisposition",
-    "ResponseReceived",
-    "Send",
-    "ServerTransaction",
-    "Timers",
-    "TransactionLayer",
-    "TransactionState",
-    "TransactionTerminated",
-    "TransactionTimeout",
-    "cancel_request",
-    "new_branch",
-    "non2xx_ack",
-]
+    "DEFAULT_TIMERS", "ClientTransaction", "InviteClientTransaction", "InviteServerTransaction",
+    "NonInviteClientTransaction", "NonInviteServerTransaction", "Output", "RequestDisposition",
+    "ResponseReceived", "Send", "ServerTransaction", "Timers", "TransactionLayer",
+    "TransactionState", "TransactionTerminated", "TransactionTimeout", "cancel_request",
+    "new_branch", "non2xx_ack",
+]  # fmt: skip
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -58,16 +44,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timers:
-    """Base timer values (RFC 3261 17.1.1.1, table 4) and the timers derived from them.
-
-    ``trying_delay``: RFC 3261 17.2.1 -- an INVITE server transaction sends 100 Trying if the
-    TU has not answered within 200 ms.
-    """
+    """Base timer values (RFC 3261 17.1.1.1, table 4) and the timers derived from them."""
 
     t1: float = 0.5  # RTT estimate
     t2: float = 4.0  # maximum retransmit interval for non-INVITE requests and INVITE responses
     t4: float = 5.0  # maximum duration a message remains in the network
-    trying_delay: float = 0.2
+    trying_delay: float = 0.2  # RFC 3261 17.2.1: 100 Trying if the TU is silent this long
 
     def __post_init__(self) -> None:
         if not self.t1 > 0:
@@ -152,7 +134,7 @@ class Send:
     """Send ``message`` to ``dest`` (the opaque destination the TU gave the transaction)."""
 
     message: Request | Response
-    dest: object
+    dest: Any
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,12 +176,26 @@ class Event(enum.Enum):
 
     REQUEST = "request retransmitted"  # server: the request again (RFC 3261 17.2.1, 17.2.2)
     ACK = "ACK"  # INVITE server: an ACK matching the transaction (RFC 3261 17.2.3)
-    TU_1XX, TU_2XX, TU_300_699 = "1xx from TU", "2xx from TU", "300-699 from TU"
-    RECV_1XX, RECV_2XX, RECV_300_699 = "1xx received", "2xx received", "300-699 received"
+    TU_1XX = "1xx from TU"
+    TU_2XX = "2xx from TU"
+    TU_300_699 = "300-699 from TU"
+    RECV_1XX = "1xx received"
+    RECV_2XX = "2xx received"
+    RECV_300_699 = "300-699 received"
     # Timers (RFC 3261 17.1.1.2, 17.1.2.2, 17.2.1, 17.2.2; RFC 6026 7.1, 7.2), valued by their
     # name in pending_timers(); "trying": 100 Trying if the TU is silent 200 ms (17.2.1).
-    TIMER_A, TIMER_B, TIMER_D, TIMER_E, TIMER_F, TIMER_G = "A", "B", "D", "E", "F", "G"
-    TIMER_H, TIMER_I, TIMER_J, TIMER_K, TIMER_L, TIMER_M = "H", "I", "J", "K", "L", "M"
+    TIMER_A = "A"
+    TIMER_B = "B"
+    TIMER_D = "D"
+    TIMER_E = "E"
+    TIMER_F = "F"
+    TIMER_G = "G"
+    TIMER_H = "H"
+    TIMER_I = "I"
+    TIMER_J = "J"
+    TIMER_K = "K"
+    TIMER_L = "L"
+    TIMER_M = "M"
     TIMER_TRYING = "trying"
     # A transport error (RFC 3261 17.1.4, 17.2.4) or the TU giving the transaction up
     # (TransactionLayer.terminate, e.g. RFC 3261 9.1): Terminated from every state.
@@ -214,21 +210,23 @@ _RECV_1XX, _RECV_2XX, _RECV_300_699 = Event.RECV_1XX, Event.RECV_2XX, Event.RECV
 _ANY = None  # the state of a table entry that every state with a row shares
 
 _Public: TypeAlias = "ClientTransaction | ServerTransaction"
-# A transition table: (state or _ANY, event) -> (next state, effect), where an effect is
-# (transaction, now, the response of a response event or None) -> outputs.
+# A transition table: (state or _ANY, event) -> (next state, the name of the kind's effect
+# method, so that the table can sit in the class body); an effect is (transaction, now, the
+# response of a response event or None) -> outputs.
 _Effect: TypeAlias = Callable[[Any, float, Response | None], list[Output]]
-_Table: TypeAlias = dict[tuple[TransactionState | None, Event], tuple[TransactionState, _Effect]]
+_Table: TypeAlias = dict[tuple[TransactionState | None, Event], tuple[TransactionState, str]]
 # A state's row of a compiled table: event -> (next state, its row, effect).
 _Row: TypeAlias = "dict[Event, tuple[TransactionState, _Row, _Effect]]"
 
 
-def _compile(table: _Table) -> dict[TransactionState, _Row]:
-    """Rows per state, each entry holding the next state's row: ``_fire`` hashes one event."""
+def _compile(kind: type[_Transaction]) -> dict[TransactionState, _Row]:
+    """``kind._TABLE`` as rows per state, holding the next state's row: one hash per event."""
+    table = kind._TABLE
     rows: dict[TransactionState, _Row] = {state: {} for state in TransactionState}
     states = {state for state, _ in table if state is not None}
     for (state, event), (target, effect) in table.items():
         for source in states if state is None else (state,):
-            rows[source][event] = (target, rows[target], effect)
+            rows[source][event] = (target, rows[target], getattr(kind, effect))
     return rows
 
 
@@ -364,7 +362,8 @@ class _Transaction:
     )
 
     _INITIAL: ClassVar[TransactionState]  # where the kind's table starts
-    _rows: ClassVar[dict[TransactionState, _Row]]  # the kind's table, compiled
+    _TABLE: ClassVar[_Table]  # the kind's transitions (RFC 3261 17 as RFC 6026 amends it)
+    _rows: ClassVar[dict[TransactionState, _Row]]  # the same, compiled (_compile)
 
     def __init__(
         self,
@@ -436,7 +435,6 @@ class ServerTransaction(_Transaction):
     """A server transaction (RFC 3261 17.2). The TU answers through ``respond``."""
 
     __slots__ = ()
-    key: ServerKey
 
     def respond(self, response: Response, now: float) -> list[Output]:
         """Send a response from the TU. Responses the state does not allow are discarded
@@ -544,24 +542,23 @@ class InviteServerTransaction(ServerTransaction):
     # RFC 3261 figure 7 as replaced by RFC 6026 8.7.
     _INITIAL = _S.PROCEEDING
     _TABLE: ClassVar[_Table] = {
-        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
-        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, ServerTransaction._resend),
-        (_S.PROCEEDING, Event.TIMER_TRYING): (_S.PROCEEDING, _send_trying),
-        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, _answer),
-        (_S.PROCEEDING, Event.TU_2XX): (_S.ACCEPTED, _accept),
-        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, _reject),
-        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, ServerTransaction._resend),
-        (_S.COMPLETED, Event.TIMER_G): (_S.COMPLETED, _retransmit),
-        (_S.COMPLETED, Event.ACK): (_S.CONFIRMED, _confirm),
-        (_S.COMPLETED, Event.TIMER_H): (_S.TERMINATED, _Transaction._timeout),
-        (_S.CONFIRMED, Event.ACK): (_S.CONFIRMED, _Transaction._absorb),  # RFC 3261 17.2.1
-        (_S.CONFIRMED, Event.TIMER_I): (_S.TERMINATED, _Transaction._terminate),
-        (_S.ACCEPTED, Event.REQUEST): (_S.ACCEPTED, _Transaction._absorb),
-        (_S.ACCEPTED, Event.ACK): (_S.ACCEPTED, _Transaction._absorb),  # to the TU: _on_ack
-        (_S.ACCEPTED, Event.TU_2XX): (_S.ACCEPTED, ServerTransaction._send_response),
-        (_S.ACCEPTED, Event.TIMER_L): (_S.TERMINATED, _Transaction._terminate),
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, "_terminate"),
+        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, "_resend"),
+        (_S.PROCEEDING, Event.TIMER_TRYING): (_S.PROCEEDING, "_send_trying"),
+        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, "_answer"),
+        (_S.PROCEEDING, Event.TU_2XX): (_S.ACCEPTED, "_accept"),
+        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, "_reject"),
+        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, "_resend"),
+        (_S.COMPLETED, Event.TIMER_G): (_S.COMPLETED, "_retransmit"),
+        (_S.COMPLETED, Event.ACK): (_S.CONFIRMED, "_confirm"),
+        (_S.COMPLETED, Event.TIMER_H): (_S.TERMINATED, "_timeout"),
+        (_S.CONFIRMED, Event.ACK): (_S.CONFIRMED, "_absorb"),  # RFC 3261 17.2.1
+        (_S.CONFIRMED, Event.TIMER_I): (_S.TERMINATED, "_terminate"),
+        (_S.ACCEPTED, Event.REQUEST): (_S.ACCEPTED, "_absorb"),
+        (_S.ACCEPTED, Event.ACK): (_S.ACCEPTED, "_absorb"),  # to the TU: _on_ack
+        (_S.ACCEPTED, Event.TU_2XX): (_S.ACCEPTED, "_send_response"),
+        (_S.ACCEPTED, Event.TIMER_L): (_S.TERMINATED, "_terminate"),
     }
-    _rows = _compile(_TABLE)
 
 
 class NonInviteServerTransaction(ServerTransaction):
@@ -585,25 +582,23 @@ class NonInviteServerTransaction(ServerTransaction):
     # RFC 3261 figure 8. Discarded: the request again in Trying, the TU's responses in Completed.
     _INITIAL = _S.TRYING
     _TABLE: ClassVar[_Table] = {
-        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
-        (_S.TRYING, Event.TU_1XX): (_S.PROCEEDING, ServerTransaction._send_response),
-        (_S.TRYING, Event.TU_2XX): (_S.COMPLETED, _complete),
-        (_S.TRYING, Event.TU_300_699): (_S.COMPLETED, _complete),
-        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, ServerTransaction._resend),
-        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, ServerTransaction._send_response),
-        (_S.PROCEEDING, Event.TU_2XX): (_S.COMPLETED, _complete),
-        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, _complete),
-        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, ServerTransaction._resend),
-        (_S.COMPLETED, Event.TIMER_J): (_S.TERMINATED, _Transaction._terminate),
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, "_terminate"),
+        (_S.TRYING, Event.TU_1XX): (_S.PROCEEDING, "_send_response"),
+        (_S.TRYING, Event.TU_2XX): (_S.COMPLETED, "_complete"),
+        (_S.TRYING, Event.TU_300_699): (_S.COMPLETED, "_complete"),
+        (_S.PROCEEDING, Event.REQUEST): (_S.PROCEEDING, "_resend"),
+        (_S.PROCEEDING, Event.TU_1XX): (_S.PROCEEDING, "_send_response"),
+        (_S.PROCEEDING, Event.TU_2XX): (_S.COMPLETED, "_complete"),
+        (_S.PROCEEDING, Event.TU_300_699): (_S.COMPLETED, "_complete"),
+        (_S.COMPLETED, Event.REQUEST): (_S.COMPLETED, "_resend"),
+        (_S.COMPLETED, Event.TIMER_J): (_S.TERMINATED, "_terminate"),
     }
-    _rows = _compile(_TABLE)
 
 
 class ClientTransaction(_Transaction):
     """A client transaction (RFC 3261 17.1). Created by ``TransactionLayer.send_request``."""
 
     __slots__ = ()
-    key: ClientKey
 
     def _received(self, response: Response | None) -> ResponseReceived:
         assert response is not None
@@ -676,21 +671,20 @@ class InviteClientTransaction(ClientTransaction):
     # 300-699 in Accepted.
     _INITIAL = _S.CALLING
     _TABLE: ClassVar[_Table] = {
-        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
-        (_S.CALLING, Event.TIMER_A): (_S.CALLING, _retransmit),
-        (_S.CALLING, Event.TIMER_B): (_S.TERMINATED, _Transaction._timeout),
-        (_S.CALLING, Event.RECV_1XX): (_S.PROCEEDING, _proceed),
-        (_S.CALLING, Event.RECV_2XX): (_S.ACCEPTED, _accept),
-        (_S.CALLING, Event.RECV_300_699): (_S.COMPLETED, _complete),
-        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, _proceed),
-        (_S.PROCEEDING, Event.RECV_2XX): (_S.ACCEPTED, _accept),
-        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, _complete),
-        (_S.COMPLETED, Event.RECV_300_699): (_S.COMPLETED, _ack_again),
-        (_S.COMPLETED, Event.TIMER_D): (_S.TERMINATED, _Transaction._terminate),
-        (_S.ACCEPTED, Event.RECV_2XX): (_S.ACCEPTED, ClientTransaction._pass_up),
-        (_S.ACCEPTED, Event.TIMER_M): (_S.TERMINATED, _Transaction._terminate),
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, "_terminate"),
+        (_S.CALLING, Event.TIMER_A): (_S.CALLING, "_retransmit"),
+        (_S.CALLING, Event.TIMER_B): (_S.TERMINATED, "_timeout"),
+        (_S.CALLING, Event.RECV_1XX): (_S.PROCEEDING, "_proceed"),
+        (_S.CALLING, Event.RECV_2XX): (_S.ACCEPTED, "_accept"),
+        (_S.CALLING, Event.RECV_300_699): (_S.COMPLETED, "_complete"),
+        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, "_proceed"),
+        (_S.PROCEEDING, Event.RECV_2XX): (_S.ACCEPTED, "_accept"),
+        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, "_complete"),
+        (_S.COMPLETED, Event.RECV_300_699): (_S.COMPLETED, "_ack_again"),
+        (_S.COMPLETED, Event.TIMER_D): (_S.TERMINATED, "_terminate"),
+        (_S.ACCEPTED, Event.RECV_2XX): (_S.ACCEPTED, "_pass_up"),
+        (_S.ACCEPTED, Event.TIMER_M): (_S.TERMINATED, "_terminate"),
     }
-    _rows = _compile(_TABLE)
 
 
 class NonInviteClientTransaction(ClientTransaction):
@@ -732,20 +726,24 @@ class NonInviteClientTransaction(ClientTransaction):
     # RFC 3261 figure 6. Responses in Completed are absorbed.
     _INITIAL = _S.TRYING
     _TABLE: ClassVar[_Table] = {
-        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, _Transaction._terminate),
-        (_S.TRYING, Event.TIMER_E): (_S.TRYING, _retransmit),
-        (_S.TRYING, Event.TIMER_F): (_S.TERMINATED, _Transaction._timeout),
-        (_S.TRYING, Event.RECV_1XX): (_S.PROCEEDING, ClientTransaction._pass_up),
-        (_S.TRYING, Event.RECV_2XX): (_S.COMPLETED, _complete),
-        (_S.TRYING, Event.RECV_300_699): (_S.COMPLETED, _complete),
-        (_S.PROCEEDING, Event.TIMER_E): (_S.PROCEEDING, _retransmit_t2),
-        (_S.PROCEEDING, Event.TIMER_F): (_S.TERMINATED, _Transaction._timeout),
-        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, ClientTransaction._pass_up),
-        (_S.PROCEEDING, Event.RECV_2XX): (_S.COMPLETED, _complete),
-        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, _complete),
-        (_S.COMPLETED, Event.TIMER_K): (_S.TERMINATED, _Transaction._terminate),
+        (_ANY, Event.TRANSPORT_ERROR): (_S.TERMINATED, "_terminate"),
+        (_S.TRYING, Event.TIMER_E): (_S.TRYING, "_retransmit"),
+        (_S.TRYING, Event.TIMER_F): (_S.TERMINATED, "_timeout"),
+        (_S.TRYING, Event.RECV_1XX): (_S.PROCEEDING, "_pass_up"),
+        (_S.TRYING, Event.RECV_2XX): (_S.COMPLETED, "_complete"),
+        (_S.TRYING, Event.RECV_300_699): (_S.COMPLETED, "_complete"),
+        (_S.PROCEEDING, Event.TIMER_E): (_S.PROCEEDING, "_retransmit_t2"),
+        (_S.PROCEEDING, Event.TIMER_F): (_S.TERMINATED, "_timeout"),
+        (_S.PROCEEDING, Event.RECV_1XX): (_S.PROCEEDING, "_pass_up"),
+        (_S.PROCEEDING, Event.RECV_2XX): (_S.COMPLETED, "_complete"),
+        (_S.PROCEEDING, Event.RECV_300_699): (_S.COMPLETED, "_complete"),
+        (_S.COMPLETED, Event.TIMER_K): (_S.TERMINATED, "_terminate"),
     }
-    _rows = _compile(_TABLE)
+
+
+for _kind in (InviteServerTransaction, NonInviteServerTransaction, InviteClientTransaction,
+              NonInviteClientTransaction):  # fmt: skip
+    _kind._rows = _compile(_kind)
 
 
 # -- the layer -------------------------------------------------------------------------------
@@ -886,8 +884,10 @@ class TransactionLayer:
             ack_key = tx._ack_key if isinstance(tx, InviteServerTransaction) else None
             if ack_key is not None and self._acks_2543.get(ack_key) is tx:
                 del self._acks_2543[ack_key]
-        elif isinstance(tx, ClientTransaction) and self._clients.get(tx.key) is tx:
-            del self._clients[tx.key]
+        elif isinstance(tx, ClientTransaction):
+            key = cast(ClientKey, tx.key)
+            if self._clients.get(key) is tx:
+                del self._clients[key]
 
 
 # How a transaction user answers a server transaction through the core, which builds the
