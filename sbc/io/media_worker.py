@@ -36,6 +36,7 @@ from sbc.media.relay import Burst, PortChanges, RelayEngine
 
 log = logging.getLogger("sbc.media.worker")
 
+SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF of each relay port
 CONTROL_LINE_LIMIT = 16 * 1024 * 1024  # one control message (an Update of many streams)
 TIMEOUT_CHECK = 1.0  # seconds between media timeout checks (at most; less for short timeouts)
 TOTALS_INTERVAL = 2.0  # seconds between two Totals reports of a worker (metrics)
@@ -207,10 +208,9 @@ class _Worker:
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            # The kernel's default buffers (net.core.rmem_default, about 208 KB) hold seconds
-            # of one stream's packets; two setsockopt calls per port would cost a quarter of
-            # its opening.
             sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             for attempt in range(BIND_RETRIES):
                 try:
                     sock.bind((bind, port))
