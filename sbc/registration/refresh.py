@@ -40,20 +40,21 @@ _CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*(\d{1,9})[ \t]+REGISTER[ \t]*\r\n", r
 _CREDENTIALS = re.compile(
     rb"\r\n(?:authorization|proxy-authorization)[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.I
 )
+_CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.I)
 _DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r\n]*)", re.I)
 
 # What a request is compared by: its octets without the parts that change between refreshes.
 Shape = tuple[bytes, ...]
-# Templates kept per flow: a phone with several lines may refresh each over one socket.
-_PER_FLOW = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Cut:
-    """A REGISTER taken apart: its shape, its branch, From tag and CSeq number, and its
-    credentials (the first Authorization or Proxy-Authorization value; None without)."""
+    """A REGISTER taken apart: its shape, its Call-ID (also in the shape), its branch, From
+    tag and CSeq number, and its credentials (the first Authorization or
+    Proxy-Authorization value; None without)."""
 
     shape: Shape
+    call_id: bytes
     branch: bytes
     from_tag: bytes
     cseq: int
@@ -69,7 +70,8 @@ def cut_request(data: bytes) -> Cut | None:
     branch = _BRANCH.search(data, 0, end)
     from_tag = _FROM_TAG.search(data, 0, end)
     cseq = _CSEQ.search(data, 0, end + 2)
-    if branch is None or from_tag is None or cseq is None:
+    call_id = _CALL_ID.search(data, 0, end + 2)
+    if branch is None or from_tag is None or cseq is None or call_id is None:
         return None
     spans = [branch.span(1), from_tag.span(1), cseq.span(1)]
     credentials: bytes | None = None
@@ -86,7 +88,14 @@ def cut_request(data: bytes) -> Cut | None:
         pieces.append(data[pos:start])
         pos = stop
     pieces.append(data[pos:])
-    return Cut(tuple(pieces), branch.group(1), from_tag.group(1), int(cseq.group(1)), credentials)
+    return Cut(
+        tuple(pieces),
+        call_id.group(1),
+        branch.group(1),
+        from_tag.group(1),
+        int(cseq.group(1)),
+        credentials,
+    )
 
 
 @dataclass(slots=True)
@@ -105,49 +114,40 @@ class Template:
 
 
 class RefreshTemplates:
-    """The templates of the client flows whose refreshes the SBC answers itself."""
+    """The templates of the registrations whose refreshes the SBC answers itself, one per
+    registration, by client flow and Call-ID (a PBX may register many users over one flow)."""
 
     def __init__(self) -> None:
-        self._by_flow: dict[Flow, list[Template]] = {}
+        self._by_key: dict[tuple[Flow, bytes], Template] = {}
 
     def __len__(self) -> int:
-        return sum(len(templates) for templates in self._by_flow.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._by_flow)
+        return len(self._by_key)
 
     def learn(
         self, data: bytes, flow: Flow, reg: CachedRegistration, answer: bytes, dest: Flow
     ) -> bool:
         """Keep ``data``, a REGISTER the SBC answered itself with ``answer`` (sent to
-        ``dest``), as the template of the flow's next refreshes of ``reg``."""
+        ``dest``), as the template of the next refreshes of ``reg``."""
         cut = cut_request(data)
         parts = _cut_answer(answer)
-        if cut is None or parts is None:
-            return False
+        if cut is None or parts is None or cut.call_id != _key_of(reg):
+            return False  # (a Call-ID written with odd spacing is not worth a template)
         pieces, slots = parts
-        template = Template(
+        self._by_key[(flow, cut.call_id)] = Template(
             shape=cut.shape, reg=reg, granted=reg.client_expires, answer=pieces, slots=slots,
             dest=dest, branch=cut.branch, cseq=cut.cseq, last=answer,
         )  # fmt: skip
-        templates = self._by_flow.setdefault(flow, [])
-        templates[:] = [t for t in templates if t.reg is not reg and t.shape != cut.shape]
-        templates.append(template)
-        del templates[:-_PER_FLOW]
         return True
 
     def match(self, data: bytes, flow: Flow) -> tuple[Template, Cut] | None:
         """The template ``data`` is a refresh of, if any (the caller checks the rest)."""
-        templates = self._by_flow.get(flow)
-        if not templates:
-            return None
         cut = cut_request(data)
         if cut is None:
             return None
-        for template in templates:
-            if template.shape == cut.shape:
-                return template, cut
-        return None
+        template = self._by_key.get((flow, cut.call_id))
+        if template is None or template.shape != cut.shape:
+            return None
+        return template, cut
 
     def answer(self, template: Template, cut: Cut, date: bytes) -> bytes:
         """The 200 for ``cut``, from its template; remembered for a retransmission."""
@@ -165,18 +165,22 @@ class RefreshTemplates:
 
     def drop(self, reg: CachedRegistration) -> None:
         """The registration is gone (expired, removed, changed by its backend)."""
-        templates = self._by_flow.get(reg.flow)
-        if templates is None:
-            return
-        templates[:] = [t for t in templates if t.reg is not reg]
-        if not templates:
-            del self._by_flow[reg.flow]
+        key = (reg.flow, _key_of(reg))
+        template = self._by_key.get(key)
+        if template is not None and template.reg is reg:
+            del self._by_key[key]
 
     def drop_flow(self, flow: Flow) -> None:
-        self._by_flow.pop(flow, None)
+        """The client behind ``flow`` is gone (rare: a scan of every template)."""
+        for key in [key for key in self._by_key if key[0] == flow]:
+            del self._by_key[key]
 
     def clear(self) -> None:
-        self._by_flow.clear()
+        self._by_key.clear()
+
+
+def _key_of(reg: CachedRegistration) -> bytes:
+    return reg.call_id.encode("utf-8", "surrogateescape")
 
 
 def _cut_answer(answer: bytes) -> tuple[tuple[bytes, ...], tuple[str, ...]] | None:
