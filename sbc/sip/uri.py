@@ -243,7 +243,10 @@ def _split_params(text: str) -> Params:
     return tuple(out)
 
 
-@lru_cache(maxsize=4096)
+# URIs repeat within a message and a transaction (From, To, Contact, Route) and across calls
+# (backends, the SBC's own); each call also brings a few of its own (its Contact at the SBC),
+# which a larger cache would only keep longer after the call ended.
+@lru_cache(maxsize=512)
 def parse_uri(text: str) -> Uri:
     """Parse a URI. Raises ValueError with the reason if it is malformed."""
     colon = text.find(":")
