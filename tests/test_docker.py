@@ -149,6 +149,9 @@ def test_dockerfile_slim_non_root_with_healthcheck() -> None:
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n?.*CMD", text, re.M)
     assert re.search(rf"^WORKDIR {SBC_WORKDIR}$", text, re.M)
+    # The compiled build needs setup.py and a C compiler at install (README "Compiled build").
+    assert re.search(r"^COPY .*\bsetup\.py\b", text, re.M)
+    assert re.search(r"apt-get install .*\bgcc\b[\s\S]*pip install \.", text)
     peers = (DOCKER / "peers" / "Dockerfile").read_text()
     assert re.findall(r"^USER (\S+)", peers, re.M)[-1] not in ("root", "0")
 

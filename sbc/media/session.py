@@ -1,7 +1,7 @@
 """Media anchoring: every offer and answer is rewritten so that all media flows through the
 SBC's relay. Sans-I/O.
 
-Why one module of about 770 lines: an offer and its answer rewrite the same per-stream
+Why one module of about 820 lines: an offer and its answer rewrite the same per-stream
 state (ports, keys, codecs, the state to restore if the offer is refused, RFC 3264 8); the
 codec decisions themselves are in codec_policy.py.
 

@@ -336,19 +336,32 @@ class Capture:
             assert self.proc.poll() is None, self.log.read_text(errors="replace")
             assert time.monotonic() < deadline, "tshark did not start capturing"
             time.sleep(0.05)
+        # tshark says "Capturing on" a moment before its filter sees packets: it captures
+        # once a marker datagram, sent until one is seen, is in the file (a busy machine
+        # missed the first packets of a test otherwise).
+        self.caught_up(resend=True)
 
-    def caught_up(self) -> None:
+    def caught_up(self, *, resend: bool = False) -> None:
         """Until the file holds every packet sent on the port so far: a marker datagram sent
         now to the port (on an address nothing listens on) is in it. The capture reaches the
-        file in the order packets were sent, up to half a second late."""
+        file in the order packets were sent, up to half a second late. ``resend``: the
+        marker again every 0.2 s, for a capture that may not see packets yet."""
         marker = f"capture-marker-{secrets.token_hex(8)}".encode()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.sendto(marker, (MARKER_HOST, self.port))
+        sent = [0.0]
+
+        def written() -> bool:
+            if resend or not sent[0]:
+                now = time.monotonic()
+                if now - sent[0] >= 0.2:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                        sock.sendto(marker, (MARKER_HOST, self.port))
+                    sent[0] = now
+            return self.path.exists() and marker in self.path.read_bytes()
+
         wait_until(
-            "tshark writing the marker datagram",
-            lambda: self.path.exists() and marker in self.path.read_bytes(),
+            "tshark writing the marker datagram", written,
             lambda: self.log.read_text(errors="replace"),
-        )
+        )  # fmt: skip
 
     def stop(self) -> None:
         if self.proc.poll() is None:
