@@ -59,7 +59,11 @@ class Pipeline:
             return []
         # Registration offload: a refresh like one answered before, known by its octets
         # (sbc/registration/refresh.py), is answered without parsing.
-        if self.registration.refreshes and data.startswith(b"REGISTER "):
+        if (
+            self.registration.refreshes
+            and data.startswith(b"REGISTER ")
+            and len(data) <= self.settings.limits.max_message_size
+        ):
             refreshed = self._refresh(data, flow, now)
             if refreshed is not None:
                 return refreshed
@@ -70,9 +74,8 @@ class Pipeline:
             return self._parse_failed(exc, flow)
         finally:
             self._guard_verdict = None
-        answered = self.registration.answered
+            answered, self.registration.answered = self.registration.answered, None
         if answered is not None:  # a refresh answered locally: the template of the next
-            self.registration.answered = None
             self.registration.refreshes.learn(data, flow, *answered)
         return actions
 
@@ -91,7 +94,7 @@ class Pipeline:
         if self.guard.active and not again and self._side(flow) == ACCESS:
             credentials = None
             if cut.credentials is not None:
-                key = f"refresh {flow} {cut.branch!r}"  # closed by the answer below
+                key = f"refresh {flow} {cut.branch!r}"  # closed after the answer below
                 user = credentials_user(cut.credentials.decode("utf-8", "replace"))
                 credentials = (key, user)
             limited = self.guard.check_request(
@@ -102,7 +105,9 @@ class Pipeline:
                 return None
         dest, answer = self.registration.refresh(template, cut, now)
         if key is not None:
-            self.guard.auth_answer(key, 200, now)
+            # The credentials were not checked (offload): the record is closed, neither a
+            # success that would clear the source's or the user's failures nor a failure.
+            self.guard.auth_answer(key, 0, now)
         return [SendData(dest, answer)]
 
     @with_effects

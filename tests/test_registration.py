@@ -13,6 +13,7 @@ from sbc.features.guard import NO_POLICY, Bucket, GuardPolicy
 from sbc.features.guard import REGISTER as REGISTER_CLASS
 from sbc.features.registrar import FlowTokens, aor_of
 from sbc.registration import OffloadPolicy
+from sbc.registration.refresh import cut_request
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr
 from sbc.sip.message import Request, Response, make_response
@@ -637,3 +638,59 @@ def test_the_guard_limits_templated_refreshes_once() -> None:
     assert limited.get("retry-after") is not None
     assert core.guard.stats["rejected:rate_register"] == 1
     assert core.registration.stats["register_templated"] == 0
+
+
+def test_a_de_registration_drops_the_template() -> None:
+    """Expires: 0 goes to the backend; its 200 ends the registration and its template, so a
+    replay of the last refresh is no longer answered from it."""
+    core = templated()
+    bye = sip(REGISTER.format(n=3, user="dave").replace("Expires: 3600", "Expires: 0"))
+    [(flow, fwd)] = refresh(core, 3, 60.0, data=bye)
+    assert isinstance(fwd, Request) and flow.remote == B1
+    sent(answer(core, fwd, 200, 60.0, flow.remote))
+    assert not core.registration.refreshes
+    assert not list(core.registration.registrations)
+
+
+def test_a_retransmission_is_one_only_within_64_t1() -> None:
+    core = templated()
+    data = sip(REGISTER.format(n=3, user="dave"))
+    [(_, first)] = refresh(core, 3, 60.0, data=data)
+    assert isinstance(first, Response) and first.status == 200
+    # 64*T1 later the same branch is a new request: the full path takes it (an old CSeq,
+    # so it goes to the backend).
+    [(flow, msg)] = refresh(core, 3, 60.0 + 33.0, data=data)
+    assert isinstance(msg, Request) and flow.remote == B1
+    assert core.registration.stats["register_retransmitted"] == 0
+
+
+def test_users_of_a_pbx_sharing_one_call_id_over_one_flow_each_have_a_template() -> None:
+    """RFC 3261 10.2: a UA uses one Call-ID for all its registrations with a registrar."""
+    core = make_core(B1)
+    users = ("ann", "bob", "cid")
+
+    def same_call_id(user: str, n: int) -> bytes:
+        request = REGISTER.format(n=n, user=user).replace(f"reg-{user}@", "pbx@")
+        return sip(request.replace("branch=z9hG4bK-reg", f"branch=z9hG4bK-{user}-reg"))
+
+    for user in users:
+        [(flow, fwd)] = refresh(core, 1, 0.0, data=same_call_id(user, 1))
+        assert isinstance(fwd, Request)
+        ok = make_response(fwd, 200, to_tag="reg")
+        ok.add("Contact", f"<sip:{user}@10.0.0.7:5060>;expires=3600")
+        sent(core.receive_datagram(bytes(ok), Flow("udp", CORE, flow.remote), 0.0))
+    for n in (2, 3):
+        for user in users:
+            [(_, resp)] = refresh(core, n, 50.0 * n, data=same_call_id(user, n))
+            assert isinstance(resp, Response) and resp.status == 200
+            assert resp.to is not None and resp.to.uri_text == f"sip:{user}@example.com"
+    assert core.registration.stats["register_templated"] == len(users)
+    assert len(core.registration.refreshes) == len(users)
+
+
+def test_the_call_id_of_a_refresh_ignores_trailing_blanks() -> None:
+    data = sip(REGISTER.format(n=2, user="dave")).replace(
+        b"Call-ID: reg-dave@10.0.0.7\r\n", b"Call-ID: reg-dave@10.0.0.7" + b" " * 5000 + b"\r\n"
+    )
+    cut = cut_request(data)
+    assert cut is not None and cut.call_id == b"reg-dave@10.0.0.7"

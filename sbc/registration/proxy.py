@@ -164,7 +164,7 @@ class RegistrationProxy:
         # Refreshes answered from templates before parsing (refresh.py), and what the last
         # local answer was, for the pipeline to learn a template from.
         self.refreshes = RefreshTemplates()
-        self.answered: tuple[CachedRegistration, bytes, Flow] | None = None
+        self.answered: tuple[CachedRegistration, bytes, Flow, float] | None = None
         self._date_cache: tuple[int, bytes] = (-1, b"")
         self._work: dict[ClientTransaction, _Work] = {}
         self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # forwarded, unanswered
@@ -196,7 +196,7 @@ class RegistrationProxy:
             out += self._failover(tx, work, now)
         out += self.keepalives.handle_timer(now)
         for reg in self.registrations.expired(now):
-            self.refreshes.drop(reg)
+            self.refreshes.drop(reg.flow, reg.call_id, reg.aor)
             out += self._deregister(reg, now)
             if not self.has_flow(reg.flow):
                 self.keepalives.unwatch(reg.flow)
@@ -410,7 +410,7 @@ class RegistrationProxy:
                     if "server" not in answer:
                         answer.add("Server", self.backends.server_header)
                     assert isinstance(sent.dest, Flow)
-                    self.answered = (reg, bytes(answer), sent.dest)
+                    self.answered = (reg, bytes(answer), sent.dest, now)
         return out
 
     # -- refreshes answered from templates (refresh.py) --------------------------------------
@@ -422,12 +422,15 @@ class RegistrationProxy:
         if found is None:
             return None
         template, cut = found
-        if cut.branch == template.branch and cut.cseq == template.cseq:
-            return found
         reg = template.reg
         if self.registrations.get(reg.aor, reg.call_id, reg.flow) is not reg:
-            self.refreshes.drop(reg)
+            self.refreshes.drop(reg.flow, reg.call_id, reg.aor)
             return None
+        if cut.branch == template.branch and cut.cseq == template.cseq:
+            # A retransmission, while its transaction would still absorb it (RFC 3261
+            # 17.2.2: timer J, 64*T1); later it is a new request for the full path.
+            wait = self.transactions.timers.timer_j(False)
+            return found if now - template.answered_at <= wait else None
         if cut.cseq <= reg.cseq or reg.backend_expires_at - now < 2 * template.granted:
             return None
         return found
@@ -447,7 +450,7 @@ class RegistrationProxy:
         second = int(now + self.wall_offset)
         if second != self._date_cache[0]:
             self._date_cache = (second, self._date(now).encode())
-        return template.dest, self.refreshes.answer(template, cut, self._date_cache[1])
+        return template.dest, self.refreshes.answer(template, cut, self._date_cache[1], now)
 
     def _forwarded(self, req: Request, flow: Flow, client: Flow) -> Request:
         """RFC 3261 16.6: copy, Max-Forwards - 1, our Via on top; RFC 3327 4.1: our Path."""
@@ -597,6 +600,8 @@ class RegistrationProxy:
     ) -> None:
         """A 2xx to a forwarded REGISTER: cache it for offload and tell the client its own
         (short) expiry instead of the backend's."""
+        # Whatever the answer, the registration is no longer the one a template answers for.
+        self.refreshes.drop(info.flow, info.call_id, info.aor)
         if info.client_expires == 0:
             reg = self.registrations.get(info.aor, info.call_id, info.flow)
             if reg is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sbc.features.registrar import CachedRegistration
 from sbc.sip.flow import Flow
@@ -40,7 +41,9 @@ _CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*(\d{1,9})[ \t]+REGISTER[ \t]*\r\n", r
 _CREDENTIALS = re.compile(
     rb"\r\n(?:authorization|proxy-authorization)[ \t]*:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", re.I
 )
-_CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r\n", re.I)
+# Greedy to the end of the line, the trailing blanks stripped after: a lazy capture before
+# optional blanks backtracks quadratically on a long run of them.
+_CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)\r\n", re.I)
 _DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r\n]*)", re.I)
 
 # What a request is compared by: its octets without the parts that change between refreshes.
@@ -75,10 +78,15 @@ def cut_request(data: bytes) -> Cut | None:
         return None
     spans = [branch.span(1), from_tag.span(1), cseq.span(1)]
     credentials: bytes | None = None
+    proxy_credentials: bytes | None = None
     for match in _CREDENTIALS.finditer(data, 0, end):
         spans.append(match.span())
-        if credentials is None:
-            credentials = match.group().partition(b":")[2].strip()
+        name, _, value = match.group()[2:].partition(b":")
+        if name.strip().lower() == b"authorization":
+            credentials = credentials or value.strip()
+        else:
+            proxy_credentials = proxy_credentials or value.strip()
+    credentials = credentials or proxy_credentials  # as the full path reads them
     spans.sort()
     pieces: list[bytes] = []
     pos = 0
@@ -90,7 +98,7 @@ def cut_request(data: bytes) -> Cut | None:
     pieces.append(data[pos:])
     return Cut(
         tuple(pieces),
-        call_id.group(1),
+        call_id.group(1).rstrip(b" \t"),
         branch.group(1),
         from_tag.group(1),
         int(cseq.group(1)),
@@ -111,20 +119,31 @@ class Template:
     branch: bytes  # of the last request answered
     cseq: int
     last: bytes  # the last answer sent (a retransmission gets it again)
+    answered_at: float  # when (a retransmission is one only within 64*T1 of it)
 
 
 class RefreshTemplates:
-    """The templates of the registrations whose refreshes the SBC answers itself, one per
-    registration, by client flow and Call-ID (a PBX may register many users over one flow)."""
+    """The templates of the registrations whose refreshes the SBC answers itself, by client
+    flow and Call-ID. RFC 3261 10.2 has a UA use one Call-ID for all its registrations with
+    a registrar, so a PBX registering many users over one flow has many templates under one
+    key (at most ``PER_KEY``, the oldest go first)."""
+
+    PER_KEY: ClassVar[int] = 64
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[Flow, bytes], Template] = {}
+        self._by_key: dict[tuple[Flow, bytes], list[Template]] = {}
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return sum(len(templates) for templates in self._by_key.values())
 
     def learn(
-        self, data: bytes, flow: Flow, reg: CachedRegistration, answer: bytes, dest: Flow
+        self,
+        data: bytes,
+        flow: Flow,
+        reg: CachedRegistration,
+        answer: bytes,
+        dest: Flow,
+        now: float,
     ) -> bool:
         """Keep ``data``, a REGISTER the SBC answered itself with ``answer`` (sent to
         ``dest``), as the template of the next refreshes of ``reg``."""
@@ -133,10 +152,14 @@ class RefreshTemplates:
         if cut is None or parts is None or cut.call_id != _key_of(reg):
             return False  # (a Call-ID written with odd spacing is not worth a template)
         pieces, slots = parts
-        self._by_key[(flow, cut.call_id)] = Template(
+        template = Template(
             shape=cut.shape, reg=reg, granted=reg.client_expires, answer=pieces, slots=slots,
-            dest=dest, branch=cut.branch, cseq=cut.cseq, last=answer,
+            dest=dest, branch=cut.branch, cseq=cut.cseq, last=answer, answered_at=now,
         )  # fmt: skip
+        templates = self._by_key.setdefault((flow, cut.call_id), [])
+        templates[:] = [t for t in templates if t.reg.aor != reg.aor and t.shape != cut.shape]
+        templates.append(template)
+        del templates[: -self.PER_KEY]
         return True
 
     def match(self, data: bytes, flow: Flow) -> tuple[Template, Cut] | None:
@@ -144,12 +167,12 @@ class RefreshTemplates:
         cut = cut_request(data)
         if cut is None:
             return None
-        template = self._by_key.get((flow, cut.call_id))
-        if template is None or template.shape != cut.shape:
-            return None
-        return template, cut
+        for template in self._by_key.get((flow, cut.call_id), ()):
+            if template.shape == cut.shape:
+                return template, cut
+        return None
 
-    def answer(self, template: Template, cut: Cut, date: bytes) -> bytes:
+    def answer(self, template: Template, cut: Cut, date: bytes, now: float) -> bytes:
         """The 200 for ``cut``, from its template; remembered for a retransmission."""
         values = {
             "branch": cut.branch, "from_tag": cut.from_tag, "cseq": str(cut.cseq).encode(),
@@ -161,17 +184,22 @@ class RefreshTemplates:
             out.append(piece)
         answer = b"".join(out)
         template.branch, template.cseq, template.last = cut.branch, cut.cseq, answer
+        template.answered_at = now
         return answer
 
-    def drop(self, reg: CachedRegistration) -> None:
-        """The registration is gone (expired, removed, changed by its backend)."""
-        key = (reg.flow, _key_of(reg))
-        template = self._by_key.get(key)
-        if template is not None and template.reg is reg:
+    def drop(self, flow: Flow, call_id: str, aor: str) -> None:
+        """The registration of ``aor`` over ``flow`` with ``call_id`` is gone or was replaced
+        (expired, de-registered, answered anew by its backend): its template goes."""
+        key = (flow, call_id.encode("utf-8", "surrogateescape"))
+        templates = self._by_key.get(key)
+        if templates is None:
+            return
+        templates[:] = [t for t in templates if t.reg.aor != aor]
+        if not templates:
             del self._by_key[key]
 
     def drop_flow(self, flow: Flow) -> None:
-        """The client behind ``flow`` is gone (rare: a scan of every template)."""
+        """The client behind ``flow`` is gone (rare: a scan of every key)."""
         for key in [key for key in self._by_key if key[0] == flow]:
             del self._by_key[key]
 
