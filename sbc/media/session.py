@@ -35,7 +35,7 @@ from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
 from sbc.media.control import CodecSpec, Command, Delete, Party, SendDtmf, SrtpKey, Stream, Update
 from sbc.sdp.sdes import SUPPORTED_SUITES, Crypto
-from sbc.sdp.sdp import Line, Media, Origin, SdpError, Session
+from sbc.sdp.sdp import Media, Origin, SdpError, Session
 
 log = logging.getLogger("sbc.media")
 
@@ -405,7 +405,7 @@ class MediaController:
         sides = dict(zip(("a", "b"), session.sides, strict=True))
         src_side = self.policy.sides[sides[src]]
         dst_side = self.policy.sides[sides[dst]]
-        session_keying = bool(_attribute_names(sdp.lines) & END_TO_END_KEYING)
+        session_keying = bool(sdp.attribute_names() & END_TO_END_KEYING)
         usable = 0
         for i, m in enumerate(sdp.media):
             if i >= len(session.streams):
@@ -420,7 +420,7 @@ class MediaController:
                 continue
             # Keys end to end: keying the SBC cannot take part in, or SDES
             # keys the policy leaves to the parties (srtp_passthrough).
-            names = _attribute_names(m.lines)
+            names = m.attribute_names()
             stream.passthrough = (
                 session_keying
                 or bool(names & END_TO_END_KEYING)
@@ -716,7 +716,7 @@ class MediaController:
 
     def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
         """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE."""
-        _drop_attributes(sdp.lines, ICE_ATTRIBUTES)
+        sdp.remove_all(ICE_ATTRIBUTES)
         family = "IP6" if ":" in side.advertise else "IP4"
         conn = sdp.connection
         if conn is not None and not _is_null(conn[1]):
@@ -800,18 +800,4 @@ def _transcodable_media(m: Media) -> bool:
 def _strip(m: Media) -> None:
     """What names the far party's network is not passed on: ICE, a=rtcp with its address
     (the SBC's RTCP port is RTP + 1, the RFC 3550 default), and ptime-neutral extras stay."""
-    _drop_attributes(m.lines, _FAR_NETWORK)
-
-
-def _attribute_names(lines: list[Line]) -> set[str]:
-    """The names of the a= lines (a=name or a=name:value, RFC 4566 5.13)."""
-    return {value.partition(":")[0] for kind, value in lines if kind == "a"}
-
-
-def _drop_attributes(lines: list[Line], names: frozenset[str]) -> None:
-    """Remove every a=name and a=name:value line whose name is in ``names``, in one pass;
-    the list is left as it is when there is none (the common case)."""
-    if any(kind == "a" and value.partition(":")[0] in names for kind, value in lines):
-        lines[:] = [
-            line for line in lines if line[0] != "a" or line[1].partition(":")[0] not in names
-        ]
+    m.remove_all(_FAR_NETWORK)

@@ -426,7 +426,7 @@ class RegistrationProxy:
         if self.registrations.get(reg.aor, reg.call_id, reg.flow) is not reg:
             self.refreshes.drop(reg.flow, reg.call_id, reg.aor)
             return None
-        if cut.branch == template.branch and cut.cseq == template.cseq:
+        if template.repeated_by(cut):
             # A retransmission, while its transaction would still absorb it (RFC 3261
             # 17.2.2: timer J, 64*T1); later it is a new request for the full path.
             wait = self.transactions.timers.timer_j(False)
@@ -437,7 +437,7 @@ class RegistrationProxy:
 
     def refresh(self, template: Template, cut: Cut, now: float) -> tuple[Flow, bytes]:
         """Answer a refresh ``refresh_candidate`` found: the 200, and where it goes."""
-        if cut.branch == template.branch and cut.cseq == template.cseq:
+        if template.repeated_by(cut):
             self.stats["register_retransmitted"] += 1
             return template.dest, template.last
         reg = template.reg

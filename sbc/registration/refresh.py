@@ -76,6 +76,8 @@ def cut_request(data: bytes) -> Cut | None:
     call_id = _CALL_ID.search(data, 0, end + 2)
     if branch is None or from_tag is None or cseq is None or call_id is None:
         return None
+    if branch.group(1) == b"z9hG4bK":
+        return None  # RFC 4475 3.2.1: the sanity filter answers it 400
     spans = [branch.span(1), from_tag.span(1), cseq.span(1)]
     credentials: bytes | None = None
     proxy_credentials: bytes | None = None
@@ -120,6 +122,10 @@ class Template:
     cseq: int
     last: bytes  # the last answer sent (a retransmission gets it again)
     answered_at: float  # when (a retransmission is one only within 64*T1 of it)
+
+    def repeated_by(self, cut: Cut) -> bool:
+        """Whether ``cut`` is the last request answered again (same branch and CSeq)."""
+        return cut.branch == self.branch and cut.cseq == self.cseq
 
 
 class RefreshTemplates:

@@ -8,6 +8,7 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 MAX_BODY = 64 * 1024  # bytes; a larger body is refused (DoS guard, not an RFC limit)
@@ -75,6 +76,19 @@ def _attributes(lines: list[Line], name: str) -> list[str]:
 
 def _remove(lines: list[Line], name: str) -> None:
     lines[:] = [line for line in lines if not (line[0] == "a" and _attr_match(line[1], name))]
+
+
+def _attribute_names(lines: list[Line]) -> set[str]:
+    """The names of the a= lines (a=name or a=name:value, RFC 4566 5.13)."""
+    return {value.partition(":")[0] for kind, value in lines if kind == "a"}
+
+
+def _remove_all(lines: list[Line], names: Collection[str]) -> None:
+    """Remove every a= line named in ``names`` in one pass; untouched when there is none."""
+    if any(kind == "a" and value.partition(":")[0] in names for kind, value in lines):
+        lines[:] = [
+            line for line in lines if line[0] != "a" or line[1].partition(":")[0] not in names
+        ]
 
 
 def _direction(lines: list[Line]) -> str | None:
@@ -188,6 +202,13 @@ class Media:
     def remove(self, name: str) -> None:
         """Remove every a=name and a=name:value line."""
         _remove(self.lines, name)
+
+    def remove_all(self, names: Collection[str]) -> None:
+        """Remove every a= line whose name is in ``names``."""
+        _remove_all(self.lines, names)
+
+    def attribute_names(self) -> set[str]:
+        return _attribute_names(self.lines)
 
     def add(self, name: str, value: str | None = None) -> None:
         """Append a=name or a=name:value (a= lines come last in a media description)."""
@@ -307,6 +328,13 @@ class Session:
 
     def remove(self, name: str) -> None:
         _remove(self.lines, name)
+
+    def remove_all(self, names: Collection[str]) -> None:
+        """Remove every session-level a= line whose name is in ``names``."""
+        _remove_all(self.lines, names)
+
+    def attribute_names(self) -> set[str]:
+        return _attribute_names(self.lines)
 
     def add(self, name: str, value: str | None = None) -> None:
         """Append a session-level a=name or a=name:value (last in the session section)."""
