@@ -284,11 +284,13 @@ class Caller:
         self.workdir, self.name, self.target_port = workdir, name, target_port
         self.uas, self.sut_cpu, self.cpu = uas, sut_cpu, cpu
         self.count = 0
+        self.scenario = "call_uac.xml"
+        self.options: tuple[str, ...] = ()  # more SIPp options
 
     def command(self, run_dir: Path, rate: int, calls: int, hold_ms: int) -> list[str]:
         timeout = int(calls / rate + hold_ms / 1000 + 3 * RECV_TIMEOUT_MS / 1000) + 10
         return sipp_command(
-            "call_uac.xml", free_port(taken={self.target_port, self.uas.port}), run_dir,
+            self.scenario, free_port(taken={self.target_port, self.uas.port}), run_dir,
             "-m", str(calls),
             "-r", str(rate),
             "-rp", "1000",
@@ -298,6 +300,7 @@ class Caller:
             "-timeout_error",
             "-buff_size", str(4 << 20),
             "-trace_stat", "-stf", str(run_dir / "stat.csv"), "-fd", "1",
+            *self.options,
             target=self.target_port,
         )  # fmt: skip
 

@@ -262,7 +262,8 @@ class Kamailio:
 
 class Sbc:
     """``sbc run``, UDP only, on free loopback ports (none in ``taken``), logging at warning
-    so that logging does not dominate, the load's address on its allow list. ``backend``:
+    so that logging does not dominate, the load's address on its allow list (unless
+    ``allow_load`` is False: then ``security`` says what the load may do). ``backend``:
     the port of its only backend on 127.0.0.1, if any; ``tables``: more of its
     configuration (TOML tables); ``security``: more [security] settings; ``profile``: run
     it under cProfile, its statistics to that file."""
@@ -278,6 +279,7 @@ class Sbc:
         backend: int | None = None,
         tables: str = "",
         security: str = "",
+        allow_load: bool = True,
         profile: Path | None = None,
     ) -> None:
         self.cpu, self.profile = cpu, profile
@@ -311,7 +313,7 @@ backend_expires = {backend_expires}
 udp = {client_expires}
 {tables}
 [security]
-allow = ["{HOST}"]
+allow = [{f'"{HOST}"' if allow_load else ""}]
 {security}"""
         )
         self.proc: subprocess.Popen[bytes] | None = None

@@ -141,6 +141,10 @@ class SbcCore(Pipeline):
         # The guard's verdict on the datagram being handled, when the registration refresh
         # path asked it already (Pipeline._refresh): the full path answers it as it is.
         self._guard_verdict: Limited | None = None
+        # The To tag of every 503 refused for overload (Pipeline._shed), and its octets,
+        # by which the ACKs of those 503s are known before they are parsed.
+        self._shed_tag = secrets.token_hex(8)
+        self._shed_tag_bytes = f"tag={self._shed_tag}".encode()
 
     # -- reload and shutdown -----------------------------------------------------------------
     def reconfigure(self, settings: CoreSettings, now: float) -> None:

@@ -245,6 +245,17 @@ class SbcCollector(Collector):
             "sbc_banned_sources", "Sources banned now",
             value=sum(until > now for until in core.guard.bans.values()),
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "sbc_receive_delay_seconds",
+            "How late the SBC serves what it receives: the larger of the event loop's lag and "
+            "the time a datagram waited in a socket's receive queue (last measure)",
+            value=core.guard.delay,
+        )
+        yield GaugeMetricFamily(
+            "sbc_overload_shed_ratio",
+            "Share of new out-of-dialog requests refused with 503 for overload now",
+            value=core.guard.shed_ratio,
+        )
         guard_events = CounterMetricFamily(
             "sbc_guard_events",
             "Other events of the security guard (auth_failure, user_locked, overload, "

@@ -5,8 +5,9 @@ of docs/architecture.md: 1b the guard (admission by source, before parsing), 2 f
 the transactions (sbc/sip/transaction.py), 6 the transaction user (``SbcCore._handle_request``
 and the owners of client transactions, ``SbcCore._outputs``).
 
-``Pipeline`` is a part of ``SbcCore`` (a mixin, as the parts of sbc/calls/ are of the
-B2BUA): the stages use the core's guard, transactions and calls.
+``Pipeline`` is a part of ``SbcCore``, its base class (single inheritance, as the parts of
+sbc/calls/ are chained into the B2BUA, so that mypyc compiles it): the stages use the core's
+guard, transactions and calls; their methods take ``self: SbcCore``.
 """
 
 # mypy: disable-error-code="misc"
@@ -17,7 +18,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from sbc.actions import Action, Close, SendData, with_effects
-from sbc.features.guard import REGISTER, credentials_user
+from sbc.features.guard import REGISTER, Limited, credentials_user
 from sbc.features.keepalive import is_stun, stun_binding_response
 from sbc.features.sanity import Rejection, check_request, check_response, fault_label
 from sbc.sides import ACCESS
@@ -42,6 +43,10 @@ _MAX_LOOP_DEPTH = 4
 class Pipeline:
     """The input entry points of the core and the stages behind them."""
 
+    # Set by SbcCore.__init__; declared here, where the stages assign them.
+    _guard_verdict: Limited | None  # the guard's verdict on the datagram being handled
+    _loop_depth: int  # messages to this SBC itself being received (_loop_back)
+
     @with_effects
     def receive_datagram(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
@@ -56,6 +61,11 @@ class Pipeline:
             return [SendData(flow, answer)] if answer is not None else []
         if not data.strip(b"\r\n\x00 "):
             self.stats["keepalive"] += 1  # RFC 5626 4.4.1 CRLF keep-alive (also RFC 3261 7.5)
+            return []
+        if data.startswith(b"ACK ") and self._shed_tag_bytes in data:
+            # The ACK of a 503 refused for overload (RFC 3261 17.1.1.3: it ends a transaction
+            # that the SBC did not keep): dropped before it is parsed.
+            self.stats["shed_ack"] += 1
             return []
         # Registration offload: a refresh like one answered before, known by its octets
         # (sbc/registration/refresh.py), is answered without parsing.
@@ -189,6 +199,11 @@ class Pipeline:
         # 1b. The guard, after parsing: a scanner's User-Agent gets no answer at all.
         if self.guard.active and self.guard.blocked_agent(msg.get("user-agent")):
             return []
+        # 1c. Overload: a share of new requests is refused before any other work.
+        if self.guard.shed_ratio:
+            shed = self._shed(msg, flow, now)
+            if shed is not None:
+                return shed
         # 3. Sanity (a rejection is answered statelessly, after the transport rules).
         rejection = check_request(msg, supported=SUPPORTED)
         # 4. Transport rules: received/rport, and where the responses go.
@@ -215,6 +230,36 @@ class Pipeline:
                 resp = self._response(msg, exc.status or 400, exc.reason)
                 actions += self._outputs(tx.respond(resp, now), now)
         return actions
+
+    def _shed(self: SbcCore, req: Request, flow: Flow, now: float) -> list[Action] | None:
+        """A new out-of-dialog request from the access side while overloaded: if the guard
+        refuses it, 503 with Retry-After (RFC 3261 21.5.4, RFC 6357 5), statelessly (RFC 3261
+        8.2.7: no transaction kept; a retransmission gets the same answer) and before the
+        sanity filter, the transactions and the routing. None: the full path takes it
+        (requests within a dialog, ACK and CANCEL, retransmissions of requests taken).
+        The To tag is the same in every such 503, so that their ACKs are dropped unparsed."""
+        if req.method == "ACK" or req.method == "CANCEL" or self._side(flow) != ACCESS:
+            return None
+        try:
+            to = req.to
+            if to is None or to.tag is not None or self.transactions.has_server(req):
+                return None
+        except ParseError:
+            return None  # malformed: the full path answers it
+        limited = self.guard.shed(flow.remote[0], now)
+        if limited is None:
+            return None
+        self._stamp_via(req, flow)
+        try:
+            resp = make_response(req, limited.status, limited.reason, to_tag=self._shed_tag)
+        except ParseError:
+            return []
+        resp.add("Retry-After", str(limited.retry_after))
+        data = self._finish(resp)
+        if len(data) > self.settings.limits.max_message_size or _unsafe_head(data):
+            self.stats["unanswerable"] += 1  # as in _parse_failed
+            return []
+        return [SendData(self._response_flow(req, flow), data)]
 
     def _handle_response(self: SbcCore, resp: Response, now: float) -> list[Action]:
         """A response: sanity (a malformed one is dropped), then its client transaction,

@@ -58,8 +58,8 @@ def make_core(security: GuardPolicy, *, backend: bool = True) -> SbcCore:
     core = SbcCore(
         CoreSettings(local_hosts=frozenset({"127.0.0.1"}), backends=specs, security=security)
     )
-    core.add_listener("access", "udp", SBC_ACCESS)
-    core.add_listener("core", "udp", SBC_CORE)
+    core.add_listener(ACCESS, "udp", SBC_ACCESS)
+    core.add_listener(CORE, "udp", SBC_CORE)
     return core
 
 
@@ -280,15 +280,52 @@ def test_tls_handshakes_per_source() -> None:
     assert g.handshake_allowed(ATTACKER, 1.0)
 
 
-def test_overload_answers_503_for_a_while() -> None:
-    g = Guard(policy(overload_lag=0.2, overload_hold=2.0, retry_after=7))
-    g.report_lag(0.1, 0.0)
-    assert g.check_request(HONEST, INVITE, 0.0, credentials=None) is None
-    g.report_lag(0.5, 1.0)
-    limited = g.check_request(HONEST, INVITE, 1.5, credentials=None)
-    assert limited is not None and (limited.status, limited.retry_after) == (503, 7)
-    assert limited.reason == "Server Overloaded"
-    assert g.check_request(HONEST, INVITE, 3.1, credentials=None) is None
+def test_overload_refuses_a_share_of_new_requests_and_recovers() -> None:
+    g = Guard(
+        policy(overload_lag=0.1, retry_after=7, allow=(ipaddress.ip_network("192.0.2.99/32"),))
+    )
+    g.report_lag(0.04, 0.0)  # well under the target: nothing refused
+    assert not g.overloaded(0.0) and g.shed(HONEST, 0.0) is None
+    g.report_lag(0.35, 0.25)  # once over the target: a burst, nothing refused yet
+    assert not g.overloaded(0.25)
+    g.report_lag(0.35, 0.5)
+    assert g.overloaded(0.5) and 0.1 < g.shed_ratio < 0.2 and g.stats["overload"] == 1
+    g.report_lag(0.6, 0.75)
+    assert 0.5 < g.shed_ratio < 0.7
+    verdicts = [g.shed(HONEST, 0.8) for _ in range(100)]
+    refused = [v for v in verdicts if v is not None]
+    # Spread evenly: the share refused is the ratio, to one request.
+    assert abs(len(refused) - 100 * g.shed_ratio) <= 1
+    assert {(v.status, v.reason, v.retry_after) for v in refused} == {(503, "Server Overloaded", 7)}
+    assert g.stats["rejected:overload"] == len(refused)
+    assert all(g.shed("192.0.2.99", 0.8) is None for _ in range(20))  # trusted: never
+    now = 0.75
+    while g.overloaded(now):  # the load went away: back to normal within seconds
+        now += 0.25
+        g.report_lag(0.0, now)
+        assert now < 4.0
+    assert g.shed(HONEST, now) is None
+
+
+def test_overload_control_holds_the_delay_and_the_throughput() -> None:
+    """A simulated SBC that serves 100 new calls/s (each admitted 10 ms of work, each refused
+    0.5 ms) offered 200/s for 20 s: the queue's delay settles near the target and the
+    calls admitted stay close to what it can serve, then all is admitted again once the
+    load is gone."""
+    g = Guard(policy(overload_lag=0.1))
+    tick, backlog, admitted = 0.25, 0.0, []
+    for n in range(120):
+        now = n * tick
+        offered = 50 if now < 20 else 10  # per tick: 200/s, then 40/s
+        took = sum(g.shed(HONEST, now) is None for _ in range(offered))
+        backlog = max(0.0, backlog + took * 0.010 + (offered - took) * 0.0005 - tick)
+        g.report_lag(backlog, now + tick)
+        if 5 <= now < 20:
+            admitted.append(took)
+            assert backlog < 0.4  # no request waits near T1 (500 ms)
+    rate = sum(admitted) / (len(admitted) * tick)
+    assert 85 <= rate <= 100, rate
+    assert not g.overloaded(120 * tick)
 
 
 def test_backend_register_ceiling() -> None:
@@ -405,12 +442,39 @@ def test_backend_register_ceiling_through_the_relay() -> None:
     assert (resp.status, resp.reason, resp.get("retry-after")) == (503, "Registrar Busy", "1")
 
 
-def test_overload_refuses_new_calls_with_503() -> None:
+def test_overload_refuses_new_calls_with_503_statelessly() -> None:
     core = make_core(policy(overload_lag=0.2, retry_after=3))
-    core.report_lag(1.0, 0.0)
-    [(_, resp)] = sent(core.receive_datagram(invite(HONEST, 1), client(HONEST), 0.5))
-    assert isinstance(resp, Response)
+    # A call taken before the overload: its INVITE's retransmission is not refused.
+    assert len(to_backend(core.receive_datagram(invite(HONEST, 1), client(HONEST), 0.0))) == 1
+    core.report_lag(1.0, 0.1)
+    core.report_lag(1.0, 0.1)
+    assert core.guard.shed_ratio == pytest.approx(0.4)
+    core.report_lag(2.0, 0.1)
+    assert core.guard.shed_ratio == pytest.approx(0.98)
+    held = len(core.transactions)
+    assert 503 not in statuses(core.receive_datagram(invite(HONEST, 1), client(HONEST), 0.2))
+    [(dest, resp)] = sent(core.receive_datagram(invite(HONEST, 2), client(HONEST), 0.5))
+    assert isinstance(resp, Response) and dest.remote == (HONEST, 40000)
     assert (resp.status, resp.reason, resp.get("retry-after")) == (503, "Server Overloaded", "3")
+    assert resp.to is not None and resp.to.tag == core._shed_tag
+    assert len(core.transactions) == held  # no transaction kept for it (RFC 3261 8.2.7)
+    # Its ACK is dropped before it is parsed.
+    ack = sip(
+        INVITE_MSG.format(ip=HONEST, n=2)
+        .replace("INVITE sip:bob@example.com", "ACK sip:bob@example.com")
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK")
+        .replace("To: <sip:bob@example.com>", f"To: <sip:bob@example.com>;tag={core._shed_tag}")
+    )
+    assert core.receive_datagram(ack, client(HONEST), 0.6) == []
+    assert core.stats["shed_ack"] == 1
+    # A request within a dialog is never refused (481 here: the dialog is not known).
+    bye = sip(
+        INVITE_MSG.format(ip=HONEST, n=3)
+        .replace("INVITE sip:bob@example.com", "BYE sip:bob@example.com")
+        .replace("CSeq: 1 INVITE", "CSeq: 2 BYE")
+        .replace("To: <sip:bob@example.com>", "To: <sip:bob@example.com>;tag=b3")
+    )
+    assert statuses(core.receive_datagram(bye, client(HONEST), 0.7)) == [481]
 
 
 def test_a_core_without_a_policy_checks_nothing() -> None:

@@ -22,6 +22,7 @@ from sbc.features.keepalive import (
     stun_binding_response,
 )
 from sbc.registration import OffloadPolicy
+from sbc.sides import Side
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, Response, make_response
 
@@ -153,8 +154,8 @@ def test_crlf_keepalives() -> None:
             nat=NatPolicy(interval=15.0, method="crlf", failures=3),
         )
     )
-    core.add_listener("access", "udp", CLIENT.local)
-    core.add_listener("core", "udp", CORE)
+    core.add_listener(Side.ACCESS, "udp", CLIENT.local)
+    core.add_listener(Side.CORE, "udp", CORE)
     register_nated(core, 0.0)
     actions = core.handle_timer(15.0)
     assert SendData(CLIENT, b"\r\n\r\n") in actions

@@ -8,6 +8,7 @@ from test_registration import ACCESS, CLIENT, REGISTER, sent
 
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.registrar import LocationService, RegisterRefused
+from sbc.sides import Side
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr, parse_name_addr_list
 from sbc.sip.message import Request, Response, make_response
@@ -68,7 +69,7 @@ def test_out_of_order_cseq_and_star() -> None:
 
 def test_make_run_style_core_registers_and_delivers_messages() -> None:
     core = SbcCore(CoreSettings(local_hosts=frozenset({"127.0.0.1"})))
-    core.add_listener("access", "udp", ACCESS)
+    core.add_listener(Side.ACCESS, "udp", ACCESS)
     [(to, resp)] = sent(core.receive_datagram(sip(REGISTER.format(n=1, user="alice")), CLIENT, 0.0))
     assert isinstance(resp, Response) and resp.status == 200 and to == CLIENT
     [contact] = resp.contact
@@ -105,7 +106,7 @@ def test_embedded_registrar_never_leaks_on_mutated_traffic() -> None:
 
     rng = random.Random(5626)
     core = SbcCore(CoreSettings(local_hosts=frozenset({"127.0.0.1"})))
-    core.add_listener("access", "udp", ACCESS)
+    core.add_listener(Side.ACCESS, "udp", ACCESS)
     register = sip(REGISTER.format(n=1, user="alice"))
     message = (
         b"MESSAGE sip:alice@example.com SIP/2.0\r\n"

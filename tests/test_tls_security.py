@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -516,10 +517,53 @@ async def _a_late_event_loop_is_reported_as_overload() -> None:
         # and reports nothing.
         await asyncio.sleep(0.3)
         assert not core.guard.overloaded(transports._clock())
-        time.sleep(0.5)  # part of what is tested: the loop is stuck, the lag timer fires late
-        await eventually("the late timer reported", lambda: core.guard.stats["overload"] == 1)
+        time.sleep(0.5)  # part of what is tested: the loop is stuck once, the timer late
+        await eventually("the late timer reported", lambda: core.guard.delay >= 0.2)
+        assert not core.guard.overloaded(transports._clock())  # a burst, not overload
+        for _ in range(4):  # a loop that stays late: each time, the timer 0.35 s late
+            time.sleep(0.6)
+            await asyncio.sleep(0.001)
         assert core.guard.overloaded(transports._clock())
         assert core.guard.stats["overload"] == 1
+    finally:
+        await transports.close()
+
+
+@LOOPS
+def test_the_wait_in_a_udp_receive_queue_is_measured(loop: str) -> None:
+    run(loop, _the_wait_in_a_udp_receive_queue_is_measured())
+
+
+async def _the_wait_in_a_udp_receive_queue_is_measured() -> None:
+    core = guarded_core(overload_lag=0.1)
+    transports = SipTransports(core)
+    try:
+        await transports.listen(ListenUrl.parse("udp://0.0.0.0:0"))
+        transports._lag_timer.cancel()  # the probes are ticked here, not by the lag timer
+        probes = transports.probes
+        assert probes.tick() == 0.0  # nothing measured yet; a probe sent (to 127.0.0.1)
+        time.sleep(0.4)  # part of what is tested: the probe waits in the queue, unread
+        await eventually("the probe read", lambda: not any(probes._sent.values()))
+        assert 0.35 <= probes.tick() < 2.0  # the loop clock: millisecond steps
+        # The probe is the I/O layer's own: the core saw no datagram at all.
+        assert not core.stats and not core.guard.stats
+        await asyncio.sleep(0.05)
+        assert probes.tick() < 0.4  # the next probe: a queue that is read at once
+        await asyncio.sleep(0.05)
+        # A queue that takes 0.3 s to drain (the loop stuck meanwhile): from then on, the
+        # bytes queued are worth their time.
+        [(_, port)] = [address for _, address in transports.bound]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for _ in range(200):
+                client.sendto(b"\r\n" * 200, ("127.0.0.1", port))
+            probes.tick()  # this probe has the 200 datagrams ahead of it
+            time.sleep(0.3)
+            await eventually("the probes read", lambda: not any(probes._sent.values()))
+            assert core.stats["keepalive"] == 200
+            assert probes.tick() == 0.0  # nothing queued now: no wait, whatever the probes'
+            for _ in range(200):
+                client.sendto(b"\r\n" * 200, ("127.0.0.1", port))
+            assert 0.15 < probes.tick() < 0.6  # the same bytes queued: about 0.3 s
     finally:
         await transports.close()
 

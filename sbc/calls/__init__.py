@@ -9,6 +9,12 @@
 - ``teardown``: how calls end and what is forgotten;
 - ``timers``: the call's timers in one ``Deadlines``;
 - ``records``: the call records.
+
+The parts are classes of one single-inheritance chain, each the base of the next
+(``Teardown`` <- ``Dialogs`` <- ``Records`` <- ``CallTimers`` <- ``Mapping`` <- ``Routing``
+<- ``B2bua``; the method resolution order the mixins had), because mypyc, which compiles
+them, supports no other multiple inheritance than of traits. Their methods take
+``self: B2bua``: each part uses the state and the methods of the others.
 """
 
 from sbc.calls.b2bua import B2bua

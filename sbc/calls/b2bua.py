@@ -27,8 +27,6 @@ import secrets
 from collections import Counter
 
 from sbc.backends import Backends
-from sbc.calls.dialogs import Dialogs
-from sbc.calls.mapping import Mapping
 from sbc.calls.model import (
     CORE_TOPOLOGY_HEADERS,
     DEFAULT_POLICY,
@@ -48,10 +46,7 @@ from sbc.calls.model import (
     _subscription_terminated,
     _with_tag,
 )
-from sbc.calls.records import Records
 from sbc.calls.routing import Routing
-from sbc.calls.teardown import Teardown
-from sbc.calls.timers import CallTimers
 from sbc.deadlines import Deadlines
 from sbc.media.session import MediaRefused
 from sbc.registration import RegistrationProxy
@@ -73,7 +68,7 @@ from sbc.sip.transaction import (
 log = logging.getLogger("sbc.calls")
 
 
-class B2bua(Routing, Mapping, CallTimers, Records, Dialogs, Teardown):
+class B2bua(Routing):
     def __init__(
         self,
         *,

@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """Requests within a call (RFC 3261 12.2): mapped into the other leg's dialog, BYE ending
 both legs at once (RFC 3261 15.1.2), the ACK for a 2xx (13.2.2.4), CANCEL (9), DTMF
 interworking between SIP INFO and RFC 4733 events."""
@@ -17,6 +18,7 @@ from sbc.calls.model import (
     _mapped_rack,
     _Own,
 )
+from sbc.calls.teardown import Teardown
 from sbc.media import dtmf
 from sbc.media.control import Dtmf
 from sbc.media.session import MediaRefused
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     from sbc.calls.b2bua import B2bua
 
 
-class Dialogs:
-    """B2bua's dialogs (a mixin: ``self`` is the B2bua)."""
+class Dialogs(Teardown):
+    """B2bua's dialogs (a part of the B2bua: ``self`` is the B2bua)."""
 
     @staticmethod
     def _dialog_key(req: Request) -> DialogKey | None:

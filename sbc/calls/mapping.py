@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """What crosses from one leg to the other: responses mapped onto the other leg's request
 (RFC 3261 8.2.6.2), the end-to-end headers minus the leg's own and the topology-hiding lists,
 bodies with their SDP offers and answers through the media seam (RFC 3264), Replaces and
@@ -17,6 +18,7 @@ from sbc.calls.model import (
     Leg,
     _is_sdp,
 )
+from sbc.calls.timers import CallTimers
 from sbc.media.session import MediaRefused
 from sbc.sides import Side
 from sbc.sip.flow import Flow
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
     from sbc.calls.b2bua import B2bua
 
 
-class Mapping:
-    """B2bua's mapping (a mixin: ``self`` is the B2bua)."""
+class Mapping(CallTimers):
+    """B2bua's mapping (a part of the B2bua: ``self`` is the B2bua)."""
 
     def _map_replaces(self: B2bua, value: str, target: Flow) -> str:
         """RFC 3891 (attended transfer): Replaces names a dialog by the ids of the leg the

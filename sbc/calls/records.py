@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """Call records: one JSON line per ended INVITE call (docs/calls.md), written with the media
 relay's statistics when they come within two seconds of the end."""
 
@@ -9,6 +10,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
+from sbc.calls.dialogs import Dialogs
 from sbc.calls.model import (
     Call,
 )
@@ -19,8 +21,8 @@ if TYPE_CHECKING:
     from sbc.calls.b2bua import B2bua
 
 
-class Records:
-    """B2bua's records (a mixin: ``self`` is the B2bua)."""
+class Records(Dialogs):
+    """B2bua's records (a part of the B2bua: ``self`` is the B2bua)."""
 
     def media_stats(self: B2bua, call_id: str, media: list[dict[str, object]]) -> None:
         """The relay's statistics of an ended call: its record is written with them."""

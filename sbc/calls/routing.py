@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """Where the requests of a call go: a new request's target (a peer, a backend, a
 registered client), admission, and the next hop of a request within a dialog (RFC 3261
 12.2.1.1, 8.1.2), with the SBC's Via and Contact on each leg."""
@@ -12,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sbc.calls.mapping import Mapping
 from sbc.calls.model import (
     Call,
     Leg,
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     from sbc.calls.b2bua import B2bua
 
 
-class Routing:
-    """B2bua's routing (a mixin: ``self`` is the B2bua)."""
+class Routing(Mapping):
+    """B2bua's routing (a part of the B2bua: ``self`` is the B2bua)."""
 
     def side_of(self: B2bua, flow: Flow) -> Side:
         """Which side a flow is on: a peer SBC, the core (backends), or the access side."""

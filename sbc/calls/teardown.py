@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """How calls end: abandoned before an answer (487 or 408 to the caller, CANCEL to the
 callee, RFC 3261 9.1), ended by the SBC with BYE on each leg (RFC 3326 Reason), every
 call at a shutdown or over a lost flow, and what is forgotten when a call is over."""
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 
 class Teardown:
-    """B2bua's teardown (a mixin: ``self`` is the B2bua)."""
+    """B2bua's teardown (a part of the B2bua: ``self`` is the B2bua)."""
 
     def _abandon(
         self: B2bua, call: Call, status: int, reason: str, now: float, *, cancel: bool = True

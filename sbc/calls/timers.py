@@ -1,5 +1,6 @@
 # mypy: disable-error-code="misc"
-# (a mixin of B2bua: its methods take ``self: B2bua``, which mypy reports as "misc")
+# (a part of B2bua, one class of its single-inheritance chain: its methods take
+# ``self: B2bua``, a subclass, which mypy reports as "misc")
 """A call's timers: no answer, maximum duration, session timer (RFC 4028), subscription
 expiry, the 2xx retransmission until the ACK (RFC 3261 13.3.1.4), failover to the next
 backend, and the guard that ends what is still pending 64*T1 after a call ended. All in one
@@ -19,6 +20,7 @@ from sbc.calls.model import (
     _Mapped,
     _Retransmit,
 )
+from sbc.calls.records import Records
 from sbc.features.registrar import aor_of
 from sbc.sides import CORE
 from sbc.sip.message import Response
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
     from sbc.calls.b2bua import B2bua
 
 
-class CallTimers:
-    """B2bua's timers (a mixin: ``self`` is the B2bua)."""
+class CallTimers(Records):
+    """B2bua's timers (a part of the B2bua: ``self`` is the B2bua)."""
 
     def _set_timer(self: B2bua, call: Call, name: str, deadline: float) -> None:
         call.timers.add(name)

@@ -15,8 +15,11 @@ Sans-I/O like the rest of the core: every method takes ``now`` and returns a ver
   over the limit is banned, a user over it is locked for ``ban_time``;
 - a User-Agent block list (scanners) whose requests are dropped without an answer;
 - per-source limits on stream connections and on TLS handshakes;
-- overload: when the I/O layer reports that the event loop is late, new out-of-dialog
-  requests get 503 for a while instead of every request slowing down (RFC 3261 21.5.4);
+- overload control (RFC 6357, RFC 7339's loss-based idea applied locally): the I/O layer
+  reports how late the SBC serves what it receives (event loop lag, time waited in a socket
+  queue); above the target delay a growing share of new out-of-dialog requests is
+  answered 503 with Retry-After (RFC 3261 21.5.4) before any routing work, so that the
+  calls admitted keep their pace instead of every request slowing down;
 - a ceiling on the REGISTERs relayed to the backends (registrar protection).
 
 A source on the ``allow`` list, a backend or a peer is never banned, rate limited or locked
@@ -40,6 +43,16 @@ from sbc.sides import ACCESS, Side
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("sbc.guard")
+
+# The overload controller (``Guard.report_lag``), per report (a few per second): the share
+# refused grows by _SHED_GAIN per second of delay over the target and by _SHED_TREND per
+# second the delay grew since the last report; below half the target it is only multiplied
+# by _SHED_DECAY; it stays within [_SHED_MIN, _SHED_MAX] (under _SHED_MIN: nothing refused).
+_SHED_GAIN = 0.5
+_SHED_TREND = 1.0
+_SHED_DECAY = 0.7
+_SHED_MIN = 0.01
+_SHED_MAX = 0.98
 
 # Method classes of the token buckets.
 REGISTER = "register"
@@ -78,8 +91,7 @@ class GuardPolicy:
     auth_window: float = 60.0
     max_connections_per_source: int = 0  # open TCP/TLS connections; 0: no limit
     tls_handshakes: Bucket = Bucket()  # handshakes per source
-    overload_lag: float = 0.0  # event loop lateness (s) that means overloaded; 0: off
-    overload_hold: float = 2.0  # stays overloaded this long after the last late report
+    overload_lag: float = 0.0  # target delay (s) of the overload control; 0: off
     backend_register_rate: Bucket = Bucket()  # REGISTERs relayed to the backends, in all
     max_sources: int = 100_000  # sources tracked at most
     idle_after: float = 600.0  # a source quiet this long (and not banned) is forgotten
@@ -186,7 +198,11 @@ class Guard:
         self._users: dict[str, list[float]] = {}  # user name -> failure times
         self._locked: dict[str, float] = {}  # user name -> locked until
         self._credentials: dict[str, tuple[str, str]] = {}  # request key -> (ip, user)
-        self._overloaded_until = 0.0
+        # Overload control: the share of new out-of-dialog requests refused, and the
+        # credit of the deterministic spreading of refusals (``shed``).
+        self.shed_ratio = 0.0
+        self._shed_credit = 0.0
+        self.delay = 0.0  # the last delay reported (s)
         self._register_state: list[float] | None = None
         self._next_sweep = 0.0
         self.stats: Counter[str] = Counter()
@@ -304,9 +320,6 @@ class Guard:
                     self.stats["rejected:user_locked"] += 1
                     return Limited(403, "Too Many Failed Authentications", 0, "user_locked")
                 del self._locked[user]
-        if self._overloaded_until > now:
-            self.stats["rejected:overload"] += 1
-            return Limited(503, "Server Overloaded", p.retry_after, "overload")
         bucket = p.rates.get(method_class)
         if bucket is not None and bucket.rate > 0:
             state, wait = _take(src.buckets.get(method_class), bucket, now)
@@ -415,15 +428,48 @@ class Guard:
 
     # -- load --------------------------------------------------------------------------------
     def report_lag(self, lag: float, now: float) -> None:
-        """The I/O layer's measure of how late its event loop runs timers."""
-        p = self.policy
-        if p.overload_lag and lag > p.overload_lag:
-            if self._overloaded_until <= now:
-                self.stats["overload"] += 1
-            self._overloaded_until = now + p.overload_hold
+        """How late the SBC serves what it receives, reported by the I/O layer a few times a
+        second (the larger of its event loop's lateness and the time a datagram waited in a
+        socket's receive queue). A proportional-integral controller in the manner of PIE
+        (RFC 8033 4.2) moves ``shed_ratio`` so that the delay settles at the target: it
+        grows with the excess over the target and with the delay's growth since the last
+        report; below half the target it only decays, so the SBC is back to serving
+        everyone within a few seconds of the load going away. It starts at the second
+        measure over the target in a row (PIE's burst allowance, RFC 8033 4.4)."""
+        target = self.policy.overload_lag
+        previous, self.delay = self.delay, lag
+        if not target:
+            return
+        before = self.shed_ratio
+        if lag < target / 2:  # well under the target: only ever less
+            ratio = before * _SHED_DECAY
+        elif not before and previous <= target:
+            ratio = 0.0  # one late measure is a burst (a collection, a reload), not overload
+        else:
+            ratio = before + _SHED_GAIN * (lag - target) + _SHED_TREND * (lag - previous)
+        ratio = min(_SHED_MAX, ratio)
+        self.shed_ratio = ratio if ratio >= _SHED_MIN else 0.0
+        if self.shed_ratio and not before:
+            self.stats["overload"] += 1
+            log.warning("overloaded (%.3f s late): refusing some new requests with 503", lag)
+        elif before and not self.shed_ratio:
+            log.warning("overload over: every new request served again")
 
     def overloaded(self, now: float) -> bool:
-        return self._overloaded_until > now
+        return self.shed_ratio > 0.0
+
+    def shed(self, ip: str, now: float) -> Limited | None:
+        """Whether a new out-of-dialog request from ``ip`` is refused for overload: the
+        refusals are spread evenly (a credit, not a coin), and a trusted source is never
+        refused."""
+        if not self.shed_ratio or self._source(ip, now).trusted:
+            return None
+        self._shed_credit += 1.0 - self.shed_ratio
+        if self._shed_credit >= 1.0:
+            self._shed_credit -= 1.0
+            return None
+        self.stats["rejected:overload"] += 1
+        return Limited(503, "Server Overloaded", self.policy.retry_after, "overload")
 
     # -- housekeeping ------------------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -7,11 +7,13 @@ core returns; every SIP decision lives in the core.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,12 @@ log = logging.getLogger("sbc.io")
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection to a backend
 HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
 LAG_INTERVAL = 0.25  # seconds between two measures of the event loop's lateness
+PROBE_LOST = 5.0  # seconds after which a queue probe not received is forgotten
+PROBE_MIN_WAIT = 0.005  # a probe that waited this long measures the rate the queue drains at
+SO_MEMINFO = 55  # Linux <asm-generic/socket.h>; not in Python's socket module
+# A queue probe's payload starts with a NUL, which no SIP message does (STUN may: the
+# rest of the prefix and the process's random token tell them apart).
+PROBE_PREFIX = b"\x00sbc-queue-probe "
 TLS_CHECK_INTERVAL = 3.0  # seconds between two looks at the certificate files' mtimes
 
 
@@ -139,6 +147,7 @@ class SipTransports:
         self._tasks: set[asyncio.Task[None]] = set()
         self.bound: list[tuple[ListenUrl, Address]] = []  # (configured url, actual address)
         self._closing = False
+        self.probes = QueueProbes(self._loop.time)
         self._lag_due = self._loop.time() + LAG_INTERVAL
         self._lag_timer = self._loop.call_at(self._lag_due, self._measure_lag)
         self._tls_timer = self._loop.call_later(TLS_CHECK_INTERVAL, self._check_tls)
@@ -163,12 +172,14 @@ class SipTransports:
 
     # -- housekeeping ------------------------------------------------------------------------
     def _measure_lag(self) -> None:
-        """How late this callback runs is how late the event loop runs everything: the
-        core answers new requests with 503 while it is too late."""
+        """How late this callback runs is how late the event loop runs everything; how long
+        the queue probes waited is how late a datagram is read. The larger goes to the
+        core, whose overload control refuses a share of new requests while it is too
+        large."""
         now = self._loop.time()
         lag = max(0.0, now - self._lag_due)
         try:
-            self.core.report_lag(lag, self._clock())
+            self.core.report_lag(max(lag, self.probes.tick()), self._clock())
         except Exception:
             log.exception("overload report failed")
         if lag > LAG_INTERVAL:
@@ -210,6 +221,7 @@ class SipTransports:
                 local = _addr(transport.get_extra_info("sockname"))
                 _large_receive_buffer(transport.get_extra_info("socket"))
                 self._udp[local] = transport
+                self.probes.watch(local, transport)
             else:
                 if url.transport == "tls" and tls is None:
                     raise StartupError(f"{url}: TLS listener without a TLS context")
@@ -473,6 +485,91 @@ class SipTransports:
                 self.run_actions(self.core.connection_lost(conn.flow, self._clock()))
 
 
+class QueueProbes:
+    """How long a datagram waits now in each UDP listener's receive queue before the SBC
+    reads it (RFC 6357 5 names queue delay as the measure of overload). The event loop's
+    lag alone misses a deep queue: the loop reads a batch of datagrams per wake-up and runs
+    its timers on time between batches while the queue grows.
+
+    The kernel tells the bytes queued now (SO_MEMINFO); what they are worth in time comes
+    from probes: at every tick each listener sends a small datagram to itself (no socket
+    or port of its own), and the bytes that were queued ahead of it over the time it took
+    to come out is the rate the SBC drains its queue at (as PIE, RFC 8033 5.2, divides the
+    queue by the departure rate: the delay of now, not that of a datagram that entered the
+    queue a while ago). Until a probe has waited long enough to measure that rate, the
+    probes' own waits are the measure."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._token = PROBE_PREFIX + os.urandom(8).hex().encode()
+        # listener -> (its transport, its socket, the address it is reached at)
+        self._targets: dict[Address, tuple[asyncio.DatagramTransport, Any, Address]] = {}
+        # listener -> the probes on their way, oldest first: (payload, sent at, bytes ahead)
+        self._sent: dict[Address, collections.deque[tuple[bytes, float, int]]] = {}
+        self._rate: dict[Address, float] = {}  # listener -> bytes drained per second
+        self._seq = itertools.count(1)
+        # listener -> the longest wait of a probe received there since the last tick
+        self._waited: dict[Address, float] = {}
+
+    def watch(self, local: Address, transport: asyncio.DatagramTransport) -> None:
+        """A UDP listener to probe; a wildcard address is reached on loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(local[0], local[0])
+        self._targets[local] = (transport, transport.get_extra_info("socket"), (host, local[1]))
+        self._sent[local] = collections.deque()
+
+    def received(self, local: Address, data: bytes) -> bool:
+        """A datagram beginning with a NUL came to ``local``: True if it is a probe (taken
+        here). Probes come out in the order they were sent: older ones still listed were
+        dropped by a full queue."""
+        if not data.startswith(self._token):
+            return False
+        sent = self._sent.get(local)
+        while sent:
+            payload, when, ahead = sent.popleft()
+            if payload == data:
+                waited = self._clock() - when
+                self._waited[local] = max(self._waited.get(local, 0.0), waited)
+                if waited >= PROBE_MIN_WAIT and ahead:
+                    rate = ahead / waited
+                    old = self._rate.get(local)
+                    self._rate[local] = rate if old is None else old + (rate - old) / 4
+                break
+        return True
+
+    def tick(self) -> float:
+        """How long a datagram queued now waits, at the listener where it waits longest;
+        one more probe to each listener."""
+        now = self._clock()
+        worst = 0.0
+        for local, (transport, sock, target) in self._targets.items():
+            sent = self._sent[local]
+            while sent and now - sent[0][1] > PROBE_LOST:
+                sent.popleft()  # dropped by a full queue: its successors carry on
+            queued = _queued_bytes(sock)
+            rate = self._rate.get(local)
+            waited = self._waited.pop(local, 0.0)
+            if rate is not None and queued is not None:
+                worst = max(worst, queued / rate)
+            else:  # the probes' waits; one still on its way has waited at least its age
+                worst = max(worst, waited, now - sent[0][1] if sent else 0.0)
+            if transport.is_closing():
+                continue
+            payload = self._token + b" %d" % next(self._seq)
+            transport.sendto(payload, target)
+            sent.append((payload, now, queued or 0))
+        return worst
+
+
+def _queued_bytes(sock: Any) -> int | None:
+    """The bytes in a socket's receive queue (Linux SO_MEMINFO: the kernel's accounting,
+    payload and buffer overhead); None where the system does not tell."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * 9)
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack_from("I", raw)[0])
+
+
 class _DatagramProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: SipTransports) -> None:
         self.owner = owner
@@ -482,6 +579,8 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         self.local = _addr(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if data[:1] == b"\x00" and self.owner.probes.received(self.local, data):
+            return
         self.owner.datagram(data, self.local, _addr(addr))
 
     def error_received(self, exc: Exception) -> None:

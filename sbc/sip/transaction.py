@@ -807,6 +807,11 @@ class TransactionLayer:
         disposition, out = found._on_ack(now)
         return disposition, found, out
 
+    def has_server(self, request: Request) -> bool:
+        """Whether ``request`` matches a server transaction (RFC 3261 17.2.3): it is a
+        retransmission. Raises ParseError if a header used for matching is malformed."""
+        return _server_key(request, request.method) in self._servers
+
     def find_cancel_target(self, cancel: Request) -> InviteServerTransaction | None:
         """The INVITE server transaction a CANCEL refers to (RFC 3261 9.2): same matching key
         as the CANCEL's own transaction, with method INVITE."""
