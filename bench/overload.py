@@ -315,7 +315,7 @@ def render(
         f"load below: {args.seconds:g} s of calls offered at a multiple of it, each call "
         f"held {args.hold_ms} ms after its ACK, then BYE; a fresh SBC per load; the load "
         "is not on the allow list, the per-source limits are off. Control on: "
-        f"`overload_lag = {args.target or 'default (0.25)'}`; off: `overload_lag = 0`.",
+        f"`overload_lag = {args.target or 'default (0.1)'}`; off: `overload_lag = 0`.",
         "",
         "| Offered | Control | Calls offered/s | Completed/s (goodput) | Of sustained | "
         "Refused (503) | Failed after taken | INVITE retransmissions | SBC CPU |",
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         help="multiples of the sustained rate offered (default: %(default)s)",
     )
     ap.add_argument("--seconds", type=float, default=30.0, help="offered load per run, s (30)")
-    ap.add_argument("--hold-ms", type=int, default=1000, help="calls held after the ACK (1000)")
+    ap.add_argument("--hold-ms", type=int, default=0, help="calls held after the ACK (0)")
     ap.add_argument("--target", type=float, help="overload_lag of the SBC (default: its own)")
     ap.add_argument("--no-off", action="store_true", help="skip the run with the control off")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")

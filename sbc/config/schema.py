@@ -338,9 +338,10 @@ class SecurityConfig:
     auth_window: float = field(default=60.0, metadata=rule(number(gt=0)))
     max_connections_per_source: int = field(default=64, metadata=rule(integer(min=0)))
     tls_handshakes: RateConfig = field(default_factory=lambda: RateConfig(rate=10.0, burst=20))
-    # The event loop this late (seconds) means overloaded: new out-of-dialog requests get
-    # 503 with Retry-After for a while. 0: off.
-    overload_lag: float = field(default=0.25, metadata=rule(number(min=0)))
+    # The target delay (seconds) of the overload control: served later than this (event
+    # loop lag, socket queue wait), the SBC refuses a share of new out-of-dialog requests
+    # with 503 and Retry-After. 0: off.
+    overload_lag: float = field(default=0.1, metadata=rule(number(min=0)))
     retry_after: int = field(default=5, metadata=rule(integer(min=1)))
     # The backends' ceiling: client REGISTERs relayed per second in all (re-REGISTERs the
     # SBC answers itself do not count); over it: 503 with Retry-After. rate 0: no ceiling.
