@@ -47,11 +47,11 @@ def test_control_messages_round_trip() -> None:
         Dtmf(session="s1", index=0, party="a", digit="5", duration_ms=160),
         SendDtmf(session="s1", index=1, party="b", digit="#", duration_ms=250),
     ):
-        line = encode(msg)
-        assert line.endswith(b"\n") and line.count(b"\n") == 1
-        assert decode(line) == msg
+        frame = encode(msg)
+        assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+        assert decode(frame) == msg
     with pytest.raises(ValueError):
-        decode(b'{"type":"dtmf","session":"s","index":0,"party":"c","digit":"1","duration_ms":1}')
+        decode(encode(Dtmf(session="s", index=0, party="c", digit="1", duration_ms=1)))
 
 
 # -- INFO bodies -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ statistics, timeouts and port bookkeeping, sans-I/O with a fake clock."""
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
 
@@ -220,6 +221,26 @@ def srtp_engine(**kw: object) -> tuple[RelayEngine, SrtpKey, SrtpKey, SrtpKey, S
     a = party(PA, kw.pop("a_remote", A), recv_key=ka_in, send_key=ka_out)  # type: ignore[arg-type]
     b = party(PB, B, recv_key=kb_in, send_key=kb_out)
     return engine_with(a, b), ka_in, ka_out, kb_in, kb_out
+
+
+def test_a_deleted_session_leaves_no_cyclic_garbage() -> None:
+    """A deleted session's legs, handlers and SRTP contexts die by reference counting: the
+    media worker runs the cyclic collector's full collections rarely."""
+    engine, ka_in, *_ = srtp_engine()
+    engine.receive(PA, SrtpSender(ka_in).protect(rtp(1)), A, 1.0)
+    gc.collect()
+    gc.disable()
+    try:
+        engine.delete("s1")
+        for i in range(3):
+            a_key = key()
+            engine.update(update(party(PA, A, recv_key=a_key), party(PB, B), session=f"x{i}"), 2.0)
+            assert engine.receive(PA, SrtpSender(a_key).protect(rtp(2)), A, 2.0) is not None
+            engine.delete(f"x{i}")
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert engine.sessions == 0 and engine.ports == 0
 
 
 def test_srtp_is_re_keyed_per_leg() -> None:

@@ -110,6 +110,41 @@ async def start() -> AsyncIterator[Start]:
                 os.kill(pid, 0)
 
 
+def test_control_frames_round_trip_split_anywhere() -> None:
+    """Every message survives encode / decode, and a stream of frames cut at any byte
+    gives the same messages back (the control sockets are byte streams)."""
+    codec = control.CodecSpec(name="OPUS", pt=111, clock=48000, channels=2, ptime=40,
+                              fmtp="useinbandfec=1", dtmf_pt=101, dtmf_clock=48000)  # fmt: skip
+    stats = control.PartyStats(packets_in=3, bytes_in=500, jitter_ms=1.25, latched=(HOST, 9))
+    msgs: list[control.Command | control.Event | control.Totals] = [
+        Update(session="s-é", streams=(
+            Stream(index=0, a=Party(bind=HOST, port=40000, remote=(HOST, 9), remote_rtcp=(HOST, 7),
+                                    recv_key=key(), send_key=key(), codec=codec),
+                   b=Party(bind="::1", port=40002, rtcp_mux=True, sends=False, accept=False)),
+            Stream(index=2, a=Party(bind=HOST, port=40004), b=Party(bind=HOST, port=40006),
+                   passthrough=True),
+        )),
+        control.Delete(session="s"),
+        control.SendDtmf(session="s", index=0, party="a", digit="#", duration_ms=100),
+        control.Stats(session="s", streams=(control.StreamStats(index=0, a=stats,
+                                                                b=control.PartyStats()),)),
+        control.Timeout(session="s", idle=61.5),
+        control.Dtmf(session="s", index=1, party="b", digit="16", duration_ms=40),
+        control.Totals(packets_in=1, ports=4, sessions=2),
+    ]  # fmt: skip
+    for msg in msgs:
+        assert control.decode(control.encode(msg)) == msg
+    stream = b"".join(control.encode(m) for m in msgs)
+    for cut in range(0, len(stream), 7):
+        frames = control.Frames()
+        bodies = frames.feed(stream[:cut]) + frames.feed(stream[cut:])
+        assert [control.decode_body(b) for b in bodies] == msgs
+    with pytest.raises(ValueError):
+        control.Frames().feed((control.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ValueError):
+        control.decode(control.encode(msgs[1])[:-1])
+
+
 async def test_srtp_to_plain_relay_stats_and_ports(start: Start) -> None:
     workers, events = await start()
     pa, pb = free_pairs(2)
@@ -333,3 +368,59 @@ async def test_dtmf_both_ways_through_a_real_worker(start: Start) -> None:
     await until(lambda: any(isinstance(e, control.Stats) for e in events))
     for phone in (phone_a, phone_b):
         phone.sock.close()
+
+
+class _FakeControl:
+    """The worker's control transport, in process: what it wrote, whether it is paused."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.paused = False
+        self.pauses = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_a_burst_of_commands_is_applied_in_order_a_batch_per_loop_turn() -> None:
+    """Commands are applied ``CONTROL_BATCH`` per turn of the event loop (the ports are
+    served in between), in order; a backlog longer than ``CONTROL_BACKLOG`` stops the
+    reading of the control socket until the worker caught up."""
+    from sbc.io import media_worker
+
+    ours, theirs = socket.socketpair()
+    worker = media_worker._Worker(ours, timeout=60.0, latch_window=5.0)
+    worker._loop = asyncio.get_running_loop()
+    fake = _FakeControl()
+    proto = media_worker._Control(worker)
+    proto.connection_made(fake)  # type: ignore[arg-type]
+    count = media_worker.CONTROL_BACKLOG + 100
+    stream = b"".join(control.encode(control.Delete(session=f"s{i}")) for i in range(count))
+    proto.data_received(stream[:-3])  # the last frame is not whole yet
+    assert fake.paused and fake.pauses == 1
+    await asyncio.sleep(0)
+    worker.flush()
+    assert 0 < len(control.Frames().feed(bytes(fake.written))) < count
+    proto.data_received(stream[-3:])
+    await until(lambda: not fake.paused)
+    await asyncio.sleep(0)
+    worker.flush()
+    events = [control.decode_body(b) for b in control.Frames().feed(bytes(fake.written))]
+    assert [e.session for e in events if isinstance(e, control.Stats)] == [
+        f"s{i}" for i in range(count)
+    ]
+    ours.close()
+    theirs.close()

@@ -2,13 +2,13 @@
 
 Each worker is a child process (``python -m sbc.io.media_worker``) with its own event loop
 (uvloop when importable) and one ``RelayEngine``. The signalling process talks to it over an
-AF_UNIX socketpair, one JSON line per message (``sbc.media.control``): ``Update`` and
-``Delete`` (and ``SendDtmf``) go down, ``Stats`` (the answer to a Delete), ``Timeout``,
-``Dtmf`` and, every
-``TOTALS_INTERVAL`` seconds, ``Totals`` (for the metrics) come back. The worker
-binds and closes the UDP ports the engine's ``PortChanges`` name, one datagram endpoint per
-port, and moves packets: ``datagram_received`` -> ``engine.receive`` -> ``sendto`` on the
-socket of the port the engine names. A worker exits when its control socket closes, so it
+AF_UNIX socketpair, one length-prefixed frame per message (``sbc.media.control``):
+``Update`` and ``Delete`` (and ``SendDtmf``) go down, ``Stats`` (the answer to a Delete),
+``Timeout``, ``Dtmf`` and, every ``TOTALS_INTERVAL`` seconds, ``Totals`` (for the metrics)
+come back. The worker applies each command as it arrives, binds and closes at once the UDP
+ports the engine's ``PortChanges`` name (a non-blocking socket per port that the event loop
+watches), and moves packets: ``recvfrom`` -> ``engine.receive`` -> ``sendto`` on the socket
+of the port the engine names. A worker exits when its control socket closes, so it
 never outlives the signalling process.
 
 This module and ``sip_transport`` are the only places with sockets; every relay decision is
@@ -20,73 +20,112 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
+import gc
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from sbc.media import control
-from sbc.media.relay import Burst, PortChanges, RelayEngine
+from sbc.media.relay import Burst, Out, PortChanges, RelayEngine
 
 log = logging.getLogger("sbc.media.worker")
 
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF / SO_SNDBUF of each relay port
-CONTROL_LINE_LIMIT = 16 * 1024 * 1024  # one control message (an Update of many streams)
+RECV_SIZE = 65536  # the largest UDP payload
+READ_BATCH = 32  # datagrams read from one port per wake-up at most (as libuv's UDP handles)
+POLL_EVENTS = 256  # ports reported by one epoll_wait
+# A non-blocking UDP socket in one system call where the platform allows it (Linux).
+_NONBLOCKING_DGRAM = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# Commands applied per turn of the event loop (each about 30-60 us), and how many may wait
+# before the worker stops reading its control socket until it has caught up.
+CONTROL_BATCH = 16
+CONTROL_BACKLOG = 10000
+READ_CHUNK = 1024 * 1024  # bytes read from the control socket at once (signalling side)
 TIMEOUT_CHECK = 1.0  # seconds between media timeout checks (at most; less for short timeouts)
 TOTALS_INTERVAL = 2.0  # seconds between two Totals reports of a worker (metrics)
 STOP_GRACE = 2.0  # seconds a worker has to exit after its control socket closed
-BIND_RETRIES = 20  # a port just closed may still be closing: retry its bind this often
-BIND_RETRY_DELAY = 0.005
 
 
-class _Datagrams(Protocol):
-    """What the worker uses of a datagram transport (uvloop's is not an asyncio subclass)."""
+class _Stream(Protocol):
+    """What the worker uses of its control transport (uvloop's is not an asyncio subclass)."""
 
-    def sendto(self, data: bytes, addr: Any = None, /) -> None: ...
+    def write(self, data: bytes, /) -> None: ...
     def close(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 # -- the worker process ----------------------------------------------------------------------
 
 
-class _Port(asyncio.DatagramProtocol):
-    """One relay port: every datagram goes through the engine (the per-packet hot path)."""
+class _Port:
+    """One relay port: a non-blocking UDP socket that the worker's epoll watches (the event
+    loop's ``add_reader`` where there is no epoll); every datagram goes through the engine
+    (the per-packet hot path). Opening and closing one is a few system calls, done at once:
+    an asyncio datagram transport cost three times as much, and a turn of the event loop to
+    open and another to close."""
 
-    __slots__ = ("_clock", "_out", "_receive", "_worker", "port")
+    __slots__ = ("_clock", "_out", "_receive", "_recvfrom", "_worker", "port", "sock")
 
-    def __init__(self, worker: _Worker, port: int) -> None:
+    def __init__(self, worker: _Worker, port: int, sock: socket.socket) -> None:
         self.port = port
+        self.sock = sock
         self._worker = worker
         self._receive = worker.engine.receive
-        self._out = worker.transports
+        self._recvfrom = sock.recvfrom
+        self._out = worker.sockets
         self._clock = time.monotonic
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def read_one(self) -> None:
+        """Read one datagram (the port is readable)."""
+        try:
+            data, addr = self._recvfrom(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # an ICMP error queued on the socket: nothing to do
+            log.debug("port %d: %s", self.port, exc)
+            return
+        self.received(data, addr)
+
+    def readable(self) -> None:
+        """Read what is queued, up to ``READ_BATCH`` datagrams (then the loop comes back:
+        one busy port does not hold up the others); without the worker's epoll."""
+        recvfrom = self._recvfrom
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error queued on the socket: nothing to do
+                log.debug("port %d: %s", self.port, exc)
+                continue
+            self.received(data, addr)
+
+    def received(self, data: bytes, addr: Any) -> None:
         out = self._receive(self.port, data, addr, self._clock())
         if out is None:
             return
         if type(out) is tuple:  # one packet: the hot path
-            transport = self._out.get(out[0])
-            if transport is not None:
-                transport.sendto(out[1], out[2])
+            sock = self._out.get(out[0])
+            if sock is not None:
+                try:
+                    sock.sendto(out[1], out[2])
+                except OSError as exc:
+                    log.debug("port %d: send to %s: %s", out[0], out[2], exc)
             return
         assert isinstance(out, Burst)  # transcoding: several packets, DTMF for SIP INFO
-        for port, packet, dest in out.packets:
-            transport = self._out.get(port)
-            if transport is not None:
-                transport.sendto(packet, dest)
+        self._worker.send_packets(out.packets)
         for event in out.dtmf:
             self._worker.send_event(event)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a party that stopped listening: nothing to do.
-        log.debug("port %d: %s", self.port, exc)
 
 
 class _Port6(_Port):
@@ -94,8 +133,72 @@ class _Port6(_Port):
 
     __slots__ = ()
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        super().datagram_received(data, (addr[0], addr[1]))
+    def received(self, data: bytes, addr: Any) -> None:
+        super().received(data, (addr[0], addr[1]))
+
+
+class _Control(asyncio.Protocol):
+    """The worker's end of the control socket: frames in, applied in order,
+    ``CONTROL_BATCH`` at most per turn of the event loop, so that a burst of commands does
+    not hold up the packets of the calls already up (the ports are served in between)."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self._worker = worker
+        self._frames = control.Frames()
+        self._backlog: deque[memoryview] = deque()  # frames received, not yet applied
+        self._scheduled = False
+        self._paused = False
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._worker.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            bodies = self._frames.feed(data)
+        except ValueError as exc:
+            log.error("bad control stream: %s", exc)
+            if self._worker.transport is not None:
+                self._worker.transport.close()
+            return
+        self._backlog.extend(bodies)
+        transport = self._worker.transport
+        if len(self._backlog) > CONTROL_BACKLOG and not self._paused and transport is not None:
+            self._paused = True
+            transport.pause_reading()
+        if not self._scheduled:
+            self._apply()
+
+    def _apply(self) -> None:
+        self._scheduled = False
+        backlog = self._backlog
+        worker = self._worker
+        worker.holding = True  # the Stats wait until the backlog is done: one write
+        try:
+            for _ in range(CONTROL_BATCH):
+                if not backlog:
+                    break
+                try:
+                    msg = control.decode_body(backlog.popleft())
+                except (ValueError, KeyError, TypeError, EOFError) as exc:
+                    log.error("bad control message: %s", exc)
+                    continue
+                worker.apply(msg)
+        finally:
+            worker.holding = False
+        if backlog:
+            self._scheduled = True
+            self._loop.call_soon(self._apply)
+            return
+        worker.flush()
+        if self._paused and worker.transport is not None and not self.closed.done():
+            self._paused = False
+            worker.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _Worker:
@@ -110,56 +213,73 @@ class _Worker:
         self.conn = conn
         self.totals_every = totals_every
         self.engine = RelayEngine(timeout=timeout, latch_window=latch_window)
-        self.transports: dict[int, _Datagrams] = {}
+        self.sockets: dict[int, socket.socket] = {}  # port -> its socket, for sending
+        self.ports: dict[int, _Port] = {}
+        self.by_fd: dict[int, _Port] = {}  # socket's file descriptor -> its port
+        # The relay ports are watched by an epoll of the worker's own, which the event loop
+        # watches: adding and removing a socket is one system call each (the event loop's
+        # add_reader and remove_reader cost three times as much). Without epoll (not Linux),
+        # the event loop watches each port.
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
         self.check_every = min(TIMEOUT_CHECK, timeout / 2)
-        self.writer: asyncio.StreamWriter | None = None
+        self.transport: _Stream | None = None
         self.dtmf_task: asyncio.Task[None] | None = None
+        self._events: list[bytes] = []  # encoded events not yet written
+        self._flush_scheduled = False
+        self.holding = False  # commands are being applied: their events go out after them
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def send_event(self, event: control.Dtmf) -> None:
         """DTMF the engine saw, for the signalling process (SIP INFO)."""
         self._send(event)
 
+    def send_packets(self, packets: Iterable[Out]) -> None:
+        sockets = self.sockets
+        for port, packet, dest in packets:
+            sock = sockets.get(port)
+            if sock is not None:
+                try:
+                    sock.sendto(packet, dest)
+                except OSError as exc:
+                    log.debug("port %d: send to %s: %s", port, dest, exc)
+
     async def _send_dtmf(self) -> None:
         """The SBC's own RFC 4733 packets, each when it is due."""
         while (due := self.engine.next_dtmf()) is not None:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            for port, packet, dest in self.engine.dtmf_due(time.monotonic()):
-                transport = self.transports.get(port)
-                if transport is not None:
-                    transport.sendto(packet, dest)
+            self.send_packets(self.engine.dtmf_due(time.monotonic()))
 
     async def run(self) -> None:
-        reader, self.writer = await asyncio.open_connection(
-            sock=self.conn, limit=CONTROL_LINE_LIMIT
-        )
+        loop = self._loop = asyncio.get_running_loop()
+        if self._epoll is not None:
+            loop.add_reader(self._epoll.fileno(), self._poll)
+        _, proto = await loop.create_connection(lambda: _Control(self), sock=self.conn)
         timer = asyncio.create_task(self._timeouts())
         totals = asyncio.create_task(self._totals())
         try:
-            while line := await reader.readline():
-                try:
-                    msg = control.decode(line)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("bad control message: %s", exc)
-                    continue
-                await self._apply(msg)
+            await proto.closed
         finally:
             timer.cancel()
             totals.cancel()
             if self.dtmf_task is not None:
                 self.dtmf_task.cancel()
-            for transport in self.transports.values():
-                transport.close()
-            self.transports.clear()
-            self.writer.close()
+            for port in list(self.ports):
+                self._close(port)
+            if self._epoll is not None:
+                loop.remove_reader(self._epoll.fileno())
+                self._epoll.close()
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
 
-    async def _apply(self, msg: control.Command | control.Event | control.Totals) -> None:
+    def apply(self, msg: control.Command | control.Event | control.Totals) -> None:
         now = time.monotonic()
         if isinstance(msg, control.Update):
-            await self._ports(self.engine.update(msg, now))
+            self._ports(self.engine.update(msg, now))
         elif isinstance(msg, control.Delete):
             stats, changes = self.engine.delete(msg.session)
             self._send(stats)
-            await self._ports(changes)
+            self._ports(changes)
         elif isinstance(msg, control.SendDtmf):
             if self.engine.send_dtmf(msg, now) and (
                 self.dtmf_task is None or self.dtmf_task.done()
@@ -169,8 +289,19 @@ class _Worker:
             log.error("unexpected control message %s", type(msg).__name__)
 
     def _send(self, event: control.Event | control.Totals) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(control.encode(event))
+        """Queue an event: they go out together once per turn of the event loop (one
+        write, not one per call's Stats)."""
+        self._events.append(control.encode(event))
+        if not self._flush_scheduled and not self.holding and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._events:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"".join(self._events))
+            self._events.clear()
 
     async def _timeouts(self) -> None:
         while True:
@@ -184,10 +315,7 @@ class _Worker:
         for event in self.engine.check_timeouts(now):
             self._send(event)
         # The relay's own RTCP on transcoded streams (RFC 3550 6.4.1, 7.2).
-        for port, packet, dest in self.engine.reports(now, time.time()):
-            transport = self.transports.get(port)
-            if transport is not None:
-                transport.sendto(packet, dest)
+        self.send_packets(self.engine.reports(now, time.time()))
 
     async def _totals(self) -> None:
         """The engine's counters for the metrics: at once, then every ``totals_every`` s."""
@@ -195,40 +323,72 @@ class _Worker:
             self._send(self.engine.totals())
             await asyncio.sleep(self.totals_every)
 
-    async def _ports(self, changes: PortChanges) -> None:
+    def _ports(self, changes: PortChanges) -> None:
         for _bind, port in changes.close:
-            transport = self.transports.pop(port, None)
-            if transport is not None:
-                transport.close()
+            self._close(port)
         for bind, port in changes.open:
-            await self._open(bind, port)
+            self._open(bind, port)
 
-    async def _open(self, bind: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+    def _close(self, port: int) -> None:
+        sock = self.sockets.pop(port, None)
+        self.ports.pop(port, None)
+        if sock is not None:
+            fd = sock.fileno()
+            del self.by_fd[fd]
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                assert self._loop is not None
+                self._loop.remove_reader(fd)
+            sock.close()  # released at once: the port can be bound again right away
+
+    def _open(self, bind: str, port: int) -> None:
+        assert self._loop is not None
+        if port in self.sockets:  # a port the engine closed and reopened meanwhile
+            self._close(port)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
+            sock = socket.socket(family, _NONBLOCKING_DGRAM)
+        except OSError as exc:
+            log.error("cannot open media port %s:%d: %s", bind, port, exc.strerror or exc)
+            return
+        try:
+            if not _NONBLOCKING_DGRAM & getattr(socket, "SOCK_NONBLOCK", 0):
+                sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            for attempt in range(BIND_RETRIES):
-                try:
-                    sock.bind((bind, port))
-                    break
-                except OSError as exc:
-                    # A port this worker just closed is released on the next loop turn.
-                    if exc.errno != errno.EADDRINUSE or attempt == BIND_RETRIES - 1:
-                        raise
-                    await asyncio.sleep(BIND_RETRY_DELAY)
-            proto = _Port6(self, port) if family == socket.AF_INET6 else _Port(self, port)
-            transport, _ = await loop.create_datagram_endpoint(lambda: proto, sock=sock)
+            sock.bind((bind, port))
         except OSError as exc:
             sock.close()
             log.error("cannot bind media port %s:%d: %s", bind, port, exc.strerror or exc)
             return
-        if port in self.transports:  # a port the engine closed and reopened meanwhile
-            self.transports[port].close()
-        self.transports[port] = transport
+        handler = _Port6(self, port, sock) if family == socket.AF_INET6 else _Port(self, port, sock)
+        fd = sock.fileno()
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+        else:
+            self._loop.add_reader(fd, handler.readable)
+        self.sockets[port] = sock
+        self.ports[port] = handler
+        self.by_fd[fd] = handler
+
+    def _poll(self) -> None:
+        """The worker's epoll has ports with datagrams: one from each readable port, then
+        ask again, ``READ_BATCH`` times at most before the event loop has its turn (epoll
+        is level-triggered: what is left is reported again). Asking epoll once per round
+        costs less than reading each port until it fails with EAGAIN (an exception per
+        port per wake-up)."""
+        assert self._epoll is not None
+        by_fd = self.by_fd
+        poll = self._epoll.poll
+        for _ in range(READ_BATCH):
+            events = poll(0, POLL_EVENTS)
+            if not events:
+                return
+            for fd, _ in events:
+                handler = by_fd.get(fd)
+                if handler is not None:
+                    handler.read_one()
 
 
 def worker_main(
@@ -246,6 +406,14 @@ def worker_main(
     # Ctrl-C reaches the whole process group: the parent stops the workers by closing their
     # control sockets, so a worker does not die half-way on SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # As the signalling process does (sbc.app.tune_gc): what the imports made (codec tables,
+    # PyAV) is frozen out of the cyclic collector's scans, which otherwise went over it
+    # again and again as calls came and went (a fifth of the CPU of setting calls up), and
+    # full collections run at most every 1,000 second-generation collections.
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, _ = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, 1000)
     conn = socket.socket(fileno=conn_fd)
     worker = _Worker(conn, timeout=timeout, latch_window=latch_window)
     try:
@@ -328,7 +496,7 @@ class MediaWorkers:
                 finally:
                     theirs.close()
                 self._procs.append(proc)
-                reader, writer = await asyncio.open_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
+                reader, writer = await asyncio.open_connection(sock=ours)
                 self._writers.append(writer)
                 self._pending.append([])
                 self.totals.append(None)
@@ -373,18 +541,20 @@ class MediaWorkers:
                 pending.clear()
 
     async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
+        frames = control.Frames()
         try:
-            while line := await reader.readline():
-                try:
-                    event = control.decode(line)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("media worker %d: bad event: %s", index, exc)
-                    continue
-                if isinstance(event, control.Totals):
-                    self.totals[index] = event
-                elif isinstance(event, control.Stats | control.Timeout | control.Dtmf):
-                    self._on_event(event)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            while data := await reader.read(READ_CHUNK):
+                for body in frames.feed(data):
+                    try:
+                        event = control.decode_body(body)
+                    except (ValueError, KeyError, TypeError, EOFError) as exc:
+                        log.error("media worker %d: bad event: %s", index, exc)
+                        continue
+                    if isinstance(event, control.Totals):
+                        self.totals[index] = event
+                    elif isinstance(event, control.Stats | control.Timeout | control.Dtmf):
+                        self._on_event(event)
+        except (ConnectionError, ValueError) as exc:
             log.error("media worker %d: control socket: %s", index, exc)
         if not self._closing:
             log.error("media worker %d (pid %d) exited", index, self._procs[index].pid)

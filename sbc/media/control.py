@@ -10,14 +10,14 @@ party sent as RFC 4733 events, for SIP INFO). The signalling side decides everyt
 (ports, addresses, keys); a worker only binds the ports it is told and moves packets, so
 another media engine can sit behind the same messages.
 
-On the wire each message is one JSON object per line (``encode`` / ``decode``); keys are
-base64. Nothing here does I/O.
+On the wire each message is one length-prefixed frame of marshalled built-in values
+(``encode`` / ``decode``, ``Frames``; see "wire format" below). Nothing here does I/O.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import marshal
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,7 +195,7 @@ DTMF_DIGITS = {code: digit for digit, code in DTMF_EVENTS.items()}
 def stats_record(stats: Stats) -> list[dict[str, Any]]:
     """A session's statistics as the call record shows them."""
     return [
-        {"index": s.index, "caller": _pstats_out(s.a), "callee": _pstats_out(s.b)}
+        {"index": s.index, "caller": _pstats_record(s.a), "callee": _pstats_record(s.b)}
         for s in stats.streams
     ]
 
@@ -205,63 +205,89 @@ Event = Stats | Timeout | Dtmf
 
 
 # -- wire format -----------------------------------------------------------------------------
+#
+# Each message is one frame: a 4-byte big-endian length, then the message as a tuple of
+# built-in values (str, int, float, bool, bytes, None, tuples) serialized by ``marshal``, the
+# first item a tag naming the message type. The peer is always our own process (the
+# signalling process and its worker children, same interpreter, so same marshal format) over
+# an AF_UNIX socketpair nobody else holds: marshal is not meant for untrusted input, and
+# nothing else ever reaches this decoder. Unlike pickle it builds only built-in values and
+# calls no constructor; the dataclasses are built here, field by field. It replaced one JSON
+# line per message, whose decoding (dicts, base64 keys, per-field conversions) cost a worker
+# about 25 us per Update.
+
+_UPDATE, _DELETE, _SEND_DTMF, _STATS, _TIMEOUT, _DTMF, _TOTALS = range(7)
+_MARSHAL_VERSION = 4
+HEADER = struct.Struct("!I")  # the length of the frame's body
+MAX_FRAME = 16 * 1024 * 1024  # one message (an Update of many streams)
+
+_Wire = tuple[Any, ...]
 
 
-def _addr(value: Any) -> Address | None:
-    return None if value is None else (str(value[0]), int(value[1]))
-
-
-def _key_out(key: SrtpKey | None) -> dict[str, str] | None:
-    if key is None:
-        return None
-    return {"suite": key.suite, "key": base64.b64encode(key.key_salt).decode("ascii")}
+def _key_out(key: SrtpKey | None) -> tuple[str, bytes] | None:
+    return None if key is None else (key.suite, key.key_salt)
 
 
 def _key_in(value: Any) -> SrtpKey | None:
     if value is None:
         return None
-    return SrtpKey(suite=str(value["suite"]), key_salt=base64.b64decode(value["key"]))
+    suite, key_salt = value
+    return SrtpKey(suite=suite, key_salt=bytes(key_salt))
 
 
-def _codec_out(c: CodecSpec | None) -> dict[str, Any] | None:
+def _codec_out(c: CodecSpec | None) -> _Wire | None:
     if c is None:
         return None
-    return {
-        "name": c.name, "pt": c.pt, "clock": c.clock, "channels": c.channels,
-        "ptime": c.ptime, "fmtp": c.fmtp, "dtmf_pt": c.dtmf_pt, "dtmf_clock": c.dtmf_clock,
-    }  # fmt: skip
+    return (c.name, c.pt, c.clock, c.channels, c.ptime, c.fmtp, c.dtmf_pt, c.dtmf_clock)
 
 
-def _codec_in(d: Any) -> CodecSpec | None:
-    if d is None:
+def _codec_in(value: Any) -> CodecSpec | None:
+    if value is None:
         return None
+    name, pt, clock, channels, ptime, fmtp, dtmf_pt, dtmf_clock = value
     return CodecSpec(
-        name=str(d["name"]), pt=int(d["pt"]), clock=int(d["clock"]),
-        channels=int(d["channels"]), ptime=int(d["ptime"]), fmtp=str(d["fmtp"]),
-        dtmf_pt=None if d["dtmf_pt"] is None else int(d["dtmf_pt"]),
-        dtmf_clock=int(d["dtmf_clock"]),
+        name=name, pt=pt, clock=clock, channels=channels, ptime=ptime, fmtp=fmtp,
+        dtmf_pt=dtmf_pt, dtmf_clock=dtmf_clock,
     )  # fmt: skip
 
 
-def _party_out(p: Party) -> dict[str, Any]:
-    return {
-        "bind": p.bind, "port": p.port, "rtcp_mux": p.rtcp_mux,
-        "remote": p.remote, "remote_rtcp": p.remote_rtcp,
-        "recv_key": _key_out(p.recv_key), "send_key": _key_out(p.send_key), "sends": p.sends,
-        "accept": p.accept, "codec": _codec_out(p.codec),
-    }  # fmt: skip
+def _addr(value: Any) -> Address | None:
+    return None if value is None else (value[0], value[1])
 
 
-def _party_in(d: dict[str, Any]) -> Party:
+def _party_out(p: Party) -> _Wire:
+    return (
+        p.bind, p.port, p.rtcp_mux, p.remote, p.remote_rtcp, _key_out(p.recv_key),
+        _key_out(p.send_key), p.sends, p.accept, _codec_out(p.codec),
+    )  # fmt: skip
+
+
+def _party_in(value: Any) -> Party:
+    bind, port, rtcp_mux, remote, remote_rtcp, recv_key, send_key, sends, accept, codec = value
     return Party(
-        bind=str(d["bind"]), port=int(d["port"]), rtcp_mux=bool(d["rtcp_mux"]),
-        remote=_addr(d["remote"]), remote_rtcp=_addr(d["remote_rtcp"]),
-        recv_key=_key_in(d["recv_key"]), send_key=_key_in(d["send_key"]), sends=bool(d["sends"]),
-        accept=bool(d.get("accept", True)), codec=_codec_in(d.get("codec")),
+        bind=bind, port=port, rtcp_mux=rtcp_mux, remote=_addr(remote),
+        remote_rtcp=_addr(remote_rtcp), recv_key=_key_in(recv_key), send_key=_key_in(send_key),
+        sends=sends, accept=accept, codec=_codec_in(codec),
     )  # fmt: skip
 
 
-def _pstats_out(s: PartyStats) -> dict[str, Any]:
+def _pstats_out(s: PartyStats) -> _Wire:
+    return (
+        s.packets_in, s.bytes_in, s.packets_out, s.bytes_out, s.lost, s.jitter_ms,
+        s.dropped_source, s.srtp_failures, s.latched,
+    )  # fmt: skip
+
+
+def _pstats_in(value: Any) -> PartyStats:
+    packets_in, bytes_in, packets_out, bytes_out, lost, jitter, dropped, failures, latched = value
+    return PartyStats(
+        packets_in=packets_in, bytes_in=bytes_in, packets_out=packets_out,
+        bytes_out=bytes_out, lost=lost, jitter_ms=jitter, dropped_source=dropped,
+        srtp_failures=failures, latched=_addr(latched),
+    )  # fmt: skip
+
+
+def _pstats_record(s: PartyStats) -> dict[str, Any]:
     return {
         "packets_in": s.packets_in, "bytes_in": s.bytes_in, "packets_out": s.packets_out,
         "bytes_out": s.bytes_out, "lost": s.lost, "jitter_ms": s.jitter_ms,
@@ -270,84 +296,110 @@ def _pstats_out(s: PartyStats) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _pstats_in(d: dict[str, Any]) -> PartyStats:
-    return PartyStats(
-        packets_in=int(d["packets_in"]), bytes_in=int(d["bytes_in"]),
-        packets_out=int(d["packets_out"]), bytes_out=int(d["bytes_out"]), lost=int(d["lost"]),
-        jitter_ms=float(d["jitter_ms"]), dropped_source=int(d["dropped_source"]),
-        srtp_failures=int(d["srtp_failures"]), latched=_addr(d["latched"]),
-    )  # fmt: skip
+def _wire(msg: Command | Event | Totals) -> _Wire:
+    if isinstance(msg, Update):
+        return (
+            _UPDATE, msg.session,
+            tuple((s.index, _party_out(s.a), _party_out(s.b), s.passthrough)
+                  for s in msg.streams),
+        )  # fmt: skip
+    if isinstance(msg, Delete):
+        return (_DELETE, msg.session)
+    if isinstance(msg, Stats):
+        return (
+            _STATS, msg.session,
+            tuple((s.index, _pstats_out(s.a), _pstats_out(s.b)) for s in msg.streams),
+        )  # fmt: skip
+    if isinstance(msg, Dtmf | SendDtmf):
+        tag = _DTMF if isinstance(msg, Dtmf) else _SEND_DTMF
+        return (tag, msg.session, msg.index, msg.party, msg.digit, msg.duration_ms)
+    if isinstance(msg, Totals):
+        return (_TOTALS, *(getattr(msg, name) for name in TOTALS_FIELDS))
+    return (_TIMEOUT, msg.session, msg.idle)
 
 
 def encode(msg: Command | Event | Totals) -> bytes:
-    """One message as a JSON line."""
-    body: dict[str, Any]
-    if isinstance(msg, Update):
-        body = {
-            "type": "update", "session": msg.session,
-            "streams": [
-                {"index": s.index, "a": _party_out(s.a), "b": _party_out(s.b),
-                 "passthrough": s.passthrough}
-                for s in msg.streams
-            ],
-        }  # fmt: skip
-    elif isinstance(msg, Delete):
-        body = {"type": "delete", "session": msg.session}
-    elif isinstance(msg, Stats):
-        body = {
-            "type": "stats", "session": msg.session,
-            "streams": [
-                {"index": s.index, "a": _pstats_out(s.a), "b": _pstats_out(s.b)}
-                for s in msg.streams
-            ],
-        }  # fmt: skip
-    elif isinstance(msg, Dtmf | SendDtmf):
-        body = {
-            "type": "dtmf" if isinstance(msg, Dtmf) else "send_dtmf", "session": msg.session,
-            "index": msg.index, "party": msg.party, "digit": msg.digit,
-            "duration_ms": msg.duration_ms,
-        }  # fmt: skip
-    elif isinstance(msg, Totals):
-        body = {"type": "totals", **{name: getattr(msg, name) for name in TOTALS_FIELDS}}
-    else:
-        body = {"type": "timeout", "session": msg.session, "idle": msg.idle}
-    return json.dumps(body, separators=(",", ":")).encode("ascii") + b"\n"
+    """One message as a frame (length, then its marshalled tuple)."""
+    body = marshal.dumps(_wire(msg), _MARSHAL_VERSION)
+    return HEADER.pack(len(body)) + body
 
 
-def decode(line: bytes) -> Command | Event | Totals:
-    """A JSON line back into its message; ValueError (or KeyError) if it is not one."""
-    d = json.loads(line)
-    kind = d["type"]
-    if kind == "update":
+def decode(frame: bytes) -> Command | Event | Totals:
+    """One whole frame (as ``encode`` makes it) back into its message; ValueError (or
+    TypeError) if it is not one."""
+    if len(frame) < HEADER.size or HEADER.unpack_from(frame)[0] != len(frame) - HEADER.size:
+        raise ValueError("truncated media control frame")
+    return decode_body(memoryview(frame)[HEADER.size :])
+
+
+def decode_body(body: bytes | memoryview) -> Command | Event | Totals:
+    """The body of one frame (``Frames.feed``) back into its message; ValueError (or
+    TypeError, EOFError) if it is not one."""
+    d = marshal.loads(body)
+    if type(d) is not tuple or not d:
+        raise ValueError("a media control message is a tuple")
+    kind = d[0]
+    if kind == _UPDATE:
+        _, session, streams = d
         return Update(
-            session=str(d["session"]),
+            session=session,
             streams=tuple(
-                Stream(index=int(s["index"]), a=_party_in(s["a"]), b=_party_in(s["b"]),
-                       passthrough=bool(s["passthrough"]))
-                for s in d["streams"]
-            ),
-        )  # fmt: skip
-    if kind == "delete":
-        return Delete(session=str(d["session"]))
-    if kind == "stats":
-        return Stats(
-            session=str(d["session"]),
-            streams=tuple(
-                StreamStats(index=int(s["index"]), a=_pstats_in(s["a"]), b=_pstats_in(s["b"]))
-                for s in d["streams"]
+                Stream(index=index, a=_party_in(a), b=_party_in(b), passthrough=passthrough)
+                for index, a, b, passthrough in streams
             ),
         )
-    if kind == "timeout":
-        return Timeout(session=str(d["session"]), idle=float(d["idle"]))
-    if kind in ("dtmf", "send_dtmf"):
-        party = str(d["party"])
+    if kind == _DELETE:
+        _, session = d
+        return Delete(session=session)
+    if kind == _STATS:
+        _, session, streams = d
+        return Stats(
+            session=session,
+            streams=tuple(
+                StreamStats(index=index, a=_pstats_in(a), b=_pstats_in(b))
+                for index, a, b in streams
+            ),
+        )
+    if kind == _TIMEOUT:
+        _, session, idle = d
+        return Timeout(session=session, idle=idle)
+    if kind in (_DTMF, _SEND_DTMF):
+        _, session, index, party, digit, duration_ms = d
         if party not in ("a", "b"):
             raise ValueError(f"bad party {party!r}")
-        cls = Dtmf if kind == "dtmf" else SendDtmf
-        return cls(
-            session=str(d["session"]), index=int(d["index"]), party=party,
-            digit=str(d["digit"]), duration_ms=int(d["duration_ms"]),
-        )  # fmt: skip
-    if kind == "totals":
-        return Totals(**{name: int(d[name]) for name in TOTALS_FIELDS})
+        cls = Dtmf if kind == _DTMF else SendDtmf
+        return cls(session=session, index=index, party=party, digit=digit, duration_ms=duration_ms)
+    if kind == _TOTALS:
+        return Totals(**dict(zip(TOTALS_FIELDS, d[1:], strict=True)))
     raise ValueError(f"unknown media control message type {kind!r}")
+
+
+class Frames:
+    """Cuts a byte stream into frame bodies (for ``decode_body``)."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        """The bodies of the frames ``data`` completes, in order; ValueError if a frame is
+        longer than ``MAX_FRAME`` (the stream cannot be resynchronized)."""
+        if self._rest:
+            data = self._rest + data
+        view = memoryview(data)
+        bodies: list[memoryview] = []
+        size = len(data)
+        pos = 0
+        unpack = HEADER.unpack_from
+        while size - pos >= 4:
+            (length,) = unpack(data, pos)
+            if length > MAX_FRAME:
+                raise ValueError(f"media control frame of {length} bytes")
+            end = pos + 4 + length
+            if end > size:
+                break
+            bodies.append(view[pos + 4 : end])
+            pos = end
+        self._rest = data[pos:] if pos < size else b""
+        return bodies

@@ -335,6 +335,12 @@ class _Leg:
                     self.sender = _Unusable()
         return ok
 
+    def unlink(self) -> None:
+        """The session is gone: drop the reference to the other party, so that the two
+        legs, their session and its handlers die by reference counting instead of waiting
+        for the cyclic collector (the media worker runs full collections rarely)."""
+        del self.peer
+
     def handlers(self, usable: bool) -> dict[int, Handler]:
         if not usable:
             drop = self.on_unusable
@@ -779,7 +785,11 @@ class RelayEngine:
             return stats, PortChanges()
         for legs in found.streams.values():
             self._retire(legs)
-        return stats, self._set_ports(found, {})
+            for leg in legs:
+                leg.unlink()
+        changes = self._set_ports(found, {})
+        found.streams = {}
+        return stats, changes
 
     def stats(self, session: str) -> control.Stats:
         found = self._sessions.get(session)

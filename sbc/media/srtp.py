@@ -13,6 +13,8 @@ Nothing here does I/O. A context is not thread-safe (workers are single-threaded
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pylibsrtp
 
 from sbc.media.control import SrtpKey
@@ -48,7 +50,9 @@ class SrtpError(Exception):
     decrypt (including replays, RFC 3711 3.3.2)."""
 
 
-def _session(key: SrtpKey, ssrc_type: int, allow_repeat_tx: bool) -> pylibsrtp.Session:
+def _check(key: SrtpKey) -> int:
+    """The libsrtp profile of ``key``'s suite; SrtpError if the suite or the key's length
+    is not one libsrtp takes."""
     profile = PROFILES.get(key.suite)
     if profile is None:
         raise SrtpError(f"unsupported SRTP crypto suite {key.suite!r}")
@@ -57,6 +61,12 @@ def _session(key: SrtpKey, ssrc_type: int, allow_repeat_tx: bool) -> pylibsrtp.S
             f"{key.suite}: master key||salt is {len(key.key_salt)} bytes, "
             f"expected {KEY_SALT_LENGTHS[key.suite]}"
         )
+    return profile
+
+
+def _session(
+    key: SrtpKey, profile: int, ssrc_type: int, allow_repeat_tx: bool
+) -> pylibsrtp.Session:
     policy = pylibsrtp.Policy(key=key.key_salt, ssrc_type=ssrc_type, srtp_profile=profile)
     policy.allow_repeat_tx = allow_repeat_tx
     try:
@@ -68,6 +78,12 @@ def _session(key: SrtpKey, ssrc_type: int, allow_repeat_tx: bool) -> pylibsrtp.S
     return session
 
 
+# A context's libsrtp session (key derivation, RFC 3711 4.3, and its cipher and
+# authentication state) is made when the first packet needs it, not with the context: a
+# call's keys are checked when its Update comes, but a call that never sends media costs
+# no libsrtp session (about a fifth of a worker's CPU to set a call up and tear it down).
+
+
 class SrtpSender:
     """Protects what the relay sends to one party (RFC 3711 3.3, 3.4), any SSRC.
 
@@ -76,25 +92,44 @@ class SrtpSender:
     number) raises ``SrtpError`` instead; reordered packets within the replay window pass.
     """
 
-    __slots__ = ("_protect", "_protect_rtcp", "suite")
+    __slots__ = ("_allow_repeat_tx", "_key", "_profile", "_protect", "_protect_rtcp", "suite")
 
     def __init__(self, key: SrtpKey, *, allow_repeat_tx: bool = False) -> None:
-        session = _session(key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, allow_repeat_tx)
+        self._profile = _check(key)
+        self._key = key
+        self._allow_repeat_tx = allow_repeat_tx
         self.suite = key.suite
+        self._protect: Callable[[bytes], bytes] | None = None
+        self._protect_rtcp: Callable[[bytes], bytes] | None = None
+
+    def _start(self) -> None:
+        session = _session(
+            self._key, self._profile, pylibsrtp.Policy.SSRC_ANY_OUTBOUND, self._allow_repeat_tx
+        )
         self._protect = session.protect
         self._protect_rtcp = session.protect_rtcp
 
     def protect(self, packet: bytes) -> bytes:
         """RTP -> SRTP (RFC 3711 3.3)."""
+        protect = self._protect
+        if protect is None:
+            self._start()
+            protect = self._protect
+            assert protect is not None
         try:
-            return self._protect(packet)
+            return protect(packet)
         except (pylibsrtp.Error, ValueError, TypeError) as exc:
             raise SrtpError(f"SRTP protect: {exc}") from None
 
     def protect_rtcp(self, packet: bytes) -> bytes:
         """RTCP -> SRTCP (RFC 3711 3.4): adds the E flag, SRTCP index and tag."""
+        protect = self._protect_rtcp
+        if protect is None:
+            self._start()
+            protect = self._protect_rtcp
+            assert protect is not None
         try:
-            return self._protect_rtcp(packet)
+            return protect(packet)
         except (pylibsrtp.Error, ValueError, TypeError) as exc:
             raise SrtpError(f"SRTCP protect: {exc}") from None
 
@@ -104,24 +139,40 @@ class SrtpReceiver:
     packet that fails authentication or the replay check raises ``SrtpError`` and changes
     no state (libsrtp creates a new SSRC's stream only after its first packet verifies)."""
 
-    __slots__ = ("_unprotect", "_unprotect_rtcp", "suite")
+    __slots__ = ("_key", "_profile", "_unprotect", "_unprotect_rtcp", "suite")
 
     def __init__(self, key: SrtpKey) -> None:
-        session = _session(key, pylibsrtp.Policy.SSRC_ANY_INBOUND, False)
+        self._profile = _check(key)
+        self._key = key
         self.suite = key.suite
+        self._unprotect: Callable[[bytes], bytes] | None = None
+        self._unprotect_rtcp: Callable[[bytes], bytes] | None = None
+
+    def _start(self) -> None:
+        session = _session(self._key, self._profile, pylibsrtp.Policy.SSRC_ANY_INBOUND, False)
         self._unprotect = session.unprotect
         self._unprotect_rtcp = session.unprotect_rtcp
 
     def unprotect(self, packet: bytes) -> bytes:
         """SRTP -> RTP (RFC 3711 3.3)."""
+        unprotect = self._unprotect
+        if unprotect is None:
+            self._start()
+            unprotect = self._unprotect
+            assert unprotect is not None
         try:
-            return self._unprotect(packet)
+            return unprotect(packet)
         except (pylibsrtp.Error, ValueError, TypeError) as exc:
             raise SrtpError(f"SRTP unprotect: {exc}") from None
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:
         """SRTCP -> RTCP (RFC 3711 3.4)."""
+        unprotect = self._unprotect_rtcp
+        if unprotect is None:
+            self._start()
+            unprotect = self._unprotect_rtcp
+            assert unprotect is not None
         try:
-            return self._unprotect_rtcp(packet)
+            return unprotect(packet)
         except (pylibsrtp.Error, ValueError, TypeError) as exc:
             raise SrtpError(f"SRTCP unprotect: {exc}") from None
