@@ -25,7 +25,8 @@ or not the target keeps up), stopping at the first failing rate, then ``--refine
 steps. A short run passes with fewer than 0.1 % failed calls and SIP retransmissions for
 fewer than 1 % of them. Then a long run (``--long-seconds`` of calls) at the ladder's best
 rate, and if it fails up to ``--long-tries`` - 1 more, each ``--long-backoff`` x the rate
-before: a long run passes with fewer than 0.1 % failed calls and SIPp keeping 95 % of the
+before (via the SBC each on a fresh ``sbc run``: one that collapsed keeps the failed calls'
+state for half a minute and more): a long run passes with fewer than 0.1 % failed calls and SIPp keeping 95 % of the
 rate. The sustained rate is the achieved rate of the passing long run (the SBC reaches its
 steady state only after the 32 s of the RFC 3261 transaction timers).
 
@@ -475,13 +476,19 @@ def long_runs(
     args: argparse.Namespace,
     idle: Callable[[], None],
     during: Callable[[Running], None] | None = None,
+    fresh: Callable[[], tuple[Caller, Callable[[], None]]] | None = None,
 ) -> None:
-    """``--long-seconds`` at the ladder's best rate; if that fails, at lower rates."""
+    """``--long-seconds`` at the ladder's best rate; if that fails, at lower rates, each
+    after ``fresh()`` (a new caller and idle check) where given: a target that collapsed
+    keeps the state of the calls that failed (transactions, ended dialogs) for half a
+    minute and more, which the next run would pay for."""
     best = setup.ladder_best
     if best is None or args.long_seconds <= 0:
         return
     rate = best.rate
-    for _ in range(args.long_tries):
+    for n in range(args.long_tries):
+        if n and fresh is not None:
+            caller, idle = fresh()
         running = caller.start(rate, int(rate * args.long_seconds))
         if during is not None:
             during(running)
@@ -676,7 +683,9 @@ def render(setups: dict[str, Setup], args: argparse.Namespace, env: dict[str, st
         f"{args.min_calls}) at {', '.join(str(r) for r in args.rates)} calls/s, stopping "
         f"at the first failing rate, then up to {args.refine} bisection steps; then a long "
         f"run ({args.long_seconds:g} s of calls) at the best rate of the ladder, and if it "
-        f"fails up to {args.long_tries - 1} more at {args.long_backoff:g} × the rate before.",
+        f"fails up to {args.long_tries - 1} more at {args.long_backoff:g} × the rate before "
+        "(via the SBC each on a fresh `sbc run`: one that collapsed keeps the failed calls' "
+        "state for half a minute and more, which the next run would pay for).",
         "- Direct: SIPp UAC → SIPp UAS. Via SBC: SIPp UAC → `sbc run` without backends "
         "(its embedded registrar routes the call to the callee's registered address; two "
         "dialogs per call, the B2BUA) → SIPp UAS; "
@@ -845,8 +854,18 @@ class Bench:
         idle = lambda: settle(sbc.cpu_seconds)  # noqa: E731
         ladder(caller, setup, args, idle)
         during = py_spy(sbc, args.py_spy, self.peer_cpu) if args.py_spy else None
-        long_runs(caller, setup, args, idle, during)
-        self.stop_sbc(sbc, uas)
+        running = [(sbc, uas)]
+
+        def fresh() -> tuple[Caller, Callable[[], None]]:
+            """A new ``sbc run`` (and callee) for a long run after a failed one."""
+            self.stop_sbc(*running.pop())
+            sbc, uas = self.sbc(f"sbc-long-{len(setup.long_runs) + 1}")
+            running.append((sbc, uas))
+            caller = Caller(self.workdir, "sbc", sbc.port, uas, sbc.cpu_seconds, self.peer_cpu)
+            return caller, lambda: settle(sbc.cpu_seconds)
+
+        long_runs(caller, setup, args, idle, during, fresh)
+        self.stop_sbc(*running.pop())
         if setup.errors:
             print(f"--- SIPp UAC errors, first failing run via SBC ---\n{setup.errors}")
         if args.py_spy and args.py_spy.exists():
