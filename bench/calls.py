@@ -26,9 +26,10 @@ steps. A short run passes with fewer than 0.1 % failed calls and SIP retransmiss
 fewer than 1 % of them. Then a long run (``--long-seconds`` of calls) at the ladder's best
 rate, and if it fails up to ``--long-tries`` - 1 more, each ``--long-backoff`` x the rate
 before (via the SBC each on a fresh ``sbc run``: one that collapsed keeps the failed calls'
-state for half a minute and more): a long run passes with fewer than 0.1 % failed calls and SIPp keeping 95 % of the
-rate. The sustained rate is the achieved rate of the passing long run (the SBC reaches its
-steady state only after the 32 s of the RFC 3261 transaction timers).
+state for half a minute and more): a long run passes with fewer than 0.1 % failed calls
+and SIPp keeping 95 % of the rate. The sustained rate is the achieved rate of the passing
+long run (the SBC reaches its steady state only after the 32 s of the RFC 3261 transaction
+timers).
 
 Held calls (via the SBC only, a fresh ``sbc run``): ``--held`` calls are opened at
 ``--held-rate`` per second and held (``-d``) until all are up at once; the SBC's resident
