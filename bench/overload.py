@@ -11,8 +11,9 @@ source) and its per-source limits are off (one SIPp is one source): ``pike_densi
 the ``register``/``invite``/``other`` buckets at rate 0.
 
 1. The sustained rate: unless ``--rate`` is given, bench/calls.py's ladder and long runs
-   (its pass rules: fewer than 0.1 % failed, SIPp retransmissions counted) find the rate the
-   SBC sustains for ``--long-seconds``.
+   (its pass rules: fewer than 0.1 % failed, SIPp retransmissions counted; a fresh SBC for
+   a long run after a failed one) find the rate the SBC sustains for ``--long-seconds``,
+   with the overload control off (its refusals would fail calls of a run near capacity).
 2. For each factor of ``--factors``, ``--seconds`` of calls offered at factor x that rate
    (SIPp ``-r``, open loop) to a fresh SBC with the overload control as configured by
    default (``overload_lag``, or ``--target``), each call held ``--hold-ms`` after its ACK
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,16 +181,27 @@ class Bench:
             print(f"--- sbc run: exit code {sbc.exit_code}; log ---\n{sbc.log()[-3000:]}")
 
     def sustained(self) -> float:
-        """bench/calls.py's ladder and long runs through the SBC, this bench's config."""
+        """bench/calls.py's ladder and long runs through the SBC with this bench's config
+        and the overload control off (its refusals would fail the calls of a run near the
+        capacity), each long run after a failed one on a fresh SBC."""
         if self.args.rate:
             return float(self.args.rate)
-        sbc, uas = self.sbc("sustained", control=True)
+        sbc, uas = self.sbc("sustained", control=False)
         caller = Caller(self.workdir, "sustained", sbc.port, uas, sbc.cpu_seconds, self.peer_cpu)
         setup = Setup("sbc")
-        idle = lambda: settle(sbc.cpu_seconds)  # noqa: E731
-        calls.ladder(caller, setup, self.args, idle)
-        long_runs(caller, setup, self.args, idle)
-        self.stop(sbc, uas)
+        calls.ladder(caller, setup, self.args, lambda: settle(sbc.cpu_seconds))
+        running = [(sbc, uas)]
+
+        def fresh() -> tuple[Caller, Callable[[], None]]:
+            self.stop(*running.pop())
+            sbc, uas = self.sbc("sustained", control=False)
+            running.append((sbc, uas))
+            caller = Caller(self.workdir, "sustained", sbc.port, uas, sbc.cpu_seconds,
+                            self.peer_cpu)  # fmt: skip
+            return caller, lambda: settle(sbc.cpu_seconds)
+
+        long_runs(caller, setup, self.args, lambda: settle(sbc.cpu_seconds), None, fresh)
+        self.stop(*running.pop())
         if setup.best is None:
             raise BenchError("no sustained rate: no long run passed")
         return setup.best.achieved

@@ -693,3 +693,46 @@ def test_the_call_id_of_a_refresh_ignores_trailing_blanks() -> None:
     )
     cut = cut_request(data)
     assert cut is not None and cut.call_id == b"reg-dave@10.0.0.7"
+
+
+def _digest(n: int, extra: str = "") -> bytes:
+    auth = (
+        f'Authorization: Digest username="dave", realm="example.com", nonce="abc", '
+        f'uri="sip:example.com", response="{n:032x}"{extra}, nc={n:08x}\n'
+    )
+    return sip(REGISTER.format(n=n, user="dave").replace("Expires:", auth + "Expires:"))
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_a_template_finds_in_a_refresh_what_cut_request_finds(digest: bool) -> None:
+    """Templates match a refresh by their own pieces, without searching it: the parts they
+    find are those cut_request finds, and they match exactly when its shape is theirs."""
+    core = make_core(B1)
+    registered(core, "dave", 1, 0.0)
+    [(_, first)] = refresh(core, 2, 50.0, data=_digest(2) if digest else None)
+    assert isinstance(first, Response) and first.status == 200
+    base = _digest(3) if digest else sip(REGISTER.format(n=3, user="dave"))
+    variants = [
+        base,
+        base.replace(b"z9hG4bK-reg3", b"z9hG4bK-a.much-longer~branch!3"),
+        base.replace(b"z9hG4bK-reg3", b"z9hG4bK"),  # RFC 4475 3.2.1: not a refresh
+        base.replace(b"z9hG4bK-reg3", b"z9hG4bK-reg3 x"),
+        base.replace(b"tag=f3", b"tag=another-tag"),
+        base.replace(b"CSeq: 3 ", b"CSeq: 123456789 "),
+        base.replace(b"CSeq: 3 ", b"CSeq: 1234567890 "),
+        base.replace(b"CSeq: 3 ", b"CSeq: 3x "),
+        base + b"extra",
+        base[:-2],
+        base.replace(b"nc=00000003", b'nc=00000003,\r\n cnonce="folded"'),
+        base.replace(b"Authorization:", b"Proxy-Authorization:"),
+        base.replace(b"Expires: 3600\r\n", b"Expires: 3600\r\nAuthorization: Digest x=1\r\n"),
+    ]
+    [template] = [t for ts in core.registration.refreshes._by_key.values() for t in ts]
+    matched = 0
+    for data in variants:
+        cut = cut_request(data)
+        expected = cut if cut is not None and cut.shape == template.shape else None
+        found = core.registration.refreshes.match(data, CLIENT)
+        assert (found[1] if found is not None else None) == expected, data
+        matched += found is not None
+    assert matched == 6

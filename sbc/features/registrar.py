@@ -15,7 +15,7 @@ import hmac
 import secrets
 from collections import Counter
 from collections.abc import Iterator
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from sbc.deadlines import Deadlines
 from sbc.sip.flow import Flow
@@ -28,10 +28,23 @@ _MAC_LEN = 8
 class FlowTokens:
     """Encode a flow into a token usable as a SIP URI user part, and back."""
 
+    # Tokens kept per flow: a client's REGISTERs all name its flow, and an HMAC costs more
+    # than a dictionary lookup. Bounded: emptied when full (a token is made again at will).
+    CACHED: ClassVar[int] = 4096
+
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key or secrets.token_bytes(32)
+        self._tokens: dict[Flow, str] = {}
 
     def encode(self, flow: Flow) -> str:
+        token = self._tokens.get(flow)
+        if token is None:
+            if len(self._tokens) >= self.CACHED:
+                self._tokens.clear()
+            token = self._tokens[flow] = self._encode(flow)
+        return token
+
+    def _encode(self, flow: Flow) -> str:
         (lh, lp), (rh, rp) = flow.local, flow.remote
         data = f"{flow.transport}|{lh}|{lp}|{rh}|{rp}|{flow.conn_id}".encode()
         mac = hmac.new(self._key, data, hashlib.sha256).digest()[:_MAC_LEN]

@@ -41,7 +41,7 @@ from sbc.features.registrar import (
 from sbc.registration.keepalives import NatKeepalives, RawSend
 from sbc.registration.refresh import Cut, RefreshTemplates, Template
 from sbc.sip.flow import Flow, format_address, format_host
-from sbc.sip.headers import NameAddr
+from sbc.sip.headers import NameAddr, Via
 from sbc.sip.message import ParseError, Request, Response
 from sbc.sip.transaction import (
     ClientTransaction,
@@ -457,9 +457,11 @@ class RegistrationProxy:
         fwd = req.copy()
         mf = req.max_forwards
         fwd.set("Max-Forwards", str(70 if mf is None else mf - 1))
+        host, port = flow.local
+        params = (("branch", new_branch()), ("rport", ""))
+        fwd.add_top_via(Via(transport=flow.transport.upper(), host=format_host(host), port=port,
+                            params=params))  # fmt: skip
         local = format_address(flow.local)
-        fwd.add("Via", f"SIP/2.0/{flow.transport.upper()} {local};branch={new_branch()};rport",
-                first=True)  # fmt: skip
         # The Path URI's user part is the client's flow token (RFC 5626 5.2); ;lr makes the
         # registrar put it in a Route that comes back here (RFC 3327 5.3).
         fwd.add("Path", f"<sip:{self.tokens.encode(client)}@{local};lr>", first=True)
@@ -592,7 +594,8 @@ class RegistrationProxy:
         out = resp.copy()
         out.pop_first_value("via")
         for name in _CORE_ONLY_HEADERS:
-            out.remove(name)
+            if name in out:
+                out.remove(name)
         return out
 
     def _registered(
@@ -613,23 +616,24 @@ class RegistrationProxy:
         except ParseError:
             return  # a 200 we cannot read: passed back as it is, not cached
         default = _int_or(resp.get("expires"), self.offload.backend_expires)
+        ours = [contact_key(c) in mine for c in granted]
         backend_expiry = min(
-            (contact_expires(c, default) for c in granted if contact_key(c) in mine),
+            (contact_expires(c, default) for c, own in zip(granted, ours, strict=True) if own),
             default=default,
         )
         if backend_expiry == 0:
             return
         client_expiry = min(info.client_expires, backend_expiry)
+        expiry = str(client_expiry)
         resp.set(
             "Contact",
             ", ".join(
-                str(c.with_param("expires", str(client_expiry))) if contact_key(c) in mine
-                else str(c)
-                for c in granted
+                str(c.with_param("expires", expiry)) if own else str(c)
+                for c, own in zip(granted, ours, strict=True)
             ),
-        )  # fmt: skip
+        )
         if "expires" in resp:
-            resp.set("Expires", str(client_expiry))
+            resp.set("Expires", expiry)
         if info.nat:
             self.keepalives.watch(info.flow, info.contacts, now)
         if info.outbound:

@@ -45,16 +45,20 @@ _CREDENTIALS = re.compile(
 # optional blanks backtracks quadratically on a long run of them.
 _CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)\r\n", re.I)
 _DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r\n]*)", re.I)
+# The variable parts alone, matched where a template says they are (``_fit``).
+_TOKEN = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+")
+_DIGITS = re.compile(rb"\d{1,9}")
 
 # What a request is compared by: its octets without the parts that change between refreshes.
 Shape = tuple[bytes, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cut:
     """A REGISTER taken apart: its shape, its Call-ID (also in the shape), its branch, From
     tag and CSeq number, and its credentials (the first Authorization or
-    Proxy-Authorization value; None without)."""
+    Proxy-Authorization value; None without). Not changed once made (not frozen: one is
+    made for every refresh, and a frozen dataclass costs more to make)."""
 
     shape: Shape
     call_id: bytes
@@ -62,6 +66,9 @@ class Cut:
     from_tag: bytes
     cseq: int
     credentials: bytes | None
+    # What was cut out between the pieces of the shape, in order: "branch", "from_tag",
+    # "cseq" or "credentials" (a whole Authorization or Proxy-Authorization field).
+    slots: tuple[str, ...] = ()
 
 
 def cut_request(data: bytes) -> Cut | None:
@@ -70,19 +77,26 @@ def cut_request(data: bytes) -> Cut | None:
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
+    call_id = _CALL_ID.search(data, 0, end + 2)
+    if call_id is None:
+        return None
+    return _cut(data, end, call_id)
+
+
+def _cut(data: bytes, end: int, call_id: re.Match[bytes]) -> Cut | None:
+    """``cut_request`` once the end of the header section and the Call-ID are found."""
     branch = _BRANCH.search(data, 0, end)
     from_tag = _FROM_TAG.search(data, 0, end)
     cseq = _CSEQ.search(data, 0, end + 2)
-    call_id = _CALL_ID.search(data, 0, end + 2)
-    if branch is None or from_tag is None or cseq is None or call_id is None:
+    if branch is None or from_tag is None or cseq is None:
         return None
     if branch.group(1) == b"z9hG4bK":
         return None  # RFC 4475 3.2.1: the sanity filter answers it 400
-    spans = [branch.span(1), from_tag.span(1), cseq.span(1)]
+    spans = [(branch.span(1), "branch"), (from_tag.span(1), "from_tag"), (cseq.span(1), "cseq")]
     credentials: bytes | None = None
     proxy_credentials: bytes | None = None
     for match in _CREDENTIALS.finditer(data, 0, end):
-        spans.append(match.span())
+        spans.append((match.span(), "credentials"))
         name, _, value = match.group()[2:].partition(b":")
         if name.strip().lower() == b"authorization":
             credentials = credentials or value.strip()
@@ -92,7 +106,7 @@ def cut_request(data: bytes) -> Cut | None:
     spans.sort()
     pieces: list[bytes] = []
     pos = 0
-    for start, stop in spans:
+    for (start, stop), _ in spans:
         if start < pos:
             return None
         pieces.append(data[pos:start])
@@ -105,7 +119,54 @@ def cut_request(data: bytes) -> Cut | None:
         from_tag.group(1),
         int(cseq.group(1)),
         credentials,
+        tuple(slot for _, slot in spans),
     )
+
+
+def _fit(shape: Shape, slots: tuple[str, ...], data: bytes, call_id: bytes) -> Cut | None:
+    """``data`` cut as a request of ``shape`` (whose variable parts are ``slots``): what
+    ``cut_request`` makes of it when it has that shape, found without searching. The pieces
+    around the variable parts are the same octets, and each variable part is the longest
+    run of what it may hold (a token, digits, a field with its folded lines), as the
+    searches of ``cut_request`` take it; so they would find the same parts."""
+    # Slices compared, not startswith(piece, start) or match.group(): cheaper compiled.
+    pos = len(shape[0])
+    if data[:pos] != shape[0]:
+        return None
+    branch = from_tag = b""
+    cseq = 0
+    credentials: bytes | None = None
+    proxy_credentials: bytes | None = None
+    for slot, piece in zip(slots, shape[1:], strict=True):
+        if slot == "cseq":
+            m = _DIGITS.match(data, pos)
+        elif slot == "credentials":
+            m = _CREDENTIALS.match(data, pos)
+        else:
+            m = _TOKEN.match(data, pos)
+        if m is None:
+            return None
+        stop = m.end()
+        after = stop + len(piece)
+        if data[stop:after] != piece:
+            return None
+        part = data[pos:stop]
+        if slot == "branch":
+            branch = part
+        elif slot == "from_tag":
+            from_tag = part
+        elif slot == "cseq":
+            cseq = int(part)
+        else:
+            name, _, value = part[2:].partition(b":")
+            if name.strip().lower() == b"authorization":
+                credentials = credentials or value.strip()
+            else:
+                proxy_credentials = proxy_credentials or value.strip()
+        pos = after
+    if pos != len(data) or branch == b"z9hG4bK":
+        return None  # longer; or RFC 4475 3.2.1: the sanity filter answers it 400
+    return Cut(shape, call_id, branch, from_tag, cseq, credentials or proxy_credentials, slots)
 
 
 @dataclass(slots=True)
@@ -113,6 +174,7 @@ class Template:
     """What the SBC answered to one refresh of a registration over a flow."""
 
     shape: Shape
+    slots_in: tuple[str, ...]  # what is cut out of the requests between its pieces (Cut.slots)
     reg: CachedRegistration
     granted: int  # the expiry the answer gives the client (its Contact's expires)
     answer: tuple[bytes, ...]  # the 200 around its variable parts, in order
@@ -142,6 +204,11 @@ class RefreshTemplates:
     def __len__(self) -> int:
         return sum(len(templates) for templates in self._by_key.values())
 
+    def __bool__(self) -> bool:
+        """Whether any template is kept: asked for every datagram, so not by counting
+        (a key's list is never empty)."""
+        return bool(self._by_key)
+
     def learn(
         self,
         data: bytes,
@@ -159,8 +226,9 @@ class RefreshTemplates:
             return False  # (a Call-ID written with odd spacing is not worth a template)
         pieces, slots = parts
         template = Template(
-            shape=cut.shape, reg=reg, granted=reg.client_expires, answer=pieces, slots=slots,
-            dest=dest, branch=cut.branch, cseq=cut.cseq, last=answer, answered_at=now,
+            shape=cut.shape, slots_in=cut.slots, reg=reg, granted=reg.client_expires,
+            answer=pieces, slots=slots, dest=dest, branch=cut.branch, cseq=cut.cseq,
+            last=answer, answered_at=now,
         )  # fmt: skip
         templates = self._by_key.setdefault((flow, cut.call_id), [])
         templates[:] = [t for t in templates if t.reg.aor != reg.aor and t.shape != cut.shape]
@@ -170,11 +238,21 @@ class RefreshTemplates:
 
     def match(self, data: bytes, flow: Flow) -> tuple[Template, Cut] | None:
         """The template ``data`` is a refresh of, if any (the caller checks the rest)."""
-        cut = cut_request(data)
-        if cut is None:
+        # The Call-ID first: most REGISTERs (new registrations, their credentials, another
+        # flow) have no template under their flow and Call-ID, and are not cut further.
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
             return None
-        for template in self._by_key.get((flow, cut.call_id), ()):
-            if template.shape == cut.shape:
+        call_id = _CALL_ID.search(data, 0, end + 2)
+        if call_id is None:
+            return None
+        key = call_id.group(1).rstrip(b" \t")
+        templates = self._by_key.get((flow, key))
+        if templates is None:
+            return None
+        for template in templates:
+            cut = _fit(template.shape, template.slots_in, data, key)
+            if cut is not None:
                 return template, cut
         return None
 

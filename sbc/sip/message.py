@@ -225,6 +225,12 @@ class Message:
         if isinstance(old, tuple) and old:
             self._cache["via"] = (via, *old[1:])
 
+    def add_top_via(self, via: Via) -> None:
+        """Add a via-parm on top (a proxy forwarding, RFC 3261 16.6 step 8), keeping the
+        parsed view instead of parsing the text again."""
+        self.add("Via", str(via), first=True)
+        self._cache["top-via"] = via
+
     def _copy_fields_from(self, other: Message) -> None:
         self._keys = other._keys.copy()
         self._pairs = other._pairs.copy()
@@ -592,7 +598,10 @@ def _all_vias(msg: Message) -> tuple[Via, ...]:
         top = msg._cache.get("top-via")  # the usual single Via, parsed already: reuse it
         if top is not None:
             return (top,)
-    return tuple(via for value in values for via in parse_via(value))
+    vias = tuple(via for value in values for via in parse_via(value))
+    if vias:
+        msg._cache["top-via"] = vias[0]  # the same via-parm: top_via need not parse it again
+    return vias
 
 
 def _check_call_id(value: str) -> str:
