@@ -271,8 +271,29 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise LabTimeout(f"the lab took longer than {LAB_SECONDS} s")
 
 
+# While a process is started and its stop registered, SIGTERM is held back: raised in
+# between, it would leave the process running (``_holding_sigterm``).
+_held: list[int] = []  # [1] while holding; the signal number once one came
+_HOLDING = -1
+
+
 def _terminated(signum: int, frame: FrameType | None) -> None:
+    if _held:
+        _held[0] = signum
+        return
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _holding_sigterm() -> Iterator[None]:
+    """SIGTERM inside the block is raised (KeyboardInterrupt) when the block is done."""
+    _held.append(_HOLDING)
+    try:
+        yield
+    finally:
+        signum = _held.pop()
+    if signum != _HOLDING:
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _require(*programs: str) -> dict[str, str]:
@@ -396,9 +417,10 @@ def run_lab(workdir: Path, report: Report, log: io.StringIO) -> None:
         # The SBC: docker/sbc.toml with the access addresses substituted.
         sbc_text = substitute(lab.sbc_config.read_text(), addresses)
         (workdir / "config").mkdir()
-        sbc = netns.launch_sbc(topo.core, workdir / "config", sbc_text)
+        with _holding_sigterm():
+            sbc = netns.launch_sbc(topo.core, workdir / "config", sbc_text)
+            stack.callback(lambda: _note("; ".join(netns.stop_sbc(sbc)) or None))
         sbc = replace(sbc, core=(lab.sbc_core, 5080))
-        stack.callback(lambda: _note("; ".join(netns.stop_sbc(sbc)) or None))
         user_agent = re.search(r'^user_agent\s*=\s*"([^"]+)"', sbc_text, re.M)
         netns.wait_sbc_ready(sbc, server=user_agent[1] if user_agent else "")
         if sbc.access != (netns.CORE_ADDRESS, 5060):
