@@ -302,7 +302,7 @@ class Pipeline:
     def _stamp_via(req: Request, flow: Flow) -> None:
         """RFC 3261 18.2.1 received, RFC 3581 4 rport on the top Via (if it parses)."""
         try:
-            via = req.top_via
+            via = req.check_vias()  # a malformed via-parm: the answer goes to the source
         except ParseError:
             return
         if via is None:
@@ -323,7 +323,7 @@ class Pipeline:
         if flow.reliable:
             return flow
         try:
-            via = req.via[0] if "via" in req else None
+            via = req.check_vias()  # a malformed via-parm: the answer goes to the source
         except ParseError:
             via = None
         if via is None or via.wants_rport:

@@ -43,14 +43,14 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
     # RFC 3261 8.2 / 16.3 step 1; RFC 4475 3.1.2.16: an unknown version gets 505.
     if req.version != "SIP/2.0":
         return Rejection(505, "Version Not Supported", "bad_version")
-    for key, name in _MANDATORY:
-        # RFC 3261 8.1.1: To, From, CSeq, Call-ID, Max-Forwards and Via are mandatory;
-        # Max-Forwards may be absent in RFC 2543 requests (RFC 4475 3.4.1).
-        if key not in req:
-            return Rejection(400, f"Missing {name} Header", "missing_header")
+    # RFC 3261 8.1.1: To, From, CSeq, Call-ID, Max-Forwards and Via are mandatory;
+    # Max-Forwards may be absent in RFC 2543 requests (RFC 4475 3.4.1).
+    missing = req.first_missing(_MANDATORY)
+    if missing is not None:
+        return Rejection(400, f"Missing {missing} Header", "missing_header")
     try:
         uri = req.uri
-        vias = req.via
+        top = req.check_vias()
         cseq = req.cseq
         req.call_id  # noqa: B018 - parse and validate
         to = req.to
@@ -63,13 +63,13 @@ def check_request(req: Request, *, supported: frozenset[str] = frozenset()) -> R
         return Rejection(400, exc.reason, fault_label(exc.reason))
     assert cseq is not None and to is not None
     # RFC 3261 8.2.2.1 / 16.3 step 2: a scheme the SBC does not understand gets 416.
-    if not isinstance(uri, SipUri | TelUri):
+    if not isinstance(uri, (SipUri, TelUri)):
         return Rejection(416, "Unsupported URI Scheme", "bad_uri_scheme")
     # RFC 3261 19.1.1 (table 1): headers are not allowed in a Request-URI (RFC 4475 3.1.2.11).
     if isinstance(uri, SipUri) and uri.headers is not None:
         return Rejection(400, "Headers In Request-URI", "bad_uri")
     # RFC 4475 3.2.1: a branch of only the magic cookie is no transaction identifier.
-    top = vias[0]
+    assert top is not None  # a Via field is present (checked above): its first element
     branch = top.branch
     if branch == "z9hG4bK":
         return Rejection(400, "Via Branch Is Only The Magic Cookie", "bad_via")
@@ -124,16 +124,15 @@ def check_response(resp: Response) -> str | None:
     # RFC 3261 7.1: SIP/2.0 is the only version this element speaks.
     if resp.version != "SIP/2.0":
         return "Bad Version"
-    for key, name in _MANDATORY:
-        if key not in resp:
-            return f"Missing {name} Header"
+    missing = resp.first_missing(_MANDATORY)
+    if missing is not None:
+        return f"Missing {missing} Header"
     try:
-        resp.via  # noqa: B018 - every via-parm parses (the SBC pops the top one)
-        resp.cseq  # noqa: B018
+        resp.check_vias()  # every via-parm parses (the SBC pops the top one)
+        cseq = resp.cseq
         resp.call_id  # noqa: B018
         resp.from_  # noqa: B018
         resp.to  # noqa: B018
-        cseq = resp.cseq
         if cseq is not None and cseq.method in _DIALOG_METHODS and 100 < resp.status < 300:
             # RFC 3261 12.1.1 / 12.1.2: the Contact of a dialog-creating response is the
             # remote target, "a SIP or SIPS URI"; the route set comes from Record-Route.

@@ -282,6 +282,25 @@ def parse_via_parm(text: str) -> Via:
     return via
 
 
+def check_via_parm(text: str) -> None:
+    """What ``parse_via_parm`` checks of one via-parm, with the same faults, without making
+    the Via (a via-parm below the top one is relayed as written, never read)."""
+    m = grammar.VIA_PARM_RE.fullmatch(text)
+    if m is None:
+        if not text.strip():
+            raise ValueError("empty Via element")
+        raise ValueError("malformed Via")
+    name, version, _, _, port, params = m.groups()
+    if version != "2.0" or (name != "SIP" and name.upper() != "SIP"):
+        raise ValueError("Via protocol is not SIP/2.0")
+    if port is not None and not 0 < int(port) <= 65535:
+        raise ValueError("Via port out of range")
+    if "rport=" in params.lower():
+        rport = _param(_parse_params(params), "rport")
+        if rport and not rport.isdigit():
+            raise ValueError("Via rport is not a number")
+
+
 _new_via = object.__new__
 # Compiled by mypyc, Via is a native class: only its constructor makes one (a direct C call
 # there, the keyword arguments resolved at build time), and object.__new__ refuses it.

@@ -17,6 +17,7 @@ from sbc.sip.headers import (
     NameAddr,
     Via,
     canonical_name,
+    check_via_parm,
     header_key,
     parse_cseq,
     parse_name_addr,
@@ -93,6 +94,7 @@ class Message:
         self._cache.pop(key, None)
         if key == "via":
             self._cache.pop("top-via", None)
+            self._cache.pop("vias-checked", None)
 
     def _indices(self, key: str) -> list[int]:
         keys = self._keys
@@ -130,6 +132,15 @@ class Message:
     def __contains__(self, name: str) -> bool:
         return header_key(name) in self._keys
 
+    def first_missing(self, wanted: tuple[tuple[str, str], ...]) -> str | None:
+        """The name of the first (key, name) in ``wanted`` whose field is absent, or None;
+        the keys are lower-case full names, looked up as they are."""
+        keys = self._keys
+        for key, name in wanted:
+            if key not in keys:
+                return name
+        return None
+
     @property
     def fields(self) -> list[HeaderField]:
         """The header fields in order (a copy: edit through add/set/remove)."""
@@ -166,7 +177,9 @@ class Message:
             self._keys.append(key)
             self._pairs.append(pair)
             self._raws.append(None)
-        self._touch(key)
+        self._raw = None
+        if self._cache:  # what _touch does; a message being built has no views to drop
+            self._touch(key)
 
     def _replace(self, index: int, value: str) -> None:
         self._pairs[index] = (self._pairs[index][0].rstrip(" \t"), ":", value)
@@ -220,10 +233,13 @@ class Message:
         """Replace the first via-parm with an already parsed one (the SBC stamping received/
         rport, RFC 3581 4), keeping the parsed view instead of parsing the text again."""
         old = self._cache.get("via")
+        checked = "vias-checked" in self._cache
         self.set_first_value("via", str(via))
         self._cache["top-via"] = via
         if isinstance(old, tuple) and old:
             self._cache["via"] = (via, *old[1:])
+        if checked:  # the via-parms below the top one are unchanged
+            self._cache["vias-checked"] = True
 
     def add_top_via(self, via: Via) -> None:
         """Add a via-parm on top (a proxy forwarding, RFC 3261 16.6 step 8), keeping the
@@ -310,6 +326,28 @@ class Message:
         view: Via | None = v
         return view
 
+    def check_vias(self) -> Via | None:
+        """The top via-parm (``top_via``), after every via-parm was checked against the
+        grammar (RFC 3261 25.1) in order, with the faults ``via`` would raise; only the top
+        one is made a Via: the others are relayed as written."""
+        top = self.top_via
+        cache = self._cache
+        if top is None or "via" in cache or "vias-checked" in cache:
+            return top
+        pairs = self._pairs
+        first = True
+        for i in self._indices("via"):
+            value = pairs[i][2].strip(" \t")
+            parts = split_list(value) if "," in value else [value]
+            for part in parts[1:] if first else parts:
+                try:
+                    check_via_parm(part)
+                except ValueError as exc:
+                    raise ParseError(400, f"Bad Via: {exc}", message=self) from None
+            first = False
+        cache["vias-checked"] = True
+        return top
+
     @property
     def via(self) -> tuple[Via, ...]:
         """Every via-parm, top first (RFC 3261 20.42)."""
@@ -361,7 +399,9 @@ class Message:
         keys = self._keys
         n = keys.count(key)
         try:
-            if n == 1:
+            if n == 0:
+                v: tuple[NameAddr, ...] = ()  # no field: no scan of the others
+            elif n == 1:
                 v = parse_name_addr_list(self._pairs[keys.index(key)][2].strip(" \t"))
             else:
                 pairs = self._pairs
@@ -634,7 +674,8 @@ REASON_PHRASES: dict[int, str] = {
     606: "Not Acceptable",
 }  # fmt: skip
 
-_COPIED = ("via", "from", "to", "call-id", "cseq")
+# RFC 3261 8.2.6.2: the fields a response copies from its request, as the SBC spells them.
+_COPIED: Final = {"via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
 
 
 def make_response(
@@ -647,17 +688,31 @@ def make_response(
     and the response is not a 100 (RFC 3261 8.2.6.2, 16.2 note on 100 Trying).
     """
     resp = Response(status, reason or REASON_PHRASES.get(status, "Unknown"))
+    # The fields are appended as add() would append them, without its per-field work (the
+    # names are known, the new response has no cached views to drop).
+    keys, pairs = resp._keys, resp._pairs
+    tag = to_tag if status > 100 else None
     for key, (_, _, value) in zip(request._keys, request._pairs, strict=True):
-        if key in _COPIED:
+        name = _COPIED.get(key)
+        if name is not None:
             value = value.strip(" \t")
-            if key == "to" and to_tag and status > 100 and _lacks_tag(value):
-                value = f"{value};tag={to_tag}"
-            resp.add(canonical_name(key), value)
-    resp.add("Content-Length", "0")
+            if key == "to" and tag and _lacks_tag(request, value):
+                value = f"{value};tag={tag}"
+            keys.append(key)
+            pairs.append((name, ":", value))
+    keys.append("content-length")
+    pairs.append(("Content-Length", ":", "0"))
+    resp._raws = [None] * len(keys)
     return resp
 
 
-def _lacks_tag(to_value: str) -> bool:
+def _lacks_tag(request: Request, to_value: str) -> bool:
+    """Whether the request's To (``to_value``, its only To field) has no tag; the view
+    parsed already is used if there is one (a malformed To: False, nothing is added)."""
+    view = request._cache.get("to", _MISSING)
+    if view is not _MISSING and view is not None:
+        to: NameAddr = view
+        return to.tag is None
     try:
         return parse_name_addr(to_value).tag is None
     except ValueError:
