@@ -247,8 +247,12 @@ class Via:
         return self.host_bare, self.port
 
 
-def parse_via_parm(text: str) -> Via:
-    """One via-parm (RFC 3261 20.42, 25.1)."""
+def _checked_via_parm(
+    text: str,
+) -> tuple[str, str, str, str, int | None, str, HeaderParams | None]:
+    """One via-parm matched and checked (RFC 3261 20.42, 25.1): (name, version, transport,
+    host, port, the parameters' text, the parameters parsed if the rport check needed
+    them); ValueError names the fault."""
     m = grammar.VIA_PARM_RE.fullmatch(text)
     if m is None:
         if not text.strip():
@@ -262,11 +266,20 @@ def parse_via_parm(text: str) -> Via:
         port_n = int(port)
         if not 0 < port_n <= 65535:
             raise ValueError("Via port out of range")
-    parsed = _parse_params(params)
+    parsed = None
     if "rport=" in params.lower():
+        parsed = _parse_params(params)
         rport = _param(parsed, "rport")
         if rport and not rport.isdigit():
             raise ValueError("Via rport is not a number")
+    return name, version, transport, host, port_n, params, parsed
+
+
+def parse_via_parm(text: str) -> Via:
+    """One via-parm (RFC 3261 20.42, 25.1)."""
+    name, version, transport, host, port_n, params, parsed = _checked_via_parm(text)
+    if parsed is None:
+        parsed = _parse_params(params)
     protocol = "SIP/2.0" if name == "SIP" else f"{name}/{version}"
     if _NATIVE_VIA:
         return Via(
@@ -285,20 +298,7 @@ def parse_via_parm(text: str) -> Via:
 def check_via_parm(text: str) -> None:
     """What ``parse_via_parm`` checks of one via-parm, with the same faults, without making
     the Via (a via-parm below the top one is relayed as written, never read)."""
-    m = grammar.VIA_PARM_RE.fullmatch(text)
-    if m is None:
-        if not text.strip():
-            raise ValueError("empty Via element")
-        raise ValueError("malformed Via")
-    name, version, _, _, port, params = m.groups()
-    if version != "2.0" or (name != "SIP" and name.upper() != "SIP"):
-        raise ValueError("Via protocol is not SIP/2.0")
-    if port is not None and not 0 < int(port) <= 65535:
-        raise ValueError("Via port out of range")
-    if "rport=" in params.lower():
-        rport = _param(_parse_params(params), "rport")
-        if rport and not rport.isdigit():
-            raise ValueError("Via rport is not a number")
+    _checked_via_parm(text)
 
 
 _new_via = object.__new__
