@@ -240,6 +240,8 @@ class Pipeline:
         The To tag is the same in every such 503, so that their ACKs are dropped unparsed."""
         if req.method == "ACK" or req.method == "CANCEL" or self._side(flow) != ACCESS:
             return None
+        if "via" not in req or "cseq" not in req:
+            return None  # no answer can be formed (RFC 3261 8.2.6.2): the full path drops it
         try:
             to = req.to
             if to is None or to.tag is not None or self.transactions.has_server(req):

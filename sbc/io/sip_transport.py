@@ -31,7 +31,10 @@ CONNECT_TIMEOUT = 5.0  # seconds to open a connection to a backend
 HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
 LAG_INTERVAL = 0.25  # seconds between two measures of the event loop's lateness
 PROBE_LOST = 5.0  # seconds after which a queue probe not received is forgotten
-PROBE_MIN_WAIT = 0.005  # a probe that waited this long measures the rate the queue drains at
+# A probe that waited this long behind this many queued bytes measures the rate the queue
+# drains at (behind a few datagrams its wait is the event loop's turn, not the queue's).
+PROBE_MIN_WAIT = 0.005
+PROBE_MIN_AHEAD = 16384
 SO_MEMINFO = 55  # Linux <asm-generic/socket.h>; not in Python's socket module
 # A queue probe's payload starts with a NUL, which no SIP message does (STUN may: the
 # rest of the prefix and the process's random token tell them apart).
@@ -529,7 +532,7 @@ class QueueProbes:
             if payload == data:
                 waited = self._clock() - when
                 self._waited[local] = max(self._waited.get(local, 0.0), waited)
-                if waited >= PROBE_MIN_WAIT and ahead:
+                if waited >= PROBE_MIN_WAIT and ahead >= PROBE_MIN_AHEAD:
                     rate = ahead / waited
                     old = self._rate.get(local)
                     self._rate[local] = rate if old is None else old + (rate - old) / 4
