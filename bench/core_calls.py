@@ -27,18 +27,16 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 if "--held" in sys.argv:
     tracemalloc.start()  # before the SBC's modules: the whole heap is traced
 
 import test_b2bua as tb
+from timed import TimedCore
 
 from sbc.app import tune_gc
-from sbc.core import SbcCore
 from sbc.sip.message import Response
 
 spent = [0.0]
@@ -46,34 +44,14 @@ ENTRY_POINTS = ("receive_datagram", "handle_timer", "media_event")
 timing = [False]  # main() times the entry points; --held and the profile run do not
 
 
-class _Timed:
-    """The lab's core with its entry points timed. A wrapper, not a patched class: the
-    compiled ``SbcCore`` is an extension type whose methods cannot be replaced."""
-
-    def __init__(self, core: SbcCore) -> None:
-        self._core = core
-        for name in ENTRY_POINTS:
-            setattr(self, name, self._timed(getattr(core, name)))
-
-    @staticmethod
-    def _timed(entry: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.thread_time()
-            try:
-                return entry(*args, **kwargs)
-            finally:
-                spent[0] += time.thread_time() - start
-
-        return timed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._core, name)
+def _spend(seconds: float) -> None:
+    spent[0] += seconds
 
 
 def run(calls: int) -> None:
     lab = tb.Lab()
     if timing[0]:
-        lab.core = _Timed(lab.core)  # type: ignore[assignment]
+        lab.core = TimedCore(lab.core, ENTRY_POINTS, _spend)  # type: ignore[assignment]
     run_calls(lab, 1, calls + 1, hang_up=True)
     lab.assert_clean()
 

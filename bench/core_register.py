@@ -34,8 +34,6 @@ import cProfile
 import pstats
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import test_registration as tr
 from sipdata import sip
+from timed import TimedCore
 
 from sbc.actions import SendData
 from sbc.app import tune_gc
-from sbc.core import SbcCore
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, make_response
 from sbc.sip.parser import parse_message
@@ -68,34 +66,14 @@ AUTH = (
 CHALLENGE = 'Digest realm="example.com", nonce="{nonce}", algorithm=MD5'
 
 
-class _Timed:
-    """The core with its entry points timed. A wrapper, not a patched class: the compiled
-    ``SbcCore`` is an extension type whose methods cannot be replaced."""
-
-    def __init__(self, core: SbcCore) -> None:
-        self._core = core
-        for name in ENTRY_POINTS:
-            setattr(self, name, self._timed(getattr(core, name)))
-
-    @staticmethod
-    def _timed(entry: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.thread_time()
-            try:
-                return entry(*args, **kwargs)
-            finally:
-                spent[phase[0]] += time.thread_time() - start
-
-        return timed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._core, name)
+def _spend(seconds: float) -> None:
+    spent[phase[0]] += seconds
 
 
 class Bench:
     def __init__(self) -> None:
         core = tr.make_core(tr.B1)
-        self.core: Any = _Timed(core) if timing[0] else core
+        self.core: Any = TimedCore(core, ENTRY_POINTS, _spend) if timing[0] else core
         self.now = 0.0
         self.run_until(0.0)
 

@@ -85,30 +85,24 @@ class _Port:
         self._out = worker.sockets
         self._clock = time.monotonic
 
-    def read_one(self) -> None:
-        """Read one datagram (the port is readable)."""
+    def read_one(self) -> bool:
+        """Read one datagram (the port is readable); False if none was queued."""
         try:
             data, addr = self._recvfrom(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:  # an ICMP error queued on the socket: nothing to do
             log.debug("port %d: %s", self.port, exc)
-            return
+            return True
         self.received(data, addr)
+        return True
 
     def readable(self) -> None:
         """Read what is queued, up to ``READ_BATCH`` datagrams (then the loop comes back:
         one busy port does not hold up the others); without the worker's epoll."""
-        recvfrom = self._recvfrom
         for _ in range(READ_BATCH):
-            try:
-                data, addr = recvfrom(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            if not self.read_one():
                 return
-            except OSError as exc:  # an ICMP error queued on the socket: nothing to do
-                log.debug("port %d: %s", self.port, exc)
-                continue
-            self.received(data, addr)
 
     def received(self, data: bytes, addr: Any) -> None:
         out = self._receive(self.port, data, addr, self._clock())
