@@ -965,6 +965,11 @@ def write_users_csv(path: Path, users: list[str], domain: str = "example.com") -
     return path
 
 
+def backends_config(*uris: str) -> str:
+    """The [[core.backends]] tables of a config, one per backend URI."""
+    return "".join(f'\n[[core.backends]]\nuri = "{uri}"\n' for uri in uris)
+
+
 RegistrarFactory = Callable[..., list[Registrar]]
 
 

@@ -27,6 +27,7 @@ from .conftest import (
     RegistrarFactory,
     SbcFactory,
     SbcProcess,
+    backends_config,
     register_udp,
     require,
 )
@@ -53,10 +54,6 @@ REQUEST_TIMEOUT = 1.0
 RECOVERY_DEADLINE = PROBE_INTERVAL * PROBE_FAILURES + 4.0
 CALL_TIMEOUT = 12.0  # each SIPp's -timeout (a kill follows a few seconds later)
 CANDIDATES = [f"caller{i:02d}" for i in range(40)]
-
-
-def backends_config(*uris: str) -> str:
-    return "".join(f'\n[[core.backends]]\nuri = "{uri}"\n' for uri in uris)
 
 
 def holder(user: str, registrars: list[Registrar]) -> Registrar:

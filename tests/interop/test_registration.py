@@ -18,16 +18,13 @@ from .conftest import (
     RegistrarFactory,
     SbcFactory,
     SippRunner,
+    backends_config,
     register_udp,
     write_users_csv,
 )
 
 USERS = [f"user{i:04d}" for i in range(1, 401)]
 REFRESHES_PER_USER = 4  # register_offload.xml: one REGISTER, then four unchanged refreshes
-
-
-def backends_config(*uris: str) -> str:
-    return "".join(f'\n[[core.backends]]\nuri = "{uri}"\n' for uri in uris)
 
 
 def registers_received(registrar: object) -> int:
@@ -60,10 +57,14 @@ def test_registrations_spread_offloaded_and_pathed(
     result.assert_all_passed(len(USERS))
 
     b0, b1 = r0.bindings(), r1.bindings()
-    # Every user on exactly one backend; the two halves even within 10 % of all users.
+    # Every user on exactly one backend, and the two halves even. The split is a fair coin
+    # per user (rendezvous hashing over the backends' URIs, whose ports change from run to
+    # run), so |b0 - b1| has a standard deviation of sqrt(N) = 20 here: 10 % of N (2 sigma)
+    # failed about one run in twenty; a quarter of N is 5 sigma and still fails a balancer
+    # that sends most users to one backend.
     assert not set(b0) & set(b1)
     assert sorted(set(b0) | set(b1)) == USERS
-    assert abs(len(b0) - len(b1)) <= 0.1 * len(USERS), (len(b0), len(b1))
+    assert abs(len(b0) - len(b1)) <= 0.25 * len(USERS), (len(b0), len(b1))
     core_port = sbc.extra_ports["core"]
     for contacts in (*b0.values(), *b1.values()):
         (binding,) = contacts

@@ -47,6 +47,7 @@ from .conftest import (
     RegistrarFactory,
     SbcFactory,
     SbcProcess,
+    backends_config,
     require,
     udp_bound,
 )
@@ -69,10 +70,6 @@ PROBES_OFF = "probe_interval = 3600"
 
 
 # -- helpers ------------------------------------------------------------------------------
-def backends_config(*uris: str) -> str:
-    return "".join(f'\n[[core.backends]]\nuri = "{uri}"\n' for uri in uris)
-
-
 def security(*lines: str) -> str:
     """A [security] body with no allow list: every loopback source is a stranger."""
     return "\n".join(("allow = []", *lines))
