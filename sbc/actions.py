@@ -18,7 +18,9 @@ __all__ = [
     "CallRecord",
     "Close",
     "Drained",
+    "HandOver",
     "SendData",
+    "Share",
     "ToMediaWorker",
     "with_effects",
 ]
@@ -61,7 +63,29 @@ class Drained:
     process may stop. Returned once, by the entry point after which it became true."""
 
 
-Action = SendData | Close | ToMediaWorker | CallRecord | Drained
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A change of the state that the SBC's signalling workers share (a registration
+    stored or dropped, a source banned), for every other worker: ``event`` is a tuple of
+    plain values (str, int, float, bytes, None, tuples of them) that marshal carries; the
+    other workers give it to ``SbcCore.apply_shared``."""
+
+    event: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """Something for another signalling worker of the SBC: a message received here whose
+    transaction or dialog is that worker's (``received``: it goes in there as if received on
+    ``flow``), or data to send on a connection that worker holds (``received`` False)."""
+
+    worker: int
+    flow: Flow
+    data: bytes
+    received: bool
+
+
+Action = SendData | Close | ToMediaWorker | CallRecord | Drained | Share | HandOver
 
 
 class _Core(Protocol):

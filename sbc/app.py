@@ -12,11 +12,11 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sbc.calls import CallPolicy, PeerRoute
-from sbc.config import Config, ConfigError, Peer, RateConfig, TlsConfig, load_config
+from sbc.config import Config, ConfigError, ListenUrl, Peer, RateConfig, TlsConfig, load_config
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.guard import CLASSES, Bucket, GuardPolicy
@@ -30,21 +30,30 @@ from sbc.io.sip_transport import (
     client_tls_context,
     tls_context,
 )
+from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
+from sbc.ownership import worker_tag
 from sbc.registration import OffloadPolicy
 from sbc.sides import ACCESS, CORE, PEER
 from sbc.sip.parser import Limits
-from sbc.sip.transaction import Timers
+from sbc.sip.transaction import Timers, mark_branches
 from sbc.sip.uri import SipUri, parse_uri
 
-__all__ = ["Signals", "StartupError", "core_settings", "restart_needed", "run", "serve"]
+__all__ = [
+    "Signals", "StartupError", "WorkerRole", "core_settings", "restart_needed", "run",
+    "run_worker", "serve",
+]  # fmt: skip
 
 log = logging.getLogger("sbc.app")
 
+SYNC_TIMEOUT = 1.0  # s a restarted worker waits for the shared state before it serves
 
-def core_settings(config: Config) -> CoreSettings:
+
+def core_settings(config: Config, workers: int = 1) -> CoreSettings:
+    """The core's settings from the config; ``workers``: the signalling workers that share
+    the load (each enforces its share of the per-source limits: ``guard_policy``)."""
     sip = config.sip
     reg = config.registration
     calls = config.calls
@@ -98,17 +107,32 @@ def core_settings(config: Config) -> CoreSettings:
         peers=peers,
         public_address=(config.sbc.public_address or "").strip("[]") or None,
         security=guard_policy(
-            config, {b.host.lower() for b in backends} | {p.host.lower() for p in peers}
+            config,
+            {b.host.lower() for b in backends} | {p.host.lower() for p in peers},
+            workers,
         ),
     )
 
 
-def _bucket(cfg: RateConfig) -> Bucket:
-    return Bucket(rate=cfg.rate, burst=cfg.burst)
+def _bucket(cfg: RateConfig, workers: int = 1) -> Bucket:
+    if workers == 1:
+        return Bucket(rate=cfg.rate, burst=cfg.burst)
+    return Bucket(rate=cfg.rate / workers, burst=_share(cfg.burst, workers))
 
 
-def guard_policy(config: Config, core_sources: set[str]) -> GuardPolicy:
-    """[security] as the guard's policy; ``core_sources``: backend and peer IPs."""
+def _share(limit: int, workers: int) -> int:
+    """One worker's share of a count limit (0: no limit stays none)."""
+    return -(-limit // workers) if limit else 0
+
+
+def guard_policy(config: Config, core_sources: set[str], workers: int = 1) -> GuardPolicy:
+    """[security] as the guard's policy; ``core_sources``: backend and peer IPs.
+
+    With several signalling workers each enforces ``1/workers`` of every per-source limit
+    and of the REGISTER ceiling towards the backends: the kernel spreads a source's ports
+    (and connections) evenly over the workers, so a flood spread over them meets the
+    configured limit in all, as one flood (a source that keeps to one port meets a
+    worker's share). A ban is shared: the worker that bans tells the others."""
     sec = config.security
     return GuardPolicy(
         allow=tuple(c.network for c in sec.allow),
@@ -119,17 +143,17 @@ def guard_policy(config: Config, core_sources: set[str]) -> GuardPolicy:
         restrict_core=True,
         user_agent_block=tuple(ua.lower() for ua in sec.user_agent_block if ua),
         pike_window=sec.pike_window,
-        pike_density=sec.pike_density,
+        pike_density=_share(sec.pike_density, workers),
         ban_time=sec.ban_time,
-        rates={cls: _bucket(getattr(sec, cls)) for cls in CLASSES},
+        rates={cls: _bucket(getattr(sec, cls), workers) for cls in CLASSES},
         retry_after=sec.retry_after,
-        auth_failures=sec.auth_failures,
-        auth_user_failures=sec.auth_user_failures,
+        auth_failures=_share(sec.auth_failures, workers),
+        auth_user_failures=_share(sec.auth_user_failures, workers),
         auth_window=sec.auth_window,
-        max_connections_per_source=sec.max_connections_per_source,
-        tls_handshakes=_bucket(sec.tls_handshakes),
+        max_connections_per_source=_share(sec.max_connections_per_source, workers),
+        tls_handshakes=_bucket(sec.tls_handshakes, workers),
         overload_lag=sec.overload_lag,
-        backend_register_rate=_bucket(sec.backend_register),
+        backend_register_rate=_bucket(sec.backend_register, workers),
         max_sources=sec.max_sources,
     )
 
@@ -204,8 +228,9 @@ def _client_tls(cfg: TlsConfig) -> TlsFiles:
     return TlsFiles("[core.tls] client", build, (cfg.certificate, cfg.private_key, cfg.ca))
 
 
-def media_policy(config: Config, workers: int) -> MediaPolicy:
-    """The relay's addresses, SRTP policy and codecs per side."""
+def media_policy(config: Config, workers: int, ports: tuple[int, int] | None = None) -> MediaPolicy:
+    """The relay's addresses, SRTP policy and codecs per side; ``ports``: the share of the
+    [media] ports of this signalling worker (all of them by default)."""
     m = config.media
     access = m.access_address or m.address
     core = m.core_address or m.address
@@ -217,7 +242,7 @@ def media_policy(config: Config, workers: int) -> MediaPolicy:
             PEER: SideMedia(bind=core, advertise=core, srtp=m.peer_srtp,
                               codecs=m.peer_codecs or m.core_codecs),
         },
-        ports=m.ports,
+        ports=ports or m.ports,
         workers=workers,
         suites=m.srtp_suites,
         srtp_passthrough=m.srtp_passthrough,
@@ -231,6 +256,39 @@ def media_workers(config: Config) -> int:
         return config.media.workers
     low, high = config.media.ports
     return max(1, min(os.cpu_count() or 1, (high - low + 1) // 4))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """What sets one signalling worker of several apart (docs/architecture.md, "Workers").
+    The supervisor (sbc.io.supervisor) starts each with its index and the shared secret."""
+
+    index: int
+    count: int
+    secret: bytes  # keys the flow tokens: one worker's Path is good in all, and after a restart
+    runtime: str  # the supervisor's directory of the workers' sockets (mode 0700)
+    ready_fd: int | None = None  # "ready" is written there once every listener is bound
+    restarted: bool = False  # the others run: it asks one of them for the shared state
+
+    @property
+    def admin_socket(self) -> str:
+        """Its admin endpoint, which the supervisor's merges."""
+        return os.path.join(self.runtime, f"worker-{self.index}.admin")
+
+    def core_url(self, url: ListenUrl) -> ListenUrl:
+        """A core listener of this worker: the configured port plus the worker's index, so
+        that the core's answers and in-dialog requests come back to it (a port of 0 is one
+        of the OS's choosing in every worker)."""
+        return replace(url, port=url.port + self.index) if url.port else url
+
+    def media(self, config: Config) -> tuple[int, tuple[int, int]]:
+        """This worker's media workers and its share of [media] ports: an even-aligned
+        slice, so that no two signalling workers hand out the same relay port."""
+        count = max(1, media_workers(config) // self.count)
+        low, high = config.media.ports
+        pairs = (high - low + 1) // 2 // self.count
+        start = low + 2 * pairs * self.index
+        return count, (start, start + 2 * pairs - 1)
 
 
 # What a reload cannot change: sockets, worker processes, the wire's own
@@ -302,11 +360,13 @@ async def serve(
     *,
     path: str | Path | None = None,
     signals: Signals | None = None,
+    role: WorkerRole | None = None,
 ) -> None:
     """Start the media workers and every listener, run until ``stop`` is set (or
     ``signals`` asks to terminate: drain first), then close everything. ``path`` is the
-    config file a SIGHUP re-reads."""
-    count = media_workers(config)
+    config file a SIGHUP re-reads; ``role``: this process is one of several signalling
+    workers."""
+    count, ports = role.media(config) if role else (media_workers(config), config.media.ports)
     loop = asyncio.get_running_loop()
     workers: MediaWorkers | None = None
     signals = signals or Signals()
@@ -318,10 +378,13 @@ async def serve(
     records: list[str] = []  # call records waiting for the writer (one JSON line each)
     keep = config.calls.records is not None
     core = SbcCore(
-        core_settings(config),
-        media=MediaController(media_policy(config, count)),
+        core_settings(config, role.count if role else 1),
+        media=MediaController(media_policy(config, count, ports)),
         # The only wall-clock read: Date headers and call records are "now" plus this.
         wall_offset=time.time() - loop.time(),
+        secret=role.secret if role else None,
+        worker=role.index if role else 0,
+        workers=role.count if role else 1,
     )
     transports = SipTransports(
         core,
@@ -336,6 +399,7 @@ async def serve(
 
     writer: asyncio.Task[None] | None = None
     admin: AdminServer | None = None
+    link: WorkerLink | None = None
     result = ReloadResult(path=str(Path(path).absolute()) if path is not None else None)
     try:
         workers = await MediaWorkers.start(
@@ -346,18 +410,37 @@ async def serve(
         admin = await AdminServer.start(
             config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
             media=lambda: media_totals, reload=result.report,
+            unix=role.admin_socket if role else None,
         )  # fmt: skip
         access_tls = _tls(config.access.tls, "[access.tls]")
         core_tls = _tls(config.core.tls, "[core.tls]", peers=bool(config.peers))
         if config.peers and config.core.tls.ca is None:
             log.warning("[[peers]] without [core.tls] ca: no peer certificate can be verified")
+        shared = role is not None and role.count > 1
+        if role is not None and shared:
+            mark_branches(worker_tag(role.index))
+            link = WorkerLink(role.runtime, role.index, role.count, transports.from_worker)
+            transports.attach_link(link, sync=role.restarted)
+            if role.restarted:
+                # Registrations and bans from a live worker before the first client: up to
+                # SYNC_TIMEOUT, then without (a snapshot that comes later is applied then).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(transports.synced.wait(), SYNC_TIMEOUT)
         for url in config.access.listen:
-            core.add_listener(ACCESS, url.transport, await transports.listen(url, access_tls))
+            address = await transports.listen(url, access_tls, shared=shared)
+            core.add_listener(ACCESS, url.transport, address)
         for url in config.core.listen:
+            url = role.core_url(url) if role else url
             core.add_listener(CORE, url.transport, await transports.listen(url, core_tls))
         transports.rearm()  # the first backend probes are due now
         admin.listening = True  # /readyz
-        log.info("ready", extra={"sbc": config.sbc.name})
+        if role is None:
+            log.info("ready", extra={"sbc": config.sbc.name})
+        else:
+            # Not "ready": that word is the whole SBC's, which the supervisor logs.
+            log.info("worker serving", extra={"sbc": config.sbc.name})
+            if role.ready_fd is not None:
+                os.write(role.ready_fd, b"ready\n")
         if config.calls.records is not None:
             writer = asyncio.create_task(_write_records(records, config.calls.records, stop))
 
@@ -367,7 +450,9 @@ async def serve(
             started = time.time()
             servers = (access_tls, core_tls)
             try:
-                ready = await loop.run_in_executor(None, _prepare_reload, config, path, servers)
+                ready = await loop.run_in_executor(
+                    None, _prepare_reload, config, path, servers, role.count if role else 1
+                )
                 new = _apply_reload(ready, core, transports, servers, loop.time())
             except Exception as exc:  # whatever it is, the running config stays
                 reason = "; ".join(exc.errors) if isinstance(exc, ConfigError) else str(exc)
@@ -402,6 +487,8 @@ async def serve(
         if admin is not None:
             await admin.close()
         await transports.close()
+        if link is not None:
+            link.close()
         if workers is not None:
             await workers.close()
         log.info("sbc stopped")
@@ -427,7 +514,10 @@ class _Reload:
 
 
 def _prepare_reload(
-    old: Config, path: str | Path | None, running: tuple[TlsFiles | None, TlsFiles | None]
+    old: Config,
+    path: str | Path | None,
+    running: tuple[TlsFiles | None, TlsFiles | None],
+    workers: int = 1,
 ) -> _Reload:
     """Read ``path`` again and do everything that can fail (the file, the check, the
     restart-only keys, resolving host names, loading certificates), or raise with the
@@ -439,7 +529,7 @@ def _prepare_reload(
     restart = restart_needed(old, new)
     if restart:
         raise ValueError(f"{', '.join(restart)} changed: needs a restart")
-    settings = core_settings(new)
+    settings = core_settings(new, workers)
     access_tls = _tls(new.access.tls, "[access.tls]")
     core_tls = _tls(new.core.tls, "[core.tls]", peers=bool(new.peers))
     client_tls = _client_tls(new.core.tls)
@@ -540,7 +630,19 @@ def tune_gc() -> None:
 
 def run(config: Config, path: str | Path | None = None) -> int:
     """Run the SBC until SIGTERM (drain, then stop) or SIGINT; SIGHUP re-reads ``path``.
-    Returns the process exit code."""
+    With [sbc] workers > 1 this process supervises that many worker processes, which
+    serve. Returns the process exit code."""
+    if config.sbc.workers > 1:
+        if path is None:
+            raise StartupError("[sbc] workers > 1 needs a config file (each worker reads it)")
+        from sbc.io.supervisor import supervise
+
+        return supervise(config, path)
+    return run_worker(config, path)
+
+
+def run_worker(config: Config, path: str | Path | None, role: WorkerRole | None = None) -> int:
+    """Serve in this process: the whole SBC, or one worker of several (``role``)."""
     tune_gc()
 
     async def main() -> None:
@@ -554,7 +656,7 @@ def run(config: Config, path: str | Path | None = None) -> int:
         ):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, handler)
-        await serve(config, stop, path=path, signals=signals)
+        await serve(config, stop, path=path, signals=signals, role=role)
 
     try:
         import uvloop

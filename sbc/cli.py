@@ -1,5 +1,6 @@
 """Command line: ``sbc run``, ``sbc check-config``, ``sbc gen-certs``, ``sbc status``,
-``sbc --version``."""
+``sbc reload``, ``sbc --version``; ``sbc worker`` is what ``sbc run`` starts for each
+signalling worker."""
 
 from __future__ import annotations
 
@@ -48,6 +49,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return run_app(config, args.config)
+    except StartupError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    """One signalling worker, started by ``sbc run``'s supervisor ([sbc] workers > 1)."""
+    from sbc.io.supervisor import SECRET_ENV, set_parent_death_signal
+
+    set_parent_death_signal(args.parent)
+    secret = bytes.fromhex(os.environ.pop(SECRET_ENV, ""))  # not for the media workers
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from sbc.log import setup_logging
+
+    setup_logging(config.log.level, config.log.format, worker=args.index)
+    from sbc.app import StartupError, WorkerRole, run_worker
+
+    role = WorkerRole(
+        index=args.index,
+        count=args.workers,
+        secret=secret,
+        runtime=args.runtime,
+        ready_fd=args.ready_fd,
+        restarted=args.restarted,
+    )
+    try:
+        return run_worker(config, args.config, role)
     except StartupError as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
@@ -128,6 +159,18 @@ def _fmt_status(report: dict[str, Any]) -> str:
                 f"  {b['name']:<{width}}  {state:<4}  dialogs {b['dialogs']:<5}  rtt {rtt}"
             )
     lines.append(f"bans: {bans['active']} source(s) banned now")
+    workers = report.get("workers")
+    if workers:
+        restarts = sum(w["restarts"] for w in workers)
+        lines.append(f"workers: {len(workers)}, restarted {restarts} time(s)")
+        for w in workers:
+            state = "ready" if w["ready"] else "running" if w["running"] else "down"
+            uptime = "-" if w["uptime"] is None else f"{w['uptime']:.0f} s"
+            lines.append(
+                f"  worker {w['index']}  pid {w['pid']}  {state:<7}  up {uptime:<7}  "
+                f"registrations {w['registrations']}  calls {w['calls_active']} active, "
+                f"{w['calls_started']} started"
+            )
     return "\n".join(lines)
 
 
@@ -229,6 +272,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the SBC until SIGTERM/SIGINT")
     run.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
     run.set_defaults(func=_cmd_run)
+
+    worker = sub.add_parser(
+        "worker", help="one signalling worker (started by 'sbc run' when [sbc] workers > 1)"
+    )
+    worker.add_argument("--config", required=True, metavar="FILE")
+    worker.add_argument("--index", required=True, type=int, metavar="I")
+    worker.add_argument("--workers", required=True, type=int, metavar="N")
+    worker.add_argument("--runtime", required=True, metavar="DIR", help="the workers' sockets")
+    worker.add_argument("--restarted", action="store_true", help="the other workers run")
+    worker.add_argument("--ready-fd", type=int, default=None, metavar="FD")
+    worker.add_argument("--parent", required=True, type=int, metavar="PID")
+    worker.set_defaults(func=_cmd_worker)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")

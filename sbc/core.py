@@ -22,7 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sbc import __version__
-from sbc.actions import Action, CallRecord, Close, Drained, SendData, ToMediaWorker, with_effects
+from sbc.actions import (
+    Action,
+    CallRecord,
+    Close,
+    Drained,
+    SendData,
+    Share,
+    ToMediaWorker,
+    with_effects,
+)
 from sbc.backends import Backends
 from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
@@ -37,11 +46,14 @@ from sbc.features.guard import (
     credentials_user,
 )
 from sbc.features.keepalive import NatPolicy
+from sbc.features.registrar import FlowTokens
 from sbc.features.sanity import ALLOW, KNOWN_METHODS
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
+from sbc.ownership import conn_owner, worker_tag
 from sbc.pipeline import SUPPORTED, Pipeline
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
+from sbc.registration.shared import Banned, Unusable, ban_event, decode
 from sbc.sides import ACCESS, CORE, Side
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
@@ -63,6 +75,7 @@ from sbc.sip.uri import SipUri
 log = logging.getLogger("sbc.core")
 
 DEFAULT_HEALTH = HealthPolicy()
+SECRET_BYTES = 48  # the key of the flow tokens (32) and of the B2BUA's tokens (16)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,13 +105,32 @@ class SbcCore(Pipeline):
     itself, and which part takes a request or a client transaction's event)."""
 
     def __init__(
-        self, settings: CoreSettings, media: MediaSeam | None = None, *, wall_offset: float = 0.0
+        self,
+        settings: CoreSettings,
+        media: MediaSeam | None = None,
+        *,
+        wall_offset: float = 0.0,
+        secret: bytes | None = None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         """``wall_offset``: epoch minus the I/O layer's monotonic clock, read once when the
-        core is made (Date headers and call records are in wall-clock time)."""
+        core is made (Date headers and call records are in wall-clock time). ``secret``
+        (48 bytes) keys the flow tokens in Path and the B2BUA's dialog tokens; several
+        workers of one SBC share it, so that a token one made is good in all of them (and
+        in a restarted one). None: a random key of this core's own."""
+        if secret is not None and len(secret) < SECRET_BYTES:
+            raise ValueError(f"secret: {SECRET_BYTES} bytes needed, got {len(secret)}")
+        # This core is signalling worker ``worker`` of ``workers`` (docs/architecture.md,
+        # "Signalling workers"); one SBC process is worker 0 of 1.
+        self.worker = worker
+        self.workers = workers
+        # Set in a process that is one of several workers (the process's branches are marked
+        # by the app: sip.transaction.mark_branches).
+        self._handing_in = False  # a message handed over by another worker is being handled
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
-        self.guard = Guard(settings.security)
+        self.guard = Guard(settings.security, sharing=workers > 1)
         # Transaction users of client transactions: the B2BUA (calls), the registration
         # proxy and the backends' health probes; each says which transactions it owns.
         self.backends = Backends(
@@ -118,6 +150,9 @@ class SbcCore(Pipeline):
             nat=settings.nat,
             register_gate=self.guard.backend_register if self.guard.active else None,
             wall_offset=wall_offset,
+            tokens=FlowTokens(secret[:32]) if secret is not None else None,
+            worker=worker,
+            workers=workers,
         )
         # A backend that goes down has its registrations recovered on the others.
         self.backends.on_down = self.registration.recover
@@ -130,7 +165,10 @@ class SbcCore(Pipeline):
             peers=settings.peers,
             media=media,
             wall_offset=wall_offset,
+            key=secret[32:SECRET_BYTES] if secret is not None else None,
         )
+        if workers > 1:
+            self.calls.id_prefix = worker_tag(worker)
         self._framers: dict[Flow, StreamFramer] = {}
         self._counted: set[Flow] = set()  # connections the guard counts for their source
         # Stream flows by last activity, oldest first (dicts keep insertion order).
@@ -188,7 +226,8 @@ class SbcCore(Pipeline):
 
     def _effects(self, actions: list[Action]) -> list[Action]:
         """After an entry point's own actions, the effects its parts collected while they
-        worked: commands for the media workers, call records, and the drain's end."""
+        worked: commands for the media workers, call records, the changes of the state
+        shared with the other workers, and the drain's end."""
         commands = self.calls.media.take_commands()
         if commands:
             actions += [ToMediaWorker(worker, command) for worker, command in commands]
@@ -196,12 +235,47 @@ class SbcCore(Pipeline):
         if records:
             actions += [CallRecord(line) for line in records]
             records.clear()
+        if self.workers > 1:
+            shared = self.registration.shared
+            if shared:
+                actions += [Share(event) for event in shared]
+                shared.clear()
+            bans = self.guard.shared_bans
+            if bans:
+                actions += [Share(ban_event(ip, until, why)) for ip, until, why in bans]
+                bans.clear()
         if self.calls.draining and not self._drained and self.calls.idle():
             self._drained = True
             actions.append(Drained())
         return actions
 
     # -- connections, media, timers -----------------------------------------------------------
+    @with_effects
+    def apply_shared(self, event: tuple[object, ...], now: float) -> list[Action]:
+        """A change of the shared state that another worker made (its ``Share`` action, or
+        an event of its ``snapshot``), made here too without being shared again
+        (sbc/registration/shared.py). An event of another schema version, of an unknown
+        kind or malformed is ignored, counted as ``shared_ignored:<why>``."""
+        try:
+            change = decode(event)
+        except Unusable as exc:
+            self.stats[f"shared_ignored:{exc.why}"] += 1
+            return []
+        self.stats["shared_applied"] += 1
+        if isinstance(change, Banned):
+            self.guard.apply_ban(change.source, change.until, change.reason, now)
+            return []
+        actions = self._outputs(self.registration.apply_shared(change, now), now)
+        return actions + self._flows_failed(now)
+
+    def snapshot(self) -> list[tuple[object, ...]]:
+        """The events that rebuild the shared state of this worker in another (a restarted
+        one applies each with ``apply_shared``): every relayed registration, every binding
+        of the embedded registrar, every ban (one already over is ignored there)."""
+        events = self.registration.snapshot()
+        events += [ban_event(ip, until, "snapshot") for ip, until in self.guard.bans.items()]
+        return events
+
     def connection_closed(self, flow: Flow) -> None:
         self._framers.pop(flow, None)
         # The guard counted the connection when it was opened, whether or not it ever
@@ -217,6 +291,7 @@ class SbcCore(Pipeline):
         closed by us). The SBC cannot open one back to a client behind NAT, so the calls
         over it end: the other leg gets BYE, or CANCEL if unanswered."""
         self.connection_closed(flow)
+        self.registration.connection_lost(flow)
         return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
 
     @with_effects
@@ -380,8 +455,11 @@ class SbcCore(Pipeline):
         return self.guard.check_request(flow.remote[0], cls, now, credentials=key)
 
     def _alive(self, flow: Flow) -> bool:
-        """A flow the SBC can still send on: UDP, or a stream connection that is open."""
-        return flow.transport == "udp" or flow in self._framers
+        """A flow the SBC can still send on: UDP, or a stream connection that is open (one
+        another worker holds is, until that worker says it failed: it writes for us)."""
+        if flow.transport == "udp" or flow in self._framers:
+            return True
+        return self.workers > 1 and conn_owner(flow.conn_id) != self.worker
 
     def _flows_failed(self, now: float) -> list[Action]:
         """Client flows the keep-alives found dead: their calls end."""

@@ -80,10 +80,25 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Marks the handler this module installed, so setup_logging can replace it."""
 
 
-def setup_logging(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
+class _WorkerField(logging.Filter):
+    """Every line of a signalling worker says which one it is (``worker=N``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def setup_logging(
+    level: str, fmt: str, *, stream: TextIO | None = None, worker: int | None = None
+) -> None:
     """Configure the root logger: ``level`` debug|info|warning|error, ``fmt`` text|json.
 
     Logs go to ``stream`` (default stderr). Calling it again replaces the earlier setup.
+    ``worker``: this process is that signalling worker; its lines carry ``worker=N``.
     """
     if level not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
@@ -95,5 +110,7 @@ def setup_logging(level: str, fmt: str, *, stream: TextIO | None = None) -> None
         old.close()
     handler = _Handler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root.addHandler(handler)
     root.setLevel(LEVELS[level])

@@ -17,15 +17,18 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from sbc.actions import Action, Close, SendData, with_effects
+from sbc.actions import Action, Close, HandOver, SendData, with_effects
 from sbc.features.guard import REGISTER, Limited, credentials_user
 from sbc.features.keepalive import is_stun, stun_binding_response
 from sbc.features.sanity import Rejection, check_request, check_response, fault_label
+from sbc.ownership import marked_worker
 from sbc.sides import ACCESS
 from sbc.sip.flow import Flow
+from sbc.sip.headers import MAGIC_COOKIE
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
 from sbc.sip.parser import StreamFramer, parse_message
 from sbc.sip.transaction import RequestDisposition
+from sbc.sip.uri import SipUri
 
 if TYPE_CHECKING:
     from sbc.core import SbcCore
@@ -45,6 +48,9 @@ class Pipeline:
 
     # Set by SbcCore.__init__; declared here, where the stages assign them.
     _guard_verdict: Limited | None  # the guard's verdict on the datagram being handled
+    _handing_in: bool  # a message another worker handed over is being handled
+    worker: int  # this core's signalling worker, of ``workers``
+    workers: int
     _loop_depth: int  # messages to this SBC itself being received (_loop_back)
 
     @with_effects
@@ -161,12 +167,18 @@ class Pipeline:
         self.stats["looped"] += 1
         self._loop_depth += 1
         try:
+            return self._whole_message(data, flow, now)
+        finally:
+            self._loop_depth -= 1
+
+    def _whole_message(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """A whole message that came another way than a socket's (a loop back, another
+        worker): parsed and through stages 3 to 6; a malformed one as from the wire."""
+        try:
             msg = parse_message(data, limits=self.settings.limits, datagram=True)
             return self._handle(msg, flow, now)
         except ParseError as exc:
             return self._parse_failed(exc, flow)
-        finally:
-            self._loop_depth -= 1
 
     def _parse_failed(self: SbcCore, exc: ParseError, flow: Flow) -> list[Action]:
         """Answer a malformed request if a response can be formed; drop anything else."""
@@ -191,8 +203,41 @@ class Pipeline:
             return []
         return [SendData(self._response_flow(msg, flow), data)]
 
+    @with_effects
+    def receive_handed(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """A whole message that another signalling worker received on ``flow`` and handed
+        over, because its transaction or dialog is this worker's (``_owner``). The guard
+        admitted it there; it goes through the other stages here, and is not handed on."""
+        self.stats["handed_in"] += 1
+        self._handing_in = True
+        try:
+            return self._whole_message(data, flow, now)
+        finally:
+            self._handing_in = False
+
+    def _owner(self: SbcCore, msg: Message) -> int:
+        """The worker whose mark (sbc/ownership.py) a message carries, or -1: the branch of
+        a response's top Via (its client transaction), the Request-URI's user of a request
+        within a dialog (the SBC's Contact on the leg is the call's id)."""
+        if isinstance(msg, Response):
+            via = msg.top_via
+            branch = via.branch if via is not None else None
+            return marked_worker(branch, len(MAGIC_COOKIE)) if branch else -1
+        assert isinstance(msg, Request)
+        uri = msg.uri
+        if not isinstance(uri, SipUri) or uri.user is None or not uri.user.startswith("w"):
+            return -1
+        to = msg.to
+        return marked_worker(uri.user) if to is not None and to.tag is not None else -1
+
     def _handle(self: SbcCore, msg: Message, flow: Flow, now: float) -> list[Action]:
         """A parsed message, through stages 3 to 6 in order."""
+        if self.workers > 1 and not self._handing_in:
+            # 1a. Another worker's transaction or dialog: handed over to it as it came.
+            owner = self._owner(msg)
+            if owner >= 0 and owner != self.worker and owner < self.workers:
+                self.stats["handed_over"] += 1
+                return [HandOver(owner, flow, bytes(msg), True)]
         if isinstance(msg, Response):
             return self._handle_response(msg, now)
         assert isinstance(msg, Request)

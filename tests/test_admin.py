@@ -462,19 +462,24 @@ def test_every_log_line_about_a_call_names_its_ids(caplog: pytest.LogCaptureFixt
 
 
 def test_docs_list_every_metric_and_no_other() -> None:
-    """docs/operations.md names each metric the collector yields, and only those."""
+    """docs/operations.md names each metric the collector yields (and the supervisor of
+    several workers adds), and only those."""
     import re
     from pathlib import Path
 
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from sbc.workers_report import WorkerState, merge_metrics
+
     lab = Lab()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector(lab, [Totals()]))
     text = generate_latest(registry).decode()
+    state = WorkerState(index=0, pid=1, running=True, restarts=0, started_at=0.0)
+    merged = merge_metrics([(0, text)], [state])
     names = {
         f.name + ("_total" if f.type == "counter" else "")
-        for f in text_string_to_metric_families(text)
+        for f in text_string_to_metric_families(merged)
     }
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     for name in names:

@@ -83,6 +83,8 @@ class Lab:
         public_address: str | None = None,
         media: MediaPolicy | None = None,
         worker_answers: bool = True,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         media = media or MEDIA
         self.media_commands: list[tuple[int, Command]] = []
@@ -108,6 +110,8 @@ class Lab:
                 public_address=public_address,
             ),
             media=self.media,
+            worker=worker,
+            workers=workers,
         )
         self.core.add_listener(Side.ACCESS, "udp", ACCESS)
         self.core.add_listener(Side.CORE, "udp", CORE)

@@ -498,6 +498,15 @@ def test_config_defaults_make_a_production_policy() -> None:
     assert p.auth_failures == 5 and p.backend_register_rate == Bucket(500.0, 1000)
 
 
+def test_each_worker_enforces_its_share_of_the_per_source_limits() -> None:
+    config = parse_config({"sbc": {"workers": 3}, "access": {"listen": ["udp://127.0.0.1:5060"]}})
+    one, three = guard_policy(config, set()), guard_policy(config, set(), 3)
+    assert three.pike_density == 67 and one.pike_density == 200  # rounded up
+    assert three.rates[REGISTER] == Bucket(20.0 / 3, 20) and three.rates[INVITE].burst == 10
+    assert three.auth_failures == 2 and three.backend_register_rate == Bucket(500.0 / 3, 334)
+    assert three.ban_time == one.ban_time and three.pike_window == one.pike_window
+
+
 def test_config_takes_networks_and_buckets() -> None:
     config = parse_config(
         {

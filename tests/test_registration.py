@@ -46,7 +46,11 @@ def make_core(
     failures: int = 3,
     offload: OffloadPolicy | None = None,
     security: GuardPolicy = NO_POLICY,
+    worker: int = 0,
+    workers: int = 1,
 ) -> SbcCore:
+    """A core with UDP listeners on ACCESS and CORE (worker ``worker`` of ``workers``: each
+    worker's core socket is its own, CORE's port plus its index)."""
     specs = tuple(
         BackendSpec(name=f"sip:{h}:{p}", host=h, port=p, transport="udp") for h, p in backends
     )
@@ -57,10 +61,12 @@ def make_core(
             health=HealthPolicy(probe_interval=5.0, probe_failures=failures, probe_successes=2),
             offload=offload or OffloadPolicy(),
             security=security,
-        )
+        ),
+        worker=worker,
+        workers=workers,
     )
     core.add_listener(Side.ACCESS, "udp", ACCESS)
-    core.add_listener(Side.CORE, "udp", CORE)
+    core.add_listener(Side.CORE, "udp", (CORE[0], CORE[1] + worker))
     return core
 
 

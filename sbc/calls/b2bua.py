@@ -91,6 +91,9 @@ class B2bua(Routing):
         self.draining = False  # SIGTERM: no new calls, the others go on
         self.media: MediaSeam = media or PassThroughMedia()
         self._key = key or secrets.token_bytes(16)
+        # The start of every call's id, which is the user part of the SBC's Contact on its
+        # legs: the worker's mark with several signalling workers (sbc/ownership.py).
+        self.id_prefix = ""
         self.calls: dict[str, Call] = {}
         self._dialogs: dict[DialogKey, Leg] = {}
         self._b_pending: dict[tuple[str, str], Call] = {}  # (Call-ID, our From tag) of leg B
@@ -165,8 +168,8 @@ class B2bua(Routing):
         if frm is None or to is None or cseq is None or call_id is None:
             return self._respond(tx, 400, "Missing Dialog Headers", (), now)
         call = Call(
-            call_id=secrets.token_hex(8), method=method, a_flow=flow, a_side=a_side, a_tx=tx,
-            a_request=req, target=target, now=now,
+            call_id=self.id_prefix + secrets.token_hex(8), method=method, a_flow=flow,
+            a_side=a_side, a_tx=tx, a_request=req, target=target, now=now,
         )  # fmt: skip
         # The other leg's ids are derived from the caller's and the target, so a request
         # sent again with credentials after a 401/407 (same Call-ID and From tag, CSeq + 1,

@@ -32,6 +32,7 @@ from sbc.config.values import (
     rule,
     sip_uri,
     text,
+    worker_count,
 )
 from sbc.config.walker import (
     _build,
@@ -48,6 +49,8 @@ class SbcConfig:
     name: str = field(default="sbc", metadata=rule(text(what="a non-empty string")))
     # Advertised to clients (Via/Record-Route/Contact); None: the listen address.
     public_address: str | None = field(default=None, metadata=rule(text(_check_host)))
+    # Signalling worker processes behind the same access addresses; "auto": one per CPU.
+    workers: int = field(default=1, metadata=rule(worker_count))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -408,11 +411,37 @@ class Config:
             yield "peers", "peering needs a tls:// listener in core.listen (the SBC's side)"
         # One socket per (kind, address): tcp and tls share TCP ports, admin is TCP too.
         seen: dict[tuple[str, str, int], str] = {}
+        workers = self.sbc.workers
         sockets: list[tuple[str, str, str, int]] = [
-            (f"{side}.listen[{i}]", "udp" if url.transport == "udp" else "tcp", url.host, url.port)
-            for side, section in (("access", self.access), ("core", self.core))
-            for i, url in enumerate(section.listen)
+            (f"access.listen[{i}]", "udp" if url.transport == "udp" else "tcp", url.host, url.port)
+            for i, url in enumerate(self.access.listen)
         ]
+        # Each worker has a core address of its own: the listen port plus the worker index.
+        for i, url in enumerate(self.core.listen):
+            kind = "udp" if url.transport == "udp" else "tcp"
+            if url.port and url.port + workers - 1 > 65535:
+                yield (
+                    f"core.listen[{i}]",
+                    f"port {url.port} + {workers} workers goes past 65535 (worker i listens "
+                    "on the port + i)",
+                )
+                continue
+            for w in range(workers if url.port else 1):
+                sockets.append((f"core.listen[{i}]", kind, url.host, url.port + w))
+        if workers > 1:
+            for i, url in enumerate(self.access.listen):
+                if url.port == 0:
+                    yield (
+                        f"access.listen[{i}]",
+                        f"port 0 cannot be shared by {workers} workers: give a port",
+                    )
+            pairs = (self.media.ports[1] - self.media.ports[0] + 1) // 2
+            if pairs < 2 * max(self.media.workers, 1) * workers:
+                yield (
+                    "media.ports",
+                    f"range holds {pairs} RTP/RTCP port pairs; {workers} workers need "
+                    f"{2 * max(self.media.workers, 1) * workers} at least (each has a share)",
+                )
         sockets.append(("admin.listen", "tcp", self.admin.listen.host, self.admin.listen.port))
         for key, kind, host, port in sockets:
             if port == 0:

@@ -17,6 +17,7 @@ from typing import ClassVar, Final, Literal
 
 from sbc.media.codec_policy import DEFAULT_CODECS
 from sbc.media.control import TRANSCODABLE
+from sbc.ownership import MAX_WORKERS
 from sbc.sip.uri import SipUri, parse_uri
 
 Transport = Literal["udp", "tcp", "tls"]
@@ -97,6 +98,16 @@ def integer(*, min: int | None = None, max: int | None = None) -> Parser:
         return raw
 
     return parse
+
+
+def worker_count(raw: object, ctx: _Ctx) -> int:
+    """A number of processes, or "auto": one per CPU the process may run on."""
+    if raw == "auto":
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    if not _is_int(raw) or not 1 <= raw <= MAX_WORKERS:  # type: ignore[operator]
+        raise Invalid(f'must be an integer between 1 and {MAX_WORKERS} or "auto", got {_show(raw)}')
+    assert isinstance(raw, int)
+    return raw
 
 
 def number(*, gt: float | None = None, min: float | None = None) -> Parser:

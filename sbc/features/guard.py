@@ -189,7 +189,9 @@ DROP = "drop"  # the verdict for a request dropped without an answer
 
 
 class Guard:
-    def __init__(self, policy: GuardPolicy = NO_POLICY) -> None:
+    def __init__(self, policy: GuardPolicy = NO_POLICY, *, sharing: bool = False) -> None:
+        """``sharing``: the guard is one of several signalling workers', which ban a source
+        together (sbc/registration/shared.py)."""
         self.policy = policy
         # Whether anything is checked at all (the cores of unit tests check nothing).
         self.active = policy != NO_POLICY
@@ -207,6 +209,10 @@ class Guard:
         self._next_sweep = 0.0
         self.stats: Counter[str] = Counter()
         self.bans: dict[str, float] = {}  # banned source -> until (what `sbc status` shows)
+        # With ``sharing``, the bans made here, (source, until, reason), until the core
+        # takes them for the other workers.
+        self.sharing = sharing
+        self.shared_bans: list[tuple[str, float, str]] = []
 
     def set_policy(self, policy: GuardPolicy) -> None:
         """A reloaded [security]: what each known source may do is worked
@@ -280,11 +286,29 @@ class Guard:
         src.count = 0
         self.bans[ip] = src.ban_until
         self.stats[f"ban:{why}"] += 1
+        if self.sharing:
+            self.shared_bans.append((ip, src.ban_until, why))
         # One line per ban (a banned source's packets are dropped unread until it ends).
         log.warning(
             "banned %s for %g s: %s", ip, self.policy.ban_time, why,
             extra={"source": ip, "reason": why},
         )  # fmt: skip
+
+    def apply_ban(self, ip: str, until: float, why: str, now: float) -> None:
+        """Another worker banned ``ip`` until ``until``: its packets are dropped here too.
+        Counted as ``shared_ban``, not as a ban of this worker's (``ban:``); a source
+        trusted here (the same policy: none is) stays unbanned."""
+        if until <= now:
+            return
+        src = self._source(ip, now)
+        if src.trusted:
+            return
+        self.stats["shared_ban"] += 1
+        if until > src.ban_until:
+            src.ban_until = until
+            src.count = 0
+            self.bans[ip] = until
+        log.debug("banned %s by another worker: %s", ip, why, extra={"source": ip})
 
     def banned(self, ip: str, now: float) -> bool:
         src = self._sources.get(ip)

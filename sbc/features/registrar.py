@@ -108,7 +108,7 @@ class CachedRegistration:
 
     __slots__ = (
         "aor", "backend", "backend_call_id", "backend_expires_at", "call_id", "client_expires",
-        "client_expires_at", "contacts", "cseq", "flow",
+        "client_expires_at", "contacts", "cseq", "flow", "owner",
     )  # fmt: skip
 
     def __init__(
@@ -123,6 +123,7 @@ class CachedRegistration:
         backend_expires_at: float,
         client_expires: int,
         client_expires_at: float,
+        owner: int = 0,
     ) -> None:
         self.aor = aor
         self.flow = flow
@@ -135,6 +136,9 @@ class CachedRegistration:
         self.client_expires_at = client_expires_at
         # The Call-ID of the backend binding when the SBC made it itself (recovery).
         self.backend_call_id: str | None = None
+        # The signalling worker that stored it last, whose Path the backend holds: the one
+        # that de-registers and recovers it (sbc/registration/shared.py).
+        self.owner = owner
 
 
 class RegistrationStore(Protocol):
@@ -333,3 +337,12 @@ class LocationService:
 
     def has_flow(self, flow: Flow) -> bool:
         return any(b.flow == flow for bs in self._aors.values() for b in bs.values())
+
+    def bindings(self) -> list[tuple[str, LocalBinding]]:
+        """Every binding with its AOR, expired ones included (purged on their AOR's use)."""
+        return [(aor, b) for aor, bs in self._aors.items() for b in bs.values()]
+
+    def restore(self, aor: str, binding: LocalBinding) -> None:
+        """Put back a binding as another registrar holds it (a worker's copy of the shared
+        state, sbc/registration/shared.py): it replaces the AOR's binding of its contact."""
+        self._aors.setdefault(aor, {})[contact_key(binding.contact)] = binding

@@ -34,7 +34,7 @@ from sbc.io.sip_transport import StartupError
 from sbc.media.control import Totals
 from sbc.metrics import SbcCollector, readiness, status_report
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminHttp", "AdminServer"]
 
 log = logging.getLogger("sbc.admin")
 
@@ -50,67 +50,39 @@ class _BadRequest(Exception):
         self.status = status
 
 
-class AdminServer:
-    """The admin endpoint of one SBC core. ``listening`` is set by the app once every SIP
-    listener is bound (readiness)."""
+class AdminHttp:
+    """The HTTP side of an admin endpoint: one request per connection, GET/HEAD of
+    ``PATHS``; what each path answers is the subclass's (``readyz``, ``status``,
+    ``metrics``). ``listening`` is set by the app once every SIP listener is bound."""
 
-    def __init__(
-        self,
-        core: SbcCore,
-        *,
-        name: str = "sbc",
-        media: Callable[[], Sequence[Totals | None]] = tuple,
-        clock: Callable[[], float] | None = None,
-        reload: Callable[[], dict[str, object]] | None = None,
-    ) -> None:
-        self.core = core
-        self.name = name
-        self.media = media
-        self.reload = reload  # the last reload's outcome, for /status
+    def __init__(self) -> None:
         self.listening = False
-        self._clock = clock
         self._server: asyncio.Server | None = None
         self._connections = 0
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
-            SbcCollector(
-                core, clock=self.now, media=media, name=name, listening=lambda: self.listening
-            )
-        )
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
+        self._unix: str | None = None
 
-    def now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
-
-    @classmethod
-    async def start(
-        cls,
-        host: str,
-        port: int,
-        core: SbcCore,
-        *,
-        name: str = "sbc",
-        media: Callable[[], Sequence[Totals | None]] = tuple,
-        clock: Callable[[], float] | None = None,
-        reload: Callable[[], dict[str, object]] | None = None,
-    ) -> AdminServer:
-        """Bind ``host:port`` and serve; StartupError if it cannot be bound. ``clock``: the
-        core's (default: the event loop's time, as the SIP transports use)."""
-        self = cls(core, name=name, media=media, clock=clock, reload=reload)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    async def _bind(self, host: str, port: int, unix: str | None) -> None:
+        """Listen on ``host:port``, or on the Unix socket ``unix`` (a worker's, which only
+        the SBC's supervisor reads); StartupError if it cannot be bound."""
         try:
-            self._server = await asyncio.start_server(
-                self._serve, host, port, family=family, reuse_address=True, limit=MAX_REQUEST
-            )
+            if unix is not None:
+                self._server = await asyncio.start_unix_server(
+                    self._serve, path=unix, limit=MAX_REQUEST
+                )
+                self._unix = unix
+            else:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                self._server = await asyncio.start_server(
+                    self._serve, host, port, family=family, reuse_address=True, limit=MAX_REQUEST
+                )
         except OSError as exc:
             # uvloop wraps the errno-carrying OSError as the cause (as in sip_transport).
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = unix or (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             raise StartupError(
                 f"cannot listen on admin http://{where}: {cause.strerror or cause}"
             ) from None
-        log.info("admin listening on http://%s", self.address_text)
-        return self
+        log.info("admin listening on %s", unix or f"http://{self.address_text}")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -129,6 +101,21 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
+        if self._unix is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix)
+            self._unix = None
+
+    # -- what the paths answer ---------------------------------------------------------------
+    async def readyz(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    async def status(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        """The exposition (encoded as ``accept`` asks) and its content type."""
+        raise NotImplementedError
 
     # -- HTTP --------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -147,7 +134,7 @@ class AdminServer:
             except TimeoutError:
                 self._write(writer, HTTPStatus.REQUEST_TIMEOUT, b"", "text/plain")
             else:
-                status, body, ctype, extra = self._answer(method, path, accept)
+                status, body, ctype, extra = await self._answer(method, path, accept)
                 self._write(writer, status, body, ctype, extra, head=method == "HEAD")
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
@@ -191,7 +178,7 @@ class AdminServer:
                 accept = value.strip()
         return parts[0], parts[1], accept
 
-    def _answer(
+    async def _answer(
         self, method: str, target: str, accept: str
     ) -> tuple[HTTPStatus, bytes, str, dict[str, str]]:
         path = target.split("?", 1)[0]
@@ -205,19 +192,14 @@ class AdminServer:
         if path == "/healthz":
             return HTTPStatus.OK, b"ok\n", "text/plain", {}
         if path == "/readyz":
-            ready, reason = readiness(self.core, self.listening)
+            ready, reason = await self.readyz()
             status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
             return status, f"{reason}\n".encode(), "text/plain", {}
         if path == "/status":
-            report = status_report(
-                self.core, now=self.now(), name=self.name, listening=self.listening,
-                media=self.media(), reload=self.reload() if self.reload else None,
-                pid=os.getpid(),
-            )  # fmt: skip
-            body = json.dumps(report, indent=1).encode() + b"\n"
+            body = json.dumps(await self.status(), indent=1).encode() + b"\n"
             return HTTPStatus.OK, body, "application/json", {}
-        encoder, content_type = choose_encoder(accept)
-        return HTTPStatus.OK, encoder(self.registry), content_type, {}
+        body, content_type = await self.metrics(accept)
+        return HTTPStatus.OK, body, content_type, {}
 
     @staticmethod
     def _write(
@@ -241,3 +223,66 @@ class AdminServer:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if not head:
             writer.write(body)
+
+
+class AdminServer(AdminHttp):
+    """The admin endpoint of one SBC core."""
+
+    def __init__(
+        self,
+        core: SbcCore,
+        *,
+        name: str = "sbc",
+        media: Callable[[], Sequence[Totals | None]] = tuple,
+        clock: Callable[[], float] | None = None,
+        reload: Callable[[], dict[str, object]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        self.name = name
+        self.media = media
+        self.reload = reload  # the last reload's outcome, for /status
+        self._clock = clock
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(
+            SbcCollector(
+                core, clock=self.now, media=media, name=name, listening=lambda: self.listening
+            )
+        )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    @classmethod
+    async def start(
+        cls,
+        host: str,
+        port: int,
+        core: SbcCore,
+        *,
+        name: str = "sbc",
+        media: Callable[[], Sequence[Totals | None]] = tuple,
+        clock: Callable[[], float] | None = None,
+        reload: Callable[[], dict[str, object]] | None = None,
+        unix: str | None = None,
+    ) -> AdminServer:
+        """Bind ``host:port`` (or the Unix socket ``unix``) and serve; StartupError if it
+        cannot be bound. ``clock``: the core's (default: the event loop's time, as the SIP
+        transports use)."""
+        self = cls(core, name=name, media=media, clock=clock, reload=reload)
+        await self._bind(host, port, unix)
+        return self
+
+    async def readyz(self) -> tuple[bool, str]:
+        return readiness(self.core, self.listening)
+
+    async def status(self) -> dict[str, object]:
+        return status_report(
+            self.core, now=self.now(), name=self.name, listening=self.listening,
+            media=self.media(), reload=self.reload() if self.reload else None, pid=os.getpid(),
+        )  # fmt: skip
+
+    async def metrics(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

@@ -18,11 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sbc.actions import Action, CallRecord, Close, Drained, SendData, ToMediaWorker
+from sbc.actions import (
+    Action,
+    CallRecord,
+    Close,
+    Drained,
+    HandOver,
+    SendData,
+    Share,
+    ToMediaWorker,
+)
 from sbc.config import ListenUrl
 from sbc.core import SbcCore
 from sbc.features import peer_tls
+from sbc.io.worker_link import WorkerLink, flow_from, flow_items
 from sbc.media.control import Command as MediaCommand
+from sbc.ownership import conn_id as make_conn_id
+from sbc.ownership import conn_owner
 from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
@@ -123,6 +135,9 @@ class SipTransports:
         to_records: Callable[[str], None] | None = None,
     ) -> None:
         self.core = core
+        # The other signalling workers of the SBC (attach_link), if there are any.
+        self.link: WorkerLink | None = None
+        self.synced = asyncio.Event()  # the shared state came from a live worker
         # Where the core's other actions go: the media workers, the call records file.
         self._to_media = to_media
         self._to_records = to_records
@@ -206,9 +221,17 @@ class SipTransports:
         return done
 
     # -- listeners ---------------------------------------------------------------------------
-    async def listen(self, url: ListenUrl, tls: TlsFiles | ssl.SSLContext | None = None) -> Address:
+    async def listen(
+        self,
+        url: ListenUrl,
+        tls: TlsFiles | ssl.SSLContext | None = None,
+        *,
+        shared: bool = False,
+    ) -> Address:
         """Bind one listener. TLS listeners accept plain TCP and start TLS on each
-        connection themselves, after the per-source limits."""
+        connection themselves, after the per-source limits. ``shared``: the signalling
+        workers of one SBC all bind it (SO_REUSEPORT): the kernel picks a worker per UDP
+        source address and port, and per TCP connection."""
         if isinstance(tls, ssl.SSLContext):
             tls = TlsFiles.fixed(f"{url}", tls)
         if tls is not None and url.transport == "tls" and tls not in self._tls_files:
@@ -220,11 +243,15 @@ class SipTransports:
                     lambda: _DatagramProtocol(self),
                     local_addr=(url.host, url.port),
                     family=family,
+                    reuse_port=shared or None,
                 )
                 local = _addr(transport.get_extra_info("sockname"))
                 _large_receive_buffer(transport.get_extra_info("socket"))
                 self._udp[local] = transport
-                self.probes.watch(local, transport)
+                if not shared:
+                    # A probe to a shared address lands at whichever worker the kernel
+                    # picks for it, always the same one: it cannot measure this queue.
+                    self.probes.watch(local, transport)
             else:
                 if url.transport == "tls" and tls is None:
                     raise StartupError(f"{url}: TLS listener without a TLS context")
@@ -241,6 +268,7 @@ class SipTransports:
                     port=url.port,
                     family=family,
                     reuse_address=True,
+                    reuse_port=shared or None,
                 )
                 self._servers.append(server)
                 local = _addr(server.sockets[0].getsockname())
@@ -282,9 +310,45 @@ class SipTransports:
             elif isinstance(action, CallRecord):
                 if self._to_records is not None:
                     self._to_records(action.line)
+            elif isinstance(action, Share):
+                if self.link is not None:
+                    self.link.broadcast(("share", action.event))
+            elif isinstance(action, HandOver):
+                if self.link is not None:
+                    kind = "in" if action.received else "out"
+                    self.link.send(action.worker, (kind, flow_items(action.flow), action.data))
             elif isinstance(action, Drained):
                 self.drained.set()
         self._arm_timer()
+
+    # -- the other workers -------------------------------------------------------------------
+    def attach_link(self, link: WorkerLink, *, sync: bool) -> None:
+        """Serve the link to the other workers; with ``sync`` (a restarted worker), ask one
+        of them for the shared state."""
+        self.link = link
+        if not sync:
+            return
+        for peer in range(link.count):
+            if peer != link.index:
+                link.send(peer, ("sync", link.index))
+                break
+
+    def from_worker(self, peer: int, item: tuple[Any, ...]) -> None:
+        """An item of the link (sbc/io/worker_link.py) from worker ``peer``."""
+        kind = item[0]
+        now = self._clock()
+        if kind == "share":
+            self.run_actions(self.core.apply_shared(item[1], now))
+        elif kind == "in":
+            self.run_actions(self.core.receive_handed(item[2], flow_from(item[1]), now))
+        elif kind == "out":
+            self._send(flow_from(item[1]), item[2])
+        elif kind == "sync" and self.link is not None:
+            for event in self.core.snapshot():
+                self.link.send(int(item[1]), ("share", event))
+            self.link.send(int(item[1]), ("synced",))
+        elif kind == "synced":
+            self.synced.set()
 
     def _send(self, flow: Flow, data: bytes) -> None:
         if flow.transport == "udp":
@@ -296,6 +360,11 @@ class SipTransports:
             return
         if flow.conn_id == 0:
             self._send_outgoing(flow, data)
+            return
+        owner = conn_owner(flow.conn_id)
+        if owner != self.worker and self.link is not None:
+            # Another worker's connection (a user registered through it): it writes.
+            self.link.send(owner, ("out", flow_items(flow), data))
             return
         conn = self._conns.get(flow.conn_id)
         if conn is None or conn.transport is None or conn.transport.is_closing():
@@ -396,8 +465,12 @@ class SipTransports:
             return
         self.run_actions(actions)
 
+    @property
+    def worker(self) -> int:
+        return self.core.worker
+
     def register(self, conn: _StreamProtocol) -> int:
-        conn_id = next(self._conn_ids)
+        conn_id = make_conn_id(next(self._conn_ids), self.worker)
         self._conns[conn_id] = conn
         return conn_id
 
@@ -525,7 +598,8 @@ class QueueProbes:
         here). Probes come out in the order they were sent: older ones still listed were
         dropped by a full queue."""
         if not data.startswith(self._token):
-            return False
+            # Another process's probe (a worker before its restart): not SIP, dropped.
+            return data.startswith(PROBE_PREFIX)
         sent = self._sent.get(local)
         while sent:
             payload, when, ahead = sent.popleft()

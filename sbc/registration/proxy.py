@@ -40,6 +40,21 @@ from sbc.features.registrar import (
 )
 from sbc.registration.keepalives import NatKeepalives, RawSend
 from sbc.registration.refresh import Cut, RefreshTemplates, Template
+from sbc.registration.shared import (
+    Bound,
+    Dropped,
+    FlowFailed,
+    Refreshed,
+    Registered,
+    Shared,
+    Stored,
+    binding_event,
+    dropped_event,
+    flow_failed_event,
+    refreshed_event,
+    register_event,
+    stored_event,
+)
 from sbc.sip.flow import Flow, format_address, format_host
 from sbc.sip.headers import NameAddr, Via
 from sbc.sip.message import ParseError, Request, Response
@@ -142,7 +157,11 @@ class RegistrationProxy:
         rng: random.Random | None = None,
         register_gate: Callable[[float], int] | None = None,
         wall_offset: float = 0.0,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
+        """``worker`` of ``workers``: the signalling worker this proxy is part of, which
+        shares its registrations with the others (sbc/registration/shared.py)."""
         self.transactions = transactions
         self.backends = backends
         self.respond = respond
@@ -170,6 +189,11 @@ class RegistrationProxy:
         self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # forwarded, unanswered
         self.stats: Counter[str] = Counter()
         self.failed_flows: list[Flow] = []  # client flows found dead, for the owner
+        self.worker = worker
+        # With several workers, each change of the registrations is kept here as an event
+        # for the others (shared.py), until the core takes it; with one, nothing is.
+        self.sharing = workers > 1
+        self.shared: list[tuple[object, ...]] = []
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -196,8 +220,13 @@ class RegistrationProxy:
             out += self._failover(tx, work, now)
         out += self.keepalives.handle_timer(now)
         for reg in self.registrations.expired(now):
+            # Every worker drops it at the same deadline; its owner de-registers it, and
+            # has the others drop it too (shared.py: a refresh answered elsewhere too late).
             self.refreshes.drop(reg.flow, reg.call_id, reg.aor)
-            out += self._deregister(reg, now)
+            if reg.owner == self.worker:
+                out += self._deregister(reg, now)
+                if self.sharing:
+                    self.shared.append(dropped_event(reg))
             if not self.has_flow(reg.flow):
                 self.keepalives.unwatch(reg.flow)
         return out
@@ -223,9 +252,26 @@ class RegistrationProxy:
         """Whether a registration (forwarded or local) still reaches its client over ``flow``."""
         return self.registrations.has_flow(flow) or self.location.has_flow(flow)
 
+    def connection_lost(self, flow: Flow) -> None:
+        """A client's connection that this worker held is gone: the other workers, which
+        send to the user through this one, learn that the flow failed (RFC 5626 5.3: a
+        request for it gets 430) and end their calls over it. Here the bindings stay until
+        they expire, as with one worker."""
+        if self.sharing and self.has_flow(flow):
+            self.shared.append(flow_failed_event(flow))
+
     def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
-        removed here and at the backends; the owner ends its calls
+        removed here, in the other workers and at the backends."""
+        if self.sharing:
+            self.shared.append(flow_failed_event(flow))
+        log.info("client unreachable; its bindings are removed", extra={"flow": str(flow)})
+        self.stats["keepalive_dead"] += 1
+        return self._forget_flow(flow, now)
+
+    def _forget_flow(self, flow: Flow, now: float) -> list[Output]:
+        """The client behind ``flow`` is gone: its bindings go, the records this worker
+        owns are de-registered at their backends, and the core ends the calls over the flow
         (``failed_flows``)."""
         self.failed_flows.append(flow)
         self.refreshes.drop_flow(flow)
@@ -235,9 +281,8 @@ class RegistrationProxy:
         for reg in self.registrations:
             if reg.flow == flow:
                 self.registrations.drop(reg)
-                out += self._deregister(reg, now)
-        log.info("client unreachable; its bindings are removed", extra={"flow": str(flow)})
-        self.stats["keepalive_dead"] += 1
+                if reg.owner == self.worker:
+                    out += self._deregister(reg, now)
         return out
 
     # -- the embedded registrar --------------------------------------------------------------
@@ -251,13 +296,20 @@ class RegistrationProxy:
             return self.respond(server_tx, 400, "To Is Not A SIP Address-of-Record", (), now)
         contacts = req.contact
         asked = _requested_expires(req)
+        expires = min(asked, self.offload.client_expires(client.transport))
         try:
             bindings = self.location.register(
                 aor=aor, contacts=contacts, flow=client, call_id=call_id, cseq=cseq.seq,
-                expires=min(asked, self.offload.client_expires(client.transport)), now=now,
+                expires=expires, now=now,
             )  # fmt: skip
         except RegisterRefused as exc:
             return self.respond(server_tx, exc.status, exc.reason, (), now)
+        if self.sharing:  # the other workers apply the same REGISTER
+            event = register_event(
+                aor=aor, flow=client, call_id=call_id, cseq=cseq.seq, contacts=contacts,
+                expires=expires, now=now,
+            )  # fmt: skip
+            self.shared.append(event)
         self.stats["register_local"] += 1
         if asked and self._behind_nat(req, contacts, client):
             self.keepalives.watch(client, contacts, now)
@@ -397,6 +449,8 @@ class RegistrationProxy:
         reg.client_expires = granted
         reg.client_expires_at = now + granted
         self.registrations.store(reg)
+        if self.sharing:
+            self.shared.append(refreshed_event(reg))
         self.stats["register_offloaded"] += 1
         contacts = ", ".join(str(c.with_param("expires", str(granted))) for c in reg.contacts)
         headers = (("Contact", contacts), ("Date", self._date(now)))
@@ -445,6 +499,8 @@ class RegistrationProxy:
         reg.client_expires = template.granted
         reg.client_expires_at = now + template.granted
         self.registrations.store(reg)
+        if self.sharing:
+            self.shared.append(refreshed_event(reg))
         self.stats["register_offloaded"] += 1
         self.stats["register_templated"] += 1
         second = int(now + self.wall_offset)
@@ -504,10 +560,11 @@ class RegistrationProxy:
         return out
 
     def recover(self, backend: BackendState, now: float) -> list[Output]:
-        """``backend`` went down: its cached registrations are registered on the others."""
+        """``backend`` went down: its cached registrations are registered on the others,
+        each by its owner (every worker finds the backend down by its own probes)."""
         out: list[Output] = []
         for reg in self.registrations:
-            if reg.backend == backend.name:
+            if reg.backend == backend.name and reg.owner == self.worker:
                 out += self._recover(reg, now)
         return out
 
@@ -542,7 +599,60 @@ class RegistrationProxy:
         reg.backend = work.backend.name
         reg.backend_call_id = work.call_id
         reg.backend_expires_at = now + granted
+        if self.sharing and self.registrations.get(reg.aor, reg.call_id, reg.flow) is reg:
+            self.shared.append(stored_event(reg))
         log.info("registration recovered", extra={"aor": reg.aor, "backend": reg.backend})
+
+    # -- the state shared with the other workers (shared.py) ---------------------------------
+    def apply_shared(self, change: Shared, now: float) -> list[Output]:
+        """A change another worker made to the registrations, made here too without being
+        shared again; what this worker owns in it is its work (shared.py: the rules)."""
+        if isinstance(change, Refreshed):
+            reg = self.registrations.get(change.aor, change.call_id, change.flow)
+            if reg is None or change.cseq <= reg.cseq:
+                self.stats["shared_stale"] += 1  # gone here, or a later refresh was seen
+                return []
+            reg.cseq = change.cseq
+            reg.client_expires = change.client_expires
+            reg.client_expires_at = change.client_expires_at
+            self.registrations.store(reg)
+            return []
+        if isinstance(change, Stored):
+            reg = change.reg
+            # A template learnt for the record it replaces answers no more (refresh_candidate).
+            self.refreshes.drop(reg.flow, reg.call_id, reg.aor)
+            self.registrations.store(reg)
+            return []
+        if isinstance(change, Dropped):
+            self.refreshes.drop(change.flow, change.call_id, change.aor)
+            old = self.registrations.get(change.aor, change.call_id, change.flow)
+            if old is not None:
+                self.registrations.drop(old)
+            return []
+        if isinstance(change, FlowFailed):
+            return self._forget_flow(change.flow, now)
+        if isinstance(change, Registered):
+            try:
+                self.location.register(
+                    aor=change.aor, contacts=change.contacts, flow=change.flow,
+                    call_id=change.call_id, cseq=change.cseq, expires=change.expires,
+                    now=change.now,
+                )  # fmt: skip
+            except RegisterRefused:
+                self.stats["shared_stale"] += 1  # the bindings here differ (an event lost)
+            return []
+        if isinstance(change, Bound):
+            if change.binding.expires_at > now:
+                self.location.restore(change.aor, change.binding)
+            return []
+        return []  # a ban: the guard's
+
+    def snapshot(self) -> list[tuple[object, ...]]:
+        """The events that rebuild the registrations of this worker in another: every
+        relayed registration, every binding of the embedded registrar."""
+        events = [stored_event(reg) for reg in self.registrations]
+        events += [binding_event(aor, binding) for aor, binding in self.location.bindings()]
+        return events
 
     # -- transaction events ------------------------------------------------------------------
     def owns(self, tx: ClientTransaction) -> bool:
@@ -609,6 +719,8 @@ class RegistrationProxy:
             reg = self.registrations.get(info.aor, info.call_id, info.flow)
             if reg is not None:
                 self.registrations.drop(reg)
+                if self.sharing:
+                    self.shared.append(dropped_event(reg))
             return
         mine = {contact_key(c) for c in info.contacts}
         try:
@@ -639,19 +751,21 @@ class RegistrationProxy:
         if info.outbound:
             # RFC 5626 4.4.1 / 5.4: how often the client should send its own keep-alives.
             resp.set("Flow-Timer", str(int(self.keepalives.policy.interval)))
-        self.registrations.store(
-            CachedRegistration(
-                aor=info.aor,
-                flow=info.flow,
-                call_id=info.call_id,
-                cseq=info.cseq,
-                contacts=info.contacts,
-                backend=backend.name,
-                backend_expires_at=now + backend_expiry,
-                client_expires=client_expiry,
-                client_expires_at=now + client_expiry,
-            )
+        reg = CachedRegistration(
+            aor=info.aor,
+            flow=info.flow,
+            call_id=info.call_id,
+            cseq=info.cseq,
+            contacts=info.contacts,
+            backend=backend.name,
+            backend_expires_at=now + backend_expiry,
+            client_expires=client_expiry,
+            client_expires_at=now + client_expiry,
+            owner=self.worker,  # its Path names this worker's core socket
         )
+        self.registrations.store(reg)
+        if self.sharing:
+            self.shared.append(stored_event(reg))
 
     def on_timeout(self, tx: ClientTransaction, now: float) -> list[Output]:
         if self.keepalives.owns(tx):

@@ -35,7 +35,7 @@ __all__ = [
     "NonInviteClientTransaction", "NonInviteServerTransaction", "Output", "RequestDisposition",
     "ResponseReceived", "Send", "ServerTransaction", "Timers", "TransactionLayer",
     "TransactionState", "TransactionTerminated", "TransactionTimeout", "cancel_request",
-    "new_branch", "non2xx_ack",
+    "mark_branches", "new_branch", "non2xx_ack",
 ]  # fmt: skip
 
 
@@ -233,9 +233,21 @@ def _compile(kind: type[_Transaction]) -> dict[TransactionState, _Row]:
 # -- helpers that build requests -------------------------------------------------------------
 
 
+# The start of every branch this process makes: the magic cookie, and with several
+# signalling workers the worker's mark (sbc/ownership.py), so that any worker knows whose
+# transaction a response is for.
+_branch_start = MAGIC_COOKIE
+
+
+def mark_branches(tag: str) -> None:
+    """Begin every branch made from now on with ``tag`` after the magic cookie."""
+    global _branch_start
+    _branch_start = MAGIC_COOKIE + tag
+
+
 def new_branch() -> str:
     """A fresh RFC 3261 branch: the magic cookie plus a random token (RFC 3261 8.1.1.7)."""
-    return MAGIC_COOKIE + secrets.token_urlsafe(12)
+    return _branch_start + secrets.token_urlsafe(12)
 
 
 def _top_via_text(request: Request) -> str:

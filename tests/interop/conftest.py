@@ -129,6 +129,18 @@ class PortPool:
                 return base
         raise RuntimeError(f"no {count} free consecutive ports on {host}")
 
+    def run(self, host: str, count: int, *kinds: int) -> int:
+        """The first of ``count`` consecutive ports free on ``host`` for every socket kind
+        given (the core ports of several SBC workers: the listen port plus the index)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(100):
+            base = secrets.randbelow(60000 - 33000) + 33000
+            if self._hold(
+                family, [(k, (host, p)) for p in range(base, base + count) for k in kinds]
+            ):
+                return base
+        raise RuntimeError(f"no {count} free consecutive ports on {host} for {kinds}")
+
     def release(self) -> None:
         for sock in self._held:
             sock.close()
@@ -269,10 +281,11 @@ def _write_config(
     extra: str = "",
     media: str = "",
     security: str = TRUST_LOOPBACK,
+    workers: int = 1,
 ) -> int:
     """The test config; ``core`` adds keys to [core], ``media`` to [media], ``security`` is
-    the body of [security], ``extra`` adds sections at the end. Returns the locked
-    descriptor of its [media] port range."""
+    the body of [security], ``extra`` adds sections at the end; ``workers``: [sbc] workers.
+    Returns the locked descriptor of its [media] port range."""
     low, high = media_range()
     listen = [
         f'"tcp://127.0.0.1:{ports["udp4"]}"',
@@ -286,6 +299,7 @@ def _write_config(
         f"""\
 [sbc]
 name = "interop"
+workers = {workers}
 
 [access]
 listen = [{", ".join(listen)}]
@@ -313,7 +327,7 @@ listen = "127.0.0.1:{ports["admin"]}"
 
 [media]
 ports = "{low}-{high}"
-workers = 1
+workers = {workers}
 {media if "timeout" in media else media + chr(10) + "timeout = 600"}
 
 [sip]
@@ -343,22 +357,25 @@ def _start(
     extra: str = "",
     media: str = "",
     security: str = TRUST_LOOPBACK,
+    workers: int = 1,
 ) -> SbcProcess | str:
     """Start the SBC; the process once ready, or the reason it did not start."""
     pool = PortPool()
     ports = {
         "udp4": pool.port("127.0.0.1", UDP, TCP),
         "tls4": pool.port("127.0.0.1", TCP),
-        "core": pool.port("127.0.0.1", UDP, TCP),
-        "core_tls": pool.port("127.0.0.1", TCP),
+        # Worker i listens on the core ports plus i.
+        "core": pool.run("127.0.0.1", workers, UDP, TCP),
+        "core_tls": pool.run("127.0.0.1", workers, TCP),
         "admin": pool.port("127.0.0.1", TCP),
     }
     if HAS_IPV6:
         ports["udp6"] = pool.port("::1", UDP, TCP)
     config = tmp_path / f"sbc-{attempt}.toml"
     range_lock = _write_config(
-        config, certs, ports, core=core, extra=extra, media=media, security=security
-    )
+        config, certs, ports, core=core, extra=extra, media=media, security=security,
+        workers=workers,
+    )  # fmt: skip
     stderr_path = tmp_path / f"sbc-{attempt}.stderr"
     pool.release()  # the SBC binds them now
     try:
@@ -439,13 +456,18 @@ SbcFactory = Callable[..., SbcProcess]
 
 @pytest.fixture
 def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
-    """``sbc_factory(core="...", extra="...", media="...", security="...")`` starts an SBC
-    with config additions (backends, [registration], [media] keys ...); every SBC started is
-    stopped and checked at teardown."""
+    """``sbc_factory(core="...", extra="...", media="...", security="...", workers=1)``
+    starts an SBC with config additions (backends, [registration], [media] keys ...) and
+    that many signalling workers; every SBC started is stopped and checked at teardown."""
     running: list[Iterator[SbcProcess]] = []
 
     def start(
-        *, core: str = "", extra: str = "", media: str = "", security: str = TRUST_LOOPBACK
+        *,
+        core: str = "",
+        extra: str = "",
+        media: str = "",
+        security: str = TRUST_LOOPBACK,
+        workers: int = 1,
     ) -> SbcProcess:
         gen = _running_sbc(
             tmp_path / f"sbc{len(running)}",
@@ -454,6 +476,7 @@ def sbc_factory(tmp_path: Path, certs: Certs) -> Iterator[SbcFactory]:
             extra=extra,
             media=media,
             security=security,
+            workers=workers,
         )
         running.append(gen)
         return next(gen)
@@ -472,13 +495,15 @@ def _running_sbc(
     extra: str = "",
     media: str = "",
     security: str = TRUST_LOOPBACK,
+    workers: int = 1,
 ) -> Iterator[SbcProcess]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     started: SbcProcess | str = ""
     for attempt in range(3):
         started = _start(
-            tmp_path, certs, attempt, core=core, extra=extra, media=media, security=security
-        )
+            tmp_path, certs, attempt, core=core, extra=extra, media=media, security=security,
+            workers=workers,
+        )  # fmt: skip
         # A free port can be taken by someone else between our probe and the SBC's bind.
         if isinstance(started, SbcProcess) or "cannot listen on" not in started:
             break

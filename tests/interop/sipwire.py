@@ -137,6 +137,10 @@ class StreamReader:
 
     def response(self, timeout: float = 2.0) -> Response:
         """The next complete response, framed by Content-Length (RFC 3261 18.3)."""
+        return parse_response(self.message(timeout))
+
+    def message(self, timeout: float = 2.0) -> bytes:
+        """The next complete message (request or response), framed by Content-Length."""
         deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buffer:
             if not self._fill(deadline):
@@ -155,7 +159,7 @@ class StreamReader:
                 raise EOFError(f"connection closed inside a body: {self.buffer!r}")
             rest = self.buffer.partition(b"\r\n\r\n")[2]
         body, self.buffer = rest[:length], rest[length:]
-        return parse_response(head + b"\r\n\r\n" + body)
+        return head + b"\r\n\r\n" + body
 
     def at_eof(self, timeout: float = 2.0) -> bool:
         """True if the peer closes the connection (after any pending bytes) in time."""

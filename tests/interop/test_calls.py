@@ -250,21 +250,24 @@ class Lab:
         service: str | None = None,
         timeout: float = SIPP_TIMEOUT,
         extra: tuple[str, ...] = (),
+        calls: int = 1,
+        transport: str = "u1",
     ) -> Sipp:
         """SIPp with ``scenario`` in the background: a UAS on ``port`` (no remote), or a UAC
-        calling ``service`` through the SBC's access UDP port."""
+        calling ``service`` through the SBC's access UDP port; ``calls`` of them, over
+        ``transport`` (SIPp -t: un is a socket, so a source port, per call)."""
         workdir = self.tmp / f"sipp-{name}"
         workdir.mkdir()
         port = port or self.free_port()
         args = [
             self.binary,
             "-sf", str(SCENARIOS / scenario),
-            "-t", "u1",
+            "-t", transport,
             "-i", HOST,
             "-mi", HOST,
             "-mp", str(self.media_port()),  # not SIPp's fixed 6000: another program may hold it
             "-p", str(port),
-            "-m", "1",
+            "-m", str(calls),
             "-timeout", f"{timeout:g}",
             "-timeout_error",
             "-nostdin",
@@ -347,20 +350,23 @@ LabFactory = Callable[..., Lab]
 def lab_factory(
     kamailio_registrars: RegistrarFactory, sbc_factory: SbcFactory, tmp_path: Path
 ) -> Iterator[LabFactory]:
-    """``lab_factory(extra="...", media="...", record_route=True)``: one Kamailio behind a
-    real SBC (``extra`` adds config sections, ``media`` [media] keys; ``record_route=False``:
-    kamailio-no-rr.cfg), with call records on; every SIPp started through it is stopped at
-    teardown."""
+    """``lab_factory(extra="...", media="...", record_route=True, workers=1)``: one Kamailio
+    behind a real SBC (``extra`` adds config sections, ``media`` [media] keys;
+    ``record_route=False``: kamailio-no-rr.cfg; ``workers``: [sbc] workers), with call
+    records on; every SIPp started through it is stopped at teardown."""
     binary = require("sipp")
     labs: list[Lab] = []
 
-    def make(*, extra: str = "", media: str = "", record_route: bool = True) -> Lab:
+    def make(
+        *, extra: str = "", media: str = "", record_route: bool = True, workers: int = 1
+    ) -> Lab:
         (registrar,) = kamailio_registrars(1, record_route=record_route)
         records = tmp_path / f"calls-{len(labs)}.jsonl"
         sbc = sbc_factory(
             extra=f'\n[[core.backends]]\nuri = "{registrar.uri}"\n'
             f'\n[calls]\nrecords = "{records}"\n{extra}',
             media=media,
+            workers=workers,
         )
         lab = Lab(sbc, registrar, records, tmp_path, binary)
         labs.append(lab)
