@@ -73,7 +73,7 @@ from harness import (
     sipp_ms,
     sipp_stats,
 )
-from report import children_cpu_seconds, choose_cpus, sipp_stamp, stop_process, write_section
+from report import children_cpu_seconds, choose_cpus, publish, sipp_stamp, stop_process
 
 CLIENT_EXPIRES = 3600  # the binding of bob at the SBC outlives the run
 BACKEND_EXPIRES = 7200  # must exceed every client_expires (unused: no backends)
@@ -115,13 +115,15 @@ def register_bob(target_port: int, contact_port: int, expires: int) -> int | Non
 
 
 def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped for the UDP socket on 127.0.0.1:``port`` (its receive
-    buffer was full): the last column of /proc/net/udp; 0 if no such socket."""
+    """Datagrams the kernel dropped for the UDP sockets on 127.0.0.1:``port`` (their receive
+    buffers were full): the last column of /proc/net/udp, summed over the sockets that
+    share the port (SO_REUSEPORT: one per signalling worker); 0 if there is none."""
+    drops = 0
     for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
         fields = line.split()
         if fields[1] == f"0100007F:{port:04X}":
-            return int(fields[-1])
-    return 0
+            drops += int(fields[-1])
+    return drops
 
 
 def rss_kib(pid: int) -> int:
@@ -287,6 +289,7 @@ class Caller:
         self.uas, self.sut_cpu, self.cpu = uas, sut_cpu, cpu
         self.count = 0
         self.scenario = "call_uac.xml"
+        self.transport = "u1"  # SIPp -t: un for a socket (a source port) per call
         self.options: tuple[str, ...] = ()  # more SIPp options
 
     def command(self, run_dir: Path, rate: int, calls: int, hold_ms: int) -> list[str]:
@@ -304,6 +307,7 @@ class Caller:
             "-trace_stat", "-stf", str(run_dir / "stat.csv"), "-fd", "1",
             *self.options,
             target=self.target_port,
+            transport=self.transport,
         )  # fmt: skip
 
     def start(self, rate: int, calls: int, hold_ms: int = 0) -> Running:
@@ -973,12 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench/calls.py: {exc}", file=sys.stderr)
         return 1
-    section = render(setups, args, env)
-    print()
-    print(section)
-    if args.out:
-        write_section(args.out, "bench/calls.py", section)
-        print(f"wrote {args.out}")
+    publish("bench/calls.py", render(setups, args, env), args.out)
     return 0
 
 

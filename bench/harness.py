@@ -1,13 +1,16 @@
-"""What the SIPp benchmarks (bench/register.py, bench/calls.py) share: free loopback ports,
-one SIP request over UDP, the CPU time of processes, and the processes themselves
-(Kamailio, ``sbc run``, SIPp), each pinned to a CPU when asked (``taskset -c``) and stopped
-by its PID; SIPp's statistics file; the versions every report names."""
+"""What the SIPp benchmarks (bench/register.py, bench/calls.py, bench/workers.py) share: free
+loopback ports, one SIP request over UDP, the CPU time of processes (one, a process group,
+or the SBC's whole process tree split into signalling and media), and the processes
+themselves (Kamailio, ``sbc run`` with one or more signalling workers, SIPp), each pinned to
+a CPU when asked (``taskset -c``) and stopped by its PID; the SBC's admin endpoint
+(/readyz, /metrics); SIPp's statistics file; the versions every report names."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import datetime as dt
+import http.client
 import os
 import platform
 import re
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from report import ROOT, command_line, cpu_model, dist_version, git_rev, stop_process, tool_version
@@ -40,6 +44,30 @@ class BenchError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Small helpers: ports, SIP over UDP, CPU time, stopping processes
 # ---------------------------------------------------------------------------------------
+
+
+def _free_udp_tcp(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound for UDP and for TCP (right now)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_block(count: int, taken: set[int]) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 for UDP and TCP, none in
+    ``taken`` (they are added to it): the core ports of ``count`` signalling workers."""
+    for _ in range(50):
+        base = free_port(taken=set(taken))
+        block = range(base, base + count)
+        free = base + count <= 65536 and not taken.intersection(block)
+        if free and all(_free_udp_tcp(port) for port in block[1:]):
+            taken.update(block)
+            return base
+    raise BenchError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, taken: set[int] | None = None) -> int:
@@ -106,31 +134,62 @@ def sip_exchange(
     return None
 
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(process group, utime+stime in clock ticks) of one process, or None if gone."""
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """What /proc/PID/stat says of one process."""
+
+    ppid: int
+    pgid: int
+    ticks: int  # utime + stime, clock ticks
+    started: int  # start time after boot, clock ticks: with the PID, names the process
+
+
+def _proc_stat(pid: int) -> ProcStat | None:
+    """/proc/PID/stat of one process, or None if gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return int(fields[2]), int(fields[11]) + int(fields[12])
+    return ProcStat(
+        int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[19])
+    )
+
+
+def _all_stats() -> dict[int, ProcStat]:
+    """Every live process."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+            stats[int(entry)] = stat
+    return stats
+
+
+def process_tree(root: int) -> dict[int, ProcStat]:
+    """``root`` and every live descendant of it (by their parent PIDs in /proc; this kernel
+    has no /proc/PID/task/TID/children)."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        children.setdefault(stat.ppid, []).append(pid)
+    tree, todo = {}, [root] if root in stats else []
+    while todo:
+        pid = todo.pop()
+        tree[pid] = stats[pid]
+        todo += children.get(pid, [])
+    return tree
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) of one process."""
     stat = _proc_stat(pid)
-    return 0.0 if stat is None else stat[1] / CLK_TCK
+    return 0.0 if stat is None else stat.ticks / CLK_TCK
 
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU time of every live process in a process group (Kamailio and its children)."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None and stat[0] == pgid:
-                total += stat[1]
-    return total / CLK_TCK
+    ticks = sum(s.ticks for s in _all_stats().values() if s.pgid == pgid)
+    return ticks / CLK_TCK
 
 
 def pinned(cmd: list[str], cpu: int | None) -> list[str]:
@@ -260,13 +319,41 @@ class Kamailio:
         return self.stats("usrloc")["usrloc:registered_users"]
 
 
+@dataclass(frozen=True, slots=True)
+class SbcCpu:
+    """CPU seconds of the SBC's process tree: signalling (``sbc run``, its ``sbc worker``
+    processes) and media (the ``sbc.io.media_worker`` processes)."""
+
+    signalling: float
+    media: float
+
+    def __sub__(self, other: SbcCpu) -> SbcCpu:
+        return SbcCpu(self.signalling - other.signalling, self.media - other.media)
+
+    def __add__(self, other: SbcCpu) -> SbcCpu:
+        return SbcCpu(self.signalling + other.signalling, self.media + other.media)
+
+    def __mul__(self, factor: float) -> SbcCpu:
+        return SbcCpu(self.signalling * factor, self.media * factor)
+
+    @property
+    def total(self) -> float:
+        return self.signalling + self.media
+
+
+MEDIA_WORKER = b"sbc.io.media_worker"
+
+
 class Sbc:
     """``sbc run``, UDP only, on free loopback ports (none in ``taken``), logging at warning
     so that logging does not dominate, the load's address on its allow list (unless
     ``allow_load`` is False: then ``security`` says what the load may do). ``backend``:
     the port of its only backend on 127.0.0.1, if any; ``tables``: more of its
     configuration (TOML tables); ``security``: more [security] settings; ``profile``: run
-    it under cProfile, its statistics to that file."""
+    it under cProfile, its statistics to that file. ``workers``: ``[sbc] workers`` (worker
+    i listens on the core port + i: a block of free ports) and ``[media] workers`` (one
+    media worker each); ``media``: more [media] keys (with either, the [media] table is
+    written here, not in ``tables``)."""
 
     def __init__(
         self,
@@ -281,18 +368,23 @@ class Sbc:
         security: str = "",
         allow_load: bool = True,
         profile: Path | None = None,
+        workers: int = 1,
+        media: str | None = None,
     ) -> None:
-        self.cpu, self.profile = cpu, profile
+        self.cpu, self.profile, self.workers = cpu, profile, workers
         self.port = free_port(taken=taken)
-        self.core_port = free_port(taken=taken)
+        self.core_port = free_port_block(workers, taken)
         self.admin_port = free_port(socket.SOCK_STREAM, taken=taken)
         self.config = workdir / "sbc.toml"
         self.log_path = workdir / "sbc.log"
         backends = f'\n[[core.backends]]\nuri = "sip:{HOST}:{backend}"\n' if backend else ""
+        if media is not None or workers > 1:
+            tables = f"\n[media]\nworkers = {workers}\n{media or ''}\n{tables}"
         self.config.write_text(
             f"""\
 [sbc]
 name = "bench"
+workers = {workers}
 
 [access]
 listen = ["udp://{HOST}:{self.port}"]
@@ -318,6 +410,7 @@ allow = [{f'"{HOST}"' if allow_load else ""}]
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        self.killed: list[str] = []  # processes of its tree still there after it stopped
 
     def start(self) -> None:
         cmd = [*sbc_command(), "run", "--config", str(self.config)]
@@ -330,10 +423,39 @@ allow = [{f'"{HOST}"' if allow_load else ""}]
             )
 
     def wait_ready(self) -> None:
-        """Until it answers OPTIONS (logging at warning, it does not say "ready")."""
+        """Until it answers OPTIONS (logging at warning, it does not say "ready"); with
+        several workers, until its /readyz says all of them are (a backend up in each)."""
         assert self.proc is not None
-        answers = lambda: sip_exchange(self.port, "OPTIONS", None, 0.5) is not None  # noqa: E731
-        wait_ready(self.proc, "sbc run", answers, self.log)
+
+        def ready() -> bool:
+            if sip_exchange(self.port, "OPTIONS", None, 0.5) is None:
+                return False
+            return self.workers == 1 or self.admin("/readyz")[0] == 200
+
+        wait_ready(self.proc, "sbc run", ready, self.log)
+
+    def admin(self, path: str) -> tuple[int, str]:
+        """GET ``path`` from its ``[admin] listen``: (status, body); (0, why) on no answer."""
+        conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=5.0)
+        try:
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            return answer.status, answer.read().decode(errors="replace")
+        except OSError as exc:
+            return 0, str(exc)
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """Its /metrics (the supervisor's: merged, plus the per-worker families) as
+        (sample name, labels as written) -> value."""
+        status, body = self.admin("/metrics")
+        if status != 200:
+            raise BenchError(f"sbc /metrics: {status} {body[:300]}")
+        return {
+            (m[1], m[2] or ""): float(m[3])
+            for m in re.finditer(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", body, re.M)
+        }
 
     @property
     def pid(self) -> int:
@@ -344,11 +466,51 @@ allow = [{f'"{HOST}"' if allow_load else ""}]
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.exit_code is None:
-            self.exit_code = stop_process(self.proc, STOP_TIMEOUT)
+        """SIGTERM by its PID (the supervisor passes it on to the workers, they stop their
+        media workers); then SIGKILL, by PID, to any process of its tree still there after
+        STOP_TIMEOUT (named in ``killed``)."""
+        if self.proc is None or self.exit_code is not None:
+            return
+        tree = process_tree(self.proc.pid)
+        self.exit_code = stop_process(self.proc, STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+
+        def left() -> list[int]:
+            return [
+                pid
+                for pid, stat in tree.items()
+                if (now := _proc_stat(pid)) is not None and now.started == stat.started
+            ]
+
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left():
+            self.killed.append(_cmdline(pid).decode(errors="replace") or str(pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def cpu_seconds(self) -> float:
         return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
+
+    def cpu_split(self) -> SbcCpu:
+        """CPU time of its whole live process tree, signalling and media apart."""
+        if self.proc is None:
+            return SbcCpu(0.0, 0.0)
+        signalling = media = 0
+        for pid, stat in process_tree(self.proc.pid).items():
+            if MEDIA_WORKER in _cmdline(pid):
+                media += stat.ticks
+            else:
+                signalling += stat.ticks
+        return SbcCpu(signalling / CLK_TCK, media / CLK_TCK)
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line, its arguments separated by spaces; b"" if gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:
+        return b""
 
 
 def print_sbc_logs(started: Iterable[object]) -> None:
@@ -364,16 +526,22 @@ def print_sbc_logs(started: Iterable[object]) -> None:
 
 
 def sipp_command(
-    scenario: str, local_port: int, run_dir: Path, *options: str, target: int | None = None
+    scenario: str,
+    local_port: int,
+    run_dir: Path,
+    *options: str,
+    target: int | None = None,
+    transport: str = "u1",
 ) -> list[str]:
     """SIPp over UDP from 127.0.0.1:``local_port`` running bench/scenarios/``scenario``
     (a UAC calling 127.0.0.1:``target``; a UAS without one), without its interactive
-    screen, its errors in ``run_dir``/errors.log; then ``options``."""
+    screen, its errors in ``run_dir``/errors.log; then ``options``. ``transport``: SIPp's
+    ``-t`` (u1: one socket; un: a socket, so a source port, per call)."""
     return [
         SIPP,
         *([] if target is None else [f"{HOST}:{target}"]),
         "-sf", str(SCENARIOS / scenario),
-        "-t", "u1",
+        "-t", transport,
         "-i", HOST,
         "-p", str(local_port),
         "-nostdin",

@@ -76,6 +76,7 @@ from report import (
     cpu_model,
     dist_version,
     git_rev,
+    machine_busy_seconds,
     stop_process,
     tool_version,
     write_section,
@@ -177,14 +178,6 @@ def proc_cpu(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal: the
-    first line of /proc/stat); also counts processes that ended meanwhile."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def cpu_snapshot() -> dict[int, tuple[int, bool]]:

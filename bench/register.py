@@ -68,7 +68,7 @@ from harness import (
     sipp_command,
     sipp_stats,
 )
-from report import children_cpu_seconds, choose_cpus, sipp_stamp, write_section
+from report import children_cpu_seconds, choose_cpus, publish, sipp_stamp
 
 CLIENT_EXPIRES = 60
 BACKEND_EXPIRES = 3600
@@ -114,8 +114,10 @@ def sipp(
     args: argparse.Namespace,
     cpu: int | None,
     extra: tuple[str, ...] = (),
+    transport: str = "u1",
 ) -> SippRun:
-    """One SIPp run; every call must succeed."""
+    """One SIPp run; every call must succeed. ``transport``: SIPp's -t (u1: one socket;
+    un: one per call)."""
     run_dir = workdir / name
     run_dir.mkdir()
     stf, err = run_dir / "stat.csv", run_dir / "errors.log"
@@ -132,6 +134,7 @@ def sipp(
         "-trace_stat", "-stf", str(stf),
         *extra,
         target=port,
+        transport=transport,
     )  # fmt: skip
     cpu0 = children_cpu_seconds()
     t0 = time.perf_counter()
@@ -525,12 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench/register.py: {exc}", file=sys.stderr)
         return 1
-    section = render(direct, via, args, env)
-    print()
-    print(section)
-    if args.out:
-        write_section(args.out, "bench/register.py", section)
-        print(f"wrote {args.out}")
+    publish("bench/register.py", render(direct, via, args, env), args.out)
     return 0
 
 

@@ -80,6 +80,16 @@ def write_section(path: Path, name: str, section: str, intro: str = "# Performan
     path.write_text(text)
 
 
+def publish(name: str, section: str, out: Path | None) -> None:
+    """Print a benchmark's report ``section``; with ``out``, also write it there between the
+    benchmark's markers (``name``: bench/NAME.py)."""
+    print()
+    print(section)
+    if out:
+        write_section(out, name, section)
+        print(f"wrote {out}")
+
+
 def dist_version(name: str) -> str:
     """The installed version of a Python distribution."""
     try:
@@ -101,6 +111,26 @@ def tool_version(cmd: list[str], pattern: str) -> str:
 def sipp_stamp(value: str) -> float:
     """Seconds since the epoch from a SIPp statistics time stamp."""
     return float(value.split()[-1])  # "2026-11-26 16:29:12.300567 1795710552.300567"
+
+
+def _machine_ticks() -> list[int]:
+    """user, nice, system, idle, iowait, irq, softirq, steal: the first line of /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return [int(x) for x in fields[:8]]
+
+
+def machine_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine (user, nice, system, irq, softirq, steal: the
+    first line of /proc/stat); also counts processes that ended meanwhile."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = _machine_ticks()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def interrupt_seconds() -> float:
+    """CPU seconds the machine spent in interrupts and softirqs (irq, softirq of /proc/stat):
+    mostly the network stack's work, charged to no process."""
+    ticks = _machine_ticks()
+    return (ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:

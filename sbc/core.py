@@ -53,7 +53,7 @@ from sbc.media.control import Event as MediaEvent
 from sbc.ownership import conn_owner, worker_tag
 from sbc.pipeline import SUPPORTED, Pipeline
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
-from sbc.registration.shared import Banned, Unusable, ban_event, decode
+from sbc.registration.shared import Banned, FlowLost, Unusable, ban_event, decode
 from sbc.sides import ACCESS, CORE, Side
 from sbc.sip.flow import Address, Flow
 from sbc.sip.message import Message, ParseError, Request, Response, make_response
@@ -75,6 +75,7 @@ from sbc.sip.uri import SipUri
 log = logging.getLogger("sbc.core")
 
 DEFAULT_HEALTH = HealthPolicy()
+MAX_LOST_FLOWS = 10_000  # other workers' closed connections remembered (FlowLost)
 SECRET_BYTES = 48  # the key of the flow tokens (32) and of the B2BUA's tokens (16)
 
 
@@ -128,6 +129,7 @@ class SbcCore(Pipeline):
         # Set in a process that is one of several workers (the process's branches are marked
         # by the app: sip.transaction.mark_branches).
         self._handing_in = False  # a message handed over by another worker is being handled
+        self._lost_flows: set[Flow] = set()  # other workers' connections that closed
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
         self.guard = Guard(settings.security, sharing=workers > 1)
@@ -265,6 +267,11 @@ class SbcCore(Pipeline):
         if isinstance(change, Banned):
             self.guard.apply_ban(change.source, change.until, change.reason, now)
             return []
+        if isinstance(change, FlowLost):
+            if len(self._lost_flows) >= MAX_LOST_FLOWS:
+                self._lost_flows.clear()  # a forgotten one is only sent to and lost there
+            self._lost_flows.add(change.flow)
+            return self._outputs(self.calls.end_calls_on_flow(change.flow, now), now)
         actions = self._outputs(self.registration.apply_shared(change, now), now)
         return actions + self._flows_failed(now)
 
@@ -459,7 +466,9 @@ class SbcCore(Pipeline):
         another worker holds is, until that worker says it failed: it writes for us)."""
         if flow.transport == "udp" or flow in self._framers:
             return True
-        return self.workers > 1 and conn_owner(flow.conn_id) != self.worker
+        if self.workers == 1 or conn_owner(flow.conn_id) == self.worker:
+            return False
+        return flow not in self._lost_flows
 
     def _flows_failed(self, now: float) -> list[Action]:
         """Client flows the keep-alives found dead: their calls end."""

@@ -20,6 +20,7 @@ from sbc.io.supervisor import merged_reload
 from sbc.io.worker_link import WorkerLink, flow_from, flow_items
 from sbc.log import setup_logging
 from sbc.ownership import MAX_WORKERS, conn_id, conn_owner, marked_worker, worker_tag
+from sbc.registration.shared import flow_lost_event
 from sbc.sip.flow import Flow
 from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message
@@ -207,6 +208,13 @@ def test_the_link_carries_batches_between_workers(tmp_path: Path) -> None:
         big = [("share", ("reg", n, "x" * 100)) for n in range(2000)]  # > one datagram
         for item in big:
             links[1].send(0, item)
+        # One datagram each, more than a Unix datagram queue holds (max_dgram_qlen): the
+        # rest waits for room, in order, and none is lost.
+        many = [("share", ("refresh", n)) for n in range(300)]
+        for item in many:
+            links[1].send(0, item)
+            links[1]._flush()
+        big += many
         for _ in range(100):
             await asyncio.sleep(0.01)
             if len(got[0]) == len(big) and len(got[2]) == 2:
@@ -216,6 +224,7 @@ def test_the_link_carries_batches_between_workers(tmp_path: Path) -> None:
         peer, (kind, items, data) = got[2][1]
         assert (peer, kind, flow_from(items), data) == (0, "out", flow, b"SIP/2.0 200 OK\r\n\r\n")
         assert [item for _, item in got[0]] == big  # in order
+        assert links[1].stats["peer_busy"] == 0 and links[1].stats["waited"] > 0
         links[2].close()  # a worker that is gone: its datagrams are counted, not an error
         links[0].send(2, ("share", ("x",)))
         await asyncio.sleep(0.02)
@@ -225,3 +234,13 @@ def test_the_link_carries_batches_between_workers(tmp_path: Path) -> None:
         assert not list(tmp_path.iterdir())
 
     asyncio.run(main())
+
+
+def test_a_closed_connection_of_another_worker_fails_its_flow_here() -> None:
+    w0, w1 = Lab(worker=0, workers=2), Lab(worker=1, workers=2)
+    flow = Flow("tcp", ALICE.local, ("192.0.2.9", 40001), conn_id(3, 0))  # worker 0 holds it
+    assert w1.core._alive(flow)  # worker 0 writes for worker 1
+    assert not w0.core._alive(flow)  # worker 0 has no such connection open
+    w1.core.apply_shared(flow_lost_event(flow), w1.now)
+    assert not w1.core._alive(flow)
+    assert w1.core.stats["shared_applied"] == 1

@@ -11,15 +11,19 @@ Every worker binds ``worker-<index>.link`` in the supervisor's runtime directory
 - ``("sync", index)``: a (re)started worker asks a live one for the whole shared state,
   which comes back as ``share`` items, then ``("synced",)``.
 
-Items are batched per turn of the event loop: one datagram per peer, a marshalled list
-(as the media control messages are), cut to stay under ``MAX_DATAGRAM``. Unix datagrams are
-reliable and ordered; a peer that is not there (restarting) or whose queue is full loses
-the datagram, counted in ``dropped``.
+Items are batched per turn of the event loop: one datagram per peer, the sender's index and
+a marshalled list (as the media control messages are), cut to stay under
+``MAX_DATAGRAM``, on a socket connected to the peer's. Unix datagrams are reliable and
+ordered; when the peer's queue is full (``net.unix.max_dgram_qlen``, 10 datagrams on
+Debian) they wait in a backlog, in order, until it has room (up to ``MAX_BACKLOG``). A peer
+that is not there (restarting) loses them, counted in ``stats["peer_absent"]``: it asks
+for the whole state when it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import marshal
@@ -38,6 +42,7 @@ log = logging.getLogger("sbc.io.link")
 MAX_DATAGRAM = 60_000  # bytes of one datagram between workers
 BUFFER = 4 << 20  # receive buffer: a snapshot of many registrations arrives at once
 READ_BATCH = 64  # datagrams read per wake-up, before other work gets a turn
+MAX_BACKLOG = 4096  # datagrams waiting for a peer that does not read; beyond, dropped
 
 Item = tuple[Any, ...]
 
@@ -65,6 +70,9 @@ class WorkerLink:
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, list[Item]] = {}
         self._flush_scheduled = False
+        self._peers: dict[int, socket.socket] = {}  # connected to each other worker's
+        # Datagrams waiting for room in a peer's queue, oldest first, with their item count.
+        self._backlog: dict[int, collections.deque[tuple[bytes, int]]] = {}
         self.stats: Counter[str] = Counter()
         path = self.path(index)
         with contextlib.suppress(FileNotFoundError):
@@ -82,6 +90,8 @@ class WorkerLink:
 
     def close(self) -> None:
         self._flush()
+        for worker in list(self._peers):
+            self._forget_peer(worker)
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         with contextlib.suppress(OSError):
@@ -107,49 +117,99 @@ class WorkerLink:
             self._send_items(worker, items)
 
     def _send_items(self, worker: int, items: list[Item]) -> None:
-        data = marshal.dumps(items)
+        data = marshal.dumps((self.index, items))
         if len(data) > MAX_DATAGRAM and len(items) > 1:
             half = len(items) // 2
             self._send_items(worker, items[:half])
             self._send_items(worker, items[half:])
             return
+        backlog = self._backlog.get(worker)
+        if backlog is not None:  # still waiting for room: after those, in order
+            if len(backlog) >= MAX_BACKLOG:
+                self.stats["peer_busy"] += len(items)
+                return
+            backlog.append((data, len(items)))
+            return
+        self._send_datagram(worker, data, len(items))
+
+    def _peer(self, worker: int) -> socket.socket | None:
+        """The socket connected to ``worker``'s (a connected Unix datagram socket reports
+        room in the peer's queue to poll, which an unconnected one cannot)."""
+        sock = self._peers.get(worker)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+            try:
+                sock.connect(self.path(worker))
+            except OSError:
+                sock.close()
+                return None
+            self._peers[worker] = sock
+        return sock
+
+    def _send_datagram(self, worker: int, data: bytes, count: int) -> bool:
+        """Send one datagram; False if it has to wait for room (it is then in the
+        backlog, sent when the peer's queue has room again)."""
+        sock = self._peer(worker)
+        if sock is None:
+            self.stats["peer_absent"] += count  # restarting: it syncs when it is back
+            return True
         try:
-            self._sock.sendto(data, self.path(worker))
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.stats["peer_absent"] += len(items)  # restarting: it syncs when it is back
+            sock.send(data)
         except BlockingIOError:
-            self.stats["peer_busy"] += len(items)
-            log.warning("worker %d is not reading; %d items to it dropped", worker, len(items))
+            # The peer's queue is full (net.unix.max_dgram_qlen datagrams): wait for room
+            # rather than lose a change of the shared state.
+            self.stats["waited"] += 1
+            self._backlog.setdefault(worker, collections.deque()).append((data, count))
+            self._loop.add_writer(sock.fileno(), self._drain_backlog, worker)
+            return False
         except OSError as exc:
-            self.stats["send_failed"] += len(items)
-            log.warning("cannot send to worker %d: %s", worker, exc)
+            # The peer is gone (ECONNREFUSED): connect again next time, to its successor.
+            self._forget_peer(worker)
+            self.stats["peer_absent"] += count
+            log.debug("worker %d not reachable: %s", worker, exc)
+        return True
+
+    def _drain_backlog(self, worker: int) -> None:
+        backlog = self._backlog.pop(worker, None)
+        sock = self._peers.get(worker)
+        if sock is not None:
+            self._loop.remove_writer(sock.fileno())
+        while backlog:
+            data, count = backlog.popleft()
+            if not self._send_datagram(worker, data, count):
+                # Full again: the rest goes behind the one just queued, in order.
+                self._backlog[worker].extend(backlog)
+                return
+
+    def _forget_peer(self, worker: int) -> None:
+        sock = self._peers.pop(worker, None)
+        if sock is not None:
+            self._loop.remove_writer(sock.fileno())
+            sock.close()
+        backlog = self._backlog.pop(worker, None)
+        if backlog:
+            self.stats["peer_absent"] += sum(count for _, count in backlog)
 
     # -- receiving ---------------------------------------------------------------------------
     def _read(self) -> None:
         for _ in range(READ_BATCH):
             try:
-                data, sender = self._sock.recvfrom(MAX_DATAGRAM + 4096)
+                data = self._sock.recv(MAX_DATAGRAM + 4096)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("link receive failed: %s", exc)
                 return
             try:
-                items = marshal.loads(data)
+                peer, items = marshal.loads(data)
             except (ValueError, EOFError, TypeError):
                 self.stats["bad"] += 1
                 continue
-            peer = _peer_index(sender)
             for item in items:
                 try:
                     self._deliver(peer, item)
                 except Exception:
                     log.exception("link item from worker %d failed", peer)
-
-
-def _peer_index(sender: Any) -> int:
-    """The index in the sender's socket name (``.../worker-<index>.link``), or -1."""
-    name = sender.decode() if isinstance(sender, bytes) else str(sender or "")
-    base = os.path.basename(name)
-    digits = base.removeprefix("worker-").removesuffix(".link")
-    return int(digits) if digits.isdigit() else -1

@@ -51,6 +51,7 @@ from sbc.registration.shared import (
     binding_event,
     dropped_event,
     flow_failed_event,
+    flow_lost_event,
     refreshed_event,
     register_event,
     stored_event,
@@ -255,10 +256,10 @@ class RegistrationProxy:
     def connection_lost(self, flow: Flow) -> None:
         """A client's connection that this worker held is gone: the other workers, which
         send to the user through this one, learn that the flow failed (RFC 5626 5.3: a
-        request for it gets 430) and end their calls over it. Here the bindings stay until
-        they expire, as with one worker."""
+        request for it gets 430) and end their calls over it. The bindings stay until
+        they expire, here and there, as with one worker."""
         if self.sharing and self.has_flow(flow):
-            self.shared.append(flow_failed_event(flow))
+            self.shared.append(flow_lost_event(flow))
 
     def _flow_failed(self, flow: Flow, now: float) -> list[Output]:
         """keepalive_failures OPTIONS went unanswered: the client is gone. Its bindings are
@@ -645,7 +646,7 @@ class RegistrationProxy:
             if change.binding.expires_at > now:
                 self.location.restore(change.aor, change.binding)
             return []
-        return []  # a ban: the guard's
+        return []  # a ban or a closed connection: the core's
 
     def snapshot(self) -> list[tuple[object, ...]]:
         """The events that rebuild the registrations of this worker in another: every

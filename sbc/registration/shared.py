@@ -24,6 +24,8 @@ kind         fields after (kind, VERSION)
              refresh answered by the SBC itself (offload)
 ``unreg``    aor, flow, call_id: a registration the client removed
 ``flow``     flow: a client flow found dead by its keep-alives
+``lost``     flow: a client's connection that the sending worker held closed (its
+             bindings stay until they expire; requests for it get 430)
 ``register`` aor, flow, call_id, cseq, contacts, expires, now: a REGISTER the
              embedded registrar applied (RFC 3261 10.3), applied again as it was
 ``binding``  aor, flow, call_id, cseq, contact, expires_at: one binding of the
@@ -50,6 +52,10 @@ at the backend (de-registration, recovery) is the owner's alone:
 - a dead flow (keep-alives stay with the workers that watch them): the watcher shares it
   (``flow``); every worker drops the flow's records and bindings and ends its calls over it,
   and each owner de-registers its own records;
+- a client's connection closed: the worker that held it shares it (``lost``); the others,
+  which sent to the client through that worker, answer requests for it 430 (RFC 5626 5.3)
+  and end their calls over it; the bindings stay everywhere until they expire, as with one
+  worker;
 - a backend that goes down: each worker finds it by its own probes and recovers only the
   records it owns, and shares each one the other backend takes (``reg``, the same owner).
 
@@ -103,6 +109,7 @@ STORED: Final = "reg"
 REFRESHED: Final = "refresh"
 DROPPED: Final = "unreg"
 FLOW_FAILED: Final = "flow"
+FLOW_LOST: Final = "lost"
 REGISTERED: Final = "register"
 BOUND: Final = "binding"
 BANNED: Final = "ban"
@@ -147,6 +154,14 @@ class FlowFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowLost:
+    """A client's connection that the sending worker held closed: requests for its users
+    get 430 (RFC 5626 5.3) and calls over it end; its bindings stay until they expire."""
+
+    flow: Flow
+
+
+@dataclass(frozen=True, slots=True)
 class Registered:
     """The arguments of ``LocationService.register``."""
 
@@ -172,7 +187,7 @@ class Banned:
     reason: str
 
 
-Shared = Stored | Refreshed | Dropped | FlowFailed | Registered | Bound | Banned
+Shared = Stored | Refreshed | Dropped | FlowFailed | FlowLost | Registered | Bound | Banned
 
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -203,6 +218,10 @@ def dropped_event(reg: CachedRegistration) -> Event:
 
 def flow_failed_event(flow: Flow) -> Event:
     return (FLOW_FAILED, VERSION, _flow(flow))
+
+
+def flow_lost_event(flow: Flow) -> Event:
+    return (FLOW_LOST, VERSION, _flow(flow))
 
 
 def register_event(
@@ -261,6 +280,9 @@ def decode(event: Event) -> Shared:
         if kind == FLOW_FAILED:
             _fields(event, 3)
             return FlowFailed(_flow_of(event[2]))
+        if kind == FLOW_LOST:
+            _fields(event, 3)
+            return FlowLost(_flow_of(event[2]))
         if kind == REGISTERED:
             _fields(event, 9)
             return Registered(

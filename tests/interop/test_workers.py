@@ -21,11 +21,11 @@ tests check is that the two look like one SBC:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +40,7 @@ from .conftest import (
     SbcProcess,
     SippRunner,
     backends_config,
+    sbc_command,
     write_users_csv,
 )
 from .phones import (  # noqa: F401 - phones and sox are fixtures
@@ -54,7 +55,8 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     srtp_suite,
     talk,
 )
-from .test_calls import LabFactory, admin_get, lab_factory, scrape  # noqa: F401 - a fixture
+from .test_calls import LabFactory, lab_factory, scrape  # noqa: F401 - a fixture
+from .test_reload import sbc_reload, status
 
 pytestmark = pytest.mark.interop
 
@@ -70,14 +72,6 @@ UAC = str(BENCH_SCENARIOS / "call_uac.xml")
 UAS = str(BENCH_SCENARIOS / "call_uas.xml")
 HOST = "127.0.0.1"
 DOMAIN = "example.com"
-
-
-def status(sbc: SbcProcess) -> dict[str, object]:
-    code, body = admin_get(sbc, "/status")
-    assert code == 200, body
-    report = json.loads(body)
-    assert isinstance(report, dict)
-    return report
 
 
 def per_worker(sbc: SbcProcess, name: str) -> list[float]:
@@ -357,14 +351,24 @@ def test_baresip_tls_srtp_call_across_workers(
         phone = phones(name, hz=hz, cafile=certs.ca)
         phone.command("uanew", account(user, proxy, "tls", srtp=True, answer=answer))
         phone.wait_event("REGISTER_OK")
-        after = per_worker(sbc, "sbc_worker_register_requests_total")
-        grew = [b - a for a, b in zip(before, after, strict=True)]
+        grew: list[float] = []
+
+        def counted() -> bool:
+            # Both workers answered the supervisor's scrape, and one counted the REGISTER.
+            nonlocal grew
+            after = per_worker(sbc, "sbc_worker_register_requests_total")
+            grew = [b - a for a, b in zip(before, after, strict=True)]
+            return per_worker(sbc, "sbc_worker_up") == [1.0] * WORKERS and max(grew) >= 1
+
+        wait_for(f"{name}'s REGISTER counted", counted, 5.0, lambda: str(scrape(sbc)))
+        print(f"{name}: REGISTERs per worker grew {grew}")
         return phone, grew.index(max(grew))
 
     alice, alice_worker = registered("alice", "alice", ALICE_HZ, answer=False)
     # bob's connection must land on the other worker: the kernel picks by its source port,
-    # so a new phone (a new connection) until it does (1 in 2 each time).
-    for attempt in range(10):
+    # so a new phone (a new connection) until it does (1 in 2 each time; all 16 on alice's
+    # worker: 1 run in 65,000).
+    for attempt in range(16):
         bob, bob_worker = registered(f"bob{attempt}", "bob", BOB_HZ, answer=True)
         if bob_worker != alice_worker:
             break
@@ -433,3 +437,29 @@ def test_kill_one_worker(lab_factory: LabFactory) -> None:  # noqa: F811 - a fix
     result = short.wait()
     assert result.returncode == 0 and result.count("SuccessfulCall(C)") == after, result.explain()
     assert per_worker(sbc, "sbc_worker_calls_started_total")[victim] > 0
+
+
+def test_status_reload_and_shutdown_cover_every_worker(sbc_factory: SbcFactory) -> None:
+    sbc = sbc_factory(workers=WORKERS, extra="\n[calls]\nmax_calls = 100\n")
+    shown = subprocess.run(
+        [*sbc_command(), "status", "--admin", f"{HOST}:{sbc.extra_ports['admin']}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "workers: 2, restarted 0 time(s)" in shown.stdout, shown.stdout
+    assert shown.stdout.count("  worker ") == WORKERS, shown.stdout
+    # sbc reload: the supervisor passes SIGHUP on; done once both workers took it.
+    original = sbc.config.read_text()
+    sbc.config.write_text(original.replace("max_calls = 100", "max_calls = 50"))
+    done = sbc_reload(sbc.config, sbc)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = sbc.log()
+    assert "config reloaded sbc=interop worker=0" in log and "worker=1" in log, log
+    # A change that needs a restart is refused by the workers, with the reason.
+    sbc.config.write_text(original.replace('name = "interop"', 'name = "renamed"'))
+    refused = sbc_reload(sbc.config, sbc)
+    assert refused.returncode == 1 and "sbc changed: needs a restart" in refused.stderr, (
+        refused.stderr
+    )
+    sbc.config.write_text(original)
+    # SIGTERM (the fixture's teardown): every worker stops, the supervisor exits 0.
