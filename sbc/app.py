@@ -421,7 +421,10 @@ async def serve(
             mark_branches(worker_tag(role.index))
             link = WorkerLink(role.runtime, role.index, role.count, transports.from_worker)
             transports.attach_link(link, sync=role.restarted)
-            if role.restarted:
+            if not role.restarted:
+                if not await link.wait_for_peers(SYNC_TIMEOUT * 5):
+                    log.warning("not every worker's link is up; shared changes may be lost")
+            else:
                 # Registrations and bans from a live worker before the first client: up to
                 # SYNC_TIMEOUT, then without (a snapshot that comes later is applied then).
                 with contextlib.suppress(TimeoutError):

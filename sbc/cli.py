@@ -59,6 +59,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     """One signalling worker, started by ``sbc run``'s supervisor ([sbc] workers > 1)."""
     from sbc.io.supervisor import SECRET_ENV, set_parent_death_signal
 
+    # A reload passed on while this worker starts must not kill it (SIGHUP's default):
+    # ignored until the event loop takes SIGHUP over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     set_parent_death_signal(args.parent)
     secret = bytes.fromhex(os.environ.pop(SECRET_ENV, ""))  # not for the media workers
     config = _load(args.config)

@@ -214,6 +214,7 @@ class Pipeline:
             return self._whole_message(data, flow, now)
         finally:
             self._handing_in = False
+            self.registration.answered = None  # a template is learnt from the wire only
 
     def _owner(self: SbcCore, msg: Message) -> int:
         """The worker whose mark (sbc/ownership.py) a message carries, or -1: the branch of
@@ -227,6 +228,8 @@ class Pipeline:
         uri = msg.uri
         if not isinstance(uri, SipUri) or uri.user is None or not uri.user.startswith("w"):
             return -1
+        if msg.method == "REGISTER":
+            return -1  # not within a dialog, whatever its To says: any worker answers it
         to = msg.to
         return marked_worker(uri.user) if to is not None and to.tag is not None else -1
 

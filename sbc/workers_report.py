@@ -34,9 +34,11 @@ Combine = Callable[[list[float]], float]
 # calls, registrations, media sessions, CPU time or memory). A ratio, a delay or a state is not
 # additive: the SBC is ready only if every worker is, and is as late or as overloaded as its
 # worst worker. Backend probes and bans are kept by every worker alike (each probes every
-# backend; a banned source is banned by all of them), so adding them would count each twice.
+# backend; a banned source is banned by all of them), so adding them would count each twice;
+# so are registrations: every worker holds a copy of all of them.
 _COMBINERS: dict[str, Combine] = {
     "sbc_ready": min,
+    "sbc_registrations": max,
     "sbc_info": max,
     "sbc_receive_delay_seconds": max,
     "sbc_overload_shed_ratio": max,
@@ -179,6 +181,12 @@ def _sums(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: sum(part.get(k) or 0 for part in parts) for k in names}
 
 
+def _most(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The largest count of each key among several reports' sections (copies of one state)."""
+    names = dict.fromkeys([*keys, *(k for part in parts for k in part)])
+    return {k: max((part.get(k) or 0 for part in parts), default=0) for k in names}
+
+
 def _backends(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Backends by name, in the first worker's order: up if any worker sees it up (each
     probes on its own), calls summed, the longest round-trip time known."""
@@ -253,7 +261,8 @@ def merge_status(
         "reload": reload,
         "ready": ready,
         "reason": reason,
-        "registrations": _sums(
+        # Every worker holds all the registrations (shared): the most any one knows.
+        "registrations": _most(
             [r.get("registrations") or {} for r in answered], ("relayed", "local")
         ),
         "calls": _sums(

@@ -244,3 +244,40 @@ def test_a_closed_connection_of_another_worker_fails_its_flow_here() -> None:
     w1.core.apply_shared(flow_lost_event(flow), w1.now)
     assert not w1.core._alive(flow)
     assert w1.core.stats["shared_applied"] == 1
+
+
+def test_a_restarted_peer_gets_the_first_datagram_sent_to_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        got: list[tuple[Any, ...]] = []
+        sender = WorkerLink(str(tmp_path), 0, 2, lambda peer, item: None)
+        first = WorkerLink(str(tmp_path), 1, 2, lambda peer, item: got.append(item))
+        sender.send(1, ("share", ("before",)))
+        await asyncio.sleep(0.02)
+        first.close()  # worker 1 dies; its successor binds the same path
+        second = WorkerLink(str(tmp_path), 1, 2, lambda peer, item: got.append(item))
+        sender.send(1, ("synced",))  # the answer to its sync: the first datagram after
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if len(got) == 2:
+                break
+        assert got == [("share", ("before",)), ("synced",)]
+        assert sender.stats["peer_absent"] == 0
+        sender.close()
+        second.close()
+
+    asyncio.run(main())
+
+
+def test_registrations_are_copies_in_every_worker_not_added_up() -> None:
+    from sbc.workers_report import WorkerState, merge_status
+
+    states = [
+        WorkerState(index=i, pid=100 + i, running=True, restarts=0, started_at=0.0)
+        for i in range(2)
+    ]
+    report = {"ready": True, "reason": "ready", "registrations": {"relayed": 7, "local": 2}}
+    merged = merge_status(
+        [(0, report), (1, dict(report, registrations={"relayed": 6, "local": 2}))],
+        states, name="sbc", pid=1, reload=None, now=10.0,
+    )  # fmt: skip
+    assert merged["registrations"] == {"relayed": 7, "local": 2}

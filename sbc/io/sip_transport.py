@@ -11,6 +11,7 @@ import collections
 import itertools
 import logging
 import os
+import secrets
 import socket
 import ssl
 import struct
@@ -159,7 +160,9 @@ class SipTransports:
         self._servers: list[asyncio.Server] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._conn_ids = itertools.count(1)
+        # From a random start: a restarted worker's new connections must not take the ids
+        # of its old ones, which the other workers may still hold in registrations.
+        self._conn_ids = itertools.count(secrets.randbelow(1 << 40) + 1)
         self._outgoing: dict[tuple[str, Address], _StreamProtocol] = {}  # connections we opened
         self._pending: dict[tuple[str, Address], list[bytes]] = {}  # data waiting for connect
         self._tasks: set[asyncio.Task[None]] = set()
@@ -367,6 +370,8 @@ class SipTransports:
             self.link.send(owner, ("out", flow_items(flow), data))
             return
         conn = self._conns.get(flow.conn_id)
+        if conn is not None and conn.flow != flow:
+            conn = None  # the id of another connection: never write to the wrong client
         if conn is None or conn.transport is None or conn.transport.is_closing():
             # Connection reuse only (RFC 3261 18.2.2): a gone connection loses the message.
             log.info("connection %s gone, dropping %d bytes", flow, len(data))

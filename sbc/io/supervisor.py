@@ -154,6 +154,11 @@ class Supervisor:
                 if self.stopping:
                     return
             await self._start(worker)
+            if self.stopping:  # the SBC began to stop while this one was starting
+                assert worker.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
+                return
 
     def signal_all(self, sig: int) -> None:
         for worker in self.workers:

@@ -42,6 +42,9 @@ log = logging.getLogger("sbc.io.link")
 MAX_DATAGRAM = 60_000  # bytes of one datagram between workers
 BUFFER = 4 << 20  # receive buffer: a snapshot of many registrations arrives at once
 READ_BATCH = 64  # datagrams read per wake-up, before other work gets a turn
+# A datagram holds one item at least: a handed-over message may be up to the [sip]
+# max_message_size (any size the config allows) with its flow.
+MAX_RECEIVE = 1 << 22
 MAX_BACKLOG = 4096  # datagrams waiting for a peer that does not read; beyond, dropped
 
 Item = tuple[Any, ...]
@@ -70,6 +73,8 @@ class WorkerLink:
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, list[Item]] = {}
         self._flush_scheduled = False
+        self._buffer = bytearray(MAX_RECEIVE)  # one, for every datagram read
+        self._view = memoryview(self._buffer)
         self._peers: dict[int, socket.socket] = {}  # connected to each other worker's
         # Datagrams waiting for room in a peer's queue, oldest first, with their item count.
         self._backlog: dict[int, collections.deque[tuple[bytes, int]]] = {}
@@ -84,6 +89,17 @@ class WorkerLink:
         self._sock.bind(path)
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._read)
+
+    async def wait_for_peers(self, timeout: float) -> bool:
+        """Until every other worker's socket is there (all workers start together: a
+        change shared before a peer's socket exists would be lost to it); False if one is
+        still missing after ``timeout`` seconds."""
+        deadline = self._loop.time() + timeout
+        while not all(os.path.exists(self.path(i)) for i in range(self.count) if i != self.index):
+            if self._loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def path(self, index: int) -> str:
         return os.path.join(self.runtime, f"worker-{index}.link")
@@ -149,7 +165,7 @@ class WorkerLink:
             self._peers[worker] = sock
         return sock
 
-    def _send_datagram(self, worker: int, data: bytes, count: int) -> bool:
+    def _send_datagram(self, worker: int, data: bytes, count: int, *, retry: bool = True) -> bool:
         """Send one datagram; False if it has to wait for room (it is then in the
         backlog, sent when the peer's queue has room again)."""
         sock = self._peer(worker)
@@ -166,10 +182,14 @@ class WorkerLink:
             self._loop.add_writer(sock.fileno(), self._drain_backlog, worker)
             return False
         except OSError as exc:
-            # The peer is gone (ECONNREFUSED): connect again next time, to its successor.
+            # The peer's socket is gone (ECONNREFUSED: it restarted, or is restarting):
+            # connect again, to its successor's, and send once more.
             self._forget_peer(worker)
-            self.stats["peer_absent"] += count
-            log.debug("worker %d not reachable: %s", worker, exc)
+            if not retry:
+                self.stats["peer_absent"] += count
+                log.debug("worker %d not reachable: %s", worker, exc)
+                return True
+            return self._send_datagram(worker, data, count, retry=False)
         return True
 
     def _drain_backlog(self, worker: int) -> None:
@@ -197,14 +217,14 @@ class WorkerLink:
     def _read(self) -> None:
         for _ in range(READ_BATCH):
             try:
-                data = self._sock.recv(MAX_DATAGRAM + 4096)
+                size = self._sock.recv_into(self._buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("link receive failed: %s", exc)
                 return
             try:
-                peer, items = marshal.loads(data)
+                peer, items = marshal.loads(self._view[:size])
             except (ValueError, EOFError, TypeError):
                 self.stats["bad"] += 1
                 continue
