@@ -275,6 +275,24 @@ class SbcCore(Pipeline):
         actions = self._outputs(self.registration.apply_shared(change, now), now)
         return actions + self._flows_failed(now)
 
+    @with_effects
+    def worker_restarted(self, worker: int, now: float) -> list[Action]:
+        """Worker ``worker`` started again (it asked for the shared state): the TCP/TLS
+        connections it held died with it, so its users' flows are failed here (430, RFC
+        5626 5.3, until they register again on a new connection) and calls over them end."""
+        flows = {
+            flow
+            for flow in self.registration.flows()
+            if flow.conn_id and conn_owner(flow.conn_id) == worker
+        }
+        actions: list[Action] = []
+        for flow in flows:
+            if len(self._lost_flows) >= MAX_LOST_FLOWS:
+                self._lost_flows.clear()
+            self._lost_flows.add(flow)
+            actions += self._outputs(self.calls.end_calls_on_flow(flow, now), now)
+        return actions
+
     def snapshot(self) -> list[tuple[object, ...]]:
         """The events that rebuild the shared state of this worker in another (a restarted
         one applies each with ``apply_shared``): every relayed registration, every binding

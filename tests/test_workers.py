@@ -22,6 +22,7 @@ from sbc.log import setup_logging
 from sbc.ownership import MAX_WORKERS, conn_id, conn_owner, marked_worker, worker_tag
 from sbc.registration.shared import flow_lost_event
 from sbc.sip.flow import Flow
+from sbc.sip.headers import parse_name_addr
 from sbc.sip.message import Request, Response, make_response
 from sbc.sip.parser import parse_message
 from sbc.sip.transaction import mark_branches
@@ -281,3 +282,19 @@ def test_registrations_are_copies_in_every_worker_not_added_up() -> None:
         states, name="sbc", pid=1, reload=None, now=10.0,
     )  # fmt: skip
     assert merged["registrations"] == {"relayed": 7, "local": 2}
+
+
+def test_a_restarted_workers_connections_are_failed_in_the_others() -> None:
+    w1 = Lab(worker=1, workers=2)
+    held = Flow("tls", ALICE.local, ("192.0.2.9", 40001), conn_id(3, 0))  # worker 0's
+    mine = Flow("tls", ALICE.local, ("192.0.2.9", 40002), conn_id(4, 1))
+    for name, flow in (("carol", held), ("dave", mine)):
+        w1.core.registration.location.register(
+            aor=f"sip:{name}@example.com", contacts=(parse_name_addr(f"<sip:{name}@192.0.2.9>"),),
+            flow=flow, call_id=f"{name}-1", cseq=1, expires=600, now=w1.now,
+        )  # fmt: skip
+    assert w1.core._alive(held)
+    w1.core.worker_restarted(0, w1.now)
+    assert not w1.core._alive(held)  # died with worker 0: 430 for carol
+    assert w1.core.registration.has_flow(held)  # her binding stays until it expires
+    assert mine not in w1.core._lost_flows

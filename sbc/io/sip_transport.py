@@ -347,6 +347,7 @@ class SipTransports:
         elif kind == "out":
             self._send(flow_from(item[1]), item[2])
         elif kind == "sync" and self.link is not None:
+            self.run_actions(self.core.worker_restarted(int(item[1]), now))
             for event in self.core.snapshot():
                 self.link.send(int(item[1]), ("share", event))
             self.link.send(int(item[1]), ("synced",))

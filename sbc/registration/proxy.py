@@ -249,6 +249,12 @@ class RegistrationProxy:
             return None
         return self.tokens.decode(uri.user)
 
+    def flows(self) -> set[Flow]:
+        """The client flows of every registration, forwarded or local."""
+        found = {reg.flow for reg in self.registrations}
+        found.update(b.flow for _, b in self.location.bindings())
+        return found
+
     def has_flow(self, flow: Flow) -> bool:
         """Whether a registration (forwarded or local) still reaches its client over ``flow``."""
         return self.registrations.has_flow(flow) or self.location.has_flow(flow)
