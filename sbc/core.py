@@ -268,10 +268,7 @@ class SbcCore(Pipeline):
             self.guard.apply_ban(change.source, change.until, change.reason, now)
             return []
         if isinstance(change, FlowLost):
-            if len(self._lost_flows) >= MAX_LOST_FLOWS:
-                self._lost_flows.clear()  # a forgotten one is only sent to and lost there
-            self._lost_flows.add(change.flow)
-            return self._outputs(self.calls.end_calls_on_flow(change.flow, now), now)
+            return self._lose_flow(change.flow, now)
         actions = self._outputs(self.registration.apply_shared(change, now), now)
         return actions + self._flows_failed(now)
 
@@ -287,11 +284,16 @@ class SbcCore(Pipeline):
         }
         actions: list[Action] = []
         for flow in flows:
-            if len(self._lost_flows) >= MAX_LOST_FLOWS:
-                self._lost_flows.clear()
-            self._lost_flows.add(flow)
-            actions += self._outputs(self.calls.end_calls_on_flow(flow, now), now)
+            actions += self._lose_flow(flow, now)
         return actions
+
+    def _lose_flow(self, flow: Flow, now: float) -> list[Action]:
+        """Another worker's connection is gone: ``_alive`` says so (430) and the calls over
+        it end."""
+        if len(self._lost_flows) >= MAX_LOST_FLOWS:
+            self._lost_flows.clear()  # a forgotten one is only sent to and lost there
+        self._lost_flows.add(flow)
+        return self._outputs(self.calls.end_calls_on_flow(flow, now), now)
 
     def snapshot(self) -> list[tuple[object, ...]]:
         """The events that rebuild the shared state of this worker in another (a restarted

@@ -17,10 +17,10 @@ from sbc.actions import HandOver, SendData
 from sbc.app import WorkerRole
 from sbc.config import ConfigError, ListenUrl, parse_config
 from sbc.io.supervisor import merged_reload
-from sbc.io.worker_link import WorkerLink, flow_from, flow_items
+from sbc.io.worker_link import WorkerLink
 from sbc.log import setup_logging
 from sbc.ownership import MAX_WORKERS, conn_id, conn_owner, marked_worker, worker_tag
-from sbc.registration.shared import flow_lost_event
+from sbc.registration.shared import decode_flow, encode_flow, flow_lost_event
 from sbc.sip.flow import Flow
 from sbc.sip.headers import parse_name_addr
 from sbc.sip.message import Request, Response, make_response
@@ -205,7 +205,7 @@ def test_the_link_carries_batches_between_workers(tmp_path: Path) -> None:
         ]
         flow = Flow("tcp", ("127.0.0.1", 5060), ("192.0.2.1", 4000), conn_id(7, 2))
         links[0].broadcast(("share", ("reg", 1, "alice")))
-        links[0].send(2, ("out", flow_items(flow), b"SIP/2.0 200 OK\r\n\r\n"))
+        links[0].send(2, ("out", encode_flow(flow), b"SIP/2.0 200 OK\r\n\r\n"))
         big = [("share", ("reg", n, "x" * 100)) for n in range(2000)]  # > one datagram
         for item in big:
             links[1].send(0, item)
@@ -223,7 +223,7 @@ def test_the_link_carries_batches_between_workers(tmp_path: Path) -> None:
         assert got[1] == [(0, ("share", ("reg", 1, "alice")))]
         assert got[2][0] == (0, ("share", ("reg", 1, "alice")))
         peer, (kind, items, data) = got[2][1]
-        assert (peer, kind, flow_from(items), data) == (0, "out", flow, b"SIP/2.0 200 OK\r\n\r\n")
+        assert (peer, kind, decode_flow(items), data) == (0, "out", flow, b"SIP/2.0 200 OK\r\n\r\n")
         assert [item for _, item in got[0]] == big  # in order
         assert links[1].stats["peer_busy"] == 0 and links[1].stats["waited"] > 0
         links[2].close()  # a worker that is gone: its datagrams are counted, not an error

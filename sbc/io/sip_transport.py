@@ -32,10 +32,11 @@ from sbc.actions import (
 from sbc.config import ListenUrl
 from sbc.core import SbcCore
 from sbc.features import peer_tls
-from sbc.io.worker_link import WorkerLink, flow_from, flow_items
+from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.ownership import conn_id as make_conn_id
 from sbc.ownership import conn_owner
+from sbc.registration.shared import decode_flow, encode_flow
 from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
@@ -319,7 +320,7 @@ class SipTransports:
             elif isinstance(action, HandOver):
                 if self.link is not None:
                     kind = "in" if action.received else "out"
-                    self.link.send(action.worker, (kind, flow_items(action.flow), action.data))
+                    self.link.send(action.worker, (kind, encode_flow(action.flow), action.data))
             elif isinstance(action, Drained):
                 self.drained.set()
         self._arm_timer()
@@ -343,9 +344,9 @@ class SipTransports:
         if kind == "share":
             self.run_actions(self.core.apply_shared(item[1], now))
         elif kind == "in":
-            self.run_actions(self.core.receive_handed(item[2], flow_from(item[1]), now))
+            self.run_actions(self.core.receive_handed(item[2], decode_flow(item[1]), now))
         elif kind == "out":
-            self._send(flow_from(item[1]), item[2])
+            self._send(decode_flow(item[1]), item[2])
         elif kind == "sync" and self.link is not None:
             self.run_actions(self.core.worker_restarted(int(item[1]), now))
             for event in self.core.snapshot():
@@ -368,7 +369,7 @@ class SipTransports:
         owner = conn_owner(flow.conn_id)
         if owner != self.worker and self.link is not None:
             # Another worker's connection (a user registered through it): it writes.
-            self.link.send(owner, ("out", flow_items(flow), data))
+            self.link.send(owner, ("out", encode_flow(flow), data))
             return
         conn = self._conns.get(flow.conn_id)
         if conn is not None and conn.flow != flow:

@@ -33,9 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from sbc.sip.flow import Flow
-
-__all__ = ["WorkerLink", "flow_from", "flow_items"]
+__all__ = ["WorkerLink"]
 
 log = logging.getLogger("sbc.io.link")
 
@@ -48,16 +46,6 @@ MAX_RECEIVE = 1 << 22
 MAX_BACKLOG = 4096  # datagrams waiting for a peer that does not read; beyond, dropped
 
 Item = tuple[Any, ...]
-
-
-def flow_items(flow: Flow) -> tuple[str, tuple[str, int], tuple[str, int], int]:
-    return (flow.transport, flow.local, flow.remote, flow.conn_id)
-
-
-def flow_from(value: Any) -> Flow:
-    transport, local, remote, conn = value
-    return Flow(str(transport), (str(local[0]), int(local[1])),
-                (str(remote[0]), int(remote[1])), int(conn))  # fmt: skip
 
 
 class WorkerLink:

@@ -96,7 +96,9 @@ __all__ = [
     "ban_event",
     "binding_event",
     "decode",
+    "decode_flow",
     "dropped_event",
+    "encode_flow",
     "flow_failed_event",
     "refreshed_event",
     "register_event",
@@ -193,13 +195,14 @@ Shared = Stored | Refreshed | Dropped | FlowFailed | FlowLost | Registered | Bou
 # -- encoding ----------------------------------------------------------------------------------
 
 
-def _flow(flow: Flow) -> Event:
+def encode_flow(flow: Flow) -> Event:
+    """A flow as plain values (transport, (host, port), (host, port), conn_id)."""
     return (flow.transport, flow.local, flow.remote, flow.conn_id)
 
 
 def stored_event(reg: CachedRegistration) -> Event:
     return (
-        STORED, VERSION, reg.aor, _flow(reg.flow), reg.call_id, reg.cseq,
+        STORED, VERSION, reg.aor, encode_flow(reg.flow), reg.call_id, reg.cseq,
         tuple(str(c) for c in reg.contacts), reg.backend, reg.backend_call_id,
         reg.backend_expires_at, reg.client_expires, reg.client_expires_at, reg.owner,
     )  # fmt: skip
@@ -207,21 +210,21 @@ def stored_event(reg: CachedRegistration) -> Event:
 
 def refreshed_event(reg: CachedRegistration) -> Event:
     return (
-        REFRESHED, VERSION, reg.aor, _flow(reg.flow), reg.call_id, reg.cseq,
+        REFRESHED, VERSION, reg.aor, encode_flow(reg.flow), reg.call_id, reg.cseq,
         reg.client_expires, reg.client_expires_at,
     )  # fmt: skip
 
 
 def dropped_event(reg: CachedRegistration) -> Event:
-    return (DROPPED, VERSION, reg.aor, _flow(reg.flow), reg.call_id)
+    return (DROPPED, VERSION, reg.aor, encode_flow(reg.flow), reg.call_id)
 
 
 def flow_failed_event(flow: Flow) -> Event:
-    return (FLOW_FAILED, VERSION, _flow(flow))
+    return (FLOW_FAILED, VERSION, encode_flow(flow))
 
 
 def flow_lost_event(flow: Flow) -> Event:
-    return (FLOW_LOST, VERSION, _flow(flow))
+    return (FLOW_LOST, VERSION, encode_flow(flow))
 
 
 def register_event(
@@ -235,11 +238,12 @@ def register_event(
     now: float,
 ) -> Event:
     contact_texts = tuple(str(c) for c in contacts)
-    return (REGISTERED, VERSION, aor, _flow(flow), call_id, cseq, contact_texts, expires, now)
+    return (REGISTERED, VERSION, aor, encode_flow(flow), call_id, cseq, contact_texts, expires, now)
 
 
 def binding_event(aor: str, b: LocalBinding) -> Event:
-    return (BOUND, VERSION, aor, _flow(b.flow), b.call_id, b.cseq, str(b.contact), b.expires_at)
+    flow = encode_flow(b.flow)
+    return (BOUND, VERSION, aor, flow, b.call_id, b.cseq, str(b.contact), b.expires_at)
 
 
 def ban_event(source: str, until: float, reason: str) -> Event:
@@ -260,14 +264,14 @@ def decode(event: Event) -> Shared:
         if kind == REFRESHED:
             _fields(event, 8)
             return Refreshed(
-                _str(event[2]), _flow_of(event[3]), _str(event[4]), _int(event[5]),
+                _str(event[2]), decode_flow(event[3]), _str(event[4]), _int(event[5]),
                 _int(event[6]), _time(event[7]),
             )  # fmt: skip
         if kind == STORED:
             _fields(event, 13)
             backend_call_id = event[8]
             reg = CachedRegistration(
-                aor=_str(event[2]), flow=_flow_of(event[3]), call_id=_str(event[4]),
+                aor=_str(event[2]), flow=decode_flow(event[3]), call_id=_str(event[4]),
                 cseq=_int(event[5]), contacts=_contacts(event[6]), backend=_str(event[7]),
                 backend_expires_at=_time(event[9]), client_expires=_int(event[10]),
                 client_expires_at=_time(event[11]), owner=_int(event[12]),
@@ -276,24 +280,24 @@ def decode(event: Event) -> Shared:
             return Stored(reg)
         if kind == DROPPED:
             _fields(event, 5)
-            return Dropped(_str(event[2]), _flow_of(event[3]), _str(event[4]))
+            return Dropped(_str(event[2]), decode_flow(event[3]), _str(event[4]))
         if kind == FLOW_FAILED:
             _fields(event, 3)
-            return FlowFailed(_flow_of(event[2]))
+            return FlowFailed(decode_flow(event[2]))
         if kind == FLOW_LOST:
             _fields(event, 3)
-            return FlowLost(_flow_of(event[2]))
+            return FlowLost(decode_flow(event[2]))
         if kind == REGISTERED:
             _fields(event, 9)
             return Registered(
-                _str(event[2]), _flow_of(event[3]), _str(event[4]), _int(event[5]),
+                _str(event[2]), decode_flow(event[3]), _str(event[4]), _int(event[5]),
                 _contacts(event[6]), _int(event[7]), _time(event[8]),
             )  # fmt: skip
         if kind == BOUND:
             _fields(event, 8)
             [contact] = _contacts((event[6],))
             binding = LocalBinding(
-                contact=contact, flow=_flow_of(event[3]), call_id=_str(event[4]),
+                contact=contact, flow=decode_flow(event[3]), call_id=_str(event[4]),
                 cseq=_int(event[5]), expires_at=_time(event[7]),
             )  # fmt: skip
             return Bound(_str(event[2]), binding)
@@ -334,7 +338,8 @@ def _address(value: object) -> tuple[str, int]:
     return _str(value[0]), _int(value[1])
 
 
-def _flow_of(value: object) -> Flow:
+def decode_flow(value: object) -> Flow:
+    """The flow ``encode_flow`` made; ValueError if ``value`` is not one."""
     if not isinstance(value, (tuple, list)) or len(value) != 4:
         raise ValueError("not a flow")
     return Flow(_str(value[0]), _address(value[1]), _address(value[2]), _int(value[3]))
