@@ -11,7 +11,8 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # binary:Debian package of each peer the interop tests drive.
 PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
-               iptables:iptables sipsak:sipsak ip:iproute2 linphonec:linphone-cli sox:sox
+               iptables:iptables sipsak:sipsak ip:iproute2 linphonec:linphone-cli sox:sox \
+               chromium:chromium chromedriver:chromium-driver
 # The install compiles the sans-I/O hot path with mypyc (setup.py, README "Compiled build"),
 # or installs pure Python when it cannot (no gcc or python3-dev, SBC_PURE_PYTHON=1).
 PIP_INSTALL := $(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'

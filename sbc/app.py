@@ -30,9 +30,11 @@ from sbc.io.sip_transport import (
     client_tls_context,
     tls_context,
 )
+from sbc.io.websocket import WebSocketSettings
 from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
+from sbc.media.dtls import make_identity
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.ownership import worker_tag
 from sbc.registration import OffloadPolicy
@@ -228,9 +230,12 @@ def _client_tls(cfg: TlsConfig) -> TlsFiles:
     return TlsFiles("[core.tls] client", build, (cfg.certificate, cfg.private_key, cfg.ca))
 
 
-def media_policy(config: Config, workers: int, ports: tuple[int, int] | None = None) -> MediaPolicy:
+def media_policy(
+    config: Config, workers: int, ports: tuple[int, int] | None = None, dtls_fingerprint: str = ""
+) -> MediaPolicy:
     """The relay's addresses, SRTP policy and codecs per side; ``ports``: the share of the
-    [media] ports of this signalling worker (all of them by default)."""
+    [media] ports of this signalling worker (all of them by default); ``dtls_fingerprint``:
+    that of the media workers' DTLS certificate (WebRTC legs; none: no WebRTC)."""
     m = config.media
     access = m.access_address or m.address
     core = m.core_address or m.address
@@ -247,6 +252,7 @@ def media_policy(config: Config, workers: int, ports: tuple[int, int] | None = N
         suites=m.srtp_suites,
         srtp_passthrough=m.srtp_passthrough,
         max_transcoded_calls=m.max_transcoded_calls,
+        dtls_fingerprint=dtls_fingerprint,
     )  # fmt: skip
 
 
@@ -296,7 +302,8 @@ class WorkerRole:
 # running one stays. Everything else (backends, limits, block lists, peers, certificates,
 # registration offload, log level) changes without dropping registrations or calls.
 RESTART_KEYS = (
-    "sbc", "access.listen", "core.listen", "admin", "media", "sip", "nat", "log.format",
+    "sbc", "access.listen", "access.websocket", "core.listen", "admin", "media", "sip", "nat",
+    "log.format",
     "calls.records",
 )  # fmt: skip
 
@@ -377,9 +384,13 @@ async def serve(
 
     records: list[str] = []  # call records waiting for the writer (one JSON line each)
     keep = config.calls.records is not None
+    # The DTLS certificate of this process's media workers towards browsers (WebRTC legs):
+    # made at each start, as browsers expect (RFC 8827 6.5: a fresh self-signed one; only
+    # its fingerprint in the SDP, carried over TLS or WSS, vouches for it).
+    identity, fingerprint = make_identity()
     core = SbcCore(
         core_settings(config, role.count if role else 1),
-        media=MediaController(media_policy(config, count, ports)),
+        media=MediaController(media_policy(config, count, ports, fingerprint)),
         # The only wall-clock read: Date headers and call records are "now" plus this.
         wall_offset=time.time() - loop.time(),
         secret=role.secret if role else None,
@@ -404,7 +415,7 @@ async def serve(
     try:
         workers = await MediaWorkers.start(
             count, timeout=config.media.timeout, latch_window=config.media.latch_window,
-            on_event=on_media_event,
+            on_event=on_media_event, identity=identity,
         )  # fmt: skip
         media_totals = workers.totals
         admin = await AdminServer.start(
@@ -429,8 +440,9 @@ async def serve(
                 # SYNC_TIMEOUT, then without (a snapshot that comes later is applied then).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(transports.synced.wait(), SYNC_TIMEOUT)
+        websocket = WebSocketSettings.of(config.access.websocket)
         for url in config.access.listen:
-            address = await transports.listen(url, access_tls, shared=shared)
+            address = await transports.listen(url, access_tls, shared=shared, websocket=websocket)
             core.add_listener(ACCESS, url.transport, address)
         for url in config.core.listen:
             url = role.core_url(url) if role else url

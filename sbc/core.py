@@ -172,6 +172,8 @@ class SbcCore(Pipeline):
         if workers > 1:
             self.calls.id_prefix = worker_tag(worker)
         self._framers: dict[Flow, StreamFramer] = {}
+        # Open message-oriented connections (WebSocket: a whole message each, no framer).
+        self._message_flows: set[Flow] = set()
         self._counted: set[Flow] = set()  # connections the guard counts for their source
         # Stream flows by last activity, oldest first (dicts keep insertion order).
         self._activity: dict[Flow, float] = {}
@@ -305,6 +307,7 @@ class SbcCore(Pipeline):
 
     def connection_closed(self, flow: Flow) -> None:
         self._framers.pop(flow, None)
+        self._message_flows.discard(flow)
         # The guard counted the connection when it was opened, whether or not it ever
         # sent a byte; closing twice (by us, then reported lost) counts once.
         if flow in self._counted:
@@ -426,9 +429,10 @@ class SbcCore(Pipeline):
             if self.calls.owns_server(target):
                 return out + self.calls.cancel(target, now)
             return out + target.respond(self._response(target.request, 487), now)
-        if flow.transport != "tls" and _asks_for_sips(req):
+        if not flow.secure and _asks_for_sips(req):
             # RFC 5630 4 / RFC 3261 26.2.2 (as amended by RFC 5630 A): a SIPS Request-URI
-            # or top Route asks for TLS on every hop, and this hop was not TLS. 416: the
+            # or top Route asks for TLS on every hop, and this hop was not TLS (nor WSS,
+            # which is TLS too: RFC 7118 5.2.2). 416: the
             # scheme cannot be served over this transport (RFC 3261 8.2.2.1); a UAC must
             # not retry it as sip: on its own (RFC 5630 5.1.1).
             self.stats["rejected:sips_without_tls"] += 1
@@ -484,7 +488,7 @@ class SbcCore(Pipeline):
     def _alive(self, flow: Flow) -> bool:
         """A flow the SBC can still send on: UDP, or a stream connection that is open (one
         another worker holds is, until that worker says it failed: it writes for us)."""
-        if flow.transport == "udp" or flow in self._framers:
+        if flow.transport == "udp" or flow in self._framers or flow in self._message_flows:
             return True
         if self.workers == 1 or conn_owner(flow.conn_id) == self.worker:
             return False

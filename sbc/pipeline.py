@@ -153,6 +153,23 @@ class Pipeline:
                     actions += self._parse_failed(exc, flow)
         return actions
 
+    @with_effects
+    def receive_message(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """One whole message from a message-oriented connection: SIP over WebSocket carries
+        one SIP message per WebSocket message (RFC 7118 5), so nothing is framed by
+        Content-Length (it may be absent); a malformed message is answered as from UDP and
+        the connection stays."""
+        # 1b. The guard: a source banned while connected loses the connection.
+        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
+            self.connection_closed(flow)
+            return [Close(flow)]
+        self._message_flows.add(flow)
+        self._activity.pop(flow, None)
+        self._activity[flow] = now
+        if not data.strip(b"\r\n"):
+            return [SendData(flow, b"\r\n")]  # RFC 5626 3.5.1 keep-alive ping: pong
+        return self._whole_message(data, flow, now)
+
     def _loop_back(self: SbcCore, data: bytes, dest: Flow, now: float) -> list[Action]:
         """A message for this SBC itself: a request within a call that left through the core
         and came back in (the remote target is one of our core addresses) or the response to

@@ -131,7 +131,8 @@ def test_listen_url_parse_roundtrip() -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("ftp://127.0.0.1:21", "scheme must be udp, tcp or tls"),
+        ("ftp://127.0.0.1:21", "scheme must be udp, tcp, tls, ws or wss"),
+        ("ws://127.0.0.1:8080/sip", "must not have a path"),
         ("127.0.0.1:5060", 'must look like "udp://HOST:PORT"'),
         ("udp://::1:5060", "an IPv6 address must be in brackets"),
         ("udp://[::1:5060", "missing ']'"),
@@ -210,7 +211,7 @@ def test_unknown_keys_are_named_with_allowed_ones() -> None:
     errors = errors_of({"acess": {}, "access": {"listne": []}, "core": {"backends": [{"url": 1}]}})
     assert errors == [
         "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls, security, peers",
-        "sbc.toml: access.listne: unknown key; allowed: listen, tls",
+        "sbc.toml: access.listne: unknown key; allowed: listen, tls, websocket",
         "sbc.toml: core.backends[0].url: unknown key; allowed: uri, weight",
         "sbc.toml: core.backends[0].uri: required key is missing",
     ]
@@ -560,3 +561,100 @@ def test_a_backend_needs_a_core_listener_of_its_transport() -> None:
         "sbc.toml: core.backends[0].uri: needs a tls:// listener in core.listen to reach it "
         "over TLS"
     )
+
+
+# --- SIP over WebSocket ------------------------------------------------------------------------
+
+
+def test_websocket_listeners_and_their_section(tls_files: Path) -> None:
+    c = parse_config(
+        {
+            "access": {
+                "listen": ["ws://127.0.0.1:5066", "wss://[::1]", "udp://127.0.0.1:5060"],
+                "tls": {
+                    "certificate": str(tls_files / "server.pem"),
+                    "private_key": str(tls_files / "server.key"),
+                },
+                "websocket": {
+                    "allowed_origins": ["https://Phone.example.com", "http://[::1]:8000"],
+                    "max_message_size": 4096,
+                    "ping_interval": 0,
+                    "idle_timeout": 30.5,
+                },
+            }
+        }
+    )
+    ws, wss, _ = c.access.listen
+    assert (ws.transport, ws.port, ws.websocket) == ("ws", 5066, True)
+    assert (wss.transport, wss.port, str(wss)) == ("wss", 443, "wss://[::1]:443")
+    assert not c.access.listen[2].websocket
+    w = c.access.websocket
+    assert w.allowed_origins == ("https://Phone.example.com", "http://[::1]:8000")
+    assert (w.max_message_size, w.ping_interval, w.idle_timeout) == (4096, 0.0, 30.5)
+    defaults = parse_config({}).access.websocket
+    assert defaults.allowed_origins == ()
+    assert (defaults.max_message_size, defaults.ping_interval, defaults.idle_timeout) == (
+        65535, 30.0, 120.0,
+    )  # fmt: skip
+
+
+def test_wss_listener_requires_the_access_certificate() -> None:
+    assert errors_of({"access": {"listen": ["wss://127.0.0.1:7443"]}}) == [
+        "sbc.toml: access.tls.certificate: required by listener wss://127.0.0.1:7443",
+        "sbc.toml: access.tls.private_key: required by listener wss://127.0.0.1:7443",
+    ]
+
+
+def test_websocket_listeners_are_for_the_access_side_only() -> None:
+    assert one_error({"core": {"listen": ["udp://127.0.0.1:5080", "ws://127.0.0.1:5066"]}}) == (
+        "sbc.toml: core.listen[1]: WebSocket listeners are for clients: put "
+        "ws://127.0.0.1:5066 in access.listen"
+    )
+
+
+def test_a_websocket_listener_shares_tcp_ports_with_the_others() -> None:
+    assert one_error({"access": {"listen": ["tcp://127.0.0.1:5060", "ws://127.0.0.1:5060"]}}) == (
+        "sbc.toml: access.listen[1]: duplicate listen address tcp 127.0.0.1:5060, "
+        "already used by access.listen[0]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("websocket", "expected"),
+    [
+        (
+            {"allowed_origins": ["phone.example.com"]},
+            "access.websocket.allowed_origins[0]: must be an origin like "
+            '"https://phone.example.com" (http or https, no path), got "phone.example.com"',
+        ),
+        (
+            {"allowed_origins": ["https://phone.example.com/app"]},
+            "access.websocket.allowed_origins[0]: must be an origin like "
+            '"https://phone.example.com" (http or https, no path), got '
+            '"https://phone.example.com/app"',
+        ),
+        (
+            {"allowed_origins": ["https://bad_host!"]},
+            "access.websocket.allowed_origins[0]: host must be an IP address or hostname, "
+            'got "https://bad_host!"',
+        ),
+        (
+            {"allowed_origins": "https://a.example"},
+            "access.websocket.allowed_origins: must be an array",
+        ),
+        (
+            {"max_message_size": 100},
+            "access.websocket.max_message_size: must be an integer between 1024 and 16777216, got 100",
+        ),
+        ({"ping_interval": -1}, "access.websocket.ping_interval: must be a number >= 0, got -1"),
+        ({"idle_timeout": 0}, "access.websocket.idle_timeout: must be a number > 0, got 0"),
+        (
+            {"ping_interval": 60, "idle_timeout": 60},
+            "access.websocket.ping_interval: must be below idle_timeout (60) so that a live "
+            "client's pong keeps it open, got 60",
+        ),
+        ({"origins": []}, "access.websocket.origins: unknown key; allowed: allowed_origins"),
+    ],
+)
+def test_websocket_errors_name_the_key(websocket: dict[str, object], expected: str) -> None:
+    assert one_error({"access": {"websocket": websocket}}).startswith(f"sbc.toml: {expected}")

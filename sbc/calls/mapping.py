@@ -88,7 +88,9 @@ class Mapping(CallTimers):
             sides = (call.a_side, call.target.side)
             ctype = src.content_type
             if method in ("INVITE", "UPDATE") or (method == "PRACK" and call.a_request.body):
-                body = self.media.offer(call.id, sides, toward_caller, body, ctype)
+                body = self.media.offer(
+                    call.id, sides, toward_caller, body, ctype, _browser(call, toward_caller)
+                )
             elif method in ("ACK", "PRACK"):
                 body = self.media.answer(call.id, sides, toward_caller, body, ctype)
             elif _is_sdp(ctype):
@@ -156,7 +158,9 @@ class Mapping(CallTimers):
         if request.body:
             return self.media.answer(call.id, sides, toward_caller, body, ctype)
         try:
-            return self.media.offer(call.id, sides, toward_caller, body, ctype)
+            return self.media.offer(
+                call.id, sides, toward_caller, body, ctype, _browser(call, toward_caller)
+            )
         except MediaRefused as exc:
             # An offer in a response cannot be refused with a status; it is not passed.
             log.warning(
@@ -164,3 +168,10 @@ class Mapping(CallTimers):
                 extra={"call": call.id, "call_id": call.a_request.call_id},
             )  # fmt: skip
             return b""
+
+
+def _browser(call: Call, toward_caller: bool) -> bool:
+    """The party an offer goes to is reached over a WebSocket (RFC 7118): a browser, which
+    gets WebRTC-shaped SDP."""
+    flow = call.a_flow if toward_caller else call.target.flow
+    return flow.transport in ("ws", "wss")

@@ -48,7 +48,7 @@ class MediaSeam(Protocol):
     ``offer`` raises MediaRefused for an offer that cannot be met (answered 488)."""
 
     def offer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
-              content_type: str | None) -> bytes: ...  # fmt: skip
+              content_type: str | None, webrtc: bool = False) -> bytes: ...  # fmt: skip
 
     def answer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
                content_type: str | None) -> bytes: ...  # fmt: skip
@@ -74,7 +74,7 @@ class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
 
     def offer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,
-              content_type: str | None) -> bytes:  # fmt: skip
+              content_type: str | None, webrtc: bool = False) -> bytes:  # fmt: skip
         return body
 
     def answer(self, call: str, sides: tuple[Side, Side], toward_caller: bool, body: bytes,

@@ -60,12 +60,13 @@ class Routing(Mapping):
         uri = req.uri
         if (
             isinstance(where, Target)
-            and where.flow.transport != "tls"
+            and not where.flow.secure
             and isinstance(uri, SipUri)
             and uri.secure
         ):
             # RFC 5630 5.3: a SIPS request is never sent on over a hop that is not TLS
-            # (no last-hop exception); 480 with warn-code 380 (RFC 5630 9).
+            # (no last-hop exception; WSS is TLS, RFC 7118 5.2.2); 480 with warn-code 380
+            # (RFC 5630 9).
             self.stats["refused_sips_next_hop"] += 1
             return Refusal(480, "SIPS Not Allowed", (("Warning", '380 sbc "SIPS Not Allowed"'),))
         return where
@@ -176,7 +177,7 @@ class Routing(Mapping):
             return flow, None
         if uri is None:
             return flow, None
-        port = uri.port or (5061 if uri.secure or flow.transport == "tls" else 5060)
+        port = uri.port or (5061 if uri.secure or flow.secure else 5060)
         address = (uri.host_bare, port)
         if address == flow.remote:
             return flow, None
@@ -185,7 +186,7 @@ class Routing(Mapping):
             return Flow(flow.transport, flow.local, own), None
         if route0:
             return flow, None
-        transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
+        transport = "" if flow.transport == "udp" else f";transport={flow.uri_transport}"
         return flow, f"<sip:{format_address(flow.remote)}{transport};lr>"
 
     def _add_via(self: B2bua, req: Request, flow: Flow) -> None:
@@ -195,8 +196,9 @@ class Routing(Mapping):
 
     def _contact(self: B2bua, call: Call, flow: Flow) -> str:
         """Our Contact on a leg: the SBC's address on that side; the user part names the
-        call (RFC 3261 8.1.1.8: a URI that reaches this UA for the dialog)."""
-        transport = "" if flow.transport == "udp" else f";transport={flow.transport}"
+        call (RFC 3261 8.1.1.8: a URI that reaches this UA for the dialog). Towards a
+        WebSocket client it says transport=ws (RFC 7118 5.2.2), over WS and WSS alike."""
+        transport = "" if flow.transport == "udp" else f";transport={flow.uri_transport}"
         return f"<sip:{call.id}@{self.backends.advertised(flow)}{transport}>"
 
     def _derive(self: B2bua, *parts: str) -> str:

@@ -27,6 +27,7 @@ from sbc.config.values import (
     file_path,
     integer,
     number,
+    origin_problem,
     output_path,
     port_range,
     rule,
@@ -66,7 +67,8 @@ class TlsConfig:
 def _listen_checks(listen: tuple[ListenUrl, ...], tls: TlsConfig) -> Iterator[tuple[str, str]]:
     if not listen:
         yield "listen", "must list at least one listen URL"
-    tls_url = next((url for url in listen if url.transport == "tls"), None)
+    # wss (RFC 7118 over TLS) takes the side's certificate as tls does.
+    tls_url = next((url for url in listen if url.transport in ("tls", "wss")), None)
     if tls_url is not None:
         if tls.certificate is None:
             yield "tls.certificate", f"required by listener {tls_url}"
@@ -74,6 +76,33 @@ def _listen_checks(listen: tuple[ListenUrl, ...], tls: TlsConfig) -> Iterator[tu
             yield "tls.private_key", f"required by listener {tls_url}"
     if tls.verify_clients and tls.ca is None:
         yield "tls.ca", "required when verify_clients = true"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WebSocketConfig:
+    """SIP over WebSocket (RFC 7118) on the ws:// and wss:// access listeners."""
+
+    # Origins (RFC 6454) whose pages may open a connection (compared case-insensitively);
+    # empty: any (RFC 6455 10.2 leaves the policy to the server).
+    allowed_origins: tuple[str, ...] = ()
+    # One SIP message per WebSocket message (RFC 7118 4.2): a larger one closes with 1009.
+    max_message_size: int = field(default=65535, metadata=rule(integer(min=1024, max=1 << 24)))
+    # Seconds between two pings to a client (RFC 6455 5.5.2); 0: none.
+    ping_interval: float = field(default=30.0, metadata=rule(number(min=0)))
+    # Seconds without any frame from the client (a pong counts) before it is closed.
+    idle_timeout: float = field(default=120.0, metadata=rule(number(gt=0)))
+
+    def check(self) -> Iterator[tuple[str, str]]:
+        for i, origin in enumerate(self.allowed_origins):
+            problem = origin_problem(origin)
+            if problem is not None:
+                yield f"allowed_origins[{i}]", f"{problem}, got {_show(origin)}"
+        if self.ping_interval and self.ping_interval >= self.idle_timeout:
+            yield (
+                "ping_interval",
+                f"must be below idle_timeout ({self.idle_timeout:g}) so that a live client's "
+                f"pong keeps it open, got {self.ping_interval:g}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +114,7 @@ class AccessConfig:
         ListenUrl(transport="tcp", host="127.0.0.1", port=5060),
     )
     tls: TlsConfig = field(default_factory=TlsConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _listen_checks(self.listen, self.tls)
@@ -158,6 +188,12 @@ class CoreConfig:
 
     def check(self) -> Iterator[tuple[str, str]]:
         yield from _listen_checks(self.listen, self.tls)
+        for i, url in enumerate(self.listen):
+            if url.websocket:
+                yield (
+                    f"listen[{i}]",
+                    f"WebSocket listeners are for clients: put {url} in access.listen",
+                )
         have = {url.transport for url in self.listen}
         for i, backend in enumerate(self.backends):
             transport = _uri_transport(backend.uri)

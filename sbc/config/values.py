@@ -20,8 +20,14 @@ from sbc.media.control import TRANSCODABLE
 from sbc.ownership import MAX_WORKERS
 from sbc.sip.uri import SipUri, parse_uri
 
-Transport = Literal["udp", "tcp", "tls"]
-_DEFAULT_PORTS: Final[dict[str, int]] = {"udp": 5060, "tcp": 5060, "tls": 5061}
+Transport = Literal["udp", "tcp", "tls", "ws", "wss"]
+# SIP's ports (RFC 3261 19.1.2), and WebSocket's for ws/wss (RFC 6455 3; RFC 7118 names none).
+_DEFAULT_PORTS: Final[dict[str, int]] = {
+    "udp": 5060, "tcp": 5060, "tls": 5061, "ws": 80, "wss": 443,
+}  # fmt: skip
+_TRANSPORTS: Final[dict[str, Transport]] = {
+    "udp": "udp", "tcp": "tcp", "tls": "tls", "ws": "ws", "wss": "wss",
+}  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -297,14 +303,31 @@ def sip_uri(raw: object, ctx: _Ctx) -> str:
     return raw
 
 
+def origin_problem(value: str) -> str | None:
+    """What is wrong with a web origin as a browser sends it in ``Origin`` (RFC 6454 6.2:
+    ``scheme://host`` with an optional port, no path), or None."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or "/" in rest:
+        return 'must be an origin like "https://phone.example.com" (http or https, no path)'
+    try:
+        host, _ = _split_host_port(rest, default_port=0)
+    except ValueError as exc:
+        return str(exc)
+    if not (_is_ip(host) or _is_hostname(host)):
+        return "host must be an IP address or hostname"
+    return None
+
+
 # --- value types -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ListenUrl:
-    """``udp://127.0.0.1:5060``, ``tls://[::1]:5061``; host is an IP literal, no brackets.
+    """``udp://127.0.0.1:5060``, ``tls://[::1]:5061``, ``wss://0.0.0.0:8443``; host is an IP
+    literal, no brackets. ``ws``/``wss``: SIP over WebSocket (RFC 7118), access side only.
 
-    Port 0 asks the OS for a free port (tests); the port defaults to 5060 (5061 for tls).
+    Port 0 asks the OS for a free port (tests); the port defaults to 5060 (5061 for tls, 80
+    for ws, 443 for wss).
     """
 
     transport: Transport
@@ -318,12 +341,18 @@ class ListenUrl:
         scheme, sep, rest = value.partition("://")
         if not sep:
             raise ValueError('must look like "udp://HOST:PORT"')
-        transport = scheme.lower()
-        if transport not in _DEFAULT_PORTS:
-            raise ValueError("scheme must be udp, tcp or tls")
-        host, port = _split_host_port(rest, default_port=_DEFAULT_PORTS[transport])
-        t: Transport = "udp" if transport == "udp" else "tcp" if transport == "tcp" else "tls"
+        t = _TRANSPORTS.get(scheme.lower())
+        if t is None:
+            raise ValueError("scheme must be udp, tcp, tls, ws or wss")
+        if "/" in rest:
+            raise ValueError("must not have a path (a WebSocket listener takes any path)")
+        host, port = _split_host_port(rest, default_port=_DEFAULT_PORTS[t])
         return cls(transport=t, host=_ip_literal(host), port=port)
+
+    @property
+    def websocket(self) -> bool:
+        """SIP over WebSocket (RFC 7118): ws, or wss (over TLS)."""
+        return self.transport == "ws" or self.transport == "wss"
 
     @property
     def family(self) -> socket.AddressFamily:

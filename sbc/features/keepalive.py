@@ -12,6 +12,7 @@ import ipaddress
 import struct
 
 from sbc.deadlines import Deadlines
+from sbc.media import ice
 from sbc.sip.flow import Address, Flow
 
 # -- NAT detection ---------------------------------------------------------------------------
@@ -117,39 +118,27 @@ class KeepaliveTable:
         return self._deadlines.next_deadline()
 
 
-# -- STUN binding on the SIP port (RFC 5626 4.4.2, RFC 5389) ---------------------------------
+# -- STUN binding on the SIP port (RFC 5626 4.4.2, RFC 8489) ---------------------------------
+# The STUN message format is sbc/media/ice.py's (the media relay's ICE-lite agent uses it too).
 
-STUN_MAGIC = 0x2112A442
-_BINDING_REQUEST = 0x0001
-_BINDING_SUCCESS = 0x0101
-_XOR_MAPPED_ADDRESS = 0x0020
+STUN_MAGIC = ice.MAGIC_COOKIE
 
 
 def is_stun(data: bytes) -> bool:
-    """A STUN message: first two bits zero and the magic cookie (RFC 5389 6); SIP starts
+    """A STUN message: first two bits zero and the magic cookie (RFC 8489 5); SIP starts
     with a letter, so the two never collide."""
     return len(data) >= 20 and data[0] < 0x40 and struct.unpack_from("!I", data, 4)[0] == STUN_MAGIC
 
 
 def stun_binding_response(data: bytes, source: Address) -> bytes | None:
-    """The Binding success response to a Binding request from ``source``, or None."""
-    if not is_stun(data):
-        return None
-    msg_type, length = struct.unpack_from("!HH", data, 0)
-    if msg_type != _BINDING_REQUEST or length != len(data) - 20 or length % 4:
+    """The Binding success response to a Binding request from ``source`` (its
+    XOR-MAPPED-ADDRESS, RFC 8489 14.2), or None. Keep-alive requests carry no credentials
+    (RFC 5626 4.4.2), so none are checked or added."""
+    if not ice.is_stun(data) or struct.unpack_from("!H", data)[0] != ice.BINDING_REQUEST:
         return None
     txid = data[8:20]
-    host, port = source
-    ip = ipaddress.ip_address(host)
-    xport = port ^ (STUN_MAGIC >> 16)
-    if ip.version == 4:
-        xaddr = int(ip) ^ STUN_MAGIC
-        value = struct.pack("!BBHI", 0, 0x01, xport, xaddr)
-    else:
-        key = int.from_bytes(struct.pack("!I", STUN_MAGIC) + txid, "big")
-        value = struct.pack("!BBH", 0, 0x02, xport) + (int(ip) ^ key).to_bytes(16, "big")
-    attr = struct.pack("!HH", _XOR_MAPPED_ADDRESS, len(value)) + value
-    return struct.pack("!HHI", _BINDING_SUCCESS, len(attr), STUN_MAGIC) + txid + attr
+    mapped = [(ice.XOR_MAPPED_ADDRESS, ice.xor_address(source, txid))]
+    return ice.encode(ice.BINDING_SUCCESS, txid, mapped, fingerprint=False)
 
 
 class NatPolicy:

@@ -84,7 +84,11 @@ def aor_of_uri(uri: SipUri) -> str:
 
 
 def client_expires_for(transport: str, udp: int, tcp: int, tls: int) -> int:
-    return udp if transport == "udp" else tls if transport == "tls" else tcp
+    """The expiry granted to a client by its transport: a WebSocket connection is kept
+    like a TCP one, a secure one (WSS) like TLS."""
+    if transport == "udp":
+        return udp
+    return tls if transport == "tls" or transport == "wss" else tcp
 
 
 # -- registration offload --------------------------------------------------------------------

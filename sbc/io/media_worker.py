@@ -116,10 +116,13 @@ class _Port:
                 except OSError as exc:
                     log.debug("port %d: send to %s: %s", out[0], out[2], exc)
             return
-        assert isinstance(out, Burst)  # transcoding: several packets, DTMF for SIP INFO
-        self._worker.send_packets(out.packets)
+        assert isinstance(out, Burst)  # transcoding, STUN/DTLS: several packets, DTMF
+        worker = self._worker
+        worker.send_packets(out.packets)
         for event in out.dtmf:
-            self._worker.send_event(event)
+            worker.send_event(event)
+        if worker.engine.dtls_legs:
+            worker.arm_dtls()  # a DTLS flight went out: its retransmission timer
 
 
 class _Port6(_Port):
@@ -218,6 +221,9 @@ class _Worker:
         self.check_every = min(TIMEOUT_CHECK, timeout / 2)
         self.transport: _Stream | None = None
         self.dtmf_task: asyncio.Task[None] | None = None
+        # the DTLS retransmission timer (WebRTC parties): armed for engine.next_dtls()
+        self._dtls_timer: asyncio.TimerHandle | None = None
+        self._dtls_at = 0.0
         self._events: list[bytes] = []  # encoded events not yet written
         self._flush_scheduled = False
         self.holding = False  # commands are being applied: their events go out after them
@@ -243,6 +249,27 @@ class _Worker:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             self.send_packets(self.engine.dtmf_due(time.monotonic()))
 
+    def arm_dtls(self) -> None:
+        """Run the engine's DTLS timers (``dtls_due``) at ``next_dtls``, if that is sooner
+        than the timer already armed."""
+        due = self.engine.next_dtls()
+        if due is None or self._loop is None:
+            return
+        if self._dtls_timer is not None:
+            if self._dtls_at <= due:
+                return
+            self._dtls_timer.cancel()
+        self._dtls_at = due
+        self._dtls_timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._run_dtls)
+
+    def _run_dtls(self) -> None:
+        self._dtls_timer = None
+        try:
+            self.send_packets(self.engine.dtls_due(time.monotonic()))
+        except Exception:  # one bad round must not stop the timers of the other legs
+            log.exception("media worker DTLS timer failed")
+        self.arm_dtls()
+
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         if self._epoll is not None:
@@ -257,6 +284,8 @@ class _Worker:
             totals.cancel()
             if self.dtmf_task is not None:
                 self.dtmf_task.cancel()
+            if self._dtls_timer is not None:
+                self._dtls_timer.cancel()
             for port in list(self.ports):
                 self._close(port)
             if self._epoll is not None:
@@ -274,6 +303,8 @@ class _Worker:
             stats, changes = self.engine.delete(msg.session)
             self._send(stats)
             self._ports(changes)
+        elif isinstance(msg, control.Identity):
+            self.engine.set_identity(msg)  # the SBC's DTLS certificate, before any Update
         elif isinstance(msg, control.SendDtmf):
             if self.engine.send_dtmf(msg, now) and (
                 self.dtmf_task is None or self.dtmf_task.done()
@@ -450,8 +481,14 @@ def _log_settings() -> tuple[str, str]:
 class MediaWorkers:
     """The worker processes, seen from the signalling process's event loop."""
 
-    def __init__(self, on_event: Callable[[control.Event], None]) -> None:
+    def __init__(
+        self,
+        on_event: Callable[[control.Event], None],
+        *,
+        identity: control.Identity | None = None,
+    ) -> None:
         self._on_event = on_event
+        self._identity = identity  # sent first to each worker started
         self._procs: list[subprocess.Popen[bytes]] = []
         self._writers: list[asyncio.StreamWriter] = []
         self._readers: list[asyncio.Task[None]] = []
@@ -469,9 +506,12 @@ class MediaWorkers:
         timeout: float,
         latch_window: float,
         on_event: Callable[[control.Event], None],
+        identity: control.Identity | None = None,
     ) -> MediaWorkers:
-        """Start ``count`` worker processes; events of any of them go to ``on_event``."""
-        self = cls(on_event)
+        """Start ``count`` worker processes; events of any of them go to ``on_event``.
+        ``identity`` (the SBC's DTLS certificate, for WebRTC parties) is each worker's
+        first command."""
+        self = cls(on_event, identity=identity)
         level, fmt = _log_settings()
         try:
             for index in range(count):
@@ -492,12 +532,15 @@ class MediaWorkers:
                 self._procs.append(proc)
                 reader, writer = await asyncio.open_connection(sock=ours)
                 self._writers.append(writer)
-                self._pending.append([])
+                self._pending.append(
+                    [] if identity is None else [control.encode(identity)]
+                )  # the Identity goes out before any Update (it is queued first)
                 self.totals.append(None)
                 self._readers.append(asyncio.create_task(self._read(index, reader)))
         except BaseException:
             await self.close()
             raise
+        self._flush()  # the Identity, at once
         log.info("media workers started", extra={"workers": count, "pids": self.pids})
         return self
 

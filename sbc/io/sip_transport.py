@@ -1,4 +1,5 @@
-"""asyncio edges of the SIP core: UDP sockets, TCP and TLS listeners, one re-armed timer.
+"""asyncio edges of the SIP core: UDP sockets, TCP, TLS and WebSocket listeners (the
+WebSocket connection itself is sbc/io/websocket.py), one re-armed timer.
 
 This module only moves bytes between sockets and ``SbcCore`` and executes the actions the
 core returns; every SIP decision lives in the core.
@@ -32,6 +33,7 @@ from sbc.actions import (
 from sbc.config import ListenUrl
 from sbc.core import SbcCore
 from sbc.features import peer_tls
+from sbc.io.websocket import DEFAULT_SETTINGS, WebSocketConnection, WebSocketSettings
 from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.ownership import conn_id as make_conn_id
@@ -157,7 +159,9 @@ class SipTransports:
         # The core returned Drained: draining, its last call and transaction are over.
         self.drained = asyncio.Event()
         self._udp: dict[Address, asyncio.DatagramTransport] = {}
-        self._conns: dict[int, _StreamProtocol] = {}
+        # Connections by id: TCP and TLS ones, and WebSocket ones (ws, wss), which the
+        # core sees as flows of their own transport and the same kind of id.
+        self._conns: dict[int, _StreamProtocol | WebSocketConnection] = {}
         self._servers: list[asyncio.Server] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -231,14 +235,17 @@ class SipTransports:
         tls: TlsFiles | ssl.SSLContext | None = None,
         *,
         shared: bool = False,
+        websocket: WebSocketSettings = DEFAULT_SETTINGS,
     ) -> Address:
-        """Bind one listener. TLS listeners accept plain TCP and start TLS on each
+        """Bind one listener. TLS and WSS listeners accept plain TCP and start TLS on each
         connection themselves, after the per-source limits. ``shared``: the signalling
         workers of one SBC all bind it (SO_REUSEPORT): the kernel picks a worker per UDP
-        source address and port, and per TCP connection."""
+        source address and port, and per TCP connection. ``websocket``: the settings of
+        a ws or wss listener (SIP over WebSocket, RFC 7118)."""
         if isinstance(tls, ssl.SSLContext):
             tls = TlsFiles.fixed(f"{url}", tls)
-        if tls is not None and url.transport == "tls" and tls not in self._tls_files:
+        secure = url.transport == "tls" or url.transport == "wss"
+        if tls is not None and secure and tls not in self._tls_files:
             self._tls_files.append(tls)
         family = socket.AF_INET6 if ":" in url.host else socket.AF_INET
         try:
@@ -257,14 +264,19 @@ class SipTransports:
                     # picks for it, always the same one: it cannot measure this queue.
                     self.probes.watch(local, transport)
             else:
-                if url.transport == "tls" and tls is None:
+                if secure and tls is None:
                     raise StartupError(f"{url}: TLS listener without a TLS context")
-                files, name = tls if url.transport == "tls" else None, url.transport
+                files, name = tls if secure else None, url.transport
+
+                def connection() -> _StreamProtocol | WebSocketConnection:
+                    if name == "ws" or name == "wss":
+                        return WebSocketConnection(self, name, websocket)
+                    return _StreamProtocol(self, name, accepted=True)
 
                 def factory() -> asyncio.Protocol:
                     if files is not None:
-                        return _TlsGate(self, files)
-                    return _StreamProtocol(self, name, accepted=True)
+                        return _TlsGate(self, files, connection)
+                    return connection()
 
                 server = await self._loop.create_server(
                     factory,
@@ -374,11 +386,9 @@ class SipTransports:
         conn = self._conns.get(flow.conn_id)
         if conn is not None and conn.flow != flow:
             conn = None  # the id of another connection: never write to the wrong client
-        if conn is None or conn.transport is None or conn.transport.is_closing():
+        if conn is None or not conn.send(data):
             # Connection reuse only (RFC 3261 18.2.2): a gone connection loses the message.
             log.info("connection %s gone, dropping %d bytes", flow, len(data))
-            return
-        conn.transport.write(data)
 
     def _send_outgoing(self, flow: Flow, data: bytes) -> None:
         """A stream flow without a connection (conn_id 0): the SBC's own connection to that
@@ -463,9 +473,23 @@ class SipTransports:
         self.run_actions(actions)
 
     def stream_data(self, conn: _StreamProtocol, data: bytes) -> None:
+        """Octets of a TCP/TLS stream: the core frames them by Content-Length."""
+        self._from_connection(conn, self.core.receive_stream, data)
+
+    def message_data(self, conn: WebSocketConnection, data: bytes) -> None:
+        """One whole WebSocket message: one SIP message (RFC 7118 5), or a CRLFCRLF
+        keep-alive that gets its CRLF answer (RFC 5626 4.4.1)."""
+        self._from_connection(conn, self.core.receive_message, data)
+
+    def _from_connection(
+        self,
+        conn: _StreamProtocol | WebSocketConnection,
+        receive: Callable[[bytes, Flow, float], list[Action]],
+        data: bytes,
+    ) -> None:
         assert conn.flow is not None
         try:
-            actions = self.core.receive_stream(data, conn.flow, self._clock())
+            actions = receive(data, conn.flow, self._clock())
         except Exception:
             log.exception("error handling data from %s; closing it", conn.flow)
             conn.close()
@@ -476,24 +500,30 @@ class SipTransports:
     def worker(self) -> int:
         return self.core.worker
 
-    def register(self, conn: _StreamProtocol) -> int:
+    def register(self, conn: _StreamProtocol | WebSocketConnection) -> int:
         conn_id = make_conn_id(next(self._conn_ids), self.worker)
         self._conns[conn_id] = conn
         return conn_id
 
-    def admit(self, conn: _StreamProtocol) -> bool:
-        """A connection accepted on a listener (still plain TCP for TLS listeners): the
-        per-source connection limit and ban list, then for TLS the per-source handshake
-        bucket, all before any byte of it is read."""
+    def new_flow(
+        self, conn: _StreamProtocol | WebSocketConnection, transport: asyncio.BaseTransport
+    ) -> Flow:
+        """The flow of a connection, registered under a new id of this worker."""
+        local = _addr(transport.get_extra_info("sockname"))
+        remote = _addr(transport.get_extra_info("peername"))
+        return Flow(conn.name, local, remote, self.register(conn))
+
+    def admit(self, conn: _StreamProtocol | WebSocketConnection) -> bool:
+        """A connection accepted on a listener (still plain TCP for TLS and WSS
+        listeners): the per-source connection limit and ban list, then for TLS and WSS
+        the per-source handshake bucket, all before any byte of it is read."""
         assert conn.flow is not None
         now = self._clock()
         try:
             if not self.core.connection_opened(conn.flow, now):
                 log.debug("connection refused (source limit or ban): %s", conn.flow)
                 return False
-            if conn.name == "tls" and not self.core.guard.handshake_allowed(
-                conn.flow.remote[0], now
-            ):
+            if conn.flow.secure and not self.core.guard.handshake_allowed(conn.flow.remote[0], now):
                 log.debug("TLS handshake refused (source over its rate): %s", conn.flow)
                 return False
         except Exception:
@@ -501,15 +531,15 @@ class SipTransports:
             return False
         return True
 
-    def accept_tls(self, raw: asyncio.Transport, tls: TlsFiles) -> None:
-        """A TCP connection accepted on a TLS listener, before any byte of it is read:
-        the per-source limits decide whether a handshake starts at all.
+    def accept_tls(
+        self, raw: asyncio.Transport, tls: TlsFiles, conn: _StreamProtocol | WebSocketConnection
+    ) -> None:
+        """A TCP connection accepted on a TLS or WSS listener, before any byte of it is
+        read: the per-source limits decide whether a handshake starts at all.
         The socket then leaves this plain transport (which never read from it) for a TLS
-        one whose handshake is bounded by HANDSHAKE_TIMEOUT."""
-        conn = _StreamProtocol(self, "tls", accepted=True)
-        local = _addr(raw.get_extra_info("sockname"))
-        remote = _addr(raw.get_extra_info("peername"))
-        conn.flow = Flow("tls", local, remote, self.register(conn))
+        one whose handshake is bounded by HANDSHAKE_TIMEOUT; ``conn`` (SIP over TLS, or a
+        WebSocket) takes the connection then."""
+        conn.flow = self.new_flow(conn, raw)
         if not self.admit(conn):
             raw.abort()
             self.unregister(conn)
@@ -527,7 +557,10 @@ class SipTransports:
         task.add_done_callback(self._tasks.discard)
 
     async def _handshake(
-        self, conn: _StreamProtocol, sock: socket.socket, context: ssl.SSLContext
+        self,
+        conn: _StreamProtocol | WebSocketConnection,
+        sock: socket.socket,
+        context: ssl.SSLContext,
     ) -> None:
         try:
             await self._loop.connect_accepted_socket(
@@ -556,7 +589,7 @@ class SipTransports:
         self.core.stats["rejected:peer_certificate"] += 1
         return False
 
-    def unregister(self, conn: _StreamProtocol) -> None:
+    def unregister(self, conn: _StreamProtocol | WebSocketConnection) -> None:
         for key in [k for k, c in self._outgoing.items() if c is conn]:
             del self._outgoing[key]
         if conn.flow is not None:
@@ -693,10 +726,7 @@ class _StreamProtocol(asyncio.Protocol):
                 self._refused = True
                 transport.close()
             return
-        conn_id = self.owner.register(self)
-        local = _addr(transport.get_extra_info("sockname"))
-        remote = _addr(transport.get_extra_info("peername"))
-        self.flow = Flow(self.name, local, remote, conn_id)
+        self.flow = self.owner.new_flow(self, transport)
         log.debug("connection from %s", self.flow)
         if self.accepted and not self.owner.admit(self):
             self._refused = True
@@ -709,22 +739,36 @@ class _StreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.unregister(self)
 
+    def send(self, data: bytes) -> bool:
+        """Write ``data``; False if the connection is gone or going."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.write(data)
+        return True
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
 
 class _TlsGate(asyncio.Protocol):
-    """The protocol of a TLS listener's plain TCP connection: it lives only for the
-    ``connection_made`` call that admits the source and hands the socket over."""
+    """The protocol of a TLS or WSS listener's plain TCP connection: it lives only for
+    the ``connection_made`` call that admits the source and hands the socket over to the
+    connection ``make`` gives (SIP over TLS, or a WebSocket)."""
 
-    def __init__(self, owner: SipTransports, tls: TlsFiles) -> None:
+    def __init__(
+        self,
+        owner: SipTransports,
+        tls: TlsFiles,
+        make: Callable[[], _StreamProtocol | WebSocketConnection],
+    ) -> None:
         self.owner = owner
         self.tls = tls
+        self.make = make
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
-            self.owner.accept_tls(transport, self.tls)  # type: ignore[arg-type]
+            self.owner.accept_tls(transport, self.tls, self.make())  # type: ignore[arg-type]
         except Exception:
             log.exception("accepting a TLS connection failed")
             transport.abort()  # type: ignore[attr-defined]

@@ -55,6 +55,31 @@ class CodecSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WebRtc:
+    """A WebRTC party (RFC 8827, RFC 8829): on its port the relay is an ICE-lite agent (RFC
+    8445 2.5) and a DTLS-SRTP endpoint (RFC 5763, RFC 5764); the leg's SRTP keys come from
+    the DTLS handshake, not from SDP, and RTP and RTCP share the port (rtcp-mux)."""
+
+    ufrag: str  # the SBC's ICE username fragment towards this party (RFC 8839 5.4)
+    pwd: str  # the SBC's ICE password: the STUN short-term credential (RFC 8489 9.1)
+    client: bool  # the SBC is the DTLS client (its a=setup:active); else the server
+    # The party's certificate fingerprints from its SDP (RFC 8122 5): (hash function as
+    # written, e.g. "sha-256", upper-case hex pairs joined by ":"); its certificate must
+    # match one of them.
+    fingerprints: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """The SBC's DTLS certificate and its private key (PEM), which every WebRTC party of a
+    worker sees; sent to each worker before anything else. Its fingerprint is in the SBC's
+    SDP towards WebRTC parties (RFC 8122 5)."""
+
+    certificate: bytes
+    private_key: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Party:
     """One party of a stream as the relay sees it: the local ports facing it, where its SDP
     says it receives, and the keys of that leg."""
@@ -73,6 +98,8 @@ class Party:
     # Transcoded streams: the codec of this party's leg; None on a stream whose
     # legs share a codec (the payload passes untouched, payload types included).
     codec: CodecSpec | None = None
+    # A WebRTC party (ICE-lite, DTLS-SRTP, rtcp-mux); recv_key and send_key are then None.
+    webrtc: WebRtc | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,7 +227,7 @@ def stats_record(stats: Stats) -> list[dict[str, Any]]:
     ]
 
 
-Command = Update | Delete | SendDtmf
+Command = Update | Delete | SendDtmf | Identity
 Event = Stats | Timeout | Dtmf
 
 
@@ -216,7 +243,7 @@ Event = Stats | Timeout | Dtmf
 # line per message, whose decoding (dicts, base64 keys, per-field conversions) cost a worker
 # about 25 us per Update.
 
-_UPDATE, _DELETE, _SEND_DTMF, _STATS, _TIMEOUT, _DTMF, _TOTALS = range(7)
+_UPDATE, _DELETE, _SEND_DTMF, _STATS, _TIMEOUT, _DTMF, _TOTALS, _IDENTITY = range(8)
 _MARSHAL_VERSION = 4
 HEADER = struct.Struct("!I")  # the length of the frame's body
 MAX_FRAME = 16 * 1024 * 1024  # one message (an Update of many streams)
@@ -258,16 +285,32 @@ def _addr(value: Any) -> Address | None:
 def _party_out(p: Party) -> _Wire:
     return (
         p.bind, p.port, p.rtcp_mux, p.remote, p.remote_rtcp, _key_out(p.recv_key),
-        _key_out(p.send_key), p.sends, p.accept, _codec_out(p.codec),
+        _key_out(p.send_key), p.sends, p.accept, _codec_out(p.codec), _webrtc_out(p.webrtc),
     )  # fmt: skip
 
 
 def _party_in(value: Any) -> Party:
-    bind, port, rtcp_mux, remote, remote_rtcp, recv_key, send_key, sends, accept, codec = value
+    bind, port, rtcp_mux, remote, remote_rtcp, recv_key, send_key, sends, accept, codec, webrtc = (
+        value
+    )
     return Party(
         bind=bind, port=port, rtcp_mux=rtcp_mux, remote=_addr(remote),
         remote_rtcp=_addr(remote_rtcp), recv_key=_key_in(recv_key), send_key=_key_in(send_key),
-        sends=sends, accept=accept, codec=_codec_in(codec),
+        sends=sends, accept=accept, codec=_codec_in(codec), webrtc=_webrtc_in(webrtc),
+    )  # fmt: skip
+
+
+def _webrtc_out(w: WebRtc | None) -> _Wire | None:
+    return None if w is None else (w.ufrag, w.pwd, w.client, w.fingerprints)
+
+
+def _webrtc_in(value: Any) -> WebRtc | None:
+    if value is None:
+        return None
+    ufrag, pwd, client, fingerprints = value
+    return WebRtc(
+        ufrag=ufrag, pwd=pwd, client=bool(client),
+        fingerprints=tuple((str(h), str(f)) for h, f in fingerprints),
     )  # fmt: skip
 
 
@@ -305,6 +348,8 @@ def _wire(msg: Command | Event | Totals) -> _Wire:
         )  # fmt: skip
     if isinstance(msg, Delete):
         return (_DELETE, msg.session)
+    if isinstance(msg, Identity):
+        return (_IDENTITY, msg.certificate, msg.private_key)
     if isinstance(msg, Stats):
         return (
             _STATS, msg.session,
@@ -351,6 +396,9 @@ def decode_body(body: bytes | memoryview) -> Command | Event | Totals:
     if kind == _DELETE:
         _, session = d
         return Delete(session=session)
+    if kind == _IDENTITY:
+        _, certificate, private_key = d
+        return Identity(certificate=certificate, private_key=private_key)
     if kind == _STATS:
         _, session, streams = d
         return Stats(

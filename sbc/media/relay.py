@@ -38,6 +38,29 @@ to Y is protected with the SBC's key towards Y (``send_key``). Either side may b
 (RTP<->SRTP interworking). ``passthrough`` streams (keys end to end: DTLS-SRTP, MIKEY, ZRTP)
 have no crypto: the bytes, including DTLS and STUN, pass unchanged.
 
+WebRTC parties (``Party.webrtc``, RFC 8827). The relay terminates the browser's media: its
+port (rtcp-mux) carries STUN, DTLS and SRTP, told apart by the first byte (RFC 7983 7: 0-3
+STUN, 20-63 DTLS, 128-191 RTP/RTCP; anything else is ``invalid``). The relay is an ICE-lite
+agent (RFC 8445 2.5, sbc/media/ice.py): it answers each Binding request that carries the
+party's credentials from the same port to its source; a valid check latches the party on its
+source when it nominates the pair (USE-CANDIDATE, RFC 8445 7.3.1.5) or when nothing is
+latched yet, and a later nomination from another address moves the latch (bad checks are
+answered with an error and counted as ``invalid``). The SDP address is never a destination:
+only the ICE-selected one is. DTLS records (RFC 5764, sbc/media/dtls.py) and SRTP are
+accepted only from the latched address (else ``dropped_source``); the DTLS endpoint is the
+server or, when the SBC wrote a=setup:active, the client, which starts the handshake when the
+first valid check latched. When the handshake ends and the party's certificate matches a
+fingerprint of its SDP, the leg's SRTP contexts are made from the exported keys (RFC 5764
+4.2) and the leg relays as an SRTP leg; a failed handshake counts one ``srtp_failures``.
+Until then nothing is sent to the party but STUN and DTLS (what the other party sends it
+counts as ``no_destination``; SRTP from it as ``srtp_failures``). An Update with the same
+ufrag/pwd/role/fingerprints keeps the association, the keys and the latch (a re-INVITE for
+hold); any change starts over. The DTLS retransmission timers (RFC 6347 4.2.4) are
+deadlines: ``next_dtls`` (also in ``next_deadline``) and ``dtls_due``. ``set_identity``
+gives the engine the SBC's certificate (control.Identity); without it a WebRTC party relays
+nothing (logged, its packets ``srtp_failures``). STUN and DTLS answers come back from
+``receive`` as a ``Burst``. Other parties never reach this code.
+
 Statistics: per party, packets and bytes in (accepted, as received) and out
 (as sent), RTP loss (RFC 3550 A.3) and interarrival jitter (RFC 3550 6.4.1, A.8) of the RTP
 it sent. The RTP clock rate for the jitter comes from the static payload type of the first
@@ -76,8 +99,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sbc.media import control
+from sbc.media import control, ice
 from sbc.media.control import Address
+from sbc.media.dtls import DtlsContext, DtlsEndpoint, DtlsError
 from sbc.media.srtp import SrtpError, SrtpReceiver, SrtpSender
 from sbc.media.transcode import Transcoder
 
@@ -88,9 +112,11 @@ Out = tuple[int, bytes, Address]  # (local port to send from, datagram, destinat
 
 @dataclass(frozen=True, slots=True)
 class Burst:
-    """What one received packet gave besides a single ``Out`` (only on transcoded streams):
-    several packets (re-framing to a shorter packet time), to be sent in order, and the
-    DTMF digits detected in it for SIP INFO (control.Dtmf, for the signalling process)."""
+    """What one received packet gave besides a single ``Out`` (transcoded streams and
+    the STUN/DTLS of WebRTC parties): several packets (re-framing to a shorter packet time;
+    STUN answers and DTLS flights), to be sent in order, and the DTMF digits detected in it
+    for SIP INFO (control.Dtmf, for the signalling process). After one, a worker looks at
+    ``next_dtls`` (a DTLS flight went out: its retransmission timer runs)."""
 
     packets: tuple[Out, ...]
     dtmf: tuple[control.Dtmf, ...] = ()
@@ -232,6 +258,20 @@ class _Latch:
         self.seen.add(ssrc)
 
 
+class _WebRtc:
+    """What the relay holds of a WebRTC party: its ICE credentials and DTLS role
+    (control.WebRtc) and its DTLS association (made on the first record it sends, or on
+    the first valid check when the SBC is the client). The ICE-selected address is the
+    party's RTP latch (``_Leg.rtp.addr``); until the keys exist nothing is sent to it
+    but STUN and DTLS (``rtp.dest`` stays None)."""
+
+    __slots__ = ("config", "dtls")
+
+    def __init__(self, config: control.WebRtc) -> None:
+        self.config = config
+        self.dtls: DtlsEndpoint | None = None
+
+
 class _Session:
     __slots__ = ("can_timeout", "last", "name", "ports", "reported", "streams")
 
@@ -252,7 +292,7 @@ class _Leg:
         "dropped_source", "engine", "jitter", "last_arrival", "last_ts", "local", "lost_before",
         "max_seq", "next_report", "packets_in", "packets_out", "party", "passthrough", "peer",
         "port", "received", "receiver", "rtcp", "rtcp_port", "rtp", "sender", "session",
-        "srtp_failures", "ssrc", "strict", "transcoder", "where",
+        "srtp_failures", "ssrc", "strict", "transcoder", "webrtc", "where",
     )  # fmt: skip
 
     def __init__(self, session: _Session, local: set[LocalPort], engine: RelayEngine) -> None:
@@ -270,6 +310,7 @@ class _Leg:
         self.rtcp = _Latch()
         self.receiver: SrtpReceiver | None = None
         self.sender: _Sender | None = None
+        self.webrtc: _WebRtc | None = None  # a WebRTC party: ICE-lite and DTLS-SRTP
         # Transcoding: from this party's codec to the peer's, and when the relay
         # next sends this party a sender report of what it sent it.
         self.transcoder: Transcoder | _Mute | None = None
@@ -290,6 +331,11 @@ class _Leg:
     def configure(self, party: control.Party, passthrough: bool, window_until: float) -> bool:
         """Apply the party's description; True if its keys are usable."""
         old = self.party
+        if party.webrtc is not None:
+            return self._configure_webrtc(party, old)
+        if self.webrtc is not None:  # no longer WebRTC: SDES or plain from now on
+            self._end_webrtc()
+            old = None
         self.party = party
         self.bind, self.port = party.bind, party.port
         self.rtcp_port = party.port if party.rtcp_mux else party.port + 1
@@ -335,6 +381,43 @@ class _Leg:
                     self.sender = _Unusable()
         return ok
 
+    def _configure_webrtc(self, party: control.Party, old: control.Party | None) -> bool:
+        """A WebRTC party: one port (rtcp-mux, RFC 8843 / RFC 5761), latched by ICE, keyed
+        by DTLS. The same credentials, role and fingerprints (a re-INVITE for hold, a
+        codec change) keep the association, its keys and the latch; a change (an ICE
+        restart, RFC 8445 9; a new certificate) starts over."""
+        self.party = party
+        self.bind, self.port = party.bind, party.port
+        self.rtcp_port = party.port
+        self.passthrough = False
+        self.strict = True
+        config = party.webrtc
+        assert config is not None
+        state = self.webrtc
+        if state is None or state.config != config or old is None or old.webrtc != config:
+            self._end_webrtc()
+            self.webrtc = _WebRtc(config)
+            self.rtp = self.rtcp = _Latch()  # ICE decides where the party is, not its SDP
+            self.receiver = None
+            self.sender = _Unusable()  # never in the clear before the keys
+        if self.engine.dtls is None:
+            log.error(
+                "session %s port %d: WebRTC party without a DTLS certificate (no Identity)",
+                self.session.name, self.port,
+            )  # fmt: skip
+            return False
+        return party.accept
+
+    def _end_webrtc(self) -> None:
+        """Forget the DTLS association, its keys and the ICE latch."""
+        if self.webrtc is not None:
+            self.engine.dtls_legs.discard(self)
+            self.webrtc = None
+            self.receiver = None
+            self.sender = None
+            self.rtp = _Latch()
+            self.rtcp = _Latch()
+
     def unlink(self) -> None:
         """The session is gone: drop the reference to the other party, so that the two
         legs, their session and its handlers die by reference counting instead of waiting
@@ -347,6 +430,8 @@ class _Leg:
             return {self.port: drop} if self.rtcp_port == self.port else {
                 self.port: drop, self.rtcp_port: drop
             }  # fmt: skip
+        if self.webrtc is not None:
+            return {self.port: self.on_webrtc}
         if self.rtcp_port == self.port:
             return {self.port: self.on_mux}
         return {self.port: self.on_rtp, self.rtcp_port: self.on_rtcp}
@@ -366,6 +451,137 @@ class _Leg:
     def on_unusable(self, data: bytes, src: Address, now: float) -> Result:
         self.srtp_failures += 1
         return None
+
+    def on_webrtc(self, data: bytes, src: Address, now: float) -> Result:
+        """The port of a WebRTC party: STUN, DTLS and SRTP/SRTCP told apart by the first
+        byte (RFC 7983 7: 0-3 STUN, 20-63 DTLS, 128-191 RTP/RTCP; anything else dropped)."""
+        first = data[0] if data else 255
+        if 127 < first < 192:
+            if src != self.rtp.addr:
+                self.dropped_source += 1  # only from the pair ICE selected
+                return None
+            if self.receiver is None:
+                self.srtp_failures += 1  # before the DTLS handshake gave the keys
+                return None
+            return self.on_mux(data, src, now)
+        if first < 4:
+            return self._stun(data, src, now)
+        if 19 < first < 64:
+            return self._dtls(data, src, now)
+        self.engine.invalid += 1
+        return None
+
+    def _stun(self, data: bytes, src: Address, now: float) -> Result:
+        """A connectivity check (RFC 8445 7.3): answered from this port to its source. A
+        valid one latches the party on its source when it nominates the pair (USE-CANDIDATE,
+        RFC 8445 7.3.1.5; a later nomination from elsewhere moves the pair) or when nothing
+        is latched yet; the SBC as DTLS client then starts the handshake."""
+        state = self.webrtc
+        assert state is not None
+        check = ice.answer_check(data, src, ufrag=state.config.ufrag, pwd=state.config.pwd)
+        if check is None:
+            self.engine.invalid += 1  # not STUN, a bad FINGERPRINT, not a request
+            return None
+        out: list[Out] = [(self.port, check.response, src)]
+        if not check.valid:
+            self.engine.invalid += 1  # a bad check (400, 401, 420, 487)
+            return Burst(tuple(out))
+        latch = self.rtp
+        if latch.addr != src and (check.use_candidate or latch.addr is None):
+            if latch.addr is not None:
+                log.info(
+                    "session %s port %d: ICE moves the pair from %s to %s",
+                    self.session.name, self.port, latch.addr, src,
+                )  # fmt: skip
+            latch.latch(src)
+            if self.receiver is None:
+                latch.dest = None  # no media before the keys
+        if state.config.client and latch.addr is not None:
+            endpoint = self._endpoint(state)
+            if endpoint is not None and not endpoint.started:
+                out.extend((self.port, d, latch.addr) for d in endpoint.start(now))
+                self._timer(endpoint)
+        return Burst(tuple(out))
+
+    def _endpoint(self, state: _WebRtc) -> DtlsEndpoint | None:
+        if state.dtls is None:
+            context = self.engine.dtls
+            if context is None:
+                return None
+            state.dtls = DtlsEndpoint(
+                context, client=state.config.client, fingerprints=state.config.fingerprints
+            )
+        return state.dtls
+
+    def _dtls(self, data: bytes, src: Address, now: float) -> Result:
+        """A DTLS record (RFC 5764 5.1.2) from the ICE-selected address: to the leg's DTLS
+        endpoint; what it answers goes back there."""
+        state = self.webrtc
+        assert state is not None
+        if src != self.rtp.addr:
+            self.dropped_source += 1
+            return None
+        endpoint = self._endpoint(state)
+        if endpoint is None:
+            return None
+        had_keys = endpoint.keys is not None
+        was_failed = endpoint.failed
+        datagrams = endpoint.receive(data, now)
+        self._timer(endpoint)
+        if not had_keys and endpoint.keys is not None:
+            self._keyed(endpoint)
+        if endpoint.failed and not was_failed:
+            self.srtp_failures += 1
+            log.warning(
+                "session %s port %d: DTLS with %s: %s",
+                self.session.name, self.port, src, endpoint.error,
+            )  # fmt: skip
+        if not datagrams:
+            return None
+        return Burst(tuple((self.port, d, src) for d in datagrams))
+
+    def _keyed(self, endpoint: DtlsEndpoint) -> None:
+        """The handshake gave the keys (RFC 5764 4.2): SRTP from now on, both ways."""
+        keys = endpoint.keys
+        assert keys is not None
+        try:
+            self.receiver = SrtpReceiver(keys.recv)
+            self.sender = SrtpSender(keys.send)
+        except SrtpError as exc:
+            log.error("session %s port %d: %s", self.session.name, self.port, exc)
+            self.receiver = None
+            self.sender = _Unusable()
+            self.srtp_failures += 1
+            return
+        self.rtp.dest = self.rtp.addr
+        log.info(
+            "session %s port %d: DTLS-SRTP with %s (%s)",
+            self.session.name, self.port, self.rtp.addr, keys.send.suite,
+        )  # fmt: skip
+
+    def _timer(self, endpoint: DtlsEndpoint) -> None:
+        if endpoint.deadline() is None:
+            self.engine.dtls_legs.discard(self)
+        else:
+            self.engine.dtls_legs.add(self)
+
+    def dtls_timer(self, now: float) -> list[Out]:
+        """Run this leg's DTLS retransmission timer: the flight again to the latched address."""
+        state = self.webrtc
+        endpoint = state.dtls if state is not None else None
+        if endpoint is None:
+            self.engine.dtls_legs.discard(self)
+            return []
+        datagrams = endpoint.handle_timer(now)
+        self._timer(endpoint)
+        if endpoint.failed:
+            self.srtp_failures += 1
+            log.warning("session %s port %d: DTLS: %s", self.session.name, self.port,
+                        endpoint.error)  # fmt: skip
+        dest = self.rtp.addr
+        if dest is None:
+            return []
+        return [(self.port, d, dest) for d in datagrams]
 
     def on_mux(self, data: bytes, src: Address, now: float) -> Result:
         # RFC 5761 4: an RTP/RTCP packet (first byte 128..191) whose second byte is in
@@ -678,6 +894,19 @@ class RelayEngine:
         self._dtmf: list[_DtmfJob] = []  # the SBC's own events being sent (send_dtmf)
         # the party counters (_LEG_COUNTERS) of legs gone, for totals()
         self._retired = [0] * len(_LEG_COUNTERS)
+        self.dtls: DtlsContext | None = None  # the SBC's certificate (set_identity)
+        self.dtls_legs: set[_Leg] = set()  # WebRTC legs whose DTLS timer is running
+
+    def set_identity(self, identity: control.Identity) -> bool:
+        """The SBC's DTLS certificate (control.Identity) for its WebRTC parties; False
+        (logged) if it cannot be used: WebRTC parties then relay nothing."""
+        try:
+            self.dtls = DtlsContext(identity)
+        except DtlsError as exc:
+            log.error("media: %s", exc)
+            self.dtls = None
+            return False
+        return True
 
     @property
     def sessions(self) -> int:
@@ -711,6 +940,7 @@ class RelayEngine:
 
     def _retire(self, legs: tuple[_Leg, _Leg]) -> None:
         for leg in legs:
+            self.dtls_legs.discard(leg)
             for i, name in enumerate(_LEG_COUNTERS):
                 self._retired[i] += getattr(leg, name)
             self.transcode_dropped += leg.transcode_dropped()
@@ -881,13 +1111,40 @@ class RelayEngine:
         return out
 
     def next_deadline(self) -> float | None:
-        """When ``check_timeouts`` may next report something (O(sessions))."""
+        """When ``check_timeouts`` may next report something or ``dtls_due`` has a flight
+        to retransmit (O(sessions))."""
         due = [
             s.last + self.timeout
             for s in self._sessions.values()
             if s.can_timeout and not s.reported
         ]
+        dtls = self.next_dtls()
+        if dtls is not None:
+            due.append(dtls)
         return min(due) if due else None
+
+    # -- DTLS retransmissions (WebRTC parties) -----------------------------------------------
+    def next_dtls(self) -> float | None:
+        """When ``dtls_due`` next has a handshake flight to retransmit (RFC 6347 4.2.4)."""
+        due: float | None = None
+        for leg in self.dtls_legs:
+            state = leg.webrtc
+            deadline = state.dtls.deadline() if state is not None and state.dtls else None
+            if deadline is not None and (due is None or deadline < due):
+                due = deadline
+        return due
+
+    def dtls_due(self, now: float) -> list[Out]:
+        """The DTLS flights to retransmit by ``now`` (the worker calls it at ``next_dtls``)."""
+        out: list[Out] = []
+        for leg in list(self.dtls_legs):
+            state = leg.webrtc
+            deadline = state.dtls.deadline() if state is not None and state.dtls else None
+            if deadline is None:
+                self.dtls_legs.discard(leg)
+            elif deadline <= now:
+                out.extend(leg.dtls_timer(now))
+        return out
 
     # -- ports -------------------------------------------------------------------------------
     def _set_ports(self, session: _Session, wanted: dict[int, tuple[str, Handler]]) -> PortChanges:

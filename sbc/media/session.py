@@ -24,6 +24,7 @@ nothing).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
@@ -33,7 +34,17 @@ from dataclasses import dataclass, field
 
 from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
-from sbc.media.control import CodecSpec, Command, Delete, Party, SendDtmf, SrtpKey, Stream, Update
+from sbc.media.control import (
+    CodecSpec,
+    Command,
+    Delete,
+    Party,
+    SendDtmf,
+    SrtpKey,
+    Stream,
+    Update,
+    WebRtc,
+)
 from sbc.sdp.sdes import SUPPORTED_SUITES, Crypto
 from sbc.sdp.sdp import Media, Origin, SdpError, Session
 
@@ -52,6 +63,24 @@ ICE_ATTRIBUTES = frozenset({
 # address (the SBC's RTCP port is RTP + 1, the RFC 3550 default).
 _FAR_NETWORK = ICE_ATTRIBUTES | {"rtcp"}
 RTP_PROTOS = frozenset({"RTP/AVP", "RTP/AVPF", "RTP/SAVP", "RTP/SAVPF"})
+# WebRTC media (RFC 8829 5.1.2, RFC 5764 8): SRTP keyed by DTLS over ICE. The SBC terminates
+# it on the browser's leg (ICE-lite, DTLS-SRTP in the relay) and speaks SDES-SRTP or RTP on
+# the other; DTLS-SRTP without ICE is a SIP phone's end-to-end keying and passes untouched.
+WEBRTC_PROTO = "UDP/TLS/RTP/SAVPF"
+WEBRTC_PROTOS = frozenset({WEBRTC_PROTO, "UDP/TLS/RTP/SAVP"})
+# What only the WebRTC leg means (RFC 8829 5.2.1): DTLS (RFC 8122, RFC 8842), BUNDLE and
+# mid (RFC 8843, RFC 5888), RTP header extensions and SSRC signalling (RFC 8285, RFC 5576,
+# RFC 8830), RTCP feedback and reduced-size RTCP (RFC 4585, RFC 5506) of the browser.
+_WEBRTC_MEDIA = frozenset({
+    "fingerprint", "setup", "tls-id", "mid", "extmap", "extmap-allow-mixed", "msid", "ssrc",
+    "ssrc-group", "rtcp-fb", "rtcp-rsize", "connection",
+})  # fmt: skip
+_WEBRTC_SESSION = frozenset({
+    "fingerprint", "setup", "tls-id", "group", "msid-semantic", "extmap-allow-mixed",
+})  # fmt: skip
+# RFC 8445 5.1.2.1: priority of a host candidate (type preference 126, local preference
+# 65535, component 1).
+_HOST_PRIORITY = (1 << 24) * 126 + (1 << 8) * 65535 + 256 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +118,9 @@ class MediaPolicy:
     srtp_passthrough: bool = False
     # Calls with a transcoded stream at once; 0: no transcoding at all.
     max_transcoded_calls: int = 100
+    # The fingerprint of the media workers' DTLS certificate as a=fingerprint writes it
+    # ("sha-256 AB:CD:...", RFC 8122 5); empty: no WebRTC (such offers are refused).
+    dtls_fingerprint: str = ""
 
 
 class PortPool:
@@ -147,13 +179,27 @@ class _Party:
     proto: str = "RTP/AVP"  # the transport protocol of the party's last offer
     awaiting: bool = False  # offered SRTP, not answered yet: its packets are dropped
     codec: CodecSpec | None = None  # this leg's codec while the stream is transcoded
+    # A WebRTC party (a browser): the relay is its ICE-lite agent and DTLS-SRTP peer.
+    webrtc: bool = False
+    ice_ufrag: str = ""  # the SBC's ICE credentials towards it (kept: no ICE restart)
+    ice_pwd: str = ""
+    fingerprints: tuple[tuple[str, str], ...] = ()  # its certificate's, from its SDP
+    dtls_client: bool = False  # the SBC's DTLS role towards it (RFC 5763 5)
+    mid: str = ""  # the m-line's a=mid (RFC 5888): echoed in the SBC's answer
 
     def spec(self, bind: str) -> Party:
         assert self.port is not None
+        webrtc = None
+        if self.webrtc:
+            webrtc = WebRtc(
+                ufrag=self.ice_ufrag, pwd=self.ice_pwd, client=self.dtls_client,
+                fingerprints=self.fingerprints,
+            )  # fmt: skip
         return Party(
-            bind=bind, port=self.port, rtcp_mux=self.rtcp_mux, remote=self.remote,
-            remote_rtcp=self.remote_rtcp, recv_key=self.recv_key, send_key=self.send_key,
-            sends=self.sends, accept=not self.awaiting, codec=self.codec,
+            bind=bind, port=self.port, rtcp_mux=self.rtcp_mux or self.webrtc,
+            remote=self.remote, remote_rtcp=self.remote_rtcp, recv_key=self.recv_key,
+            send_key=self.send_key, sends=self.sends, accept=not self.awaiting,
+            codec=self.codec, webrtc=webrtc,
         )  # fmt: skip
 
 
@@ -267,9 +313,11 @@ class MediaController:
         toward_caller: bool,
         body: bytes,
         content_type: str | None,
+        webrtc: bool = False,
     ) -> bytes:
         """An offer from one party, rewritten for the other; MediaRefused if it cannot be
-        met (the B2BUA answers 488)."""
+        met (the B2BUA answers 488). ``webrtc``: the party the offer goes to is a browser
+        (reached over a WebSocket, RFC 7118): it gets WebRTC-shaped SDP (RFC 8829)."""
         if not _is_sdp(content_type):
             return body
         try:
@@ -283,7 +331,7 @@ class MediaController:
         src, dst = ("b", "a") if toward_caller else ("a", "b")
         session.saved = [stream.clone() for stream in session.streams]
         try:
-            out = self._rewrite_offer(session, sdp, src, dst)
+            out = self._rewrite_offer(session, sdp, src, dst, webrtc)
         except MediaRefused:
             self.rejected(call)
             raise
@@ -401,7 +449,9 @@ class MediaController:
         return None
 
     # -- offers ------------------------------------------------------------------------------
-    def _rewrite_offer(self, session: MediaSession, sdp: Session, src: str, dst: str) -> bytes:
+    def _rewrite_offer(
+        self, session: MediaSession, sdp: Session, src: str, dst: str, webrtc: bool
+    ) -> bytes:
         sides = dict(zip(("a", "b"), session.sides, strict=True))
         src_side = self.policy.sides[sides[src]]
         dst_side = self.policy.sides[sides[dst]]
@@ -418,10 +468,13 @@ class MediaController:
                 m.port = 0
                 _strip(m)
                 continue
+            if webrtc:
+                other.webrtc = True
+            me.webrtc = _is_webrtc(sdp, m)
             # Keys end to end: keying the SBC cannot take part in, or SDES
             # keys the policy leaves to the parties (srtp_passthrough).
             names = m.attribute_names()
-            stream.passthrough = (
+            stream.passthrough = not (me.webrtc or other.webrtc) and (
                 session_keying
                 or bool(names & END_TO_END_KEYING)
                 or (self.policy.srtp_passthrough and "crypto" in names)
@@ -433,7 +486,11 @@ class MediaController:
             me.rtcp_mux = m.has("rtcp-mux")
             me.proto = m.proto
             # The offerer's leg: its key, or a refusal its side's policy demands.
-            if not stream.passthrough and m.proto in RTP_PROTOS:
+            if me.webrtc:
+                self._take_webrtc(sdp, m, me, offer=True)
+                m.remove_all(_WEBRTC_MEDIA)
+                m.proto = "RTP/SAVP"  # what follows treats it as an SRTP offer
+            elif not stream.passthrough and m.proto in RTP_PROTOS:
                 self._take_offer_crypto(m, me, src_side, stream)
             # The answerer's leg: the SBC's own offer.
             self._ports(session, stream)
@@ -441,7 +498,17 @@ class MediaController:
             conn = sdp.media_connection(m)
             held = conn is not None and _is_null(conn[1])
             _strip(m)
-            if not stream.passthrough and m.proto in RTP_PROTOS:
+            if other.webrtc:
+                self._webrtc_sdp(m, other, dst_side, "actpass", i)
+                other.recv_key = other.send_key = None
+                other.offered = {}
+                other.awaiting = False
+                other.rtcp_mux = True
+                # ICE needs an address to check: hold is the direction attribute alone.
+                if held and sdp.media_direction(m) == "sendrecv":
+                    m.set_direction("inactive")
+                held = False
+            elif not stream.passthrough and m.proto in RTP_PROTOS:
                 # A re-offer on an SRTP leg keeps the SBC's keys (RFC 4568 7.1.4: the
                 # session goes on with the same crypto when nothing changed), and the
                 # leg stays usable until the answer: a phone that keeps its own key (as
@@ -453,7 +520,7 @@ class MediaController:
                 m.remove("crypto")
                 # mandatory: RTP/SAVP; optional: what the offerer used (SRTP, best-effort
                 # SDES in RTP/AVP, or plain RTP); off: plain RTP.
-                mirror = dst_side.srtp == "optional" and me.recv_key is not None
+                mirror = dst_side.srtp == "optional" and (me.recv_key is not None or me.webrtc)
                 if dst_side.srtp == "off" or not (dst_side.srtp == "mandatory" or mirror):
                     m.proto = _avp(m.proto)
                     other.send_key = None
@@ -622,10 +689,23 @@ class MediaController:
             me.rtcp_mux = m.has("rtcp-mux")
             conn = sdp.media_connection(m)
             held = conn is not None and _is_null(conn[1])
-            if not stream.passthrough and m.proto in RTP_PROTOS:
+            if me.webrtc and m.proto.upper() in WEBRTC_PROTOS:
+                self._take_webrtc(sdp, m, me, offer=False)
+                m.remove_all(_WEBRTC_MEDIA)
+                m.proto = "RTP/SAVP"
+            elif not stream.passthrough and m.proto in RTP_PROTOS:
                 self._take_answer_crypto(m, me)
             _strip(m)
-            if not stream.passthrough and m.proto in RTP_PROTOS:
+            if other.webrtc:
+                m.remove("crypto")
+                m.proto = other.proto
+                # RFC 5763 5: the answerer's role, the opposite of the offerer's wish.
+                setup = "active" if other.dtls_client else "passive"
+                self._webrtc_sdp(m, other, dst_side, setup, i)
+                if held and sdp.media_direction(m) == "sendrecv":
+                    m.set_direction("inactive")
+                held = False
+            elif not stream.passthrough and m.proto in RTP_PROTOS:
                 m.remove("crypto")
                 # RFC 3264 6.1: the answer's protocol is the offer's.
                 m.proto = other.proto
@@ -663,11 +743,65 @@ class MediaController:
         me.send_key = None
         me.offered = {}
 
+    # -- WebRTC ------------------------------------------------------------------------------
+    def _take_webrtc(self, sdp: Session, m: Media, party: _Party, *, offer: bool) -> None:
+        """What a browser's offer or answer says of its DTLS and ICE: its certificate's
+        fingerprints (media level, else session level, RFC 8122 5), the DTLS role it
+        leaves the SBC (RFC 5763 5, RFC 4145 4: no a=setup in an answer means active), its
+        mid; the SBC's own ICE credentials towards it are made once."""
+        if not self.policy.dtls_fingerprint:
+            raise MediaRefused("WebRTC Not Available")
+        values = m.attributes("fingerprint") or sdp.attributes("fingerprint")
+        fingerprints: list[tuple[str, str]] = []
+        for value in values:
+            algorithm, _, digest = value.strip().partition(" ")
+            if algorithm and digest.strip():
+                fingerprints.append((algorithm.lower(), digest.strip().upper()))
+        if not fingerprints:
+            raise MediaRefused("No DTLS Fingerprint")
+        party.fingerprints = tuple(fingerprints)
+        setups = m.attributes("setup") or sdp.attributes("setup")
+        setup = setups[0].strip().lower() if setups else ("actpass" if offer else "active")
+        # An offer's actpass or active leaves the SBC passive (the DTLS server); passive
+        # makes it the client. An answer to the SBC's actpass chose likewise.
+        party.dtls_client = setup == "passive"
+        mids = m.attributes("mid")
+        if mids:
+            party.mid = mids[0].strip()
+        if not party.ice_ufrag:
+            party.ice_ufrag, party.ice_pwd = _ice_credentials()
+
+    def _webrtc_sdp(self, m: Media, party: _Party, side: SideMedia, setup: str, index: int) -> None:
+        """The m-line towards a browser as WebRTC wants it (RFC 8829 5.2, 5.3): DTLS-SRTP
+        with the SBC's fingerprint and ``setup``, its ICE credentials and its one host
+        candidate on the relay port (ICE-lite, RFC 8445 2.5), rtcp-mux (RFC 8843 and
+        browsers require it), the mid; no SDES keys, nothing only a SIP phone means."""
+        if not self.policy.dtls_fingerprint:
+            raise MediaRefused("WebRTC Not Available")
+        if not party.ice_ufrag:
+            party.ice_ufrag, party.ice_pwd = _ice_credentials()
+        party.mid = party.mid or str(index)
+        m.remove_all(_WEBRTC_MEDIA | {"crypto", "rtcp-mux"})
+        m.proto = WEBRTC_PROTO if party.proto.upper() not in WEBRTC_PROTOS else party.proto
+        assert party.port is not None
+        m.add("mid", party.mid)
+        m.add("ice-ufrag", party.ice_ufrag)
+        m.add("ice-pwd", party.ice_pwd)
+        m.add("fingerprint", self.policy.dtls_fingerprint)
+        m.add("setup", setup)
+        m.add("rtcp-mux")
+        m.add("candidate", f"1 1 udp {_HOST_PRIORITY} {side.advertise} {party.port} typ host")
+        m.add("end-of-candidates")
+
     # -- shared ------------------------------------------------------------------------------
     @staticmethod
     def _relayable(m: Media) -> bool:
-        """UDP media only: RTP profiles and UDPTL (T.38); TCP media (RFC 4145) is refused."""
+        """UDP media only: RTP profiles and UDPTL (T.38); TCP media (RFC 4145) is refused,
+        and so are WebRTC data channels (SCTP over DTLS, RFC 8841), which the relay does
+        not terminate."""
         proto = m.proto.upper()
+        if proto.endswith("/SCTP"):
+            return False
         return proto in RTP_PROTOS or proto.startswith("UDP/") or proto == "UDPTL"
 
     @staticmethod
@@ -715,8 +849,15 @@ class MediaController:
         stream.offered = None
 
     def _finish(self, session: MediaSession, sdp: Session, dst: str, side: SideMedia) -> bytes:
-        """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE."""
+        """The SBC's o=, s= and session-level c= towards ``dst``; no session-level ICE but
+        a=ice-lite towards a browser (RFC 8839 5.3), and a browser's session-level DTLS and
+        BUNDLE lines only where the SBC relays them untouched."""
         sdp.remove_all(ICE_ATTRIBUTES)
+        terminated = [s for s in session.streams if s.active and (s.a.webrtc or s.b.webrtc)]
+        if terminated:
+            sdp.remove_all(_WEBRTC_SESSION)
+            if any(getattr(s, dst).webrtc for s in terminated):
+                sdp.add("ice-lite")
         family = "IP6" if ":" in side.advertise else "IP4"
         conn = sdp.connection
         if conn is not None and not _is_null(conn[1]):
@@ -792,9 +933,26 @@ def _connect(sdp: Session, m: Media, address: str, held: bool) -> None:
 
 
 def _transcodable_media(m: Media) -> bool:
-    """Audio over RTP: what the codec policy applies to; video, T.38 and the
-    like pass as offered."""
-    return m.kind.lower() == "audio" and m.proto.upper() in RTP_PROTOS
+    """Audio over RTP (WebRTC's included): what the codec policy applies to; video, T.38
+    and the like pass as offered."""
+    proto = m.proto.upper()
+    return m.kind.lower() == "audio" and (proto in RTP_PROTOS or proto in WEBRTC_PROTOS)
+
+
+def _is_webrtc(sdp: Session, m: Media) -> bool:
+    """A browser's media (RFC 8829 5.1.2): SRTP keyed by DTLS over ICE. DTLS-SRTP without
+    ICE credentials is a SIP phone's end-to-end keying (relayed untouched)."""
+    if m.proto.upper() not in WEBRTC_PROTOS:
+        return False
+    names = m.attribute_names() | sdp.attribute_names()
+    return "fingerprint" in names and "ice-ufrag" in names and "ice-pwd" in names
+
+
+def _ice_credentials() -> tuple[str, str]:
+    """A fresh ICE username fragment and password (RFC 8839 5.4: ice-chars, at least 4
+    and 22 characters, with at least 24 and 128 bits of randomness)."""
+    raw = base64.b64encode(os.urandom(24)).decode()  # 32 ice-chars (ALPHA DIGIT + /)
+    return raw[:8], raw[8:]
 
 
 def _strip(m: Media) -> None:

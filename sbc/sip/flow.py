@@ -1,7 +1,7 @@
 """Flows: which transport, local socket and peer a message came from or goes to.
 
-A flow is the sans-I/O name for "this UDP socket and that peer address" or "this TCP/TLS
-connection" (RFC 5626 uses the same word). The I/O layer maps flows to sockets.
+A flow is the sans-I/O name for "this UDP socket and that peer address" or "this TCP/TLS/
+WebSocket connection" (RFC 5626 uses the same word). The I/O layer maps flows to sockets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ Address = tuple[str, int]  # (host without brackets, port)
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """``transport`` is "udp", "tcp" or "tls"; ``conn_id`` names a stream connection (0 for UDP)."""
+    """``transport`` is "udp", "tcp", "tls", "ws" or "wss" (SIP over WebSocket, RFC 7118:
+    one SIP message per WebSocket message, a connection like TCP's; written in Via as WS
+    and WSS, RFC 7118 5.2.1); ``conn_id`` names a connection (0 for UDP)."""
 
     transport: str
     local: Address
@@ -22,7 +24,21 @@ class Flow:
 
     @property
     def reliable(self) -> bool:
+        """No retransmissions by the transaction layer (RFC 3261 17.1.1.2, 17.1.2.2): every
+        transport but UDP (WebSocket runs over TCP, RFC 7118 5)."""
         return self.transport != "udp"
+
+    @property
+    def secure(self) -> bool:
+        """TLS on this hop: SIP over TLS, or over secure WebSocket (WSS, RFC 7118 5.2.1;
+        a SIPS request may use it, RFC 7118 5.2.2)."""
+        return self.transport == "tls" or self.transport == "wss"
+
+    @property
+    def uri_transport(self) -> str:
+        """The ``transport`` URI parameter naming this flow's transport: "ws" for both
+        WS and WSS (RFC 7118 5.2.2; a sips: URI with it means WSS)."""
+        return "ws" if self.transport == "wss" else self.transport
 
     def to(self, remote: Address) -> Flow:
         """Same local socket, another peer (UDP responses per RFC 3261 18.2.2)."""
