@@ -325,6 +325,34 @@ def test_wrong_fingerprint_gives_no_keys(sbc_identity) -> None:  # type: ignore[
     assert engine.totals().no_destination == 1
 
 
+def test_fingerprints_that_come_after_the_handshake_are_checked_then(sbc_identity) -> None:  # type: ignore[no-untyped-def]
+    """The SBC's offer to a browser: the browser answers and starts ICE and DTLS at once,
+    so the handshake may end before the answer's fingerprints reach the worker."""
+    engine = RelayEngine()
+    engine.set_identity(sbc_identity[0])
+    browser = Browser()
+    engine.update(update(webrtc_party(()), plain_party()), 0.0)  # the SBC's offer
+    check(engine, BROWSER)
+    handshake(engine, browser)
+    assert browser.done and stats(engine).srtp_failures == 0
+    assert engine.receive(PB, rtp(1), B, 0.1) is None  # not verified yet: nothing sent
+    # The answer: the same parameters and now the fingerprints; the association stays.
+    engine.update(update(webrtc_party(browser.fingerprints()), plain_party()), 0.2)
+    send, recv, _ = browser.srtp()
+    assert outs(engine.receive(PA, send.protect(rtp(2)), BROWSER, 0.3)) == [(PB, rtp(2), B)]
+    ((_, data, dest),) = outs(engine.receive(PB, rtp(3, ssrc=0x2222), B, 0.3))
+    assert dest == BROWSER and recv.unprotect(data) == rtp(3, ssrc=0x2222)
+    # Another browser's answer (wrong fingerprints) fails the association, nothing leaks.
+    engine = RelayEngine()
+    engine.set_identity(sbc_identity[0])
+    engine.update(update(webrtc_party(()), plain_party()), 0.0)
+    check(engine, BROWSER)
+    handshake(engine, Browser())
+    engine.update(update(webrtc_party(browser.fingerprints()), plain_party()), 0.2)
+    assert stats(engine).srtp_failures == 1
+    assert engine.receive(PB, rtp(4), B, 0.3) is None
+
+
 def test_sbc_as_dtls_client(sbc_identity) -> None:  # type: ignore[no-untyped-def]
     engine = RelayEngine()
     engine.set_identity(sbc_identity[0])

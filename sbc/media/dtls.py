@@ -182,7 +182,7 @@ class DtlsEndpoint:
     """One DTLS-SRTP association (see the module docstring)."""
 
     __slots__ = ("_conn", "_deadline", "closed", "error", "failed", "fingerprints", "is_client",
-                 "keys", "started")  # fmt: skip
+                 "keys", "pending", "started")  # fmt: skip
 
     def __init__(
         self,
@@ -202,6 +202,9 @@ class DtlsEndpoint:
         self.is_client = client
         self.fingerprints = fingerprints
         self.keys: SrtpKeys | None = None
+        # The handshake ended before the peer's fingerprints were known (the SBC's offer
+        # to a browser: its answer and its ClientHello race): checked when they come.
+        self.pending = False
         self.failed = False
         self.closed = False
         self.started = False
@@ -239,6 +242,14 @@ class DtlsEndpoint:
             self._read()
         return self._flush(now)
 
+    def learn(self, fingerprints: tuple[tuple[str, str], ...]) -> None:
+        """The peer's fingerprints, from an SDP that came after the endpoint was made (the
+        answer to the SBC's offer); a handshake that already ended is checked now."""
+        self.fingerprints = fingerprints
+        if self.pending and fingerprints and not self.failed:
+            self.pending = False
+            self._finish()
+
     def handle_timer(self, now: float) -> list[bytes]:
         """Run the retransmission timer (RFC 6347 4.2.4) if it is due: the flight again."""
         due = self._deadline
@@ -274,6 +285,9 @@ class DtlsEndpoint:
     def _finish(self) -> None:
         """RFC 5763 5: the certificate must match a fingerprint of the peer's SDP; then the
         keys of RFC 5764 4.2."""
+        if not self.fingerprints:
+            self.pending = True  # ``learn`` checks it when the peer's SDP comes
+            return
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         if cert is None or not matches(cert, self.fingerprints):
             self._fail("the peer's certificate matches no fingerprint of its SDP")

@@ -93,6 +93,7 @@ parties are all on hold (none ``sends``) never times out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from collections.abc import Callable
@@ -394,7 +395,25 @@ class _Leg:
         config = party.webrtc
         assert config is not None
         state = self.webrtc
-        if state is None or state.config != config or old is None or old.webrtc != config:
+        if (
+            state is not None and old is not None and old.webrtc == state.config
+            and not state.config.fingerprints and config.fingerprints
+            and dataclasses.replace(state.config, fingerprints=config.fingerprints) == config
+        ):  # fmt: skip
+            # The answer to the SBC's offer brought the browser's fingerprints: the
+            # association goes on (its handshake may have ended already: checked now).
+            state.config = config
+            endpoint = state.dtls
+            if endpoint is not None:
+                had_keys = endpoint.keys is not None
+                endpoint.learn(config.fingerprints)
+                if not had_keys and endpoint.keys is not None:
+                    self._keyed(endpoint)
+                elif endpoint.failed:
+                    self.srtp_failures += 1
+                    log.warning("session %s port %d: DTLS: %s", self.session.name, self.port,
+                                endpoint.error)  # fmt: skip
+        elif state is None or state.config != config or old is None or old.webrtc != config:
             self._end_webrtc()
             self.webrtc = _WebRtc(config)
             self.rtp = self.rtcp = _Latch()  # ICE decides where the party is, not its SDP

@@ -17,6 +17,12 @@ Sockets: ``Namespace.new_socket()`` opens a socket *inside* a namespace from thi
 short-lived thread calls setns(2) and creates it; a socket stays in the namespace it was
 created in), so the tests drive the client with plain Python sockets.
 
+Isolation: ``with isolated() as ns:`` puts the calling thread itself into a fresh namespace
+with only ``lo`` up (setns(2), ``enter_thread()``), so everything the test starts inside the
+block (the SBC, baresip, a browser) sees loopback only; the thread goes back and the
+namespace is deleted at the end. The WebRTC tests use it: a browser gathers ICE candidates on
+every interface it sees.
+
 API, bottom up:
 - ``nat_topology(udp_timeout=5, masquerade=...)`` -> ``NatTopology`` (``lan``/``nat``/``core``
   ``Namespace``s; ``udp_mappings()``, ``nat_mapping(private, remote)``,
@@ -116,13 +122,7 @@ class Namespace:
 
         def enter_and_create() -> None:
             try:
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                        errno = ctypes.get_errno()
-                        raise OSError(errno, f"setns({self.path}): {os.strerror(errno)}")
-                finally:
-                    os.close(fd)
+                enter_thread(self.path)
                 result.append(socket.socket(family, kind, proto))
             except BaseException as exc:  # handed to the caller's thread
                 result.append(exc)
@@ -145,6 +145,48 @@ class Namespace:
             sock.close()
             raise
         return sock
+
+
+def enter_thread(path: str) -> None:
+    """Move the calling thread (only it) into the network namespace at ``path`` (setns(2);
+    Python 3.11 has no os.setns). Sockets it creates from then on, threads it starts and
+    processes it spawns live in that namespace; sockets opened before stay where they were."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns({path}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def isolated(prefix: str = "sbc-iso") -> Iterator[Namespace]:
+    """A fresh namespace with only ``lo`` up, and the calling thread inside it until the
+    block ends: the test and every process it starts meanwhile (``subprocess`` forks from
+    this thread) see 127.0.0.0/8 and ::1 only. Then the thread goes back to the namespace it
+    came from and the namespace is deleted, whatever happened (processes still running in
+    it keep it alive until they exit: stop them inside the block)."""
+    ns = Namespace(f"{prefix}-{os.getpid()}-{next(_counter)}")
+    # The way back: this thread's own namespace (not the process's: it may differ).
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        run("ip", "netns", "add", ns.name)
+        try:
+            ns.ip("link", "set", "lo", "up")
+            enter_thread(ns.path)
+            try:
+                yield ns
+            finally:
+                if _libc.setns(home, _CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns back from {ns.name}: {os.strerror(errno)}")
+        finally:
+            proc = run("ip", "netns", "delete", ns.name, check=False)
+            if proc.returncode != 0:
+                print(f"ip netns delete {ns.name}: {proc.stderr.strip()}")
+    finally:
+        os.close(home)
 
 
 @dataclass(frozen=True)
@@ -396,7 +438,7 @@ class NsSbc:
 
     def options(self, timeout: float = 1.0) -> sipwire.Response:
         """One OPTIONS to the access side, sent from inside core (not through the NAT)."""
-        with contextlib.closing(self.netns.udp_socket(CORE_ADDRESS)) as sock:
+        with contextlib.closing(self.netns.udp_socket(self.access[0])) as sock:
             local = sock.getsockname()[:2]
             target = sipwire.hostport(*self.access)
             data = sipwire.request(target=target, transport="udp", local=local)

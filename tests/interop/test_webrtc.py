@@ -1,0 +1,486 @@
+"""A real browser (headless Chromium) talks to SIP phones through the SBC's WebRTC gateway.
+
+The SBC's access side listens on ``ws://`` and ``wss://`` as well as UDP and TLS: the same
+listener serves the browser softphone (sbc/static/, a plain HTTP GET) and carries its SIP
+over WebSocket (RFC 7118); the SBC terminates the browser's ICE (it is ICE-lite) and
+DTLS-SRTP and bridges the audio to baresip, which talks TLS and SDES-SRTP. The browser's
+fake microphone plays a 1 kHz tone, bob (baresip) plays 1.5 kHz and records what he hears.
+
+Everything runs inside a fresh network namespace with only ``lo`` up (browser.webrtc_netns):
+Chromium gathers ICE candidates on every interface it sees, so there they can only be
+loopback. Ports are fixed: nothing else binds in that namespace.
+
+- Without the SBC (the harness itself): ``test_namespace_has_only_loopback``;
+  ``test_page_loads_from_its_own_origin`` (the page and sip.js from a tiny local HTTP server:
+  ``window.phone`` is there and nothing is fetched from elsewhere);
+  ``test_browser_audio_on_loopback`` (two peer connections inside the page: every candidate
+  is loopback, and the page's meters hear the fake microphone's tone).
+- With the SBC, the page loaded from its own listener and registered as alice:
+  ``test_browser_calls_baresip_over_ws`` / ``..._over_wss`` (the browser calls bob and hangs
+  up) and ``test_baresip_calls_the_browser`` (bob calls, the page answers by itself, bob hangs
+  up). Each side hears the other's tone (bob's recording; the page's ``phone.tone()`` and
+  ``phone.level()``), the browser's ICE pair is loopback at both ends, DTLS is connected with
+  an SRTP cipher, and the SBC's call record has packets both ways. The ws call takes a
+  screenshot during the call into tmp_path, and into docs/webrtc-phone.png when
+  SBC_SCREENSHOT=1 (never in an ordinary run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import netns
+from .browser import (  # noqa: F401 - webrtc_netns is a fixture
+    BrowserError,
+    Chromium,
+    browser_tone,
+    chromium,
+    chromium_binary,
+    webrtc_netns,
+)
+from .conftest import Certs
+from .phones import (  # noqa: F401 - phones and sox are fixtures
+    ALICE_HZ,
+    BOB_HZ,
+    CALL_TIMEOUT,
+    DOMAIN,
+    MEDIA_SECONDS,
+    MediaPhone,
+    PhoneFactory,
+    account,
+    assert_heard,
+    media_records,
+    phones,
+    sox,
+)
+
+pytestmark = pytest.mark.interop
+
+HOST = "127.0.0.1"
+UDP_PORT = 5060
+TLS_PORT = 5061
+WS_PORT = 8088
+WSS_PORT = 8443
+CORE_PORT = 5080
+ADMIN_PORT = 8080
+MEDIA_PORTS = (20000, 20199)
+SERVER_HEADER = "sbc-webrtc-test"
+STATIC = Path(__file__).resolve().parents[2] / "sbc" / "static"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "webrtc-phone.png"
+
+BROWSER_HZ = ALICE_HZ  # the browser's fake microphone (1 kHz)
+TONE_TOLERANCE = 20.0  # Hz: the analyser's bins are 5.9 Hz wide, interpolated
+MIN_LEVEL = 0.05  # RMS of the remote audio in the page: a half-scale tone is about 0.35
+REGISTER_TIMEOUT = 10.0
+PAGE_TIMEOUT = 10.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LOOPBACK_PREFIXES = ("127.", "::1", "[::1]")
+
+
+# =========================================================================================
+# The SBC with WebSocket listeners, inside the test's namespace
+# =========================================================================================
+def webrtc_config(certs: Certs, records: Path) -> str:
+    """Access on UDP, TLS, WS and WSS (127.0.0.1, fixed ports); the embedded registrar (no
+    backend); SRTP mandatory towards SIP phones; call records with the relay's counters."""
+    listen = [
+        f"tls://{HOST}:{TLS_PORT}",
+        f"ws://{HOST}:{WS_PORT}",
+        f"wss://{HOST}:{WSS_PORT}",
+        f"udp://{HOST}:{UDP_PORT}",  # last: once it answers, every listener is bound
+    ]
+    return f"""\
+[sbc]
+name = "webrtc-interop"
+
+[access]
+listen = [{", ".join(f'"{url}"' for url in listen)}]
+
+[access.tls]
+certificate = "{certs.server_cert}"
+private_key = "{certs.server_key}"
+ca = "{certs.ca}"
+
+[core]
+listen = ["udp://{HOST}:{CORE_PORT}"]
+
+[admin]
+listen = "{HOST}:{ADMIN_PORT}"
+
+[media]
+ports = "{MEDIA_PORTS[0]}-{MEDIA_PORTS[1]}"
+access_srtp = "mandatory"
+timeout = 600
+
+[calls]
+records = "{records}"
+
+[sip]
+user_agent = "{SERVER_HEADER}"
+
+[log]
+level = "debug"
+format = "text"
+
+[security]
+allow = ["127.0.0.1", "::1"]
+"""
+
+
+def wait_listening(port: int, timeout: float = 5.0) -> None:
+    """Until a TCP socket listens on HOST:port in this thread's namespace, read from the
+    kernel's table (a test connection would show up in the SBC's log as a failed handshake)."""
+    # /proc/thread-self: the namespace of this thread, not of the process's first thread.
+    table = Path("/proc/thread-self/net/tcp")
+    packed = int.from_bytes(socket.inet_aton(HOST), sys.byteorder)
+    wanted = f"{packed:08X}:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [line.split() for line in table.read_text().splitlines()[1:]]
+        if any(row[1] == wanted and row[3] == "0A" for row in rows):  # 0A: LISTEN
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"nothing listens on {HOST}:{port} after {timeout} s")
+        time.sleep(0.05)
+
+
+@dataclass
+class WebRtcLab:
+    """The SBC in the test's namespace, baresip phones and browsers started through it."""
+
+    ns: netns.Namespace
+    sbc: netns.NsSbc
+    records: Path
+    certs: Certs
+    sox: str
+    workdir: Path
+    phone_factory: PhoneFactory
+    stack: contextlib.ExitStack
+    browsers: list[Chromium] = field(default_factory=list)
+
+    def bob(self) -> MediaPhone:
+        """baresip bob: TLS to the SBC, SDES-SRTP mandatory, answers by himself, plays
+        BOB_HZ and records what he hears; registered."""
+        bob = self.phone_factory("bob", hz=BOB_HZ, cafile=self.certs.ca)
+        self.stack.callback(bob.stop)  # before the SBC goes (its un-REGISTER gets an answer)
+        bob.command("uanew", account("bob", f"{HOST}:{TLS_PORT}", "tls", srtp=True, answer=True))
+        bob.wait_event("REGISTER_OK", timeout=REGISTER_TIMEOUT)
+        return bob
+
+    def browser(self, *, secure: bool = False, autoanswer: bool = False) -> Chromium:
+        """A Chromium whose fake microphone plays BROWSER_HZ, with the page loaded from the
+        SBC's own ws (http://) or wss (https://) listener and registered as alice."""
+        tone = browser_tone(self.sox, self.workdir / f"browser-{BROWSER_HZ:g}.wav", BROWSER_HZ)
+        page = self.stack.enter_context(
+            chromium(self.workdir / f"chromium-{len(self.browsers)}", tone=tone)
+        )
+        self.browsers.append(page)
+        origin = f"https://{HOST}:{WSS_PORT}" if secure else f"http://{HOST}:{WS_PORT}"
+        query = f"user=alice&domain={DOMAIN}&autoregister=1" + (
+            "&autoanswer=1" if autoanswer else ""
+        )
+        page.open(f"{origin}/?{query}", timeout=PAGE_TIMEOUT)
+        page.wait_for("window.phone && window.phone.registered", REGISTER_TIMEOUT)
+        return page
+
+
+@pytest.fixture
+def webrtc_lab(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    certs: Certs,
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> Iterator[WebRtcLab]:
+    """The SBC with ws/wss listeners in the test's namespace; at the end browsers, then
+    phones, then the SBC are stopped (by PID), and an SBC that misbehaved fails the test."""
+    chromium_binary()  # skip (fail in CI) before anything starts
+    records = tmp_path / "calls.jsonl"
+    workdir = tmp_path / "sbc"
+    workdir.mkdir()
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        sbc = netns.launch_sbc(webrtc_netns, workdir, webrtc_config(certs, records))
+        sbc.access = (HOST, UDP_PORT)
+        stack.callback(lambda: problems.extend(netns.stop_sbc(sbc)))
+        netns.wait_sbc_ready(sbc, server=SERVER_HEADER)
+        for port in (TLS_PORT, WS_PORT, WSS_PORT):
+            wait_listening(port)
+        # Callbacks run last-in first-out: browsers and phones go before the SBC.
+        with contextlib.ExitStack() as inner:
+            yield WebRtcLab(
+                ns=webrtc_netns,
+                sbc=sbc,
+                records=records,
+                certs=certs,
+                sox=sox,
+                workdir=tmp_path,
+                phone_factory=phones,
+                stack=inner,
+            )
+    assert not problems, "\n".join(problems)
+
+
+# =========================================================================================
+# Checks on a call in progress
+# =========================================================================================
+def wait_call(page: Chromium, state: str, timeout: float = CALL_TIMEOUT) -> None:
+    """Until the page's call is in ``state``; a call that ends first fails at once, with
+    the reason the page saw (a SIP status, a media error)."""
+    result = page.wait_for(
+        f"window.phone.state === {state!r} || (window.phone.state === 'ended'"
+        " && 'ended: ' + window.phone.lastError)",
+        timeout,
+    )
+    if result is not True and state != "ended":
+        raise AssertionError(f"the browser's call {result}, never {state}\n{page.explain()}")
+
+
+def wait_for_audio(page: Chromium) -> None:
+    """Until the page's meter hears the remote party; a failure says what the peer
+    connection saw (packets, DTLS and ICE state, the pair in use)."""
+    try:
+        page.wait_for(f"window.phone.level() > {MIN_LEVEL}", CALL_TIMEOUT)
+    except BrowserError as exc:
+        stats = page.evaluate("window.phone.stats()")
+        raise AssertionError(f"the browser hears nothing; its media: {stats}\n{exc}") from None
+
+
+def page_hears(page: Chromium, hz: float) -> dict[str, Any]:
+    """The page's measure of the remote audio: a few readings of its dominant frequency
+    (the median must be ``hz``) and its level (above MIN_LEVEL)."""
+    readings = []
+    for _ in range(5):
+        readings.append(float(page.evaluate("window.phone.tone()")))
+        time.sleep(0.2)
+    tone = sorted(readings)[len(readings) // 2]
+    level = float(page.evaluate("window.phone.level()"))
+    heard = {"tone": tone, "readings": readings, "level": level}
+    print(f"the browser heard: {heard}")
+    assert abs(tone - hz) <= TONE_TOLERANCE, f"browser heard {heard}, not {hz} Hz\n{page.explain()}"
+    assert level > MIN_LEVEL, f"browser heard {heard}: too quiet\n{page.explain()}"
+    return heard
+
+
+def assert_webrtc_media(page: Chromium) -> dict[str, Any]:
+    """The page's peer connection: DTLS connected with an SRTP cipher, RTP both ways, and the
+    ICE pair in use on loopback at both ends (the namespace allows nothing else)."""
+    stats: dict[str, Any] = page.evaluate("window.phone.stats()") or {}
+    print(f"the browser's media: {stats}")
+    assert stats, f"no peer connection in the page\n{page.explain()}"
+    assert stats.get("dtlsState") == "connected", f"{stats}\n{page.explain()}"
+    assert stats.get("srtpCipher"), stats
+    assert stats["packetsSent"] > 0 and stats["packetsReceived"] > 0, stats
+    for end in ("local", "remote"):
+        assert str(stats.get(end, "")).startswith(LOOPBACK_PREFIXES), stats
+    return stats
+
+
+def screenshot(page: Chromium, tmp_path: Path, *, docs: bool = False) -> Path:
+    """A PNG of the page now, in tmp_path; with ``docs`` (a call in progress) also
+    docs/webrtc-phone.png, but only when SBC_SCREENSHOT=1 (an ordinary run, CI's included,
+    never rewrites the docs)."""
+    path = page.screenshot(tmp_path / "webrtc-phone.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000, f"not a PNG: {data[:16]!r}"
+    if docs and os.environ.get("SBC_SCREENSHOT") == "1":
+        shutil.copyfile(path, DOCS_SCREENSHOT)
+        print(f"screenshot written to {DOCS_SCREENSHOT}")
+    return path
+
+
+def browser_calls_bob(lab: WebRtcLab, tmp_path: Path, *, secure: bool) -> None:
+    """The browser calls bob, they talk, the browser hangs up; both heard each other."""
+    bob = lab.bob()
+    page = lab.browser(secure=secure)
+    page.evaluate("window.phone.call('bob')")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+    time.sleep(MEDIA_SECONDS)
+    page_hears(page, BOB_HZ)
+    assert_webrtc_media(page)
+    screenshot(page, tmp_path, docs=not secure)
+
+    page.evaluate("window.phone.hangup()")
+    wait_call(page, "ended")
+    bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    assert_heard(lab.sox, bob, BROWSER_HZ)
+    media_records(lab.records, 1)
+
+
+# =========================================================================================
+# The tests
+# =========================================================================================
+def test_browser_calls_baresip_over_ws(webrtc_lab: WebRtcLab, tmp_path: Path) -> None:
+    """The browser (page and SIP over ws://) calls bob; both hear each other."""
+    browser_calls_bob(webrtc_lab, tmp_path, secure=False)
+
+
+def test_browser_calls_baresip_over_wss(webrtc_lab: WebRtcLab, tmp_path: Path) -> None:
+    """The same over wss:// (the page from https://, the dev CA's certificate)."""
+    browser_calls_bob(webrtc_lab, tmp_path, secure=True)
+
+
+def test_baresip_calls_the_browser(webrtc_lab: WebRtcLab) -> None:
+    """bob calls alice's browser (it answers by itself), they talk, bob hangs up."""
+    bob = webrtc_lab.bob()
+    page = webrtc_lab.browser(autoanswer=True)
+    bob.command("dial", f"sip:alice@{DOMAIN}")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+    time.sleep(MEDIA_SECONDS)
+    page_hears(page, BOB_HZ)
+    assert_webrtc_media(page)
+
+    bob.command("hangup")
+    bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    wait_call(page, "ended")
+    assert_heard(webrtc_lab.sox, bob, BROWSER_HZ)
+    media_records(webrtc_lab.records, 1)
+
+
+# -- without the SBC: the page, the browser and the namespace ------------------------------
+@contextlib.contextmanager
+def static_server() -> Iterator[tuple[str, list[str]]]:
+    """sbc/static/ over HTTP on a free loopback port (in this thread's namespace): its
+    origin and the paths requested."""
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            requested.append(self.path)
+
+    handler = functools.partial(Handler, directory=str(STATIC))
+    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="static", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_namespace_has_only_loopback(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+) -> None:
+    """What the browser and the SBC will see: lo, and nothing else."""
+    links = subprocess.run(
+        ["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=5, check=True
+    ).stdout
+    names = [line.split(":")[1].strip() for line in links.splitlines()]
+    assert names == ["lo"], links
+    # This thread is in that namespace (the same inode), not just looking into it.
+    assert os.stat("/proc/thread-self/ns/net").st_ino == os.stat(webrtc_netns.path).st_ino
+
+
+def test_page_loads_from_its_own_origin(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """The softphone and the sip.js modules it imports load from the page's own origin, and
+    it starts idle and unregistered with the SIP server on that same origin."""
+    chromium_binary()
+    with static_server() as (origin, requested), chromium(tmp_path / "chromium") as page:
+        page.open(f"{origin}/?user=alice&domain={DOMAIN}", timeout=PAGE_TIMEOUT)
+        page.wait_for("window.phone !== undefined", PAGE_TIMEOUT)
+        state = page.evaluate(
+            "({state: phone.state, registered: phone.registered, lastError: phone.lastError,"
+            " log: phone.log, user: document.getElementById('user').value,"
+            " domain: document.getElementById('domain').value,"
+            " resources: performance.getEntriesByType('resource').map((e) => e.name)})"
+        )
+        screenshot(page, tmp_path)
+    print({key: value for key, value in state.items() if key != "resources"})
+    print(f"{len(state['resources'])} resources, e.g. {state['resources'][:3]}")
+    assert state["state"] == "idle" and state["registered"] is False, state
+    assert state["lastError"] is None, state
+    assert (state["user"], state["domain"]) == ("alice", DOMAIN), state
+    port = origin.rsplit(":", 1)[1]
+    assert any(f"SIP server ws://{HOST}:{port}/" in line for line in state["log"]), state
+    assert state["resources"], state
+    assert all(url.startswith(origin + "/") for url in state["resources"]), state["resources"]
+    assert "/vendor/sip.js/lib/api/index.js" in requested, requested
+
+
+LOOPBACK_CALL = """
+(async () => {
+  const audio = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
+  const mic = await navigator.mediaDevices.getUserMedia({ audio, video: false });
+  const a = new RTCPeerConnection({ iceServers: [] });
+  const b = new RTCPeerConnection({ iceServers: [] });
+  const candidates = [];
+  a.onicecandidate = (e) => { if (e.candidate) { candidates.push(e.candidate.candidate); b.addIceCandidate(e.candidate); } };
+  b.onicecandidate = (e) => { if (e.candidate) { candidates.push(e.candidate.candidate); a.addIceCandidate(e.candidate); } };
+  const remote = new Promise((resolve) => { b.ontrack = (e) => resolve(new MediaStream([e.track])); });
+  for (const track of mic.getTracks()) a.addTrack(track, mic);
+  await a.setLocalDescription();
+  await b.setRemoteDescription(a.localDescription);
+  await b.setLocalDescription();
+  await a.setRemoteDescription(b.localDescription);
+  window.loopback = { a, b, candidates };
+  window.phone.listen(await remote);
+  return true;
+})()
+"""
+
+LOOPBACK_PAIR = """
+(async () => {
+  const report = await window.loopback.a.getStats();
+  const byId = new Map([...report.values()].map((e) => [e.id, e]));
+  for (const entry of report.values()) {
+    if (entry.type === "transport" && entry.selectedCandidatePairId) {
+      const pair = byId.get(entry.selectedCandidatePairId);
+      return { local: byId.get(pair.localCandidateId).address,
+               remote: byId.get(pair.remoteCandidateId).address,
+               candidates: window.loopback.candidates };
+    }
+  }
+  return null;
+})()
+"""
+
+
+def test_browser_audio_on_loopback(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """In the namespace the browser's ICE candidates are loopback only, its fake microphone
+    plays the tone file, and the page's meters (phone.level, phone.tone) measure it after
+    a trip through a peer connection: the harness the SBC tests rely on."""
+    chromium_binary()
+    tone = browser_tone(sox, tmp_path / "tone.wav", BROWSER_HZ)
+    with static_server() as (origin, _), chromium(tmp_path / "chromium", tone=tone) as page:
+        page.open(f"{origin}/", timeout=PAGE_TIMEOUT)
+        page.wait_for("window.phone !== undefined", PAGE_TIMEOUT)
+        page.evaluate(LOOPBACK_CALL, timeout=PAGE_TIMEOUT)
+        pair = page.wait_for(LOOPBACK_PAIR, PAGE_TIMEOUT)
+        wait_for_audio(page)
+        time.sleep(1.0)
+        page_hears(page, BROWSER_HZ)
+    print(pair)
+    assert pair["candidates"], pair
+    for candidate in pair["candidates"]:
+        address = candidate.split()[4]  # foundation component transport priority ADDRESS
+        assert address.startswith(LOOPBACK_PREFIXES), candidate
+    assert pair["local"].startswith(LOOPBACK_PREFIXES), pair
+    assert pair["remote"].startswith(LOOPBACK_PREFIXES), pair
