@@ -305,6 +305,15 @@ class SbcCore(Pipeline):
         events += [ban_event(ip, until, "snapshot") for ip, until in self.guard.bans.items()]
         return events
 
+    def open_connections(self) -> dict[str, int]:
+        """Stream and WebSocket connections that have carried data and are open, by
+        transport (for the metrics)."""
+        counts: dict[str, int] = {}
+        for flows in (self._framers, self._message_flows):
+            for flow in flows:
+                counts[flow.transport] = counts.get(flow.transport, 0) + 1
+        return counts
+
     def connection_closed(self, flow: Flow) -> None:
         self._framers.pop(flow, None)
         self._message_flows.discard(flow)

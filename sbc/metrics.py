@@ -266,6 +266,14 @@ class SbcCollector(Collector):
             if not key.startswith(("rejected:", "ban:")) and key not in _GUARD_DROPS:
                 guard_events.add_metric([key], value)
         yield guard_events
+        open_connections = GaugeMetricFamily(
+            "sbc_connections_open",
+            "Client and backend connections open now, by transport (tcp, tls, ws, wss)",
+            labels=["transport"],
+        )
+        for transport, count in sorted(core.open_connections().items()):
+            open_connections.add_metric([transport], count)
+        yield open_connections
         sip_events = CounterMetricFamily(
             "sbc_sip_events",
             "Other events of the SIP core: STUN and CRLF keep-alives answered, idle "

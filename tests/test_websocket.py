@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from test_admin import scrape, value
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
@@ -37,6 +38,7 @@ from sbc.io.websocket import (
     static_response,
     wants_websocket,
 )
+from sbc.metrics import SbcCollector
 from sbc.sip.flow import Flow
 
 # -- static files (sans-I/O) -----------------------------------------------------------------
@@ -305,9 +307,19 @@ async def test_each_message_reaches_the_core_as_a_ws_flow_and_the_answer_is_a_te
             # A CRLFCRLF keep-alive message gets its CRLF answer (RFC 5626 4.4.1).
             await ws.send("\r\n\r\n")
             assert await recv_text(ws) == "\r\n"
+            # /metrics counts it among the open connections, by transport.
+            assert (
+                value(
+                    scrape(SbcCollector(core, clock=time.monotonic)),
+                    "sbc_connections_open",
+                    transport="ws",
+                )
+                == 1
+            )
         # Closed: the core is told, as for a TCP connection (connection_lost).
         await eventually("the connection gone", lambda: flow.conn_id not in transports._conns)
         assert not core._alive(flow)
+        assert core.open_connections() == {}
 
 
 async def test_a_message_is_whole_without_content_length_and_a_bad_one_keeps_the_link() -> None:
