@@ -175,6 +175,27 @@ def test_a_shared_codec_is_offered_alone_and_nothing_is_transcoded() -> None:
     h.assert_clean()
 
 
+def test_an_answer_on_the_offerers_codec_loses_the_formats_the_sbc_added() -> None:
+    h = Harness(policy(core=DEFAULT_CODECS))
+    assert h.offer(OPUS_OFFER).formats == ["96", "9", "0", "8", "101"]
+    # A browser-like answerer repeats every format it accepts, the SBC's additions too.
+    answer = offer_sdp(
+        "audio 96 9 0 8 101",
+        "a=rtpmap:96 opus/48000/2",
+        "a=rtpmap:9 G722/8000",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:8 PCMA/8000",
+        "a=rtpmap:101 telephone-event/8000",
+        host="10.1.0.50",
+    )
+    to_caller = h.answer(answer)
+    # The caller gets only what it offered: its Opus and its events (RFC 3264 6.1).
+    assert to_caller.formats == ["96", "101"]
+    assert rtpmaps(to_caller) == ["96 opus/48000/2", "101 telephone-event/8000"]
+    assert h.codecs() == (None, None)
+    h.assert_clean()
+
+
 def test_defaults_append_the_missing_codecs_behind_the_offerers() -> None:
     h = Harness(policy(core=DEFAULT_CODECS))
     to_core = h.offer(OPUS_OFFER)

@@ -403,6 +403,8 @@ def test_default_config_file_loads(tmp_path: Path) -> None:
         "tcp://127.0.0.1:5060",
         "tls://127.0.0.1:5061",
         "udp://[::1]:5060",
+        "ws://127.0.0.1:8088",
+        "wss://127.0.0.1:8443",
     ]
     assert c.access.tls.certificate == tmp_path / "certs" / "server.pem"
     assert c.access.tls.ca == tmp_path / "certs" / "ca.pem"

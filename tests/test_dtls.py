@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import struct
 
-import pylibsrtp
 import pytest
 from cryptography import x509
 
 from sbc.media import control, dtls
-from sbc.media.srtp import SrtpReceiver, SrtpSender
+from sbc.media.srtp import KEY_SALT_LENGTHS, SrtpReceiver, SrtpSender
 
 
 def fp(text: str) -> tuple[tuple[str, str], ...]:
@@ -58,7 +57,7 @@ def test_identity_and_fingerprint() -> None:
     assert name == "sha-256" and len(value.split(":")) == 32 and value == value.upper()
     assert dtls.fingerprint(identity.certificate) == text
     cert = x509.load_pem_x509_certificate(identity.certificate)
-    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 31
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 366
     assert dtls.fingerprint(identity.certificate, "SHA-1").startswith("sha-1 ")
     with pytest.raises(ValueError):
         dtls.fingerprint(identity.certificate, "md5")
@@ -171,5 +170,14 @@ def test_bad_identity() -> None:
 
 
 def test_offered_profiles_are_libsrtp_ones() -> None:
-    assert dtls.SRTP_PROFILES.split(b":")[0] == b"SRTP_AEAD_AES_256_GCM"
-    assert pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM
+    # Best first (RFC 5764 4.1.1: the client's order is its preference), and each one has
+    # a libsrtp policy the relay can make.
+    offered = dtls.SRTP_PROFILES.split(b":")
+    assert offered == [
+        b"SRTP_AEAD_AES_256_GCM",
+        b"SRTP_AEAD_AES_128_GCM",
+        b"SRTP_AES128_CM_SHA1_80",
+    ]
+    for suite in ("AEAD_AES_256_GCM", "AEAD_AES_128_GCM", "AES_CM_128_HMAC_SHA1_80"):
+        key = control.SrtpKey(suite=suite, key_salt=bytes(KEY_SALT_LENGTHS[suite]))
+        SrtpSender(key).protect(bytes([0x80, 0]) + bytes(10))

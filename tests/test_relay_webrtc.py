@@ -215,6 +215,11 @@ def test_bad_checks_get_errors_and_latch_nothing(sbc_identity) -> None:  # type:
     assert engine.receive(PA, b"\x64" + bytes(20), EVIL, 0.0) is None  # RFC 7983: no range
     assert engine.receive(PA, b"", EVIL, 0.0) is None
     assert engine.totals().invalid == 5
+    # A bare Binding request (20 bytes, maybe from a forged source) would get a larger 400:
+    # not answered, so the relay amplifies nothing.
+    bare = struct.pack("!HHI", ice.BINDING_REQUEST, 0, ice.MAGIC_COOKIE) + os.urandom(12)
+    assert engine.receive(PA, bare, EVIL, 0.0) is None
+    assert engine.totals().invalid == 6
 
 
 def test_use_candidate_moves_the_pair(sbc_identity) -> None:  # type: ignore[no-untyped-def]
@@ -296,6 +301,20 @@ def test_identical_update_keeps_the_keys(sbc_identity) -> None:  # type: ignore[
     assert outs(engine.receive(PA, send.protect(rtp(1)), BROWSER, 5.0)) == [(PB, rtp(1), B)]
     ((_, data, dest),) = outs(engine.receive(PB, rtp(2, ssrc=0x2222), B, 5.0))
     assert dest == BROWSER and recv.unprotect(data) == rtp(2, ssrc=0x2222)
+
+
+def test_an_ice_restart_keeps_the_dtls_association(sbc_identity) -> None:  # type: ignore[no-untyped-def]
+    engine, browser, send, recv = connected(sbc_identity)
+    restarted = webrtc_party(browser.fingerprints(), ufrag="sbcV")  # new SBC credentials
+    engine.update(update(restarted, plain_party()), 5.0)
+    # The keys and the pair stay; checks now need the new credentials, and a nomination
+    # from the browser's new candidate moves the pair.
+    assert outs(engine.receive(PA, send.protect(rtp(1)), BROWSER, 5.0)) == [(PB, rtp(1), B)]
+    ((_, response, _),) = check(engine, OTHER, ufrag="sbcU", now=5.0)
+    assert ice.parse(response).type == ice.BINDING_ERROR
+    assert check(engine, OTHER, ufrag="sbcV", now=5.0)
+    ((_, data, dest),) = outs(engine.receive(PB, rtp(2, ssrc=0x2222), B, 5.1))
+    assert dest == OTHER and recv.unprotect(data) == rtp(2, ssrc=0x2222)
 
 
 def test_changed_fingerprint_restarts(sbc_identity) -> None:  # type: ignore[no-untyped-def]

@@ -278,3 +278,46 @@ def test_a_data_channel_m_line_is_rejected_and_audio_goes_on() -> None:
     assert out.media[0].port != 0 and out.media[1].port == 0
     [stream] = h.last_update().streams
     assert stream.index == 0
+
+
+def test_an_ice_restart_gets_new_credentials_and_keeps_the_dtls_roles() -> None:
+    h = Harness()
+    h.offer(CHROME_OFFER.replace(b"a=setup:actpass", b"a=setup:passive"))
+    first = h.answer(PHONE_ANSWER)
+    creds = (only(first.media[0], "ice-ufrag"), only(first.media[0], "ice-pwd"))
+    assert only(first.media[0], "setup") == "active"  # the SBC is the DTLS client
+    # A re-offer (actpass, same certificate, same ICE credentials): nothing changes.
+    h.offer(CHROME_OFFER.replace(b"o=- 4611731400430051336 2", b"o=- 4611731400430051336 3"))
+    again = h.answer(PHONE_ANSWER)
+    assert only(again.media[0], "setup") == "active"
+    assert (only(again.media[0], "ice-ufrag"), only(again.media[0], "ice-pwd")) == creds
+    # New ICE credentials from the browser: an ICE restart (RFC 8445 9), joined with new ones.
+    restart = CHROME_OFFER.replace(b"a=ice-ufrag:Xa3p", b"a=ice-ufrag:Zz9q")
+    h.offer(restart)
+    joined = h.answer(PHONE_ANSWER)
+    assert (only(joined.media[0], "ice-ufrag"), only(joined.media[0], "ice-pwd")) != creds
+    [stream] = h.last_update().streams
+    assert stream.a.webrtc is not None and stream.a.webrtc.client  # the roles stay
+
+
+def test_a_browser_answer_without_a_fingerprint_refuses_the_stream() -> None:
+    h = Harness(caller="core")
+    h.offer(PHONE_OFFER, webrtc=True)
+    to_phone = h.answer(
+        CHROME_ANSWER.replace(f"a=fingerprint:sha-256 {CHROME_FP}\r\n".encode(), b"")
+    )
+    [m] = to_phone.media
+    assert m.port == 0 and not m.has("crypto")
+    assert h.ctl.state_size()["media_ports"] == 0
+
+
+def test_end_to_end_keys_cannot_go_to_a_browser() -> None:
+    h = Harness(caller="core")
+    dtls_phone = sdp(
+        "v=0", "o=- 1 1 IN IP4 10.1.0.50", "s=-", "c=IN IP4 10.1.0.50", "t=0 0",
+        f"a=fingerprint:sha-256 {CHROME_FP}", "m=audio 4000 UDP/TLS/RTP/SAVP 0",
+        "a=setup:actpass",
+    )  # fmt: skip
+    with pytest.raises(MediaRefused, match="End-To-End Keys"):
+        h.offer(dtls_phone, webrtc=True)
+    assert h.ctl.state_size() == {"media_sessions": 0, "media_ports": 0}

@@ -108,7 +108,10 @@ class Routing(Mapping):
             return Refusal(404, "Not Found")
         client, contact = found
         if not alive(client):
-            return Refusal(430, "Flow Failed")
+            # The SBC is the registrar here, so the caller is a UA, for which 430 is not
+            # meant (RFC 5626 5.3, 11.6: an edge proxy's answer to the registrar's proxy):
+            # the user cannot be reached until it registers again over a new flow.
+            return Refusal(480, "Temporarily Unavailable")
         return Target(client, str(contact) if contact is not None else req.uri_text, ACCESS)
 
     def _admit(self: B2bua, flow: Flow) -> Refusal | None:

@@ -288,6 +288,17 @@ def rewrite_answer(m: Media, codec: Format, dtmf: Format | None, ptime: int | No
         m.add("ptime", str(ptime))
 
 
+def drop_added(m: Media, offered: Offered) -> None:
+    """An answer that took one of the offerer's own codecs, as the offerer gets it: without
+    the formats the SBC added to the offer (an answerer may list every format it accepts,
+    RFC 3264 6.1; those it lists of the SBC's would name codecs the offerer never offered)."""
+    formats = formats_of(m)
+    if formats is None:
+        return
+    own = {f.pt for f in offered.formats}
+    _remove_formats(m, {f.pt for f in formats if f.pt not in own})
+
+
 def dtmf_interworking(
     offered: Offered, answer: Sequence[Format], chosen: Format
 ) -> tuple[Format, Format | None, Format | None] | None:

@@ -69,9 +69,11 @@ class DtlsError(Exception):
 # -- certificates ----------------------------------------------------------------------------
 
 
-def make_identity(*, days: int = 30) -> tuple[Identity, str]:
+def make_identity(*, days: int = 365) -> tuple[Identity, str]:
     """A fresh self-signed ECDSA P-256 certificate (RFC 8827 6.5: a new one per run, not
-    tied to a name), valid from a day ago for ``days`` days, and its a=fingerprint value."""
+    tied to a name), valid from a day ago for ``days`` days, and its a=fingerprint value.
+    Only the fingerprint authenticates it (browsers do not look at its dates); the year
+    keeps a stricter peer content while the SBC runs."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sbc-" + secrets.token_hex(4))])
     now = datetime.datetime.now(datetime.UTC)

@@ -93,7 +93,6 @@ parties are all on hold (none ``sends``) never times out.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
 from collections.abc import Callable
@@ -384,9 +383,9 @@ class _Leg:
 
     def _configure_webrtc(self, party: control.Party, old: control.Party | None) -> bool:
         """A WebRTC party: one port (rtcp-mux, RFC 8843 / RFC 5761), latched by ICE, keyed
-        by DTLS. The same credentials, role and fingerprints (a re-INVITE for hold, a
-        codec change) keep the association, its keys and the latch; a change (an ICE
-        restart, RFC 8445 9; a new certificate) starts over."""
+        by DTLS. The same role and fingerprints (a re-INVITE for hold, a codec change, an
+        ICE restart) keep the association, its keys and the latch; a new certificate or
+        role starts over."""
         self.party = party
         self.bind, self.port = party.bind, party.port
         self.rtcp_port = party.port
@@ -395,16 +394,20 @@ class _Leg:
         config = party.webrtc
         assert config is not None
         state = self.webrtc
+        before = state.config if state is not None and old is not None else None
+        learned = before is not None and not before.fingerprints and bool(config.fingerprints)
         if (
-            state is not None and old is not None and old.webrtc == state.config
-            and not state.config.fingerprints and config.fingerprints
-            and dataclasses.replace(state.config, fingerprints=config.fingerprints) == config
+            state is not None and before is not None and old is not None
+            and old.webrtc == before and before.client == config.client
+            and (learned or before.fingerprints == config.fingerprints)
         ):  # fmt: skip
-            # The answer to the SBC's offer brought the browser's fingerprints: the
-            # association goes on (its handshake may have ended already: checked now).
+            # The same DTLS association: new ICE credentials are an ICE restart (RFC 8445
+            # 9), which keeps it (RFC 8842 5.5) and the pair until a new nomination; the
+            # answer to the SBC's offer may bring the browser's fingerprints (its handshake
+            # may have ended already: checked now).
             state.config = config
             endpoint = state.dtls
-            if endpoint is not None:
+            if learned and endpoint is not None:
                 had_keys = endpoint.keys is not None
                 endpoint.learn(config.fingerprints)
                 if not had_keys and endpoint.keys is not None:
@@ -413,7 +416,7 @@ class _Leg:
                     self.srtp_failures += 1
                     log.warning("session %s port %d: DTLS: %s", self.session.name, self.port,
                                 endpoint.error)  # fmt: skip
-        elif state is None or state.config != config or old is None or old.webrtc != config:
+        else:
             self._end_webrtc()
             self.webrtc = _WebRtc(config)
             self.rtp = self.rtcp = _Latch()  # ICE decides where the party is, not its SDP
@@ -504,6 +507,10 @@ class _Leg:
         out: list[Out] = [(self.port, check.response, src)]
         if not check.valid:
             self.engine.invalid += 1  # a bad check (400, 401, 420, 487)
+            if len(check.response) > len(data):
+                # Not answered: the source is unverified (it may be forged), and an answer
+                # larger than the request would make the relay an amplifier.
+                return None
             return Burst(tuple(out))
         latch = self.rtp
         if latch.addr != src and (check.use_candidate or latch.addr is None):

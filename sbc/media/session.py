@@ -186,6 +186,8 @@ class _Party:
     fingerprints: tuple[tuple[str, str], ...] = ()  # its certificate's, from its SDP
     dtls_client: bool = False  # the SBC's DTLS role towards it (RFC 5763 5)
     mid: str = ""  # the m-line's a=mid (RFC 5888): echoed in the SBC's answer
+    remote_ufrag: str = ""  # the browser's ICE username fragment (a change: ICE restart)
+    webrtc_up: bool = False  # an offer or answer of the browser set its DTLS and ICE
 
     def spec(self, bind: str) -> Party:
         assert self.port is not None
@@ -474,10 +476,14 @@ class MediaController:
             # Keys end to end: keying the SBC cannot take part in, or SDES
             # keys the policy leaves to the parties (srtp_passthrough).
             names = m.attribute_names()
+            end_to_end = session_keying or bool(names & END_TO_END_KEYING)
+            if other.webrtc and not me.webrtc and end_to_end:
+                # DTLS-SRTP without ICE, MIKEY or ZRTP keys cannot reach a browser, which
+                # keys its media with the SBC's DTLS (RFC 8827 6.5); nor can the SBC take
+                # part in them.
+                raise MediaRefused("End-To-End Keys Not Possible Towards A Browser")
             stream.passthrough = not (me.webrtc or other.webrtc) and (
-                session_keying
-                or bool(names & END_TO_END_KEYING)
-                or (self.policy.srtp_passthrough and "crypto" in names)
+                end_to_end or (self.policy.srtp_passthrough and "crypto" in names)
             )
             stream.offered = None
             if not stream.passthrough and _transcodable_media(m):
@@ -651,6 +657,11 @@ class MediaController:
             or offered.has(chosen.name) or not _transcodable_media(m)
         ):  # fmt: skip
             me.codec = other.codec = None
+            if (
+                chosen is not None and offered is not None and offered.offerer == dst
+                and offered.added and not stream.passthrough and offered.has(chosen.name)
+            ):  # fmt: skip
+                codec_policy.drop_added(m, offered)
             return
         if not chosen.clock:  # no a=rtpmap (RFC 4566 6 wants one): what the SBC offered
             chosen = dataclasses.replace(chosen, clock=ours.clock, channels=ours.channels)
@@ -690,7 +701,17 @@ class MediaController:
             conn = sdp.media_connection(m)
             held = conn is not None and _is_null(conn[1])
             if me.webrtc and m.proto.upper() in WEBRTC_PROTOS:
-                self._take_webrtc(sdp, m, me, offer=False)
+                try:
+                    self._take_webrtc(sdp, m, me, offer=False)
+                except MediaRefused as exc:
+                    # An answer the SBC cannot key (no fingerprint): the stream is refused
+                    # on both legs, as for any unusable answer.
+                    log.warning("WebRTC answer refused: %s", exc, extra={"call": session.call})
+                    self._close_stream(session, stream)
+                    m.port = 0
+                    _strip(m)
+                    m.remove_all(_WEBRTC_MEDIA | {"crypto"})
+                    continue
                 m.remove_all(_WEBRTC_MEDIA)
                 m.proto = "RTP/SAVP"
             elif not stream.passthrough and m.proto in RTP_PROTOS:
@@ -759,17 +780,28 @@ class MediaController:
                 fingerprints.append((algorithm.lower(), digest.strip().upper()))
         if not fingerprints:
             raise MediaRefused("No DTLS Fingerprint")
+        same_certificate = party.fingerprints == tuple(fingerprints)
         party.fingerprints = tuple(fingerprints)
         setups = m.attributes("setup") or sdp.attributes("setup")
         setup = setups[0].strip().lower() if setups else ("actpass" if offer else "active")
         # An offer's actpass or active leaves the SBC passive (the DTLS server); passive
-        # makes it the client. An answer to the SBC's actpass chose likewise.
-        party.dtls_client = setup == "passive"
+        # makes it the client. An answer to the SBC's actpass chose likewise. A re-offer's
+        # actpass with the same certificate keeps the roles of the association (RFC 8842
+        # 5.5: no new DTLS association without a reason).
+        if not (offer and setup == "actpass" and same_certificate and party.webrtc_up):
+            party.dtls_client = setup == "passive"
         mids = m.attributes("mid")
         if mids:
             party.mid = mids[0].strip()
-        if not party.ice_ufrag:
+        # RFC 8445 9, RFC 8839 4.4.1.1.1: new ICE credentials from the browser are an ICE
+        # restart, which the SBC's answer joins with new credentials of its own.
+        ufrags = m.attributes("ice-ufrag") or sdp.attributes("ice-ufrag")
+        remote_ufrag = ufrags[0].strip() if ufrags else ""
+        restart = bool(party.remote_ufrag) and remote_ufrag != party.remote_ufrag
+        party.remote_ufrag = remote_ufrag
+        if not party.ice_ufrag or (offer and restart):
             party.ice_ufrag, party.ice_pwd = _ice_credentials()
+        party.webrtc_up = True
 
     def _webrtc_sdp(self, m: Media, party: _Party, side: SideMedia, setup: str, index: int) -> None:
         """The m-line towards a browser as WebRTC wants it (RFC 8829 5.2, 5.3): DTLS-SRTP

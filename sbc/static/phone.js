@@ -19,6 +19,14 @@ const MAX_LOG = 1000; // lines kept in `phone.log` and on the page
 const AUDIO = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
 const SDH_OPTIONS = { constraints: { audio: AUDIO, video: false } };
 
+// ?codecs=opus (encoding names, comma-separated; tests): the page's audio keeps only these
+// codecs and telephone-event, in the offers it makes and in those it answers. sip.js runs
+// its modifiers on the local description before it is set and on the remote one, so an
+// answer can only pick from what is left. Without the parameter nothing is changed.
+const CODECS = (params.get("codecs") ?? "").toLowerCase().split(",").filter(Boolean);
+const STATIC_PTS = { 0: "pcmu", 8: "pcma", 9: "g722" }; // RFC 3551: need no a=rtpmap
+const MODIFIERS = CODECS.length ? [onlyCodecs] : [];
+
 let userAgent = null;
 let registerer = null;
 let session = null; // the one call: an Inviter (outgoing) or an Invitation (incoming)
@@ -43,6 +51,13 @@ const phone = {
   // Measure another stream with level() and tone() (tests check the meters on a local call).
   listen: (stream) => listen(stream),
   stats: () => stats(),
+  // The call's SDP as the peer connection holds it (after the modifiers), for tests.
+  sdp: () => ({
+    local: session?.sessionDescriptionHandler?.peerConnection?.localDescription?.sdp ?? null,
+    remote: session?.sessionDescriptionHandler?.peerConnection?.remoteDescription?.sdp ?? null,
+  }),
+  // Close the SIP WebSocket now, calls or not: the SBC loses the flow (tests).
+  disconnect: () => userAgent?.transport.disconnect(),
 };
 window.phone = phone;
 
@@ -181,7 +196,10 @@ async function call(target) {
   const uri = targetUri($("target").value);
   if (!uri) return fail("call", `not a SIP URI: ${$("target").value}`);
   phone.peer = uri.toString();
-  const inviter = new Inviter(userAgent, uri, { sessionDescriptionHandlerOptions: SDH_OPTIONS });
+  const inviter = new Inviter(userAgent, uri, {
+    sessionDescriptionHandlerOptions: SDH_OPTIONS,
+    sessionDescriptionHandlerModifiers: MODIFIERS,
+  });
   session = inviter;
   follow(inviter);
   phone.lastError = null;
@@ -214,7 +232,10 @@ function incoming(invitation) {
 async function answer() {
   if (!session || phone.state !== "ringing") return fail("answer", "no incoming call");
   try {
-    await session.accept({ sessionDescriptionHandlerOptions: SDH_OPTIONS });
+    await session.accept({
+      sessionDescriptionHandlerOptions: SDH_OPTIONS,
+      sessionDescriptionHandlerModifiers: MODIFIERS,
+    });
   } catch (error) {
     fail("answer", error);
   }
@@ -230,6 +251,34 @@ async function hangup() {
   } catch (error) {
     fail("hangup", error);
   }
+}
+
+// The ?codecs= filter (a sip.js modifier): in each m=audio section, the payload types whose
+// encoding is neither one of CODECS nor telephone-event leave the m-line, with their
+// a=rtpmap, a=fmtp and a=rtcp-fb lines.
+function onlyCodecs(description) {
+  const lines = description.sdp.split(/\r?\n/);
+  const names = new Map(Object.entries(STATIC_PTS)); // payload type -> encoding name
+  let audio = false;
+  for (const line of lines) {
+    if (line.startsWith("m=")) audio = line.startsWith("m=audio ");
+    const rtpmap = audio && /^a=rtpmap:(\d+) ([^/\s]+)/.exec(line);
+    if (rtpmap) names.set(rtpmap[1], rtpmap[2].toLowerCase());
+  }
+  const keep = (pt) => CODECS.includes(names.get(pt)) || names.get(pt) === "telephone-event";
+  const out = [];
+  audio = false;
+  for (const line of lines) {
+    if (line.startsWith("m=")) audio = line.startsWith("m=audio ");
+    if (audio && line.startsWith("m=audio ")) {
+      const [media, port, proto, ...pts] = line.split(" ");
+      out.push([media, port, proto, ...pts.filter(keep)].join(" "));
+      continue;
+    }
+    const attribute = audio && /^a=(?:rtpmap|fmtp|rtcp-fb):(\d+) /.exec(line);
+    if (!attribute || keep(attribute[1])) out.push(line);
+  }
+  return Promise.resolve({ type: description.type, sdp: out.join("\r\n") });
 }
 
 // -- remote audio: an <audio> element to hear it, an analyser to measure it ----------------

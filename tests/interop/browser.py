@@ -10,7 +10,7 @@ and the browser it starts from then on see loopback only (the ``webrtc_netns`` f
   on loopback (a dead proxy, every host name unresolvable but 127.0.0.1, no background
   networking, no mDNS-hidden candidates) and a DevTools port of its own choosing (read from
   its profile's DevToolsActivePort). It runs in a process group of its own; ``stop()`` ends
-  that group (and nothing else) and removes the profile.
+  that group (and nothing else) and removes the profile; ``kill()`` crashes it (SIGKILL).
 - The page: one tab, attached over the browser's DevTools websocket (the ``websockets``
   package's sync client): ``open(url)``, ``evaluate(expr)`` (Runtime.evaluate, promises
   awaited, the value returned by value), ``wait_for(expr, timeout)``, ``screenshot(path)``;
@@ -189,6 +189,14 @@ class Chromium:
             self.proc.wait(timeout=STOP_TIMEOUT)
         shutil.rmtree(self.profile, ignore_errors=True)
         return problem
+
+    def kill(self) -> None:
+        """SIGKILL its process group at once, as a crash would: the kernel closes its
+        sockets (the SIP WebSocket goes without a close frame). ``stop()`` still cleans up."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group (start_new_session)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=STOP_TIMEOUT)
 
     def log(self) -> str:
         """Chromium's own standard error (crashes, audio and network complaints)."""

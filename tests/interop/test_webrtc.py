@@ -23,6 +23,17 @@ loopback. Ports are fixed: nothing else binds in that namespace.
   an SRTP cipher, and the SBC's call record has packets both ways. The ws call takes a
   screenshot during the call into tmp_path, and into docs/webrtc-phone.png when
   SBC_SCREENSHOT=1 (never in an ordinary run).
+- ``test_opus_only_browser_and_pcmu_only_baresip_are_transcoded``: the page in Opus-only
+  mode (``?codecs=opus``: a sip.js SDP modifier on its offers and answers) and a bob with
+  PCMU alone, either calling: the SBC transcodes Opus <-> PCMU (the record counts one
+  transcoded stream), both hear each other, the page's codec is Opus.
+- ``test_calls_through_a_kamailio_registrar``: a Kamailio registrar in the namespace as the
+  SBC's core backend; the browser (ws) and bob (TLS) register through the SBC (Kamailio
+  stores the SBC's Path with a flow token), and a call either way goes SBC -> Kamailio ->
+  SBC -> callee: audio both ways, hang-up, a call record for each pass.
+- ``test_a_lost_websocket_ends_the_call``: the page closes its SIP WebSocket, or the whole
+  browser is killed, mid-call: the SBC sends bob a BYE within WS_LOSS_TIMEOUT (record cause
+  "flow failed"), and a new call to the browser fails at once.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -53,7 +65,7 @@ from .browser import (  # noqa: F401 - webrtc_netns is a fixture
     chromium_binary,
     webrtc_netns,
 )
-from .conftest import Certs
+from .conftest import Certs, Registrar, RegistrarFactory, backends_config
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -64,8 +76,10 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     PhoneFactory,
     account,
     assert_heard,
+    body,
     media_records,
     phones,
+    read_records,
     sox,
 )
 
@@ -90,14 +104,19 @@ REGISTER_TIMEOUT = 10.0
 PAGE_TIMEOUT = 10.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOOPBACK_PREFIXES = ("127.", "::1", "[::1]")
+# baresip's account audio_codecs value for the codec names phones.CODEC_MODULES knows.
+BARESIP_CODECS = {"pcmu": "PCMU/8000/1", "pcma": "PCMA/8000/1", "opus": "opus/48000/2"}
+STATIC_PTS = {0: "pcmu", 8: "pcma", 9: "g722"}  # RFC 3551 6: no a=rtpmap needed
+WS_LOSS_TIMEOUT = 5.0  # the browser's WebSocket gone -> the SBC's BYE reaches baresip
 
 
 # =========================================================================================
 # The SBC with WebSocket listeners, inside the test's namespace
 # =========================================================================================
-def webrtc_config(certs: Certs, records: Path) -> str:
+def webrtc_config(certs: Certs, records: Path, extra: str = "") -> str:
     """Access on UDP, TLS, WS and WSS (127.0.0.1, fixed ports); the embedded registrar (no
-    backend); SRTP mandatory towards SIP phones; call records with the relay's counters."""
+    backend) unless ``extra`` adds [[core.backends]]; SRTP mandatory towards SIP phones; call
+    records with the relay's counters."""
     listen = [
         f"tls://{HOST}:{TLS_PORT}",
         f"ws://{HOST}:{WS_PORT}",
@@ -139,7 +158,7 @@ format = "text"
 
 [security]
 allow = ["127.0.0.1", "::1"]
-"""
+{extra}"""
 
 
 def wait_listening(port: int, timeout: float = 5.0) -> None:
@@ -173,30 +192,78 @@ class WebRtcLab:
     stack: contextlib.ExitStack
     browsers: list[Chromium] = field(default_factory=list)
 
-    def bob(self) -> MediaPhone:
+    def bob(self, codecs: tuple[str, ...] = ()) -> MediaPhone:
         """baresip bob: TLS to the SBC, SDES-SRTP mandatory, answers by himself, plays
-        BOB_HZ and records what he hears; registered."""
-        bob = self.phone_factory("bob", hz=BOB_HZ, cafile=self.certs.ca)
+        BOB_HZ and records what he hears; registered. ``codecs`` (baresip's names, e.g.
+        ("pcmu",)): the only ones he has (phones.CODEC_MODULES, the account's
+        audio_codecs); G.711 both laws by default."""
+        bob = self.phone_factory("bob", hz=BOB_HZ, cafile=self.certs.ca, codecs=codecs)
         self.stack.callback(bob.stop)  # before the SBC goes (its un-REGISTER gets an answer)
-        bob.command("uanew", account("bob", f"{HOST}:{TLS_PORT}", "tls", srtp=True, answer=True))
+        line = account("bob", f"{HOST}:{TLS_PORT}", "tls", srtp=True, answer=True)
+        if codecs:
+            line += ";audio_codecs=" + ",".join(BARESIP_CODECS[c] for c in codecs)
+        bob.command("uanew", line)
         bob.wait_event("REGISTER_OK", timeout=REGISTER_TIMEOUT)
         return bob
 
-    def browser(self, *, secure: bool = False, autoanswer: bool = False) -> Chromium:
+    def browser(
+        self, *, secure: bool = False, autoanswer: bool = False, codecs: str = ""
+    ) -> Chromium:
         """A Chromium whose fake microphone plays BROWSER_HZ, with the page loaded from the
-        SBC's own ws (http://) or wss (https://) listener and registered as alice."""
+        SBC's own ws (http://) or wss (https://) listener and registered as alice.
+        ``codecs`` (e.g. "opus"): the page's ?codecs=, its SDP keeps only those (and
+        telephone-event), offers and answers alike."""
         tone = browser_tone(self.sox, self.workdir / f"browser-{BROWSER_HZ:g}.wav", BROWSER_HZ)
         page = self.stack.enter_context(
             chromium(self.workdir / f"chromium-{len(self.browsers)}", tone=tone)
         )
         self.browsers.append(page)
         origin = f"https://{HOST}:{WSS_PORT}" if secure else f"http://{HOST}:{WS_PORT}"
-        query = f"user=alice&domain={DOMAIN}&autoregister=1" + (
-            "&autoanswer=1" if autoanswer else ""
-        )
+        query = f"user=alice&domain={DOMAIN}&autoregister=1"
+        query += "&autoanswer=1" if autoanswer else ""
+        query += f"&codecs={codecs}" if codecs else ""
         page.open(f"{origin}/?{query}", timeout=PAGE_TIMEOUT)
         page.wait_for("window.phone && window.phone.registered", REGISTER_TIMEOUT)
         return page
+
+
+@contextlib.contextmanager
+def running_lab(
+    ns: netns.Namespace,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    certs: Certs,
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    extra: str = "",
+) -> Iterator[WebRtcLab]:
+    """The SBC with ws/wss listeners in the test's namespace (``extra``: more config); at
+    the end browsers, then phones, then the SBC are stopped (by PID), and an SBC that
+    misbehaved fails the test."""
+    chromium_binary()  # skip (fail in CI) before anything starts
+    records = tmp_path / "calls.jsonl"
+    workdir = tmp_path / "sbc"
+    workdir.mkdir()
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        sbc = netns.launch_sbc(ns, workdir, webrtc_config(certs, records, extra))
+        sbc.access = (HOST, UDP_PORT)
+        stack.callback(lambda: problems.extend(netns.stop_sbc(sbc)))
+        netns.wait_sbc_ready(sbc, server=SERVER_HEADER)
+        for port in (TLS_PORT, WS_PORT, WSS_PORT):
+            wait_listening(port)
+        # Callbacks run last-in first-out: browsers and phones go before the SBC.
+        with contextlib.ExitStack() as inner:
+            yield WebRtcLab(
+                ns=ns,
+                sbc=sbc,
+                records=records,
+                certs=certs,
+                sox=sox,
+                workdir=tmp_path,
+                phone_factory=phones,
+                stack=inner,
+            )
+    assert not problems, "\n".join(problems)
 
 
 @pytest.fixture
@@ -207,33 +274,29 @@ def webrtc_lab(
     sox: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> Iterator[WebRtcLab]:
-    """The SBC with ws/wss listeners in the test's namespace; at the end browsers, then
-    phones, then the SBC are stopped (by PID), and an SBC that misbehaved fails the test."""
-    chromium_binary()  # skip (fail in CI) before anything starts
-    records = tmp_path / "calls.jsonl"
-    workdir = tmp_path / "sbc"
-    workdir.mkdir()
-    problems: list[str] = []
-    with contextlib.ExitStack() as stack:
-        sbc = netns.launch_sbc(webrtc_netns, workdir, webrtc_config(certs, records))
-        sbc.access = (HOST, UDP_PORT)
-        stack.callback(lambda: problems.extend(netns.stop_sbc(sbc)))
-        netns.wait_sbc_ready(sbc, server=SERVER_HEADER)
-        for port in (TLS_PORT, WS_PORT, WSS_PORT):
-            wait_listening(port)
-        # Callbacks run last-in first-out: browsers and phones go before the SBC.
-        with contextlib.ExitStack() as inner:
-            yield WebRtcLab(
-                ns=webrtc_netns,
-                sbc=sbc,
-                records=records,
-                certs=certs,
-                sox=sox,
-                workdir=tmp_path,
-                phone_factory=phones,
-                stack=inner,
-            )
-    assert not problems, "\n".join(problems)
+    """The SBC with its embedded registrar (see ``running_lab``)."""
+    with running_lab(webrtc_netns, phones, certs, sox, tmp_path) as lab:
+        yield lab
+
+
+@pytest.fixture
+def kamailio_lab(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+    kamailio_registrars: RegistrarFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    certs: Certs,
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> Iterator[tuple[WebRtcLab, Registrar]]:
+    """A Kamailio registrar in the test's namespace (started after the thread entered it, so
+    it binds there; a free loopback port from PortPool) as the SBC's one core backend: the
+    SBC relays REGISTERs to it with a Path (a flow token) and routes calls through it. The
+    SBC stops before Kamailio (this fixture's teardown runs first)."""
+    (registrar,) = kamailio_registrars(1)
+    with running_lab(
+        webrtc_netns, phones, certs, sox, tmp_path, extra=backends_config(registrar.uri)
+    ) as lab:
+        yield lab, registrar
 
 
 # =========================================================================================
@@ -289,6 +352,17 @@ def assert_webrtc_media(page: Chromium) -> dict[str, Any]:
     for end in ("local", "remote"):
         assert str(stats.get(end, "")).startswith(LOOPBACK_PREFIXES), stats
     return stats
+
+
+def codec_names(sdp: str) -> list[str]:
+    """The audio formats of an SDP's first m=audio line in order, as lower-case encoding
+    names (a payload type without a=rtpmap by RFC 3551, else its number)."""
+    m = re.search(r"^m=audio \d+ \S+ ([\d ]+)\s*$", sdp, re.M)
+    assert m, sdp
+    names = {
+        int(pt): name.lower() for pt, name in re.findall(r"^a=rtpmap:(\d+) ([^/]+)/", sdp, re.M)
+    }
+    return [names.get(int(pt), STATIC_PTS.get(int(pt), pt)) for pt in m[1].split()]
 
 
 def screenshot(page: Chromium, tmp_path: Path, *, docs: bool = False) -> Path:
@@ -354,6 +428,152 @@ def test_baresip_calls_the_browser(webrtc_lab: WebRtcLab) -> None:
     wait_call(page, "ended")
     assert_heard(webrtc_lab.sox, bob, BROWSER_HZ)
     media_records(webrtc_lab.records, 1)
+
+
+# -- a callee without the browser's codec: the SBC transcodes -------------------------------
+@pytest.mark.parametrize("caller", ["browser", "baresip"])
+def test_opus_only_browser_and_pcmu_only_baresip_are_transcoded(
+    webrtc_lab: WebRtcLab, caller: str
+) -> None:
+    """The page offers (and answers with) Opus alone (?codecs=opus), bob has PCMU alone:
+    the SBC adds G.711 to the browser's offer towards bob (or Opus to bob's offer towards the
+    browser), each answers its own codec, and the relay transcodes Opus <-> PCMU between
+    DTLS-SRTP and SDES-SRTP. Both hear each other; the record counts one transcoded stream.
+    ``caller``: who dials (the page answers by itself when bob calls)."""
+    bob = webrtc_lab.bob(codecs=("pcmu",))
+    page = webrtc_lab.browser(codecs="opus", autoanswer=caller == "baresip")
+    if caller == "browser":
+        page.evaluate("window.phone.call('bob')")
+    else:
+        bob.command("dial", f"sip:alice@{DOMAIN}")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+    time.sleep(MEDIA_SECONDS)
+    page_hears(page, BOB_HZ)
+    stats = assert_webrtc_media(page)
+    assert stats.get("codec") == "audio/opus", stats
+    # What the page's peer connection holds, after its modifier: Opus and telephone-event.
+    sdp = page.evaluate("window.phone.sdp()")
+    for side in ("local", "remote"):
+        codecs = [c for c in codec_names(sdp[side]) if c != "telephone-event"]
+        assert codecs == ["opus"], (side, sdp[side])
+    # bob's side: PCMU alone in his offer or answer, and in what the SBC gave him back.
+    bob_invite = codec_names(body(bob.sent("INVITE sip:", "INVITE")))
+    bob_ok = codec_names(body(bob.sent("SIP/2.0 200", "INVITE")))
+    print(f"bob's INVITE: {bob_invite}; 200: {bob_ok}")
+    if caller == "browser":
+        assert "pcmu" in bob_invite and bob_ok[0] == "pcmu", (bob_invite, bob_ok)
+    else:
+        assert bob_invite[0] == "pcmu" and "opus" not in bob_invite, bob_invite
+        assert bob_ok[0] == "pcmu" and "opus" not in bob_ok, bob_ok
+
+    if caller == "browser":
+        page.evaluate("window.phone.hangup()")
+        wait_call(page, "ended")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    else:
+        bob.command("hangup")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+        wait_call(page, "ended")
+    assert_heard(webrtc_lab.sox, bob, BROWSER_HZ)
+    (record,) = media_records(webrtc_lab.records, 1)
+    assert record["transcoded_streams"] == 1, record
+
+
+# -- a Kamailio registrar behind the SBC ------------------------------------------------------
+@pytest.mark.parametrize("caller", ["browser", "baresip"])
+def test_calls_through_a_kamailio_registrar(
+    kamailio_lab: tuple[WebRtcLab, Registrar], caller: str
+) -> None:
+    """The browser (ws) and bob (TLS, SDES) register through the SBC to Kamailio, which
+    stores each binding with the SBC's Path (a flow token on its core port); a call from
+    either goes SBC -> Kamailio -> SBC (by the Path) -> the other, over the callee's own
+    flow; they hear each other and the caller hangs up."""
+    lab, registrar = kamailio_lab
+    bob = lab.bob()
+    page = lab.browser(autoanswer=caller == "baresip")
+    bindings = registrar.bindings()
+    print(f"kamailio's bindings: {bindings}")
+    assert sorted(bindings) == ["alice", "bob"], bindings
+    path = re.compile(rf"<sip:[a-z2-7]+@{re.escape(HOST)}:{CORE_PORT};lr>")
+    for user, contacts in bindings.items():
+        (binding,) = contacts
+        assert path.fullmatch(str(binding["path"])), (user, binding)
+    assert ".invalid" in str(bindings["alice"][0]["contact"]), bindings["alice"]
+
+    if caller == "browser":
+        page.evaluate("window.phone.call('bob')")
+    else:
+        bob.command("dial", f"sip:alice@{DOMAIN}")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+    time.sleep(MEDIA_SECONDS)
+    page_hears(page, BOB_HZ)
+    assert_webrtc_media(page)
+    if caller == "browser":
+        page.evaluate("window.phone.hangup()")
+        wait_call(page, "ended")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    else:
+        bob.command("hangup")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+        wait_call(page, "ended")
+    assert_heard(lab.sox, bob, BROWSER_HZ)
+    # The call crossed the SBC twice (access -> Kamailio, Kamailio -> access): two records,
+    # each relayed both ways, the first towards the backend.
+    records = media_records(lab.records, 2)
+    assert sorted(str(r["backend"]) for r in records) != ["None", "None"], records
+
+
+# -- the browser's WebSocket dies mid-call ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("how", "caller"), [("closed", "browser"), ("killed", "baresip")],
+    ids=["page-closes-ws-caller", "browser-killed-callee"],
+)  # fmt: skip
+def test_a_lost_websocket_ends_the_call(webrtc_lab: WebRtcLab, how: str, caller: str) -> None:
+    """In a call with bob, the browser's SIP WebSocket goes: the page closes it (sip.js's
+    transport.disconnect(), a close frame) or the whole browser is killed (the kernel closes
+    the connection, no close frame). The SBC cannot reach the browser any more, so it ends
+    the call towards bob (BYE) within WS_LOSS_TIMEOUT, and its record says why."""
+    bob = webrtc_lab.bob()
+    page = webrtc_lab.browser(autoanswer=caller == "baresip")
+    if caller == "browser":
+        page.evaluate("window.phone.call('bob')")
+    else:
+        bob.command("dial", f"sip:alice@{DOMAIN}")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+
+    start = time.monotonic()
+    if how == "closed":
+        page.evaluate("window.phone.disconnect()")
+    else:
+        page.kill()
+    bob.wait_event("CALL_CLOSED", timeout=WS_LOSS_TIMEOUT)
+    elapsed = time.monotonic() - start
+    print(f"bob's call closed {elapsed:.2f} s after the WebSocket went ({how})")
+    byes = bob.trace("BYE sip:")
+    assert byes, f"bob got no BYE\n{bob.explain()}"
+    print(byes[0])
+    (record,) = read_records(webrtc_lab.records, 1)
+    print(f"call record: {record}")
+    assert record["status"] == 200 and record["answer"] is not None, record
+    assert record["cause"] == "flow failed", record
+    if how == "closed":
+        assert page.evaluate("window.phone.registered") is False
+    # alice's binding went with her flow: a new call to her fails at once, not after the
+    # SBC has tried a dead connection.
+    start = time.monotonic()
+    bob.command("dial", f"sip:alice@{DOMAIN}")
+    bob.wait_event("CALL_CLOSED", timeout=WS_LOSS_TIMEOUT, count=2)
+    closed = [e for e in bob.events if e.get("type") == "CALL_CLOSED"]
+    print(f"bob's second call closed after {time.monotonic() - start:.2f} s: {closed[-1]}")
+    assert bob.count("CALL_ESTABLISHED") == 1, bob.explain()
+    # docs/calls.md: 430 (Flow Failed) from the embedded registrar while the binding stays.
+    assert str(closed[-1].get("param", "")).split()[:1] in (["430"], ["480"], ["404"]), closed
 
 
 # -- without the SBC: the page, the browser and the namespace ------------------------------
