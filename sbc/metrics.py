@@ -54,6 +54,7 @@ _MEDIA_DROPS = {
     "invalid": "invalid",
     "protect_failures": "srtp_protect",
     "transcode_dropped": "transcode",
+    "dtls_dropped": "dtls_backlog",
 }
 
 
@@ -309,7 +310,8 @@ class SbcCollector(Collector):
             "Media packets dropped: source (not from the call's latched or SDP address), "
             "no_session, no_destination (other party without an address or on hold), "
             "invalid (not RTP), srtp_protect (SRTP protect refused), transcode (input a "
-            "transcoder could not use: undecodable, late, unknown payload type)",
+            "transcoder could not use: undecodable, late, unknown payload type), "
+            "dtls_backlog (a WebRTC party's DTLS record while the worker's queue was full)",
             labels=["worker", "reason"],
         )
         srtp = CounterMetricFamily(

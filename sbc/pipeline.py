@@ -123,11 +123,19 @@ class Pipeline:
             self.guard.auth_answer(key, 0, now)
         return [SendData(dest, answer)]
 
+    def admit_data(self: SbcCore, flow: Flow, now: float) -> bool:
+        """1b. The guard on bytes received on a connection (a TCP/TLS read, or anything a
+        WebSocket connection reads: SIP messages, HTTP requests, control frames):
+        each is a packet of the source for the flood count (pike); False when the source is
+        not allowed on the flow's side or is banned (now, or by this packet), and the
+        connection is to be closed unread."""
+        return not self.guard.active or self.guard.admit(flow.remote[0], self._side(flow), now)
+
     @with_effects
     def receive_stream(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
         """Octets from a TCP/TLS connection; framing errors close only this connection."""
         # 1b. The guard: a source banned while connected loses the connection.
-        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
+        if not self.admit_data(flow, now):
             self.connection_closed(flow)
             return [Close(flow)]
         # 2. Framing: the connection's framer cuts messages by Content-Length.
@@ -158,11 +166,10 @@ class Pipeline:
         """One whole message from a message-oriented connection: SIP over WebSocket carries
         one SIP message per WebSocket message (RFC 7118 5), so nothing is framed by
         Content-Length (it may be absent); a malformed message is answered as from UDP and
-        the connection stays."""
-        # 1b. The guard: a source banned while connected loses the connection.
-        if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
-            self.connection_closed(flow)
-            return [Close(flow)]
+        the connection stays. 1b, the guard, saw the bytes that carried it: the I/O layer
+        asks ``admit_data`` for each read of a WebSocket connection (HTTP requests and
+        control frames count too), as ``receive_stream`` does for each TCP read, so the
+        message is not counted again."""
         self._message_flows.add(flow)
         self._activity.pop(flow, None)
         self._activity[flow] = now

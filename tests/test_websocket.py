@@ -2,14 +2,17 @@
 (sans-I/O), and the asyncio edge in-process on loopback sockets: the Upgrade with the
 "sip" subprotocol, Origin checks, malformed HTTP, one SIP message per WebSocket message
 to the core as a ws/wss flow and back as a text frame, 1009 for an oversized message,
-ping and idle timeout, the guard's limits, and a call from a UDP phone to a browser
-registered over ws and over wss."""
+ping and idle timeout, the guard's limits (every read counts, pings and HTTP requests too),
+a client that does not read, HTTP keep-alive for the page's files, and a call from a UDP
+phone to a browser registered over ws and over wss."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +23,7 @@ from test_admin import scrape, value
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.uri import parse_uri
@@ -28,11 +31,14 @@ from websockets.uri import parse_uri
 from sbc.certs import generate_dev_certs
 from sbc.config import ListenUrl
 from sbc.core import CoreSettings, SbcCore
-from sbc.features.guard import GuardPolicy
+from sbc.features.guard import Bucket, GuardPolicy
+from sbc.io import websocket
 from sbc.io.sip_transport import SipTransports, tls_context
 from sbc.io.websocket import (
     CONTENT_TYPES,
     STATIC_ROOT,
+    WRITE_BUFFER_LIMIT,
+    WebSocketConnection,
     WebSocketSettings,
     handshake_refusal,
     static_response,
@@ -99,7 +105,7 @@ def test_javascript_and_modules_by_extension_and_head_without_body(site: Path) -
     [
         "/../secret.txt", "/%2e%2e/secret.txt", "/vendor/../../secret.txt", "/vendor/%2E%2E/%2e%2e/secret.txt",
         "//etc/passwd", "/%2fetc/passwd", "/out", "/vendor", "/nothing.html", "/a\\..\\b",
-        "http://evil/", "*", "/index.html%00.js", "/vendor//sip.mjs",
+        "http://evil/", "*", "/index.html%00.js", "/vendor//sip.mjs", "/%ff", "/%c3%28.js",
     ],
 )  # fmt: skip
 def test_paths_out_of_the_directory_or_not_files_are_404(site: Path, target: str) -> None:
@@ -112,6 +118,14 @@ def test_other_methods_are_405_with_allow(site: Path) -> None:
     status, fields, _ = static_response("POST", "/", site)
     assert status == 405
     assert headers_of(fields)["allow"] == "GET, HEAD"
+
+
+def test_connection_header_says_whether_the_connection_stays() -> None:
+    for target in ("/", "/nothing"):
+        _, fields, _ = static_response("GET", target, STATIC_ROOT)
+        assert headers_of(fields)["connection"] == "close"
+        _, fields, _ = static_response("GET", target, STATIC_ROOT, keep_alive=True)
+        assert headers_of(fields)["connection"] == "keep-alive"
 
 
 def test_the_packaged_softphone_directory_exists() -> None:
@@ -127,6 +141,7 @@ def test_origin_rules_and_what_counts_as_an_upgrade() -> None:
     assert handshake_refusal(request(Origin="https://evil.example"), allowed) == 403
     assert handshake_refusal(request(), allowed) == 403  # no Origin: no page of ours
     assert handshake_refusal(request(Origin="https://evil.example"), ()) is None  # any
+    assert handshake_refusal(request(), ()) is None  # nor is its absence checked
     assert wants_websocket(request(Upgrade="WebSocket"))
     assert wants_websocket(request(Upgrade="h2c, websocket"))
     assert not wants_websocket(request())
@@ -176,12 +191,12 @@ def ws_settings(root: Path | None = None, **kw: object) -> WebSocketSettings:
     return WebSocketSettings(static_root=root, **kw)
 
 
-async def http(port: int, raw: bytes, *, tls: ssl.SSLContext | None = None) -> bytes:
-    """Send ``raw`` and read until the SBC closes the connection."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None
-    )
+async def http(port: int, raw: bytes) -> bytes:
+    """Send ``raw``, then the end of the stream, and read until the SBC closes the
+    connection (an answer that keeps it open is followed by the close the end asks for)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
+    writer.write_eof()
     try:
         return await asyncio.wait_for(reader.read(), 5)
     finally:
@@ -284,6 +299,15 @@ async def test_plain_get_serves_the_softphone_and_traversal_is_404(site: Path) -
             assert answer.startswith(b"HTTP/1.1 404 "), target
         answer = await http(port, b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in answer
+
+
+async def test_an_undecodable_path_is_404_without_a_traceback(
+    site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(make_core(), ws_settings(site)) as (_, port, _):
+        answer = await http(port, b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:40]
+    assert "Traceback" not in caplog.text and "UnicodeDecodeError" not in caplog.text
 
 
 async def test_each_message_reaches_the_core_as_a_ws_flow_and_the_answer_is_a_text_frame() -> None:
@@ -392,12 +416,272 @@ async def test_the_guard_limits_websocket_connections_per_source() -> None:
     core = make_core(max_connections_per_source=1)
     async with running(core, ws_settings()) as (_, port, _):
         async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"]) as first:
-            with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError, Exception)):
+            # Closed before any byte is read: no HTTP answer at all.
+            with pytest.raises(InvalidMessage):
                 async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"], open_timeout=2):
                     pass
             await first.send(register())
             assert (await recv_text(first)).startswith("SIP/2.0 200 OK")
         assert core.guard.stats["rejected:connections"] == 1
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP answer: its head and its body (by Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = re.search(rb"\r\nContent-Length: ([0-9]+)\r\n", head, re.I)
+    assert length is not None, head
+    return head, await asyncio.wait_for(reader.readexactly(int(length.group(1))), 5)
+
+
+async def closed_by_the_sbc(reader: asyncio.StreamReader) -> bool:
+    """True once the SBC closed the connection (end of stream, or reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+
+
+async def upgrade(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
+) -> ClientProtocol:
+    """A WebSocket Upgrade ("sip") on an open connection, until its 101."""
+    client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/"), subprotocols=["sip"])
+    client.send_request(client.connect())
+    writer.write(b"".join(client.data_to_send()))
+    client.receive_data(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+    (response,) = client.events_received()
+    assert response.status_code == 101, response  # type: ignore[union-attr]
+    return client
+
+
+async def test_a_flood_of_pings_gets_the_source_banned_and_its_connection_closed() -> None:
+    """Every read of a WebSocket connection is a packet for the guard's flood count (as a
+    TCP read is), control frames too: more than pike_density pings in the window ban the
+    source, which loses its connection and cannot open another."""
+    core = make_core(pike_density=20, pike_window=30.0)
+    async with running(core, ws_settings()) as (transports, port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = await upgrade(reader, writer, port)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(60):
+                client.send_ping(b"flood")
+                writer.write(b"".join(client.data_to_send()))
+                await writer.drain()
+                await asyncio.sleep(0.005)  # one read each
+        await eventually("the source banned", lambda: core.guard.stats["ban:flood"] == 1)
+        assert core.guard.banned("127.0.0.1", asyncio.get_running_loop().time())
+        assert await closed_by_the_sbc(reader)
+        await eventually("the connection gone", lambda: not transports._conns)
+        writer.close()
+        with pytest.raises(InvalidMessage):  # banned: closed before a byte is read
+            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"], open_timeout=2):
+                pass
+
+
+async def test_http_requests_count_for_the_guard_too(site: Path) -> None:
+    core = make_core(pike_density=20, pike_window=30.0)
+    async with running(core, ws_settings(site)) as (transports, port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answers = 0
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            for _ in range(60):
+                writer.write(b"GET /phone.js HTTP/1.1\r\nHost: x\r\n\r\n")
+                await read_answer(reader)
+                answers += 1
+        assert answers == 19  # the admission of the connection was the first packet
+        assert core.guard.stats["ban:flood"] == 1
+        await eventually("the connection gone", lambda: not transports._conns)
+        writer.close()
+
+
+async def raw_client_that_does_not_read(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection with a small receive buffer (the kernel holds little for it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_sends_pings_and_never_reads_is_not_read_either() -> None:
+    """Each ping is answered by a pong: a client that never reads them fills the SBC's
+    write buffer. Above the transport's high-water mark the SBC stops reading from it
+    (pause_writing), so the buffer stays below WRITE_BUFFER_LIMIT and the client's own
+    sending stalls."""
+    async with running(make_core(), ws_settings()) as (transports, port, _):
+        reader, writer = await raw_client_that_does_not_read(port)
+        client = await upgrade(reader, writer, port)
+        (conn,) = transports._conns.values()
+        assert isinstance(conn, WebSocketConnection) and conn.transport is not None
+        for _ in range(128):
+            client.send_ping(b"p" * 125)  # the largest control frame (RFC 6455 5.5)
+        batch = b"".join(client.data_to_send())
+        sent, peak, limit = 0, 0, 16 * 1024 * 1024
+        while sent < limit:
+            writer.write(batch)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except (TimeoutError, ConnectionError):
+                break  # the SBC reads no more
+            sent += len(batch)
+            peak = max(peak, conn.transport.get_write_buffer_size())
+        await asyncio.sleep(0.2)
+        peak = max(peak, conn.transport.get_write_buffer_size())
+        assert peak <= WRITE_BUFFER_LIMIT, peak
+        assert sent < limit, "the SBC read everything"
+        writer.close()
+
+
+async def test_a_client_that_leaves_too_much_unread_is_dropped() -> None:
+    """SIP sent to a client that does not read: past WRITE_BUFFER_LIMIT bytes waiting for
+    it, the connection is dropped (as lost: its calls end)."""
+    async with running(make_core(), ws_settings()) as (transports, port, _):
+        reader, writer = await raw_client_that_does_not_read(port)
+        await upgrade(reader, writer, port)
+        (conn,) = transports._conns.values()
+        assert isinstance(conn, WebSocketConnection) and conn.transport is not None
+        message = b"x" * 60000
+        peak, sent = 0, 0
+        while sent < 400 and conn.send(message):
+            sent += 1
+            peak = max(peak, conn.transport.get_write_buffer_size())
+        assert peak <= WRITE_BUFFER_LIMIT, peak
+        assert sent < 400 and not conn.send(message)
+        await eventually("the connection gone", lambda: not transports._conns)
+        writer.close()
+
+
+async def test_the_page_s_files_come_over_one_kept_alive_tls_connection(
+    certs: dict[str, Path],
+) -> None:
+    """HTTP/1.1 keep-alive (RFC 9112 9.3): the softphone's ~130 module files over one wss
+    connection, so that the per-source TLS handshake limit of the default [security]
+    (10/s, burst 20) does not refuse them; then an Upgrade on the same connection."""
+    tls = tls_context(
+        str(certs["server_cert"]), str(certs["server_key"]), None,
+        verify=False, min_version="1.2", ciphers=None,
+    )  # fmt: skip
+    client_tls = ssl.create_default_context(cafile=str(certs["ca_cert"]))
+    core = make_core(
+        tls_handshakes=Bucket(rate=10.0, burst=20), pike_density=200, max_connections_per_source=64
+    )
+    files = sorted(
+        "/" + str(f.relative_to(STATIC_ROOT)) for f in STATIC_ROOT.rglob("*.js") if f.is_file()
+    )
+    assert len(files) >= 100
+    async with running(core, ws_settings(STATIC_ROOT), transport="wss", tls=tls) as (
+        transports,
+        port,
+        _,
+    ):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_tls, server_hostname="localhost"
+        )
+        for i in range(150):
+            target = files[i % len(files)]
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+            head, body = await read_answer(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), (i, target, head)
+            assert b"\r\nConnection: keep-alive\r\n" in head
+            assert body == (STATIC_ROOT / target[1:]).read_bytes()
+        assert len(transports._conns) == 1
+        client = await upgrade(reader, writer, port)
+        client.send_text(register(transport="WSS").encode())
+        writer.write(b"".join(client.data_to_send()))
+        while not (frames := [e for e in client.events_received() if isinstance(e, Frame)]):
+            client.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+        assert frames[0].data.startswith(b"SIP/2.0 200 OK\r\n")
+        assert core.guard.stats["rejected:tls_handshakes"] == 0
+        writer.close()
+
+
+async def test_an_idle_kept_alive_connection_is_closed(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket, "UPGRADE_TIMEOUT", 0.3)
+    async with running(make_core(), ws_settings(site)) as (transports, port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = await read_answer(reader)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        start = time.monotonic()
+        assert await closed_by_the_sbc(reader)
+        assert 0.2 < time.monotonic() - start < 3
+        await eventually("the connection gone", lambda: not transports._conns)
+        writer.close()
+
+
+@pytest.mark.parametrize("case", ["limit", "close", "pipeline", "post"])
+async def test_when_the_connection_is_not_kept(
+    site: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """The last request a connection may carry (MAX_REQUESTS), a client's Connection: close
+    (RFC 9112 9.6), requests pipelined in one read (not read: browsers never send them) and
+    methods other than GET and HEAD: answered with Connection: close, then closed."""
+    monkeypatch.setattr(websocket, "MAX_REQUESTS", 3)
+    get = b"GET /phone.js HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with running(make_core(), ws_settings(site)) as (transports, port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        before = {"limit": 2, "close": 1, "pipeline": 1, "post": 1}[case]
+        for _ in range(before):
+            writer.write(get)
+            head, _ = await read_answer(reader)
+            assert b"\r\nConnection: keep-alive\r\n" in head
+        last = {
+            "limit": get,
+            "close": get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"),
+            "pipeline": get + get,
+            "post": get.replace(b"GET", b"POST"),
+        }[case]
+        writer.write(last)
+        head, _ = await read_answer(reader)
+        assert head.startswith(b"HTTP/1.1 405 " if case == "post" else b"HTTP/1.1 200 ")
+        assert b"\r\nConnection: close\r\n" in head
+        assert await closed_by_the_sbc(reader)
+        await eventually("the connection gone", lambda: not transports._conns)
+        writer.close()
+
+
+async def test_a_connection_without_origin_is_refused_only_when_origins_are_listed() -> None:
+    """A non-browser client sends no Origin: any is accepted while allowed_origins is empty
+    (the default), none then; it could send any Origin it likes, so the check stops pages
+    of other sites in browsers, not such clients (the guard does)."""
+    async with (
+        running(make_core(), ws_settings()) as (_, port, _),
+        connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"]) as ws,
+    ):
+        assert ws.request is not None and "Origin" not in ws.request.headers
+    settings = ws_settings(allowed_origins=("https://phone.example.com",))
+    async with running(make_core(), settings) as (_, port, _):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"ws://127.0.0.1:{port}/", subprotocols=["sip"]):
+                pass
+        assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("host", "origins", "warned"),
+    [("0.0.0.0", (), True), ("127.0.0.1", (), False), ("0.0.0.0", ("https://a.example",), False)],
+)
+async def test_a_listener_beyond_loopback_open_to_any_origin_is_warned_about(
+    caplog: pytest.LogCaptureFixture, host: str, origins: tuple[str, ...], warned: bool
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sbc.io")
+    transports = SipTransports(make_core())
+    try:
+        await transports.listen(
+            ListenUrl(transport="ws", host=host, port=0),
+            websocket=ws_settings(allowed_origins=origins),
+        )
+    finally:
+        await transports.close()
+    lines = [r.getMessage() for r in caplog.records if "any web page" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)
+    if warned:
+        assert lines[0].startswith("any web page can open SIP WebSockets to ws://0.0.0.0:")
+        assert lines[0].endswith("; set [access.websocket] allowed_origins")
 
 
 # -- a call from a UDP phone to a browser over ws and wss --------------------------------------
@@ -474,7 +758,8 @@ async def test_a_udp_phone_calls_a_browser_registered_over_websocket(
             finally:
                 phone_transport.close()
         await eventually("the connection gone", lambda: flow.conn_id not in transports._conns)
-        # The browser is gone: a new call to it fails as over TCP (430 Flow Failed).
+        # The browser is gone: a new call to it fails at once. The SBC is the registrar
+        # here, so 480 (430 Flow Failed is a proxy's, RFC 5626 11.6).
         phone_transport, phone = await loop.create_datagram_endpoint(
             UdpPhone, local_addr=("127.0.0.1", 0)
         )
@@ -487,7 +772,7 @@ async def test_a_udp_phone_calls_a_browser_registered_over_websocket(
             answers = [await asyncio.wait_for(phone.received.get(), 5) for _ in range(1)]
             while answers[-1].startswith(b"SIP/2.0 100 "):
                 answers.append(await asyncio.wait_for(phone.received.get(), 5))
-            assert answers[-1].startswith(b"SIP/2.0 430 "), answers[-1][:40]
+            assert answers[-1].startswith(b"SIP/2.0 480 "), answers[-1][:40]
         finally:
             phone_transport.close()
 

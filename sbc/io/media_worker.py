@@ -102,7 +102,9 @@ class _Port:
         one busy port does not hold up the others); without the worker's epoll."""
         for _ in range(READ_BATCH):
             if not self.read_one():
-                return
+                break
+        if self._worker.engine.dtls_backlog:
+            self._worker.dtls_soon()
 
     def received(self, data: bytes, addr: Any) -> None:
         out = self._receive(self.port, data, addr, self._clock())
@@ -223,6 +225,7 @@ class _Worker:
         self.dtmf_task: asyncio.Task[None] | None = None
         # the DTLS retransmission timer (WebRTC parties): armed for engine.next_dtls()
         self._dtls_timer: asyncio.TimerHandle | None = None
+        self._dtls_scheduled = False  # dtls_soon: a turn for the DTLS backlog is queued
         self._dtls_at = 0.0
         self._events: list[bytes] = []  # encoded events not yet written
         self._flush_scheduled = False
@@ -261,6 +264,29 @@ class _Worker:
             self._dtls_timer.cancel()
         self._dtls_at = due
         self._dtls_timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._run_dtls)
+
+    def dtls_one(self) -> None:
+        """One queued DTLS record through its endpoint (RelayEngine.dtls_step): the
+        handshakes' public-key work goes in steps between rounds of port reads."""
+        try:
+            self.send_packets(self.engine.dtls_step(time.monotonic()))
+        except Exception:  # one bad record must not stop the others
+            log.exception("media worker DTLS step failed")
+        if self.engine.dtls_legs:
+            self.arm_dtls()
+
+    def dtls_soon(self) -> None:
+        """Run the queued DTLS records, one per turn of the event loop (the ports are read
+        in between), until none is left."""
+        if not self._dtls_scheduled and self._loop is not None:
+            self._dtls_scheduled = True
+            self._loop.call_soon(self._dtls_turn)
+
+    def _dtls_turn(self) -> None:
+        self._dtls_scheduled = False
+        self.dtls_one()
+        if self.engine.dtls_backlog:
+            self.dtls_soon()
 
     def _run_dtls(self) -> None:
         self._dtls_timer = None
@@ -406,14 +432,19 @@ class _Worker:
         assert self._epoll is not None
         by_fd = self.by_fd
         poll = self._epoll.poll
+        backlog = self.engine.dtls_backlog
         for _ in range(READ_BATCH):
             events = poll(0, POLL_EVENTS)
             if not events:
-                return
+                break
             for fd, _ in events:
                 handler = by_fd.get(fd)
                 if handler is not None:
                     handler.read_one()
+            if backlog:
+                self.dtls_one()  # one handshake step per round: the ports come first
+        if backlog:
+            self.dtls_soon()
 
 
 def worker_main(

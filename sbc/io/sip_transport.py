@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import itertools
 import logging
 import os
@@ -294,6 +295,8 @@ class SipTransports:
             raise StartupError(f"cannot listen on {url}: {cause.strerror or cause}") from None
         self.bound.append((url, local))
         log.info("listening on %s://%s", url.transport, format_address(local))
+        if url.transport in ("ws", "wss") and not websocket.allowed_origins and self.worker == 0:
+            _warn_any_origin(url.transport, local)  # once per SBC, not per signalling worker
         return local
 
     async def close(self) -> None:
@@ -513,6 +516,19 @@ class SipTransports:
         remote = _addr(transport.get_extra_info("peername"))
         return Flow(conn.name, local, remote, self.register(conn))
 
+    def admit_data(self, conn: WebSocketConnection) -> bool:
+        """Whatever a WebSocket connection read (an HTTP request, data or control frames):
+        the guard's packet count and ban list, as for a TCP read (``SbcCore.receive_stream``).
+        False: the connection is to be dropped unread."""
+        assert conn.flow is not None
+        try:
+            if self.core.admit_data(conn.flow, self._clock()):
+                return True
+            log.debug("connection dropped (source banned or not allowed): %s", conn.flow)
+        except Exception:
+            log.exception("admission of data from %s failed; closing it", conn.flow)
+        return False
+
     def admit(self, conn: _StreamProtocol | WebSocketConnection) -> bool:
         """A connection accepted on a listener (still plain TCP for TLS and WSS
         listeners): the per-source connection limit and ban list, then for TLS and WSS
@@ -675,6 +691,21 @@ class QueueProbes:
             transport.sendto(payload, target)
             sent.append((payload, now, queued or 0))
         return worst
+
+
+def _warn_any_origin(transport: str, local: Address) -> None:
+    """A ws/wss listener reachable from other hosts without [access.websocket]
+    allowed_origins: any page a browser shows may open SIP WebSockets to it, from the
+    browser's address (the guard knows sources by address only; RFC 6455 10.2)."""
+    try:
+        loopback = ipaddress.ip_address(local[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning(
+            "any web page can open SIP WebSockets to %s://%s; set [access.websocket] "
+            "allowed_origins", transport, format_address(local),
+        )  # fmt: skip
 
 
 def _queued_bytes(sock: Any) -> int | None:

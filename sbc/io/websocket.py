@@ -5,7 +5,14 @@ with the "sip" subprotocol (RFC 7118 4.1) opens a SIP connection: each WebSocket
 is one whole SIP message (RFC 7118 4.2), handed to the core as received on a reliable flow
 whose transport is "ws" or "wss"; what the core sends on that flow goes out as one
 message. Any other GET or HEAD is answered from the static files of ``sbc/static/`` (the
-browser softphone), so that the page and its WebSocket share one origin.
+browser softphone), so that the page and its WebSocket share one origin; the connection
+then stays open for the next request (HTTP/1.1 persistence, RFC 9112 9.3), so that the
+page's ~130 module files do not cost a connection (and over wss a TLS handshake) each.
+
+Every read of a connection (an HTTP request, a data or control frame) is a packet of its
+source for the guard (``SipTransports.admit_data``), as a TCP read is; a client that does
+not read what it is sent is not read from either, and is dropped when WRITE_BUFFER_LIMIT
+bytes wait for it.
 
 The WebSocket and HTTP wire formats are the ``websockets`` package's sans-I/O
 ``ServerProtocol`` (bytes in, events and bytes out); this module decides what to answer
@@ -45,7 +52,14 @@ _protocol_log = logging.getLogger("sbc.io.websocket")
 _protocol_log.setLevel(logging.WARNING)
 
 SUBPROTOCOL: Final = "sip"  # RFC 7118 4.1 (IANA WebSocket Subprotocol Name Registry)
-UPGRADE_TIMEOUT: Final = 10.0  # seconds a client has to complete its HTTP Upgrade
+# Seconds a client has to complete its HTTP Upgrade, or its next HTTP request on a
+# kept-alive connection (an idle one is closed then).
+UPGRADE_TIMEOUT: Final = 10.0
+MAX_REQUESTS: Final = 1000  # HTTP requests on one connection; the last is answered with close
+# Bytes waiting for a client that does not read (its pongs, the SIP sent to it) at most:
+# above, the connection is dropped. Above the largest single answer (a static file of the
+# softphone, a SIP message), which is written whole to an empty buffer in any case.
+WRITE_BUFFER_LIMIT: Final = 256 * 1024
 CLOSE_TIMEOUT: Final = 2.0  # seconds a client has to answer our Close before we drop it
 # The softphone's files (index.html, phone.js, vendor/...), shipped as package data.
 STATIC_ROOT: Final = Path(__file__).resolve().parent.parent / "static"
@@ -129,28 +143,37 @@ def content_security_policy(host: str | None, secure: bool) -> str:
 
 
 def static_response(
-    method: str, target: str, root: Path | None, *, host: str | None = None, secure: bool = False
+    method: str,
+    target: str,
+    root: Path | None,
+    *,
+    host: str | None = None,
+    secure: bool = False,
+    keep_alive: bool = False,
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     """The answer to a plain HTTP request: (status, headers, body). GET and HEAD of a file
-    under ``root`` ("/" is index.html); the path is percent-decoded, and one naming
-    anything outside ``root`` (``..``, an absolute path, a symbolic link leading out) or
-    not a regular file is 404. Other methods: 405 (RFC 9110 15.5.6, with Allow)."""
+    under ``root`` ("/" is index.html); the path is percent-decoded (as UTF-8), and one
+    naming anything outside ``root`` (``..``, an absolute path, a symbolic link leading
+    out), not a regular file or not decodable is 404. Other methods: 405 (RFC 9110
+    15.5.6, with Allow). ``keep_alive``: the connection stays open after it (RFC 9112
+    9.3; else ``Connection: close``, RFC 9112 9.6)."""
+    connection = ("Connection", "keep-alive" if keep_alive else "close")
     if method not in ("GET", "HEAD"):
-        return _text(405, "Method Not Allowed\n", [("Allow", "GET, HEAD")], method)
+        return _text(405, "Method Not Allowed\n", [("Allow", "GET, HEAD"), connection], method)
     path = _resolve(target, root)
     if path is None:
-        return _text(404, "Not Found\n", [], method)
+        return _text(404, "Not Found\n", [connection], method)
     try:
         body = path.read_bytes()
     except OSError:
-        return _text(404, "Not Found\n", [], method)
+        return _text(404, "Not Found\n", [connection], method)
     headers = [
         ("Content-Type", CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")),
         ("Content-Length", str(len(body))),
         ("Cache-Control", "no-cache"),
         ("X-Content-Type-Options", "nosniff"),
         ("Content-Security-Policy", content_security_policy(host, secure)),
-        ("Connection", "close"),
+        connection,
     ]
     return 200, headers, body if method == "GET" else b""
 
@@ -162,7 +185,6 @@ def _text(
     headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
-        ("Connection", "close"),
         *extra,
     ]
     return status, headers, body if method != "HEAD" else b""
@@ -172,7 +194,10 @@ def _resolve(target: str, root: Path | None) -> Path | None:
     """The file under ``root`` that a request target names, or None."""
     if root is None or not target.startswith("/"):
         return None  # an absolute-form or asterisk target names no file here
-    path = urllib.parse.unquote(target.partition("?")[0].partition("#")[0], errors="strict")
+    try:
+        path = urllib.parse.unquote(target.partition("?")[0].partition("#")[0], errors="strict")
+    except UnicodeDecodeError:
+        return None  # "/%ff": no file name of ours is other than UTF-8
     if path.endswith("/"):
         path += "index.html"
     parts = path[1:].split("/")
@@ -200,7 +225,9 @@ class WebSocketConnection(asyncio.Protocol):
     """One connection on a ws:// or wss:// listener. Its flow is made and admitted (the
     guard's per-source limits) as a TCP connection's is: on ws in ``connection_made``, on
     wss when the TCP connection is accepted, before the TLS handshake
-    (``SipTransports.accept_tls``). It carries SIP only after a successful Upgrade."""
+    (``SipTransports.accept_tls``). It carries SIP only after a successful Upgrade; before,
+    it may serve any number of plain HTTP requests (up to MAX_REQUESTS), each with a
+    ``ServerProtocol`` of its own."""
 
     def __init__(
         self, owner: SipTransports, transport_name: str, settings: WebSocketSettings
@@ -210,14 +237,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.settings = settings
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None
-        self.protocol = ServerProtocol(
-            subprotocols=[Subprotocol(SUBPROTOCOL)],
-            max_size=settings.max_message_size,
-            logger=_protocol_log,
-        )
+        self.protocol = self._new_protocol()
         self._loop = asyncio.get_running_loop()
         self._refused = False
-        self._answered = False  # something was written (an HTTP answer at least)
+        self._answered = False  # the protocol object wrote something (an HTTP answer at least)
+        self._requests = 0  # plain HTTP requests answered on this connection
         self._parts: list[bytes] = []  # a fragmented message so far (RFC 6455 5.4)
         self._last = self._loop.time()  # when the client last sent anything
         self._timer: asyncio.TimerHandle | None = None
@@ -238,6 +262,13 @@ class WebSocketConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        # The guard sees every read, as on TCP: HTTP requests and control frames count
+        # towards the source's flood limit like SIP messages; a banned source loses the
+        # connection here, unread.
+        if not self.owner.admit_data(self):
+            self._refused = True
+            self._abort()
+            return
         self._last = self._loop.time()
         try:
             self.protocol.receive_data(data)
@@ -253,9 +284,24 @@ class WebSocketConnection(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool | None:
+        if self.protocol.state is State.CONNECTING:
+            return None  # between HTTP requests, or in one: nothing to answer, closed
         self.protocol.receive_eof()
         self._flush()
         return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is above its high-water mark: the client does not read
+        what it is sent. It is not read from until it does (whatever it sends would be
+        answered into the same buffer: a pong per ping, a response per request)."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -290,17 +336,18 @@ class WebSocketConnection(asyncio.Protocol):
         self._close(1001, "going away")
 
     # -- inside --------------------------------------------------------------------------
+    def _new_protocol(self) -> ServerProtocol:
+        return ServerProtocol(
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            max_size=self.settings.max_message_size,
+            logger=_protocol_log,
+        )
+
     def _request(self, request: Request) -> None:
         """The HTTP request: an Upgrade, or a request for the static files."""
         proto = self.protocol
         if not wants_websocket(request):
-            host = request.headers.get_all("Host")
-            status, headers, body = static_response(
-                request.method, request.path, self.settings.static_root,
-                host=host[0] if len(host) == 1 else None, secure=self.name == "wss",
-            )  # fmt: skip
-            log.debug("HTTP %s %s from %s: %d", request.method, request.path, self.flow, status)
-            proto.send_response(_response(status, headers, body))
+            self._static(request)
             return
         refusal = handshake_refusal(request, self.settings.allowed_origins)
         if refusal is not None:
@@ -317,6 +364,46 @@ class WebSocketConnection(asyncio.Protocol):
         if response.status_code == 101:
             log.debug("WebSocket open: %s", self.flow)
             self._arm(self._next_check())
+
+    def _static(self, request: Request) -> None:
+        """A plain HTTP request, answered from the static files. A GET or HEAD keeps the
+        connection (RFC 9112 9.3: HTTP/1.1 connections persist unless either side says
+        close) for a next request, read by a new ``ServerProtocol`` (one handles one
+        request) within UPGRADE_TIMEOUT; that one may be an Upgrade. Browsers do not
+        pipeline (send a request before the previous answer): bytes that came behind the
+        request in the same read are such a pipeline, and the connection is closed after
+        this answer instead (RFC 9112 9.3.2: the client retries the rest)."""
+        proto = self.protocol
+        self._requests += 1
+        keep = (
+            request.method in ("GET", "HEAD")
+            and self._requests < MAX_REQUESTS
+            and not any(
+                token.strip().lower() == "close"
+                for value in request.headers.get_all("Connection")
+                for token in value.split(",")
+            )  # RFC 9112 9.6
+            and proto.parser_exc is None  # nothing behind the request was read as a frame
+            and not proto.reader.buffer
+        )
+        host = request.headers.get_all("Host")
+        status, headers, body = static_response(
+            request.method, request.path, self.settings.static_root,
+            host=host[0] if len(host) == 1 else None, secure=self.name == "wss",
+            keep_alive=keep,
+        )  # fmt: skip
+        log.debug("HTTP %s %s from %s: %d", request.method, request.path, self.flow, status)
+        # What the protocol object has to send: nothing, or (a pipeline it read as a
+        # frame, and failed on) the end of the stream, which closes below.
+        proto.data_to_send()
+        self._write(_response(status, headers, body).serialize())
+        if not keep:
+            if self.transport is not None:
+                self.transport.close()  # once the answer is written (RFC 9112 9.6)
+            return
+        self.protocol = self._new_protocol()
+        self._answered = False
+        self._arm(UPGRADE_TIMEOUT)
 
     def _frame(self, frame: Frame) -> None:
         """A data frame: a whole message goes to the core (RFC 7118 4.2); control
@@ -356,9 +443,22 @@ class WebSocketConnection(asyncio.Protocol):
                 return
             if chunk:
                 self._answered = True
-                transport.write(chunk)
+                self._write(chunk)
             else:
                 transport.close()  # after the data written before it
+
+    def _write(self, data: bytes) -> None:
+        """Write to the client; one that leaves more than WRITE_BUFFER_LIMIT bytes unread
+        loses the connection (a single answer to an empty buffer always goes)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        before = transport.get_write_buffer_size()
+        transport.write(data)
+        queued = transport.get_write_buffer_size()
+        if before and queued > WRITE_BUFFER_LIMIT:
+            log.info("%s does not read: %d bytes wait for it; dropping it", self.flow, queued)
+            self._abort()
 
     def _close(self, code: int, reason: str) -> None:
         transport = self.transport
@@ -395,6 +495,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._timer = None
         state = self.protocol.state
         if state is State.CONNECTING:
+            if self._requests:
+                # A kept-alive HTTP connection without a whole next request (RFC 9112 9.5).
+                log.debug("HTTP connection %s idle; closing", self.flow)
+                if self.transport is not None:
+                    self.transport.close()
+                return
             log.info("WebSocket Upgrade from %s not done in time; closing", self.flow)
             self._abort()
             return

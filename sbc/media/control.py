@@ -181,6 +181,7 @@ class Totals:
     invalid: int = 0  # not RTP/RTCP on a relayed (not passthrough) stream
     protect_failures: int = 0  # SRTP protect refused
     transcode_dropped: int = 0  # input a transcoder could not use (undecodable, late, ...)
+    dtls_dropped: int = 0  # DTLS records of WebRTC parties dropped for a full queue
     sessions: int = 0  # sessions now
     ports: int = 0  # relay ports open now
 

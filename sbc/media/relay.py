@@ -58,8 +58,11 @@ ufrag/pwd/role/fingerprints keeps the association, the keys and the latch (a re-
 hold); any change starts over. The DTLS retransmission timers (RFC 6347 4.2.4) are
 deadlines: ``next_dtls`` (also in ``next_deadline``) and ``dtls_due``. ``set_identity``
 gives the engine the SBC's certificate (control.Identity); without it a WebRTC party relays
-nothing (logged, its packets ``srtp_failures``). STUN and DTLS answers come back from
-``receive`` as a ``Burst``. Other parties never reach this code.
+nothing (logged, its packets ``srtp_failures``). STUN answers come back from ``receive`` as
+a ``Burst``; DTLS records are queued (``dtls_backlog``, at most ``DTLS_BACKLOG``) and each
+``dtls_step`` handles one and returns what to send back: a handshake step's public-key
+work (0.1-0.4 ms) then sits between two rounds of the worker's port reads instead of in
+front of every packet that arrived with it. Other parties never reach this code.
 
 Statistics: per party, packets and bytes in (accepted, as received) and out
 (as sent), RTP loss (RFC 3550 A.3) and interarrival jitter (RFC 3550 6.4.1, A.8) of the RTP
@@ -95,6 +98,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -108,6 +112,7 @@ from sbc.media.transcode import Transcoder
 log = logging.getLogger("sbc.media.relay")
 
 Out = tuple[int, bytes, Address]  # (local port to send from, datagram, destination)
+DTLS_BACKLOG = 1000  # DTLS records queued for ``RelayEngine.dtls_step`` at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,16 +545,28 @@ class _Leg:
         return state.dtls
 
     def _dtls(self, data: bytes, src: Address, now: float) -> Result:
-        """A DTLS record (RFC 5764 5.1.2) from the ICE-selected address: to the leg's DTLS
-        endpoint; what it answers goes back there."""
+        """A DTLS record (RFC 5764 5.1.2) from the ICE-selected address: queued for the
+        engine's ``dtls_step`` (see RelayEngine.dtls_backlog), not handled here."""
         state = self.webrtc
         assert state is not None
         if src != self.rtp.addr:
             self.dropped_source += 1
             return None
+        backlog = self.engine.dtls_backlog
+        if len(backlog) >= DTLS_BACKLOG:
+            self.engine.dtls_dropped += 1  # the peer retransmits its flight (RFC 6347 4.2.4)
+            return None
+        backlog.append((self, state, data, src))
+        return None
+
+    def dtls_record(self, state: _WebRtc, data: bytes, src: Address, now: float) -> list[Out]:
+        """A queued DTLS record through the leg's DTLS endpoint; what it answers goes back
+        to the record's source (nothing if the leg's association changed meanwhile)."""
+        if self.webrtc is not state:
+            return []
         endpoint = self._endpoint(state)
         if endpoint is None:
-            return None
+            return []
         had_keys = endpoint.keys is not None
         was_failed = endpoint.failed
         datagrams = endpoint.receive(data, now)
@@ -562,9 +579,7 @@ class _Leg:
                 "session %s port %d: DTLS with %s: %s",
                 self.session.name, self.port, src, endpoint.error,
             )  # fmt: skip
-        if not datagrams:
-            return None
-        return Burst(tuple((self.port, d, src) for d in datagrams))
+        return [(self.port, d, src) for d in datagrams]
 
     def _keyed(self, endpoint: DtlsEndpoint) -> None:
         """The handshake gave the keys (RFC 5764 4.2): SRTP from now on, both ways."""
@@ -921,6 +936,13 @@ class RelayEngine:
         # the party counters (_LEG_COUNTERS) of legs gone, for totals()
         self._retired = [0] * len(_LEG_COUNTERS)
         self.dtls: DtlsContext | None = None  # the SBC's certificate (set_identity)
+        # DTLS records waiting for ``dtls_step``. A handshake step costs 0.1-0.4 ms of
+        # public-key work (ECDHE, ECDSA, the peer's certificate); done as each record
+        # arrives, 50 browsers setting up at once held every other call's packets for tens
+        # of milliseconds (bench/webrtc.py). The worker runs one step between two rounds of
+        # reading its ports, so a packet waits for one step at most.
+        self.dtls_backlog: deque[tuple[_Leg, _WebRtc, bytes, Address]] = deque()
+        self.dtls_dropped = 0  # records dropped for a full backlog
         self.dtls_legs: set[_Leg] = set()  # WebRTC legs whose DTLS timer is running
 
     def set_identity(self, identity: control.Identity) -> bool:
@@ -960,12 +982,13 @@ class RelayEngine:
             **dict(zip(_LEG_COUNTERS, sums, strict=True)),
             no_session=self.no_session, no_destination=self.no_destination,
             invalid=self.invalid, protect_failures=self.protect_failures,
-            transcode_dropped=transcode,
+            transcode_dropped=transcode, dtls_dropped=self.dtls_dropped,
             sessions=len(self._sessions), ports=len(self._ports),
         )  # fmt: skip
 
     def _retire(self, legs: tuple[_Leg, _Leg]) -> None:
         for leg in legs:
+            leg.webrtc = None  # its queued DTLS records are skipped
             self.dtls_legs.discard(leg)
             for i, name in enumerate(_LEG_COUNTERS):
                 self._retired[i] += getattr(leg, name)
@@ -1149,7 +1172,16 @@ class RelayEngine:
             due.append(dtls)
         return min(due) if due else None
 
-    # -- DTLS retransmissions (WebRTC parties) -----------------------------------------------
+    # -- DTLS (WebRTC parties) ----------------------------------------------------------------
+    def dtls_step(self, now: float) -> list[Out]:
+        """Handle the oldest queued DTLS record: what its endpoint sends back. The worker
+        calls it while ``dtls_backlog`` is not empty, between rounds of reading its ports;
+        afterwards ``next_dtls`` may be sooner (a flight went out)."""
+        if not self.dtls_backlog:
+            return []
+        leg, state, data, src = self.dtls_backlog.popleft()
+        return leg.dtls_record(state, data, src, now)
+
     def next_dtls(self) -> float | None:
         """When ``dtls_due`` next has a handshake flight to retransmit (RFC 6347 4.2.4)."""
         due: float | None = None
