@@ -97,6 +97,7 @@ bench: venv peers
 	$(VENV)/bin/python bench/overload.py --out docs/performance.md
 	command -v rtpengine >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) rtpengine; }; $(VENV)/bin/python bench/media.py --out docs/performance.md
 	$(VENV)/bin/python bench/transcode.py --out docs/performance.md
+	$(VENV)/bin/python bench/webrtc.py --out docs/performance.md
 
 # Also the compiled extensions (built in place next to their sources) and their hashes.
 clean:
