@@ -12,7 +12,8 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 # binary:Debian package of each peer the interop tests drive.
 PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
                iptables:iptables sipsak:sipsak ip:iproute2 linphonec:linphone-cli sox:sox \
-               chromium:chromium chromedriver:chromium-driver
+               chromium:chromium chromedriver:chromium-driver \
+               rtpengine:rtpengine-daemon
 # The install compiles the sans-I/O hot path with mypyc (setup.py, README "Compiled build"),
 # or installs pure Python when it cannot (no gcc or python3-dev, SBC_PURE_PYTHON=1).
 PIP_INSTALL := $(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
@@ -95,7 +96,7 @@ bench: venv peers
 	$(VENV)/bin/python bench/register.py --out docs/performance.md
 	$(VENV)/bin/python bench/calls.py --out docs/performance.md
 	$(VENV)/bin/python bench/overload.py --out docs/performance.md
-	command -v rtpengine >/dev/null 2>&1 || { $(SUDO) apt-get update && $(APT_INSTALL) rtpengine; }; $(VENV)/bin/python bench/media.py --out docs/performance.md
+	$(VENV)/bin/python bench/media.py --out docs/performance.md
 	$(VENV)/bin/python bench/transcode.py --out docs/performance.md
 	$(VENV)/bin/python bench/webrtc.py --out docs/performance.md
 

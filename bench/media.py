@@ -82,6 +82,8 @@ from report import (
     write_section,
 )
 
+from sbc.media import ng  # rtpengine's ng messages: the SBC's own codec
+
 HOST = "127.0.0.1"
 # The caller's leg uses the 80-bit tag, the callee's the 32-bit one (RFC 4568 6.2.1, 6.2.2):
 # with one suite on both legs rtpengine hands each side the other's key (SRTP passthrough, no
@@ -109,65 +111,8 @@ class BenchError(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# bencode (rtpengine's ng protocol) and /proc helpers
+# /proc helpers
 # ---------------------------------------------------------------------------------------
-
-
-def bencode(value: Any) -> bytes:
-    """Bencode a dict (keys sorted), list, str, bytes or int."""
-    if isinstance(value, bool):
-        raise TypeError("bencode has no booleans")
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, str):
-        value = value.encode()
-    if isinstance(value, bytes | bytearray):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, list | tuple):
-        return b"l" + b"".join(bencode(v) for v in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in value.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
-
-
-def bdecode(data: bytes) -> Any:
-    """The value bencoded in ``data``; strings come back as str where they are UTF-8."""
-
-    def item(i: int) -> tuple[Any, int]:
-        c = data[i : i + 1]
-        if c == b"i":
-            end = data.index(b"e", i)
-            return int(data[i + 1 : end]), end + 1
-        if c == b"l":
-            out, i = [], i + 1
-            while data[i : i + 1] != b"e":
-                v, i = item(i)
-                out.append(v)
-            return out, i + 1
-        if c == b"d":
-            d, i = {}, i + 1
-            while data[i : i + 1] != b"e":
-                k, i = item(i)
-                v, i = item(i)
-                d[k] = v
-            return d, i + 1
-        if c.isdigit():
-            colon = data.index(b":", i)
-            n = int(data[i:colon])
-            raw = data[colon + 1 : colon + 1 + n]
-            if len(raw) != n:
-                raise ValueError("bencode: string runs past the end")
-            try:
-                return raw.decode(), colon + 1 + n
-            except UnicodeDecodeError:
-                return raw, colon + 1 + n
-        raise ValueError(f"bencode: unexpected {c!r} at {i}")
-
-    value, end = item(0)
-    if end != len(data):
-        raise ValueError("bencode: trailing bytes")
-    return value
 
 
 def proc_cpu(pid: int) -> float:
@@ -573,7 +518,7 @@ log-level = 4
         """One ng request and its answer (cookie, space, bencoded dictionary)."""
         assert self.sock is not None
         cookie = secrets.token_hex(8)
-        data = cookie.encode() + b" " + bencode(message)
+        data = ng.encode(cookie, message)
         for _ in range(3):
             self.sock.sendto(data, (HOST, self.ng_port))
             self.sock.settimeout(timeout)
@@ -583,11 +528,11 @@ log-level = 4
                     reply = self.sock.recv(65535)
                 except (TimeoutError, ConnectionRefusedError):
                     break
-                got, _, body = reply.partition(b" ")
-                if got.decode(errors="replace") == cookie:
-                    answer = bdecode(body)
-                    if not isinstance(answer, dict):
-                        raise BenchError(f"ng: not a dictionary: {answer!r}")
+                try:
+                    got, answer = ng.decode(reply)
+                except ng.NgError as exc:
+                    raise BenchError(f"ng: {exc}") from None
+                if got == cookie:
                     return answer
         raise BenchError(f"ng: no answer to {message.get('command')}")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sbc.calls import CallPolicy, PeerRoute
 from sbc.config import Config, ConfigError, ListenUrl, Peer, RateConfig, TlsConfig, load_config
+from sbc.config.values import ng_address
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.guard import CLASSES, Bucket, GuardPolicy
@@ -35,6 +36,8 @@ from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.media.control import Event as MediaEvent
 from sbc.media.dtls import make_identity
+from sbc.media.ng import Node, NodePool
+from sbc.media.rtpengine import Rtpengine
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.ownership import worker_tag
 from sbc.registration import OffloadPolicy
@@ -256,6 +259,18 @@ def media_policy(
     )  # fmt: skip
 
 
+def rtpengine(config: Config, policy: MediaPolicy) -> Rtpengine | None:
+    """The rtpengine nodes of [[media.rtpengine]] when [media] engine = "rtpengine"."""
+    if config.media.engine != "rtpengine":
+        return None
+    nodes = []
+    for node in config.media.rtpengine:
+        address = ng_address(node.url)
+        assert address is not None  # checked with the config
+        nodes.append(Node(node.url, address, node.weight))
+    return Rtpengine(NodePool(nodes), policy.sides)
+
+
 def media_workers(config: Config) -> int:
     """[media] workers, or one per core (as many as the port range has room for)."""
     if config.media.workers:
@@ -388,9 +403,13 @@ async def serve(
     # made at each start, as browsers expect (RFC 8827 6.5: a fresh self-signed one; only
     # its fingerprint in the SDP, carried over TLS or WSS, vouches for it).
     identity, fingerprint = make_identity()
+    policy = media_policy(config, count, ports, fingerprint)
+    # [media] engine = "rtpengine": the media goes to rtpengine nodes, not to workers.
+    engine = rtpengine(config, policy)
     core = SbcCore(
         core_settings(config, role.count if role else 1),
-        media=MediaController(media_policy(config, count, ports, fingerprint)),
+        media=MediaController(policy) if engine is None else None,
+        rtpengine=engine,
         # The only wall-clock read: Date headers and call records are "now" plus this.
         wall_offset=time.time() - loop.time(),
         secret=role.secret if role else None,
@@ -413,11 +432,15 @@ async def serve(
     link: WorkerLink | None = None
     result = ReloadResult(path=str(Path(path).absolute()) if path is not None else None)
     try:
-        workers = await MediaWorkers.start(
-            count, timeout=config.media.timeout, latch_window=config.media.latch_window,
-            on_event=on_media_event, identity=identity,
-        )  # fmt: skip
-        media_totals = workers.totals
+        if engine is None:
+            workers = await MediaWorkers.start(
+                count, timeout=config.media.timeout, latch_window=config.media.latch_window,
+                on_event=on_media_event, identity=identity,
+            )  # fmt: skip
+            media_totals = workers.totals
+        else:
+            engine.local = await transports.listen_ng(config.media.address)
+            media_totals = []
         admin = await AdminServer.start(
             config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
             media=lambda: media_totals, reload=result.report,

@@ -34,6 +34,7 @@ from sbc.actions import (
 )
 from sbc.backends import Backends
 from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
+from sbc.calls.model import ExternalMediaSeam, MediaContext, Target
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
     INVITE,
@@ -50,6 +51,8 @@ from sbc.features.registrar import FlowTokens
 from sbc.features.sanity import ALLOW, KNOWN_METHODS
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
+from sbc.media.ng import NgReply, NoNode
+from sbc.media.rtpengine import Rtpengine
 from sbc.ownership import conn_owner, worker_tag
 from sbc.pipeline import SUPPORTED, Pipeline
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
@@ -114,6 +117,7 @@ class SbcCore(Pipeline):
         secret: bytes | None = None,
         worker: int = 0,
         workers: int = 1,
+        rtpengine: Rtpengine | None = None,
     ) -> None:
         """``wall_offset``: epoch minus the I/O layer's monotonic clock, read once when the
         core is made (Date headers and call records are in wall-clock time). ``secret``
@@ -126,6 +130,17 @@ class SbcCore(Pipeline):
         # "Signalling workers"); one SBC process is worker 0 of 1.
         self.worker = worker
         self.workers = workers
+        # Media on rtpengine nodes ([media] engine = "rtpengine"): every SDP is rewritten by
+        # the call's node before the B2BUA sees it; the message waits in ``_held`` (by the
+        # ng cookie of its request) meanwhile, and responses to the same transaction that
+        # come after it wait behind it (``_held_after``), so their order is kept.
+        self.rtpengine = rtpengine
+        self._external: ExternalMediaSeam | None = None
+        if rtpengine is not None:
+            self._external = ExternalMediaSeam()
+            media = self._external
+        self._held: dict[str, _Held] = {}
+        self._held_after: dict[ClientTransaction, list[Response]] = {}
         # Set in a process that is one of several workers (the process's branches are marked
         # by the app: sip.transaction.mark_branches).
         self._handing_in = False  # a message handed over by another worker is being handled
@@ -235,6 +250,9 @@ class SbcCore(Pipeline):
         commands = self.calls.media.take_commands()
         if commands:
             actions += [ToMediaWorker(worker, command) for worker, command in commands]
+        external = self._external
+        if external is not None and external.ended:
+            actions += self._ng_deletes(external)
         records = self.calls.records
         if records:
             actions += [CallRecord(line) for line in records]
@@ -379,6 +397,8 @@ class SbcCore(Pipeline):
         best = earliest(best, self.registration.next_deadline())
         best = earliest(best, self.calls.next_deadline())
         best = earliest(best, self.guard.next_deadline())
+        if self.rtpengine is not None:
+            best = earliest(best, self.rtpengine.next_deadline())
         if self._activity:
             oldest = next(iter(self._activity.values()))
             best = earliest(best, oldest + self.settings.tcp_idle_timeout)
@@ -391,6 +411,8 @@ class SbcCore(Pipeline):
         actions += self._outputs(self.registration.handle_timer(now), now)
         actions += self._outputs(self.calls.handle_timer(now), now)
         actions += self._flows_failed(now)
+        if self.rtpengine is not None:
+            actions += self._ng_timers(now)
         self.guard.handle_timer(now)
         idle = self.settings.tcp_idle_timeout
         while self._activity:
@@ -423,7 +445,7 @@ class SbcCore(Pipeline):
 
     def _handle_request(
         self, tx: ServerTransaction, req: Request, flow: Flow, now: float
-    ) -> list[Output]:
+    ) -> Sequence[Output | RawSend]:
         """The transaction user: what the SBC answers to a new request."""
         method = req.method
         uri = req.uri
@@ -461,6 +483,10 @@ class SbcCore(Pipeline):
             return tx.respond(self._response(req, 501, headers=(("Allow", ALLOW),)), now)
         if to is not None and to.tag is not None:
             # RFC 3261 12.2.2: within a dialog, which the B2BUA holds (or answers 481).
+            if self.rtpengine is not None and method in ("INVITE", "UPDATE") and _has_sdp(req):
+                ctx = self.calls.media_of_request(req)
+                if ctx is not None:
+                    return self._media_first(ctx, _Held("dialog", tx, req, flow), now)
             return self.calls.in_dialog(tx, req, flow, now)
         if self.guard.active:
             limited = self._guard_request(req, flow, now)
@@ -479,6 +505,9 @@ class SbcCore(Pipeline):
         if isinstance(where, Refusal):
             resp = self._response(req, where.status, where.reason, headers=where.headers)
             return tx.respond(resp, now)
+        if self.rtpengine is not None and method == "INVITE" and _has_sdp(req):
+            ctx = MediaContext(self.calls.new_call_id(), True, True, where.side)
+            return self._media_first(ctx, _Held("start", tx, req, flow, where, ctx.call), now)
         return self.calls.start(tx, req, flow, where, now)
 
     def _guard_request(self, req: Request, flow: Flow, now: float) -> Limited | None:
@@ -574,8 +603,7 @@ class SbcCore(Pipeline):
             elif isinstance(out, ResponseReceived):
                 started = out.transaction
                 if self.calls.owns(started):
-                    events = self.calls.on_response(started, out.response, now)
-                    actions += self._outputs(events, now)
+                    actions += self._outputs(self._call_response(started, out.response, now), now)
                 elif self.registration.owns(started):
                     actions += self._outputs(self.registration.on_response(out, now), now)
                 elif self.backends.owns(started):
@@ -598,6 +626,135 @@ class SbcCore(Pipeline):
                     self.calls.server_gone(out.transaction)
         return actions
 
+    # -- media on rtpengine nodes ------------------------------------------------------------
+    def _media_first(self, ctx: MediaContext, held: _Held, now: float) -> list[Output | RawSend]:
+        """Ask the call's rtpengine node to rewrite the SDP of ``held``'s message before the
+        B2BUA sees it; a new call no node can take is refused (503)."""
+        engine = self.rtpengine
+        assert engine is not None
+        message = held.message
+        try:
+            sent = engine.sdp(
+                ctx.call, offer=ctx.offer, from_caller=ctx.from_caller, to_side=ctx.to_side,
+                sdp=message.body, source=held.flow.remote[0] if held.flow else "", now=now,
+            )  # fmt: skip
+        except NoNode:
+            log.error("no rtpengine node is up", extra={"call": ctx.call})
+            return self._media_failed(held, 503, "No Media Relay Available", now)
+        held.call = ctx.call
+        self._held[sent.cookie] = held
+        return [RawSend(Flow("udp", engine.local, sent.node.address), sent.data)]
+
+    def _call_response(
+        self, tx: ClientTransaction, resp: Response, now: float
+    ) -> list[Output | RawSend]:
+        """A response to one of the B2BUA's requests: to the B2BUA, after the call's node
+        rewrote its SDP; behind an earlier response of the same transaction that waits."""
+        queued = self._held_after.get(tx)
+        if queued is not None:
+            queued.append(resp)
+            return []
+        if self.rtpengine is not None and _has_sdp(resp):
+            ctx = self.calls.media_of_response(tx, resp)
+            if ctx is not None:
+                self._held_after[tx] = []
+                return self._media_first(ctx, _Held("response", tx, resp), now)
+        return list(self.calls.on_response(tx, resp, now))
+
+    def _ng_datagram(self, data: bytes, flow: Flow, now: float) -> list[Action]:
+        """A datagram on the ng socket: a node's reply; the message it held goes on."""
+        engine = self.rtpengine
+        assert engine is not None
+        reply = engine.receive(flow.remote, data, now)
+        if reply is None:
+            return []
+        held = self._held.pop(reply.cookie, None)
+        if held is None:
+            if not reply.ok:  # a delete's answer: the node had forgotten the call already
+                log.info("rtpengine %s: %s %s", reply.node, reply.command, reply.error)
+            return []
+        return self._outputs(self._resume(held, reply, now), now)
+
+    def _ng_timers(self, now: float) -> list[Action]:
+        engine = self.rtpengine
+        assert engine is not None
+        resend, expired = engine.timers(now)
+        outputs: list[Output | RawSend] = [
+            RawSend(Flow("udp", engine.local, address), data) for address, data in resend
+        ]
+        for timeout in expired:
+            held = self._held.pop(timeout.cookie, None)
+            if held is None:
+                continue
+            log.error(
+                "rtpengine %s: no answer to %s", timeout.node, timeout.command,
+                extra={"call": held.call},
+            )  # fmt: skip
+            outputs += self._resume(held, None, now)
+        return self._outputs(outputs, now)
+
+    def _ng_deletes(self, external: ExternalMediaSeam) -> list[Action]:
+        engine = self.rtpengine
+        assert engine is not None
+        actions: list[Action] = []
+        for call in external.ended:
+            sent = engine.delete(call)
+            if sent is not None:
+                actions.append(SendData(Flow("udp", engine.local, sent.node.address), sent.data))
+        external.ended.clear()
+        return actions
+
+    def _resume(self, held: _Held, reply: NgReply | None, now: float) -> list[Output | RawSend]:
+        """The node answered (or not: ``reply`` None) for ``held``'s SDP: the message goes on
+        with the node's SDP, or is refused."""
+        sdp = reply.result.get("sdp") if reply is not None and reply.ok else None
+        if not isinstance(sdp, str):
+            why = "no answer" if reply is None else reply.error or "no SDP in the answer"
+            log.error("rtpengine refused the SDP: %s", why, extra={"call": held.call})
+            status = 503 if reply is None else 488
+            return self._media_failed(held, status, "Media Relay Failed", now)
+        held.message.set_body(sdp.encode(errors="surrogateescape"))
+        return self._go_on(held, now)
+
+    def _go_on(self, held: _Held, now: float) -> list[Output | RawSend]:
+        tx = held.tx
+        if held.kind == "response":
+            assert isinstance(tx, ClientTransaction) and isinstance(held.message, Response)
+            out: list[Output | RawSend] = list(self.calls.on_response(tx, held.message, now))
+            for resp in self._held_after.pop(tx, []):
+                out += self._call_response(tx, resp, now)
+            return out
+        assert isinstance(tx, ServerTransaction) and isinstance(held.message, Request)
+        if held.kind == "dialog":
+            assert held.flow is not None
+            return list(self.calls.in_dialog(tx, held.message, held.flow, now))
+        last = tx.last_response
+        if last is not None and last.status >= 200:
+            # CANCELled (487) while the node worked: the call never starts.
+            self._external_end(held.call)
+            return []
+        assert held.flow is not None and held.target is not None
+        return list(self.calls.start(tx, held.message, held.flow, held.target, now, held.call))
+
+    def _media_failed(
+        self, held: _Held, status: int, reason: str, now: float
+    ) -> list[Output | RawSend]:
+        """No SDP from the node: a new call or a re-offer is refused; a response goes on
+        without its SDP (never with the far side's addresses: topology hiding)."""
+        tx = held.tx
+        if held.kind == "response":
+            held.message.set_body(b"")
+            held.message.remove("content-type")
+            return self._go_on(held, now)
+        assert isinstance(tx, ServerTransaction) and isinstance(held.message, Request)
+        if held.kind == "start":
+            self._external_end(held.call)
+        return list(tx.respond(self._response(held.message, status, reason), now))
+
+    def _external_end(self, call: str) -> None:
+        if self._external is not None and call:
+            self._external.ended.append(call)
+
     # -- transport rules ---------------------------------------------------------------------
 
 
@@ -614,6 +771,28 @@ def _asks_for_sips(req: Request) -> bool:
     except (ParseError, ValueError):
         return False  # the routing answers a malformed Route
     return isinstance(top, SipUri) and top.secure
+
+
+@dataclass(slots=True)
+class _Held:
+    """A message waiting for its SDP from the call's rtpengine node: a new INVITE
+    ("start"), an offer within a call ("dialog"), a response ("response")."""
+
+    kind: str
+    tx: ServerTransaction | ClientTransaction
+    message: Request | Response
+    flow: Flow | None = None
+    target: Target | None = None
+    call: str = ""
+
+
+def _has_sdp(msg: Message) -> bool:
+    ctype = msg.content_type
+    return (
+        bool(msg.body)
+        and ctype is not None
+        and (ctype.split(";", 1)[0].strip().lower() == "application/sdp")
+    )
 
 
 def _stale(resp: Response) -> bool:

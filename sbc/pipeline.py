@@ -56,6 +56,9 @@ class Pipeline:
     @with_effects
     def receive_datagram(self: SbcCore, data: bytes, flow: Flow, now: float) -> list[Action]:
         """One UDP datagram (RFC 3261 18.3: the datagram is the message)."""
+        engine = self.rtpengine
+        if engine is not None and flow.local == engine.local:
+            return self._ng_datagram(data, flow, now)  # an rtpengine node's reply
         # 1b. The guard: a banned or not allowed source is dropped before it is parsed.
         if self.guard.active and not self.guard.admit(flow.remote[0], self._side(flow), now):
             return []

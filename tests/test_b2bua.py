@@ -17,6 +17,7 @@ from sbc.calls import CallPolicy, PeerRoute
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.media.control import Command, Delete, PartyStats, Stats, StreamStats, Timeout, Update
+from sbc.media.rtpengine import Rtpengine
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.sides import Side
 from sbc.sip.flow import Flow
@@ -85,10 +86,12 @@ class Lab:
         worker_answers: bool = True,
         worker: int = 0,
         workers: int = 1,
+        rtpengine: Rtpengine | None = None,
     ) -> None:
         media = media or MEDIA
         self.media_commands: list[tuple[int, Command]] = []
-        self.media: MediaController | None = MediaController(media)
+        # With rtpengine nodes the core keeps no media of its own.
+        self.media: MediaController | None = MediaController(media) if rtpengine is None else None
         self.records: list[str] = []  # the call records the core returned (CallRecord)
         self.worker_answers = worker_answers  # a Delete is answered with Stats, as a worker does
         self._deleted: list[str] = []
@@ -112,6 +115,7 @@ class Lab:
             media=self.media,
             worker=worker,
             workers=workers,
+            rtpengine=rtpengine,
         )
         self.core.add_listener(Side.ACCESS, "udp", ACCESS)
         self.core.add_listener(Side.CORE, "udp", CORE)

@@ -35,6 +35,7 @@ from sbc.calls.model import (
     Call,
     CallPolicy,
     Leg,
+    MediaContext,
     MediaSeam,
     PassThroughMedia,
     PeerRoute,
@@ -154,9 +155,48 @@ class B2bua(Routing):
     def owns_server(self, tx: ServerTransaction) -> bool:
         return tx in self._server
 
+    def new_call_id(self) -> str:
+        """An id for a call to be started (``start``'s ``call_id``)."""
+        return self.id_prefix + secrets.token_hex(8)
+
+    def media_of_response(self, tx: ClientTransaction, resp: Response) -> MediaContext | None:
+        """What an external media engine needs of an SDP in a response to one of the
+        B2BUA's requests (RFC 3264: the answer to the request's offer, or an offer if the
+        request had none): None if the response is not one whose SDP is passed on."""
+        work = self._work.get(tx)
+        if isinstance(work, _Initial):
+            call, to_side, from_caller = work.call, work.call.a_side, False
+            request = call.b_request
+        elif isinstance(work, _Mapped):
+            call, to_side, from_caller = work.origin.call, work.origin.side, work.dest.caller
+            request = tx.request
+        else:
+            return None
+        if call.method != "INVITE" or call.state == "ended" or request is None:
+            return None
+        if not 100 < resp.status < 300 or request.method not in ("INVITE", "UPDATE", "PRACK"):
+            return None
+        return MediaContext(call.id, from_caller, not request.body, to_side)
+
+    def media_of_request(self, req: Request) -> MediaContext | None:
+        """The same for an offer in a request within a call (re-INVITE, UPDATE)."""
+        key = self._dialog_key(req)
+        leg = self._dialogs.get(key) if key is not None else None
+        if leg is None or leg.peer is None or leg.call.state == "ended":
+            return None
+        return MediaContext(leg.call.id, leg.caller, True, leg.peer.side)
+
     def start(
-        self, tx: ServerTransaction, req: Request, flow: Flow, target: Target, now: float
+        self,
+        tx: ServerTransaction,
+        req: Request,
+        flow: Flow,
+        target: Target,
+        now: float,
+        sbc_call: str | None = None,
     ) -> list[Output]:
+        """A new request for the B2BUA; ``sbc_call``: the id of the call it starts (one
+        made by ``new_call_id`` for it; a new one by default)."""
         method = req.method
         a_side = self.side_of(flow)
         if method == "INVITE":
@@ -168,7 +208,7 @@ class B2bua(Routing):
         if frm is None or to is None or cseq is None or call_id is None:
             return self._respond(tx, 400, "Missing Dialog Headers", (), now)
         call = Call(
-            call_id=self.id_prefix + secrets.token_hex(8), method=method, a_flow=flow,
+            call_id=sbc_call or self.new_call_id(), method=method, a_flow=flow,
             a_side=a_side, a_tx=tx, a_request=req, target=target, now=now,
         )  # fmt: skip
         # The other leg's ids are derived from the caller's and the target, so a request

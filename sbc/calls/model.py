@@ -103,6 +103,20 @@ class PassThroughMedia:
         return []
 
 
+class ExternalMediaSeam(PassThroughMedia):
+    """The media seam when the media is on rtpengine nodes: the core has had every SDP
+    rewritten by the call's node before the B2BUA sees it (SbcCore's media holds), so
+    offers and answers pass unchanged; the end of a call is queued (``ended``) for the
+    core to delete at its node."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def release(self, call: str) -> bool:
+        self.ended.append(call)
+        return False  # the node's counters are not in the call record
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CallPolicy:
     """[calls]: admission limits, timeouts and header stripping."""
@@ -267,6 +281,17 @@ class Call:
 @dataclass(slots=True)
 class _Initial:
     call: Call
+
+
+@dataclass(frozen=True, slots=True)
+class MediaContext:
+    """An SDP of a call as an external media engine sees it: the call, whether the caller
+    sent it, whether it is an offer, and the side it goes to."""
+
+    call: str
+    from_caller: bool
+    offer: bool
+    to_side: Side
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from sbc.config.values import (
     _bracket,
     _check_host,
     _check_ip,
+    _check_ng_url,
     _Ctx,
     _show,
     code_ranges,
@@ -289,6 +290,17 @@ class CallsConfig:
 
 
 SrtpPolicy = Literal["mandatory", "optional", "off"]
+MediaEngine = Literal["builtin", "rtpengine"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RtpengineNode:
+    """An rtpengine node the media goes to with ``engine = "rtpengine"``."""
+
+    url: str = field(metadata=rule(text(_check_ng_url)))  # udp://IP:PORT, its listen-ng
+    weight: int = field(default=1, metadata=rule(integer(min=0)))  # 0: a standby
+
+
 # SDES crypto-suites the relay can do (pylibsrtp's profiles; RFC 4568 6.2, RFC 7714 14.2).
 SRTP_SUITES = tuple(SUPPORTED_SUITES)
 
@@ -322,8 +334,17 @@ class MediaConfig:
     peer_codecs: tuple[str, ...] | None = field(default=None, metadata=rule(codec_list))
     # Calls with a transcoded stream at once; 0: no transcoding at all.
     max_transcoded_calls: int = field(default=100, metadata=rule(integer(min=0)))
+    # Where the media goes: the SBC's own relay workers, or rtpengine nodes (ng protocol).
+    engine: MediaEngine = "builtin"
+    rtpengine: tuple[RtpengineNode, ...] = ()
 
     def check(self) -> Iterator[tuple[str, str]]:
+        if self.engine == "rtpengine" and not self.rtpengine:
+            yield "rtpengine", 'engine = "rtpengine" needs at least one [[media.rtpengine]] node'
+        urls = [node.url for node in self.rtpengine]
+        for i, url in enumerate(urls):
+            if url in urls[:i]:
+                yield f"rtpengine[{i}].url", f"{url} is listed twice"
         if not self.srtp_suites:
             yield "srtp_suites", "must list at least one crypto-suite"
         for i, suite in enumerate(self.srtp_suites):

@@ -164,6 +164,25 @@ def _is_hostname(value: str) -> bool:
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
+def ng_address(url: str) -> tuple[str, int] | None:
+    """The (IP, port) of an rtpengine node's ng URL ``udp://IP:PORT`` (``[IPv6]``), or None."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != "udp" or not sep:
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host, int(port)) if _is_ip(host) else None
+
+
+def _check_ng_url(value: str) -> str | None:
+    if ng_address(value) is None:
+        return "must be udp://IP:PORT (the node's ng control socket, rtpengine listen-ng)"
+    return None
+
+
 def _check_ip(value: str) -> str | None:
     return None if _is_ip(value) else "must be an IP address"
 

@@ -179,6 +179,18 @@ class SipTransports:
         self._lag_timer = self._loop.call_at(self._lag_due, self._measure_lag)
         self._tls_timer = self._loop.call_later(TLS_CHECK_INTERVAL, self._check_tls)
 
+    async def listen_ng(self, host: str) -> Address:
+        """The SBC's socket to its rtpengine nodes (ng protocol, sbc/media/ng.py): a UDP
+        socket on ``host`` whose datagrams go to the core as any other's (it tells a
+        node's reply by the socket's address)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        transport, _ = await self._loop.create_datagram_endpoint(
+            lambda: _DatagramProtocol(self), local_addr=(host, 0), family=family
+        )
+        local = _addr(transport.get_extra_info("sockname"))
+        self._udp[local] = transport
+        return local
+
     def set_peers(self) -> None:
         """The peers' certificate names from the core's settings (at start and after a
         reload): who may connect as a peer, and the name to verify when connecting."""

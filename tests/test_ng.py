@@ -1,0 +1,104 @@
+"""rtpengine's ng protocol: the message codec, the client's cookies, retransmissions and
+timeouts, and the node pool's choice, stickiness and health."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sbc.media import ng
+from sbc.media.ng import NgClient, Node, NodePool, NoNode
+
+
+def test_messages_round_trip_and_bad_ones_are_named() -> None:
+    message = {"command": "offer", "call-id": "c1", "flags": ["trust-address"], "n": 3,
+               "sdp": "v=0\r\n", "replace": ["origin", "session-connection"]}  # fmt: skip
+    data = ng.encode("abc1", message)
+    assert data.startswith(b"abc1 d")
+    assert ng.decode(data) == ("abc1", message)
+    # rtpengine's documentation's example reply
+    assert ng.decode(b"5323_1 d6:result4:ponge") == ("5323_1", {"result": "pong"})
+    for bad, why in ((b"nocookie", "no cookie"), (b"c1 i3e", "not a dictionary"),
+                     (b"c1 d6:result", "bad bencoding")):  # fmt: skip
+        with pytest.raises(ng.NgError, match=why):
+            ng.decode(bad)
+
+
+def reply(cookie: str, **fields: object) -> bytes:
+    return ng.encode(cookie, dict(fields))
+
+
+def test_a_reply_is_matched_by_cookie_and_node() -> None:
+    client = NgClient()
+    c1, d1 = client.request("n1", {"command": "ping"}, 10.0)
+    c2, _ = client.request("n1", {"command": "query", "call-id": "x"}, 10.0)
+    assert c1 != c2 and d1.startswith(c1.encode() + b" ")
+    assert client.receive("n2", reply(c1, result="pong"), 10.1) is None  # another node
+    got = client.receive("n1", reply(c1, result="pong"), 10.25)
+    assert got is not None and got.ok and got.command == "ping" and got.rtt == pytest.approx(0.25)
+    assert client.receive("n1", reply(c1, result="pong"), 10.3) is None  # a duplicate
+    err = client.receive("n1", reply(c2, result="error", **{"error-reason": "Unknown call-id"}), 11)
+    assert err is not None and not err.ok and err.error == "Unknown call-id"
+    assert client.receive("n1", b"garbage", 11.0) is None
+    assert client.pending == 0 and client.next_deadline() is None
+
+
+def test_the_same_bytes_are_sent_again_then_the_request_times_out() -> None:
+    client = NgClient(first_timeout=0.5, tries=3)
+    cookie, data = client.request("n1", {"command": "offer", "call-id": "c"}, 0.0)
+    assert client.next_deadline() == 0.5
+    assert client.handle_timer(0.4) == ([], [])
+    resend, expired = client.handle_timer(0.5)
+    assert resend == [("n1", data)] and expired == []  # same cookie: idempotent at the node
+    assert client.next_deadline() == pytest.approx(1.5)  # the interval doubles
+    resend, _ = client.handle_timer(1.5)
+    assert resend == [("n1", data)]
+    resend, expired = client.handle_timer(3.5)
+    assert resend == [] and [(t.cookie, t.node, t.command) for t in expired] == [
+        (cookie, "n1", "offer")
+    ]
+    assert client.retransmissions == 2 and client.timeouts == 1 and client.pending == 0
+    # A reply to a retransmitted request counts its round trip from the first send.
+    cookie, _ = client.request("n1", {"command": "ping"}, 5.0)
+    client.handle_timer(5.5)
+    got = client.receive("n1", reply(cookie, result="pong"), 5.6)
+    assert got is not None and got.rtt == pytest.approx(0.6)
+
+
+def pool(*weights: int, seed: int = 1) -> NodePool:
+    nodes = [Node(f"udp://127.0.0.1:{2223 + i}", ("127.0.0.1", 2223 + i), w)
+             for i, w in enumerate(weights)]  # fmt: skip
+    return NodePool(nodes, ping_interval=5.0, down_after=2, rng=random.Random(seed))
+
+
+def test_new_calls_spread_by_weight_and_stick_to_their_node() -> None:
+    p = pool(3, 1, 0)
+    for node in p.nodes.values():
+        p.pong(node, 0.001)
+    counts = {name: 0 for name in p.nodes}
+    for i in range(4000):
+        counts[p.assign(f"c{i}").name] += 1
+    a, b, standby = counts.values()
+    assert 2800 < a < 3200 and 800 < b < 1200 and standby == 0
+    first = p.assign("c7")
+    assert p.assign("c7") is first and p.node_of("c7") is first
+    p.release("c7")
+    assert p.node_of("c7") is None and "c7" not in first.calls
+
+
+def test_a_node_is_down_after_missed_pings_and_standbys_take_over() -> None:
+    p = pool(1, 0)
+    active, standby = p.nodes.values()
+    with pytest.raises(NoNode):
+        p.assign("c0")  # nothing answered a ping yet
+    assert {n.name for n in p.pings_due(0.0)} == set(p.nodes)
+    assert p.pings_due(1.0) == []  # the next round is ping_interval later
+    assert p.pong(active, 0.002) and p.pong(standby, 0.003)
+    assert p.assign("c1") is active  # weighted nodes first
+    assert not p.missed_ping(active)  # one miss: still up
+    assert p.missed_ping(active) and not active.up  # two: down
+    assert p.assign("c2") is standby  # only the standby is up
+    assert p.assign("c1") is active  # a call keeps its node (its media is there)
+    assert p.pong(active, 0.001) and active.up and active.missed == 0
+    assert p.next_ping() == 5.0
