@@ -14,6 +14,7 @@ import ssl
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 from sbc.calls import CallPolicy, PeerRoute
 from sbc.config import Config, ConfigError, ListenUrl, Peer, RateConfig, TlsConfig, load_config
@@ -263,12 +264,16 @@ def rtpengine(config: Config, policy: MediaPolicy) -> Rtpengine | None:
     """The rtpengine nodes of [[media.rtpengine]] when [media] engine = "rtpengine"."""
     if config.media.engine != "rtpengine":
         return None
+    return Rtpengine(NodePool(rtpengine_nodes(config)), policy.sides, timeout=config.media.timeout)
+
+
+def rtpengine_nodes(config: Config) -> list[Node]:
     nodes = []
     for node in config.media.rtpengine:
         address = ng_address(node.url)
         assert address is not None  # checked with the config
         nodes.append(Node(node.url, address, node.weight))
-    return Rtpengine(NodePool(nodes), policy.sides)
+    return nodes
 
 
 def media_workers(config: Config) -> int:
@@ -321,12 +326,17 @@ RESTART_KEYS = (
     "log.format",
     "calls.records",
 )  # fmt: skip
+# ... but for [[media.rtpengine]], which a reload applies (nodes added, removed, reweighted).
+RELOADABLE = {"media": ("rtpengine",)}
 
 
 def _lookup(config: Config, key: str) -> object:
     value: object = config
     for part in key.split("."):
         value = getattr(value, part)
+    reloadable = RELOADABLE.get(key)
+    if reloadable:
+        value = replace(cast(Any, value), **dict.fromkeys(reloadable, ()))
     return value
 
 
@@ -440,6 +450,7 @@ async def serve(
             media_totals = workers.totals
         else:
             engine.local = await transports.listen_ng(config.media.address)
+            engine.wall_offset = time.time() - loop.time()
             media_totals = []
         admin = await AdminServer.start(
             config.admin.listen.host, config.admin.listen.port, core, name=config.sbc.name,
@@ -586,6 +597,8 @@ def _apply_reload(
 ) -> Config:
     """Apply a prepared reload on the event loop (nothing here can fail or block)."""
     core.reconfigure(ready.settings, now)
+    if core.rtpengine is not None:
+        core.rtpengine.set_nodes(rtpengine_nodes(ready.config))
     transports.set_peers()
     for current, fresh in zip(running, ready.servers, strict=True):
         if current is not None and fresh is not None:

@@ -161,6 +161,18 @@ def _fmt_status(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {b['name']:<{width}}  {state:<4}  dialogs {b['dialogs']:<5}  rtt {rtt}"
             )
+    nodes = report.get("rtpengine") or []
+    if nodes:
+        up = sum(1 for n in nodes if n["up"])
+        lines.append(f"rtpengine: {up} of {len(nodes)} node(s) up")
+        width = max(len(n["url"]) for n in nodes)
+        for n in nodes:
+            rtt = "-" if n["rtt_ms"] is None else f"{n['rtt_ms']:.1f} ms"
+            state = "up" if n["up"] else "down"
+            lines.append(
+                f"  {n['url']:<{width}}  {state:<4}  weight {n['weight']:<3}  "
+                f"calls {n['calls']:<5}  rtt {rtt}"
+            )
     lines.append(f"bans: {bans['active']} source(s) banned now")
     workers = report.get("workers")
     if workers:

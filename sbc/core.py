@@ -667,7 +667,7 @@ class SbcCore(Pipeline):
         assert engine is not None
         reply = engine.receive(flow.remote, data, now)
         if reply is None:
-            return []
+            return self._outputs(self._ng_news(now), now)
         held = self._held.pop(reply.cookie, None)
         if held is None:
             if not reply.ok:  # a delete's answer: the node had forgotten the call already
@@ -691,7 +691,29 @@ class SbcCore(Pipeline):
                 extra={"call": held.call},
             )  # fmt: skip
             outputs += self._resume(held, None, now)
+        outputs += self._ng_news(now)
         return self._outputs(outputs, now)
+
+    def _ng_news(self, now: float) -> list[Output | RawSend]:
+        """What the nodes' answers told of calls: counters of deleted ones (their records),
+        calls without media (BYE both legs, as the built-in relay's timeout), calls of a
+        node down for [media] timeout (their media is gone)."""
+        engine = self.rtpengine
+        assert engine is not None
+        outputs: list[Output | RawSend] = []
+        for call, node, result in engine.deleted:
+            totals = result.get("totals")
+            record: dict[str, object] = {"engine": "rtpengine", "node": node}
+            if isinstance(totals, dict):
+                record["totals"] = totals
+            self.calls.media_stats(call, [record])
+        engine.deleted.clear()
+        for call in engine.timed_out:
+            outputs += self.calls.media_timeout(call, now)
+        engine.timed_out.clear()
+        for call in engine.lost_calls(now):
+            outputs += self.calls.media_lost(call, now)
+        return outputs
 
     def _ng_deletes(self, external: ExternalMediaSeam) -> list[Action]:
         engine = self.rtpengine

@@ -288,6 +288,27 @@ class SbcCollector(Collector):
 
         # -- media ---------------------------------------------------------------------------
         yield from self._media()
+        yield from self._rtpengine()
+
+    def _rtpengine(self) -> Iterator[Metric]:
+        nodes = rtpengine_nodes(self.core)
+        if not nodes:
+            return
+        up = GaugeMetricFamily(
+            "sbc_rtpengine_up", "1 if the rtpengine node answers its pings", labels=["node"]
+        )
+        calls = GaugeMetricFamily(
+            "sbc_rtpengine_calls", "Calls whose media is on the rtpengine node", labels=["node"]
+        )
+        rtt = GaugeMetricFamily(
+            "sbc_rtpengine_rtt_seconds", "Round trip of the node's last ping", labels=["node"]
+        )
+        for n in nodes:
+            up.add_metric([n["url"]], 1.0 if n["up"] else 0.0)
+            calls.add_metric([n["url"]], n["calls"])
+            if n["rtt_ms"] is not None:
+                rtt.add_metric([n["url"]], n["rtt_ms"] / 1000.0)
+        yield from (up, calls, rtt)
 
     def _media(self) -> Iterator[Metric]:
         reports = self.media()
@@ -419,4 +440,22 @@ def status_report(
             "packets_out": sum(t.packets_out for t in reports),
             "srtp_failures": sum(t.srtp_failures for t in reports),
         },
+        "rtpengine": rtpengine_nodes(core),
     }
+
+
+def rtpengine_nodes(core: SbcCore) -> list[dict[str, Any]]:
+    """The rtpengine nodes ([media] engine = "rtpengine"): up, weight, calls, round trip."""
+    engine = core.rtpengine
+    if engine is None:
+        return []
+    return [
+        {
+            "url": n.name,
+            "up": n.up,
+            "weight": n.weight,
+            "calls": len(n.calls),
+            "rtt_ms": None if n.rtt is None else round(n.rtt * 1000.0, 3),
+        }
+        for n in engine.pool.nodes.values()
+    ]

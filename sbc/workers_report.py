@@ -45,6 +45,8 @@ _COMBINERS: dict[str, Combine] = {
     "sbc_backend_up": max,
     "sbc_backend_probe_rtt_seconds": max,
     "sbc_backend_consecutive_failures": max,
+    "sbc_rtpengine_up": max,
+    "sbc_rtpengine_rtt_seconds": max,
     "sbc_banned_sources": max,
     "process_max_fds": max,
     "process_start_time_seconds": min,  # the SBC started with its first worker
@@ -204,6 +206,22 @@ def _backends(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def _nodes(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """rtpengine nodes by url, the same way (each worker pings every node)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for n in report.get("rtpengine") or ():
+            seen = merged.get(n["url"])
+            if seen is None:
+                merged[n["url"]] = dict(n)
+                continue
+            seen["up"] = bool(seen["up"] or n["up"])
+            seen["calls"] += n["calls"]
+            rtts = [r for r in (seen["rtt_ms"], n["rtt_ms"]) if r is not None]
+            seen["rtt_ms"] = max(rtts) if rtts else None
+    return list(merged.values())
+
+
 def _bans(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Sources banned by any worker, each once with the longest time left; a worker lists
     only its 100 longest, so ``active`` is at least the largest count a worker gave."""
@@ -275,6 +293,7 @@ def merge_status(
             [r.get("media") or {} for r in answered],
             ("workers", "sessions", "packets_in", "packets_out", "srtp_failures"),
         ),
+        "rtpengine": _nodes(answered),
         "workers": [_worker(w, by_index.get(w.index), now) for w in workers],
     }
 

@@ -469,18 +469,23 @@ def test_docs_list_every_metric_and_no_other() -> None:
 
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from sbc.media.ng import Node, NodePool
+    from sbc.media.rtpengine import Rtpengine
     from sbc.workers_report import WorkerState, merge_metrics
 
-    lab = Lab()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector(lab, [Totals()]))
-    text = generate_latest(registry).decode()
-    state = WorkerState(index=0, pid=1, running=True, restarts=0, started_at=0.0)
-    merged = merge_metrics([(0, text)], [state])
-    names = {
-        f.name + ("_total" if f.type == "counter" else "")
-        for f in text_string_to_metric_families(merged)
-    }
+    names: set[str] = set()
+    # The built-in relay, and media on an rtpengine node (its families).
+    node = Rtpengine(NodePool([Node("udp://127.0.0.1:2223", ("127.0.0.1", 2223))]), {})
+    for lab in (Lab(), Lab(rtpengine=node)):
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector(lab, [Totals()]))
+        text = generate_latest(registry).decode()
+        state = WorkerState(index=0, pid=1, running=True, restarts=0, started_at=0.0)
+        merged = merge_metrics([(0, text)], [state])
+        names |= {
+            f.name + ("_total" if f.type == "counter" else "")
+            for f in text_string_to_metric_families(merged)
+        }
     doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     for name in names:
         assert f"`{name}" in doc, f"docs/operations.md misses {name}"

@@ -102,3 +102,36 @@ def test_a_node_is_down_after_missed_pings_and_standbys_take_over() -> None:
     assert p.assign("c1") is active  # a call keeps its node (its media is there)
     assert p.pong(active, 0.001) and active.up and active.missed == 0
     assert p.next_ping() == 5.0
+
+
+def test_a_reload_adds_reweights_and_retires_nodes_without_dropping_calls() -> None:
+    p = pool(1, 1)
+    a, b = p.nodes.values()
+    for node in (a, b):
+        p.pong(node, 0.001)
+    calls_b = [c for c in (f"c{i}" for i in range(40)) if p.assign(c) is b]
+    assert calls_b
+    new = Node("udp://127.0.0.1:3000", ("127.0.0.1", 3000), 5)
+    p.set_nodes([Node(a.name, a.address, 3), new])
+    assert p.nodes[a.name] is a and a.weight == 3  # kept: its health and calls too
+    assert b.retired and p.nodes[b.name] is b  # gone from the config, still holds calls
+    assert new.name in p.nodes and not new.up  # pinged from now on
+    assert all(p.assign(f"n{i}") is a for i in range(20))  # no new call on b; new not up
+    assert p.node_of(calls_b[0]) is b  # b's calls stay there
+    for call in calls_b:
+        p.release(call)
+    assert b.name not in p.nodes  # left with its last call
+
+
+def test_a_reload_may_change_the_nodes_but_no_other_media_key() -> None:
+    from sbc.app import restart_needed
+    from sbc.config import parse_config
+
+    def config(**media: object) -> object:
+        return parse_config({"media": {"engine": "rtpengine", **media}}, source="t.toml")
+
+    one = config(rtpengine=[{"url": "udp://127.0.0.1:2223"}])
+    two = config(rtpengine=[{"url": "udp://127.0.0.1:2223"}, {"url": "udp://127.0.0.1:2224"}])
+    assert restart_needed(one, two) == []  # type: ignore[arg-type]
+    other = config(rtpengine=[{"url": "udp://127.0.0.1:2223"}], timeout=30)
+    assert restart_needed(one, other) == ["media"]  # type: ignore[arg-type]

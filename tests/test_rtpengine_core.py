@@ -83,6 +83,9 @@ class NodeLab(Lab):
     def last(self, command: str) -> dict[str, Any]:
         return next(m for _, m in reversed(self.ng) if m["command"] == command)
 
+    def cookie(self, command: str) -> str:
+        return next(c for c, m in reversed(self.ng) if m["command"] == command)
+
 
 def sdp_of(msg: Any) -> str:
     return msg.body.decode()
@@ -188,3 +191,73 @@ def test_a_re_invite_from_the_callee_goes_through_the_node_in_its_direction() ->
     assert (answer["from-tag"], answer["to-tag"]) == ("callee", "caller")
     _, ok2 = only(lab.node_says({"result": "ok", "sdp": NODE_SDP.format(port=50000)}), Response)
     assert ok2.status == 200 and sdp_of(ok2) == NODE_SDP.format(port=50000)
+
+
+def established(lab: NodeLab) -> tuple[str, Any]:
+    """alice -> bob through the node; the call's id and alice's 200."""
+    lab.from_client(invite())
+    _, fwd = only(lab.node_says({"result": "ok", "sdp": NODE_SDP.format(port=50000)}))
+    lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP))
+    _, got = only(lab.node_says({"result": "ok", "sdp": NODE_SDP.format(port=50002)}))
+    only(lab.from_client(ack_for(got)), Request)
+    return lab.last("offer")["call-id"], got
+
+
+def byes_sent(out: list[tuple[Flow, Any]]) -> list[str]:
+    return sorted(side for side, m in [("alice" if f == ALICE else "bob", m) for f, m in out]
+                  if isinstance(m, Request) and m.method == "BYE")  # fmt: skip
+
+
+def test_a_call_without_media_at_its_node_ends_with_bye_on_both_legs() -> None:
+    lab = NodeLab()
+    lab.engine.timeout = 8.0  # queried every 2 s
+    call, _ = established(lab)
+    lab.engine.wall_offset = 1_000_000.0
+    lab.run_until(lab.now + 2.5)
+    query = lab.last("query")
+    assert query == {"command": "query", "call-id": call}
+    # Media flowed 1 s ago: the call goes on.
+    recent = int(lab.engine.wall_offset + lab.now) - 1  # rtpengine reports whole seconds
+    answer = {"result": "ok", "created": recent - 5, "tags": {"caller": {"medias": [
+        {"streams": [{"last packet": recent}]}]}}}  # fmt: skip
+    assert byes_sent(lab.node_says(answer, lab.cookie("query"))) == []
+    # Nothing for longer than the timeout: BYE to both (Reason 408, as the built-in relay).
+    lab.run_until(lab.now + 2.5)
+    stale = dict(answer, tags={"caller": {"medias": [{"streams": [{"last packet": recent - 20}]}]}},
+                 created=recent - 30)  # fmt: skip
+    out = lab.node_says(stale, lab.cookie("query"))
+    assert byes_sent(out) == ["alice", "bob"]
+    assert all("cause=408" in str(m.get("reason")) for _, m in out if isinstance(m, Request))
+
+
+def test_a_call_its_node_forgot_ends_and_a_dead_node_loses_its_calls() -> None:
+    lab = NodeLab()
+    lab.engine.timeout = 8.0
+    established(lab)
+    lab.run_until(lab.now + 2.5)
+    out = lab.node_says({"result": "error", "error-reason": "Unknown call-id"}, lab.cookie("query"))
+    assert byes_sent(out) == ["alice", "bob"]
+    # Another call; then its node stops answering pings.
+    lab2 = NodeLab()
+    lab2.engine.timeout = 8.0
+    established(lab2)
+    out = lab2.run_until(lab2.now + 15.0)  # two pings missed (each 3 tries): down
+    node = lab2.engine.pool.nodes["udp://127.0.0.9:2223"]
+    assert not node.up and byes_sent(out) == []
+    out = lab2.run_until(lab2.now + 8.0)
+    assert sorted(set(byes_sent(out))) == ["alice", "bob"]  # (and their UDP retransmissions)
+
+
+def test_the_call_record_has_the_node_s_counters() -> None:
+    import json
+
+    lab = NodeLab()
+    call, got = established(lab)
+    alice_hangs_up(lab, got, 2)
+    delete = lab.cookie("delete")
+    totals = {"RTP": {"packets": 500, "bytes": 86000}, "RTCP": {"packets": 4, "bytes": 320}}
+    lab.node_says({"result": "ok", "totals": totals}, delete)
+    [record] = [json.loads(line) for line in lab.records]
+    assert record["media"] == [{"engine": "rtpengine", "node": "udp://127.0.0.9:2223",
+                                "totals": totals}]  # fmt: skip
+    assert call

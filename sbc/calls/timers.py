@@ -209,6 +209,15 @@ class CallTimers(Records):
         seconds = int(value) if value is not None and value.isdigit() else 3600
         self._set_timer(call, "expires", now + seconds + 32)
 
+    def media_lost(self: B2bua, call_id: str, now: float) -> list[Output]:
+        """The media relay node of the call is gone (down for [media] timeout): BYE both
+        legs."""
+        call = self.calls.get(call_id)
+        if call is None or call.state == "ended":
+            return []
+        self.stats["calls_media_lost"] += 1
+        return self._end_call(call, "media relay lost", now, code=503)
+
     def media_timeout(self: B2bua, call_id: str, now: float) -> list[Output]:
         """The relay saw no media for [media] timeout seconds: BYE both legs."""
         call = self.calls.get(call_id)

@@ -224,6 +224,7 @@ class Node:
     calls: set[str] = field(default_factory=set)  # calls it holds
     next_ping: float = 0.0
     ping: str | None = None  # the cookie of the ping in flight
+    retired: bool = False  # a reload removed it: no new calls; gone with its last call
 
 
 class NoNode(Exception):
@@ -257,7 +258,7 @@ class NodePool:
         node = self.node_of(call)
         if node is not None:
             return node
-        up = [n for n in self.nodes.values() if n.up]
+        up = [n for n in self.nodes.values() if n.up and not n.retired]
         weighted = [n for n in up if n.weight > 0]
         if weighted:
             node = self._rng.choices(weighted, weights=[n.weight for n in weighted])[0]
@@ -274,6 +275,23 @@ class NodePool:
         node = self.nodes.get(name) if name is not None else None
         if node is not None:
             node.calls.discard(call)
+            if node.retired and not node.calls:
+                del self.nodes[node.name]
+
+    def set_nodes(self, nodes: list[Node]) -> None:
+        """A reload's nodes: those kept keep their health and calls (their weight is the
+        new one); new ones are pinged from now on; those gone take no new call and leave
+        the pool with their last call (no call is dropped)."""
+        wanted = {node.name: node for node in nodes}
+        for name, node in list(self.nodes.items()):
+            new = wanted.pop(name, None)
+            if new is not None:
+                node.weight, node.retired = new.weight, False
+            elif node.calls:
+                node.retired = True
+            else:
+                del self.nodes[name]
+        self.nodes.update(wanted)
 
     def pings_due(self, now: float) -> list[Node]:
         """Nodes to ping now (their last ping answered or timed out)."""

@@ -33,6 +33,7 @@ log = logging.getLogger("sbc.media.rtpengine")
 
 Address = tuple[str, int]
 CALLER, CALLEE = "caller", "callee"
+QUERY_BATCH = 200  # queries sent per timer run at most (a node's calls are spread out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +68,29 @@ def sdp_flags(side: SideMedia, *, offer: bool) -> dict[str, Any]:
 class Rtpengine:
     """The SBC's side of its rtpengine nodes: requests, replies, pings, which call is where."""
 
-    def __init__(self, pool: NodePool, sides: dict[str, SideMedia], client: NgClient | None = None):
+    def __init__(
+        self,
+        pool: NodePool,
+        sides: dict[str, SideMedia],
+        client: NgClient | None = None,
+        *,
+        timeout: float = 60.0,
+    ) -> None:
         self.pool = pool
         self.sides = sides
         self.client = client or NgClient()
-        self._by_address = {node.address: node for node in pool.nodes.values()}
+        # [media] timeout: a call without media that long ends (BYE both legs); its node
+        # is asked about it (``query``) every quarter of that. A node that stays down that
+        # long loses its calls.
+        self.timeout = timeout
+        self._next_query: dict[str, float] = {}  # call -> when to query its node next
+        self._queries: dict[str, str] = {}  # cookie -> call of a query in flight
+        self._down_since: dict[str, float] = {}  # node name -> when it went down
+        self.timed_out: list[str] = []  # calls without media: for the core to end
+        self._deletes: dict[str, str] = {}  # cookie -> call of a delete in flight
+        # (call, node, the node's answer to its delete: its counters) for the call records
+        self.deleted: list[tuple[str, str, dict[str, Any]]] = []
+        self.wall_offset = 0.0  # Unix time minus ``now`` (the nodes report Unix times)
         self._pings: dict[str, Node] = {}  # cookie -> node pinged
         self.errors = 0  # error replies to offers and answers
         # The SBC's ng socket (set by the I/O layer when it is bound): datagrams on it are
@@ -81,6 +100,16 @@ class Rtpengine:
         # without one, and its delete's retransmission timer starts from it (a stale one
         # only makes the first retransmission early; the cookie makes it harmless).
         self.now = 0.0
+
+    def set_nodes(self, nodes: list[Node]) -> None:
+        """A reload's [[media.rtpengine]] (NodePool.set_nodes)."""
+        self.pool.set_nodes(nodes)
+
+    def _node_at(self, source: Address) -> Node | None:
+        for node in self.pool.nodes.values():
+            if node.address == source:
+                return node
+        return None
 
     # -- requests ------------------------------------------------------------------------------
     def sdp(
@@ -97,6 +126,7 @@ class Rtpengine:
         """An offer or answer of ``call``'s SDP that goes to ``to_side``; NoNode if no node
         is up for a new call."""
         node = self.pool.assign(call)
+        self._next_query.setdefault(call, now + self.query_interval)
         sender, receiver = (CALLER, CALLEE) if from_caller else (CALLEE, CALLER)
         message: dict[str, Any] = {
             "command": "offer" if offer else "answer",
@@ -115,9 +145,12 @@ class Rtpengine:
         """The call is over: its node forgets it (nothing if it had none)."""
         node = self.pool.node_of(call)
         self.pool.release(call)
+        self._next_query.pop(call, None)
         if node is None:
             return None
-        return self._send(node, {"command": "delete", "call-id": call}, self.now)
+        sent = self._send(node, {"command": "delete", "call-id": call}, self.now)
+        self._deletes[sent.cookie] = call
+        return sent
 
     def _send(self, node: Node, message: dict[str, Any], now: float) -> Sent:
         self.now = max(self.now, now)
@@ -129,7 +162,7 @@ class Rtpengine:
         """A datagram on the ng socket: the reply it is (pings are handled here and give
         None), or None."""
         self.now = max(self.now, now)
-        node = self._by_address.get(source)
+        node = self._node_at(source)
         if node is None:
             return None  # not from a node
         reply = self.client.receive(node.name, data, now)
@@ -139,8 +172,17 @@ class Rtpengine:
         if pinged is not None:
             if reply.result.get("result") == "pong":
                 self.pool.pong(pinged, reply.rtt)
+                self._down_since.pop(pinged.name, None)
             else:
-                self.pool.missed_ping(pinged)
+                self._missed(pinged, now)
+            return None
+        queried = self._queries.pop(reply.cookie, None)
+        if queried is not None:
+            self._query_answer(queried, reply, now)
+            return None
+        deleted = self._deletes.pop(reply.cookie, None)
+        if deleted is not None:
+            self.deleted.append((deleted, node.name, reply.result if reply.ok else {}))
             return None
         return reply
 
@@ -154,16 +196,92 @@ class Rtpengine:
         for timeout in expired:
             pinged = self._pings.pop(timeout.cookie, None)
             if pinged is not None:
-                self.pool.missed_ping(pinged)
-            else:
-                timeouts.append(timeout)
+                self._missed(pinged, now)
+            elif self._queries.pop(timeout.cookie, None) is not None:
+                pass  # a query without answer: the pings judge the node
+            elif self._deletes.pop(timeout.cookie, None) is None:
+                timeouts.append(timeout)  # a delete without answer: its record goes without
         for node in self.pool.pings_due(now):
             sent = self._send(node, {"command": "ping"}, now)
             self._pings[sent.cookie] = node
             node.ping = sent.cookie
             out.append((node.address, sent.data))
+
+        out += self._query_due(now)
         return out, timeouts
+
+    @property
+    def query_interval(self) -> float:
+        return max(1.0, self.timeout / 4)
+
+    def _query_due(self, now: float) -> list[tuple[Address, bytes]]:
+        """Ask the nodes about the calls whose turn it is (at most QUERY_BATCH per run)."""
+        out: list[tuple[Address, bytes]] = []
+        for call, due in list(self._next_query.items()):
+            if len(out) >= QUERY_BATCH:
+                break
+            if due > now:
+                continue
+            self._next_query[call] = now + self.query_interval
+            node = self.pool.node_of(call)
+            if node is None or not node.up:
+                continue
+            sent = self._send(node, {"command": "query", "call-id": call}, now)
+            self._queries[sent.cookie] = call
+            out.append((node.address, sent.data))
+        return out
+
+    def _query_answer(self, call: str, reply: NgReply, now: float) -> None:
+        """A call's media activity as its node reports it (the newest of its creation, its
+        last offer or answer and every stream's last packet, in Unix time); a call the node
+        does not know any more (its own timeout deleted it) is over."""
+        if call not in self._next_query:
+            return  # ended meanwhile
+        if not reply.ok:
+            if "call-id" in reply.error.lower():  # "Unknown call-id"
+                self.timed_out.append(call)
+            return
+        newest = _newest(reply.result)
+        wall = now + self.wall_offset
+        if newest is not None and wall - newest > self.timeout:
+            self.timed_out.append(call)
+
+    def _missed(self, node: Node, now: float) -> None:
+        if self.pool.missed_ping(node):
+            self._down_since[node.name] = now
+
+    def lost_calls(self, now: float) -> list[str]:
+        """Calls of nodes down for ``timeout`` seconds and more: their media is gone."""
+        lost: list[str] = []
+        for name, since in list(self._down_since.items()):
+            node = self.pool.nodes.get(name)
+            if node is not None and not node.up and now - since >= self.timeout:
+                lost.extend(node.calls)
+                del self._down_since[name]  # once: it gets no new calls while down
+        return lost
 
     def next_deadline(self) -> float | None:
         due = [t for t in (self.client.next_deadline(), self.pool.next_ping()) if t is not None]
+        if self._next_query:
+            due.append(min(self._next_query.values()))
+        if self._down_since:
+            due.extend(since + self.timeout for since in self._down_since.values())
         return min(due) if due else None
+
+
+def _newest(result: dict[str, Any]) -> float | None:
+    """The newest time in a query's answer: its creation, last signal, and each stream's
+    last packet (rtpengine: "tags" -> "medias" -> "streams" -> "last packet")."""
+    times: list[float] = []
+    for key in ("created", "last signal"):
+        value = result.get(key)
+        if isinstance(value, int | float):
+            times.append(float(value))
+    tags = result.get("tags")
+    for tag in tags.values() if isinstance(tags, dict) else ():
+        for media in tag.get("medias", ()) if isinstance(tag, dict) else ():
+            for stream in media.get("streams", ()) if isinstance(media, dict) else ():
+                value = stream.get("last packet") if isinstance(stream, dict) else None
+                if isinstance(value, int | float):
+                    times.append(float(value))
+    return max(times) if times else None
