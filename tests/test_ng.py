@@ -135,3 +135,23 @@ def test_a_reload_may_change_the_nodes_but_no_other_media_key() -> None:
     assert restart_needed(one, two) == []  # type: ignore[arg-type]
     other = config(rtpengine=[{"url": "udp://127.0.0.1:2223"}], timeout=30)
     assert restart_needed(one, other) == ["media"]  # type: ignore[arg-type]
+
+
+def test_the_flags_follow_the_policy_of_the_side_the_sdp_goes_to() -> None:
+    from sbc.media.rtpengine import sdp_flags
+    from sbc.media.session import SideMedia
+
+    def side(srtp: str, codecs: tuple[str, ...] = ("PCMA",)) -> SideMedia:
+        return SideMedia(bind="10.0.0.1", advertise="10.0.0.1", srtp=srtp, codecs=codecs)
+
+    base = {"replace": ["origin", "session-connection"], "ICE": "remove"}
+    # mandatory: SRTP with the node's SDES keys; the side's codecs transcoded in offers.
+    assert sdp_flags(side("mandatory"), offer=True) == {
+        **base, "transport-protocol": "RTP/SAVP", "codec": {"transcode": ["PCMA"]},
+    }  # fmt: skip
+    # off: plain RTP, no SDES at all; an answer asks for no codec.
+    assert sdp_flags(side("off"), offer=False) == {
+        **base, "transport-protocol": "RTP/AVP", "SDES": ["off"],
+    }  # fmt: skip
+    # optional: the protocol as offered.
+    assert sdp_flags(side("optional", ()), offer=True) == base

@@ -52,7 +52,6 @@ def sdp_flags(side: SideMedia, *, offer: bool) -> dict[str, Any]:
         "replace": ["origin", "session-connection"],
         "ICE": "remove",
     }
-    flags: list[str] = []
     if side.srtp == "mandatory":
         message["transport-protocol"] = "RTP/SAVP"
     elif side.srtp == "off":
@@ -60,8 +59,6 @@ def sdp_flags(side: SideMedia, *, offer: bool) -> dict[str, Any]:
         message["SDES"] = ["off"]
     if offer and side.codecs:
         message["codec"] = {"transcode": list(side.codecs)}
-    if flags:
-        message["flags"] = flags
     return message
 
 
