@@ -147,7 +147,9 @@ def test_the_flags_follow_the_policy_of_the_side_the_sdp_goes_to() -> None:
     base = {"replace": ["origin", "session-connection"], "ICE": "remove"}
     # mandatory: SRTP with the node's SDES keys; the side's codecs transcoded in offers.
     assert sdp_flags(side("mandatory"), offer=True) == {
-        **base, "transport-protocol": "RTP/SAVP", "codec": {"transcode": ["PCMA"]},
+        **base, "transport-protocol": "RTP/SAVP",
+        # PCMA offered (added if missing); the other transcodable codecs masked.
+        "codec": {"transcode": ["PCMA"], "mask": ["G722", "opus", "PCMU"]},
     }  # fmt: skip
     # off: plain RTP, no SDES at all; an answer asks for no codec.
     assert sdp_flags(side("off"), offer=False) == {

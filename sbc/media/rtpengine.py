@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sbc.media.control import TRANSCODABLE
 from sbc.media.ng import NgClient, NgReply, NgTimeout, Node, NodePool
 from sbc.media.session import SideMedia
 
@@ -33,6 +34,8 @@ log = logging.getLogger("sbc.media.rtpengine")
 
 Address = tuple[str, int]
 CALLER, CALLEE = "caller", "callee"
+# The SBC's codec names (control.TRANSCODABLE) as rtpengine's codec flags name them.
+_NG_CODECS = {"OPUS": "opus"}
 QUERY_BATCH = 200  # queries sent per timer run at most (a node's calls are spread out)
 
 
@@ -58,7 +61,12 @@ def sdp_flags(side: SideMedia, *, offer: bool) -> dict[str, Any]:
         message["transport-protocol"] = "RTP/AVP"
         message["SDES"] = ["off"]
     if offer and side.codecs:
-        message["codec"] = {"transcode": list(side.codecs)}
+        # As the built-in relay: the side is offered its listed codecs only, those the
+        # offer lacks added (and transcoded); the others the SBC could transcode are masked
+        # (taken from the offerer, not offered on).
+        listed = [_NG_CODECS.get(c, c) for c in side.codecs]
+        masked = [_NG_CODECS.get(c, c) for c in sorted(TRANSCODABLE) if c not in side.codecs]
+        message["codec"] = {"transcode": listed, **({"mask": masked} if masked else {})}
     return message
 
 
@@ -145,7 +153,10 @@ class Rtpengine:
         self._next_query.pop(call, None)
         if node is None:
             return None
-        sent = self._send(node, {"command": "delete", "call-id": call}, self.now)
+        # With a from-tag the node answers with the call's counters (its "totals"); it
+        # still deletes the whole call.
+        message = {"command": "delete", "call-id": call, "from-tag": CALLER}
+        sent = self._send(node, message, self.now)
         self._deletes[sent.cookie] = call
         return sent
 
