@@ -99,6 +99,7 @@ bench: venv peers
 	$(VENV)/bin/python bench/media.py --out docs/performance.md
 	$(VENV)/bin/python bench/transcode.py --out docs/performance.md
 	$(VENV)/bin/python bench/webrtc.py --out docs/performance.md
+	$(VENV)/bin/python bench/engines.py --out docs/performance.md
 
 # Also the compiled extensions (built in place next to their sources) and their hashes.
 clean:
