@@ -506,7 +506,8 @@ class SbcCore(Pipeline):
             resp = self._response(req, where.status, where.reason, headers=where.headers)
             return tx.respond(resp, now)
         if self.rtpengine is not None and method == "INVITE" and _has_sdp(req):
-            ctx = MediaContext(self.calls.new_call_id(), True, True, where.side)
+            browser = where.flow.transport in ("ws", "wss")
+            ctx = MediaContext(self.calls.new_call_id(), True, True, where.side, browser)
             return self._media_first(ctx, _Held("start", tx, req, flow, where, ctx.call), now)
         return self.calls.start(tx, req, flow, where, now)
 
@@ -637,6 +638,7 @@ class SbcCore(Pipeline):
             sent = engine.sdp(
                 ctx.call, offer=ctx.offer, from_caller=ctx.from_caller, to_side=ctx.to_side,
                 sdp=message.body, source=held.flow.remote[0] if held.flow else "", now=now,
+                to_browser=ctx.to_browser,
             )  # fmt: skip
         except NoNode:
             log.error("no rtpengine node is up", extra={"call": ctx.call})

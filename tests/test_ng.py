@@ -157,3 +157,26 @@ def test_the_flags_follow_the_policy_of_the_side_the_sdp_goes_to() -> None:
     }  # fmt: skip
     # optional: the protocol as offered.
     assert sdp_flags(side("optional", ()), offer=True) == base
+
+
+def test_a_browser_gets_webrtc_from_the_node_and_a_phone_gets_its_sdp_without() -> None:
+    from sbc.media.rtpengine import sdp_flags
+    from sbc.media.session import SideMedia
+
+    access = SideMedia(bind="10.0.0.1", advertise="10.0.0.1", srtp="optional", codecs=())
+    # Towards a browser (ws/wss): ICE and DTLS-SRTP by the node, rtcp-mux, mids.
+    assert sdp_flags(access, offer=True, to_browser=True) == {
+        "replace": ["origin", "session-connection"], "ICE": "force", "DTLS": "passive",
+        "transport-protocol": "UDP/TLS/RTP/SAVPF", "SDES": ["off"], "rtcp-mux": ["offer"],
+        "flags": ["generate-mid"],
+    }  # fmt: skip
+    # Answering a browser's offer: the node keeps the DTLS role it took at the offer.
+    answer = sdp_flags(access, offer=False, to_browser=True)
+    assert "DTLS" not in answer and answer["rtcp-mux"] == ["accept"]
+    # A browser's SDP towards a phone whose side follows the call: SRTP with SDES keys
+    # (no AEAD suite), no ICE, no DTLS lines, RTCP on its own port if the phone wants.
+    assert sdp_flags(access, offer=True, from_webrtc=True) == {
+        "replace": ["origin", "session-connection"], "ICE": "remove",
+        "transport-protocol": "RTP/SAVP", "rtcp-mux": ["demux"], "DTLS": "off",
+        "SDES": ["no-AEAD_AES_256_GCM", "no-AEAD_AES_128_GCM"],
+    }  # fmt: skip

@@ -167,16 +167,19 @@ class B2bua(Routing):
         if isinstance(work, _Initial):
             call, to_side, from_caller = work.call, work.call.a_side, False
             request = call.b_request
+            to_flow = call.a_flow
         elif isinstance(work, _Mapped):
             call, to_side, from_caller = work.origin.call, work.origin.side, work.dest.caller
             request = tx.request
+            to_flow = work.origin.flow
         else:
             return None
         if call.method != "INVITE" or call.state == "ended" or request is None:
             return None
         if not 100 < resp.status < 300 or request.method not in ("INVITE", "UPDATE", "PRACK"):
             return None
-        return MediaContext(call.id, from_caller, not request.body, to_side)
+        browser = to_flow.transport in ("ws", "wss")
+        return MediaContext(call.id, from_caller, not request.body, to_side, browser)
 
     def media_of_request(self, req: Request) -> MediaContext | None:
         """The same for an offer in a request within a call (re-INVITE, UPDATE)."""
@@ -184,7 +187,8 @@ class B2bua(Routing):
         leg = self._dialogs.get(key) if key is not None else None
         if leg is None or leg.peer is None or leg.call.state == "ended":
             return None
-        return MediaContext(leg.call.id, leg.caller, True, leg.peer.side)
+        browser = leg.peer.flow.transport in ("ws", "wss")
+        return MediaContext(leg.call.id, leg.caller, True, leg.peer.side, browser)
 
     def start(
         self,

@@ -292,6 +292,7 @@ class MediaContext:
     from_caller: bool
     offer: bool
     to_side: Side
+    to_browser: bool = False  # it goes to a party reached over a WebSocket (WebRTC)
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import bencodepy  # type: ignore[import-untyped]
+import bencodepy  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 log = logging.getLogger("sbc.media.ng")
 

@@ -49,17 +49,39 @@ class Sent:
     data: bytes
 
 
-def sdp_flags(side: SideMedia, *, offer: bool) -> dict[str, Any]:
-    """The ng keys of an offer or answer whose SDP goes to a side with this policy."""
-    message: dict[str, Any] = {
-        "replace": ["origin", "session-connection"],
-        "ICE": "remove",
-    }
-    if side.srtp == "mandatory":
+def sdp_flags(
+    side: SideMedia, *, offer: bool, to_browser: bool = False, from_webrtc: bool = False
+) -> dict[str, Any]:
+    """The ng keys of an offer or answer whose SDP goes to a side with this policy;
+    ``to_browser``: to a party reached over a WebSocket (the node speaks WebRTC to it: ICE,
+    DTLS-SRTP as the passive end, rtcp-mux, mids, no SDES); ``from_webrtc``: the SDP is a
+    WebRTC one (UDP/TLS/RTP/SAVPF), which a SIP phone gets as RTP/SAVP or RTP/AVP."""
+    message: dict[str, Any] = {"replace": ["origin", "session-connection"]}
+    if to_browser:
+        message.update({
+            "ICE": "force", "transport-protocol": "UDP/TLS/RTP/SAVPF", "SDES": ["off"],
+            "rtcp-mux": ["offer" if offer else "accept"], "flags": ["generate-mid"],
+        })  # fmt: skip
+        if offer:
+            # The node is the passive end towards a browser it offers to. In an answer to a
+            # browser's offer the node keeps the role it took at that offer (the active
+            # end: it has already sent its ClientHello); asking for passive there leaves
+            # the browser's handshake unanswered (tests/interop/test_webrtc.py).
+            message["DTLS"] = "passive"
+        return message
+    message["ICE"] = "remove"
+    if side.srtp == "mandatory" or (from_webrtc and side.srtp == "optional"):
         message["transport-protocol"] = "RTP/SAVP"
     elif side.srtp == "off":
         message["transport-protocol"] = "RTP/AVP"
         message["SDES"] = ["off"]
+    if from_webrtc:
+        message["rtcp-mux"] = ["demux"]  # a phone may not multiplex
+        message["DTLS"] = "off"  # no a=setup or a=fingerprint of the browser's to a phone
+        if message.get("transport-protocol") == "RTP/SAVP":
+            # SDES towards the phone without the AEAD suites: baresip 1.0 took
+            # AEAD_AES_256_GCM from the node and failed to decrypt every packet of it.
+            message["SDES"] = ["no-AEAD_AES_256_GCM", "no-AEAD_AES_128_GCM"]
     if offer and side.codecs:
         # As the built-in relay: the side is offered its listed codecs only, those the
         # offer lacks added (and transcoded); the others the SBC could transcode are masked
@@ -127,6 +149,7 @@ class Rtpengine:
         sdp: bytes,
         source: str,
         now: float,
+        to_browser: bool = False,
     ) -> Sent:
         """An offer or answer of ``call``'s SDP that goes to ``to_side``; NoNode if no node
         is up for a new call."""
@@ -137,8 +160,13 @@ class Rtpengine:
             "command": "offer" if offer else "answer",
             "call-id": call,
             "sdp": sdp.decode(errors="surrogateescape"),
-            "received-from": ["IP6" if ":" in source else "IP4", source],
-            **sdp_flags(self.sides[to_side], offer=offer),
+            **({"received-from": ["IP6" if ":" in source else "IP4", source]} if source else {}),
+            **sdp_flags(
+                self.sides[to_side],
+                offer=offer,
+                to_browser=to_browser,
+                from_webrtc=b"UDP/TLS/RTP/SAVP" in sdp,
+            ),
         }
         if offer:
             message["from-tag"] = sender

@@ -31,6 +31,10 @@ loopback. Ports are fixed: nothing else binds in that namespace.
   SBC's core backend; the browser (ws) and bob (TLS) register through the SBC (Kamailio
   stores the SBC's Path with a flow token), and a call either way goes SBC -> Kamailio ->
   SBC -> callee: audio both ways, hang-up, a call record for each pass.
+- ``test_calls_with_the_media_on_rtpengine``: ``[media] engine = "rtpengine"`` with a
+  userspace rtpengine started in the namespace: the node terminates the browser's ICE and
+  DTLS-SRTP and bob's SDES-SRTP; a call either way (the caller hangs up), tones both ways,
+  the SDPs each side got name the node's ports, the record names the node.
 - ``test_a_lost_websocket_ends_the_call``: the page closes its SIP WebSocket, or the whole
   browser is killed, mid-call: the SBC sends bob a BYE within WS_LOSS_TIMEOUT (record cause
   "flow failed"), and a new call to the browser fails at once.
@@ -82,6 +86,7 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
     read_records,
     sox,
 )
+from .test_rtpengine import RtpengineNode, rtpengine_nodes
 
 pytestmark = pytest.mark.interop
 
@@ -113,10 +118,11 @@ WS_LOSS_TIMEOUT = 5.0  # the browser's WebSocket gone -> the SBC's BYE reaches b
 # =========================================================================================
 # The SBC with WebSocket listeners, inside the test's namespace
 # =========================================================================================
-def webrtc_config(certs: Certs, records: Path, extra: str = "") -> str:
+def webrtc_config(certs: Certs, records: Path, extra: str = "", media: str = "") -> str:
     """Access on UDP, TLS, WS and WSS (127.0.0.1, fixed ports); the embedded registrar (no
     backend) unless ``extra`` adds [[core.backends]]; SRTP mandatory towards SIP phones; call
-    records with the relay's counters."""
+    records with the relay's counters. ``media``: more [media] keys (e.g. ``engine``);
+    ``extra`` comes last (tables such as [[media.rtpengine]] or [[core.backends]])."""
     listen = [
         f"tls://{HOST}:{TLS_PORT}",
         f"ws://{HOST}:{WS_PORT}",
@@ -145,7 +151,7 @@ listen = "{HOST}:{ADMIN_PORT}"
 ports = "{MEDIA_PORTS[0]}-{MEDIA_PORTS[1]}"
 access_srtp = "mandatory"
 timeout = 600
-
+{media}
 [calls]
 records = "{records}"
 
@@ -236,17 +242,18 @@ def running_lab(
     sox: str,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
     extra: str = "",
+    media: str = "",
 ) -> Iterator[WebRtcLab]:
-    """The SBC with ws/wss listeners in the test's namespace (``extra``: more config); at
-    the end browsers, then phones, then the SBC are stopped (by PID), and an SBC that
-    misbehaved fails the test."""
+    """The SBC with ws/wss listeners in the test's namespace (``extra``, ``media``: more
+    config, see ``webrtc_config``); at the end browsers, then phones, then the SBC are
+    stopped (by PID), and an SBC that misbehaved fails the test."""
     chromium_binary()  # skip (fail in CI) before anything starts
     records = tmp_path / "calls.jsonl"
     workdir = tmp_path / "sbc"
     workdir.mkdir()
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
-        sbc = netns.launch_sbc(ns, workdir, webrtc_config(certs, records, extra))
+        sbc = netns.launch_sbc(ns, workdir, webrtc_config(certs, records, extra, media))
         sbc.access = (HOST, UDP_PORT)
         stack.callback(lambda: problems.extend(netns.stop_sbc(sbc)))
         netns.wait_sbc_ready(sbc, server=SERVER_HEADER)
@@ -298,6 +305,29 @@ def kamailio_lab(
         webrtc_netns, phones, certs, sox, tmp_path, extra=backends_config(registrar.uri)
     ) as lab:
         yield lab, registrar
+
+
+@pytest.fixture
+def rtpengine_lab(
+    webrtc_netns: netns.Namespace,  # noqa: F811 - the fixture imported above
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    certs: Certs,
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> Iterator[tuple[WebRtcLab, RtpengineNode]]:
+    """A userspace rtpengine in the test's namespace (started after the thread entered it,
+    on 127.0.0.1 with a free ng port and 64 media ports) as the SBC's media engine: the
+    node terminates the browser's ICE and DTLS-SRTP and bob's SDES-SRTP. The SBC stops
+    before rtpengine (its deletes get their answers)."""
+    with (
+        rtpengine_nodes(tmp_path, 1) as (node,),
+        running_lab(
+            webrtc_netns, phones, certs, sox, tmp_path,
+            media='engine = "rtpengine"\n',
+            extra=f'\n[[media.rtpengine]]\nurl = "{node.url}"\n',
+        ) as lab,
+    ):  # fmt: skip
+        yield lab, node
 
 
 # =========================================================================================
@@ -526,6 +556,76 @@ def test_calls_through_a_kamailio_registrar(
     # each relayed both ways, the first towards the backend.
     records = media_records(lab.records, 2)
     assert sorted(str(r["backend"]) for r in records) != ["None", "None"], records
+
+
+# -- the media on rtpengine -------------------------------------------------------------------
+def m_line(sdp: str) -> tuple[int, str]:
+    """The port and transport protocol of an SDP's first m=audio line."""
+    m = re.search(r"^m=audio (\d+) (\S+) ", sdp, re.M)
+    assert m, sdp
+    return int(m[1]), m[2]
+
+
+@pytest.mark.parametrize("caller", ["browser", "baresip"])
+def test_calls_with_the_media_on_rtpengine(
+    rtpengine_lab: tuple[WebRtcLab, RtpengineNode], caller: str
+) -> None:
+    """[media] engine = "rtpengine": the browser (ws) and bob (TLS, SDES-SRTP) call each
+    other, the node speaking WebRTC to the page (ICE, DTLS-SRTP, rtcp-mux) and SDES-SRTP
+    to bob. The SDPs both were given name the node's ports (its ICE candidates too, on
+    loopback); they hear each other; the caller hangs up and the node forgets the call."""
+    lab, node = rtpengine_lab
+    bob = lab.bob()
+    page = lab.browser(autoanswer=caller == "baresip")
+    if caller == "browser":
+        page.evaluate("window.phone.call('bob')")
+    else:
+        bob.command("dial", f"sip:alice@{DOMAIN}")
+    wait_call(page, "incall")
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    wait_for_audio(page)
+    time.sleep(MEDIA_SECONDS)
+    page_hears(page, BOB_HZ)
+    stats = assert_webrtc_media(page)
+    # What the page was given: the node's port, UDP/TLS/RTP/SAVPF, its DTLS fingerprint and
+    # ICE candidates on loopback in its range, rtcp-mux; and the pair in use is the node's.
+    remote = page.evaluate("window.phone.sdp()")["remote"]
+    print(f"the page's remote SDP:\n{remote}")
+    port, proto = m_line(remote)
+    assert node.owns(port) and proto == "UDP/TLS/RTP/SAVPF", remote
+    assert re.search(r"^a=fingerprint:sha-\d+ ", remote, re.M), remote
+    assert "a=rtcp-mux" in remote and "a=crypto:" not in remote, remote
+    candidates = re.findall(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) (\d+) ", remote, re.M)
+    assert candidates, remote
+    for address, cport in candidates:
+        assert address.startswith(LOOPBACK_PREFIXES) and node.owns(int(cport)), remote
+    assert str(stats["remote"]).startswith(HOST), stats
+    # What bob was given: the node's port, RTP/SAVP with an SDES key, no ICE.
+    given = body(bob.sent("INVITE sip:" if caller == "browser" else "SIP/2.0 200", "INVITE"))
+    print(f"bob was given:\n{given}")
+    port, proto = m_line(given)
+    assert node.owns(port) and proto == "RTP/SAVP", given
+    assert "a=crypto:" in given and "a=candidate" not in given, given
+
+    if caller == "browser":
+        page.evaluate("window.phone.hangup()")
+        wait_call(page, "ended")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    else:
+        bob.command("hangup")
+        bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+        wait_call(page, "ended")
+    assert_heard(lab.sox, bob, BROWSER_HZ)
+    (record,) = read_records(lab.records, 1)
+    print(f"call record: {record}")
+    assert record["status"] == 200, record
+    (media,) = record["media"]
+    assert media["engine"] == "rtpengine" and media["node"] == node.url, record
+    assert media["totals"]["RTP"]["packets"] > 0, record  # the node's totals
+    deadline = time.monotonic() + 5
+    while "Received command 'delete'" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Received command 'delete'" in node.log(), node.log()[-3000:]
 
 
 # -- the browser's WebSocket dies mid-call ------------------------------------------------------
