@@ -144,7 +144,7 @@ def test_the_flags_follow_the_policy_of_the_side_the_sdp_goes_to() -> None:
     def side(srtp: str, codecs: tuple[str, ...] = ("PCMA",)) -> SideMedia:
         return SideMedia(bind="10.0.0.1", advertise="10.0.0.1", srtp=srtp, codecs=codecs)
 
-    base = {"replace": ["origin", "session-connection"], "ICE": "remove"}
+    base = {"replace": ["origin", "session-connection"], "ICE": "remove", "DTLS": "off"}
     # mandatory: SRTP with the node's SDES keys; the side's codecs transcoded in offers.
     assert sdp_flags(side("mandatory"), offer=True) == {
         **base, "transport-protocol": "RTP/SAVP",

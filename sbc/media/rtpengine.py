@@ -69,7 +69,10 @@ def sdp_flags(
             # the browser's handshake unanswered (tests/interop/test_webrtc.py).
             message["DTLS"] = "passive"
         return message
+    # No ICE and no DTLS towards a SIP phone (the node would offer its own DTLS beside
+    # SDES; a browser's a=setup and a=fingerprint mean nothing to a phone).
     message["ICE"] = "remove"
+    message["DTLS"] = "off"
     if side.srtp == "mandatory" or (from_webrtc and side.srtp == "optional"):
         message["transport-protocol"] = "RTP/SAVP"
     elif side.srtp == "off":
@@ -77,7 +80,6 @@ def sdp_flags(
         message["SDES"] = ["off"]
     if from_webrtc:
         message["rtcp-mux"] = ["demux"]  # a phone may not multiplex
-        message["DTLS"] = "off"  # no a=setup or a=fingerprint of the browser's to a phone
         if message.get("transport-protocol") == "RTP/SAVP":
             # SDES towards the phone without the AEAD suites: baresip 1.0 took
             # AEAD_AES_256_GCM from the node and failed to decrypt every packet of it.
