@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,25 +155,14 @@ def _fmt_status(report: dict[str, Any]) -> str:
     else:
         up = sum(1 for b in backends if b["up"])
         lines.append(f"backends: {up} of {len(backends)} up")
-        width = max(len(b["name"]) for b in backends)
-        for b in backends:
-            rtt = "-" if b["rtt_ms"] is None else f"{b['rtt_ms']:.1f} ms"
-            state = "up" if b["up"] else "down"
-            lines.append(
-                f"  {b['name']:<{width}}  {state:<4}  dialogs {b['dialogs']:<5}  rtt {rtt}"
-            )
+        lines += _probed_lines(backends, "name", lambda b: f"dialogs {b['dialogs']:<5}")
     nodes = report.get("rtpengine") or []
     if nodes:
         up = sum(1 for n in nodes if n["up"])
         lines.append(f"rtpengine: {up} of {len(nodes)} node(s) up")
-        width = max(len(n["url"]) for n in nodes)
-        for n in nodes:
-            rtt = "-" if n["rtt_ms"] is None else f"{n['rtt_ms']:.1f} ms"
-            state = "up" if n["up"] else "down"
-            lines.append(
-                f"  {n['url']:<{width}}  {state:<4}  weight {n['weight']:<3}  "
-                f"calls {n['calls']:<5}  rtt {rtt}"
-            )
+        lines += _probed_lines(
+            nodes, "url", lambda n: f"weight {n['weight']:<3}  calls {n['calls']:<5}"
+        )
     lines.append(f"bans: {bans['active']} source(s) banned now")
     workers = report.get("workers")
     if workers:
@@ -187,6 +177,19 @@ def _fmt_status(report: dict[str, Any]) -> str:
                 f"{w['calls_started']} started"
             )
     return "\n".join(lines)
+
+
+def _probed_lines(
+    items: list[dict[str, Any]], key: str, middle: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """One line per backend or rtpengine node: its name, state, ``middle``, round trip."""
+    width = max(len(item[key]) for item in items)
+    lines = []
+    for item in items:
+        rtt = "-" if item["rtt_ms"] is None else f"{item['rtt_ms']:.1f} ms"
+        state = "up" if item["up"] else "down"
+        lines.append(f"  {item[key]:<{width}}  {state:<4}  {middle(item)}  rtt {rtt}")
+    return lines
 
 
 def _fetch_status(base: str) -> dict[str, Any] | str:

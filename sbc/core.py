@@ -34,7 +34,7 @@ from sbc.actions import (
 )
 from sbc.backends import Backends
 from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
-from sbc.calls.model import ExternalMediaSeam, MediaContext, Target
+from sbc.calls.model import ExternalMediaSeam, MediaContext, Target, _is_sdp
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
     INVITE,
@@ -506,8 +506,9 @@ class SbcCore(Pipeline):
             resp = self._response(req, where.status, where.reason, headers=where.headers)
             return tx.respond(resp, now)
         if self.rtpengine is not None and method == "INVITE" and _has_sdp(req):
-            browser = where.flow.transport in ("ws", "wss")
-            ctx = MediaContext(self.calls.new_call_id(), True, True, where.side, browser)
+            ctx = MediaContext(
+                self.calls.new_call_id(), True, True, where.side, where.flow.websocket
+            )
             return self._media_first(ctx, _Held("start", tx, req, flow, where, ctx.call), now)
         return self.calls.start(tx, req, flow, where, now)
 
@@ -811,12 +812,7 @@ class _Held:
 
 
 def _has_sdp(msg: Message) -> bool:
-    ctype = msg.content_type
-    return (
-        bool(msg.body)
-        and ctype is not None
-        and (ctype.split(";", 1)[0].strip().lower() == "application/sdp")
-    )
+    return bool(msg.body) and _is_sdp(msg.content_type)
 
 
 def _stale(resp: Response) -> bool:

@@ -189,35 +189,22 @@ def _most(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: max((part.get(k) or 0 for part in parts), default=0) for k in names}
 
 
-def _backends(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Backends by name, in the first worker's order: up if any worker sees it up (each
-    probes on its own), calls summed, the longest round-trip time known."""
+def _probed(
+    reports: list[dict[str, Any]], section: str, key: str, count: str
+) -> list[dict[str, Any]]:
+    """Backends (by name) or rtpengine nodes (by url), which every worker probes on its
+    own, in the first worker's order: up if any worker sees it up, ``count`` (their
+    calls) summed, the longest round-trip time known."""
     merged: dict[str, dict[str, Any]] = {}
     for report in reports:
-        for b in report.get("backends") or ():
-            seen = merged.get(b["name"])
+        for item in report.get(section) or ():
+            seen = merged.get(item[key])
             if seen is None:
-                merged[b["name"]] = dict(b)
+                merged[item[key]] = dict(item)
                 continue
-            seen["up"] = bool(seen["up"] or b["up"])
-            seen["dialogs"] += b["dialogs"]
-            rtts = [r for r in (seen["rtt_ms"], b["rtt_ms"]) if r is not None]
-            seen["rtt_ms"] = max(rtts) if rtts else None
-    return list(merged.values())
-
-
-def _nodes(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """rtpengine nodes by url, the same way (each worker pings every node)."""
-    merged: dict[str, dict[str, Any]] = {}
-    for report in reports:
-        for n in report.get("rtpengine") or ():
-            seen = merged.get(n["url"])
-            if seen is None:
-                merged[n["url"]] = dict(n)
-                continue
-            seen["up"] = bool(seen["up"] or n["up"])
-            seen["calls"] += n["calls"]
-            rtts = [r for r in (seen["rtt_ms"], n["rtt_ms"]) if r is not None]
+            seen["up"] = bool(seen["up"] or item["up"])
+            seen[count] += item[count]
+            rtts = [r for r in (seen["rtt_ms"], item["rtt_ms"]) if r is not None]
             seen["rtt_ms"] = max(rtts) if rtts else None
     return list(merged.values())
 
@@ -287,13 +274,13 @@ def merge_status(
             [r.get("calls") or {} for r in answered],
             ("active", "started", "answered", "ended", "refused"),
         ),
-        "backends": _backends(answered),
+        "backends": _probed(answered, "backends", "name", "dialogs"),
         "bans": _bans(answered),
         "media": _sums(
             [r.get("media") or {} for r in answered],
             ("workers", "sessions", "packets_in", "packets_out", "srtp_failures"),
         ),
-        "rtpengine": _nodes(answered),
+        "rtpengine": _probed(answered, "rtpengine", "url", "calls"),
         "workers": [_worker(w, by_index.get(w.index), now) for w in workers],
     }
 

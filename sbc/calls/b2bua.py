@@ -178,8 +178,7 @@ class B2bua(Routing):
             return None
         if not 100 < resp.status < 300 or request.method not in ("INVITE", "UPDATE", "PRACK"):
             return None
-        browser = to_flow.transport in ("ws", "wss")
-        return MediaContext(call.id, from_caller, not request.body, to_side, browser)
+        return MediaContext(call.id, from_caller, not request.body, to_side, to_flow.websocket)
 
     def media_of_request(self, req: Request) -> MediaContext | None:
         """The same for an offer in a request within a call (re-INVITE, UPDATE)."""
@@ -187,8 +186,7 @@ class B2bua(Routing):
         leg = self._dialogs.get(key) if key is not None else None
         if leg is None or leg.peer is None or leg.call.state == "ended":
             return None
-        browser = leg.peer.flow.transport in ("ws", "wss")
-        return MediaContext(leg.call.id, leg.caller, True, leg.peer.side, browser)
+        return MediaContext(leg.call.id, leg.caller, True, leg.peer.side, leg.peer.flow.websocket)
 
     def start(
         self,

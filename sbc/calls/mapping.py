@@ -174,4 +174,4 @@ def _browser(call: Call, toward_caller: bool) -> bool:
     """The party an offer goes to is reached over a WebSocket (RFC 7118): a browser, which
     gets WebRTC-shaped SDP."""
     flow = call.a_flow if toward_caller else call.target.flow
-    return flow.transport in ("ws", "wss")
+    return flow.websocket

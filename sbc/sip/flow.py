@@ -35,6 +35,11 @@ class Flow:
         return self.transport == "tls" or self.transport == "wss"
 
     @property
+    def websocket(self) -> bool:
+        """SIP over WebSocket (RFC 7118): a browser, as a rule, which speaks WebRTC."""
+        return self.transport == "ws" or self.transport == "wss"
+
+    @property
     def uri_transport(self) -> str:
         """The ``transport`` URI parameter naming this flow's transport: "ws" for both
         WS and WSS (RFC 7118 5.2.2; a sips: URI with it means WSS)."""
