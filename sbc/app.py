@@ -264,7 +264,10 @@ def rtpengine(config: Config, policy: MediaPolicy) -> Rtpengine | None:
     """The rtpengine nodes of [[media.rtpengine]] when [media] engine = "rtpengine"."""
     if config.media.engine != "rtpengine":
         return None
-    return Rtpengine(NodePool(rtpengine_nodes(config)), policy.sides, timeout=config.media.timeout)
+    return Rtpengine(
+        NodePool(rtpengine_nodes(config)), policy.sides, timeout=config.media.timeout,
+        srtp_passthrough=config.media.srtp_passthrough,
+    )  # fmt: skip
 
 
 def rtpengine_nodes(config: Config) -> list[Node]:
@@ -461,6 +464,19 @@ async def serve(
         core_tls = _tls(config.core.tls, "[core.tls]", peers=bool(config.peers))
         if config.peers and config.core.tls.ca is None:
             log.warning("[[peers]] without [core.tls] ca: no peer certificate can be verified")
+        m = config.media
+        if (
+            m.engine == "rtpengine"
+            and not m.srtp_passthrough
+            and "off" not in (m.access_srtp, m.core_srtp)
+        ):
+            # rtpengine relays SRTP untouched when both legs take the same SDES suite: it
+            # hands the callee the caller's key and the caller the callee's (its SRTP
+            # passthrough, which no flag of the ng protocol turns off).
+            log.warning(
+                '[media] engine = "rtpengine" with SRTP on both sides: calls whose legs '
+                "take the same SDES suite keep the parties' own keys end to end"
+            )
         shared = role is not None and role.count > 1
         if role is not None and shared:
             mark_branches(worker_tag(role.index))

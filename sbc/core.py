@@ -53,6 +53,7 @@ from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
 from sbc.media.ng import NgReply, NoNode
 from sbc.media.rtpengine import Rtpengine
+from sbc.media.session import MediaRefused
 from sbc.ownership import conn_owner, worker_tag
 from sbc.pipeline import SUPPORTED, Pipeline
 from sbc.registration import DEFAULT_OFFLOAD, OffloadPolicy, RawSend, RegistrationProxy
@@ -644,6 +645,8 @@ class SbcCore(Pipeline):
         except NoNode:
             log.error("no rtpengine node is up", extra={"call": ctx.call})
             return self._media_failed(held, 503, "No Media Relay Available", now)
+        except MediaRefused as refused:
+            return self._media_failed(held, 488, str(refused), now)
         held.call = ctx.call
         self._held[sent.cookie] = held
         return [RawSend(Flow("udp", engine.local, sent.node.address), sent.data)]

@@ -4,6 +4,7 @@ timeouts, and the node pool's choice, stickiness and health."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,54 @@ def test_a_browser_gets_webrtc_from_the_node_and_a_phone_gets_its_sdp_without() 
         "transport-protocol": "RTP/SAVP", "rtcp-mux": ["demux"], "DTLS": "off",
         "SDES": ["no-AEAD_AES_256_GCM", "no-AEAD_AES_128_GCM"],
     }  # fmt: skip
+
+
+def test_end_to_end_keys_pass_the_node_untouched_and_never_reach_a_browser() -> None:
+    """DTLS-SRTP without ICE, MIKEY and ZRTP (and SDES with srtp_passthrough) are the
+    parties' own keys: the node relays them with ``passthrough`` (keying attributes,
+    protocol and codecs as written); towards a browser they are refused (488), as by the
+    built-in relay."""
+    from sbc.media.ng import decode
+    from sbc.media.rtpengine import Rtpengine
+    from sbc.media.session import MediaRefused, SideMedia
+
+    head = "v=0\r\no=a 1 1 IN IP4 10.0.0.5\r\ns=-\r\nc=IN IP4 10.0.0.5\r\nt=0 0\r\n"
+    offers = {
+        "dtls": "m=audio 5000 UDP/TLS/RTP/SAVP 0\r\na=setup:actpass\r\n"
+        "a=fingerprint:sha-256 AB:CD\r\n",
+        "mikey": "m=audio 5000 RTP/SAVP 0\r\na=key-mgmt:mikey AQAFgM0X\r\n",
+        "zrtp": "m=audio 5000 RTP/AVP 0\r\na=zrtp-hash:1.10 fe30efd0\r\n",
+        "sdes": "m=audio 5000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"
+        + "A" * 40 + "\r\n",
+        "webrtc": "m=audio 5000 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:abcd\r\n"
+        "a=ice-pwd:0123456789012345678901\r\na=fingerprint:sha-256 AB:CD\r\n"
+        "a=setup:actpass\r\n",
+    }  # fmt: skip
+    side = SideMedia(bind="10.0.0.1", advertise="10.0.0.1", srtp="mandatory", codecs=("PCMA",))
+
+    def flags(kind: str, *, passthrough: bool = False, to_browser: bool = False) -> Any:
+        pool = NodePool([Node("udp://127.0.0.9:2223", ("127.0.0.9", 2223))])
+        pool.nodes["udp://127.0.0.9:2223"].up = True
+        engine = Rtpengine(pool, {"core": side}, srtp_passthrough=passthrough)
+        sent = engine.sdp(
+            "c1", offer=True, from_caller=True, to_side="core",
+            sdp=(head + offers[kind]).encode(), source="10.0.0.5", now=0.0,
+            to_browser=to_browser,
+        )  # fmt: skip
+        message = decode(sent.data)[1]
+        return {k: v for k, v in message.items() if k not in {"sdp", "call-id", "from-tag"}}
+
+    for kind in ("dtls", "mikey", "zrtp"):
+        assert flags(kind) == {
+            "command": "offer", "received-from": ["IP4", "10.0.0.5"],
+            "replace": ["origin", "session-connection"], "ICE": "remove", "passthrough": "on",
+            "DTLS": "off", "SDES": ["off"],
+        }, kind  # fmt: skip
+        with pytest.raises(MediaRefused, match="End-To-End Keys Not Possible"):
+            flags(kind, to_browser=True)
+    # SDES: the node's own keys per leg unless the policy leaves them to the parties.
+    assert "passthrough" not in flags("sdes")
+    assert flags("sdes")["transport-protocol"] == "RTP/SAVP"
+    assert flags("sdes", passthrough=True)["passthrough"] == "on"
+    # A browser's DTLS over ICE is the SBC's to key (its node terminates it): no passthrough.
+    assert "passthrough" not in flags("webrtc", passthrough=True)

@@ -28,7 +28,8 @@ from typing import Any
 
 from sbc.media.control import TRANSCODABLE
 from sbc.media.ng import NgClient, NgReply, NgTimeout, Node, NodePool
-from sbc.media.session import SideMedia
+from sbc.media.session import MediaRefused, SideMedia, from_browser, keys_end_to_end
+from sbc.sdp.sdp import SdpError, Session
 
 log = logging.getLogger("sbc.media.rtpengine")
 
@@ -50,13 +51,26 @@ class Sent:
 
 
 def sdp_flags(
-    side: SideMedia, *, offer: bool, to_browser: bool = False, from_webrtc: bool = False
+    side: SideMedia,
+    *,
+    offer: bool,
+    to_browser: bool = False,
+    from_webrtc: bool = False,
+    passthrough: bool = False,
 ) -> dict[str, Any]:
     """The ng keys of an offer or answer whose SDP goes to a side with this policy;
     ``to_browser``: to a party reached over a WebSocket (the node speaks WebRTC to it: ICE,
     DTLS-SRTP as the passive end, rtcp-mux, mids, no SDES); ``from_webrtc``: the SDP is a
-    WebRTC one (UDP/TLS/RTP/SAVPF), which a SIP phone gets as RTP/SAVP or RTP/AVP."""
+    WebRTC one (UDP/TLS/RTP/SAVPF), which a SIP phone gets as RTP/SAVP or RTP/AVP;
+    ``passthrough``: the SDP keys its media end to end (session.keys_end_to_end), which the
+    node relays untouched, its keying attributes (fingerprint and setup, key-mgmt,
+    zrtp-hash, or crypto) and transport protocol as the parties wrote them, no codec
+    changed (as the built-in relay)."""
     message: dict[str, Any] = {"replace": ["origin", "session-connection"]}
+    if passthrough and not to_browser and not from_webrtc:
+        # DTLS and SDES off as well: else the node takes the parties' DTLS records for
+        # its own and drops them (no handshake completes through it).
+        return {**message, "ICE": "remove", "passthrough": "on", "DTLS": "off", "SDES": ["off"]}
     if to_browser:
         message.update({
             "ICE": "force", "transport-protocol": "UDP/TLS/RTP/SAVPF", "SDES": ["off"],
@@ -104,9 +118,12 @@ class Rtpengine:
         client: NgClient | None = None,
         *,
         timeout: float = 60.0,
+        srtp_passthrough: bool = False,
     ) -> None:
         self.pool = pool
         self.sides = sides
+        # [media] srtp_passthrough: SDES keys stay the parties' own (relayed untouched).
+        self.srtp_passthrough = srtp_passthrough
         self.client = client or NgClient()
         # [media] timeout: a call without media that long ends (BYE both legs); its node
         # is asked about it (``query``) every quarter of that. A node that stays down that
@@ -154,7 +171,19 @@ class Rtpengine:
         to_browser: bool = False,
     ) -> Sent:
         """An offer or answer of ``call``'s SDP that goes to ``to_side``; NoNode if no node
-        is up for a new call."""
+        is up for a new call, MediaRefused for end-to-end keys towards a browser."""
+        try:
+            parsed = Session.parse(sdp)
+        except SdpError:
+            parsed = None  # the node judges it (and answers with an error)
+        passthrough = parsed is not None and keys_end_to_end(
+            parsed, srtp_passthrough=self.srtp_passthrough
+        )
+        webrtc = parsed is not None and from_browser(parsed)
+        if passthrough and to_browser:
+            # As the built-in relay: a browser keys its media with DTLS to the SBC's
+            # relay (RFC 8827 6.5); DTLS without ICE, MIKEY or ZRTP cannot reach it.
+            raise MediaRefused("End-To-End Keys Not Possible Towards A Browser")
         node = self.pool.assign(call)
         self._next_query.setdefault(call, now + self.query_interval)
         sender, receiver = (CALLER, CALLEE) if from_caller else (CALLEE, CALLER)
@@ -167,7 +196,8 @@ class Rtpengine:
                 self.sides[to_side],
                 offer=offer,
                 to_browser=to_browser,
-                from_webrtc=b"UDP/TLS/RTP/SAVP" in sdp,
+                from_webrtc=webrtc,
+                passthrough=passthrough,
             ),
         }
         if offer:

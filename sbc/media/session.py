@@ -971,6 +971,25 @@ def _transcodable_media(m: Media) -> bool:
     return m.kind.lower() == "audio" and (proto in RTP_PROTOS or proto in WEBRTC_PROTOS)
 
 
+def from_browser(sdp: Session) -> bool:
+    """Whether an offer or answer has a browser's media (DTLS-SRTP over ICE)."""
+    return any(_is_webrtc(sdp, m) for m in sdp.media if m.port != 0)
+
+
+def keys_end_to_end(sdp: Session, *, srtp_passthrough: bool) -> bool:
+    """Whether an offer or answer keys some stream end to end, for the relay to pass its
+    packets untouched: DTLS-SRTP without ICE, MIKEY or ZRTP, or SDES keys the policy leaves
+    to the parties (``srtp_passthrough``). A browser's media never is (the SBC keys it)."""
+    session_keying = bool(sdp.attribute_names() & END_TO_END_KEYING)
+    for m in sdp.media:
+        if m.port == 0 or _is_webrtc(sdp, m):
+            continue
+        names = m.attribute_names()
+        if session_keying or names & END_TO_END_KEYING or (srtp_passthrough and "crypto" in names):
+            return True
+    return False
+
+
 def _is_webrtc(sdp: Session, m: Media) -> bool:
     """A browser's media (RFC 8829 5.1.2): SRTP keyed by DTLS over ICE. DTLS-SRTP without
     ICE credentials is a SIP phone's end-to-end keying (relayed untouched)."""

@@ -119,12 +119,14 @@ def phone_config(
     recdir: Path,
     cafile: Path | None,
     codecs: tuple[str, ...] = (),
+    modules: tuple[str, ...] = (),
 ) -> str:
     """A phone with no sound card: ``aufile`` plays ``tone`` into the call, ``sndfile``
     writes what is decoded from it (and what is encoded) into ``recdir``; G.711 only, or
-    the codec modules of ``codecs`` (the account's ``audio_codecs`` then picks among them)."""
-    modules = sorted({CODEC_MODULES[c.lower()] for c in codecs}) if codecs else ["g711.so"]
-    codec_lines = "".join(f"module\t\t\t{m}\n" for m in modules)
+    the codec modules of ``codecs`` (the account's ``audio_codecs`` then picks among them);
+    ``modules``: more of baresip's modules (``dtls_srtp.so``)."""
+    codec_modules = sorted({CODEC_MODULES[c.lower()] for c in codecs}) if codecs else ["g711.so"]
+    codec_lines = "".join(f"module\t\t\t{m}\n" for m in [*codec_modules, *modules])
     return f"""\
 poll_method		epoll
 sip_listen		{address}:0
@@ -173,6 +175,7 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
         ns: Namespace | None = None,
         cafile: Path | None = None,
         codecs: tuple[str, ...] = (),
+        modules: tuple[str, ...] = (),
     ) -> MediaPhone:
         confdir = tmp_path / f"phone-{name}"
         recdir = confdir / "rec"
@@ -190,7 +193,7 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
             else:
                 ctrl_port = 4444 + attempt  # the namespace is this test's own
             (confdir / "config").write_text(
-                phone_config(ctrl_port, address, tone, recdir, cafile, codecs)
+                phone_config(ctrl_port, address, tone, recdir, cafile, codecs, modules)
             )
             (confdir / "accounts").write_text("")
             log_path = confdir / f"baresip-{attempt}.log"
@@ -223,12 +226,20 @@ def phones(tmp_path: Path, sox: str) -> Iterator[PhoneFactory]:
 
 
 def account(
-    user: str, proxy: str, transport: str, *, srtp: bool = False, answer: bool = False
+    user: str,
+    proxy: str,
+    transport: str,
+    *,
+    srtp: bool = False,
+    answer: bool = False,
+    mediaenc: str = "",
 ) -> str:
-    """An account registering through the SBC at ``proxy`` (host:port) over ``transport``."""
+    """An account registering through the SBC at ``proxy`` (host:port) over ``transport``;
+    ``srtp``: SDES-SRTP required, or ``mediaenc``: baresip's media encryption by name."""
     param = f";transport={transport}" if transport != "udp" else ""
     options = f';outbound="sip:{proxy}{param}";regint=600'
-    options += ";mediaenc=srtp-mand" if srtp else ""
+    mediaenc = mediaenc or ("srtp-mand" if srtp else "")
+    options += f";mediaenc={mediaenc}" if mediaenc else ""
     options += ";answermode=auto" if answer else ""
     return f"<sip:{user}@{DOMAIN}{param}>{options}"
 

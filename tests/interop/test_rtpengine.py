@@ -9,7 +9,8 @@
   through Kamailio; a PCMU-only baresip <-> a PCMA-only one, the node transcoding; SIPp
   calls without RTP ended for media timeout (cause 408); two nodes, one killed -9: its calls
   end (cause 503, "media relay lost") [media] timeout after it is seen down, new calls go
-  to the other, whose calls go on; ``sbc status`` and /metrics list the nodes.
+  to the other, whose calls go on; ``sbc status`` and /metrics list the nodes; two
+  baresips keyed by DTLS-SRTP without ICE (end-to-end keys) through either engine.
 
 Where a test must send RTP on its own terms (the two-node test) the user agents are
 hand-made (``Ua``: SIP over UDP to the SBC's embedded registrar, RTP from a thread).
@@ -51,6 +52,7 @@ from .conftest import (
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
+    MEDIA_SECONDS,
     CallSdps,
     PhoneFactory,
     Sdp,
@@ -326,6 +328,63 @@ def test_a_call_through_the_sbc_with_its_media_on_rtpengine(
         while "Received command 'delete'" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "Received command 'delete'" in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("engine", ["builtin", "rtpengine"])
+def test_dtls_srtp_keys_of_two_phones_pass_the_relay_end_to_end(
+    engine: str,
+    kamailio_registrars: RegistrarFactory,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """Two baresips keying their media with DTLS-SRTP without ICE (RFC 5763: end-to-end
+    keys the SBC cannot take part in): the media is anchored on the relay (the built-in
+    one, or rtpengine with ``passthrough``), each phone gets the other's fingerprint
+    unchanged, their handshake goes through the relay, and both hear each other."""
+    (registrar,) = kamailio_registrars(1)
+    with contextlib.ExitStack() as stack:
+        keys = 'access_srtp = "optional"\ncore_srtp = "optional"\n'
+        if engine == "rtpengine":
+            (node,) = stack.enter_context(rtpengine_nodes(tmp_path, 1))
+            media, low, high = media_config(node, extra=keys), *node.ports
+        else:
+            media, (low, high) = keys, (0, 65535)
+        sbc = sbc_factory(media=media, extra=_backends(registrar.uri))
+        alice = phones("alice", hz=ALICE_HZ, modules=("dtls_srtp.so",))
+        bob = phones("bob", hz=BOB_HZ, modules=("dtls_srtp.so",))
+        for phone, answer in ((bob, True), (alice, False)):
+            phone.command(
+                "uanew",
+                account(phone.name, f"{HOST}:{sbc.udp4}", "udp", answer=answer,
+                        mediaenc="dtls_srtp"),
+            )  # fmt: skip
+            phone.wait_event("REGISTER_OK")
+        talk(alice, bob, seconds=MEDIA_SECONDS + 2)  # the DTLS handshake comes first
+        sdps = CallSdps.of(alice, bob)
+        texts = {
+            "alice_offer": alice.sent("INVITE sip:", "INVITE"),
+            "bob_offer": bob.sent("INVITE sip:", "INVITE"),
+            "bob_answer": bob.sent("SIP/2.0 200", "INVITE"),
+            "alice_answer": alice.sent("SIP/2.0 200", "INVITE"),
+        }
+        prints = {k: re.findall(r"^a=fingerprint:(.+?)\s*$", v, re.M) for k, v in texts.items()}
+        assert all(prints.values()), prints
+        # The fingerprints cross the SBC unchanged; the media does not bypass the relay.
+        assert prints["bob_offer"] == prints["alice_offer"], prints
+        assert prints["alice_answer"] == prints["bob_answer"], prints
+        assert sdps.bob_offer.proto == sdps.alice_offer.proto == "UDP/TLS/RTP/SAVPF"
+        for relayed, own in (
+            (sdps.bob_offer, sdps.alice_offer),
+            (sdps.alice_answer, sdps.bob_answer),
+        ):
+            assert relayed.rtp != own.rtp and low <= relayed.port <= high, (relayed, own)
+        for phone in (alice, bob):
+            menc = [e for e in phone.events if e.get("type") == "CALL_MENC"]
+            assert menc, f"{phone.name}: no DTLS-SRTP on its leg\n{phone.explain()}"
+        assert_heard(sox, bob, ALICE_HZ)
+        assert_heard(sox, alice, BOB_HZ)
 
 
 # -- helpers of the SBC tests --------------------------------------------------------------
