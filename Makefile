@@ -13,7 +13,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 PEERS       := sipp:sip-tester kamailio:kamailio baresip:baresip-core tshark:tshark \
                iptables:iptables sipsak:sipsak ip:iproute2 linphonec:linphone-cli sox:sox \
                chromium:chromium chromedriver:chromium-driver \
-               rtpengine:rtpengine-daemon
+               rtpengine:rtpengine-daemon redis-server:redis-server
 # The install compiles the sans-I/O hot path with mypyc (setup.py, README "Compiled build"),
 # or installs pure Python when it cannot (no gcc or python3-dev, SBC_PURE_PYTHON=1).
 PIP_INSTALL := $(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'

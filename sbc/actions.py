@@ -19,6 +19,7 @@ __all__ = [
     "Close",
     "Drained",
     "HandOver",
+    "Persist",
     "SendData",
     "Share",
     "ToMediaWorker",
@@ -85,7 +86,18 @@ class HandOver:
     received: bool
 
 
-Action = SendData | Close | ToMediaWorker | CallRecord | Drained | Share | HandOver
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """An entry of the state kept outside the process (sbc/state.py): ``key`` (after the
+    configured prefix) gets ``value`` until ``expires_at`` (wall-clock seconds), or is
+    deleted (``value`` None)."""
+
+    key: str
+    value: bytes | None
+    expires_at: float
+
+
+Action = SendData | Close | ToMediaWorker | CallRecord | Drained | Share | HandOver | Persist
 
 
 class _Core(Protocol):

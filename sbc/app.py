@@ -8,18 +8,24 @@ import gc
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
+from redis.exceptions import RedisError
+
+from sbc import state
 from sbc.calls import CallPolicy, PeerRoute
 from sbc.config import Config, ConfigError, ListenUrl, Peer, RateConfig, TlsConfig, load_config
 from sbc.config.values import ng_address
-from sbc.core import CoreSettings, SbcCore
+from sbc.core import SECRET_BYTES, CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
 from sbc.features.guard import CLASSES, Bucket, GuardPolicy
 from sbc.features.keepalive import NatPolicy
@@ -32,6 +38,7 @@ from sbc.io.sip_transport import (
     client_tls_context,
     tls_context,
 )
+from sbc.io.state_store import StateStore
 from sbc.io.websocket import WebSocketSettings
 from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
@@ -42,6 +49,7 @@ from sbc.media.rtpengine import Rtpengine
 from sbc.media.session import MediaController, MediaPolicy, SideMedia
 from sbc.ownership import worker_tag
 from sbc.registration import OffloadPolicy
+from sbc.registration.shared import Unusable, shift_times
 from sbc.sides import ACCESS, CORE, PEER
 from sbc.sip.parser import Limits
 from sbc.sip.transaction import Timers, mark_branches
@@ -260,6 +268,77 @@ def media_policy(
     )  # fmt: skip
 
 
+async def _open_state(
+    config: Config, role: WorkerRole | None, parts: Callable[[], tuple[SbcCore, SipTransports]]
+) -> tuple[StateStore | None, bytes | None]:
+    """The state store of [state] url (None without one), and the secret of the flow and
+    dialog tokens: the store's, so that tokens outlive a restart and hold in every
+    instance (the supervisor's for its workers, or the core's own, without a store or
+    while it is down)."""
+    secret = role.secret if role else None
+    url = config.state.url
+    if url is None:
+        return None, secret
+
+    def on_events(events: list[tuple[object, ...]]) -> None:
+        core, transports = parts()
+        now = asyncio.get_running_loop().time()
+        for event in events:
+            try:
+                local = shift_times(event, -core.wall_offset)
+            except Unusable as exc:
+                core.stats[f"shared_ignored:{exc.why}"] += 1
+                continue
+            transports.run_actions(core.apply_shared(local, now))
+
+    def on_recovered() -> None:
+        core, _ = parts()
+        for entry in core.persist_all(asyncio.get_running_loop().time()):
+            store.persist(entry)
+
+    # One name per SBC instance (its workers share it): its own messages come back to it.
+    instance = f"{socket.gethostname()}:{os.getppid() if role else os.getpid()}"
+    store = StateStore(
+        url, config.state.key_prefix, instance=instance, on_events=on_events,
+        on_recovered=on_recovered,
+    )  # fmt: skip
+    if not await store.open():
+        log.error("[state] url %s unreachable: starting from memory, retrying", url)
+        return store, secret
+    fresh = secret if secret is not None else secrets.token_bytes(SECRET_BYTES)
+    try:
+        secret = await store.secret(fresh)
+    except (RedisError, OSError) as exc:
+        store.health.up = False
+        log.error("[state] url %s: %s; starting from memory, retrying", url, exc)
+    return store, secret
+
+
+def _load_state(
+    store: StateStore,
+    core: SbcCore,
+    transports: SipTransports,
+    rows: list[tuple[str, bytes]],
+    now: float,
+) -> None:
+    """Apply the kept entries (sbc/state.py) as another worker's snapshot is applied."""
+    counts: Counter[str] = Counter()
+    for key, value in rows:
+        try:
+            events = state.decode(value, core.wall_offset)
+        except Unusable as exc:
+            counts[f"unusable:{exc.why}"] += 1
+            continue
+        counts[key.partition(":")[0]] += 1
+        for event in events:
+            transports.run_actions(core.apply_shared(event, now))
+    log.info(
+        "state loaded: %d registrations, %d AORs with bindings, %d bans%s",
+        counts["reg"], counts["aor"], counts["ban"],
+        "".join(f", {n} {why}" for why, n in counts.items() if why.startswith("unusable")),
+    )  # fmt: skip
+
+
 def rtpengine(config: Config, policy: MediaPolicy) -> Rtpengine | None:
     """The rtpengine nodes of [[media.rtpengine]] when [media] engine = "rtpengine"."""
     if config.media.engine != "rtpengine":
@@ -419,21 +498,28 @@ async def serve(
     policy = media_policy(config, count, ports, fingerprint)
     # [media] engine = "rtpengine": the media goes to rtpengine nodes, not to workers.
     engine = rtpengine(config, policy)
+    # [state] url: registrations, bindings and bans outlive the process and are shared
+    # with the other instances on the same store (sbc/state.py, sbc/io/state_store.py).
+    store, secret = await _open_state(config, role, lambda: (core, transports))
     core = SbcCore(
         core_settings(config, role.count if role else 1),
         media=MediaController(policy) if engine is None else None,
         rtpengine=engine,
         # The only wall-clock read: Date headers and call records are "now" plus this.
         wall_offset=time.time() - loop.time(),
-        secret=role.secret if role else None,
+        secret=secret,
         worker=role.index if role else 0,
         workers=role.count if role else 1,
+        persist=store is not None,
     )
+    if store is not None:
+        core.state_health = store.health
     transports = SipTransports(
         core,
         client_tls=_client_tls(config.core.tls),
         to_media=to_worker,
         to_records=records.append if keep else None,
+        store=store,
     )
 
     def on_media_event(event: MediaEvent) -> None:
@@ -490,6 +576,12 @@ async def serve(
                 # SYNC_TIMEOUT, then without (a snapshot that comes later is applied then).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(transports.synced.wait(), SYNC_TIMEOUT)
+        if store is not None:
+            # The kept state before the first client: users reachable without a new
+            # REGISTER, bans in force.
+            if store.health.up:
+                _load_state(store, core, transports, await store.load(), loop.time())
+            store.start()
         websocket = WebSocketSettings.of(config.access.websocket)
         for url in config.access.listen:
             address = await transports.listen(url, access_tls, shared=shared, websocket=websocket)
@@ -552,6 +644,8 @@ async def serve(
         if admin is not None:
             await admin.close()
         await transports.close()
+        if store is not None:
+            await store.close()
         if link is not None:
             link.close()
         if workers is not None:

@@ -21,12 +21,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sbc import __version__
+from sbc import __version__, state
 from sbc.actions import (
     Action,
     CallRecord,
     Close,
     Drained,
+    Persist,
     SendData,
     Share,
     ToMediaWorker,
@@ -75,6 +76,7 @@ from sbc.sip.transaction import (
     TransactionTimeout,
 )
 from sbc.sip.uri import SipUri
+from sbc.state import StateHealth
 
 log = logging.getLogger("sbc.core")
 
@@ -119,12 +121,15 @@ class SbcCore(Pipeline):
         worker: int = 0,
         workers: int = 1,
         rtpengine: Rtpengine | None = None,
+        persist: bool = False,
     ) -> None:
         """``wall_offset``: epoch minus the I/O layer's monotonic clock, read once when the
         core is made (Date headers and call records are in wall-clock time). ``secret``
         (48 bytes) keys the flow tokens in Path and the B2BUA's dialog tokens; several
         workers of one SBC share it, so that a token one made is good in all of them (and
-        in a restarted one). None: a random key of this core's own."""
+        in a restarted one). None: a random key of this core's own. ``persist``: the
+        state is kept outside the process too ([state] url, sbc/state.py): its changes
+        leave as ``Persist`` actions, and as ``Share`` ones for the other instances."""
         if secret is not None and len(secret) < SECRET_BYTES:
             raise ValueError(f"secret: {SECRET_BYTES} bytes needed, got {len(secret)}")
         # This core is signalling worker ``worker`` of ``workers`` (docs/architecture.md,
@@ -148,7 +153,12 @@ class SbcCore(Pipeline):
         self._lost_flows: set[Flow] = set()  # other workers' connections that closed
         self.settings = settings
         self.transactions = TransactionLayer(settings.timers)
-        self.guard = Guard(settings.security, sharing=workers > 1)
+        # Changes of the shared state leave the core for other workers, or instances.
+        self.sharing = workers > 1 or persist
+        self.persisting = persist
+        self.wall_offset = wall_offset
+        self.state_health: StateHealth | None = None  # the store's, set by the I/O layer
+        self.guard = Guard(settings.security, sharing=self.sharing)
         # Transaction users of client transactions: the B2BUA (calls), the registration
         # proxy and the backends' health probes; each says which transactions it owns.
         self.backends = Backends(
@@ -172,6 +182,14 @@ class SbcCore(Pipeline):
             worker=worker,
             workers=workers,
         )
+        self.registration.sharing = self.sharing
+        if persist:
+            self.registration.registrations.changed = set()
+            self.registration.location.changed = set()
+            self.registration.own_flow = self._own_flow
+        # The access side's UDP sockets by address family (4, 6), and every local address.
+        self._access_udp: dict[int, Address] = {}
+        self._local_addresses: set[Address] = set()
         # A backend that goes down has its registrations recovered on the others.
         self.backends.on_down = self.registration.recover
         self.calls = B2bua(
@@ -258,7 +276,7 @@ class SbcCore(Pipeline):
         if records:
             actions += [CallRecord(line) for line in records]
             records.clear()
-        if self.workers > 1:
+        if self.sharing:
             shared = self.registration.shared
             if shared:
                 actions += [Share(event) for event in shared]
@@ -266,11 +284,67 @@ class SbcCore(Pipeline):
             bans = self.guard.shared_bans
             if bans:
                 actions += [Share(ban_event(ip, until, why)) for ip, until, why in bans]
+                if self.persisting:
+                    offset = self.wall_offset
+                    actions += [state.ban(ip, until, why, offset) for ip, until, why in bans]
                 bans.clear()
+            if self.persisting:
+                actions += self._persist_changes()
         if self.calls.draining and not self._drained and self.calls.idle():
             self._drained = True
             actions.append(Drained())
         return actions
+
+    # -- the state kept outside the process (sbc/state.py) -------------------------------------
+    def _persist_changes(self) -> list[Action]:
+        """The entries of what changed since the last entry point."""
+        actions: list[Action] = []
+        offset = self.wall_offset
+        regs = self.registration.registrations
+        changed = regs.changed
+        if changed:
+            for aor, call_id, flow in changed:
+                key = state.reg_key(aor, call_id, flow)
+                actions.append(state.registration(regs.get(aor, call_id, flow), key, offset))
+            changed.clear()
+        location = self.registration.location
+        aors = location.changed
+        if aors:
+            actions += [state.bindings(aor, location.of(aor), offset) for aor in aors]
+            aors.clear()
+        return actions
+
+    def _forget_changes(self) -> None:
+        """What an apply_shared changed is the other worker's or instance's to write."""
+        for marks in (self.registration.registrations.changed, self.registration.location.changed):
+            if marks:
+                marks.clear()
+
+    def persist_all(self, now: float) -> list[Persist]:
+        """Every entry of the state as it is (written back after the store was unreachable,
+        which may have lost what it held)."""
+        offset = self.wall_offset
+        out = [
+            state.registration(reg, state.reg_key(reg.aor, reg.call_id, reg.flow), offset)
+            for reg in self.registration.registrations
+        ]
+        location = self.registration.location
+        aors = {aor for aor, _ in location.bindings()}
+        out += [state.bindings(aor, location.of(aor), offset) for aor in aors]
+        out += [
+            state.ban(ip, until, "restored", offset)
+            for ip, until in self.guard.bans.items()
+            if until > now
+        ]
+        return out
+
+    def _own_flow(self, flow: Flow) -> Flow:
+        """A client's UDP flow through another instance's socket (a binding found in the
+        shared store) is reached from this SBC's own access socket of its family."""
+        if flow.transport != "udp" or flow.local in self._local_addresses:
+            return flow
+        own = self._access_udp.get(6 if ":" in flow.remote[0] else 4)
+        return flow if own is None else Flow("udp", own, flow.remote)
 
     # -- connections, media, timers -----------------------------------------------------------
     @with_effects
@@ -291,6 +365,7 @@ class SbcCore(Pipeline):
         if isinstance(change, FlowLost):
             return self._lose_flow(change.flow, now)
         actions = self._outputs(self.registration.apply_shared(change, now), now)
+        self._forget_changes()
         return actions + self._flows_failed(now)
 
     @with_effects
@@ -388,8 +463,11 @@ class SbcCore(Pipeline):
 
     def add_listener(self, side: Side, transport: str, address: Address) -> None:
         """The I/O layer reports each socket it bound, and on which side."""
+        self._local_addresses.add(address)
         if side == CORE:
             self.backends.add_core_socket(transport, address)
+        elif transport == "udp":
+            self._access_udp.setdefault(6 if ":" in address[0] else 4, address)
 
     def next_deadline(self) -> float | None:
         # Asked after every entry point by the I/O layer: the earliest of the parts' own,

@@ -12,6 +12,7 @@ docs/operations.md lists every metric and what it means.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -66,7 +67,16 @@ def _prefixed(stats: Counter[str], prefix: str) -> Iterator[tuple[str, int]]:
 
 def readiness(core: SbcCore, listening: bool) -> tuple[bool, str]:
     """/readyz: the listeners are bound and a backend is up (or none is configured: the
-    embedded registrar serves). The reason, either way."""
+    embedded registrar serves). The reason, either way; ready but "degraded" while the
+    state store ([state] url) is unreachable (the SBC serves from memory)."""
+    ready, reason = _readiness(core, listening)
+    health = core.state_health
+    if ready and health is not None and not health.up:
+        return True, f"degraded: the state store is unreachable, serving from memory; {reason}"
+    return ready, reason
+
+
+def _readiness(core: SbcCore, listening: bool) -> tuple[bool, str]:
     if not listening:
         return False, "listeners not bound"
     if core.draining:
@@ -289,6 +299,7 @@ class SbcCollector(Collector):
         # -- media ---------------------------------------------------------------------------
         yield from self._media()
         yield from self._rtpengine()
+        yield from self._state()
 
     def _rtpengine(self) -> Iterator[Metric]:
         nodes = rtpengine_nodes(self.core)
@@ -309,6 +320,34 @@ class SbcCollector(Collector):
             if n["rtt_ms"] is not None:
                 rtt.add_metric([n["url"]], n["rtt_ms"] / 1000.0)
         yield from (up, calls, rtt)
+
+    def _state(self) -> Iterator[Metric]:
+        health = self.core.state_health
+        if health is None:
+            return
+        yield GaugeMetricFamily(
+            "sbc_state_up", "1 if the state store ([state] url) answers",
+            value=1.0 if health.up else 0.0,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "sbc_state_errors", "Writes and reads of the state store that failed",
+            value=health.errors,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "sbc_state_writes", "Entries written to or deleted from the state store",
+            value=health.writes,
+        )  # fmt: skip
+        events = CounterMetricFamily(
+            "sbc_state_events", "Shared-state events exchanged with the other instances",
+            labels=["direction"],
+        )  # fmt: skip
+        events.add_metric(["sent"], health.published)
+        events.add_metric(["received"], health.received)
+        yield events
+        yield GaugeMetricFamily(
+            "sbc_state_pending", "Entries waiting to be written (the store down or slow)",
+            value=health.pending,
+        )  # fmt: skip
 
     def _media(self) -> Iterator[Metric]:
         reports = self.media()
@@ -441,6 +480,7 @@ def status_report(
             "srtp_failures": sum(t.srtp_failures for t in reports),
         },
         "rtpengine": rtpengine_nodes(core),
+        "state": None if core.state_health is None else dataclasses.asdict(core.state_health),
     }
 
 

@@ -47,6 +47,7 @@ _COMBINERS: dict[str, Combine] = {
     "sbc_backend_consecutive_failures": max,
     "sbc_rtpengine_up": max,
     "sbc_rtpengine_rtt_seconds": max,
+    "sbc_state_up": min,  # the store is up for the SBC only if every worker reaches it
     "sbc_banned_sources": max,
     "process_max_fds": max,
     "process_start_time_seconds": min,  # the SBC started with its first worker
@@ -281,8 +282,23 @@ def merge_status(
             ("workers", "sessions", "packets_in", "packets_out", "srtp_failures"),
         ),
         "rtpengine": _probed(answered, "rtpengine", "url", "calls"),
+        "state": _state([r.get("state") for r in answered]),
         "workers": [_worker(w, by_index.get(w.index), now) for w in workers],
     }
+
+
+def _state(reports: list[Any]) -> dict[str, Any] | None:
+    """The state store as every worker sees it: up if each reaches it, counts summed."""
+    seen = [r for r in reports if isinstance(r, dict)]
+    if not seen:
+        return None
+    merged: dict[str, Any] = {"up": all(r.get("up") for r in seen)}
+    downs = [r["down_since"] for r in seen if r.get("down_since") is not None]
+    merged["down_since"] = min(downs) if downs else None
+    for key in ("errors", "writes", "published", "received", "dropped", "malformed", "loaded",
+                "pending"):  # fmt: skip
+        merged[key] = sum(int(r.get(key) or 0) for r in seen)
+    return merged
 
 
 def _worker(w: WorkerState, report: dict[str, Any] | None, now: float) -> dict[str, Any]:

@@ -210,7 +210,7 @@ def test_backend_weight_error_example() -> None:
 def test_unknown_keys_are_named_with_allowed_ones() -> None:
     errors = errors_of({"acess": {}, "access": {"listne": []}, "core": {"backends": [{"url": 1}]}})
     assert errors == [
-        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls, security, peers",
+        "sbc.toml: acess: unknown key; allowed: sbc, access, core, media, admin, sip, log, registration, nat, calls, security, state, peers",
         "sbc.toml: access.listne: unknown key; allowed: listen, tls, websocket",
         "sbc.toml: core.backends[0].url: unknown key; allowed: uri, weight",
         "sbc.toml: core.backends[0].uri: required key is missing",

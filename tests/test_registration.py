@@ -48,9 +48,13 @@ def make_core(
     security: GuardPolicy = NO_POLICY,
     worker: int = 0,
     workers: int = 1,
+    persist: bool = False,
+    wall_offset: float = 0.0,
+    access: tuple[str, int] = ACCESS,
 ) -> SbcCore:
-    """A core with UDP listeners on ACCESS and CORE (worker ``worker`` of ``workers``: each
-    worker's core socket is its own, CORE's port plus its index)."""
+    """A core with UDP listeners on ``access`` and CORE (worker ``worker`` of ``workers``:
+    each worker's core socket is its own, CORE's port plus its index); ``persist``: its
+    state kept outside the process ([state] url)."""
     specs = tuple(
         BackendSpec(name=f"sip:{h}:{p}", host=h, port=p, transport="udp") for h, p in backends
     )
@@ -64,8 +68,10 @@ def make_core(
         ),
         worker=worker,
         workers=workers,
+        persist=persist,
+        wall_offset=wall_offset,
     )
-    core.add_listener(Side.ACCESS, "udp", ACCESS)
+    core.add_listener(Side.ACCESS, "udp", access)
     core.add_listener(Side.CORE, "udp", (CORE[0], CORE[1] + worker))
     return core
 

@@ -31,6 +31,7 @@ from sbc.config.values import (
     origin_problem,
     output_path,
     port_range,
+    redis_url_problem,
     rule,
     sip_uri,
     text,
@@ -442,6 +443,21 @@ class SipConfig:
             )
 
 
+def _check_key_prefix(value: str) -> str | None:
+    if not value or any(c.isspace() for c in value):
+        return "must be a non-empty prefix without spaces"
+    return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StateConfig:
+    """Where the state that outlives a restart lives (registrations, bindings, bans),
+    shared by the SBC instances that name the same Redis and prefix. No url: in memory."""
+
+    url: str | None = field(default=None, metadata=rule(text(redis_url_problem)))
+    key_prefix: str = field(default="sbc:", metadata=rule(text(_check_key_prefix)))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -461,6 +477,7 @@ class Config:
     nat: NatConfig = field(default_factory=NatConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     peers: tuple[Peer, ...] = ()
 
     def check(self) -> Iterator[tuple[str, str]]:

@@ -177,6 +177,29 @@ def ng_address(url: str) -> tuple[str, int] | None:
     return (host, int(port)) if _is_ip(host) else None
 
 
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL the SBC can use (redis-py's forms: redis://,
+    rediss:// with TLS, unix:// for a socket path), or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix"):
+        return "must be redis://HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH"
+    if scheme == "unix":
+        path = rest.partition("?")[0]
+        return None if path.startswith("/") else "unix:// needs an absolute socket path"
+    where, _, db = rest.partition("/")
+    where = where.rpartition("@")[2]  # user:password@ is redis-py's to read
+    db = db.partition("?")[0]
+    if db and not db.isdigit():
+        return f"the database must be a number, got {db!r}"
+    try:
+        host, _port = _split_host_port(where, default_port=6379)
+    except ValueError as exc:
+        return str(exc)
+    if not (_is_ip(host) or _is_hostname(host)):
+        return f"{host!r} is not an IP address or hostname"
+    return None
+
+
 def _check_ng_url(value: str) -> str | None:
     if ng_address(value) is None:
         return "must be udp://IP:PORT (the node's ng control socket, rtpengine listen-ng)"

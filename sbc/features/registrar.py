@@ -150,6 +150,9 @@ class RegistrationStore(Protocol):
     them in memory (``MemoryRegistrationStore``); another store (shared, persistent) only
     has to provide these."""
 
+    # The keys stored or dropped since the core took them (sbc/state.py); None: untracked.
+    changed: set[tuple[str, str, Flow]] | None
+
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[CachedRegistration]: ...
     def get(self, aor: str, call_id: str, flow: Flow) -> CachedRegistration | None: ...
@@ -191,6 +194,9 @@ class MemoryRegistrationStore:
         self._by_key: dict[tuple[str, str, Flow], CachedRegistration] = {}
         self._expiries: Deadlines[tuple[str, str, Flow]] = Deadlines()  # client expiries
         self._per_flow: Counter[Flow] = Counter()
+        # The keys stored or dropped since the core last took them, when the state is kept
+        # outside the process too (sbc/state.py); None: not tracked.
+        self.changed: set[tuple[str, str, Flow]] | None = None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -211,10 +217,14 @@ class MemoryRegistrationStore:
             self._per_flow[reg.flow] += 1
         self._by_key[key] = reg
         self._expiries.set(key, reg.client_expires_at)
+        if self.changed is not None:
+            self.changed.add(key)
 
     def drop(self, reg: CachedRegistration) -> None:
         key = (reg.aor, reg.call_id, reg.flow)
         self._expiries.cancel(key)
+        if self.changed is not None:
+            self.changed.add(key)
         if self._by_key.pop(key, None) is not None:
             self._per_flow[reg.flow] -= 1
             if not self._per_flow[reg.flow]:
@@ -261,6 +271,9 @@ class LocationService:
 
     def __init__(self) -> None:
         self._aors: dict[str, dict[str, LocalBinding]] = {}
+        # The AORs whose bindings a REGISTER, a failed flow or a restore changed since the
+        # core last took them (sbc/state.py); None: not tracked. Expiry needs no mark.
+        self.changed: set[str] | None = None
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._aors.values())
@@ -286,6 +299,8 @@ class LocationService:
         capped by the caller; contacts' own expires parameters are capped to it."""
         self._purge(aor, now)
         bindings = self._aors.setdefault(aor, {})
+        if self.changed is not None:
+            self.changed.add(aor)
         if any(c.star for c in contacts):
             # Step 6: "*" only with Expires 0 and alone; removes every binding.
             if len(contacts) != 1 or expires != 0:
@@ -335,6 +350,8 @@ class LocationService:
             for key in [k for k, b in bindings.items() if b.flow == flow]:
                 del bindings[key]
                 n += 1
+                if self.changed is not None:
+                    self.changed.add(aor)
             if not bindings:
                 del self._aors[aor]
         return n
@@ -350,3 +367,9 @@ class LocationService:
         """Put back a binding as another registrar holds it (a worker's copy of the shared
         state, sbc/registration/shared.py): it replaces the AOR's binding of its contact."""
         self._aors.setdefault(aor, {})[contact_key(binding.contact)] = binding
+        if self.changed is not None:
+            self.changed.add(aor)
+
+    def of(self, aor: str) -> list[LocalBinding]:
+        """The AOR's bindings as they are (expired ones included)."""
+        return list(self._aors.get(aor, {}).values())

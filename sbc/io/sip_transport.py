@@ -27,6 +27,7 @@ from sbc.actions import (
     Close,
     Drained,
     HandOver,
+    Persist,
     SendData,
     Share,
     ToMediaWorker,
@@ -34,12 +35,13 @@ from sbc.actions import (
 from sbc.config import ListenUrl
 from sbc.core import SbcCore
 from sbc.features import peer_tls
+from sbc.io.state_store import StateStore
 from sbc.io.websocket import DEFAULT_SETTINGS, WebSocketConnection, WebSocketSettings
 from sbc.io.worker_link import WorkerLink
 from sbc.media.control import Command as MediaCommand
 from sbc.ownership import conn_id as make_conn_id
 from sbc.ownership import conn_owner
-from sbc.registration.shared import decode_flow, encode_flow
+from sbc.registration.shared import decode_flow, encode_flow, shift_times
 from sbc.sip.flow import Address, Flow, format_address
 
 log = logging.getLogger("sbc.io")
@@ -138,8 +140,11 @@ class SipTransports:
         client_tls: TlsFiles | ssl.SSLContext | None = None,
         to_media: Callable[[int, MediaCommand], None] | None = None,
         to_records: Callable[[str], None] | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.core = core
+        # [state] url: where the core's Persist actions and shared events go.
+        self.store = store
         # The other signalling workers of the SBC (attach_link), if there are any.
         self.link: WorkerLink | None = None
         self.synced = asyncio.Event()  # the shared state came from a live worker
@@ -344,6 +349,11 @@ class SipTransports:
             elif isinstance(action, Share):
                 if self.link is not None:
                     self.link.broadcast(("share", action.event))
+                if self.store is not None:
+                    self.store.publish(shift_times(action.event, self.core.wall_offset))
+            elif isinstance(action, Persist):
+                if self.store is not None:
+                    self.store.persist(action)
             elif isinstance(action, HandOver):
                 if self.link is not None:
                     kind = "in" if action.received else "out"

@@ -195,6 +195,9 @@ class RegistrationProxy:
         # for the others (shared.py), until the core takes it; with one, nothing is.
         self.sharing = workers > 1
         self.shared: list[tuple[object, ...]] = []
+        # How a binding's flow is reached from this SBC (one through another instance's
+        # socket, found in the shared store, from its own: SbcCore._own_flow); None: as is.
+        self.own_flow: Callable[[Flow], Flow] | None = None
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -344,7 +347,10 @@ class RegistrationProxy:
         bindings = self.location.lookup(aor_of_uri(uri), now)
         if not bindings:
             return None
-        return bindings[0].flow, bindings[0].contact.uri
+        flow = bindings[0].flow
+        if self.own_flow is not None:
+            flow = self.own_flow(flow)
+        return flow, bindings[0].contact.uri
 
     def _date(self, now: float) -> str:
         return email.utils.formatdate(now + self.wall_offset, usegmt=True)  # RFC 3261 20.17

@@ -102,6 +102,7 @@ __all__ = [
     "flow_failed_event",
     "refreshed_event",
     "register_event",
+    "shift_times",
     "stored_event",
 ]
 
@@ -248,6 +249,30 @@ def binding_event(aor: str, b: LocalBinding) -> Event:
 
 def ban_event(source: str, until: float, reason: str) -> Event:
     return (BANNED, VERSION, source, until, reason)
+
+
+# The positions of the times in each kind of event (the monotonic clock's).
+_TIMES: Final = {
+    STORED: (9, 11), REFRESHED: (7,), REGISTERED: (8,), BOUND: (7,), BANNED: (3,),
+}  # fmt: skip
+
+
+def shift_times(event: Event, delta: float) -> Event:
+    """``event`` with its times moved by ``delta`` seconds: from one clock to another (a
+    stored event's times are wall-clock ones, sbc/state.py); Unusable as ``decode``."""
+    if len(event) < 2 or event[1] != VERSION or isinstance(event[1], bool):
+        raise Unusable("malformed" if len(event) < 2 else "version")
+    kind = event[0]
+    positions = _TIMES.get(kind) if isinstance(kind, str) else None
+    if positions is None:
+        return event
+    shifted = list(event)
+    try:
+        for i in positions:
+            shifted[i] = _time(shifted[i]) + delta
+    except (IndexError, ValueError) as exc:
+        raise Unusable("malformed") from exc
+    return tuple(shifted)
 
 
 # -- decoding ----------------------------------------------------------------------------------

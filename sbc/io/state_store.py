@@ -1,0 +1,238 @@
+"""The state store of ``[state] url``: Redis, over redis-py's asyncio client.
+
+What goes in and comes out is decided by the core (sbc/state.py); this adapter moves it:
+
+- ``persist``: an entry written (SET with PXAT: it expires with what it holds) or deleted.
+  Entries are coalesced by key and written in one pipeline per turn of the event loop;
+- ``publish``: the core's ``Share`` events (the same the signalling workers exchange), for
+  the other SBC instances on the same store and prefix: one PUBLISH per turn on the channel
+  ``<prefix>events``, tagged with this instance (its own messages are ignored); the other
+  instances' arrive at ``on_events``;
+- ``secret``: the key of the flow tokens and dialog tokens, made once and kept in the store
+  (``<prefix>secret``), so that a Path a backend holds and a tag a phone holds stay good
+  across a restart and between instances;
+- ``load``: every entry at start (the only scan: SCAN by prefix, then MGET).
+
+The store being down loses nothing the SBC serves: it keeps working from memory, counts the
+failure, says so in ``health`` (/readyz says degraded, /metrics has ``sbc_state_up``),
+keeps the latest value of every entry it could not write, retries every second, and when
+the store answers again writes those and then everything (``on_recovered``: the store may
+have restarted empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from sbc.actions import Persist
+from sbc.state import KINDS, StateHealth
+
+log = logging.getLogger("sbc.state")
+
+TIMEOUT = 2.0  # seconds for a connection or a command before the store counts as down
+RETRY = 1.0  # seconds between two tries while it is down
+SCAN_COUNT = 1000
+MGET_BATCH = 500
+MAX_OUTBOX = 10_000  # events for the other instances kept while the store is down
+
+Event = tuple[object, ...]
+
+
+class StateStore:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        instance: str,
+        on_events: Callable[[list[Event]], None],
+        on_recovered: Callable[[], None],
+        health: StateHealth | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.instance = instance
+        self.channel = f"{prefix}events"
+        self.on_events = on_events
+        self.on_recovered = on_recovered
+        self.health = health or StateHealth()
+        self._redis: Any = redis.Redis.from_url(
+            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        )
+        self._secret: bytes | None = None  # this instance's (written back after a loss)
+        self._pending: dict[str, Persist] = {}
+        self._outbox: list[Event] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- start -----------------------------------------------------------------------------
+    async def open(self) -> bool:
+        """Whether the store answers now (if not, the SBC starts degraded and the writer
+        keeps trying)."""
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            return False
+        self.health.up = True
+        return True
+
+    async def secret(self, fresh: bytes) -> bytes:
+        """The store's secret; ``fresh`` becomes it if there is none yet."""
+        key = f"{self.prefix}secret"
+        self._secret = fresh
+        await self._redis.set(key, fresh.hex(), nx=True)
+        value = await self._redis.get(key)
+        try:
+            stored = bytes.fromhex(value.decode())
+        except (AttributeError, ValueError):
+            stored = b""
+        if len(stored) != len(fresh):
+            log.error("%s holds no usable secret; this instance uses its own", key)
+            return fresh
+        self._secret = stored
+        return stored
+
+    async def load(self) -> list[tuple[str, bytes]]:
+        """Every entry under the prefix: (key without the prefix, value)."""
+        rows: list[tuple[str, bytes]] = []
+        for kind in KINDS:
+            keys = [k async for k in self._redis.scan_iter(f"{self.prefix}{kind}*", SCAN_COUNT)]
+            for i in range(0, len(keys), MGET_BATCH):
+                batch = keys[i : i + MGET_BATCH]
+                for key, value in zip(batch, await self._redis.mget(batch), strict=True):
+                    if value is not None:
+                        rows.append((key.decode()[len(self.prefix) :], value))
+        self.health.loaded = len(rows)
+        return rows
+
+    def start(self) -> None:
+        """Run the writer and the subscriber."""
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="state-writer"),
+            asyncio.create_task(self._subscriber(), name="state-subscriber"),
+        ]
+
+    # -- changes -----------------------------------------------------------------------------
+    def persist(self, entry: Persist) -> None:
+        self._pending[entry.key] = entry
+        self.health.pending = len(self._pending)
+        self._wake.set()
+
+    def publish(self, event: Event) -> None:
+        """An event (times already in wall-clock seconds) for the other instances."""
+        if len(self._outbox) >= MAX_OUTBOX:
+            del self._outbox[0]  # the store is down: the oldest goes (a resync follows)
+            self.health.dropped += 1
+        self._outbox.append(event)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.health.up:
+                await self._recover()
+                continue
+            batch, self._pending = self._pending, {}
+            events, self._outbox = self._outbox, []
+            try:
+                await self._write(batch, events)
+            except (RedisError, OSError) as exc:
+                for key, entry in batch.items():
+                    self._pending.setdefault(key, entry)  # a newer value stays
+                self._outbox[:0] = events[-MAX_OUTBOX:]
+                self._down(exc)
+                self._wake.set()
+            self.health.pending = len(self._pending)
+
+    async def _write(self, batch: dict[str, Persist], events: list[Event]) -> None:
+        if not batch and not events:
+            return
+        now_ms = int(time.time() * 1000)
+        pipe = self._redis.pipeline(transaction=False)
+        for key, entry in batch.items():
+            at_ms = int(entry.expires_at * 1000)
+            if entry.value is None or at_ms <= now_ms:
+                pipe.delete(self.prefix + key)
+            else:
+                pipe.set(self.prefix + key, entry.value, pxat=at_ms)
+        if events:
+            message = {"from": self.instance, "events": events}
+            pipe.publish(self.channel, json.dumps(message, separators=(",", ":")))
+        await pipe.execute()
+        self.health.writes += len(batch)
+        self.health.published += len(events)
+
+    async def _recover(self) -> None:
+        """Down: try again every RETRY seconds; once it answers, write back everything."""
+        while True:
+            try:
+                await self._redis.ping()
+                if self._secret is not None:  # a store that restarted empty gets it back
+                    await self._redis.set(f"{self.prefix}secret", self._secret.hex(), nx=True)
+                break
+            except (RedisError, OSError):
+                await asyncio.sleep(RETRY)
+        log.warning("state store reachable again; writing the state back")
+        self.health.up = True
+        self.health.down_since = None
+        self.on_recovered()
+        self._wake.set()
+
+    def _down(self, exc: BaseException) -> None:
+        self.health.errors += 1
+        if self.health.up or self.health.down_since is None:
+            log.error("state store unreachable, serving from memory: %s", exc)
+            self.health.down_since = time.time()
+        self.health.up = False
+
+    # -- the other instances ------------------------------------------------------------------
+    async def _subscriber(self) -> None:
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                async for message in pubsub.listen():
+                    self._received(message.get("data"))
+            except (RedisError, OSError):
+                pass  # the writer counts and logs the store's being down
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(RETRY)
+
+    def _received(self, data: object) -> None:
+        try:
+            message = json.loads(data)  # type: ignore[arg-type]
+            if message.get("from") == self.instance:
+                return
+            events = [tuple(e) for e in message["events"]]
+        except (TypeError, ValueError, KeyError, AttributeError):
+            self.health.malformed += 1
+            return
+        self.health.received += len(events)
+        self.on_events(events)
+
+    async def close(self) -> None:
+        """Write what is pending (briefly), then stop."""
+        if self.health.up and (self._pending or self._outbox):
+            batch, self._pending = self._pending, {}
+            events, self._outbox = self._outbox, []
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self._write(batch, events), TIMEOUT)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()

@@ -1,0 +1,142 @@
+"""State kept outside the process (``[state] url``: Redis), sans-I/O: which entries changed,
+what each holds, and how a stored value is read back.
+
+The SBC keeps its state in memory and writes each change through to the store, so that a
+restarted SBC, or another instance that names the same store and ``key_prefix``, finds it
+(docs/state.md). What is kept is the state the signalling workers already share
+(sbc/registration/shared.py), as the same events, one entry per thing:
+
+============================== ==========================================================
+key (after ``key_prefix``)     value: the events that rebuild it
+============================== ==========================================================
+``reg:AOR|CALL-ID|FLOW``       one relayed registration (registration offload): ``reg``
+``aor:AOR``                    the embedded registrar's bindings of an AOR: ``binding``
+``ban:IP``                     a ban in force: ``ban``
+============================== ==========================================================
+
+A value is JSON, ``{"v": VERSION, "events": [...]}``, with the events' times in wall-clock
+seconds (the writer's monotonic clock plus its ``wall_offset``; a reader moves them onto
+its own clock). Each entry expires in the store when what it holds does (``expires_at``),
+so nothing is ever scanned to clean up; an entry whose thing is gone is deleted.
+
+The core marks what changed as it works (``MemoryRegistrationStore.changed``,
+``LocationService.changed``, the guard's new bans) and turns the marks into ``Persist``
+actions after each entry point (``collect``); changes it applies from another worker or
+instance are not marked (they are the other's to write).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from sbc.actions import Persist
+from sbc.features.registrar import CachedRegistration, LocalBinding
+from sbc.registration.shared import (
+    VERSION,
+    Event,
+    Unusable,
+    ban_event,
+    binding_event,
+    shift_times,
+    stored_event,
+)
+from sbc.sip.flow import Flow, format_address
+
+REG: Final = "reg:"
+AOR: Final = "aor:"
+BAN: Final = "ban:"
+KINDS: Final = (REG, AOR, BAN)  # the key prefixes a load reads
+
+
+def flow_key(flow: Flow) -> str:
+    return (
+        f"{flow.transport}|{format_address(flow.local)}|{format_address(flow.remote)}"
+        f"|{flow.conn_id}"
+    )
+
+
+def reg_key(aor: str, call_id: str, flow: Flow) -> str:
+    return f"{REG}{aor}|{call_id}|{flow_key(flow)}"
+
+
+def aor_key(aor: str) -> str:
+    return f"{AOR}{aor}"
+
+
+def ban_key(source: str) -> str:
+    return f"{BAN}{source}"
+
+
+def encode(events: Iterable[Event], wall_offset: float) -> bytes:
+    """The stored value of ``events`` (times on the monotonic clock of ``wall_offset``)."""
+    wall = [shift_times(e, wall_offset) for e in events]
+    return json.dumps({"v": VERSION, "events": wall}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes, wall_offset: float) -> list[Event]:
+    """The events of a stored value, their times on the monotonic clock of
+    ``wall_offset``; Unusable("version") for another schema version, ("malformed")
+    for anything else that is not one."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Unusable("malformed") from exc
+    if not isinstance(value, dict) or not isinstance(value.get("events"), list):
+        raise Unusable("malformed")
+    if value.get("v") != VERSION:
+        raise Unusable("version")
+    events: list[Event] = []
+    for event in value["events"]:
+        if not isinstance(event, list):
+            raise Unusable("malformed")
+        events.append(shift_times(_tuples(event), -wall_offset))
+    return events
+
+
+def _tuples(value: list[object]) -> tuple[object, ...]:
+    """JSON's lists as the tuples the events were made of (flows, addresses, contacts)."""
+    return tuple(_tuples(v) if isinstance(v, list) else v for v in value)
+
+
+def registration(reg: CachedRegistration | None, key: str, wall_offset: float) -> Persist:
+    """The entry of a relayed registration (deleted when ``reg`` is None): it lasts as
+    long as the client's registration does."""
+    if reg is None:
+        return Persist(key, None, 0.0)
+    value = encode([stored_event(reg)], wall_offset)
+    return Persist(key, value, reg.client_expires_at + wall_offset)
+
+
+def bindings(aor: str, live: list[LocalBinding], wall_offset: float) -> Persist:
+    """The entry of an AOR's bindings (deleted when none is left): it lasts as long as
+    the longest binding."""
+    key = aor_key(aor)
+    if not live:
+        return Persist(key, None, 0.0)
+    value = encode([binding_event(aor, b) for b in live], wall_offset)
+    return Persist(key, value, max(b.expires_at for b in live) + wall_offset)
+
+
+def ban(source: str, until: float, reason: str, wall_offset: float) -> Persist:
+    value = encode([ban_event(source, until, reason)], wall_offset)
+    return Persist(ban_key(source), value, until + wall_offset)
+
+
+@dataclass(slots=True)
+class StateHealth:
+    """How the store is doing, for /readyz, /metrics and ``sbc status`` (the I/O layer's
+    adapter keeps it up to date)."""
+
+    up: bool = True
+    down_since: float | None = None  # wall-clock time it became unreachable
+    errors: int = 0  # writes or reads that failed
+    writes: int = 0  # entries written or deleted
+    published: int = 0  # events sent to the other instances
+    received: int = 0  # events the other instances sent
+    dropped: int = 0  # events not sent while the store was down (a resync follows)
+    malformed: int = 0  # messages from the channel that were not the SBC's
+    loaded: int = 0  # entries read at start
+    pending: int = 0  # entries waiting to be written
