@@ -46,7 +46,7 @@ from sbc.media.control import Event as MediaEvent
 from sbc.media.dtls import make_identity
 from sbc.media.ng import Node, NodePool
 from sbc.media.rtpengine import Rtpengine
-from sbc.media.session import MediaController, MediaPolicy, SideMedia
+from sbc.media.session import MediaController, MediaPolicy, MediaRefused, SideMedia
 from sbc.ownership import worker_tag
 from sbc.registration import OffloadPolicy
 from sbc.registration.shared import Unusable, shift_times
@@ -331,10 +331,17 @@ def _load_state(
             continue
         counts[key.partition(":")[0]] += 1
         for event in events:
-            transports.run_actions(core.apply_shared(event, now))
+            if event[0] != state.CALL_EVENT:
+                transports.run_actions(core.apply_shared(event, now))
+                continue
+            try:
+                transports.run_actions(core.restore_call(cast(dict[str, Any], event[2]), now))
+            except (ValueError, KeyError, TypeError, IndexError, MediaRefused) as exc:
+                counts["unusable:call"] += 1
+                log.warning("kept call %s not restored: %s", key, exc)
     log.info(
-        "state loaded: %d registrations, %d AORs with bindings, %d bans%s",
-        counts["reg"], counts["aor"], counts["ban"],
+        "state loaded: %d registrations, %d AORs with bindings, %d bans, %d calls%s",
+        counts["reg"], counts["aor"], counts["ban"], counts["call"],
         "".join(f", {n} {why}" for why, n in counts.items() if why.startswith("unusable")),
     )  # fmt: skip
 

@@ -34,7 +34,7 @@ from sbc.actions import (
     with_effects,
 )
 from sbc.backends import Backends
-from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal
+from sbc.calls import DEFAULT_POLICY, B2bua, CallPolicy, MediaSeam, PeerRoute, Refusal, persist
 from sbc.calls.model import ExternalMediaSeam, MediaContext, Target, _is_sdp
 from sbc.features.balancer import BackendSpec, Balancer, HealthPolicy
 from sbc.features.guard import (
@@ -52,6 +52,7 @@ from sbc.features.registrar import FlowTokens
 from sbc.features.sanity import ALLOW, KNOWN_METHODS
 from sbc.media.control import Dtmf, Timeout, stats_record
 from sbc.media.control import Event as MediaEvent
+from sbc.media.control import Update as MediaUpdate
 from sbc.media.ng import NgReply, NoNode
 from sbc.media.rtpengine import Rtpengine
 from sbc.media.session import MediaRefused
@@ -183,6 +184,8 @@ class SbcCore(Pipeline):
             workers=workers,
         )
         self.registration.sharing = self.sharing
+        # Established calls written to the store (their entries are deleted at the end).
+        self._kept_calls: set[str] = set()
         if persist:
             self.registration.registrations.changed = set()
             self.registration.location.changed = set()
@@ -203,6 +206,8 @@ class SbcCore(Pipeline):
             wall_offset=wall_offset,
             key=secret[32:SECRET_BYTES] if secret is not None else None,
         )
+        if persist:
+            self.calls.changed_calls = set()
         if workers > 1:
             self.calls.id_prefix = worker_tag(worker)
         self._framers: dict[Flow, StreamFramer] = {}
@@ -269,6 +274,9 @@ class SbcCore(Pipeline):
         commands = self.calls.media.take_commands()
         if commands:
             actions += [ToMediaWorker(worker, command) for worker, command in commands]
+            changed = self.calls.changed_calls
+            if changed is not None:
+                changed.update(c.session for _, c in commands if isinstance(c, MediaUpdate))
         external = self._external
         if external is not None and external.ended:
             actions += self._ng_deletes(external)
@@ -312,7 +320,42 @@ class SbcCore(Pipeline):
         if aors:
             actions += [state.bindings(aor, location.of(aor), offset) for aor in aors]
             aors.clear()
+        calls = self.calls.changed_calls
+        if calls:
+            actions += [entry for call in calls if (entry := self._call_entry(call)) is not None]
+            calls.clear()
         return actions
+
+    def _call_entry(self, call_id: str) -> Persist | None:
+        """The entry of an established INVITE call, or its deletion once it is over."""
+        key = state.call_key(call_id)
+        call = self.calls.calls.get(call_id)
+        if call is None or call.state != "confirmed" or call.method != "INVITE":
+            if call_id in self._kept_calls and (call is None or call.state == "ended"):
+                self._kept_calls.discard(call_id)
+                return Persist(key, None, 0.0)
+            return None
+        media = self.calls.media.export(call_id)
+        value = persist.call_value(call, media, self.wall_offset)
+        self._kept_calls.add(call_id)
+        limit = self.settings.calls.max_duration or state.CALL_LIFETIME
+        answered = call.answered if call.answered is not None else call.started
+        return state.call(call_id, value, answered + limit + 60.0, self.wall_offset)
+
+    @with_effects
+    def restore_call(self, value: dict[str, object], now: float) -> list[Action]:
+        """An established call kept in the store (a restart): its dialogs go on, its media
+        session is bound again on the same ports with the same keys. ValueError (KeyError,
+        TypeError, MediaRefused) if it cannot be."""
+        call = persist.restore_call(value, self.wall_offset, self.backends.balancer.backends)
+        if call.id in self.calls.calls:
+            return []
+        media = value.get("media")
+        if isinstance(media, dict):
+            self.calls.media.restore(call.id, media)
+        self.calls.restore(call, now)
+        self._kept_calls.add(call.id)
+        return []
 
     def _forget_changes(self) -> None:
         """What an apply_shared changed is the other worker's or instance's to write."""

@@ -12,6 +12,9 @@ key (after ``key_prefix``)     value: the events that rebuild it
 ``reg:AOR|CALL-ID|FLOW``       one relayed registration (registration offload): ``reg``
 ``aor:AOR``                    the embedded registrar's bindings of an AOR: ``binding``
 ``ban:IP``                     a ban in force: ``ban``
+``call:ID``                    an established call: ``("call", VERSION, values)``, the
+                               values of sbc/calls/persist.py (both dialogs, the media
+                               session); this instance's own, never shared
 ============================== ==========================================================
 
 A value is JSON, ``{"v": VERSION, "events": [...]}``, with the events' times in wall-clock
@@ -48,7 +51,12 @@ from sbc.sip.flow import Flow, format_address
 REG: Final = "reg:"
 AOR: Final = "aor:"
 BAN: Final = "ban:"
-KINDS: Final = (REG, AOR, BAN)  # the key prefixes a load reads
+CALL: Final = "call:"
+KINDS: Final = (REG, AOR, BAN, CALL)  # the key prefixes a load reads
+CALL_EVENT: Final = "call"
+# How long a call's entry lasts without [calls] max_duration (it is written again at every
+# change of the call, and deleted at its end).
+CALL_LIFETIME: Final = 86400.0
 
 
 def flow_key(flow: Flow) -> str:
@@ -118,6 +126,18 @@ def bindings(aor: str, live: list[LocalBinding], wall_offset: float) -> Persist:
         return Persist(key, None, 0.0)
     value = encode([binding_event(aor, b) for b in live], wall_offset)
     return Persist(key, value, max(b.expires_at for b in live) + wall_offset)
+
+
+def call_key(call_id: str) -> str:
+    return f"{CALL}{call_id}"
+
+
+def call(call_id: str, value: dict[str, object], until: float, wall_offset: float) -> Persist:
+    """The entry of an established call (sbc/calls/persist.py: its times are wall-clock
+    ones already): ``("call", VERSION, values)``, kept by this instance alone (a call is
+    not shared with other instances: its flows and media are this one's)."""
+    data = encode([(CALL_EVENT, VERSION, value)], 0.0)
+    return Persist(call_key(call_id), data, until + wall_offset)
 
 
 def ban(source: str, until: float, reason: str, wall_offset: float) -> Persist:

@@ -12,7 +12,7 @@ import json
 
 from sipdata import sip
 
-from sbc.actions import CallRecord, Drained, SendData, ToMediaWorker
+from sbc.actions import CallRecord, Drained, Persist, SendData, Share, ToMediaWorker
 from sbc.calls import CallPolicy, PeerRoute
 from sbc.core import CoreSettings, SbcCore
 from sbc.features.balancer import BackendSpec, HealthPolicy
@@ -87,8 +87,10 @@ class Lab:
         worker: int = 0,
         workers: int = 1,
         rtpengine: Rtpengine | None = None,
+        persist: bool = False,
     ) -> None:
         media = media or MEDIA
+        self.persisted: dict[str, Persist] = {}  # the state store's entries ([state] url)
         self.media_commands: list[tuple[int, Command]] = []
         # With rtpengine nodes the core keeps no media of its own.
         self.media: MediaController | None = MediaController(media) if rtpengine is None else None
@@ -116,6 +118,7 @@ class Lab:
             worker=worker,
             workers=workers,
             rtpengine=rtpengine,
+            persist=persist,
         )
         self.core.add_listener(Side.ACCESS, "udp", ACCESS)
         self.core.add_listener(Side.CORE, "udp", CORE)
@@ -162,6 +165,13 @@ class Lab:
                 self.records.append(a.line)
             elif isinstance(a, Drained):
                 self.drained += 1
+            elif isinstance(a, Persist):
+                if a.value is None:
+                    self.persisted.pop(a.key, None)
+                else:
+                    self.persisted[a.key] = a
+            elif isinstance(a, Share):
+                pass  # for other workers or instances
             else:
                 sends.append(a)
         return sends

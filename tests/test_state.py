@@ -8,6 +8,18 @@ import json
 
 import pytest
 from sipdata import sip
+from test_b2bua import (
+    ALICE,
+    ANSWER_SDP,
+    Lab,
+    ack_for,
+    alice_hangs_up,
+    backend_request,
+    invite,
+    media_policy,
+    only,
+    reply,
+)
 from test_core import options as options_to
 from test_guard import ATTACKER, client, options
 from test_registration import B1, CLIENT, REGISTER, make_core, sent
@@ -17,6 +29,8 @@ from sbc import state
 from sbc.actions import Action, Persist, SendData, Share
 from sbc.core import SbcCore
 from sbc.features.registrar import CachedRegistration
+from sbc.media.control import Update
+from sbc.media.session import MediaRefused
 from sbc.registration.shared import (
     VERSION,
     Stored,
@@ -174,3 +188,90 @@ def test_without_a_store_nothing_is_written() -> None:
     core: SbcCore = make_core()
     out = core.receive_datagram(sip(REGISTER.format(n=1, user="alice")), CLIENT, 1.0)
     assert not entries(out) and not shares(out)
+
+
+# -- calls kept across a restart ----------------------------------------------------------------
+
+
+# alice's offer with SDES-SRTP (RFC 4568): her key, which the SBC decrypts with.
+SRTP_SDP = (
+    "v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n"
+    "m=audio 4000 RTP/SAVP 0\r\n"
+    "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR\r\n"
+)
+
+
+def established(lab: Lab, sdp: str = SRTP_SDP) -> tuple[Request, Response]:
+    """alice calls bob through the backend; the call is answered and ACKed: the INVITE the
+    backend got and the 200 alice got."""
+    _, fwd = only(lab.from_client(invite(body=sdp)), Request)
+    _, got = only(lab.from_backend(reply(fwd, 200, sdp=ANSWER_SDP)), Response)
+    only(lab.from_client(ack_for(got)), Request)
+    assert isinstance(fwd, Request) and isinstance(got, Response)
+    return fwd, got
+
+
+def updates(lab: Lab) -> list[Update]:
+    return [c for _, c in lab.media_commands if isinstance(c, Update)]
+
+
+def test_an_established_call_goes_on_in_a_restarted_sbc() -> None:
+    """The call's entry (both dialogs, the media session) is written when it is answered;
+    a new process restores it: the relay binds the same ports with the same keys, and
+    either party's BYE is mapped onto the other leg, with a CSeq above any the old process
+    may have used; the entry goes at the end."""
+    lab = Lab(media=media_policy("mandatory"), persist=True)
+    fwd, got = established(lab)
+    [key] = [k for k in lab.persisted if k.startswith("call:")]
+    entry = lab.persisted[key]
+    [(kind, version, value)] = state.decode(entry.value or b"", 0.0)
+    assert (kind, version) == ("call", VERSION) and isinstance(value, dict)
+    # The restarted SBC: a new core, its own media controller, the same store.
+    again = Lab(media=media_policy("mandatory"), persist=True)
+    again.now = lab.now + 5.0
+    again._sent(again.core.restore_call(value, again.now))
+    [before], [after] = updates(lab)[-1:], updates(again)
+    assert after == before  # the same ports, keys and addresses, to be bound again
+    # SRTP with alice: her key and the SBC's, kept.
+    assert after.streams[0].a.send_key is not None and after.streams[0].a.recv_key is not None
+    assert again.core.calls.active_calls == 1
+    # alice hangs up on the new process: the backend gets a BYE in the core leg.
+    bye = alice_hangs_up(again, got, 2)
+    assert bye.call_id == fwd.call_id and bye.cseq is not None
+    assert bye.cseq.seq > (fwd.cseq.seq if fwd.cseq else 0) + 1
+    assert key not in again.persisted or again.persisted[key].value is None
+    again.assert_clean()
+
+
+def test_the_callee_may_hang_up_a_restored_call() -> None:
+    lab = Lab(persist=True)
+    fwd, _got = established(lab)
+    [entry] = [e for k, e in lab.persisted.items() if k.startswith("call:")]
+    [(_, _, value)] = state.decode(entry.value or b"", 0.0)
+    again = Lab(persist=True)
+    again._sent(again.core.restore_call(value, 1.0))  # type: ignore[arg-type]
+    out = again.from_backend(backend_request("BYE", fwd, reply(fwd, 200), 7))
+    [ok] = [m for f, m in out if isinstance(m, Response)]
+    [(to, bye)] = [(f, m) for f, m in out if isinstance(m, Request)]
+    assert ok.status == 200 and to == ALICE and bye.method == "BYE"  # type: ignore[attr-defined]
+    assert bye.to is not None and bye.to.tag == "a1"  # type: ignore[attr-defined]
+    again.from_client(make_response(bye, 200))  # type: ignore[arg-type]
+    again.assert_clean()
+
+
+def test_a_call_whose_ports_are_taken_is_not_restored() -> None:
+    lab = Lab(persist=True)
+    established(lab)
+    [entry] = [e for k, e in lab.persisted.items() if k.startswith("call:")]
+    [(_, _, value)] = state.decode(entry.value or b"", 0.0)
+    again = Lab(persist=True)
+    again._sent(again.core.restore_call(value, 1.0))  # type: ignore[arg-type]
+    # The same call again (a second load): already there, nothing happens.
+    assert again.core.restore_call(value, 1.0) == []  # type: ignore[arg-type]
+    third = Lab(persist=True)
+    value = dict(value)  # type: ignore[arg-type]
+    value["id"] = "other"
+    assert third.core.restore_call(value, 1.0) is not None
+    with pytest.raises(MediaRefused):
+        third.core.restore_call(value | {"id": "third"}, 1.0)  # its ports are the other's now
+    assert third.media is not None and third.media.state_size()["media_ports"] == 2

@@ -106,6 +106,9 @@ class B2bua(Routing):
         self.records: list[str] = []  # one JSON line per ended call
         self._awaiting_stats: dict[str, Call] = {}  # ended calls whose media stats are due
         self.stats: Counter[str] = Counter()
+        # The calls answered, changed (target refresh, media) or ended since the core last
+        # took them, when calls are kept outside the process (sbc/state.py); None: not.
+        self.changed_calls: set[str] | None = None
 
     def set_policy(self, policy: CallPolicy, peers: tuple[PeerRoute, ...]) -> None:
         """[calls] and [[peers]], at start and on a reload: calls in
@@ -385,6 +388,7 @@ class B2bua(Routing):
                     self._unindex(other.peer)
                 del call.forks[tag]
         call.legs = [a_leg, leg]
+        self.changed(call)
         self._b_pending.pop((leg.dialog.call_id, leg.dialog.local_tag), None)
         if self.policy.max_duration > 0 and call.method == "INVITE":
             self._set_timer(call, "max_duration", now + self.policy.max_duration)
@@ -484,6 +488,7 @@ class B2bua(Routing):
         ok = 200 <= status < 300
         if ok and method in ("INVITE", "UPDATE"):
             dest.dialog.refresh_target(resp)  # RFC 3261 12.2.1.2, RFC 3311 5.2
+            self.changed(dest.call)
             self._session_timer(call, resp, now)
         mapped = self._map_response(
             resp,
@@ -562,6 +567,24 @@ class B2bua(Routing):
 
     def server_gone(self, tx: ServerTransaction) -> None:
         self._server.pop(tx, None)
+
+    # -- calls kept outside the process (sbc/calls/persist.py) -------------------------------
+    def changed(self, call: Call) -> None:
+        if self.changed_calls is not None:
+            self.changed_calls.add(call.id)
+
+    def restore(self, call: Call, now: float) -> None:
+        """Go on with an established call made again from its kept values (a restart):
+        its dialogs are found again, it counts as active, its duration limit holds."""
+        self.calls[call.id] = call
+        for leg in call.legs:
+            self._dialogs[leg.dialog.key] = leg
+        self.active_calls += 1
+        self._per_source[call.source] += 1
+        answered = call.answered if call.answered is not None else now
+        if self.policy.max_duration > 0:
+            self._set_timer(call, "max_duration", max(now, answered + self.policy.max_duration))
+        self.stats["calls_restored"] += 1
 
 
 # What an established call still reads of its INVITEs: the call record (Call-ID, From,

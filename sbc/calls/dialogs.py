@@ -87,10 +87,12 @@ class Dialogs(Teardown):
                 retry = (("Retry-After", str(secrets.randbelow(10) + 1)),)
                 return self._respond(tx, 500, "Previous INVITE Pending", retry, now)  # 14.2
             leg.dialog.refresh_target(req)
+            self.changed(call)
         if method == "UPDATE":
             if leg.update_out is not None or peer.update_out is not None:
                 return self._respond(tx, 491, None, (), now)  # RFC 3311 5.2: glare
             leg.dialog.refresh_target(req)
+            self.changed(call)
         fwd, dest = self._within(peer, method)
         mf = req.max_forwards
         fwd.add("Max-Forwards", str(70 if mf is None else mf - 1))

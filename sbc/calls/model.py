@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sbc.features.balancer import BackendState
 from sbc.media.control import Command
@@ -69,6 +69,12 @@ class MediaSeam(Protocol):
 
     def take_commands(self) -> list[tuple[int, Command]]: ...  # for the media workers
 
+    # The call's media session as plain values (a call kept across a restart), or None.
+    def export(self, call: str) -> dict[str, Any] | None: ...
+
+    # Take back a session ``export`` gave (its ports bound again); ValueError if it cannot.
+    def restore(self, call: str, value: dict[str, Any]) -> None: ...
+
 
 class PassThroughMedia:
     """No media relay: the SDP passes unchanged (unit tests of the signalling alone)."""
@@ -101,6 +107,12 @@ class PassThroughMedia:
 
     def take_commands(self) -> list[tuple[int, Command]]:
         return []
+
+    def export(self, call: str) -> dict[str, Any] | None:
+        return None
+
+    def restore(self, call: str, value: dict[str, Any]) -> None:
+        return None
 
 
 class ExternalMediaSeam(PassThroughMedia):
@@ -238,7 +250,7 @@ class Call:
         method: str,
         a_flow: Flow,
         a_side: Side,
-        a_tx: ServerTransaction,
+        a_tx: ServerTransaction | None,
         a_request: Request,
         target: Target,
         now: float,

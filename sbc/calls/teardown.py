@@ -122,6 +122,7 @@ class Teardown:
         call.state = "ended"
         call.ended = now
         call.cause = call.cause or cause
+        self.changed(call)
         for leg in call.legs:
             self._unindex(leg)
             leg.retransmit = None

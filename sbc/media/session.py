@@ -31,6 +31,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sbc.media import codec_policy
 from sbc.media.codec_policy import DEFAULT_CODECS, Offered
@@ -163,6 +164,16 @@ class PortPool:
     def give(self, worker: int, port: int) -> None:
         self.in_use -= 1
         self._free[worker].append(port)
+
+    def claim(self, port: int) -> int:
+        """Take ``port`` itself (a session kept across a restart binds its ports again);
+        the worker whose share it is. MediaRefused if it is not free in any."""
+        for worker, free in enumerate(self._free):
+            if port in free:
+                free.remove(port)
+                self.in_use += 1
+                return worker
+        raise MediaRefused(f"Media Port {port} Not Free")
 
 
 @dataclass(slots=True)
@@ -413,6 +424,59 @@ class MediaController:
                     party.port = None
         self._outbox.append((session.worker, Delete(session=call)))
         return True
+
+    def export(self, call: str) -> dict[str, Any] | None:
+        """The call's session as plain values (sbc/calls/persist.py); None without one, or
+        with a browser party (its ICE and DTLS state is the worker's, and the browser's
+        WebSocket dies with the SBC anyway) or an offer pending."""
+        session = self.sessions.get(call)
+        if session is None or session.saved is not None:
+            return None
+        if any(s.a.webrtc or s.b.webrtc for s in session.streams):
+            return None
+        return {
+            "sides": list(session.sides),
+            "origins": {k: [o.session_id, o.version] for k, o in session.origins.items()},
+            "transcoding": session.transcoding,
+            "transcoded": sorted(session.transcoded),
+            "streams": [
+                {"index": s.index, "passthrough": s.passthrough, "active": s.active,
+                 "a": _party_value(s.a), "b": _party_value(s.b)}
+                for s in session.streams
+            ],
+        }  # fmt: skip
+
+    def restore(self, call: str, value: dict[str, Any]) -> None:
+        """Take back a session ``export`` gave: its ports (from whichever worker now has
+        them in its share), keys and addresses, sent to that worker to bind again.
+        MediaRefused if a port is not free, ValueError (KeyError, TypeError) for values
+        that are not an export's."""
+        streams = [
+            _Stream(int(v["index"]), _party_of(v["a"]), _party_of(v["b"]),
+                    passthrough=bool(v["passthrough"]), active=bool(v["active"]))
+            for v in value["streams"]
+        ]  # fmt: skip
+        ports = [p.port for s in streams for p in (s.a, s.b) if p.port is not None]
+        claimed: list[tuple[int, int]] = []  # (worker, port)
+        try:
+            for port in ports:
+                claimed.append((self.pool.claim(port), port))
+            if len({w for w, _ in claimed}) > 1:
+                raise MediaRefused("Media Ports In Several Workers' Shares")
+        except MediaRefused:
+            for worker, port in claimed:
+                self.pool.give(worker, port)
+            raise
+        a_side, b_side = value["sides"]
+        worker = claimed[0][0] if claimed else 0
+        session = MediaSession(call, worker, str(a_side), str(b_side), self._origin_ids())
+        for key, (session_id, version) in value["origins"].items():
+            session.origins[str(key)] = _Origin(str(session_id), int(version))
+        session.streams = streams
+        session.transcoded = {int(i) for i in value["transcoded"]}
+        self.sessions[call] = session
+        self._hold_slot(session, bool(value["transcoding"]))
+        self._update(session)
 
     def transcoded(self, call: str) -> int:
         """How many of the call's streams were transcoded at some time (its record)."""
@@ -945,6 +1009,39 @@ class MediaController:
             if s.active and s.a.port is not None and s.b.port is not None
         )  # fmt: skip
         self._outbox.append((session.worker, Update(session=session.call, streams=streams)))
+
+
+def _party_value(p: _Party) -> dict[str, Any]:
+    """A party of a session as plain values (JSON: keys in base64)."""
+    return {
+        "side": p.side, "port": p.port, "remote": p.remote, "remote_rtcp": p.remote_rtcp,
+        "rtcp_mux": p.rtcp_mux, "sends": p.sends, "proto": p.proto, "awaiting": p.awaiting,
+        "recv_key": _key_value(p.recv_key), "send_key": _key_value(p.send_key),
+        "codec": None if p.codec is None else dataclasses.asdict(p.codec),
+    }  # fmt: skip
+
+
+def _party_of(v: dict[str, Any]) -> _Party:
+    codec = v["codec"]
+    return _Party(
+        side=str(v["side"]), port=None if v["port"] is None else int(v["port"]),
+        remote=_address_of(v["remote"]), remote_rtcp=_address_of(v["remote_rtcp"]),
+        rtcp_mux=bool(v["rtcp_mux"]), sends=bool(v["sends"]), proto=str(v["proto"]),
+        awaiting=bool(v["awaiting"]), recv_key=_key_of(v["recv_key"]),
+        send_key=_key_of(v["send_key"]), codec=None if codec is None else CodecSpec(**codec),
+    )  # fmt: skip
+
+
+def _address_of(v: Any) -> tuple[str, int] | None:
+    return None if v is None else (str(v[0]), int(v[1]))
+
+
+def _key_value(key: SrtpKey | None) -> list[str] | None:
+    return None if key is None else [key.suite, base64.b64encode(key.key_salt).decode()]
+
+
+def _key_of(v: Any) -> SrtpKey | None:
+    return None if v is None else SrtpKey(suite=str(v[0]), key_salt=base64.b64decode(v[1]))
 
 
 def _token(name: str) -> str:
