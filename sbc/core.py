@@ -330,13 +330,16 @@ class SbcCore(Pipeline):
         """The entry of an established INVITE call, or its deletion once it is over."""
         key = state.call_key(call_id)
         call = self.calls.calls.get(call_id)
-        if call is None or call.state != "confirmed" or call.method != "INVITE":
+        media_seam = self.calls.media
+        if (
+            call is None or call.state != "confirmed" or call.method != "INVITE"
+            or not media_seam.keeps(call_id)
+        ):  # fmt: skip
             if call_id in self._kept_calls and (call is None or call.state == "ended"):
                 self._kept_calls.discard(call_id)
                 return Persist(key, None, 0.0)
             return None
-        media = self.calls.media.export(call_id)
-        value = persist.call_value(call, media, self.wall_offset)
+        value = persist.call_value(call, media_seam.export(call_id), self.wall_offset)
         self._kept_calls.add(call_id)
         limit = self.settings.calls.max_duration or state.CALL_LIFETIME
         answered = call.answered if call.answered is not None else call.started
@@ -348,8 +351,8 @@ class SbcCore(Pipeline):
         session is bound again on the same ports with the same keys. ValueError (KeyError,
         TypeError, MediaRefused) if it cannot be."""
         call = persist.restore_call(value, self.wall_offset, self.backends.balancer.backends)
-        if call.id in self.calls.calls:
-            return []
+        if call.id in self.calls.calls or not call.id.startswith(self.calls.id_prefix):
+            return []  # restored already, or another signalling worker's (its id's mark)
         media = value.get("media")
         if isinstance(media, dict):
             self.calls.media.restore(call.id, media)

@@ -69,6 +69,9 @@ class MediaSeam(Protocol):
 
     def take_commands(self) -> list[tuple[int, Command]]: ...  # for the media workers
 
+    # Whether a restarted SBC can take the call's media over (not a browser's).
+    def keeps(self, call: str) -> bool: ...
+
     # The call's media session as plain values (a call kept across a restart), or None.
     def export(self, call: str) -> dict[str, Any] | None: ...
 
@@ -107,6 +110,9 @@ class PassThroughMedia:
 
     def take_commands(self) -> list[tuple[int, Command]]:
         return []
+
+    def keeps(self, call: str) -> bool:
+        return True
 
     def export(self, call: str) -> dict[str, Any] | None:
         return None

@@ -425,15 +425,19 @@ class MediaController:
         self._outbox.append((session.worker, Delete(session=call)))
         return True
 
-    def export(self, call: str) -> dict[str, Any] | None:
-        """The call's session as plain values (sbc/calls/persist.py); None without one, or
-        with a browser party (its ICE and DTLS state is the worker's, and the browser's
-        WebSocket dies with the SBC anyway) or an offer pending."""
+    def keeps(self, call: str) -> bool:
+        """Whether the call's media can be taken over by a restarted SBC: not with a browser
+        party (its ICE and DTLS state is the worker's, and its WebSocket dies anyway)."""
         session = self.sessions.get(call)
-        if session is None or session.saved is not None:
+        return session is None or not any(s.a.webrtc or s.b.webrtc for s in session.streams)
+
+    def export(self, call: str) -> dict[str, Any] | None:
+        """The call's session as plain values (sbc/calls/persist.py), as the last answer
+        left it (an offer pending is not in it); None without one."""
+        session = self.sessions.get(call)
+        if session is None:
             return None
-        if any(s.a.webrtc or s.b.webrtc for s in session.streams):
-            return None
+        streams = session.saved if session.saved is not None else session.streams
         return {
             "sides": list(session.sides),
             "origins": {k: [o.session_id, o.version] for k, o in session.origins.items()},
@@ -442,7 +446,7 @@ class MediaController:
             "streams": [
                 {"index": s.index, "passthrough": s.passthrough, "active": s.active,
                  "a": _party_value(s.a), "b": _party_value(s.b)}
-                for s in session.streams
+                for s in streams
             ],
         }  # fmt: skip
 
