@@ -302,16 +302,17 @@ async def _open_state(
         url, config.state.key_prefix, instance=instance, on_events=on_events,
         on_recovered=on_recovered,
     )  # fmt: skip
+    fresh = secret if secret is not None else secrets.token_bytes(SECRET_BYTES)
+    store.keep_secret(fresh)  # the store gets it when it answers, if it has none
     if not await store.open():
         log.error("[state] url %s unreachable: starting from memory, retrying", url)
-        return store, secret
-    fresh = secret if secret is not None else secrets.token_bytes(SECRET_BYTES)
+        return store, fresh
     try:
-        secret = await store.secret(fresh)
+        return store, await store.secret(fresh)
     except (RedisError, OSError) as exc:
         store.health.up = False
         log.error("[state] url %s: %s; starting from memory, retrying", url, exc)
-    return store, secret
+        return store, fresh
 
 
 def _load_state(

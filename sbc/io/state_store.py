@@ -85,6 +85,11 @@ class StateStore:
         self.health.up = True
         return True
 
+    def keep_secret(self, secret: bytes) -> None:
+        """The secret this instance uses: written (if the store has none) whenever the
+        store answers again (a store down at start, or restarted empty)."""
+        self._secret = secret
+
     async def secret(self, fresh: bytes) -> bytes:
         """The store's secret; ``fresh`` becomes it if there is none yet."""
         key = f"{self.prefix}secret"
@@ -120,6 +125,8 @@ class StateStore:
             asyncio.create_task(self._writer(), name="state-writer"),
             asyncio.create_task(self._subscriber(), name="state-subscriber"),
         ]
+        if not self.health.up:
+            self._wake.set()  # down at start: the writer tries until it answers
 
     # -- changes -----------------------------------------------------------------------------
     def persist(self, entry: Persist) -> None:
