@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from redis.exceptions import RedisError
 
-from sbc import state
+from sbc import audit, state
 from sbc.calls import CallPolicy, PeerRoute
 from sbc.config import Config, ConfigError, ListenUrl, Peer, RateConfig, TlsConfig, load_config
 from sbc.config.values import ng_address
@@ -554,6 +554,8 @@ async def serve(
             media=lambda: media_totals, reload=result.report,
             unix=role.admin_socket if role else None,
         )  # fmt: skip
+        # /audit: the security matrix of the config in use (a reload's, after one).
+        admin.audit = lambda: audit.report(config, str(path) if path is not None else "")
         access_tls = _tls(config.access.tls, "[access.tls]")
         core_tls = _tls(config.core.tls, "[core.tls]", peers=bool(config.peers))
         if config.peers and config.core.tls.ca is None:

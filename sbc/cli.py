@@ -1,5 +1,5 @@
 """Command line: ``sbc run``, ``sbc check-config``, ``sbc gen-certs``, ``sbc status``,
-``sbc reload``, ``sbc --version``; ``sbc worker`` is what ``sbc run`` starts for each
+``sbc reload``, ``sbc audit``, ``sbc --version``; ``sbc worker`` is what ``sbc run`` starts for each
 signalling worker."""
 
 from __future__ import annotations
@@ -282,6 +282,59 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return _error(f"the SBC (pid {pid}) did not report the reload within {RELOAD_TIMEOUT:g} s")
 
 
+# Exit codes of ``sbc audit``: a cell of --require not protected, a live check that
+# contradicts the config (both: the first).
+AUDIT_UNMET = 3
+AUDIT_CONTRADICTED = 4
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """The deployment's security matrix (sbc/audit.py), with --live checked against the
+    running SBC (sbc/io/audit_live.py); --require fails on cells not protected."""
+    import tomllib
+
+    from sbc import audit
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    required: list[audit.Requirement] = []
+    if args.require:
+        try:
+            with open(args.require, "rb") as f:
+                required = audit.requirements(tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
+            return _error(f"{args.require}: {exc}")
+    cells = audit.matrix(config)
+    live: list[dict[str, object]] | None = None
+    if args.live:
+        from sbc.io import audit_live
+
+        live = audit_live.run(config)
+    if args.format == "json":
+        data = audit.report(config, args.config)
+        if live is not None:
+            data["live"] = live
+        print(audit.to_json(data))
+    elif args.format == "markdown":
+        print(audit.render_markdown(cells, args.config, live), end="")
+    else:
+        print(audit.render_text(cells, args.config, live), end="")
+    unmet = audit.unmet(cells, required)
+    for line in unmet:
+        print(f"sbc audit: required but not protected: {line}", file=sys.stderr)
+    contradicted = [c for c in live or [] if c["result"] == "contradicts"]
+    for check in contradicted:
+        print(
+            f"sbc audit: the running SBC contradicts its config: {check['name']}: "
+            f"{check['observed']} (expected: {check['expected']})",
+            file=sys.stderr,
+        )
+    if unmet:
+        return AUDIT_UNMET
+    return AUDIT_CONTRADICTED if contradicted else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sbc", description="Session Border Controller")
     parser.add_argument("--version", action="version", version=f"sbc {__version__}")
@@ -350,6 +403,21 @@ def _parser() -> argparse.ArgumentParser:
         "--admin", metavar="HOST:PORT", help="the admin API's address (default: from --config)"
     )
     reload.set_defaults(func=_cmd_reload)
+
+    audit = sub.add_parser(
+        "audit", help="the deployment's security matrix, from its config (and --live, checked)"
+    )
+    audit.add_argument("--config", required=True, metavar="FILE", help="the SBC's config file")
+    audit.add_argument(
+        "--live", action="store_true", help="check the cells against the running SBC too"
+    )
+    audit.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    audit.add_argument(
+        "--require",
+        metavar="FILE",
+        help=f"TOML of [[require]] cells that must be protected (exit {AUDIT_UNMET} if not)",
+    )
+    audit.set_defaults(func=_cmd_audit)
     return parser
 
 

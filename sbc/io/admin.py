@@ -5,6 +5,8 @@
     GET /readyz    200 when the listeners are bound and a backend is up (or none is
                    configured); 503 otherwise; the reason in the body either way
     GET /status    JSON: registrations, calls, backends, bans, media (``sbc status``)
+    GET /audit     JSON: the security matrix of the running config (``sbc audit``,
+                   sbc/audit.py); live checks are the command's (they send probes)
 
 GET (and HEAD) only: another method is answered 405, another path 404, a request that is not
 HTTP/1.x or whose head is over ``MAX_REQUEST`` bytes 400 / 431. One request per connection
@@ -41,7 +43,7 @@ log = logging.getLogger("sbc.admin")
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds to send the request head
 MAX_CONNECTIONS = 32
-PATHS = ("/metrics", "/healthz", "/readyz", "/status")
+PATHS = ("/metrics", "/healthz", "/readyz", "/status", "/audit")
 
 
 class _BadRequest(Exception):
@@ -58,6 +60,8 @@ class AdminHttp:
     def __init__(self) -> None:
         self.listening = False
         self._server: asyncio.Server | None = None
+        # /audit: the matrix of the config in use (set by the app); None: 404.
+        self.audit: Callable[[], dict[str, object]] | None = None
         self._connections = 0
         self._unix: str | None = None
 
@@ -197,6 +201,11 @@ class AdminHttp:
             return status, f"{reason}\n".encode(), "text/plain", {}
         if path == "/status":
             body = json.dumps(await self.status(), indent=1).encode() + b"\n"
+            return HTTPStatus.OK, body, "application/json", {}
+        if path == "/audit":
+            if self.audit is None:
+                return HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", {}
+            body = json.dumps(self.audit(), indent=1).encode() + b"\n"
             return HTTPStatus.OK, body, "application/json", {}
         body, content_type = await self.metrics(accept)
         return HTTPStatus.OK, body, content_type, {}

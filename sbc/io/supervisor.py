@@ -37,6 +37,7 @@ from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 
+from sbc import audit
 from sbc.config import Config
 from sbc.core import SECRET_BYTES
 from sbc.io.admin import AdminHttp
@@ -259,6 +260,7 @@ class WorkersAdmin(AdminHttp):
     def __init__(self, supervisor: Supervisor) -> None:
         super().__init__()
         self.supervisor = supervisor
+        self.audit = lambda: audit.report(supervisor.config, str(supervisor.path))
 
     @classmethod
     async def start(cls, supervisor: Supervisor) -> WorkersAdmin:
