@@ -473,10 +473,14 @@ def test_docs_list_every_metric_and_no_other() -> None:
     from sbc.media.rtpengine import Rtpengine
     from sbc.workers_report import WorkerState, merge_metrics
 
+    from sbc.state import StateHealth
+
     names: set[str] = set()
-    # The built-in relay, and media on an rtpengine node (its families).
+    # The built-in relay, media on an rtpengine node, and a state store (their families).
     node = Rtpengine(NodePool([Node("udp://127.0.0.1:2223", ("127.0.0.1", 2223))]), {})
-    for lab in (Lab(), Lab(rtpengine=node)):
+    stored = Lab()
+    stored.core.state_health = StateHealth()
+    for lab in (Lab(), Lab(rtpengine=node), stored):
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector(lab, [Totals()]))
         text = generate_latest(registry).decode()
