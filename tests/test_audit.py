@@ -226,3 +226,18 @@ def test_the_shipped_configs_have_a_whole_matrix(name: str, tmp_path: Path) -> N
     cells = audit.matrix(config(tmp_path, data))
     complete(cells)
     assert verdict(cells, CLIENT_SBC, SIGNALLING, ENCRYPTION)[0] == "optional"
+
+
+@pytest.mark.parametrize("name", ["config/sbc.toml", "docker/sbc.toml"])
+def test_docs_show_the_shipped_configs_as_the_command_does(name: str, tmp_path: Path) -> None:
+    """docs/security.md holds `sbc audit --format markdown` of each shipped config as it
+    is now (its certificates may not exist here: they decide no cell)."""
+    data = tomllib.loads((REPO / name).read_text())
+    for side in ("access", "core"):
+        for key in ("certificate", "private_key", "ca"):
+            data.get(side, {}).get("tls", {}).pop(key, None)
+    loaded = config(tmp_path, data)
+    doc = (REPO / "docs" / "security.md").read_text()
+    marker = f"<!-- sbc audit --config {name} --format markdown -->\n"
+    shown = doc.split(marker, 1)[1].split("\n<!-- end -->", 1)[0]
+    assert shown + "\n" == audit.render_markdown(audit.matrix(loaded), name, None)
