@@ -471,9 +471,8 @@ def test_docs_list_every_metric_and_no_other() -> None:
 
     from sbc.media.ng import Node, NodePool
     from sbc.media.rtpengine import Rtpengine
-    from sbc.workers_report import WorkerState, merge_metrics
-
     from sbc.state import StateHealth
+    from sbc.workers_report import WorkerState, merge_metrics
 
     names: set[str] = set()
     # The built-in relay, media on an rtpengine node, and a state store (their families).

@@ -72,6 +72,7 @@ class StateStore:
         self._outbox: list[Event] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False  # close() began: the writer and the subscriber stop
 
     # -- start -----------------------------------------------------------------------------
     async def open(self) -> bool:
@@ -143,9 +144,13 @@ class StateStore:
         self._wake.set()
 
     async def _writer(self) -> None:
-        while True:
+        # A cancellation that lands inside redis-py's Pipeline.execute may be swallowed
+        # there: the loop also ends on ``_closing``.
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            if self._closing:
+                return
             if not self.health.up:
                 await self._recover()
                 continue
@@ -181,7 +186,7 @@ class StateStore:
 
     async def _recover(self) -> None:
         """Down: try again every RETRY seconds; once it answers, write back everything."""
-        while True:
+        while not self._closing:
             try:
                 await self._redis.ping()
                 if self._secret is not None:  # a store that restarted empty gets it back
@@ -204,7 +209,7 @@ class StateStore:
 
     # -- the other instances ------------------------------------------------------------------
     async def _subscriber(self) -> None:
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
@@ -230,7 +235,10 @@ class StateStore:
         self.on_events(events)
 
     async def close(self) -> None:
-        """Write what is pending (briefly), then stop."""
+        """Write what is pending (briefly), then stop (bounded: a stop never hangs on the
+        store)."""
+        self._closing = True
+        self._wake.set()
         if self.health.up and (self._pending or self._outbox):
             batch, self._pending = self._pending, {}
             events, self._outbox = self._outbox, []
@@ -238,8 +246,7 @@ class StateStore:
                 await asyncio.wait_for(self._write(batch, events), TIMEOUT)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=TIMEOUT)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._redis.aclose(), TIMEOUT)

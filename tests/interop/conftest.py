@@ -206,6 +206,9 @@ class SbcProcess:
     tls4: int
     udp6: int | None  # udp and tcp on ::1 share this port (None without IPv6)
     extra_ports: dict[str, int] = field(default_factory=dict)
+    # Stopped by the test (kill(), or a stop it checks itself): not a death at teardown.
+    stopped_by_test: bool = False
+    earlier_logs: list[Path] = field(default_factory=list)  # of the processes restart() ended
 
     host4 = "127.0.0.1"
     host6 = "::1"
@@ -233,6 +236,64 @@ class SbcProcess:
                 local=sock.getsockname()[:2],
             )
             return sipwire.udp_exchange(sock, (host, port), data, timeout)
+
+    def kill(self) -> None:
+        """kill -9 by its PID (a crash: nothing flushed, no goodbye) and reap it; its media
+        workers (their PIDs are in its log) exit when their control socket closes, and are
+        waited for (killed by PID if they stay). The fixture's teardown takes that as the
+        test's doing, not as a death."""
+        self.stopped_by_test = True
+        self.proc.kill()  # by its PID, unless it has exited already (no stray signal)
+        self.proc.wait(timeout=STOP_TIMEOUT)
+        groups = re.findall(r'media workers started .*pids="?\[([\d, ]+)\]', self.log())
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for pid in (int(p) for group in groups for p in group.split(",")):
+            while _media_worker_alive(pid):
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.02)
+
+    def restart(self) -> None:
+        """kill -9 (if it still runs), then ``sbc run`` again on the very same config file:
+        same ports, same [media] range (its lock taken again and handed over). Returns once
+        the new process is ready (log "ready", OPTIONS answered), or fails the test. The new
+        process replaces ``proc`` (the fixture stops and checks it at teardown); its log is a
+        new file, the earlier ones are kept in ``earlier_logs``."""
+        self.kill()
+        low = self.config.read_text().split('[media]\nports = "', 1)[1].split("-", 1)[0]
+        range_lock = os.open(_MEDIA_RANGE_LOCKS / f"{low}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # Free since the killed process is gone (unless another session took it since).
+            fcntl.flock(range_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.earlier_logs.append(self.stderr_path)
+            self.stderr_path = self.stderr_path.with_name(
+                f"{self.stderr_path.stem}-restart{len(self.earlier_logs)}.stderr"
+            )
+            with self.stderr_path.open("wb") as stderr:
+                self.proc = subprocess.Popen(
+                    [*sbc_command(), "run", "--config", str(self.config)],
+                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                    pass_fds=(range_lock,),
+                )  # fmt: skip
+        finally:
+            os.close(range_lock)
+        self.stopped_by_test = False
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _READY.search(self.log()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                _stop(self.proc)
+                pytest.fail(f"sbc run not ready again within {START_TIMEOUT} s:\n{self.log()}")
+            time.sleep(0.02)
+        response = self.options_udp()
+        assert response.status == 200, f"OPTIONS after the restart: {response.raw!r}"
+
+
+def _media_worker_alive(pid: int) -> bool:
+    try:
+        return b"media_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone (a zombie's cmdline is empty)
+        return False
 
 
 # Short enough for a test to watch an idle connection being closed, long enough for the others.
@@ -509,17 +570,22 @@ def _running_sbc(
             break
     if isinstance(started, str):
         pytest.fail(started)
-    proc = started.proc
     try:
         yield started
     finally:
+        proc = started.proc  # the latest: a test may have restarted it (SbcProcess.restart)
         was_running = proc.poll() is None
         problem = _stop(proc)
+        for earlier in started.earlier_logs:
+            text = earlier.read_text(errors="replace")
+            print(f"--- sbc run stderr ({earlier}, a process the test ended) ---\n{text}")
+            assert "Traceback" not in text, text
         log = started.log()
         print(f"--- sbc run stderr ({started.stderr_path}) ---\n{log}")
-        assert was_running, f"the SBC died during the test (exit {proc.returncode}):\n{log}"
-        assert problem is None, f"{problem}\n{log}"
-        assert proc.returncode == 0, f"exit code {proc.returncode} after SIGTERM:\n{log}"
+        if not (started.stopped_by_test and not was_running):  # the test's to check
+            assert was_running, f"the SBC died during the test (exit {proc.returncode}):\n{log}"
+            assert problem is None, f"{problem}\n{log}"
+            assert proc.returncode == 0, f"exit code {proc.returncode} after SIGTERM:\n{log}"
         assert "Traceback" not in log, log
 
 
