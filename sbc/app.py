@@ -333,7 +333,7 @@ def _load_state(
         counts[key.partition(":")[0]] += 1
         for event in events:
             if event[0] != state.CALL_EVENT:
-                transports.run_actions(core.apply_shared(event, now))
+                transports.run_actions(core.apply_shared(state.grace(event), now))
                 continue
             try:
                 transports.run_actions(core.restore_call(cast(dict[str, Any], event[2]), now))
@@ -588,10 +588,11 @@ async def serve(
                     await asyncio.wait_for(transports.synced.wait(), SYNC_TIMEOUT)
         if store is not None:
             # The kept state before the first client: users reachable without a new
-            # REGISTER, bans in force.
+            # REGISTER, bans in force (subscribed first: no change of another instance
+            # falls between the load and the subscription).
+            store.start()
             if store.health.up:
                 _load_state(store, core, transports, await store.load(), loop.time())
-            store.start()
         websocket = WebSocketSettings.of(config.access.websocket)
         for url in config.access.listen:
             address = await transports.listen(url, access_tls, shared=shared, websocket=websocket)

@@ -314,7 +314,18 @@ class SbcCore(Pipeline):
             for aor, call_id, flow in changed:
                 key = state.reg_key(aor, call_id, flow)
                 actions.append(state.registration(regs.get(aor, call_id, flow), key, offset))
+            regs.refreshed -= changed
             changed.clear()
+        refreshed = regs.refreshed
+        if refreshed:
+            # A refresh is written once the entry written last would lag a client period
+            # behind (its key lives a period longer than its record: sbc/state.py).
+            for aor, call_id, flow in refreshed:
+                reg = regs.get(aor, call_id, flow)
+                if reg is not None and state.refresh_due(reg):
+                    key = state.reg_key(aor, call_id, flow)
+                    actions.append(state.registration(reg, key, offset))
+            refreshed.clear()
         location = self.registration.location
         aors = location.changed
         if aors:
@@ -362,7 +373,8 @@ class SbcCore(Pipeline):
 
     def _forget_changes(self) -> None:
         """What an apply_shared changed is the other worker's or instance's to write."""
-        for marks in (self.registration.registrations.changed, self.registration.location.changed):
+        regs = self.registration.registrations
+        for marks in (regs.changed, regs.refreshed, self.registration.location.changed):
             if marks:
                 marks.clear()
 

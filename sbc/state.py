@@ -9,7 +9,9 @@ restarted SBC, or another instance that names the same store and ``key_prefix``,
 ============================== ==========================================================
 key (after ``key_prefix``)     value: the events that rebuild it
 ============================== ==========================================================
-``reg:AOR|CALL-ID|FLOW``       one relayed registration (registration offload): ``reg``
+``reg:AOR|CALL-ID|FLOW``       one relayed registration (registration offload): ``reg``;
+                               a refresh is written every other time (``refresh_due``)
+                               (refreshes written every other time: ``refresh_due``)
 ``aor:AOR``                    the embedded registrar's bindings of an AOR: ``binding``
 ``ban:IP``                     a ban in force: ``ban``
 ``call:ID``                    an established call: ``("call", VERSION, values)``, the
@@ -54,6 +56,7 @@ BAN: Final = "ban:"
 CALL: Final = "call:"
 KINDS: Final = (REG, AOR, BAN, CALL)  # the key prefixes a load reads
 CALL_EVENT: Final = "call"
+STORED_EVENT: Final = "reg"  # shared.py's kind of a relayed registration
 # How long a call's entry lasts without [calls] max_duration (it is written again at every
 # change of the call, and deleted at its end).
 CALL_LIFETIME: Final = 86400.0
@@ -110,12 +113,33 @@ def _tuples(value: list[object]) -> tuple[object, ...]:
 
 
 def registration(reg: CachedRegistration | None, key: str, wall_offset: float) -> Persist:
-    """The entry of a relayed registration (deleted when ``reg`` is None): it lasts as
-    long as the client's registration does."""
+    """The entry of a relayed registration (deleted when ``reg`` is None). Its key lives a
+    client period longer than the registration: a refresh is written only every other
+    time (``refresh_due``), and a load gives each record that period back (``grace``)."""
     if reg is None:
         return Persist(key, None, 0.0)
+    reg.persisted_expiry = reg.client_expires_at
     value = encode([stored_event(reg)], wall_offset)
-    return Persist(key, value, reg.client_expires_at + wall_offset)
+    return Persist(key, value, reg.client_expires_at + reg.client_expires + wall_offset)
+
+
+def refresh_due(reg: CachedRegistration) -> bool:
+    """Whether a refreshed registration's entry must be written now: once the expiry written
+    last is a client period behind (so a refresh costs a write every other time at most,
+    on the path the registration offload makes cheap)."""
+    return reg.client_expires_at - reg.persisted_expiry >= reg.client_expires
+
+
+def grace(event: Event) -> Event:
+    """A relayed registration read back at start, its client expiry moved on by a client
+    period: the refresh written last may be one behind (``refresh_due``), and a client
+    that lived through the restart refreshes within that period."""
+    if event[0] != STORED_EVENT or len(event) != 13:
+        return event
+    client_expires, client_expires_at = event[10], event[11]
+    if not isinstance(client_expires, int) or not isinstance(client_expires_at, (int, float)):
+        return event
+    return (*event[:11], client_expires_at + client_expires, *event[12:])
 
 
 def bindings(aor: str, live: list[LocalBinding], wall_offset: float) -> Persist:

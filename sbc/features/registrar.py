@@ -112,7 +112,7 @@ class CachedRegistration:
 
     __slots__ = (
         "aor", "backend", "backend_call_id", "backend_expires_at", "call_id", "client_expires",
-        "client_expires_at", "contacts", "cseq", "flow", "owner",
+        "client_expires_at", "contacts", "cseq", "flow", "owner", "persisted_expiry",
     )  # fmt: skip
 
     def __init__(
@@ -143,6 +143,8 @@ class CachedRegistration:
         # The signalling worker that stored it last, whose Path the backend holds: the one
         # that de-registers and recovers it (sbc/registration/shared.py).
         self.owner = owner
+        # The client expiry last written to the state store (sbc/state.py); 0: never.
+        self.persisted_expiry = 0.0
 
 
 class RegistrationStore(Protocol):
@@ -152,11 +154,13 @@ class RegistrationStore(Protocol):
 
     # The keys stored or dropped since the core took them (sbc/state.py); None: untracked.
     changed: set[tuple[str, str, Flow]] | None
+    # The keys whose client only refreshed (CSeq and expiry moved on) since then.
+    refreshed: set[tuple[str, str, Flow]]
 
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[CachedRegistration]: ...
     def get(self, aor: str, call_id: str, flow: Flow) -> CachedRegistration | None: ...
-    def store(self, reg: CachedRegistration) -> None: ...
+    def store(self, reg: CachedRegistration, *, refresh: bool = False) -> None: ...
     def drop(self, reg: CachedRegistration) -> None: ...
     def has_flow(self, flow: Flow) -> bool: ...
     def expired(self, now: float) -> list[CachedRegistration]: ...
@@ -195,8 +199,10 @@ class MemoryRegistrationStore:
         self._expiries: Deadlines[tuple[str, str, Flow]] = Deadlines()  # client expiries
         self._per_flow: Counter[Flow] = Counter()
         # The keys stored or dropped since the core last took them, when the state is kept
-        # outside the process too (sbc/state.py); None: not tracked.
+        # outside the process too (sbc/state.py); None: not tracked. ``refreshed``: those
+        # whose client only refreshed (the core writes those less often).
         self.changed: set[tuple[str, str, Flow]] | None = None
+        self.refreshed: set[tuple[str, str, Flow]] = set()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -211,14 +217,15 @@ class MemoryRegistrationStore:
         """Whether some registration still uses this flow."""
         return self._per_flow[flow] > 0
 
-    def store(self, reg: CachedRegistration) -> None:
+    def store(self, reg: CachedRegistration, *, refresh: bool = False) -> None:
+        """Keep ``reg``; ``refresh``: only its CSeq and client expiry moved on."""
         key = (reg.aor, reg.call_id, reg.flow)
         if key not in self._by_key:
             self._per_flow[reg.flow] += 1
         self._by_key[key] = reg
         self._expiries.set(key, reg.client_expires_at)
         if self.changed is not None:
-            self.changed.add(key)
+            (self.refreshed if refresh else self.changed).add(key)
 
     def drop(self, reg: CachedRegistration) -> None:
         key = (reg.aor, reg.call_id, reg.flow)

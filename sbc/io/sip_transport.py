@@ -349,7 +349,7 @@ class SipTransports:
             elif isinstance(action, Share):
                 if self.link is not None:
                     self.link.broadcast(("share", action.event))
-                if self.store is not None:
+                if self.store is not None and self.store.shares:
                     self.store.publish(shift_times(action.event, self.core.wall_offset))
             elif isinstance(action, Persist):
                 if self.store is not None:

@@ -6,8 +6,9 @@ What goes in and comes out is decided by the core (sbc/state.py); this adapter m
   Entries are coalesced by key and written in one pipeline per turn of the event loop;
 - ``publish``: the core's ``Share`` events (the same the signalling workers exchange), for
   the other SBC instances on the same store and prefix: one PUBLISH per turn on the channel
-  ``<prefix>events``, tagged with this instance (its own messages are ignored); the other
-  instances' arrive at ``on_events``;
+  ``<prefix>events``, tagged with this instance (its own messages are ignored), and only
+  while another instance is subscribed (PUBSUB NUMSUB, and each instance's hello when it
+  subscribes); the other instances' arrive at ``on_events``;
 - ``secret``: the key of the flow tokens and dialog tokens, made once and kept in the store
   (``<prefix>secret``), so that a Path a backend holds and a tag a phone holds stay good
   across a restart and between instances;
@@ -43,6 +44,7 @@ RETRY = 1.0  # seconds between two tries while it is down
 SCAN_COUNT = 1000
 MGET_BATCH = 500
 MAX_OUTBOX = 10_000  # events for the other instances kept while the store is down
+NUMSUB_EVERY = 5.0  # seconds between two counts of the channel's other subscribers
 
 Event = tuple[object, ...]
 
@@ -73,6 +75,12 @@ class StateStore:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False  # close() began: the writer and the subscriber stop
+        # Other instances on the channel (PUBSUB NUMSUB less this one's subscription, asked
+        # with the writes every NUMSUB_EVERY s; an instance's hello counts at once): events
+        # are published only while there are some.
+        self._others = 1
+        self._numsub_at = 0.0
+        self._subscribed = False
 
     # -- start -----------------------------------------------------------------------------
     async def open(self) -> bool:
@@ -135,8 +143,15 @@ class StateStore:
         self.health.pending = len(self._pending)
         self._wake.set()
 
+    @property
+    def shares(self) -> bool:
+        """Whether another instance listens (events for it are worth making)."""
+        return self._others > 0
+
     def publish(self, event: Event) -> None:
         """An event (times already in wall-clock seconds) for the other instances."""
+        if self._others <= 0:
+            return  # nobody else on the channel; a newcomer loads the entries
         if len(self._outbox) >= MAX_OUTBOX:
             del self._outbox[0]  # the store is down: the oldest goes (a resync follows)
             self.health.dropped += 1
@@ -171,16 +186,23 @@ class StateStore:
             return
         now_ms = int(time.time() * 1000)
         pipe = self._redis.pipeline(transaction=False)
+        count = time.monotonic() >= self._numsub_at
         for key, entry in batch.items():
             at_ms = int(entry.expires_at * 1000)
             if entry.value is None or at_ms <= now_ms:
                 pipe.delete(self.prefix + key)
             else:
                 pipe.set(self.prefix + key, entry.value, pxat=at_ms)
-        if events:
+        if events and self._others > 0:
             message = {"from": self.instance, "events": events}
             pipe.publish(self.channel, json.dumps(message, separators=(",", ":")))
-        await pipe.execute()
+        if count:
+            pipe.pubsub_numsub(self.channel)
+        results = await pipe.execute()
+        if count:
+            self._numsub_at = time.monotonic() + NUMSUB_EVERY
+            subscribers = sum(int(n) for _, n in results[-1])
+            self._others = max(0, subscribers - (1 if self._subscribed else 0))
         self.health.writes += len(batch)
         self.health.published += len(events)
 
@@ -213,11 +235,16 @@ class StateStore:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
+                self._subscribed = True
+                # Hello: the others publish from now on (they may have stopped, alone).
+                hello = {"from": self.instance, "events": []}
+                await self._redis.publish(self.channel, json.dumps(hello))
                 async for message in pubsub.listen():
                     self._received(message.get("data"))
             except (RedisError, OSError):
                 pass  # the writer counts and logs the store's being down
             finally:
+                self._subscribed = False
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
             await asyncio.sleep(RETRY)
@@ -231,6 +258,9 @@ class StateStore:
         except (TypeError, ValueError, KeyError, AttributeError):
             self.health.malformed += 1
             return
+        self._others = max(self._others, 1)  # another instance is there
+        if not events:
+            return  # a hello
         self.health.received += len(events)
         self.on_events(events)
 

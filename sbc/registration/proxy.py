@@ -461,7 +461,7 @@ class RegistrationProxy:
         reg.cseq = req.cseq.seq if req.cseq is not None else reg.cseq
         reg.client_expires = granted
         reg.client_expires_at = now + granted
-        self.registrations.store(reg)
+        self.registrations.store(reg, refresh=True)
         if self.sharing:
             self.shared.append(refreshed_event(reg))
         self.stats["register_offloaded"] += 1
@@ -511,7 +511,7 @@ class RegistrationProxy:
         reg.cseq = cut.cseq
         reg.client_expires = template.granted
         reg.client_expires_at = now + template.granted
-        self.registrations.store(reg)
+        self.registrations.store(reg, refresh=True)
         if self.sharing:
             self.shared.append(refreshed_event(reg))
         self.stats["register_offloaded"] += 1
