@@ -95,6 +95,7 @@ class Persist:
     key: str
     value: bytes | None
     expires_at: float
+    fresh: bool = False  # never written before (its deletion may simply cancel it)
 
 
 Action = SendData | Close | ToMediaWorker | CallRecord | Drained | Share | HandOver | Persist

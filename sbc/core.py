@@ -351,10 +351,11 @@ class SbcCore(Pipeline):
                 return Persist(key, None, 0.0)
             return None
         value = persist.call_value(call, media_seam.export(call_id), self.wall_offset)
+        fresh = call_id not in self._kept_calls
         self._kept_calls.add(call_id)
         limit = self.settings.calls.max_duration or state.CALL_LIFETIME
         answered = call.answered if call.answered is not None else call.started
-        return state.call(call_id, value, answered + limit + 60.0, self.wall_offset)
+        return state.call(call_id, value, answered + limit + 60.0, self.wall_offset, fresh=fresh)
 
     @with_effects
     def restore_call(self, value: dict[str, object], now: float) -> list[Action]:

@@ -156,12 +156,15 @@ def call_key(call_id: str) -> str:
     return f"{CALL}{call_id}"
 
 
-def call(call_id: str, value: dict[str, object], until: float, wall_offset: float) -> Persist:
+def call(
+    call_id: str, value: dict[str, object], until: float, wall_offset: float, *, fresh: bool
+) -> Persist:
     """The entry of an established call (sbc/calls/persist.py: its times are wall-clock
     ones already): ``("call", VERSION, values)``, kept by this instance alone (a call is
-    not shared with other instances: its flows and media are this one's)."""
+    not shared with other instances: its flows and media are this one's). ``fresh``: its
+    first (a call that ends before it is written is not written at all)."""
     data = encode([(CALL_EVENT, VERSION, value)], 0.0)
-    return Persist(call_key(call_id), data, until + wall_offset)
+    return Persist(call_key(call_id), data, until + wall_offset, fresh)
 
 
 def ban(source: str, until: float, reason: str, wall_offset: float) -> Persist:

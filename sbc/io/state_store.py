@@ -139,7 +139,13 @@ class StateStore:
 
     # -- changes -----------------------------------------------------------------------------
     def persist(self, entry: Persist) -> None:
-        self._pending[entry.key] = entry
+        pending = self._pending.get(entry.key)
+        if entry.value is None and pending is not None and pending.fresh:
+            del self._pending[entry.key]  # written never, deleted now: nothing to send
+        elif pending is not None and pending.fresh:
+            self._pending[entry.key] = Persist(entry.key, entry.value, entry.expires_at, True)
+        else:
+            self._pending[entry.key] = entry
         self.health.pending = len(self._pending)
         self._wake.set()
 
