@@ -50,6 +50,8 @@ from sbc.registration.shared import (
 )
 from sbc.sip.flow import Flow, format_address
 
+# Plain values only (no cycles to look for): the encoder skips that check.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 REG: Final = "reg:"
 AOR: Final = "aor:"
 BAN: Final = "ban:"
@@ -84,7 +86,7 @@ def ban_key(source: str) -> str:
 def encode(events: Iterable[Event], wall_offset: float) -> bytes:
     """The stored value of ``events`` (times on the monotonic clock of ``wall_offset``)."""
     wall = [shift_times(e, wall_offset) for e in events]
-    return json.dumps({"v": VERSION, "events": wall}, separators=(",", ":")).encode()
+    return _ENCODER.encode({"v": VERSION, "events": wall}).encode()
 
 
 def decode(data: bytes, wall_offset: float) -> list[Event]:
