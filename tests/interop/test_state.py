@@ -18,6 +18,9 @@ real ``sbc run`` killed -9 (a crash: nothing written on the way out):
 - SIGTERM while a write to Redis is under way stops the SBC as without [state];
 - two SBCs on one Redis: one learns the other's binding live, and takes over its phone's
   calls when the other is killed;
+- a call through an SBC killed -9 mid-call: the restarted SBC relays its RTP again within
+  2 s (the same ports, the same keys), and either phone's hang-up ends it through the
+  restored dialogs;
 - a bad ``[state] url`` is refused before anything starts;
 - an SBC whose Redis is not there yet starts degraded, and once Redis comes it says so,
   writes what it served, and keeps the secret of the flow tokens it handed out there.
@@ -45,6 +48,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 from redis.exceptions import RedisError
+
+from sbc.io.media_worker import TOTALS_INTERVAL
 
 from . import sipwire
 from .conftest import (
@@ -574,6 +579,80 @@ def test_a_second_sbc_takes_over_the_calls_of_a_killed_one(
     # test (baresip's quit, through A) gets its answer.
     sbc_a.restart()
     assert loaded_line(sbc_a).startswith("state loaded: 0 registrations, 2 AORs with bindings")
+
+
+# -- a crash mid-call -----------------------------------------------------------------------------
+def media_packets(sbc: SbcProcess) -> tuple[int, int]:
+    """The running process's media workers' packets in and out (/status)."""
+    media = status(sbc)["media"]
+    assert isinstance(media, dict), media
+    return int(media["packets_in"]), int(media["packets_out"])
+
+
+@pytest.mark.parametrize("hangs_up", ["caller", "callee"])
+def test_a_call_goes_on_through_a_crash_of_the_sbc(
+    hangs_up: str,
+    redis: RedisServer,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    """alice calls bob through the SBC (its media on the built-in relay); the SBC is killed
+    -9 mid-call and started again on the same config: it loads the call (both dialogs, the
+    media session), its media worker binds the same ports with the same keys, and within
+    2 s of being ready it relays the phones' RTP both ways again; after a few more seconds
+    one of them hangs up, and the BYE reaches the other through the restored call."""
+    sbc = sbc_factory(extra=state_config(redis))
+    alice = phones("alice", hz=ALICE_HZ)
+    bob = phones("bob", hz=BOB_HZ)
+    register(bob, sbc, answer=True)
+    register(alice, sbc, answer=False)
+    alice.command("dial", f"sip:bob@{DOMAIN}")
+    alice.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    bob.wait_event("CALL_ESTABLISHED", timeout=CALL_TIMEOUT)
+    time.sleep(2.0)
+    client = Redis.from_url(redis.url)
+    try:
+        assert [k for k in client.scan_iter(f"{PREFIX}call:*")], "the call was not written"
+    finally:
+        client.close()
+
+    sbc.restart()
+    assert ", 1 calls" in loaded_line(sbc), loaded_line(sbc)
+    # Media again within 2 s: the new media worker reports its counters when it starts (just
+    # before the SBC is ready) and then every TOTALS_INTERVAL (2 s). Its first report with
+    # packets is the one of about 2 s after it started; the phones send about 50 packets a
+    # second each, so 50 or more in and out by then means the relay took both phones' RTP
+    # and sent it on from 1.5 s after the start at the latest.
+    wait_for(
+        "RTP counted by the restarted SBC's relay",
+        lambda: media_packets(sbc)[0] > 0,
+        TOTALS_INTERVAL + 2.0,
+        lambda: f"{media_packets(sbc)}\n{sbc.log()}",
+    )
+    first_in, first_out = media_packets(sbc)
+    print(f"the restarted relay's first report: {first_in} packets in, {first_out} out")
+    assert first_in >= 50 and first_out >= 50, (first_in, first_out)
+    time.sleep(3.0)
+    packets_in, packets_out = media_packets(sbc)
+    assert packets_in >= 250 and packets_out >= 250, (packets_in, packets_out)
+    first, second = (alice, bob) if hangs_up == "caller" else (bob, alice)
+    first.command("hangup")
+    first.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    second.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT)
+    assert_heard(sox, alice, BOB_HZ)
+    assert_heard(sox, bob, ALICE_HZ)
+    # The call's entry is gone with the call.
+    client = Redis.from_url(redis.url)
+    try:
+        wait_for(
+            "the call's entry deleted",
+            lambda: not list(client.scan_iter(f"{PREFIX}call:*")),
+            2.0,
+            sbc.log,
+        )
+    finally:
+        client.close()
 
 
 # -- a bad url ----------------------------------------------------------------------------------
