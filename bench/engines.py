@@ -87,9 +87,7 @@ from calls import (
 from harness import BenchError, Sbc, SbcCpu, environment, free_port, print_sbc_logs
 from media import MAX_OTHER, QUIET_WAIT, Load, Relay, Rtpengine, quiet_machine
 from media import BenchError as MediaBenchError
-from report import ROOT, choose_cpus, machine_busy_seconds, publish
-
-from sbc._compiled import status as compiled_status
+from report import ROOT, choose_cpus, compiled_line, machine_busy_seconds, publish
 
 # The setups: the built-in relay; rtpengine on the SBC's CPU (one core for the SBC and its
 # media engine, as builtin); rtpengine on the other CPU, with the SIPps (the SBC's core for
@@ -458,12 +456,7 @@ class Bench:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def env(self) -> dict[str, str]:
-        st = compiled_status()
-        compiled = (
-            f"{len(st['compiled'])} modules compiled by mypyc"
-            if st["compiled"] and st["reason"] is None
-            else f"pure Python: {st['reason']}"
-        )
+        compiled = compiled_line()
         return environment(self.pinning) | {
             "rtpengine": self.rtpengine_version,
             "compiled": compiled,
@@ -819,9 +812,9 @@ def interpretation(results: dict[str, EngineResult], args: argparse.Namespace) -
 # ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+def add_call_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the call ladder (bench/calls.py's), shared by the benches that
+    compare SBC setups with it (this one, bench/state.py)."""
     ap.add_argument(
         "--rates",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -838,6 +831,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cpu-rate", type=int, help="calls/s of the fixed-rate run (200; quick 100)")
     ap.add_argument("--cpu-seconds", type=float, help="its length, s (20; quick 3)")
+
+
+def call_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The ladder's defaults (``--quick`` or full) for the options left unset; checked."""
+    q = args.quick
+    args.rates = sorted(set(args.rates or (QUICK_LADDER if q else LADDER)))
+    args.step_seconds = args.step_seconds or (1.0 if q else 2.0)
+    args.min_calls = args.min_calls or (100 if q else 300)
+    args.refine = args.refine if args.refine is not None else (0 if q else 2)
+    args.long_seconds = args.long_seconds or (6.0 if q else 30.0)
+    args.long_tries = args.long_tries or (1 if q else 3)
+    args.cpu_rate = args.cpu_rate or (100 if q else 200)
+    args.cpu_seconds = args.cpu_seconds or (3.0 if q else 20.0)
+    if min(*args.rates, args.min_calls, args.long_tries, args.cpu_rate) < 1:
+        ap.error("rates, --min-calls, --long-tries and --cpu-rate must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    add_call_options(ap)
     ap.add_argument("--rtpengine-threads", type=int, default=1, help="num-threads (1)")
     ap.add_argument(
         "--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)} (all)"
@@ -852,20 +866,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, help="rewrite the bench/engines.py section of FILE")
     args = ap.parse_args(argv)
-    q = args.quick
-    args.rates = sorted(set(args.rates or (QUICK_LADDER if q else LADDER)))
-    args.step_seconds = args.step_seconds or (1.0 if q else 2.0)
-    args.min_calls = args.min_calls or (100 if q else 300)
-    args.refine = args.refine if args.refine is not None else (0 if q else 2)
-    args.long_seconds = args.long_seconds or (6.0 if q else 30.0)
-    args.long_tries = args.long_tries or (1 if q else 3)
-    args.cpu_rate = args.cpu_rate or (100 if q else 200)
-    args.cpu_seconds = args.cpu_seconds or (3.0 if q else 20.0)
+    call_defaults(ap, args)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not set(args.engines) <= set(ENGINES):
         ap.error(f"--engines: {', '.join(ENGINES)}")
-    if min(*args.rates, args.min_calls, args.long_tries, args.cpu_rate) < 1:
-        ap.error("rates, --min-calls, --long-tries and --cpu-rate must be >= 1")
     if args.rtpengine_threads < 1:
         ap.error("--rtpengine-threads must be >= 1")
 

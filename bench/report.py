@@ -98,6 +98,16 @@ def dist_version(name: str) -> str:
         return "not installed"
 
 
+def compiled_line() -> str:
+    """How the SBC under test runs: the modules mypyc compiled, or why pure Python."""
+    from sbc._compiled import status
+
+    st = status()
+    if st["compiled"] and st["reason"] is None:
+        return f"{len(st['compiled'])} modules compiled by mypyc"
+    return f"pure Python: {st['reason']}"
+
+
 def tool_version(cmd: list[str], pattern: str) -> str:
     """A program's version: ``pattern``'s first group in what ``cmd`` prints, or "?"."""
     try:

@@ -92,7 +92,6 @@ import calls
 import redis
 import register
 from calls import (
-    LADDER,
     MEDIA_PORTS,
     RECV_TIMEOUT_MS,
     Caller,
@@ -105,7 +104,7 @@ from calls import (
     register_bob,
     settle,
 )
-from engines import LINGER, MeteredCaller, Usage, _kind
+from engines import LINGER, MeteredCaller, Usage, _kind, add_call_options, call_defaults
 from harness import (
     DOMAIN,
     HOST,
@@ -119,12 +118,16 @@ from harness import (
     print_sbc_logs,
     wait_ready,
 )
-from report import choose_cpus, dist_version, machine_busy_seconds, publish, stop_process
-
-from sbc._compiled import status as compiled_status
+from report import (
+    choose_cpus,
+    compiled_line,
+    dist_version,
+    machine_busy_seconds,
+    publish,
+    stop_process,
+)
 
 SETUPS = ("memory", "redis")
-QUICK_LADDER = (200, 700)
 TARGET = 0.85  # the store may cost at most 15 % of a rate
 STORE_SETTLE = 3.0  # seconds Redis's counts may take to stop moving after a SIPp run
 OWN_COMMANDS = ("info",)  # what this script sends to Redis inside a measured window
@@ -734,12 +737,7 @@ class Bench:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def env(self) -> dict[str, str]:
-        st = compiled_status()
-        compiled = (
-            f"{len(st['compiled'])} modules compiled by mypyc"
-            if st["compiled"] and st["reason"] is None
-            else f"pure Python: {st['reason']}"
-        )
+        compiled = compiled_line()
         return environment(self.pinning) | {
             "redis": self.store.version,
             "redis_py": dist_version("redis"),
@@ -1185,22 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=100, help="SIPp -l for REGISTERs (100)")
     ap.add_argument("--sipp-timeout", type=int, help="bound on a registration SIPp run, s")
     # Calls (bench/calls.py's and bench/engines.py's options)
-    ap.add_argument(
-        "--rates",
-        type=lambda s: [int(x) for x in s.split(",")],
-        help="comma-separated calls/s of the short runs (bench/calls.py's ladder; quick: "
-        f"{','.join(map(str, QUICK_LADDER))})",
-    )
-    ap.add_argument("--step-seconds", type=float, help="short run length, s (2; quick 1)")
-    ap.add_argument("--min-calls", type=int, help="fewest calls in a short run (300; quick 100)")
-    ap.add_argument("--refine", type=int, help="bisection steps after a failure (2; quick 0)")
-    ap.add_argument("--long-seconds", type=float, help="long run length, s (30; quick 6)")
-    ap.add_argument("--long-tries", type=int, help="long runs at most (3; quick 1)")
-    ap.add_argument(
-        "--long-backoff", type=float, default=0.75, help="rate factor after a failed long run"
-    )
-    ap.add_argument("--cpu-rate", type=int, help="calls/s of the fixed-rate run (200; quick 100)")
-    ap.add_argument("--cpu-seconds", type=float, help="its length, s (20; quick 3)")
+    add_call_options(ap)
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--out", type=Path, help="rewrite the bench/state.py section of FILE")
@@ -1214,18 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if q else 3)
     if args.sipp_timeout is None:
         args.sipp_timeout = max(30, args.users * args.refreshes // 500)
-    args.rates = sorted(set(args.rates or (QUICK_LADDER if q else LADDER)))
-    args.step_seconds = args.step_seconds or (1.0 if q else 2.0)
-    args.min_calls = args.min_calls or (100 if q else 300)
-    args.refine = args.refine if args.refine is not None else (0 if q else 2)
-    args.long_seconds = args.long_seconds or (6.0 if q else 30.0)
-    args.long_tries = args.long_tries or (1 if q else 3)
-    args.cpu_rate = args.cpu_rate or (100 if q else 200)
-    args.cpu_seconds = args.cpu_seconds or (3.0 if q else 20.0)
+    call_defaults(ap, args)
     if min(args.users, args.refreshes, args.rounds, args.rate, args.limit) < 1:
         ap.error("--users, --refreshes, --rounds, --reg-rate and --limit must be >= 1")
-    if min(*args.rates, args.min_calls, args.long_tries, args.cpu_rate) < 1:
-        ap.error("rates, --min-calls, --long-tries and --cpu-rate must be >= 1")
 
     t0 = time.monotonic()
     try:

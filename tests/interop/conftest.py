@@ -42,6 +42,22 @@ STOP_TIMEOUT = 5.0
 _READY = re.compile(r"\bready\b")
 
 
+def wait_until(
+    what: str,
+    check: Callable[[], object],
+    timeout: float = 5.0,
+    explain: Callable[[], str] = lambda: "",
+) -> float:
+    """Poll ``check`` every 50 ms until it holds; how long it took. Fails the test after
+    ``timeout`` seconds, with ``explain()``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s\n{explain()}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
 def require(binary: str) -> str:
     """Path of a peer program; skip without it, or fail under CI (``CI=true``)."""
     path = shutil.which(binary)

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import pytest
 
 from . import media_check as mc
-from .conftest import Certs, SbcFactory, SbcProcess, require
+from .conftest import Certs, SbcFactory, SbcProcess, require, wait_until
 from .phones import (  # noqa: F401 - captures, linphones, phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -167,14 +167,6 @@ def rtp_decrypt_errors(phone: MediaPhone) -> list[str]:
     return re.findall(r"srtp: failed to decrypt RTP packet.*", phone.log())
 
 
-def wait_until(what: str, check: Callable[[], bool], explain: Callable[[], str]) -> None:
-    deadline = time.monotonic() + CALL_TIMEOUT
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {CALL_TIMEOUT} s: {what}\n{explain()}")
-        time.sleep(0.05)
-
-
 @dataclass
 class BaresipCaller:
     phone: MediaPhone
@@ -206,14 +198,14 @@ class BaresipCaller:
 
     def wait_held(self) -> None:
         answered = lambda: self._answered(2, "recvonly")  # noqa: E731
-        wait_until("the answer to the hold", answered, self.phone.explain)
+        wait_until("the answer to the hold", answered, CALL_TIMEOUT, self.phone.explain)
 
     def resume(self) -> None:
         self.phone.command("resume")
 
     def wait_resumed(self) -> None:
         answered = lambda: self._answered(3, "sendrecv")  # noqa: E731
-        wait_until("the answer to the resume", answered, self.phone.explain)
+        wait_until("the answer to the resume", answered, CALL_TIMEOUT, self.phone.explain)
 
     def hangup(self) -> None:
         self.phone.command("hangup")

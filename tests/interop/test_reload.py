@@ -25,6 +25,7 @@ from .conftest import (
     _stop,
     require,
     sbc_command,
+    wait_until,
 )
 from .test_calls import Lab, labels, passed, received
 
@@ -56,14 +57,6 @@ def sbc_reload(config: Path, sbc: SbcProcess) -> subprocess.CompletedProcess[str
     )  # fmt: skip
 
 
-def wait_for(what: str, check: object, timeout: float = 5.0) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_reload_adds_a_backend_refuses_a_broken_config_and_keeps_the_call(
     sbc_factory: SbcFactory, kamailio_registrars: RegistrarFactory, tmp_path: Path
 ) -> None:
@@ -85,7 +78,7 @@ def _reloads(lab: Lab, first: Registrar, second: Registrar, tmp_path: Path) -> N
     # A call that lasts through both reloads: alice hangs up after 6 s.
     bob = lab.callee("call_basic_uas.xml", "bob")
     alice = lab.start("alice", "call_long_uac.xml", service="bob", extra=("-d", "6000"))
-    wait_for("the call to be up", lambda: status(sbc)["calls"]["active"] == 2)  # type: ignore[index]
+    wait_until("the call to be up", lambda: status(sbc)["calls"]["active"] == 2)  # type: ignore[index]
     original = sbc.config.read_text()
 
     # 1. A broken config: `sbc reload` names the key and does not signal the SBC at all...
@@ -98,7 +91,7 @@ def _reloads(lab: Lab, first: Registrar, second: Registrar, tmp_path: Path) -> N
     # ...and the SBC itself refuses it when it is signalled directly: the old config stays.
     sbc.config.write_text(broken.read_text())
     sbc.proc.send_signal(signal.SIGHUP)
-    wait_for("the refused reload", lambda: reload_state(sbc)["generation"] == 1)
+    wait_until("the refused reload", lambda: reload_state(sbc)["generation"] == 1)
     state = reload_state(sbc)
     assert state["ok"] is False and "calls.max_cals: unknown key" in str(state["error"]), state
     assert "reload refused, the running config stays" in sbc.log()
@@ -127,7 +120,7 @@ def _reloads(lab: Lab, first: Registrar, second: Registrar, tmp_path: Path) -> N
     assert [b["name"] for b in backends] == [first.uri, second.uri], backends  # type: ignore[union-attr, index]
     # The added backend takes the new work: a registration goes there, not to the first.
     assert lab.register("carol", lab.free_port()).status == 200
-    wait_for("carol at the second backend", lambda: "carol" in second.aors())
+    wait_until("carol at the second backend", lambda: "carol" in second.aors())
     assert "carol" not in first.aors() and "bob" in first.aors()
 
     # The call survived both reloads: alice hangs up and both sides saw a clean call.
@@ -155,10 +148,10 @@ def test_sigterm_drains_then_ends_the_call_and_exits(
     try:
         bob = lab.callee("call_basic_uas.xml", "bob")
         alice = lab.caller("call_idle_uac.xml", "bob", "alice")
-        wait_for("the call to be up", lambda: status(sbc)["calls"]["active"] == 2)  # type: ignore[index]
+        wait_until("the call to be up", lambda: status(sbc)["calls"]["active"] == 2)  # type: ignore[index]
         sigterm = time.time()
         sbc.proc.send_signal(signal.SIGTERM)
-        wait_for("the drain", lambda: "draining: no new calls" in sbc.log())
+        wait_until("the drain", lambda: "draining: no new calls" in sbc.log())
         # A new call is refused (503 with Retry-After) while the first goes on.
         carol = lab.start("carol", "call_refused_uac.xml", service="bob")
         (c_msgs,) = passed(carol)

@@ -48,6 +48,7 @@ from .conftest import (
     SbcProcess,
     require,
     sbc_command,
+    wait_until,
 )
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
@@ -393,18 +394,6 @@ def nodes_status(sbc: SbcProcess) -> dict[str, dict[str, Any]]:
     nodes = status(sbc).get("rtpengine")
     assert isinstance(nodes, list), status(sbc)
     return {str(n["url"]): n for n in nodes}
-
-
-def wait_until(
-    what: str, check: Callable[[], bool], timeout: float, explain: Callable[[], str]
-) -> float:
-    """Poll ``check`` until it holds; how long it took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout} s\n{explain()}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def sbc_status_text(sbc: SbcProcess) -> str:

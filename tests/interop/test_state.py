@@ -55,6 +55,7 @@ from . import sipwire
 from .conftest import (
     TCP,
     PortPool,
+    Registrar,
     RegistrarFactory,
     SbcFactory,
     SbcProcess,
@@ -63,6 +64,7 @@ from .conftest import (
     register_udp,
     require,
     sbc_command,
+    wait_until,
     write_users_csv,
 )
 from .phones import (  # noqa: F401 - phones and sox are fixtures
@@ -205,16 +207,6 @@ def state_config(server: RedisServer, prefix: str = PREFIX) -> str:
 
 
 # -- the SBC's side ------------------------------------------------------------------------------
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float, explain: Callable[[], str]
-) -> float:
-    """Poll ``check`` until it holds; how long it took. Fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout} s\n{explain()}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def readyz(sbc: SbcProcess) -> tuple[int, str]:
@@ -232,7 +224,7 @@ def local_registrations(sbc: SbcProcess) -> int:
 
 
 def wait_for_local(sbc: SbcProcess, count: int, timeout: float) -> None:
-    wait_for(
+    wait_until(
         f"{count} local registrations",
         lambda: local_registrations(sbc) == count,
         timeout,
@@ -292,7 +284,7 @@ def test_phones_registered_before_a_crash_are_called_after_it(
     register(alice, sbc, answer=True)
     register(bob, sbc, answer=False)
     wanted = [f"aor:sip:{name}@{DOMAIN}" for name in ("alice", "bob")]
-    wait_for(
+    wait_until(
         "both bindings in Redis",
         lambda: redis.keys("aor:") == wanted,
         3.0,
@@ -340,7 +332,7 @@ def test_a_thousand_registrations_survive_a_crash(
     )
     result.assert_all_passed(len(THOUSAND))
     wanted = sorted(f"aor:sip:{user}@{DOMAIN}" for user in THOUSAND)
-    wait_for(
+    wait_until(
         "1,000 aor: keys in Redis",
         lambda: redis.keys("aor:") == wanted,
         5.0,
@@ -442,7 +434,7 @@ def test_a_relayed_registration_survives_a_crash(
         assert first.status == 200, first
         assert registrar.stat("core:rcv_requests_register") == before + 1
         assert "carol" in registrar.aors()
-        wait_for(
+        wait_until(
             "carol's record in Redis",
             lambda: len(redis.keys("reg:")) == 1,
             3.0,
@@ -466,23 +458,35 @@ def test_a_relayed_registration_survives_a_crash(
         assert registrar.stat("core:rcv_requests_register") == before + 1  # not relayed
 
         # Kamailio -> SBC (the Path's flow token) -> carol's socket.
-        message = sipwire.request(
-            target=f"carol@{DOMAIN}",
-            transport="udp",
-            local=sender.getsockname()[:2],
-            method="MESSAGE",
-            extra=(("Content-Type", "text/plain"),),
-            body=b"still there?",
-        )
-        sender.sendto(message, (registrar.host, registrar.port))
-        carol.settimeout(3.0)
-        try:
-            data, source = carol.recvfrom(65535)
-        except TimeoutError:
-            pytest.fail(f"the MESSAGE did not reach carol\n{sbc.log()[-4000:]}")
+        data, source = message_through_path(registrar, sender, carol, sbc.log)
         assert source == (HOST, sbc.udp4), source
-        assert data.startswith(b"MESSAGE sip:carol@"), data[:100]
         assert data.endswith(b"still there?"), data[-100:]
+
+
+def message_through_path(
+    registrar: Registrar,
+    sender: socket.socket,
+    carol: socket.socket,
+    explain: Callable[[], str],
+) -> tuple[bytes, tuple[str, int]]:
+    """A MESSAGE for carol sent to Kamailio, which sends it along the Path it holds (the
+    SBC's flow token): what carol's socket gets, and from where."""
+    message = sipwire.request(
+        target=f"carol@{DOMAIN}",
+        transport="udp",
+        local=sender.getsockname()[:2],
+        method="MESSAGE",
+        extra=(("Content-Type", "text/plain"),),
+        body=b"still there?",
+    )
+    sender.sendto(message, (registrar.host, registrar.port))
+    carol.settimeout(3.0)
+    try:
+        data, source = carol.recvfrom(65535)
+    except TimeoutError:
+        pytest.fail(f"the MESSAGE along Kamailio's Path did not reach carol\n{explain()}")
+    assert data.startswith(b"MESSAGE sip:carol@"), data[:100]
+    return data, source
 
 
 # -- Redis killed under load ---------------------------------------------------------------------
@@ -509,7 +513,7 @@ def test_redis_killed_and_back_empty_under_a_register_load(
         )
         time.sleep(3.0)
         redis.kill()
-        took = wait_for(
+        took = wait_until(
             "/readyz degraded",
             lambda: readyz(sbc)[1].startswith("degraded"),
             3.0,
@@ -532,7 +536,7 @@ def test_redis_killed_and_back_empty_under_a_register_load(
     assert result.count("Retransmissions(C)") <= 10, result.explain()
     assert local_registrations(sbc) > registered_while_down
     wanted = sorted(f"aor:sip:{user}@{DOMAIN}" for user in THOUSAND)
-    wait_for(
+    wait_until(
         "1,000 aor: keys in Redis",
         lambda: redis.keys("aor:") == wanted,
         5.0,
@@ -624,7 +628,7 @@ def test_a_call_goes_on_through_a_crash_of_the_sbc(
     # packets is the one of about 2 s after it started; the phones send about 50 packets a
     # second each, so 50 or more in and out by then means the relay took both phones' RTP
     # and sent it on from 1.5 s after the start at the latest.
-    wait_for(
+    wait_until(
         "RTP counted by the restarted SBC's relay",
         lambda: media_packets(sbc)[0] > 0,
         TOTALS_INTERVAL + 2.0,
@@ -645,7 +649,7 @@ def test_a_call_goes_on_through_a_crash_of_the_sbc(
     # The call's entry is gone with the call.
     client = Redis.from_url(redis.url)
     try:
-        wait_for(
+        wait_until(
             "the call's entry deleted",
             lambda: not list(client.scan_iter(f"{PREFIX}call:*")),
             2.0,
@@ -711,14 +715,14 @@ def test_the_sbc_starts_without_redis_and_writes_once_it_comes(
     assert register_udp(HOST, sbc.udp4, "dora").status == 200
     assert local_registrations(sbc) == 1
     redis_idle.start()
-    took = wait_for(
+    took = wait_until(
         "dora's binding in Redis",
         lambda: redis_idle.keys("aor:") == [f"aor:sip:dora@{DOMAIN}"],
         5.0,
         lambda: f"{redis_idle.keys('')}\n{state_status(sbc)}\n{sbc.log()[-3000:]}",
     )
     print(f"written {took:.2f} s after redis-server started")
-    wait_for(
+    wait_until(
         "/readyz ready", lambda: readyz(sbc)[1].startswith("ready"), 3.0, lambda: str(readyz(sbc))
     )
     assert metric(sbc, "sbc_state_up") == 1
@@ -734,7 +738,7 @@ def test_an_sbc_started_without_redis_sees_it_come_without_a_change(
     sbc = sbc_factory(extra=state_config(redis_idle))
     assert readyz(sbc)[1].startswith("degraded"), readyz(sbc)
     redis_idle.start()
-    wait_for(
+    wait_until(
         "/readyz ready once Redis answers",
         lambda: readyz(sbc)[1].startswith("ready"),
         4.0,
@@ -757,7 +761,7 @@ def test_the_token_secret_reaches_a_redis_that_comes_late(
         call_id = f"{secrets.token_hex(8)}@carol"
         assert register_from(carol, sbc, "carol", call_id, 1).status == 200
         redis_idle.start()
-        wait_for(
+        wait_until(
             "carol's record in Redis",
             lambda: len(redis_idle.keys("reg:")) == 1,
             5.0,
@@ -765,24 +769,10 @@ def test_the_token_secret_reaches_a_redis_that_comes_late(
         )
         sbc.restart()
         assert loaded_line(sbc).startswith("state loaded: 1 registrations")
-        message = sipwire.request(
-            target=f"carol@{DOMAIN}",
-            transport="udp",
-            local=sender.getsockname()[:2],
-            method="MESSAGE",
-            extra=(("Content-Type", "text/plain"),),
-            body=b"still there?",
-        )
-        sender.sendto(message, (registrar.host, registrar.port))
-        carol.settimeout(3.0)
-        try:
-            data = carol.recv(65535)
-        except TimeoutError:
-            pytest.fail(
-                "the MESSAGE along Kamailio's Path did not reach carol after the restart; "
-                f"the secret in Redis: {redis_idle.get('secret')!r}\n{sbc.log()[-3000:]}"
-            )
-        assert data.startswith(b"MESSAGE sip:carol@"), data[:100]
+        message_through_path(
+            registrar, sender, carol,
+            lambda: f"the secret in Redis: {redis_idle.get('secret')!r}\n{sbc.log()[-3000:]}",
+        )  # fmt: skip
 
 
 # -- a stop while writing ------------------------------------------------------------------------

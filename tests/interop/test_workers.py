@@ -27,7 +27,6 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ from .conftest import (
     SippRunner,
     backends_config,
     sbc_command,
+    wait_until,
     write_users_csv,
 )
 from .phones import (  # noqa: F401 - phones and sox are fixtures
@@ -85,16 +85,6 @@ def registrations_per_worker(sbc: SbcProcess) -> list[int]:
     workers = status(sbc)["workers"]
     assert isinstance(workers, list)
     return [int(w["registrations"]) for w in workers]
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float, explain: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s\n{explain()}")
-        time.sleep(0.05)
 
 
 def worker_pids(sbc: SbcProcess) -> list[int]:
@@ -308,7 +298,7 @@ def test_users_over_udp_tcp_tls_on_both_workers_call_each_other(
             user.register()
             # Every worker knows every binding (shared): the count grows in both.
             expected = [known[0] + 1] * WORKERS
-            wait_for(
+            wait_until(
                 "the binding in both workers",
                 lambda expected=expected: registrations_per_worker(sbc) == expected,  # type: ignore[misc]
                 2.0,
@@ -360,7 +350,7 @@ def test_baresip_tls_srtp_call_across_workers(
             grew = [b - a for a, b in zip(before, after, strict=True)]
             return per_worker(sbc, "sbc_worker_up") == [1.0] * WORKERS and max(grew) >= 1
 
-        wait_for(f"{name}'s REGISTER counted", counted, 5.0, lambda: str(scrape(sbc)))
+        wait_until(f"{name}'s REGISTER counted", counted, 5.0, lambda: str(scrape(sbc)))
         print(f"{name}: REGISTERs per worker grew {grew}")
         return phone, grew.index(max(grew))
 
@@ -399,7 +389,7 @@ def test_kill_one_worker(lab_factory: LabFactory) -> None:  # noqa: F811 - a fix
         "alice", UAC, service="bob", calls=held, transport="un",
         extra=("-d", "6000", "-r", "50", *MANY_PORTS),
     )  # fmt: skip
-    wait_for(
+    wait_until(
         "every call up",
         lambda: scrape(sbc).get(("sbc_calls_active", ()), 0) == 2 * held,
         10.0,
@@ -410,7 +400,7 @@ def test_kill_one_worker(lab_factory: LabFactory) -> None:  # noqa: F811 - a fix
     pids = worker_pids(sbc)
     os.kill(pids[victim], signal.SIGKILL)
     killed = time.monotonic()
-    wait_for(
+    wait_until(
         f"worker {victim} restarted",
         lambda: (
             worker_pids(sbc)[victim] != pids[victim]
