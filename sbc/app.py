@@ -597,6 +597,10 @@ async def serve(
         for url in config.access.listen:
             address = await transports.listen(url, access_tls, shared=shared, websocket=websocket)
             core.add_listener(ACCESS, url.transport, address)
+            if store is not None:
+                store.listens.append((url.transport, *address))
+        if store is not None:
+            core.peer_at = store.peer_at
         for url in config.core.listen:
             url = role.core_url(url) if role else url
             core.add_listener(CORE, url.transport, await transports.listen(url, core_tls))

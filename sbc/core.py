@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sbc import __version__, state
@@ -159,6 +159,9 @@ class SbcCore(Pipeline):
         self.persisting = persist
         self.wall_offset = wall_offset
         self.state_health: StateHealth | None = None  # the store's, set by the I/O layer
+        # The UDP access address of a live SBC instance that listens at an address (the
+        # store's heartbeats, set by the I/O layer); None: no other instance known.
+        self.peer_at: Callable[[Address], Address | None] | None = None
         self.guard = Guard(settings.security, sharing=self.sharing)
         # Transaction users of client transactions: the B2BUA (calls), the registration
         # proxy and the backends' health probes; each says which transactions it owns.
@@ -397,13 +400,23 @@ class SbcCore(Pipeline):
         ]
         return out
 
-    def _own_flow(self, flow: Flow) -> Flow:
-        """A client's UDP flow through another instance's socket (a binding found in the
-        shared store) is reached from this SBC's own access socket of its family."""
-        if flow.transport != "udp" or flow.local in self._local_addresses:
-            return flow
+    def _own_flow(self, flow: Flow) -> tuple[Flow, bool]:
+        """How to reach a client whose flow is another instance's (a binding found in the
+        shared store): through that instance while it lives (``peer_at``: its UDP access
+        address; the request goes there as to a proxy, which sends it down the flow, as
+        between workers), else, over UDP, from this SBC's own access socket of the family.
+        True: forwarded to the other instance."""
+        if flow.local in self._local_addresses:
+            return flow, False
+        peer = self.peer_at(flow.local) if self.peer_at is not None else None
+        if peer is not None:
+            own = self._access_udp.get(6 if ":" in peer[0] else 4)
+            if own is not None:
+                return Flow("udp", own, peer), True
+        if flow.transport != "udp":
+            return flow, False
         own = self._access_udp.get(6 if ":" in flow.remote[0] else 4)
-        return flow if own is None else Flow("udp", own, flow.remote)
+        return (flow if own is None else Flow("udp", own, flow.remote)), False
 
     # -- connections, media, timers -----------------------------------------------------------
     @with_effects

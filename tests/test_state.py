@@ -175,9 +175,10 @@ def test_a_relayed_registration_is_written_refreshed_and_deleted_at_its_expiry()
     assert entries(out)[key].value is None
 
 
-def test_a_binding_through_another_instance_is_reached_from_this_ones_socket() -> None:
+def test_a_binding_through_another_instance_goes_through_it_or_from_this_ones_socket() -> None:
     """Two instances on different addresses share their state: one finds a user who
-    registered with the other, and reaches the user's UDP address from its own socket."""
+    registered with the other, and reaches the user's UDP address from its own socket
+    when the other is gone, or through the other while it lives."""
     a = make_core(persist=True, wall_offset=WALL)
     b = make_core(persist=True, wall_offset=WALL, access=("127.0.0.2", 5060))
     out = a.receive_datagram(sip(REGISTER.format(n=1, user="carol")), CLIENT, 1.0)
@@ -190,6 +191,13 @@ def test_a_binding_through_another_instance_is_reached_from_this_ones_socket() -
     assert found[0] == Flow("udp", ("127.0.0.2", 5060), CLIENT.remote)
     found_a = a.registration.local_target(call, 2.0)
     assert found_a is not None and found_a[0] == CLIENT  # its own flow as it is
+    # While the instance that holds the flow lives (its heartbeats say where it listens),
+    # the request goes through it, as to a proxy: to its UDP access address, with the
+    # request's own URI (it finds carol's binding by it).
+    b.peer_at = lambda address: ("127.0.0.1", 5060) if address == CLIENT.local else None
+    assert b.registration.local_target(call, 2.0) == (
+        Flow("udp", ("127.0.0.2", 5060), ("127.0.0.1", 5060)), None
+    )
 
 
 def test_without_a_store_nothing_is_written() -> None:

@@ -12,7 +12,10 @@ What goes in and comes out is decided by the core (sbc/state.py); this adapter m
 - ``secret``: the key of the flow tokens and dialog tokens, made once and kept in the store
   (``<prefix>secret``), so that a Path a backend holds and a tag a phone holds stay good
   across a restart and between instances;
-- ``load``: every entry at start (the only scan: SCAN by prefix, then MGET).
+- ``load``: every entry at start (the only scan: SCAN by prefix, then MGET);
+- heartbeats: every ``HEARTBEAT`` seconds each instance says on the channel that it lives
+  and where its access listeners are (``peer_at``: a request for a client whose flow is a
+  live instance's goes through that instance).
 
 The store being down loses nothing the SBC serves: it keeps working from memory, counts the
 failure, says so in ``health`` (/readyz says degraded, /metrics has ``sbc_state_up``),
@@ -49,6 +52,9 @@ NUMSUB_EVERY = 5.0  # seconds between two counts of the channel's other subscrib
 # hundred calls per second a pipeline then carries several entries instead of one (redis-py
 # costs ~80 us of CPU per pipeline); an entry reaches the store that much later.
 GATHER = 0.005
+# Every instance says it lives (and where its access listeners are) this often on the
+# channel; one not heard of for three times as long is taken for dead.
+HEARTBEAT = 3.0
 
 Event = tuple[object, ...]
 
@@ -85,6 +91,10 @@ class StateStore:
         self._others = 1
         self._numsub_at = 0.0
         self._subscribed = False
+        # This instance's access listeners, (transport, host, port), said in its heartbeats;
+        # the other instances': instance -> (when last heard, its listeners).
+        self.listens: list[tuple[str, str, int]] = []
+        self._peers: dict[str, tuple[float, list[tuple[str, str, int]]]] = {}
 
     # -- start -----------------------------------------------------------------------------
     async def open(self) -> bool:
@@ -137,6 +147,7 @@ class StateStore:
         self._tasks = [
             asyncio.create_task(self._writer(), name="state-writer"),
             asyncio.create_task(self._subscriber(), name="state-subscriber"),
+            asyncio.create_task(self._heartbeat(), name="state-heartbeat"),
         ]
         if not self.health.up:
             self._wake.set()  # down at start: the writer tries until it answers
@@ -248,8 +259,7 @@ class StateStore:
                 await pubsub.subscribe(self.channel)
                 self._subscribed = True
                 # Hello: the others publish from now on (they may have stopped, alone).
-                hello = {"from": self.instance, "events": []}
-                await self._redis.publish(self.channel, json.dumps(hello))
+                await self._hello()
                 async for message in pubsub.listen():
                     self._received(message.get("data"))
             except (RedisError, OSError):
@@ -259,6 +269,31 @@ class StateStore:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
             await asyncio.sleep(RETRY)
+
+    async def _hello(self) -> None:
+        hello = {"from": self.instance, "events": [], "listens": self.listens}
+        await self._redis.publish(self.channel, json.dumps(hello))
+
+    async def _heartbeat(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(HEARTBEAT)
+            if self._subscribed:
+                with contextlib.suppress(RedisError, OSError):
+                    await asyncio.wait_for(self._hello(), TIMEOUT)
+
+    def peer_at(self, address: tuple[str, int]) -> tuple[str, int] | None:
+        """The UDP access address of a live instance that listens at ``address`` (one of
+        its access listeners, any transport), of the same address family; None if none."""
+        now = time.monotonic()
+        for seen, listens in self._peers.values():
+            if now - seen > 3 * HEARTBEAT:
+                continue
+            if any((host, port) == address for _, host, port in listens):
+                v6 = ":" in address[0]
+                for transport, host, port in listens:
+                    if transport == "udp" and (":" in host) == v6:
+                        return host, port
+        return None
 
     def _received(self, data: object) -> None:
         try:
@@ -270,8 +305,17 @@ class StateStore:
             self.health.malformed += 1
             return
         self._others = max(self._others, 1)  # another instance is there
+        listens = message.get("listens")
+        if isinstance(listens, list):
+            try:
+                self._peers[str(message["from"])] = (
+                    time.monotonic(),
+                    [(str(t), str(h), int(p)) for t, h, p in listens],
+                )
+            except (TypeError, ValueError):
+                self.health.malformed += 1
         if not events:
-            return  # a hello
+            return  # a hello or a heartbeat
         self.health.received += len(events)
         self.on_events(events)
 

@@ -196,8 +196,9 @@ class RegistrationProxy:
         self.sharing = workers > 1
         self.shared: list[tuple[object, ...]] = []
         # How a binding's flow is reached from this SBC (one through another instance's
-        # socket, found in the shared store, from its own: SbcCore._own_flow); None: as is.
-        self.own_flow: Callable[[Flow], Flow] | None = None
+        # socket, found in the shared store: SbcCore._own_flow; True: forwarded to that
+        # instance, the request keeps its URI); None: as is.
+        self.own_flow: Callable[[Flow], tuple[Flow, bool]] | None = None
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -349,7 +350,9 @@ class RegistrationProxy:
             return None
         flow = bindings[0].flow
         if self.own_flow is not None:
-            flow = self.own_flow(flow)
+            flow, forwarded = self.own_flow(flow)
+            if forwarded:
+                return flow, None  # the other instance finds the binding by the URI
         return flow, bindings[0].contact.uri
 
     def _date(self, now: float) -> str:

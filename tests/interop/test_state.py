@@ -50,6 +50,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from sbc.io.media_worker import TOTALS_INTERVAL
+from sbc.io.state_store import HEARTBEAT
 
 from . import sipwire
 from .conftest import (
@@ -583,6 +584,46 @@ def test_a_second_sbc_takes_over_the_calls_of_a_killed_one(
     # test (baresip's quit, through A) gets its answer.
     sbc_a.restart()
     assert loaded_line(sbc_a).startswith("state loaded: 0 registrations, 2 AORs with bindings")
+
+
+def test_a_call_to_a_user_of_a_live_sbc_goes_through_it(
+    redis: RedisServer,
+    sbc_factory: SbcFactory,
+    phones: PhoneFactory,  # noqa: F811 - the fixture imported above
+    sox: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    """alice registers with SBC A over TCP (a connection only A holds), bob with SBC B; both
+    share one Redis. bob calls alice through B: B finds her binding, sees from A's
+    heartbeats that A lives and listens where her flow is, and sends the INVITE to A, which
+    sends it down her connection: they talk. Once A is killed (and unheard of for three
+    heartbeats), her connection is gone with it: B answers a new call 480."""
+    sbc_a = sbc_factory(extra=state_config(redis))
+    sbc_b = sbc_factory(extra=state_config(redis))
+    alice = phones("alice", hz=ALICE_HZ)
+    bob = phones("bob", hz=BOB_HZ)
+    alice.command("uanew", account("alice", f"{HOST}:{sbc_a.udp4}", "tcp", answer=True))
+    alice.wait_event("REGISTER_OK")
+    register(bob, sbc_b, answer=False)
+    wait_for_local(sbc_b, 2, 3.0)
+    wait_until(
+        "A's heartbeat at B", lambda: state_status(sbc_b)["received"], 8.0,
+        lambda: str(state_status(sbc_b)),
+    )  # fmt: skip
+    time.sleep(HEARTBEAT + 0.5)  # A's listeners are in its heartbeats (every HEARTBEAT s)
+    call(bob, alice)
+    assert_heard(sox, alice, BOB_HZ)
+    assert_heard(sox, bob, ALICE_HZ)
+    (invite,) = alice.trace("INVITE sip:")
+    assert invite.startswith(f"TCP {HOST}:{sbc_a.udp4} -> "), invite.split("\n", 1)[0]
+
+    sbc_a.kill()
+    time.sleep(3 * HEARTBEAT + 0.5)  # A unheard of that long: dead for B
+    bob.command("dial", f"sip:alice@{DOMAIN}")
+    bob.wait_event("CALL_CLOSED", timeout=CALL_TIMEOUT, count=2)
+    closed = [e for e in bob.events if e.get("type") == "CALL_CLOSED"][-1]
+    assert "480" in str(closed.get("param")), closed
+    # A comes back (alice's un-REGISTER at the end of the test gets an answer).
+    sbc_a.restart()
 
 
 # -- a crash mid-call -----------------------------------------------------------------------------
