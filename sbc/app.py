@@ -325,6 +325,9 @@ def _load_state(
     """Apply the kept entries (sbc/state.py) as another worker's snapshot is applied."""
     counts: Counter[str] = Counter()
     for key, value in rows:
+        if key.startswith(state.CALL) and not key.startswith(state.call_key(core.node, "")):
+            counts["others' calls"] += 1  # another instance's: its media is on its host
+            continue
         try:
             events = state.decode(value, core.wall_offset)
         except Unusable as exc:
@@ -522,6 +525,9 @@ async def serve(
     )
     if store is not None:
         core.state_health = store.health
+        core.node = state.node_id(
+            config.sbc.name, [str(u) for u in (*config.access.listen, *config.core.listen)]
+        )
     transports = SipTransports(
         core,
         client_tls=_client_tls(config.core.tls),

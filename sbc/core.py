@@ -187,8 +187,10 @@ class SbcCore(Pipeline):
             workers=workers,
         )
         self.registration.sharing = self.sharing
-        # Established calls written to the store (their entries are deleted at the end).
+        # Established calls written to the store (their entries are deleted at the end),
+        # under this SBC's node (state.node_id, set by the I/O layer).
         self._kept_calls: set[str] = set()
+        self.node = ""
         if persist:
             self.registration.registrations.changed = set()
             self.registration.location.changed = set()
@@ -342,7 +344,7 @@ class SbcCore(Pipeline):
 
     def _call_entry(self, call_id: str) -> Persist | None:
         """The entry of an established INVITE call, or its deletion once it is over."""
-        key = state.call_key(call_id)
+        key = state.call_key(self.node, call_id)
         call = self.calls.calls.get(call_id)
         media_seam = self.calls.media
         if (
@@ -358,7 +360,8 @@ class SbcCore(Pipeline):
         self._kept_calls.add(call_id)
         limit = self.settings.calls.max_duration or state.CALL_LIFETIME
         answered = call.answered if call.answered is not None else call.started
-        return state.call(call_id, value, answered + limit + 60.0, self.wall_offset, fresh=fresh)
+        until = answered + limit + 60.0
+        return state.call(self.node, call_id, value, until, self.wall_offset, fresh=fresh)
 
     @with_effects
     def restore_call(self, value: dict[str, object], now: float) -> list[Action]:

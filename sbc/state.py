@@ -14,7 +14,7 @@ key (after ``key_prefix``)     value: the events that rebuild it
                                (refreshes written every other time: ``refresh_due``)
 ``aor:AOR``                    the embedded registrar's bindings of an AOR: ``binding``
 ``ban:IP``                     a ban in force: ``ban``
-``call:ID``                    an established call: ``("call", VERSION, values)``, the
+``call:NODE:ID``               an established call: ``("call", VERSION, values)``, the
                                values of sbc/calls/persist.py (both dialogs, the media
                                session); this instance's own, never shared
 ============================== ==========================================================
@@ -32,6 +32,7 @@ instance are not marked (they are the other's to write).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -154,19 +155,34 @@ def bindings(aor: str, live: list[LocalBinding], wall_offset: float) -> Persist:
     return Persist(key, value, max(b.expires_at for b in live) + wall_offset)
 
 
-def call_key(call_id: str) -> str:
-    return f"{CALL}{call_id}"
+def call_key(node: str, call_id: str) -> str:
+    """A call's key: under its SBC's ``node`` (``node_id``): an instance loads its own calls
+    only, never those of another instance on the same store."""
+    return f"{CALL}{node}:{call_id}"
+
+
+def node_id(name: str, listeners: list[str]) -> str:
+    """A name for one SBC that a restart on the same config keeps: its [sbc] name and its
+    listen URLs (two instances on one store listen on different addresses)."""
+    digest = hashlib.sha256("\n".join([name, *sorted(listeners)]).encode()).hexdigest()
+    return digest[:12]
 
 
 def call(
-    call_id: str, value: dict[str, object], until: float, wall_offset: float, *, fresh: bool
+    node: str,
+    call_id: str,
+    value: dict[str, object],
+    until: float,
+    wall_offset: float,
+    *,
+    fresh: bool,
 ) -> Persist:
     """The entry of an established call (sbc/calls/persist.py: its times are wall-clock
     ones already): ``("call", VERSION, values)``, kept by this instance alone (a call is
     not shared with other instances: its flows and media are this one's). ``fresh``: its
     first (a call that ends before it is written is not written at all)."""
     data = encode([(CALL_EVENT, VERSION, value)], 0.0)
-    return Persist(call_key(call_id), data, until + wall_offset, fresh)
+    return Persist(call_key(node, call_id), data, until + wall_offset, fresh)
 
 
 def ban(source: str, until: float, reason: str, wall_offset: float) -> Persist:
