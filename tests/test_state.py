@@ -196,7 +196,8 @@ def test_a_binding_through_another_instance_goes_through_it_or_from_this_ones_so
     # request's own URI (it finds carol's binding by it).
     b.peer_at = lambda address: ("127.0.0.1", 5060) if address == CLIENT.local else None
     assert b.registration.local_target(call, 2.0) == (
-        Flow("udp", ("127.0.0.2", 5060), ("127.0.0.1", 5060)), None
+        Flow("udp", ("127.0.0.2", 5060), ("127.0.0.1", 5060)),
+        None,
     )
 
 

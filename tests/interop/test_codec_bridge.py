@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Certs, RegistrarFactory, SbcFactory, SbcProcess
+from .conftest import Certs, RegistrarFactory, SbcFactory, SbcProcess, wait_until
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -42,7 +42,7 @@ from .phones import (  # noqa: F401 - phones and sox are fixtures
 )
 from .test_baresip import _backends
 from .test_calls import scrape
-from .test_matrix import direction, invite_answers, wait_until
+from .test_matrix import direction, invite_answers
 
 pytestmark = pytest.mark.interop
 
@@ -186,6 +186,7 @@ def test_a_reinvite_on_a_transcoded_call_keeps_it_transcoded(
         lambda: (
             len(invite_answers(alice)) >= 2 and direction(invite_answers(alice)[1]) == "recvonly"
         ),
+        CALL_TIMEOUT,
         alice.explain,
     )
     alice.command("resume")
@@ -194,6 +195,7 @@ def test_a_reinvite_on_a_transcoded_call_keeps_it_transcoded(
         lambda: (
             len(invite_answers(alice)) >= 3 and direction(invite_answers(alice)[2]) == "sendrecv"
         ),
+        CALL_TIMEOUT,
         alice.explain,
     )
     # bob answered each re-offer with PCMA; alice was answered with PCMU each time.

@@ -21,8 +21,8 @@ import pytest
 from cryptography import x509
 
 from . import sipwire
-from .conftest import Certs, SbcFactory, SbcProcess, _running_sbc, sbc_command
-from .test_matrix import wait_until
+from .conftest import Certs, SbcFactory, SbcProcess, _running_sbc, sbc_command, wait_until
+from .phones import CALL_TIMEOUT
 
 pytestmark = pytest.mark.interop
 
@@ -96,7 +96,9 @@ def test_peer_with_the_right_ca_but_the_wrong_name_is_closed_unread(
     answer = options_over_tls(port, tls_client(certs.ca, certs.client_cert, certs.client_key))
     assert answer == b""
     closing = "closing TLS connection from peer address"
-    wait_until(f"the SBC logging {closing!r}", lambda: closing in partner.log(), partner.log)
+    wait_until(
+        f"the SBC logging {closing!r}", lambda: closing in partner.log(), CALL_TIMEOUT, partner.log
+    )
     log = partner.log()
     assert "sbc development client" in log
     assert "OPTIONS" not in log.split("closing TLS connection from peer address", 1)[1], log
@@ -107,7 +109,10 @@ def test_peer_without_a_certificate_is_closed(sbc_factory: SbcFactory, certs: Ce
     answer = options_over_tls(partner.extra_ports["core_tls"], tls_client(certs.ca))
     assert answer == b""
     wait_until(
-        "the SBC logging 'no certificate'", lambda: "no certificate" in partner.log(), partner.log
+        "the SBC logging 'no certificate'",
+        lambda: "no certificate" in partner.log(),
+        CALL_TIMEOUT,
+        partner.log,
     )
 
 
@@ -126,6 +131,7 @@ def test_peer_with_a_certificate_from_another_ca_fails_the_handshake(
     wait_until(
         "the SBC logging the failed handshake",
         lambda: bool(failed.search(partner.log())),
+        CALL_TIMEOUT,
         partner.log,
     )
     assert "closing TLS connection from peer address" not in partner.log()  # never got that far
@@ -172,7 +178,9 @@ def test_connections_over_the_per_source_limit_are_closed(sbc_factory: SbcFactor
             conns.append(again)
             return not closed_at_once(again, 0.3)
 
-        wait_until("a connection from 127.0.0.2 in the slot given back", accepted, sbc.log)
+        wait_until(
+            "a connection from 127.0.0.2 in the slot given back", accepted, CALL_TIMEOUT, sbc.log
+        )
         tls = socket.create_connection(
             (sbc.host4, sbc.tls4), timeout=2, source_address=("127.0.0.2", 0)
         )
@@ -249,7 +257,7 @@ def test_certificate_and_key_are_reloaded_without_a_restart(
         "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n"
     )
     kept = "keeping the certificate in use"
-    wait_until(f"the SBC logging {kept!r}", lambda: kept in sbc.log(), sbc.log)
+    wait_until(f"the SBC logging {kept!r}", lambda: kept in sbc.log(), CALL_TIMEOUT, sbc.log)
     assert served_certificate(sbc.tls4).serial_number == old.serial_number
     # Then the new pair (key first, as a deployment tool might write them).
     shutil.copy(new.server_key, own_certs.server_key)
@@ -258,6 +266,7 @@ def test_certificate_and_key_are_reloaded_without_a_restart(
     wait_until(
         "the new certificate served",
         lambda: served_certificate(sbc.tls4).serial_number == expected,
+        CALL_TIMEOUT,
         sbc.log,
     )
     assert "certificate reloaded" in sbc.log()

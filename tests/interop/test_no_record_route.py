@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RegistrarFactory, SbcFactory
+from .conftest import RegistrarFactory, SbcFactory, wait_until
 from .phones import (  # noqa: F401 - phones and sox are fixtures
     ALICE_HZ,
     BOB_HZ,
@@ -43,7 +43,7 @@ from .test_calls import (
     scrape,
     sent,
 )
-from .test_matrix import direction, invite_answers, wait_until
+from .test_matrix import direction, invite_answers
 
 pytestmark = pytest.mark.interop
 
@@ -183,12 +183,14 @@ def test_softphones_hold_resume_dtmf_and_hang_up(
     wait_until(
         "alice's answer to the hold",
         lambda: len(invite_answers(bob)) >= 2 and direction(invite_answers(bob)[1]) == "recvonly",
+        CALL_TIMEOUT,
         bob.explain,
     )
     bob.command("resume")
     wait_until(
         "alice's answer to the resume",
         lambda: len(invite_answers(bob)) >= 3 and direction(invite_answers(bob)[2]) == "sendrecv",
+        CALL_TIMEOUT,
         bob.explain,
     )
     alice.command("sndcode", "5")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import UDP, PortPool, SbcFactory, SippRunner, require, udp_bound
-from .test_matrix import wait_until
+from .conftest import UDP, PortPool, SbcFactory, SippRunner, require, udp_bound, wait_until
+from .phones import CALL_TIMEOUT
 
 pytestmark = pytest.mark.interop
 
@@ -58,6 +58,7 @@ def _records(path: Path, count: int) -> list[dict[str, object]]:
     wait_until(
         f"{count} call record(s) in {path.name}",
         lambda: len(lines()) >= count,
+        CALL_TIMEOUT,
         lambda: "\n".join(lines()),
     )
     return [json.loads(line) for line in lines()]
@@ -130,6 +131,7 @@ domains = ["partner.example"]
         wait_until(
             f"sipp UAS listening on 127.0.0.1:{uas_port}",
             lambda: udp_bound("127.0.0.1", uas_port) or uas.poll() is not None,
+            CALL_TIMEOUT,
             lambda: uas_log.read_text() if uas_log.exists() else "",
         )
         assert uas.poll() is None, f"sipp UAS exited with {uas.returncode}"

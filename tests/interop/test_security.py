@@ -50,9 +50,10 @@ from .conftest import (
     backends_config,
     require,
     udp_bound,
+    wait_until,
 )
+from .phones import CALL_TIMEOUT
 from .test_calls import register_via
-from .test_matrix import wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -292,6 +293,7 @@ class SippFleet:
             wait_until(
                 f"sipp {name} listening on {source}:{port}",
                 lambda: udp_bound(source, port) or proc.poll() is not None,
+                CALL_TIMEOUT,
                 sipp.errors,
             )
             assert proc.poll() is None, f"sipp {name} exited: {proc.communicate(timeout=5)}"
@@ -357,7 +359,7 @@ class Capture:
 
         wait_until(
             "tshark writing the marker datagram", written,
-            lambda: self.log.read_text(errors="replace"),
+            CALL_TIMEOUT, lambda: self.log.read_text(errors="replace"),
         )  # fmt: skip
 
     def stop(self) -> None:
