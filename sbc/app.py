@@ -600,12 +600,13 @@ async def serve(
             if store.health.up:
                 _load_state(store, core, transports, await store.load(), loop.time())
         websocket = WebSocketSettings.of(config.access.websocket)
+        listens: list[tuple[str, str, int]] = []  # for the other instances (heartbeats)
         for url in config.access.listen:
             address = await transports.listen(url, access_tls, shared=shared, websocket=websocket)
             core.add_listener(ACCESS, url.transport, address)
-            if store is not None:
-                store.listens.append((url.transport, *address))
+            listens.append((url.transport, *address))
         if store is not None:
+            store.announce(listens)
             core.peer_at = store.peer_at
         for url in config.core.listen:
             url = role.core_url(url) if role else url

@@ -13,9 +13,9 @@ What goes in and comes out is decided by the core (sbc/state.py); this adapter m
   (``<prefix>secret``), so that a Path a backend holds and a tag a phone holds stay good
   across a restart and between instances;
 - ``load``: every entry at start (the only scan: SCAN by prefix, then MGET);
-- heartbeats: every ``HEARTBEAT`` seconds each instance says on the channel that it lives
-  and where its access listeners are (``peer_at``: a request for a client whose flow is a
-  live instance's goes through that instance).
+- heartbeats: every ``HEARTBEAT`` seconds (and once its listeners are bound) each instance
+  says on the channel that it lives and where its access listeners are (``peer_at``: a
+  request for a client whose flow is a live instance's goes through that instance).
 
 The store being down loses nothing the SBC serves: it keeps working from memory, counts the
 failure, says so in ``health`` (/readyz says degraded, /metrics has ``sbc_state_up``),
@@ -54,7 +54,7 @@ NUMSUB_EVERY = 5.0  # seconds between two counts of the channel's other subscrib
 GATHER = 0.005
 # Every instance says it lives (and where its access listeners are) this often on the
 # channel; one not heard of for three times as long is taken for dead.
-HEARTBEAT = 3.0
+HEARTBEAT = 1.0
 
 Event = tuple[object, ...]
 
@@ -273,6 +273,14 @@ class StateStore:
     async def _hello(self) -> None:
         hello = {"from": self.instance, "events": [], "listens": self.listens}
         await self._redis.publish(self.channel, json.dumps(hello))
+
+    def announce(self, listens: list[tuple[str, str, int]]) -> None:
+        """This instance's access listeners, said to the others at once (and then in every
+        heartbeat)."""
+        self.listens = listens
+        if self._subscribed:
+            task = asyncio.create_task(self._hello(), name="state-hello")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _heartbeat(self) -> None:
         while not self._closing:

@@ -574,6 +574,7 @@ def test_a_second_sbc_takes_over_the_calls_of_a_killed_one(
     assert state_status(sbc_b)["received"], state_status(sbc_b)
 
     sbc_a.kill()
+    time.sleep(3 * HEARTBEAT + 0.5)  # A unheard of that long: dead for B (else B sends via A)
     call(bob, alice)
     assert_heard(sox, alice, BOB_HZ)
     assert_heard(sox, bob, ALICE_HZ)
@@ -609,7 +610,7 @@ def test_a_call_to_a_user_of_a_live_sbc_goes_through_it(
         "A's heartbeat at B", lambda: state_status(sbc_b)["received"], 8.0,
         lambda: str(state_status(sbc_b)),
     )  # fmt: skip
-    time.sleep(HEARTBEAT + 0.5)  # A's listeners are in its heartbeats (every HEARTBEAT s)
+    time.sleep(HEARTBEAT + 0.5)  # A's listeners are in its heartbeats (each HEARTBEAT s)
     call(bob, alice)
     assert_heard(sox, alice, BOB_HZ)
     assert_heard(sox, bob, ALICE_HZ)
