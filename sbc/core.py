@@ -386,8 +386,8 @@ class SbcCore(Pipeline):
                 marks.clear()
 
     def persist_all(self, now: float) -> list[Persist]:
-        """Every entry of the state as it is (written back after the store was unreachable,
-        which may have lost what it held)."""
+        """Every entry of the state as it is, established calls included (written back
+        after the store was unreachable, which may have lost what it held)."""
         offset = self.wall_offset
         out = [
             state.registration(reg, state.reg_key(reg.aor, reg.call_id, reg.flow), offset)
@@ -401,6 +401,7 @@ class SbcCore(Pipeline):
             for ip, until in self.guard.bans.items()
             if until > now
         ]
+        out += [entry for call in self.calls.calls if (entry := self._call_entry(call)) is not None]
         return out
 
     def _own_flow(self, flow: Flow) -> tuple[Flow, bool]:

@@ -241,6 +241,8 @@ def test_an_established_call_goes_on_in_a_restarted_sbc() -> None:
     fwd, got = established(lab)
     [key] = [k for k in lab.persisted if k.startswith("call:")]
     entry = lab.persisted[key]
+    # A store that lost everything gets the call again with the rest.
+    assert [e.key for e in lab.core.persist_all(lab.now) if e.key.startswith("call:")] == [key]
     [(kind, version, value)] = state.decode(entry.value or b"", 0.0)
     assert (kind, version) == ("call", VERSION) and isinstance(value, dict)
     # The restarted SBC: a new core, its own media controller, the same store.
