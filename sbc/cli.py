@@ -310,6 +310,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.live:
         from sbc.io import audit_live
 
+        # The SBC of this config must run: its admin API answers (else every probe would
+        # read as a contradiction).
+        where = config.admin.listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(where.host, where.host)
+        running = _fetch_status(f"http://{HostPort(host=host, port=where.port)}")
+        if isinstance(running, str):
+            return _error(f"--live: {running}")
         live = audit_live.run(config)
     if args.format == "json":
         data = audit.report(config, args.config)

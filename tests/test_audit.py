@@ -215,6 +215,12 @@ def test_the_command_exits_with_the_unmet_cells(tmp_path: Path, capsys: pytest.C
     require.write_text("[[require]]\nrelation = 1\n")
     assert main(["audit", "--config", str(path), "--require", str(require)]) == 1
     assert "require[0].relation" in capsys.readouterr().err
+    # --live needs the SBC of the config running (its admin API answering).
+    path.write_text(
+        '[access]\nlisten = ["udp://127.0.0.1:5060"]\n[admin]\nlisten = "127.0.0.1:9"\n'
+    )
+    assert main(["audit", "--config", str(path), "--live"]) == 1
+    assert "--live: no answer from the SBC's admin API" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["config/sbc.toml", "docker/sbc.toml"])
