@@ -56,6 +56,9 @@ class Backends:
         self.public_address = public_address
         self._sockets: dict[tuple[str, bool], Address] = {}  # (transport, ipv6) -> local
         self._core_locals: set[Address] = set()  # every core-side listener
+        # The same by kind: (True for UDP, address); TCP and TLS share the TCP port space,
+        # which is not UDP's (a client's UDP port may equal a TCP listener's).
+        self._core_kinds: set[tuple[bool, Address]] = set()
         self._probes: dict[ClientTransaction, _Probe] = {}
         self._deadlines: Deadlines[ClientTransaction] = Deadlines()  # probes unanswered
         self.events: list[HealthChange] = []  # backend up/down transitions, for the owner
@@ -67,6 +70,7 @@ class Backends:
         """A core-side listener the SBC sends from (the I/O layer reports what it bound)."""
         self._sockets.setdefault((transport, ":" in address[0]), address)
         self._core_locals.add(address)
+        self._core_kinds.add((transport == "udp", address))
 
     @property
     def listening(self) -> bool:
@@ -79,11 +83,11 @@ class Backends:
         address of its Via and Path towards the backends."""
         return (host, port) in {(h.lower(), p) for h, p in self._sockets.values()}
 
-    def is_listener(self, address: Address) -> bool:
-        """Whether ``address`` is exactly one of our core-side listeners, as the SBC itself
-        writes it (a flow it made towards itself, ``own_core_address``): a set lookup, for
-        every message sent."""
-        return address in self._core_locals
+    def is_listener(self, address: Address, transport: str) -> bool:
+        """Whether ``address`` over ``transport`` is exactly one of our core-side listeners,
+        as the SBC itself writes it (a flow it made towards itself, ``own_core_address``): a
+        set lookup, for every message sent."""
+        return (transport == "udp", address) in self._core_kinds
 
     def own_core_address(self, address: Address) -> Address | None:
         """The core-side listener at ``address`` (host compared by value, so an IPv6

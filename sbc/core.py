@@ -753,7 +753,7 @@ class SbcCore(Pipeline):
                 else:
                     data = bytes(msg)
                 assert isinstance(out.dest, Flow)
-                if self.backends.is_listener(out.dest.remote):
+                if self.backends.is_listener(out.dest.remote, out.dest.transport):
                     actions += self._loop_back(data, out.dest, now)
                 else:
                     actions.append(SendData(out.dest, data))

@@ -10,6 +10,7 @@ from sipdata import rfc4475, rfc4475_names, rfc5118, rfc5118_names, sip
 from sbc import __version__
 from sbc.actions import Close, SendData
 from sbc.core import CoreSettings, SbcCore
+from sbc.sides import Side
 from sbc.sip.flow import Flow
 from sbc.sip.message import ParseError, Response, make_response
 from sbc.sip.parser import Limits, parse_message
@@ -194,6 +195,19 @@ def test_options_to_the_sbc_is_answered_200() -> None:
     for i, target in enumerate(("sbc.example.net", "anyone@127.0.0.1", "SBC.Example.NET")):
         [resp] = responses(core.receive_datagram(options(target, branch=f"t{i}"), UDP, 0.0))
         assert resp.status == 200
+
+
+def test_a_client_whose_udp_port_is_a_tcp_listeners_gets_its_answer() -> None:
+    """UDP and TCP ports are two spaces: a client on 127.0.0.1 whose UDP port happens to
+    be the port of the SBC's core TLS listener is answered over UDP, not taken for the SBC
+    itself (a loop back)."""
+    core = make_core()
+    core.add_listener(Side.CORE, "tls", ("127.0.0.1", 5081))
+    client = Flow("udp", ("127.0.0.1", 5060), ("127.0.0.1", 5081))
+    actions = core.receive_datagram(options(rport=";rport"), client, 0.0)
+    [resp] = responses(actions)
+    assert resp.status == 200
+    assert isinstance(actions[0], SendData) and actions[0].flow.remote == ("127.0.0.1", 5081)
 
 
 def test_rport_sends_the_response_to_the_source_port() -> None:
