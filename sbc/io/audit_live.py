@@ -32,7 +32,6 @@ import base64
 import contextlib
 import datetime
 import ipaddress
-import re
 import secrets
 import socket
 import ssl
@@ -43,8 +42,11 @@ from cryptography import x509
 
 from sbc import audit
 from sbc.config import Config, ListenUrl
-from sbc.sip.message import ParseError, Request, Response
+from sbc.sdp.sdes import Crypto
+from sbc.sdp.sdp import SdpError, Session
+from sbc.sip.message import ParseError, Request, Response, make_response
 from sbc.sip.parser import parse_message
+from sbc.sip.transaction import non2xx_ack
 
 TIMEOUT = 2.0
 USER_AGENT = "sbc-audit"
@@ -466,10 +468,16 @@ def _through_a_call(
 
 
 def _recv(sock: socket.socket) -> bytes | None:
+    got = _recv_from(sock)
+    return None if got is None else got[0]
+
+
+def _recv_from(sock: socket.socket) -> tuple[bytes, tuple[str, int]] | None:
     try:
-        return sock.recv(65535)
+        data, source = sock.recvfrom(65535)
     except (TimeoutError, OSError):
         return None
+    return data, source[:2]
 
 
 def _key() -> str:
@@ -493,9 +501,12 @@ def _call(
         caller.settimeout(TIMEOUT)
         caller.connect((host, url.port))
         here = caller.getsockname()[:2]
-        caller.send(_invite(here, user, _sdp(here[0], 4000, proto, key)))
+        data = _invite(here, user, _sdp(here[0], 4000, proto, key))
+        invite = parse_message(data)
+        assert isinstance(invite, Request)
+        caller.send(data)
         got = _callee_invite(callee)
-        final = _final(caller)
+        final = _final(caller, invite)
     if name == "srtp-mandatory":
         if f.access_srtp == "mandatory":
             ok = got is None and final is not None and final.status == 488
@@ -516,10 +527,8 @@ def _call(
         return _result(
             name, cell, expected, f"the callee got no INVITE (caller: {status})", "contradicts"
         )
-    keys = re.findall(
-        r"a=crypto:\d+ \S+ inline:([A-Za-z0-9+/=]+)", got.body.decode(errors="replace")
-    )
-    same = key in keys
+    keys = _offered_keys(got.body)
+    same = key is not None and base64.b64decode(key) in keys
     observed = (
         f"the callee's offer carries {'the caller' if same else 'another'}'s key "
         f"({len(keys)} crypto line(s))"
@@ -528,77 +537,45 @@ def _call(
     return _result(name, cell, expected, observed, "ok" if ok else "contradicts")
 
 
+def _offered_keys(body: bytes) -> list[bytes]:
+    """The SDES master keys (key || salt) of an offer's a=crypto lines, by the project's
+    SDP and SDES parsers (none if it is not SDP they take)."""
+    keys: list[bytes] = []
+    try:
+        for m in Session.parse(body).media:
+            keys += [Crypto.parse(value).key_salt for value in m.attributes("crypto")]
+    except SdpError:
+        pass
+    return keys
+
+
 def _callee_invite(callee: socket.socket) -> Request | None:
-    """The INVITE the SBC sends our callee, answered 480 (the call ends there)."""
-    while (data := _recv(callee)) is not None:
+    """The INVITE the SBC sends our callee, answered 480 where it came from (the call ends
+    there)."""
+    while (got := _recv_from(callee)) is not None:
+        data, source = got
         try:
             msg = parse_message(data)
         except ParseError:
             continue
         if isinstance(msg, Request) and msg.method == "INVITE":
-            _answer(callee, msg, 480)
+            answer = make_response(msg, 480, to_tag=secrets.token_hex(4))
+            with contextlib.suppress(OSError):
+                callee.sendto(bytes(answer), source)
             return msg
-        if isinstance(msg, Request) and msg.method == "ACK":
-            continue
     return None
 
 
-def _answer(sock: socket.socket, req: Request, status: int) -> None:
-    via = req.get("via") or ""
-    m = re.search(r"SIP/2\.0/UDP ([^;\s]+)", via)
-    if m is None:
-        return
-    host, _, port = m[1].rpartition(":")
-    received = re.search(r"received=([^;\s]+)", via)
-    rport = re.search(r"rport=(\d+)", via)
-    dest = (
-        (received[1] if received else host).strip("[]"),
-        int(rport[1]) if rport else int(port or 5060),
-    )
-    lines = [
-        f"SIP/2.0 {status} Audit",
-        *(f"Via: {v}" for v in req.values("via")),
-        f"From: {req.get('from')}",
-        f"To: {req.get('to')};tag={secrets.token_hex(4)}",
-        f"Call-ID: {req.get('call-id')}",
-        f"CSeq: {req.get('cseq')}",
-        f"User-Agent: {USER_AGENT}",
-        "Content-Length: 0",
-        "",
-        "",
-    ]
-    with contextlib.suppress(OSError):
-        sock.sendto("\r\n".join(lines).encode(), dest)
-
-
-def _final(caller: socket.socket) -> Response | None:
-    """The caller's final answer (after any provisional), ACKed by not caring: a non-2xx
-    final is ACKed by the transaction layer's retransmissions stopping on our silence."""
+def _final(caller: socket.socket, invite: Request) -> Response | None:
+    """The caller's final answer (after any provisional), ACKed (RFC 3261 17.1.1.3: a
+    non-2xx final is ACKed by the transaction, so the SBC stops resending it)."""
     while (data := _recv(caller)) is not None:
         try:
             msg = parse_message(data)
         except ParseError:
             continue
         if isinstance(msg, Response) and msg.status >= 200:
-            _ack(caller, msg)
+            with contextlib.suppress(OSError):
+                caller.send(bytes(non2xx_ack(invite, msg)))
             return msg
     return None
-
-
-def _ack(caller: socket.socket, resp: Response) -> None:
-    """ACK for a non-2xx final answer (RFC 3261 17.1.1.3), so the SBC stops resending it."""
-    via = resp.values("via")
-    lines = [
-        "ACK sip:audit@" + DOMAIN + " SIP/2.0",
-        *(f"Via: {v}" for v in via[:1]),
-        "Max-Forwards: 70",
-        f"From: {resp.get('from')}",
-        f"To: {resp.get('to')}",
-        f"Call-ID: {resp.get('call-id')}",
-        f"CSeq: {(resp.get('cseq') or '1 INVITE').split()[0]} ACK",
-        "Content-Length: 0",
-        "",
-        "",
-    ]
-    with contextlib.suppress(OSError):
-        caller.send("\r\n".join(lines).encode())
